@@ -1,0 +1,166 @@
+"""The shardpack on-disk format, defined in one place.
+
+Everything both sides must agree on lives here: the format version, the manifest's name and
+fields, how shards are named, how sample keys are made and split from member names, which
+members a sample has, and the fixed tar header values that make shards byte-identical.
+``docs/FORMAT.md`` describes the same contract in prose.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from typing import Any
+
+from .errors import FormatVersionError, ManifestError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "IMAGE_EXTENSIONS",
+    "PIL_FORMAT_TO_EXT",
+    "TAR_MTIME",
+    "TAR_MODE",
+    "shard_name",
+    "sample_key",
+    "split_member_name",
+    "member_names",
+    "sample_json",
+    "parse_manifest",
+    "manifest_to_bytes",
+    "split_info",
+]
+
+FORMAT_NAME = "shardpack"
+# Bump when a reader of the previous version would misread new output. Readers refuse
+# versions above this one with FormatVersionError rather than guessing.
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+# File name extensions that make a file "image-like" (any case). Files with other names are
+# still checked by content, so a JPEG called `photo.dat` is packed, not lost.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+)
+
+# Pillow's format name -> the member extension we store. The member extension states the real
+# format of the bytes, whatever the source file's name claimed.
+PIL_FORMAT_TO_EXT = {
+    "JPEG": "jpg",
+    "MPO": "jpg",  # multi-picture JPEG from cameras: the first frame is a plain JPEG
+    "PNG": "png",
+    "WEBP": "webp",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "TIFF": "tiff",
+}
+IMAGE_MEMBER_EXTS = frozenset(PIL_FORMAT_TO_EXT.values()) | {"jpeg", "tif", "ppm", "pgm", "pnm"}
+
+# Fixed tar header values: the same input then gives the same bytes on any machine, at any
+# time, as any user.
+TAR_MTIME = 0
+TAR_MODE = 0o644
+TAR_UID = 0
+TAR_GID = 0
+TAR_UNAME = ""
+TAR_GNAME = ""
+
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def shard_name(split: str, index: int) -> str:
+    """Return a shard's path relative to the output root, e.g. ``train/train-000003.tar``."""
+    return f"{split}/{split}-{index:06d}.tar"
+
+
+def sample_key(split: str, position: int) -> str:
+    """Return the key of the sample at ``position`` in its split's packed order.
+
+    Keys never contain a dot (webdataset splits key from extension at the first dot of the
+    base name), and are unique across splits.
+    """
+    return f"{_UNSAFE_KEY_CHARS.sub('_', split)}_{position:09d}"
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """Split a tar member name into (key, extension) the way webdataset does.
+
+    The key is the directory part plus the base name up to its first dot; the extension is
+    the rest, lower-cased. ``a/b.c.jpg`` -> ``("a/b", "c.jpg")``.
+    """
+    directory, base = posixpath.split(name)
+    stem, dot, ext = base.partition(".")
+    key = posixpath.join(directory, stem) if directory else stem
+    return key, ext.lower() if dot else ""
+
+
+def member_names(key: str, ext: str) -> tuple[str, str, str]:
+    """Return the three member names of one sample: image, class index, metadata."""
+    return f"{key}.{ext}", f"{key}.cls", f"{key}.json"
+
+
+def sample_json(
+    *, path: str, class_name: str, label: int, width: int, height: int, **extra: Any
+) -> bytes:
+    """Return the bytes of a sample's ``.json`` member (sorted keys: reproducible)."""
+    record = {
+        "path": path,
+        "class": class_name,
+        "label": label,
+        "width": width,
+        "height": height,
+        **extra,
+    }
+    return json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+
+def manifest_to_bytes(manifest: dict[str, Any]) -> bytes:
+    """Serialise a manifest the one way we always do (stable, human-readable)."""
+    return (json.dumps(manifest, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode(
+        "utf-8"
+    )
+
+
+def parse_manifest(data: bytes | str | dict[str, Any], *, where: str = "manifest.json") -> dict[str, Any]:
+    """Parse and check a manifest; fill optional fields with defaults.
+
+    Raises:
+        ManifestError: not JSON, not a shardpack manifest, or required fields missing.
+        FormatVersionError: written by a format version this code does not know.
+    """
+    if isinstance(data, dict):
+        manifest = dict(data)
+    else:
+        try:
+            manifest = json.loads(data)
+        except ValueError as exc:
+            raise ManifestError(f"{where} is not valid JSON ({exc}); re-run `shardpack pack`") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ManifestError(f"{where} is not a shardpack manifest (no \"format\": \"{FORMAT_NAME}\")")
+    version = manifest.get("version")
+    if not isinstance(version, int) or version < 1 or version > FORMAT_VERSION:
+        raise FormatVersionError(version, FORMAT_VERSION)
+    for field in ("classes", "splits"):
+        if field not in manifest:
+            raise ManifestError(f"{where} lacks the required field {field!r}")
+    manifest.setdefault("skipped", [])
+    manifest.setdefault("ignored", 0)
+    manifest.setdefault("duplicates", {"within_split": [], "across_splits": []})
+    for name, split in manifest["splits"].items():
+        if "shards" not in split:
+            raise ManifestError(f"{where}: split {name!r} lacks 'shards'")
+        split.setdefault("count", sum(s.get("count", 0) for s in split["shards"]))
+        split.setdefault("class_counts", {})
+    return manifest
+
+
+def split_info(manifest: dict[str, Any], split: str) -> dict[str, Any]:
+    """Return one split's entry, or raise SplitNotFoundError listing the splits there are."""
+    from .errors import SplitNotFoundError
+
+    splits = manifest["splits"]
+    if split not in splits:
+        raise SplitNotFoundError(split, sorted(splits))
+    return splits[split]

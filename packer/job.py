@@ -1,0 +1,324 @@
+"""``pack()``: the offline pack job, composed in one visible function.
+
+walk -> probe (parallel) -> plan -> resume check -> write (parallel) -> manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .engines import default_workers, get_engine
+from .errors import PackError
+from .manifest import build_manifest, write_manifest_atomically
+from .plan import (
+    Plan,
+    class_map,
+    cut_shards,
+    find_duplicates,
+    order_split,
+    planned_sample,
+    split_flat_pool,
+)
+from .probe import DEFAULT_MAX_PIXELS, VALIDATE_MODES, Probe, probe_file
+from .resume import Journal, check_output, keepable, previous_results, remove_stale
+from .sizes import parse_size
+from .transform import ResizeSpec, parse_resize
+from .walk import Candidate, walk_tree
+from .write import ShardResult, write_shard
+
+__all__ = ["pack", "DEFAULT_MAX_COUNT", "DEFAULT_MAX_SIZE"]
+
+log = logging.getLogger("shardpack")
+
+DEFAULT_MAX_COUNT = 10_000
+DEFAULT_MAX_SIZE = "256MB"
+PROBE_CHUNK = 64  # files per probe task: amortises process hand-off, keeps progress smooth
+
+
+def pack(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    max_count: int = DEFAULT_MAX_COUNT,
+    max_size: int | str = DEFAULT_MAX_SIZE,
+    workers: int | None = None,
+    seed: int = 0,
+    resize: int | str | None = None,
+    quality: int = 90,
+    validation_split: float | None = None,
+    layout: str = "auto",
+    follow_links: bool = False,
+    validate: str = "decode",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    engine: str = "local",
+    scheduler: str | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Pack ``src/{split}/{class}/*`` into WebDataset shards under ``out``.
+
+    Args:
+        src: the image tree (``{split}/{class}/...``, or ``{class}/...`` with
+            ``validation_split`` / ``layout="flat"``).
+        out: output folder (created), or an object-store URL (shards are staged locally,
+            then uploaded; the manifest goes last).
+        max_count: most samples per shard.
+        max_size: most bytes per shard (``"256MB"``, ``"1GiB"`` or an int); exceeded only by
+            a shard holding one sample that is bigger on its own.
+        workers: processes that probe and write side by side (default: CPU count).
+        seed: decides the order of samples in every split (and the validation split).
+        resize: store images with their short side shrunk to this many pixels (re-encoded
+            as JPEG at ``quality``; images with alpha as PNG); None keeps original bytes.
+        quality: JPEG quality for ``resize``.
+        validation_split: for a flat tree, the share of each class that goes to
+            ``validation`` (the rest to ``train``).
+        layout: ``"splits"``, ``"flat"``, or ``"auto"`` (flat exactly when a
+            ``validation_split`` is given).
+        follow_links: follow symbolic links (cycles are detected and broken).
+        validate: ``"decode"`` decodes every image (catches truncation/corruption);
+            ``"header"`` only reads headers (faster, weaker).
+        max_pixels: images with more pixels are refused as decompression bombs.
+        engine: ``"local"`` (process pool) or ``"dask"``.
+        scheduler: Dask scheduler address (``tcp://host:8786``); default a local cluster.
+        overwrite: replace an OUT made with other options.
+        quiet: no progress bars.
+        storage_options: passed to fsspec when ``out`` is a URL.
+
+    Returns:
+        The manifest dict that was written.
+
+    Raises:
+        LayoutError: the tree cannot be labelled without guessing.
+        OutputExistsError: OUT holds something else and ``overwrite`` is False.
+        PackError: OUT cannot be written (disk full, permissions) or inputs changed mid-run.
+        ValueError: invalid options.
+    """
+    out_str = os.fspath(out)
+    if "://" in out_str and not out_str.startswith("file://"):
+        from .remote_out import pack_to_url
+
+        return pack_to_url(
+            src, out_str, storage_options=storage_options, max_count=max_count,
+            max_size=max_size, workers=workers, seed=seed, resize=resize, quality=quality,
+            validation_split=validation_split, layout=layout, follow_links=follow_links,
+            validate=validate, max_pixels=max_pixels, engine=engine, scheduler=scheduler,
+            overwrite=overwrite, quiet=quiet,
+        )
+    out_dir = out_str.removeprefix("file://")
+    options = normalize_options(
+        max_count=max_count, max_size=max_size, seed=seed, resize=resize, quality=quality,
+        validation_split=validation_split, layout=layout, follow_links=follow_links,
+        validate=validate, max_pixels=max_pixels,
+    )
+    resize_spec = parse_resize(resize, quality=quality)
+    workers = workers or default_workers()
+    run = _engine_runner(engine, workers=workers, scheduler=scheduler)
+
+    check_output(out_dir, options, overwrite=overwrite)
+    walked = walk_tree(src, layout=options["layout"], follow_links=follow_links)
+    for warning in walked.warnings:
+        log.warning(warning)
+    probes = probe_all(
+        walked.candidates, run=run, validate=validate, max_pixels=max_pixels,
+        resize=resize_spec, quiet=quiet,
+    )
+    plan, skipped, ignored = make_plan(walked, probes, options)
+    duplicates = find_duplicates(plan)
+    results = write_plan(plan, out_dir, run=run, resize=resize_spec, quiet=quiet)
+    manifest = build_manifest(
+        plan, results, skipped=skipped, ignored=ignored, duplicates=duplicates,
+        warnings=walked.warnings,
+    )
+    write_manifest_atomically(out_dir, manifest)
+    Journal.discard(out_dir)  # the manifest now records every shard
+    return manifest
+
+
+def normalize_options(
+    *, max_count: int, max_size: int | str, seed: int, resize: int | str | None, quality: int,
+    validation_split: float | None, layout: str, follow_links: bool, validate: str,
+    max_pixels: int,
+) -> dict[str, Any]:
+    """Check the options and return those that decide the output's bytes (recorded in the
+    manifest, compared on resume).
+
+    Raises:
+        ValueError: an option is out of range; the message says the accepted values.
+    """
+    if int(max_count) < 1:
+        raise ValueError(f"max_count must be at least 1, got {max_count}")
+    if validation_split is not None and not 0 <= float(validation_split) < 1:
+        raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
+    if validate not in VALIDATE_MODES:
+        raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {validate!r}")
+    if layout == "auto":
+        layout = "flat" if validation_split is not None else "splits"
+    if layout not in ("splits", "flat"):
+        raise ValueError(f"layout must be 'auto', 'splits' or 'flat', got {layout!r}")
+    if layout == "splits" and validation_split is not None:
+        raise ValueError(
+            "validation_split divides a flat {class}/ tree; a {split}/{class}/ tree already "
+            "has its splits (drop --validation-split, or pass --layout flat)"
+        )
+    spec: ResizeSpec | None = parse_resize(resize, quality=quality)
+    return {
+        "max_count": int(max_count),
+        "max_size": parse_size(max_size),
+        "seed": int(seed),
+        "resize": spec.as_dict() if spec else None,
+        "validation_split": None if validation_split is None else float(validation_split),
+        "layout": layout,
+        "follow_links": bool(follow_links),
+        "validate": validate,
+        "max_pixels": int(max_pixels),
+    }
+
+
+def _engine_runner(engine: str, *, workers: int, scheduler: str | None) -> Callable[..., Any]:
+    run_engine = get_engine(engine)
+
+    def run(fn: Callable[[Any], Any], items: Iterable[Any]) -> Any:
+        return run_engine(fn, items, workers=workers, scheduler=scheduler)
+
+    return run
+
+
+def _probe_chunk(task: tuple[int, list[str], str, int, ResizeSpec | None]) -> tuple[int, list[Probe]]:
+    start, paths, validate, max_pixels, resize = task
+    return start, [probe_file(p, validate=validate, max_pixels=max_pixels, resize=resize) for p in paths]
+
+
+def probe_all(
+    candidates: list[Candidate], *, run: Callable[..., Any], validate: str, max_pixels: int,
+    resize: ResizeSpec | None, quiet: bool,
+) -> list[Probe]:
+    """Probe every candidate in parallel; results in candidate order."""
+    tasks = [
+        (i, [c.abs_path for c in candidates[i : i + PROBE_CHUNK]], validate, max_pixels, resize)
+        for i in range(0, len(candidates), PROBE_CHUNK)
+    ]
+    probes: list[Probe | None] = [None] * len(candidates)
+    with tqdm(total=len(candidates), unit="img", desc="checking", disable=True if quiet else None) as bar:
+        for _, (start, results) in run(_probe_chunk, tasks):
+            probes[start : start + len(results)] = results
+            bar.update(len(results))
+    return probes  # type: ignore[return-value]
+
+
+def make_plan(walked: Any, probes: list[Probe], options: dict[str, Any]) -> tuple[Plan, list[tuple[str, str]], list[tuple[str, str]]]:
+    """Turn walked candidates and their probes into the plan; also return skipped/ignored."""
+    skipped = list(walked.skipped)
+    ignored = list(walked.ignored)
+    good: list[tuple[Candidate, Probe]] = []
+    for candidate, probe in zip(walked.candidates, probes):
+        if probe.ok:
+            good.append((candidate, probe))
+        elif probe.is_image or candidate.by_name:
+            skipped.append((candidate.rel_path, probe.reason))
+        else:
+            ignored.append((candidate.rel_path, "not an image"))
+    classes = class_map(walked.classes)
+    label_of = {name: i for i, name in enumerate(classes)}
+    if options["layout"] == "flat":
+        pools = split_flat_pool(
+            good, class_of=lambda cp: cp[0].class_name, path_of=_path_of,
+            validation_split=options["validation_split"] or 0.0, seed=options["seed"],
+        )
+        pools = {k: v for k, v in pools.items() if v or k == "train"}
+    else:
+        pools = {group: [] for group in walked.classes}
+        for cp in good:
+            pools[cp[0].group].append(cp)
+    plan = Plan(classes=classes, options=options)
+    for split in sorted(pools):
+        ordered = order_split(pools[split], split=split, seed=options["seed"], path_of=_path_of) if pools[split] else []
+        samples = [
+            planned_sample(c, p, split=split, position=i, label=label_of[c.class_name])
+            for i, (c, p) in enumerate(ordered)
+        ]
+        plan.shards[split] = cut_shards(
+            samples, split=split, max_count=options["max_count"], max_size=options["max_size"]
+        )
+    return plan, skipped, ignored
+
+
+def _path_of(pair: tuple[Candidate, Probe]) -> str:
+    return pair[0].rel_path
+
+
+def _write_task(task: tuple[Any, str, str, ResizeSpec | None]) -> ShardResult:
+    shard, out_dir, fingerprint, resize = task
+    return write_shard(shard, out_dir, fingerprint=fingerprint, resize=resize)
+
+
+def write_plan(
+    plan: Plan, out_dir: str, *, run: Callable[..., Any], resize: ResizeSpec | None, quiet: bool
+) -> dict[str, ShardResult]:
+    """Write every shard the plan names, keeping identical leftovers; return results by name."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise PackError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
+    previous = previous_results(out_dir)
+    _unpublish_manifest(out_dir)
+    results: dict[str, ShardResult] = {}
+    tasks = []
+    for shard in plan.all_shards():
+        fingerprint = shard.fingerprint(plan.options)
+        kept = keepable(out_dir, shard.name, fingerprint, previous.get(shard.name))
+        if kept is not None:
+            results[shard.name] = kept
+        else:
+            tasks.append((shard, out_dir, fingerprint, resize))
+    journal = Journal(out_dir, plan.options)
+    for result in results.values():
+        journal.record(result)
+    bars = _split_bars(plan, results, quiet=quiet)
+    try:
+        for task, result in run(_write_task, tasks):
+            results[result.name] = result
+            journal.record(result)
+            bar = bars[task[0].split]
+            bar.update(result.count)
+            bar.set_postfix_str(f"{bar.format_sizeof(_bytes_done(results, task[0].split))}B")
+    finally:
+        journal.close()
+        for bar in bars.values():
+            bar.close()
+    removed = remove_stale(out_dir, keep=set(results))
+    if removed:
+        log.info("removed %d shard files the plan no longer names", len(removed))
+    return results
+
+
+def _bytes_done(results: dict[str, ShardResult], split: str) -> int:
+    return sum(r.bytes for r in results.values() if r.name.startswith(f"{split}/"))
+
+
+def _split_bars(plan: Plan, results: dict[str, ShardResult], *, quiet: bool) -> dict[str, Any]:
+    bars = {}
+    for position, (split, shards) in enumerate(sorted(plan.shards.items())):
+        total = sum(len(s.samples) for s in shards)
+        done = sum(results[s.name].count for s in shards if s.name in results)
+        bars[split] = tqdm(
+            total=total, initial=done, unit="img", desc=f"writing {split}", position=position,
+            disable=True if quiet else None, leave=True,
+        )
+    return bars
+
+
+def _unpublish_manifest(out_dir: str) -> None:
+    """Take an old manifest down before shards change under it: a reader must never see a
+    manifest whose shards are being rewritten."""
+    from .format import MANIFEST_NAME
+
+    try:
+        os.remove(os.path.join(out_dir, MANIFEST_NAME))
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,219 @@
+"""The plan: which file goes into which shard, in which order — computed before writing.
+
+The plan is plain data made by pure functions of (probed inputs, options, seed). Every
+engine (one process, a process pool, a Dask cluster) and every resume executes the same
+plan, which is what makes the output byte-identical whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from .format import sample_json, sample_key, shard_name
+
+__all__ = [
+    "PlannedSample",
+    "PlannedShard",
+    "Plan",
+    "class_map",
+    "split_flat_pool",
+    "order_split",
+    "cut_shards",
+    "tar_member_bytes",
+    "find_duplicates",
+]
+
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads the archive to whole 10,240-byte records
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    """One input file and everything needed to write its three tar members."""
+
+    key: str
+    rel_path: str
+    abs_path: str
+    ext: str
+    label: int
+    class_name: str
+    width: int
+    height: int
+    size: int  # stored image bytes
+    sha256: str  # of the stored image bytes
+    source_sha256: str
+
+    def json_bytes(self) -> bytes:
+        return sample_json(
+            path=self.rel_path, class_name=self.class_name, label=self.label,
+            width=self.width, height=self.height,
+        )
+
+    def tar_bytes(self) -> int:
+        """Exact bytes this sample adds to a USTAR archive (3 headers + padded data)."""
+        sizes = (self.size, len(str(self.label)), len(self.json_bytes()))
+        return sum(tar_member_bytes(s) for s in sizes)
+
+
+@dataclass(frozen=True)
+class PlannedShard:
+    """One shard: its name and the samples it holds, in order."""
+
+    split: str
+    index: int
+    samples: tuple[PlannedSample, ...]
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.split, self.index)
+
+    @property
+    def planned_bytes(self) -> int:
+        return archive_bytes(s.tar_bytes() for s in self.samples)
+
+    def fingerprint(self, options: dict[str, Any]) -> str:
+        """Hash of everything that decides this shard's bytes (inputs' content included).
+
+        Two shards with equal fingerprints are byte-identical, so resume can keep a shard
+        written earlier if its fingerprint and checksum match.
+        """
+        h = hashlib.sha256()
+        h.update(json.dumps(options, sort_keys=True).encode())
+        for s in self.samples:
+            h.update(json.dumps([s.key, s.ext, s.label, s.sha256, s.json_bytes().decode()]).encode())
+        return h.hexdigest()
+
+
+@dataclass
+class Plan:
+    """The whole pack job, before a byte is written."""
+
+    classes: list[str]
+    shards: dict[str, list[PlannedShard]] = field(default_factory=dict)  # split -> shards
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def all_shards(self) -> list[PlannedShard]:
+        return [shard for shards in self.shards.values() for shard in shards]
+
+    def samples(self, split: str) -> list[PlannedSample]:
+        return [s for shard in self.shards[split] for s in shard.samples]
+
+
+def tar_member_bytes(size: int) -> int:
+    """Bytes one tar member occupies: a 512-byte header plus data padded to 512."""
+    return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+def archive_bytes(member_sizes: Any) -> int:
+    """Size of a whole archive: members, two zero end blocks, padded to a 10,240 record."""
+    total = sum(member_sizes) + 2 * TAR_BLOCK
+    return -(-total // TAR_RECORD) * TAR_RECORD
+
+
+def class_map(class_folders: dict[str, list[str]]) -> list[str]:
+    """One class list for every split: the sorted union of class folder names.
+
+    A class missing from one split then never shifts another split's labels, and empty
+    class folders keep their index (as Keras does).
+    """
+    return sorted({name for names in class_folders.values() for name in names})
+
+
+def split_flat_pool(
+    items: list[Any], *, class_of: Any, path_of: Any, validation_split: float, seed: int
+) -> dict[str, list[Any]]:
+    """Divide a flat pool into train/validation per class, seeded, so each class keeps its
+    share in both splits (stratified), reproducibly.
+    """
+    by_class: dict[str, list[Any]] = defaultdict(list)
+    for item in items:
+        by_class[class_of(item)].append(item)
+    out: dict[str, list[Any]] = {"train": [], "validation": []}
+    for name in sorted(by_class):
+        members = sorted(by_class[name], key=path_of)
+        random.Random(f"{seed}/validation-split/{name}").shuffle(members)
+        n_val = round(len(members) * validation_split)
+        out["validation"].extend(members[:n_val])
+        out["train"].extend(members[n_val:])
+    return out
+
+
+def order_split(items: list[Any], *, split: str, seed: int, path_of: Any) -> list[Any]:
+    """Shuffle a split across classes, seeded by (seed, split name) only.
+
+    Sorting first makes the order independent of how the files were listed; seeding by split
+    name means adding a split never reorders another.
+    """
+    ordered = sorted(items, key=path_of)
+    random.Random(f"{seed}/{split}").shuffle(ordered)
+    return ordered
+
+
+def cut_shards(
+    samples: list[PlannedSample], *, split: str, max_count: int, max_size: int
+) -> list[PlannedShard]:
+    """Cut an ordered split into shards of at most ``max_count`` samples and ``max_size``
+    bytes (exact tar size); a single sample larger than ``max_size`` gets a shard alone.
+    """
+    shards: list[PlannedShard] = []
+    current: list[PlannedSample] = []
+    member_total = 0
+    for sample in samples:
+        size = sample.tar_bytes()
+        too_big = archive_bytes([member_total + size]) > max_size
+        if current and (len(current) >= max_count or too_big):
+            shards.append(PlannedShard(split, len(shards), tuple(current)))
+            current, member_total = [], 0
+        current.append(sample)
+        member_total += size
+    if current:
+        shards.append(PlannedShard(split, len(shards), tuple(current)))
+    return shards
+
+
+def find_duplicates(plan: Plan) -> dict[str, list[dict[str, Any]]]:
+    """Exact duplicate images (same source bytes) within a split and across splits.
+
+    The same photo in train and test is a silent evaluation bug no loader warns about.
+    """
+    where: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for split in sorted(plan.shards):
+        for sample in sorted(plan.samples(split), key=lambda s: s.rel_path):
+            where[sample.source_sha256].append((split, sample.rel_path))
+    within, across = [], []
+    for sha, places in sorted(where.items(), key=lambda kv: kv[1][0][1]):
+        if len(places) < 2:
+            continue
+        splits = sorted({split for split, _ in places})
+        for split in splits:
+            paths = [p for s, p in places if s == split]
+            if len(paths) > 1:
+                within.append({"split": split, "sha256": sha, "paths": paths})
+        if len(splits) > 1:
+            across.append({"splits": splits, "sha256": sha, "paths": [p for _, p in places]})
+    return {"within_split": within, "across_splits": across}
+
+
+def planned_sample(candidate: Any, probe: Any, *, split: str, position: int, label: int) -> PlannedSample:
+    """Join a walked candidate and its probe into the sample at ``position`` of ``split``."""
+    return PlannedSample(
+        key=sample_key(split, position),
+        rel_path=candidate.rel_path,
+        abs_path=candidate.abs_path,
+        ext=probe.ext,
+        label=label,
+        class_name=candidate.class_name,
+        width=probe.width,
+        height=probe.height,
+        size=probe.size,
+        sha256=probe.sha256,
+        source_sha256=probe.source_sha256,
+    )
+
+
+__all__ += ["planned_sample", "archive_bytes"]

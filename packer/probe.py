@@ -1,0 +1,142 @@
+"""Check one source file before it goes into a shard, and describe what will be stored.
+
+The probe is the packer's gatekeeper: it recognises images by content (not by name), refuses
+what a training job would choke on (empty, truncated, corrupt, unsupported, decompression
+bombs), and records the facts the plan needs (real format, size after EXIF orientation,
+stored byte count, sha256). With ``validate="decode"`` (default) the whole image is decoded,
+JPEGs at 1/8 scale through libjpeg's DCT scaling, which still reads every entropy-coded
+byte, so truncation and corruption are caught at a fraction of a full decode's cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from .format import PIL_FORMAT_TO_EXT
+from .transform import ResizeSpec, transform_image
+
+__all__ = ["Probe", "probe_file", "probe_bytes", "DEFAULT_MAX_PIXELS", "VALIDATE_MODES"]
+
+# Pillow's own warning threshold (~9459 x 9459); above it a file is a likely decompression
+# bomb: a few KB on disk that expand to gigabytes of pixels in every training worker.
+DEFAULT_MAX_PIXELS = 89_478_485
+VALIDATE_MODES = ("decode", "header")
+_ROTATED_ORIENTATIONS = {5, 6, 7, 8}
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the probe found out about one file.
+
+    ``is_image`` False means the content is not an image at all (the file is ignored unless
+    its name claims an image); ``ok`` False with ``is_image`` True means a broken image,
+    which is skipped with ``reason``.
+    """
+
+    ok: bool
+    is_image: bool
+    reason: str = ""
+    ext: str = ""
+    width: int = 0
+    height: int = 0
+    size: int = 0  # bytes stored in the shard
+    sha256: str = ""  # of the stored bytes
+    source_sha256: str = ""  # of the source file (duplicate detection)
+
+
+def _oriented_size(im: Image.Image) -> tuple[int, int]:
+    w, h = im.size
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block must not hide an otherwise good image
+        orientation = 1
+    return (h, w) if orientation in _ROTATED_ORIENTATIONS else (w, h)
+
+
+def _full_decode(im: Image.Image) -> None:
+    if im.format in ("JPEG", "MPO"):
+        im.draft(None, (max(1, im.width // 8), max(1, im.height // 8)))
+    im.load()
+
+
+def probe_bytes(
+    data: bytes,
+    *,
+    validate: str = "decode",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    resize: ResizeSpec | None = None,
+) -> Probe:
+    """Probe an image held in memory; see the module docstring."""
+    source_sha = hashlib.sha256(data).hexdigest()
+    if not data:
+        return Probe(False, True, "empty file (0 bytes)", source_sha256=source_sha)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        return Probe(False, True, f"decompression bomb refused: {exc}", source_sha256=source_sha)
+    except UnidentifiedImageError:
+        return Probe(False, False, "not an image Pillow can read", source_sha256=source_sha)
+    except Exception as exc:  # Pillow raises many types on malformed headers
+        return Probe(False, True, f"unreadable image header: {exc}", source_sha256=source_sha)
+    with im:
+        fmt = im.format or "?"
+        ext = PIL_FORMAT_TO_EXT.get(fmt)
+        if ext is None:
+            return Probe(False, True, f"unsupported image format {fmt}", source_sha256=source_sha)
+        w, h = im.size
+        if w <= 0 or h <= 0:
+            return Probe(False, True, f"image declares size {w}x{h}", source_sha256=source_sha)
+        if w * h > max_pixels:
+            return Probe(
+                False, True,
+                f"decompression bomb refused: {w}x{h} = {w * h:,} pixels exceeds the limit of "
+                f"{max_pixels:,} (raise --max-pixels to pack it)",
+                source_sha256=source_sha,
+            )
+        width, height = _oriented_size(im)
+        try:
+            if validate == "decode" or resize is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    _full_decode(im) if resize is None else im.load()
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            if "truncated" in reason.lower():
+                reason = f"truncated {fmt} ({reason})"
+            else:
+                reason = f"corrupt {fmt} data ({reason})"
+            return Probe(False, True, reason, source_sha256=source_sha)
+        if resize is not None:
+            try:
+                data, ext, width, height = transform_image(im, resize)
+            except Exception as exc:
+                return Probe(False, True, f"cannot resize: {exc}", source_sha256=source_sha)
+    stored_sha = source_sha if resize is None else hashlib.sha256(data).hexdigest()
+    return Probe(True, True, "", ext, width, height, len(data), stored_sha, source_sha)
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def probe_file(
+    path: str,
+    *,
+    validate: str = "decode",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    resize: ResizeSpec | None = None,
+) -> Probe:
+    """Probe one file on disk; an unreadable file is a broken image, not a crash."""
+    try:
+        data = read_file(path)
+    except OSError as exc:
+        return Probe(False, True, f"cannot read file: {exc.strerror or exc}")
+    return probe_bytes(data, validate=validate, max_pixels=max_pixels, resize=resize)

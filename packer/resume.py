@@ -1,0 +1,148 @@
+"""Resume and overwrite rules for an output folder that already holds something.
+
+* A leftover shard is kept only if it is byte-identical to what the plan would write now:
+  its fingerprint (hash of the inputs' content and every byte-deciding option) and sha256
+  were recorded in the journal or a previous manifest, and the file on disk still hashes
+  to that sha256. Anything else is rewritten.
+* Shards the plan no longer names, and ``.partial`` leftovers, are removed before the
+  manifest is published.
+* An OUT made with different options is refused unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from .errors import OutputExistsError
+from .format import MANIFEST_NAME
+from .write import ShardResult, hash_file
+
+__all__ = ["JOURNAL_NAME", "Journal", "check_output", "previous_results", "keepable", "remove_stale"]
+
+JOURNAL_NAME = ".shardpack-journal.jsonl"
+_SHARD_FILE = re.compile(r"^(?:\..+\.partial|.+-\d{6}\.tar)$")
+
+
+def _read_json_lines(path: str) -> list[dict[str, Any]]:
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:  # a torn last line after a crash
+                    break
+    except OSError:
+        pass
+    return records
+
+
+def _read_manifest(out_dir: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(out_dir, MANIFEST_NAME), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def check_output(out_dir: str, options: dict[str, Any], *, overwrite: bool) -> None:
+    """Refuse an OUT that holds a pack made with other options, or foreign files.
+
+    Raises:
+        OutputExistsError: unless ``overwrite``; the message says what differs.
+    """
+    if overwrite or not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        return
+    manifest = _read_manifest(out_dir)
+    journal = _read_json_lines(os.path.join(out_dir, JOURNAL_NAME))
+    previous = (manifest or {}).get("options") or (journal[0].get("options") if journal else None)
+    if previous is None:
+        raise OutputExistsError(
+            f"{out_dir} is not empty and holds no shardpack output; choose an empty folder "
+            "or pass --overwrite to replace its shards"
+        )
+    if previous != options:
+        changed = sorted(k for k in set(previous) | set(options) if previous.get(k) != options.get(k))
+        raise OutputExistsError(
+            f"{out_dir} holds a pack made with different options ({', '.join(changed)}); "
+            "pass --overwrite to replace it, or choose another OUT"
+        )
+
+
+def previous_results(out_dir: str) -> dict[str, dict[str, Any]]:
+    """Shard records from an earlier run: the journal (crashed run) and the manifest."""
+    records: dict[str, dict[str, Any]] = {}
+    manifest = _read_manifest(out_dir) or {}
+    for split in manifest.get("splits", {}).values():
+        for entry in split.get("shards", []):
+            records[entry["name"]] = entry
+    for entry in _read_json_lines(os.path.join(out_dir, JOURNAL_NAME))[1:]:
+        records[entry["name"]] = entry
+    return records
+
+
+def keepable(out_dir: str, name: str, fingerprint: str, record: dict[str, Any] | None) -> ShardResult | None:
+    """Return the kept shard's result if the file on disk is exactly what the plan wants."""
+    if not record or record.get("fingerprint") != fingerprint:
+        return None
+    path = os.path.join(out_dir, name)
+    if not os.path.isfile(path):
+        return None
+    sha, size = hash_file(path)
+    if sha != record.get("sha256") or size != record.get("bytes"):
+        return None
+    return ShardResult(name, int(record["count"]), size, sha, fingerprint)
+
+
+class Journal:
+    """Append-only record of finished shards, so a crashed run can resume.
+
+    The first line holds the options; each later line one finished shard. Lines are
+    flushed and fsynced one by one: after a crash, every line but possibly a torn last one
+    is trustworthy, and the shard files are re-hashed before being kept anyway.
+    """
+
+    def __init__(self, out_dir: str, options: dict[str, Any]) -> None:
+        self.path = os.path.join(out_dir, JOURNAL_NAME)
+        self._file = open(self.path, "w", encoding="utf-8")
+        self._append({"options": options})
+
+    def _append(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def record(self, result: ShardResult) -> None:
+        self._append(result.manifest_entry())
+
+    def close(self) -> None:
+        self._file.close()
+
+    @staticmethod
+    def discard(out_dir: str) -> None:
+        """Remove the journal once the manifest records every shard."""
+        try:
+            os.remove(os.path.join(out_dir, JOURNAL_NAME))
+        except FileNotFoundError:
+            pass
+
+
+def remove_stale(out_dir: str, keep: set[str]) -> list[str]:
+    """Delete shard files and ``.partial`` leftovers the plan does not name; return them."""
+    removed = []
+    for entry in sorted(os.scandir(out_dir), key=lambda e: e.name):
+        if not entry.is_dir(follow_symlinks=False):
+            if entry.name == f".{MANIFEST_NAME}.partial":
+                os.remove(entry.path)
+            continue
+        for child in sorted(os.scandir(entry.path), key=lambda e: e.name):
+            rel = f"{entry.name}/{child.name}"
+            if child.is_file(follow_symlinks=False) and _SHARD_FILE.match(child.name) and rel not in keep:
+                os.remove(child.path)
+                removed.append(rel)
+        if not os.listdir(entry.path):
+            os.rmdir(entry.path)
+    return removed

@@ -1,0 +1,217 @@
+"""Walk the source tree: find every file that might be an image, and label it by folder.
+
+Two layouts, chosen explicitly (never guessed from file counts):
+
+* ``splits`` (default): ``SRC/{split}/{class}/**`` — every sub-folder of SRC is a split,
+  every sub-folder of a split is a class, files nested deeper belong to that class.
+* ``flat``: ``SRC/{class}/**`` — one pool that ``validation_split`` divides (per class,
+  seeded) into ``train`` and ``validation``. Chosen by ``layout="flat"`` or implied by a
+  ``validation_split``.
+
+In the ``splits`` layout, a split folder that holds images directly but no class folders is
+the sign of a flat tree given without ``validation_split``: that raises ``LayoutError``
+rather than packing nothing (or, worse, using class names as split names silently).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LayoutError
+from .format import IMAGE_EXTENSIONS
+
+__all__ = ["Candidate", "WalkResult", "walk_tree", "is_hidden", "IGNORED_NAMES"]
+
+log = logging.getLogger(__name__)
+
+# Junk that operating systems leave in photo folders; never image data.
+IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A file that may hold an image, with the label its folder gives it.
+
+    ``by_name`` is True when the extension says image: such a file must end up packed or
+    skipped with a reason. Files with other names are packed when Pillow recognises the
+    content and otherwise merely ignored.
+    """
+
+    group: str  # split name (``splits`` layout) or "" (``flat`` layout, split later)
+    class_name: str
+    rel_path: str  # POSIX path relative to SRC, as recorded in the manifest
+    abs_path: str
+    by_name: bool
+
+
+@dataclass
+class WalkResult:
+    """Everything the walk found; ``classes`` maps each group to its class folders."""
+
+    layout: str
+    classes: dict[str, list[str]] = field(default_factory=dict)
+    candidates: list[Candidate] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (rel_path, why)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # image-like, refused
+    warnings: list[str] = field(default_factory=list)
+
+
+def is_hidden(name: str) -> bool:
+    """Hidden files and folders (``.DS_Store``, ``._x.jpg``, ``.git``) and OS junk."""
+    return name.startswith(".") or name.lower() in IGNORED_NAMES
+
+
+def looks_like_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _sorted_entries(path: str) -> list[os.DirEntry[str]]:
+    with os.scandir(path) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
+def _dir_identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _is_dir(entry: os.DirEntry[str], follow_links: bool) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=follow_links)
+    except OSError:
+        return False
+
+
+def _collect_class_files(
+    result: WalkResult,
+    *,
+    src: str,
+    group: str,
+    class_name: str,
+    folder: str,
+    follow_links: bool,
+    ancestors: frozenset[tuple[int, int]],
+) -> None:
+    """Add every file below one class folder (any depth) to ``result``."""
+    try:
+        entries = _sorted_entries(folder)
+    except OSError as exc:
+        rel = os.path.relpath(folder, src)
+        result.warnings.append(f"cannot list {rel}: {exc.strerror or exc}")
+        return
+    for entry in entries:
+        rel = Path(os.path.relpath(entry.path, src)).as_posix()
+        if is_hidden(entry.name):
+            result.ignored.append((rel, "hidden or system file"))
+            continue
+        if entry.is_symlink() and not follow_links:
+            if looks_like_image_name(entry.name):
+                result.skipped.append((rel, "symbolic link not followed (pass --follow-links)"))
+            else:
+                result.ignored.append((rel, "symbolic link not followed"))
+            continue
+        if _is_dir(entry, follow_links):
+            identity = _dir_identity(entry.path)
+            if identity in ancestors:
+                result.warnings.append(f"symlink cycle at {rel}: not descended again")
+                result.ignored.append((rel, "symlink cycle"))
+                continue
+            _collect_class_files(
+                result, src=src, group=group, class_name=class_name, folder=entry.path,
+                follow_links=follow_links, ancestors=ancestors | {identity},
+            )
+            continue
+        try:
+            mode = entry.stat(follow_symlinks=follow_links).st_mode
+        except OSError as exc:  # dangling symlink, permission
+            if looks_like_image_name(entry.name):
+                result.skipped.append((rel, f"cannot stat: {exc.strerror or exc}"))
+            else:
+                result.ignored.append((rel, "unreadable"))
+            continue
+        if not stat.S_ISREG(mode):
+            result.ignored.append((rel, "not a regular file"))
+            continue
+        result.candidates.append(
+            Candidate(group, class_name, rel, entry.path, looks_like_image_name(entry.name))
+        )
+
+
+def _walk_classes(
+    result: WalkResult, *, src: str, group: str, folder: str, follow_links: bool,
+    ancestors: frozenset[tuple[int, int]],
+) -> tuple[list[str], int]:
+    """Walk ``folder/{class}/**``; return class names and count of loose image files."""
+    classes: list[str] = []
+    loose_images = 0
+    for entry in _sorted_entries(folder):
+        rel = Path(os.path.relpath(entry.path, src)).as_posix()
+        if is_hidden(entry.name):
+            result.ignored.append((rel, "hidden or system file"))
+            continue
+        if entry.is_symlink() and not follow_links:
+            result.ignored.append((rel, "symbolic link not followed"))
+            continue
+        if _is_dir(entry, follow_links):
+            identity = _dir_identity(entry.path)
+            if identity in ancestors:
+                result.ignored.append((rel, "symlink cycle"))
+                continue
+            classes.append(entry.name)
+            _collect_class_files(
+                result, src=src, group=group, class_name=entry.name, folder=entry.path,
+                follow_links=follow_links, ancestors=ancestors | {identity},
+            )
+        else:
+            loose_images += looks_like_image_name(entry.name)
+            result.ignored.append((rel, "outside any class folder"))
+            result.warnings.append(f"{rel} lies outside any class folder: ignored")
+    return classes, loose_images
+
+
+def walk_tree(src: str | Path, *, layout: str = "splits", follow_links: bool = False) -> WalkResult:
+    """Find every candidate image under ``src`` in sorted, reproducible order.
+
+    Raises:
+        LayoutError: ``src`` is not a folder, or the layout cannot be read without guessing.
+    """
+    src = os.fspath(src)
+    if not os.path.isdir(src):
+        raise LayoutError(f"source {src!r} is not a folder")
+    if layout not in ("splits", "flat"):
+        raise LayoutError(f"unknown layout {layout!r}: use 'splits' or 'flat'")
+    result = WalkResult(layout=layout)
+    root_id = frozenset({_dir_identity(src)})
+    if layout == "flat":
+        classes, _ = _walk_classes(
+            result, src=src, group="", folder=src, follow_links=follow_links, ancestors=root_id
+        )
+        result.classes[""] = classes
+        return result
+    for entry in _sorted_entries(src):
+        rel = Path(os.path.relpath(entry.path, src)).as_posix()
+        if is_hidden(entry.name) or (entry.is_symlink() and not follow_links):
+            result.ignored.append((rel, "hidden, system file or symbolic link"))
+            continue
+        if not _is_dir(entry, follow_links):
+            result.ignored.append((rel, "outside any split folder"))
+            result.warnings.append(f"{rel} lies outside any split folder: ignored")
+            continue
+        classes, loose = _walk_classes(
+            result, src=src, group=entry.name, folder=entry.path, follow_links=follow_links,
+            ancestors=root_id | {_dir_identity(entry.path)},
+        )
+        if loose and not classes:
+            raise LayoutError(
+                f"{rel}/ holds {loose} image files but no class folders. If {src} is a flat "
+                f"tree ({{class}}/images), pass --validation-split F (or --layout flat); the "
+                "split layout is {split}/{class}/images"
+            )
+        result.classes[entry.name] = classes
+    if not result.classes:
+        raise LayoutError(f"no split folders under {src}: expected {src}/{{split}}/{{class}}/...")
+    return result

@@ -1,0 +1,185 @@
+"""Write one planned shard: deterministic USTAR members, temp file, fsync, atomic rename.
+
+A shard file under its final name is always complete: it is written as ``.NAME.partial``
+and renamed only after its last byte is on disk. A crash leaves at most a ``.partial``
+file, which the next run removes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from .errors import PackError
+from .format import (
+    TAR_GID,
+    TAR_GNAME,
+    TAR_MODE,
+    TAR_MTIME,
+    TAR_UID,
+    TAR_UNAME,
+    member_names,
+)
+from .plan import PlannedSample, PlannedShard
+from .probe import read_file
+from .transform import ResizeSpec
+
+__all__ = ["ShardResult", "write_shard", "partial_name", "hash_file", "stored_bytes"]
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What was written: the manifest's per-shard entry."""
+
+    name: str
+    count: int
+    bytes: int
+    sha256: str
+    fingerprint: str
+
+    def manifest_entry(self) -> dict[str, object]:
+        return {
+            "name": self.name, "count": self.count, "bytes": self.bytes,
+            "sha256": self.sha256, "fingerprint": self.fingerprint,
+        }
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: bytes) -> int:  # type: ignore[override]
+        self._raw.write(b)
+        self.sha.update(b)
+        self.count += len(b)
+        return len(b)
+
+
+def partial_name(final_path: str) -> str:
+    head, tail = os.path.split(final_path)
+    return os.path.join(head, f".{tail}.partial")
+
+
+def _member(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = TAR_MTIME
+    info.mode = TAR_MODE
+    info.uid, info.gid = TAR_UID, TAR_GID
+    info.uname, info.gname = TAR_UNAME, TAR_GNAME
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def stored_bytes(sample: PlannedSample, resize: ResizeSpec | None) -> bytes:
+    """The image bytes that go into the shard, checked against what the plan recorded.
+
+    Raises:
+        PackError: the source file changed (or vanished) since it was probed.
+    """
+    try:
+        data = read_file(sample.abs_path)
+    except OSError as exc:
+        raise PackError(f"{sample.rel_path}: cannot read it any more ({exc}); re-run the pack") from exc
+    if resize is not None:
+        data = stored_bytes_of(data, resize)
+    if hashlib.sha256(data).hexdigest() != sample.sha256:
+        raise PackError(
+            f"{sample.rel_path} changed since it was scanned (checksum differs); re-run the pack "
+            "when the source tree is no longer being modified"
+        )
+    return data
+
+
+def stored_bytes_of(data: bytes, resize: ResizeSpec) -> bytes:
+    from PIL import Image
+
+    from .transform import transform_image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return transform_image(im, resize)[0]
+
+
+def write_tar(shard: PlannedShard, fileobj: BinaryIO, resize: ResizeSpec | None) -> None:
+    with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in shard.samples:
+            image_name, cls_name, json_name = member_names(sample.key, sample.ext)
+            payloads = (
+                (image_name, stored_bytes(sample, resize)),
+                (cls_name, str(sample.label).encode("ascii")),
+                (json_name, sample.json_bytes()),
+            )
+            for name, payload in payloads:
+                tar.addfile(_member(name, len(payload)), io.BytesIO(payload))
+
+
+def write_shard(
+    shard: PlannedShard, out_dir: str, *, fingerprint: str, resize: ResizeSpec | None = None
+) -> ShardResult:
+    """Write ``shard`` under ``out_dir`` atomically and return its manifest entry.
+
+    Raises:
+        PackError: disk full, unwritable output, or a source changed since it was scanned;
+            no partial file is left under the final name.
+    """
+    final = os.path.join(out_dir, shard.name)
+    temp = partial_name(final)
+    try:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        with open(temp, "wb") as raw:
+            hashing = _HashingWriter(raw)
+            buffered = io.BufferedWriter(hashing, buffer_size=1 << 20)
+            write_tar(shard, buffered, resize)  # type: ignore[arg-type]
+            buffered.flush()
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(temp, final)
+    except BaseException as exc:
+        _remove_quietly(temp)
+        if isinstance(exc, OSError):
+            raise PackError(_os_error_message(exc, final)) from exc
+        raise
+    if hashing.count != shard.planned_bytes:
+        raise PackError(
+            f"internal error: {shard.name} has {hashing.count} bytes, plan said {shard.planned_bytes}"
+        )
+    return ShardResult(shard.name, len(shard.samples), hashing.count, hashing.sha.hexdigest(), fingerprint)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _os_error_message(exc: OSError, path: str) -> str:
+    if exc.errno == errno.ENOSPC:
+        return f"disk full while writing {path}: free space or choose another OUT; re-running resumes"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: {exc.strerror}; choose a writable OUT"
+    return f"cannot write {path}: {exc}"
+
+
+def hash_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
+    """sha256 and size of a file, read sequentially."""
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            sha.update(block)
+            size += len(block)
+    return sha.hexdigest(), size
