@@ -1,0 +1,69 @@
+"""The one error policy the reader applies at every stage: raise, or warn, skip and count.
+
+Stages never decide on their own whether an error is fatal; they hand the exception to the
+policy the caller chose (``on_error`` for samples, ``on_shard_error`` for shards).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+from packer.errors import SampleDecodeError, ShardReadError
+
+__all__ = ["OnError", "ErrorPolicy"]
+
+OnError = Literal["raise", "warn", "ignore"]
+_CHOICES = ("raise", "warn", "ignore")
+
+log = logging.getLogger("shardpack.reader")
+
+
+@dataclass
+class ErrorPolicy:
+    """Decide what a sample or shard error does, and count what was skipped.
+
+    Attributes:
+        on_error: for a sample that cannot be decoded: "raise" SampleDecodeError, or
+            "warn" (skip it with a warning) or "ignore" (skip it silently; still counted).
+        on_shard_error: the same for a shard that cannot be read (ShardReadError); a skipped
+            shard loses the samples after the failure point.
+        skipped_samples: samples skipped so far (over every epoch).
+        skipped_shards: shards cut short so far (over every epoch).
+        messages: the last few skip messages, for a summary.
+    """
+
+    on_error: OnError = "warn"
+    on_shard_error: OnError = "raise"
+    skipped_samples: int = 0
+    skipped_shards: int = 0
+    messages: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("on_error", "on_shard_error"):
+            if getattr(self, name) not in _CHOICES:
+                raise ValueError(f"{name} must be one of {_CHOICES}, got {getattr(self, name)!r}")
+
+    def _skip(self, exc: Exception, how: OnError) -> None:
+        if len(self.messages) < 100:
+            self.messages.append(str(exc))
+        if how == "warn":
+            warnings.warn(f"skipped: {exc}", RuntimeWarning, stacklevel=3)
+        else:
+            log.debug("skipped: %s", exc)
+
+    def sample_failed(self, exc: SampleDecodeError) -> None:
+        """Raise ``exc`` or count it as a skipped sample, as the policy says."""
+        if self.on_error == "raise":
+            raise exc
+        self.skipped_samples += 1
+        self._skip(exc, self.on_error)
+
+    def shard_failed(self, exc: ShardReadError) -> None:
+        """Raise ``exc`` or count it as a skipped (cut short) shard, as the policy says."""
+        if self.on_shard_error == "raise":
+            raise exc
+        self.skipped_shards += 1
+        self._skip(exc, self.on_shard_error)

@@ -1,0 +1,172 @@
+"""Resolve a SOURCE into the shards of one split, and open a shard as a byte stream.
+
+A SOURCE is either a shardpack output (a local folder or any fsspec URL holding
+``manifest.json``) or a set of plain WebDataset tars with no manifest (a list of paths or
+URLs, or a brace pattern such as ``data-{000000..000003}.tar``). Every path goes through
+fsspec, so ``s3://``, ``gs://``, ``http(s)://`` and ``file://`` work like local paths.
+
+Opening a shard is one small function, :func:`open_shard`, on purpose: retries, read-ahead
+and caching for object storage belong there and nowhere else.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+import braceexpand
+import fsspec
+
+from packer.errors import ManifestError, ShardReadError
+from packer.format import MANIFEST_NAME, parse_manifest, split_info
+
+__all__ = ["ShardRef", "SplitSource", "resolve_source", "open_shard", "expand_urls"]
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard: where it is and what the manifest says about it.
+
+    Plain data (picklable), so it crosses process boundaries; nothing is opened until
+    :func:`open_shard` is called.
+
+    Attributes:
+        url: full path or URL to open.
+        name: name to show in messages (the manifest name, or the URL).
+        count: samples in the shard according to the manifest; None without a manifest.
+        nbytes: shard size according to the manifest, when known.
+    """
+
+    url: str
+    name: str
+    count: int | None = None
+    nbytes: int | None = None
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    """The shards of one split plus what the manifest knows about them.
+
+    Attributes:
+        split: the split name (None for manifest-less tar lists).
+        shards: the shards in manifest order (the unshuffled stream order).
+        classes: class names, index = label; None when there is no manifest.
+        count: samples in the split; None when unknown (no manifest).
+        class_counts: samples per class name, possibly empty.
+        manifest: the parsed manifest, or None.
+    """
+
+    split: str | None
+    shards: tuple[ShardRef, ...]
+    classes: tuple[str, ...] | None
+    count: int | None
+    class_counts: dict[str, int]
+    manifest: dict[str, Any] | None
+
+
+def open_shard(url: str, **storage_options: Any) -> IO[bytes]:
+    """Open one shard for a sequential, whole-shard read and return a binary stream.
+
+    The caller closes the stream (it is a context manager). This is the single place where
+    a shard's bytes are fetched; object-storage tuning (retries, read-ahead, caching) goes
+    here.
+
+    Raises:
+        ShardReadError: the shard cannot be opened (missing, no permission, network).
+    """
+    try:
+        return fsspec.open(url, mode="rb", **storage_options).open()
+    except (OSError, ValueError) as exc:
+        raise ShardReadError(
+            f"cannot open shard ({exc}); check the path and storage options",
+            shard=url,
+            offset=0,
+        ) from exc
+
+
+def expand_urls(source: str | Sequence[str]) -> list[str]:
+    """Expand brace patterns (``a-{000..003}.tar``) in one or several shard URLs."""
+    items = [source] if isinstance(source, str) else list(source)
+    urls: list[str] = []
+    for item in items:
+        urls.extend(braceexpand.braceexpand(str(item)))
+    return urls
+
+
+def _join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name if root not in ("", "/") else posixpath.join(root, name)
+
+
+def _is_tar_list(source: str | Sequence[str]) -> bool:
+    if not isinstance(source, str):
+        return True
+    return "{" in source or source.endswith(".tar") or source.endswith(".tar.gz")
+
+
+def _read_manifest(root: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    where = _join(root, MANIFEST_NAME)
+    try:
+        with fsspec.open(where, mode="rb", **storage_options) as f:
+            data = f.read()
+    except FileNotFoundError as exc:
+        raise ManifestError(
+            f"{where} not found: SOURCE must be a shardpack output folder/URL "
+            "(run `shardpack pack SRC OUT` first), or pass plain WebDataset shards as a list "
+            "of .tar paths or a brace pattern like 'data-{000000..000009}.tar'"
+        ) from exc
+    except OSError as exc:
+        raise ManifestError(f"cannot read {where} ({exc})") from exc
+    return parse_manifest(data, where=where)
+
+
+def resolve_source(
+    source: str | Sequence[str] | Any,
+    *,
+    split: str,
+    storage_options: dict[str, Any] | None = None,
+) -> SplitSource:
+    """Find the shards of ``split`` in SOURCE.
+
+    Args:
+        source: a shardpack output folder or URL (with ``manifest.json``); or one ``.tar``
+            path/URL, a brace pattern, or a list of them (manifest-less WebDataset shards,
+            which then form the one and only split whatever ``split`` says).
+        split: split name to read from a manifest.
+        storage_options: passed to fsspec (e.g. ``{"anon": True}`` or an endpoint).
+
+    Raises:
+        ManifestError: no manifest where one is expected, or an invalid one.
+        SplitNotFoundError: the manifest has no such split (message lists those there are).
+    """
+    storage_options = dict(storage_options or {})
+    if not isinstance(source, (str, list, tuple)):
+        source = str(source)  # os.PathLike
+    if _is_tar_list(source):
+        urls = expand_urls(source)
+        if not urls:
+            raise ManifestError("the list of shards is empty")
+        shards = tuple(ShardRef(url=u, name=u) for u in urls)
+        return SplitSource(None, shards, None, None, {}, None)
+
+    root = str(source)
+    manifest = _read_manifest(root, storage_options)
+    info = split_info(manifest, split)
+    shards = tuple(
+        ShardRef(
+            url=_join(root, entry["name"]),
+            name=entry["name"],
+            count=entry.get("count"),
+            nbytes=entry.get("bytes"),
+        )
+        for entry in info["shards"]
+    )
+    return SplitSource(
+        split=split,
+        shards=shards,
+        classes=tuple(manifest["classes"]),
+        count=int(info["count"]),
+        class_counts=dict(info.get("class_counts") or {}),
+        manifest=manifest,
+    )

@@ -1,0 +1,99 @@
+"""``image_dataset_from_shards``: a ``tf.data.Dataset`` like Keras' image_dataset_from_directory.
+
+TensorFlow is imported here only, when the function is called, so ``import reader`` and
+numpy users never pay for it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .shard_reader import ShardReader
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+__all__ = ["image_dataset_from_shards"]
+
+
+def image_dataset_from_shards(
+    source: str | os.PathLike[str] | Sequence[str],
+    *,
+    split: str = "train",
+    label_mode: str | None = "int",
+    class_names: Sequence[str] | None = None,
+    color_mode: str = "rgb",
+    batch_size: int | None = 32,
+    image_size: tuple[int, int] = (256, 256),
+    shuffle: bool = True,
+    seed: int | None = None,
+    interpolation: str = "bilinear",
+    crop_to_aspect_ratio: bool = False,
+    pad_to_aspect_ratio: bool = False,
+    **reader_options: Any,
+) -> tf.data.Dataset:
+    """Return a ``tf.data.Dataset`` of one split, as ``keras.utils.image_dataset_from_directory`` would.
+
+    The keyword names and meanings are Keras': images are float32 in [0, 255] of shape
+    ``(batch, height, width, channels)``; labels are int32 ``(batch,)`` for "int", float32
+    one-hot ``(batch, classes)`` for "categorical", float32 ``(batch, 1)`` for "binary";
+    ``label_mode=None`` yields images only. ``class_names`` picks a subset of classes (and
+    their order): samples of other classes are left out and labels are positions in this
+    list. The dataset has ``class_names`` and a known cardinality (batches per epoch from
+    the manifest), so ``model.fit`` shows steps per epoch. Each pass over the dataset (each
+    Keras epoch) is a new epoch with a new shuffle order; ``shuffle=False`` gives the
+    manifest order every time.
+
+    Unlike Keras, ``file_paths`` is not set (it needs a pass over every shard); use
+    ``ShardReader(..., shuffle=False).filenames``. The reader behind the dataset is
+    ``ds.shard_reader``.
+
+    Args:
+        source: shard folder or URL, or manifest-less tars (see ShardReader).
+        split: split to read.
+        batch_size: samples per batch; None yields single images.
+        reader_options: more ShardReader options (``shuffle_buffer``, ``num_workers``,
+            ``on_error``, ``storage_options``, ``drop_remainder``, ``rescale``, ...).
+
+    Raises:
+        ManifestError, SplitNotFoundError, ClassNotFoundError, ValueError: as ShardReader.
+    """
+    import tensorflow as tf
+
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    reader = ShardReader(
+        source,
+        split=split,
+        image_size=tuple(image_size),
+        batch_size=batch_size or 32,
+        label_mode=label_mode,
+        class_names=class_names,
+        color_mode=color_mode,
+        shuffle=shuffle,
+        seed=seed,
+        interpolation=interpolation,
+        crop_to_aspect_ratio=crop_to_aspect_ratio,
+        pad_to_aspect_ratio=pad_to_aspect_ratio,
+        **reader_options,
+    )
+    h, w, c = reader.decode_options.shape
+    x_spec = tf.TensorSpec((None, h, w, c), tf.float32)
+    y_specs = {
+        "int": tf.TensorSpec((None,), tf.int32),
+        "categorical": tf.TensorSpec((None, len(reader.class_names)), tf.float32),
+        "binary": tf.TensorSpec((None, 1), tf.float32),
+    }
+    signature = x_spec if label_mode is None else (x_spec, y_specs[label_mode])
+    # Every iteration of the dataset calls the lambda again: a new epoch of the reader.
+    ds = tf.data.Dataset.from_generator(lambda: iter(reader), output_signature=signature)
+    if batch_size is None:
+        ds = ds.unbatch().apply(tf.data.experimental.assert_cardinality(reader.samples))
+    else:
+        ds = ds.apply(tf.data.experimental.assert_cardinality(len(reader)))
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    ds.class_names = list(reader.class_names)
+    ds.shard_reader = reader
+    return ds
