@@ -1,0 +1,193 @@
+"""The ``shardpack`` command: pack, info, verify, upload, bench, preview.
+
+Each sub-command is a thin shell over a Python function; every option shown in ``--help``
+is an argument of that function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import ShardpackError
+
+__all__ = ["main", "build_parser"]
+
+
+def _storage(args: argparse.Namespace, source: str) -> dict[str, Any]:
+    from .storage import storage_options_for
+
+    return storage_options_for(source, endpoint_url=getattr(args, "endpoint_url", None))
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from .job import pack
+    from .summary import pack_summary
+
+    manifest = pack(
+        args.src, args.out, max_count=args.max_count, max_size=args.max_size,
+        workers=args.workers, seed=args.seed, resize=args.resize, quality=args.quality,
+        validation_split=args.validation_split, layout=args.layout,
+        follow_links=args.follow_links, validate=args.validate, max_pixels=args.max_pixels,
+        engine=args.engine, scheduler=args.scheduler, overwrite=args.overwrite,
+        quiet=args.quiet, storage_options=_storage(args, args.out),
+    )
+    print(pack_summary(manifest, args.out))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .inspect import info_text
+    from .storage import read_manifest
+
+    manifest = read_manifest(args.source, _storage(args, args.source))
+    print(json.dumps(manifest, indent=2, ensure_ascii=False) if args.json else info_text(manifest, args.source))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .inspect import verify
+
+    report = verify(args.source, deep=args.deep, storage_options=_storage(args, args.source),
+                    progress=not args.quiet)
+    for problem in report.problems:
+        print(f"PROBLEM: {problem}", file=sys.stderr)
+    state = "OK" if report.ok else f"FAILED ({len(report.problems)} problems)"
+    decoded = f", {report.images_decoded} images decoded" if args.deep else ""
+    print(f"verify {state}: {report.shards} shards, {report.samples} samples checked{decoded}")
+    return 0 if report.ok else 1
+
+
+def _cmd_upload(args: argparse.Namespace) -> int:
+    from .uploader import upload
+
+    summary = upload(args.out, args.url, endpoint_url=args.endpoint_url, workers=args.workers,
+                     quiet=args.quiet, force=args.force)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from reader.benchmark import main as bench_main
+
+    return int(bench_main(args.bench_args) or 0)
+
+
+def _cmd_preview(args: argparse.Namespace) -> int:
+    from reader.preview import preview
+
+    path = preview(args.source, split=args.split, out=args.out, count=args.count,
+                   columns=args.columns, seed=args.seed,
+                   storage_options=_storage(args, args.source))
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_endpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint-url", default=None,
+                   help="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (credentials come "
+                        "from the usual AWS environment/config chain)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .job import DEFAULT_MAX_COUNT, DEFAULT_MAX_SIZE
+    from .probe import DEFAULT_MAX_PIXELS
+
+    parser = argparse.ArgumentParser(
+        prog="shardpack",
+        description="Pack class-folder image sets into WebDataset tar shards; inspect, "
+                    "verify, upload, benchmark and preview them.",
+    )
+    parser.add_argument("--version", action="version", version=f"shardpack {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pack", help="pack SRC/{split}/{class}/* into shards under OUT")
+    p.add_argument("src", help="image tree: SRC/{split}/{class}/... (or SRC/{class}/... with --validation-split)")
+    p.add_argument("out", help="output folder, or an object-store URL (s3://bucket/prefix)")
+    p.add_argument("--max-count", type=int, default=DEFAULT_MAX_COUNT, help="most samples per shard (default %(default)s)")
+    p.add_argument("--max-size", default=DEFAULT_MAX_SIZE, help="most bytes per shard: 256MB, 1GiB, ... (default %(default)s)")
+    p.add_argument("--workers", type=int, default=None, help="parallel processes (default: CPU count)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample order in every split (default 0)")
+    p.add_argument("--resize", default=None, help="store images with the short side shrunk to N pixels (re-encoded)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality with --resize (default 90)")
+    p.add_argument("--validation-split", type=float, default=None,
+                   help="flat SRC/{class}/ tree: share of each class put in 'validation'")
+    p.add_argument("--layout", choices=["auto", "splits", "flat"], default="auto",
+                   help="splits: SRC/{split}/{class}; flat: SRC/{class}; auto: flat iff --validation-split")
+    p.add_argument("--follow-links", action="store_true", help="follow symbolic links (cycles are detected)")
+    p.add_argument("--validate", choices=["decode", "header"], default="decode",
+                   help="decode: decode every image (default); header: headers only (faster)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="refuse images with more pixels as decompression bombs (default %(default)s)")
+    p.add_argument("--engine", choices=["local", "dask"], default="local", help="local processes or a Dask cluster")
+    p.add_argument("--scheduler", default=None, help="Dask scheduler address (tcp://host:8786); default: a local cluster")
+    p.add_argument("--overwrite", action="store_true", help="replace an OUT made with other options")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_endpoint(p)
+    p.set_defaults(func=_cmd_pack)
+
+    p = sub.add_parser("info", help="splits, classes, counts, shards, skipped files")
+    p.add_argument("source", help="shard folder or URL")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    _add_endpoint(p)
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("verify", help="re-hash every shard and check every sample against the manifest")
+    p.add_argument("source", help="shard folder or URL")
+    p.add_argument("--deep", action="store_true", help="also decode every image")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_endpoint(p)
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("upload", help="upload OUT's shards, then its manifest, to a URL")
+    p.add_argument("out", help="local shard folder")
+    p.add_argument("url", help="destination, e.g. s3://bucket/prefix")
+    p.add_argument("--workers", type=int, default=8, help="parallel uploads (default 8)")
+    p.add_argument("--force", action="store_true", help="re-send shards even when already there")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_endpoint(p)
+    p.set_defaults(func=_cmd_upload)
+
+    p = sub.add_parser("bench", help="reader throughput against Keras/webdataset/decode-limit anchors",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of scripts/bench.py")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("preview", help="contact sheet of decoded samples with class names")
+    p.add_argument("source", help="shard folder or URL")
+    p.add_argument("--split", default="train")
+    p.add_argument("--out", default="grid.png", help="PNG to write (default grid.png)")
+    p.add_argument("--count", type=int, default=32, help="samples to show (default 32)")
+    p.add_argument("--columns", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    _add_endpoint(p)
+    p.set_defaults(func=_cmd_preview)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``shardpack`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except ShardpackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

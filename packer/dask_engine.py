@@ -1,0 +1,126 @@
+"""The Dask engine: run the plan's tasks on a Dask cluster (issue #6).
+
+The driver (the process that calls ``pack()``) walks the tree, makes the plan and writes the
+manifest; the cluster only executes tasks (probe a chunk of files, write one planned
+shard). Workers read the sources and write shards straight into OUT, so SRC and OUT must be
+on a filesystem every worker sees under the same path (NFS, Lustre, a shared volume).
+
+Why the output is byte-identical to the local engine: a task's result depends only on its
+item, which the plan fixed before anything ran; the engine decides *where* and *when* a
+task runs, never *what* it writes. A worker lost mid-task is harmless for the same reason:
+shards are written to ``.NAME.partial`` and renamed only when complete, so a killed writer
+leaves at most a ``.partial`` file, the scheduler runs the task again elsewhere (the rerun
+overwrites the same ``.partial``), and ``pack()`` removes any ``.partial`` leftovers before
+it publishes the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
+from typing import Any, TypeVar
+
+__all__ = ["run_dask", "DEFAULT_RETRIES", "IN_FLIGHT_PER_THREAD", "MIN_IN_FLIGHT"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Extra attempts for a task that *raised* (a flaky network filesystem, say). A task whose
+# worker *died* is rescheduled by the scheduler without using these; Dask gives up on a task
+# that has killed ``distributed.scheduler.allowed-failures`` workers (default 3).
+DEFAULT_RETRIES = 2
+# Tasks kept submitted per worker thread: enough that no worker idles between tasks, few
+# enough that a plan of a million tasks never sits in the scheduler's memory at once.
+IN_FLIGHT_PER_THREAD = 4
+MIN_IN_FLIGHT = 8
+
+
+def run_dask(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    *,
+    workers: int,
+    scheduler: str | None = None,
+    retries: int = DEFAULT_RETRIES,
+    max_in_flight: int | None = None,
+    **_: Any,
+) -> Iterator[tuple[T, R]]:
+    """Run ``fn`` over ``items`` on a Dask cluster, yielding ``(item, result)`` as completed.
+
+    Args:
+        fn: a module-level function (workers import it by name, so ``packer`` must be
+            installed on every worker).
+        items: task inputs; consumed lazily, at most ``max_in_flight`` submitted at a time.
+        workers: worker processes of the local cluster started when ``scheduler`` is None;
+            with a ``scheduler`` the cluster's own size decides (``workers`` then only
+            sizes the in-flight window while the cluster has no workers yet).
+        scheduler: address of a running scheduler (``tcp://host:8786``); None starts a
+            ``LocalCluster`` on loopback (one single-threaded process per worker) and shuts
+            it down when the iterator finishes.
+        retries: extra attempts for a task that raised.
+        max_in_flight: most tasks submitted but not yet yielded (default
+            ``IN_FLIGHT_PER_THREAD`` per worker thread, at least ``MIN_IN_FLIGHT``).
+
+    Yields:
+        ``(item, fn(item))`` in completion order; the caller restores plan order.
+
+    Raises:
+        ImportError: ``dask[distributed]`` is not installed; the message says how to get it.
+        Exception: the first task that still fails after its retries, re-raised as is
+            (a ``PackError`` from a writer stays a ``PackError``); the remaining tasks are
+            cancelled.
+    """
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError as exc:
+        raise ImportError(
+            "the dask engine needs dask.distributed: pip install 'shardpack[dask]'"
+        ) from exc
+
+    with ExitStack() as stack:
+        if scheduler is None:
+            cluster = stack.enter_context(
+                LocalCluster(
+                    host="127.0.0.1", n_workers=max(1, workers), threads_per_worker=1,
+                    processes=True, dashboard_address=None, silence_logs=logging.WARNING,
+                )
+            )
+            client = stack.enter_context(Client(cluster))
+        else:
+            client = stack.enter_context(Client(scheduler))
+        window = max_in_flight or _default_window(client, workers)
+        if window < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+
+        queue = iter(items)
+        pending: dict[Any, T] = {}
+
+        def submit_next() -> Any:
+            for item in queue:
+                future = client.submit(fn, item, pure=False, retries=retries)
+                pending[future] = item
+                return future
+            return None
+
+        for _ in range(window):
+            if submit_next() is None:
+                break
+        completed = as_completed(list(pending))
+        try:
+            for future in completed:
+                item = pending.pop(future)
+                result = future.result()  # re-raises the task's exception
+                future.release()  # the scheduler forgets it; memory stays flat
+                yield item, result
+                nxt = submit_next()
+                if nxt is not None:
+                    completed.add(nxt)
+        finally:
+            if pending:  # failed, or the consumer stopped early
+                client.cancel(list(pending))
+
+
+def _default_window(client: Any, workers: int) -> int:
+    threads = sum(client.nthreads().values())
+    return max(MIN_IN_FLIGHT, IN_FLIGHT_PER_THREAD * max(threads, workers, 1))

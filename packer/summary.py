@@ -1,0 +1,36 @@
+"""The few lines a person reads after ``shardpack pack``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .sizes import format_size
+
+__all__ = ["pack_summary"]
+
+
+def pack_summary(manifest: dict[str, Any], out: str) -> str:
+    """Packed/skipped/ignored counts, per-split shards and bytes, and duplicate warnings."""
+    lines = []
+    packed = 0
+    for name, split in manifest["splits"].items():
+        size = sum(s["bytes"] for s in split["shards"])
+        packed += split["count"]
+        lines.append(f"  {name}: {split['count']} images in {len(split['shards'])} shards ({format_size(size)})")
+    skipped = manifest.get("skipped", [])
+    head = (f"packed {packed} images of {len(manifest['classes'])} classes into {out}; "
+            f"skipped {len(skipped)}; ignored {manifest.get('ignored', 0)} non-image files")
+    lines.insert(0, head)
+    for item in skipped[:10]:
+        lines.append(f"  skipped {item['path']}: {item['reason']}")
+    if len(skipped) > 10:
+        lines.append(f"  ... {len(skipped) - 10} more skipped (shardpack info {out})")
+    dup = manifest.get("duplicates", {})
+    across = dup.get("across_splits", [])
+    within = dup.get("within_split", [])
+    if across:
+        lines.append(f"  WARNING: {len(across)} images appear in more than one split (leakage), e.g. "
+                     + ", ".join(across[0]["paths"]))
+    if within:
+        lines.append(f"  note: {len(within)} groups of identical images within a split")
+    return "\n".join(lines)
