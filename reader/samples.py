@@ -123,6 +123,7 @@ def tar_members(
     """
     offset = 0
     long_name: str | None = None
+    start: int | None = None  # where the first (long-name / pax) header of a member began
     while True:
         header = _read_exact(stream, BLOCK)
         if len(header) < BLOCK:
@@ -159,13 +160,15 @@ def tar_members(
                     offset=data_offset + len(data),
                 )
             data = data[:size] if padded != size else data
-            if kind == b"L":
-                long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
-            elif kind == b"x":
-                long_name = _pax_path(data) or long_name
+            if kind in (b"L", b"x"):
+                start = offset if start is None else start
+                if kind == b"L":
+                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+                else:
+                    long_name = _pax_path(data) or long_name
             else:
-                yield Member(long_name or name, data, offset)
-                long_name = None
+                yield Member(long_name or name, data, offset if start is None else start)
+                long_name = start = None
         else:
             got = _skip(stream, padded)
             if got < size:
@@ -175,7 +178,7 @@ def tar_members(
                     offset=data_offset + got,
                 )
             if kind in _FILE_TYPES:
-                long_name = None
+                long_name = start = None
         offset = data_offset + padded
 
 

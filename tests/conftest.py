@@ -1,0 +1,64 @@
+"""Shared fixtures: real image trees packed into real shards (no committed files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+# ---- reader fixtures (issue #3) ----------------------------------------------------------
+
+# Images whose pixels say who they are: every pixel of sample n (n counted over the whole
+# tree) is (n % 256, n // 256, 40 * class index), so a decoded batch can be checked sample
+# by sample against the manifest, with no bookkeeping beside the pixels.
+ID_CLASSES = ["circle", "square", "triangle"]
+
+
+def write_id_tree(root: Path, counts: dict[str, int], *, size: int = 8) -> dict[int, str]:
+    """Write ``root/{split}/{class}/img_N.png``; return sample id -> relative path."""
+    paths = {}
+    n = 0
+    for split, per_class in counts.items():
+        for c, name in enumerate(ID_CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.new("RGB", (size, size), (n % 256, n // 256, 40 * c)).save(folder / f"img_{i:04d}.png")
+                paths[n] = f"{split}/{name}/img_{i:04d}.png"
+                n += 1
+    return paths
+
+
+def pixel_ids(x) -> list[int]:
+    """Sample ids encoded in a decoded batch by write_id_tree."""
+    px = x[:, 0, 0, :].astype(int)
+    return [int(r + 256 * g) for r, g, _ in px]
+
+
+@pytest.fixture(scope="session")
+def id_shards(tmp_path_factory) -> tuple[Path, dict[int, str]]:
+    """Shards of id-coded images: train 3x70 samples in shards of 16, test 3x10."""
+    from packer import pack
+
+    root = tmp_path_factory.mktemp("id_tree")
+    paths = write_id_tree(root / "src", {"train": 70, "test": 10})
+    pack(root / "src", root / "shards", seed=0, max_count=16, workers=1, quiet=True)
+    return root / "shards", paths
+
+
+@pytest.fixture(scope="session")
+def photo_shards(tmp_path_factory) -> Path:
+    """Shards of realistic photos (packer.examples): 4 classes, small images."""
+    from packer import pack
+    from packer.examples import make_example_tree
+
+    root = tmp_path_factory.mktemp("photo_tree")
+    make_example_tree(
+        root / "src",
+        counts={"train": 80, "validation": 20, "test": 20},
+        long_side=(64, 128),
+        seed=0,
+    )
+    pack(root / "src", root / "shards", seed=0, max_count=40, workers=1, quiet=True)
+    return root / "shards"

@@ -1,0 +1,112 @@
+"""Tar stream -> samples: our parser against real tar writers, damage, WebDataset shards."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from packer.errors import ShardReadError
+from reader import ShardReader
+from reader.policy import ErrorPolicy
+from reader.samples import group_samples, shard_samples, tar_members
+from reader.source import ShardRef
+
+
+def _png(color: tuple[int, int, int], size: int = 8) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tar(members: list[tuple[str, bytes]], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_members_match_tarfile(fmt):
+    long_dir = "d" * 120 + "/"  # needs a ustar prefix, a GNU long name or a pax path
+    members = [(f"{long_dir}a.jpg", b"x" * 700), (f"{long_dir}a.cls", b"1"), ("b.c.json", b"{}"),
+               ("empty.txt", b"")]
+    data = _tar(members, fmt)
+    got = list(tar_members(io.BytesIO(data), shard="t"))
+    assert [(m.name, m.data) for m in got] == members
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert [m.offset for m in got] == [m.offset for m in tar.getmembers()]
+    samples = list(group_samples(got, shard="t"))
+    assert [s["__key__"] for s in samples] == [f"{long_dir}a", "b", "empty"]
+    assert samples[1]["c.json"] == b"{}"  # webdataset's rule: key ends at the first dot
+
+
+def test_truncated_and_corrupted_shards_name_shard_and_offset():
+    data = _tar([("k.jpg", b"x" * 2000), ("k.cls", b"0"), ("m.jpg", b"y" * 100), ("m.cls", b"1")])
+    with pytest.raises(ShardReadError, match=r"shard s1, byte offset 1200: truncated") as info:
+        list(tar_members(io.BytesIO(data[:1200]), shard="s1"))
+    assert info.value.shard == "s1" and info.value.offset == 1200
+    with pytest.raises(ShardReadError, match="end-of-archive"):
+        list(tar_members(io.BytesIO(data[:3584]), shard="s1"))  # cut at a member boundary
+    damaged = bytearray(data)
+    damaged[3584 + 10] ^= 0xFF  # inside the third member's header (after 512 + 2048 + 512 + 512)
+    with pytest.raises(ShardReadError, match="byte offset 3584: corrupted tar header"):
+        list(tar_members(io.BytesIO(bytes(damaged)), shard="s1"))
+
+
+def test_damaged_shard_raises_or_is_skipped(id_shards, tmp_path):
+    shards, _ = id_shards
+    bad = tmp_path / "bad.tar"
+    good = (shards / "test" / "test-000000.tar").read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ShardReadError, match=r"bad\.tar, byte offset \d+"):
+        list(ShardReader([str(bad)], num_classes=3, image_size=4))
+    policy = ErrorPolicy(on_shard_error="ignore")
+    partial = list(shard_samples(ShardRef(str(bad), "bad.tar"), policy=policy))
+    assert 0 < len(partial) < 16 and policy.skipped_shards == 1
+
+
+def test_manifest_count_mismatch_is_an_error(id_shards, tmp_path):
+    shards, _ = id_shards
+    ref = ShardRef(str(shards / "test" / "test-000000.tar"), "test-000000.tar", count=99)
+    with pytest.raises(ShardReadError, match="manifest says 99"):
+        list(shard_samples(ref, policy=ErrorPolicy()))
+
+
+def test_webdataset_shardwriter_shards_stream(tmp_path):
+    """Shards from the real webdataset.ShardWriter, no manifest, given as a brace pattern."""
+    pattern = str(tmp_path / "data-%06d.tar")
+    colors = {}
+    with wds.ShardWriter(pattern, maxcount=25) as sink:
+        for i in range(60):
+            colors[i] = (i, 0, 100 * (i % 3))
+            sink.write({"__key__": f"sample{i:05d}", "png": _png(colors[i]), "cls": i % 3})
+    source = str(tmp_path / "data-{000000..000002}.tar")
+    reader = ShardReader(source, image_size=(4, 4), batch_size=16, seed=0, interpolation="nearest")
+    assert reader.class_names == ["0", "1", "2"] and reader.samples == 60 and len(reader) == 4
+    seen = []
+    for x, y in reader:
+        for img, label in zip(x, y, strict=True):
+            i = int(img[0, 0, 0])
+            assert label == i % 3 and img[0, 0, 2] == 100 * label
+            seen.append(i)
+    assert sorted(seen) == list(range(60))
+    ordered = ShardReader(sorted(str(p) for p in tmp_path.glob("*.tar")), image_size=4,
+                          shuffle=False, class_names=["a", "b", "c"])
+    assert ordered.filenames[:2] == ["sample00000", "sample00001"]
+    assert np.array_equal(ordered.labels, np.arange(60) % 3)
+
+
+def test_our_shards_read_with_webdataset(id_shards):
+    shards, paths = id_shards
+    ds = wds.WebDataset(str(shards / "train" / "train-{000000..000013}.tar"), shardshuffle=False)
+    keys = [s["__key__"] for s in ds]
+    reader = ShardReader(shards, split="train", shuffle=False, image_size=4)
+    assert len(keys) == reader.samples

@@ -1,0 +1,124 @@
+"""ShardReader end to end on real packed shards: epochs, order, labels, options."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from conftest import ID_CLASSES, pixel_ids
+
+from packer.errors import ClassNotFoundError, ManifestError, SplitNotFoundError
+from reader import ShardReader
+
+
+def _epoch_ids(reader: ShardReader) -> tuple[list[int], list[int]]:
+    ids, labels = [], []
+    for x, y in reader:
+        ids += pixel_ids(x)
+        labels += y.tolist()
+    return ids, labels
+
+
+def _read(**options):
+    return dict(image_size=(4, 4), interpolation="nearest", batch_size=10, **options)
+
+
+def test_every_sample_once_per_epoch_shuffled(id_shards):
+    shards, paths = id_shards
+    train = {n for n, p in paths.items() if p.startswith("train/")}
+    reader = ShardReader(shards, split="train", seed=3, shuffle_buffer=50, **_read())
+    assert len(reader) == 21 and reader.samples == 210
+    first, labels = _epoch_ids(reader)
+    second, _ = _epoch_ids(reader)
+    assert sorted(first) == sorted(train) and len(first) == len(train)
+    assert sorted(second) == sorted(train)
+    assert first != second, "two epochs gave the same order"
+    # labels travel with their images: the class folder in the sample's source path
+    for n, label in zip(first, labels, strict=True):
+        assert paths[n].split("/")[1] == ID_CLASSES[label]
+    assert reader.epoch == 2 and reader.batches_yielded == 21
+
+
+def test_same_seed_same_order_and_new_seed_per_reader(id_shards):
+    shards, _ = id_shards
+    a = _epoch_ids(ShardReader(shards, split="train", seed=7, **_read()))
+    b = _epoch_ids(ShardReader(shards, split="train", seed=7, **_read()))
+    c = _epoch_ids(ShardReader(shards, split="train", seed=8, **_read()))
+    assert a == b
+    assert a[0] != c[0]
+    unseeded = ShardReader(shards, split="train", **_read())
+    assert isinstance(unseeded.seed, int)
+
+
+def test_shard_order_is_mixed(id_shards):
+    """Interleaving + buffer: the first batch draws from several shards."""
+    shards, paths = id_shards
+    ids, _ = _epoch_ids(ShardReader(shards, split="train", seed=1, shuffle_buffer=20, **_read()))
+    reader = ShardReader(shards, split="train", shuffle=False, **_read())
+    position = {path: i for i, path in enumerate(reader.filenames)}
+    first_shards = {position[paths[n]] // 16 for n in ids[:10]}
+    assert len(first_shards) >= 2
+
+
+def test_unshuffled_order_is_manifest_order(id_shards):
+    shards, paths = id_shards
+    reader = ShardReader(shards, split="train", shuffle=False, **_read())
+    ids, labels = _epoch_ids(reader)
+    assert [paths[n] for n in ids] == reader.filenames
+    assert labels == reader.labels.tolist()
+    assert _epoch_ids(reader)[0] == ids  # every epoch the same
+    # manifest order = the order of the .json members in the shards
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert reader.samples == manifest["splits"]["train"]["count"]
+
+
+def test_class_subset_is_reindexed(id_shards):
+    shards, paths = id_shards
+    reader = ShardReader(shards, split="train", class_names=["triangle", "circle"], seed=0,
+                         label_mode="categorical", **_read())
+    assert reader.class_names == ["triangle", "circle"] and reader.samples == 140
+    ids, seen = [], []
+    for x, y in reader:
+        assert y.dtype == np.float32 and y.shape[1] == 2
+        ids += pixel_ids(x)
+        seen += y.argmax(1).tolist()
+    assert len(ids) == 140
+    for n, label in zip(ids, seen, strict=True):
+        assert paths[n].split("/")[1] == ["triangle", "circle"][label]
+    assert Counter(reader.labels.tolist()) == {0: 70, 1: 70}
+
+
+def test_label_modes_and_drop_remainder(id_shards):
+    shards, _ = id_shards
+    r = ShardReader(shards, split="test", label_mode=None, shuffle=False, drop_remainder=True,
+                    **{**_read(), "batch_size": 7})
+    batches = list(r)
+    assert len(batches) == len(r) == 30 // 7
+    assert all(isinstance(b, np.ndarray) and b.shape == (7, 4, 4, 3) for b in batches)
+    r = ShardReader(shards, split="test", class_names=["circle", "square"], label_mode="binary", **_read())
+    x, y = next(iter(r))
+    assert y.dtype == np.float32 and y.shape == (10, 1) and set(y.ravel()) <= {0.0, 1.0}
+    r = ShardReader(shards, split="test", color_mode="grayscale", rescale=1 / 255, **_read())
+    x, y = next(iter(r))
+    assert x.shape == (10, 4, 4, 1) and x.dtype == np.float32 and x.max() <= 1.0
+    assert y.dtype == np.int32
+
+
+def test_augmentations_are_seeded(photo_shards):
+    opts = dict(split="train", image_size=(32, 32), batch_size=16, random_flip=True,
+                random_crop=(0.5, 1.0))
+    a = next(iter(ShardReader(photo_shards, seed=5, **opts)))[0]
+    b = next(iter(ShardReader(photo_shards, seed=5, **opts)))[0]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_missing_split_class_and_manifest(id_shards, tmp_path):
+    shards, _ = id_shards
+    with pytest.raises(SplitNotFoundError, match=r"available splits: \['test', 'train'\]"):
+        ShardReader(shards, split="validation")
+    with pytest.raises(ClassNotFoundError, match="available classes"):
+        ShardReader(shards, split="train", class_names=["circle", "hexagon"])
+    with pytest.raises(ManifestError, match="shardpack pack"):
+        ShardReader(tmp_path, split="train")
