@@ -84,6 +84,9 @@ def run_dask(
                 LocalCluster(
                     host="127.0.0.1", n_workers=max(1, workers), threads_per_worker=1,
                     processes=True, dashboard_address=None, silence_logs=logging.WARNING,
+                    # no dashboard; the scheduler's health endpoint on a free loopback port
+                    # rather than 8787, which another cluster on this host may hold
+                    scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
                 )
             )
             client = stack.enter_context(Client(cluster))
