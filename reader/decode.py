@@ -203,8 +203,12 @@ def decode_image(data: bytes, options: DecodeOptions, *, rng: random.Random | No
             canvas = Image.new(out.mode, (tw, th))
             canvas.paste(fitted, ((tw - fw) // 2, (th - fh) // 2))
             out = canvas
-        elif (w, h) != (tw, th) or pixel_box != (0.0, 0.0, float(w), float(h)):
-            out = out.resize((tw, th), resample, box=pixel_box)
+        else:
+            if pixel_box != (0.0, 0.0, float(w), float(h)):
+                # crop first: resize(box=...) would blend in pixels from outside the box
+                out = out.crop(tuple(round(v) for v in pixel_box))
+            if out.size != (tw, th):
+                out = out.resize((tw, th), resample)
         if options.random_flip and rng is not None and rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         arr = np.asarray(out)

@@ -1,0 +1,83 @@
+"""image_dataset_from_shards: Keras' contract, real TensorFlow, a real model that learns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import ID_CLASSES, pixel_ids
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from reader import ShardReader, image_dataset_from_shards  # noqa: E402
+
+
+def test_specs_like_image_dataset_from_directory(id_shards):
+    shards, _ = id_shards
+    ds = image_dataset_from_shards(shards, split="train", image_size=(4, 6), batch_size=16, seed=0)
+    assert ds.class_names == ID_CLASSES
+    assert int(ds.cardinality()) == len(ds) == 14  # ceil(210 / 16)
+    x, y = next(iter(ds))
+    assert x.dtype == tf.float32 and tuple(x.shape) == (16, 4, 6, 3)
+    assert y.dtype == tf.int32 and tuple(y.shape) == (16,)
+    assert 0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 255
+    cat = image_dataset_from_shards(shards, split="test", image_size=4, label_mode="categorical",
+                                    color_mode="grayscale")
+    x, y = next(iter(cat))
+    assert tuple(x.shape[1:]) == (4, 4, 1) and y.dtype == tf.float32 and tuple(y.shape[1:]) == (3,)
+    binary = image_dataset_from_shards(shards, split="test", image_size=4, label_mode="binary",
+                                       class_names=["square", "circle"], color_mode="rgba")
+    x, y = next(iter(binary))
+    assert tuple(x.shape[1:]) == (4, 4, 4) and y.dtype == tf.float32 and tuple(y.shape[1:]) == (1,)
+    assert binary.class_names == ["square", "circle"] and len(binary) == 1
+    images = image_dataset_from_shards(shards, split="test", image_size=4, label_mode=None,
+                                       batch_size=None)
+    assert int(images.cardinality()) == 30 and tuple(next(iter(images)).shape) == (4, 4, 3)
+
+
+def test_each_pass_is_a_new_epoch(id_shards):
+    shards, paths = id_shards
+    ds = image_dataset_from_shards(shards, split="train", image_size=(4, 4), batch_size=30,
+                                   interpolation="nearest", seed=1)
+    epochs = [[n for x, _ in ds for n in pixel_ids(x.numpy())] for _ in range(2)]
+    train = sorted(n for n, p in paths.items() if p.startswith("train/"))
+    assert sorted(epochs[0]) == sorted(epochs[1]) == train
+    assert epochs[0] != epochs[1]
+
+
+@pytest.mark.slow
+def test_fit_evaluate_predict_on_real_photos(photo_shards):
+    keras.utils.set_random_seed(0)
+    opts = dict(image_size=(32, 32), batch_size=32, seed=0)
+    train = image_dataset_from_shards(photo_shards, split="train", **opts)
+    val = image_dataset_from_shards(photo_shards, split="validation", shuffle=False, **opts)
+    model = keras.Sequential([
+        keras.Input((32, 32, 3)),
+        keras.layers.Rescaling(1 / 255),
+        keras.layers.Conv2D(16, 3, activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(32, 3, activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(4, activation="softmax"),
+    ])
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+
+    steps = []
+
+    class Steps(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            steps.append(self.params["steps"])
+
+    history = model.fit(train, validation_data=val, epochs=8, verbose=0, callbacks=[Steps()])
+    assert steps[0] == len(train) == 10  # 320 samples / 32: Keras knew the epoch length
+    assert history.history["val_accuracy"][-1] > 0.6, history.history  # chance is 0.25
+
+    test = image_dataset_from_shards(photo_shards, split="test", shuffle=False, **opts)
+    _, accuracy = model.evaluate(test, verbose=0)
+    reader = ShardReader(photo_shards, split="test", shuffle=False, **opts)
+    predicted = model.predict(test, verbose=0).argmax(1)
+    assert len(predicted) == len(reader.filenames) == 80
+    # rows line up with filenames: the class folder in the path is the true label
+    truth = np.array([reader.class_names.index(f.split("/")[1]) for f in reader.filenames])
+    assert np.array_equal(truth, reader.labels)
+    assert abs((predicted == truth).mean() - accuracy) < 1e-6
