@@ -84,7 +84,7 @@ def test_webdataset_shardwriter_shards_stream(tmp_path):
     """Shards from the real webdataset.ShardWriter, no manifest, given as a brace pattern."""
     pattern = str(tmp_path / "data-%06d.tar")
     colors = {}
-    with wds.ShardWriter(pattern, maxcount=25) as sink:
+    with wds.ShardWriter(pattern, maxcount=25, verbose=0) as sink:
         for i in range(60):
             colors[i] = (i, 0, 100 * (i % 3))
             sink.write({"__key__": f"sample{i:05d}", "png": _png(colors[i]), "cls": i % 3})

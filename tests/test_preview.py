@@ -1,0 +1,28 @@
+"""preview(): a captioned contact sheet of decoded samples."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from reader.preview import preview
+
+
+def test_contact_sheet(photo_shards, tmp_path):
+    out = preview(photo_shards, split="validation", out=tmp_path / "sub" / "grid.png", count=10,
+                  columns=4, tile_size=48)
+    assert out == tmp_path / "sub" / "grid.png"
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+        # 4 columns x 3 rows of 48 px tiles with captions and gaps
+        assert im.size == (4 + 4 * 52, 4 + 3 * (48 + 14 + 4))
+        sheet = np.asarray(im.convert("RGB"))
+    caption = sheet[4 + 48 : 4 + 48 + 14, 4 : 4 + 48]
+    assert (caption < 100).any(), "no caption text under the first tile"
+    assert sheet[4:52, 4:52].std() > 10, "first tile is blank"
+
+
+def test_same_seed_same_sheet(photo_shards, tmp_path):
+    a = preview(photo_shards, out=tmp_path / "a.png", count=4, seed=3, tile_size=32)
+    b = preview(photo_shards, out=tmp_path / "b.png", count=4, seed=3, tile_size=32)
+    assert a.read_bytes() == b.read_bytes()
