@@ -1,0 +1,514 @@
+#!/usr/bin/env python3
+"""shardpack's benchmark: reader and packer throughput against anchors measured in the same run.
+
+Builds (or takes) an ImageNet-like class-folder tree, packs it, and runs every contender in
+its own subprocess (so each one's peak RSS is its own):
+
+reader contenders (224x224 RGB batches of 64 by default, warm page cache, all cores)
+  decode_limit       libjpeg-turbo decoding the split's bytes from RAM with DCT scaling
+                     (Pillow draft / simplejpeg) + the resize, on all cores, no I/O
+  keras_directory    keras.utils.image_dataset_from_directory on the original files
+  webdataset         WebDataset(...).shuffle().decode("pil") + WebLoader (torch) pipeline
+  shardpack_numpy    reader.ShardReader
+  shardpack_tf       reader.image_dataset_from_shards iterated as Keras would
+  shardpack_tf_resized   the same on shards packed with --resize 256
+
+packer contenders
+  tar_cf             `tar -cf` over the same tree
+  wds_shardwriter    a plain webdataset.ShardWriter loop (no validation, one process)
+  shardpack_pack     `pack()` with validation, hashing, all cores
+
+Prints a table of images/s, ratios to the decode limit and to each anchor, peak RSS; writes
+JSON and a PNG bar chart; ``--update-readme`` puts the table and chart into README.md.
+
+    python scripts/bench.py --images 2000 --out bench_out --update-readme
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+READER_CONTENDERS = [
+    "decode_limit", "keras_directory", "webdataset", "shardpack_numpy", "shardpack_tf",
+    "shardpack_tf_resized",
+]
+PACKER_CONTENDERS = ["tar_cf", "wds_shardwriter", "shardpack_pack"]
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------- dataset
+
+
+def make_imagenet_like_tree(root: Path, *, images: int, classes: int, seed: int) -> Path:
+    """Class-folder tree of JPEG crops: long side mostly 300-640 px, ~10% up to 1400,
+    quality 75-95, ~3% PNG; 80% train, 20% validation."""
+    from packer.examples import PHOTOS, random_crop
+
+    names = list(PHOTOS)[:classes]
+    rng = random.Random(seed)
+    for i in range(images):
+        split = "train" if i % 5 else "validation"
+        name = names[i % len(names)]
+        folder = root / split / name
+        folder.mkdir(parents=True, exist_ok=True)
+        long_side = rng.randint(640, 1400) if rng.random() < 0.1 else rng.randint(300, 640)
+        from packer.examples import photo
+
+        im = random_crop(rng, photo(name), long_side)
+        if rng.random() < 0.03:
+            im.save(folder / f"{i:07d}.png", format="PNG")
+        else:
+            im.save(folder / f"{i:07d}.jpg", format="JPEG", quality=rng.randint(75, 95))
+    return root
+
+
+def make_small_tree(root: Path, *, images: int, seed: int) -> Path:
+    """Many small JPEGs (for the pack-cost-is-linear run)."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    base = [Image.new("RGB", (96, 72), (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
+            for _ in range(8)]
+    payloads = []
+    for im in base:
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=85)
+        payloads.append(buf.getvalue())
+    for i in range(images):
+        folder = root / "train" / f"c{i % 8}"
+        folder.mkdir(parents=True, exist_ok=True)
+        # a varying comment segment keeps every file distinct (no duplicate groups)
+        data = payloads[i % 8]
+        comment = b"\xff\xfe" + (2 + 8).to_bytes(2, "big") + i.to_bytes(8, "big")
+        (folder / f"{i:08d}.jpg").write_bytes(data[:2] + comment + data[2:])
+    return root
+
+
+def warm_cache(path: Path) -> None:
+    for p in path.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                while f.read(1 << 22):
+                    pass
+
+
+# ---------------------------------------------------------------- reader contenders
+
+
+def _resize_decode_pil(data: bytes, size: tuple[int, int]) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft("RGB", (size[1], size[0]))
+        im = im.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        return np.asarray(im)
+
+
+def _resize_decode_simplejpeg(data: bytes, size: tuple[int, int]) -> Any:
+    import numpy as np
+    import simplejpeg
+    from PIL import Image
+
+    if data[:2] != b"\xff\xd8":
+        return _resize_decode_pil(data, size)
+    arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size[0], min_width=size[1])
+    return np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+
+
+def split_image_bytes(shards: Path, split: str) -> list[bytes]:
+    out = []
+    for tar_path in sorted((shards / split).glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                if not member.name.endswith((".cls", ".json")):
+                    out.append(tar.extractfile(member).read())  # type: ignore[union-attr]
+    return out
+
+
+def c_decode_limit(cfg: dict[str, Any]) -> dict[str, Any]:
+    size = tuple(cfg["image_size"])
+    blobs = split_image_bytes(Path(cfg["shards"]), cfg["split"])
+    best: dict[str, Any] = {}
+    for name, fn in (("pillow-draft", _resize_decode_pil), ("simplejpeg", _resize_decode_simplejpeg)):
+        try:
+            with ThreadPoolExecutor(cores()) as pool:
+                list(pool.map(lambda b: fn(b, size), blobs[:64]))  # warm-up
+                start = time.perf_counter()
+                list(pool.map(lambda b: fn(b, size), blobs))
+                seconds = time.perf_counter() - start
+        except ImportError:
+            continue
+        rate = len(blobs) / seconds
+        if rate > best.get("images_per_s", 0):
+            best = {"images": len(blobs), "seconds": seconds, "images_per_s": rate, "variant": name}
+    return best
+
+
+def _time_batches(iterable: Any, skip: int = 3) -> dict[str, Any]:
+    """Time one epoch; steady-state excludes the first ``skip`` batches (start-up)."""
+    start = time.perf_counter()
+    images = steady_images = 0
+    steady_start = None
+    for i, batch in enumerate(iterable):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        n = int(x.shape[0])
+        images += n
+        if i == skip - 1:
+            steady_start = time.perf_counter()
+        elif i >= skip:
+            steady_images += n
+    end = time.perf_counter()
+    steady = (steady_images / (end - steady_start)) if steady_start and steady_images else images / (end - start)
+    return {"images": images, "seconds": end - start, "images_per_s": steady,
+            "images_per_s_with_startup": images / (end - start)}
+
+
+def c_keras_directory(cfg: dict[str, Any]) -> dict[str, Any]:
+    import keras
+
+    ds = keras.utils.image_dataset_from_directory(
+        os.path.join(cfg["src"], cfg["split"]), image_size=tuple(cfg["image_size"]),
+        batch_size=cfg["batch_size"], shuffle=True, seed=0, verbose=False,
+    )
+    return _time_batches(ds)
+
+
+def c_webdataset(cfg: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    size = tuple(cfg["image_size"])
+    urls = [str(p) for p in sorted((Path(cfg["shards"]) / cfg["split"]).glob("*.tar"))]
+
+    def to_array(im: Any) -> Any:
+        return np.asarray(im.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR),
+                          dtype=np.float32)
+
+    pipeline = (
+        wds.WebDataset(urls, shardshuffle=len(urls), seed=0, empty_check=False)
+        .shuffle(1000)
+        .decode("pil")
+        .to_tuple("jpg;png;webp", "cls")
+        .map_tuple(to_array, int)
+        .batched(cfg["batch_size"], partial=True)
+    )
+    try:
+        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=min(cores(), len(urls)))
+        variant = f"WebLoader num_workers={min(cores(), len(urls))}"
+    except Exception:  # torch not installed: the pipeline in this process
+        loader, variant = pipeline, "no torch: single process"
+    result = _time_batches(loader)
+    result["variant"] = variant
+    return result
+
+
+def c_shardpack_numpy(cfg: dict[str, Any]) -> dict[str, Any]:
+    from reader import ShardReader
+
+    r = ShardReader(cfg["shards"], split=cfg["split"], image_size=tuple(cfg["image_size"]),
+                    batch_size=cfg["batch_size"], shuffle=True, seed=0)
+    return _time_batches(r)
+
+
+def _tf_epoch(shards: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    from reader import image_dataset_from_shards
+
+    ds = image_dataset_from_shards(shards, split=cfg["split"], image_size=tuple(cfg["image_size"]),
+                                   batch_size=cfg["batch_size"], shuffle=True, seed=0)
+    return _time_batches(ds)
+
+
+def c_shardpack_tf(cfg: dict[str, Any]) -> dict[str, Any]:
+    return _tf_epoch(cfg["shards"], cfg)
+
+
+def c_shardpack_tf_resized(cfg: dict[str, Any]) -> dict[str, Any]:
+    return _tf_epoch(cfg["shards_resized"], cfg)
+
+
+# ---------------------------------------------------------------- packer contenders
+
+
+def _count_images(src: Path) -> int:
+    return sum(1 for p in src.rglob("*") if p.is_file())
+
+
+def c_tar_cf(cfg: dict[str, Any]) -> dict[str, Any]:
+    src = Path(cfg["src"])
+    target = Path(cfg["scratch"]) / "tar_cf.tar"
+    start = time.perf_counter()
+    subprocess.run(["tar", "-cf", str(target), "-C", str(src), "."], check=True)
+    seconds = time.perf_counter() - start
+    target.unlink()
+    n = _count_images(src)
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds}
+
+
+def c_wds_shardwriter(cfg: dict[str, Any]) -> dict[str, Any]:
+    import webdataset as wds
+
+    src = Path(cfg["src"])
+    out = Path(cfg["scratch"]) / "wds_out"
+    out.mkdir(parents=True, exist_ok=True)
+    classes = sorted({p.name for split in src.iterdir() for p in split.iterdir()})
+    start = time.perf_counter()
+    n = 0
+    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=10000, maxsize=256e6, verbose=0) as sink:
+        for path in sorted(src.rglob("*")):
+            if not path.is_file():
+                continue
+            ext = path.suffix.lower().lstrip(".")
+            sink.write({"__key__": f"s{n:09d}", ext: path.read_bytes(),
+                        "cls": str(classes.index(path.parent.name))})
+            n += 1
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out)
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds}
+
+
+def c_shardpack_pack(cfg: dict[str, Any]) -> dict[str, Any]:
+    from packer import pack
+
+    out = Path(cfg["scratch"]) / "pack_out"
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    manifest = pack(cfg["src"], out, quiet=True, workers=cfg.get("workers") or cores(),
+                    validate=cfg.get("validate", "decode"))
+    seconds = time.perf_counter() - start
+    n = sum(s["count"] for s in manifest["splits"].values())
+    shutil.rmtree(out)
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds}
+
+
+CONTENDERS = {name: globals()[f"c_{name}"] for name in READER_CONTENDERS + PACKER_CONTENDERS}
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def run_contender(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run one contender in a fresh Python process; return its result with peak RSS."""
+    cmd = [sys.executable, __file__, "--contender", name, "--config", json.dumps(cfg)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]}
+    return json.loads(lines[-1])
+
+
+def _child(name: str, cfg: dict[str, Any]) -> None:
+    result = CONTENDERS[name](cfg)
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    print(json.dumps(result))
+
+
+def format_table(results: dict[str, dict[str, Any]], kind: str) -> str:
+    rows = []
+    if kind == "reader":
+        limit = results.get("decode_limit", {}).get("images_per_s")
+        keras_rate = results.get("keras_directory", {}).get("images_per_s")
+        wds_rate = results.get("webdataset", {}).get("images_per_s")
+        rows.append("| contender | images/s | × decode limit | × keras dir | × webdataset | peak RSS MB |")
+        rows.append("|---|---:|---:|---:|---:|---:|")
+        for name in READER_CONTENDERS:
+            r = results.get(name, {})
+            if "images_per_s" not in r:
+                rows.append(f"| {name} | error: {r.get('error')} | | | | |")
+                continue
+            rate = r["images_per_s"]
+            ratio = lambda base: f"{rate / base:.2f}" if base else "–"  # noqa: E731
+            rows.append(f"| {name} | {rate:.0f} | {ratio(limit)} | {ratio(keras_rate)} | "
+                        f"{ratio(wds_rate)} | {r['peak_rss_mb']:.0f} |")
+    else:
+        tar_rate = results.get("tar_cf", {}).get("images_per_s")
+        wds_rate = results.get("wds_shardwriter", {}).get("images_per_s")
+        rows.append("| contender | images/s | × tar -cf | × wds ShardWriter | peak RSS MB |")
+        rows.append("|---|---:|---:|---:|---:|")
+        for name in PACKER_CONTENDERS:
+            r = results.get(name, {})
+            if "images_per_s" not in r:
+                rows.append(f"| {name} | error: {r.get('error')} | | | |")
+                continue
+            rate = r["images_per_s"]
+            ratio = lambda base: f"{rate / base:.2f}" if base else "–"  # noqa: E731
+            rows.append(f"| {name} | {rate:.0f} | {ratio(tar_rate)} | {ratio(wds_rate)} | "
+                        f"{r['peak_rss_mb']:.0f} |")
+    return "\n".join(rows)
+
+
+def draw_chart(results: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in READER_CONTENDERS if "images_per_s" in results.get(n, {})]
+    rates = [results[n]["images_per_s"] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    colors = ["#888888" if not n.startswith("shardpack") else "#2a7ab9" for n in names]
+    ax.barh(names[::-1], rates[::-1], color=colors[::-1])
+    if "decode_limit" in results and "images_per_s" in results["decode_limit"]:
+        ax.axvline(results["decode_limit"]["images_per_s"], color="#c0392b", linestyle="--",
+                   label="decode limit")
+        ax.legend(loc="lower right")
+    ax.set_xlabel("images / s (higher is better)")
+    ax.set_title("Reader throughput, one epoch, 224x224 RGB batches")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cores()} cores ({cpu}), Python {platform.python_version()}, {platform.system()}"
+
+
+def update_readme(markdown: str) -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    block = f"{README_START}\n{markdown}\n{README_END}"
+    if README_START in text:
+        head, rest = text.split(README_START, 1)
+        tail = rest.split(README_END, 1)[1]
+        text = head + block + tail
+    else:
+        text = text.rstrip() + "\n\n## Speed\n\n" + block + "\n"
+    readme.write_text(text)
+
+
+def scaling_run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    rows = []
+    for n in args.scaling:
+        src = work / f"small_{n}"
+        if not src.exists():
+            make_small_tree(src, images=n, seed=args.seed)
+        warm_cache(src)
+        cfg = {"src": str(src), "scratch": str(work / "scratch"), "validate": "decode"}
+        r = run_contender("shardpack_pack", cfg)
+        r["n"] = n
+        rows.append(r)
+        print(f"  pack {n} small images: {r.get('images_per_s', 0):.0f} images/s", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", help="existing class-folder tree (default: build one)")
+    parser.add_argument("--out", default="bench_out", help="work folder for data and results")
+    parser.add_argument("--images", type=int, default=2000, help="images to generate (default 2000)")
+    parser.add_argument("--classes", type=int, default=8)
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", default="reader,packer", help="reader, packer or both")
+    parser.add_argument("--scaling", type=int, nargs="*", default=[],
+                        help="also pack this many small images each (e.g. 1000 100000)")
+    parser.add_argument("--update-readme", action="store_true", help="write table and chart into README.md")
+    parser.add_argument("--contender", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.contender:
+        _child(args.contender, json.loads(args.config))
+        return 0
+
+    work = Path(args.out).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "scratch").mkdir(exist_ok=True)
+    src = Path(args.src).resolve() if args.src else work / f"imagenet_like_{args.images}"
+    if not args.src and not src.exists():
+        print(f"building {args.images} ImageNet-like images in {src} ...", flush=True)
+        make_imagenet_like_tree(src, images=args.images, classes=args.classes, seed=args.seed)
+    from packer import pack
+
+    shards, resized = work / "shards", work / "shards_resized"
+    print("packing ...", flush=True)
+    pack(src, shards, quiet=True, max_size="64MB", overwrite=True)
+    pack(src, resized, quiet=True, max_size="64MB", resize=256, quality=90, overwrite=True)
+    warm_cache(src)
+    warm_cache(shards)
+    warm_cache(resized)
+    size = [args.image_size, args.image_size]
+    cfg = {"src": str(src), "shards": str(shards), "shards_resized": str(resized),
+           "split": args.split, "image_size": size, "batch_size": args.batch_size,
+           "scratch": str(work / "scratch")}
+    results: dict[str, dict[str, Any]] = {}
+    kinds = args.only.split(",")
+    names = (READER_CONTENDERS if "reader" in kinds else []) + (PACKER_CONTENDERS if "packer" in kinds else [])
+    for name in names:
+        print(f"running {name} ...", flush=True)
+        results[name] = run_contender(name, cfg)
+        print(f"  {json.dumps(results[name])}", flush=True)
+    scaling = scaling_run(args, work) if args.scaling else []
+
+    n_train = sum(1 for p in (src / args.split).rglob("*") if p.is_file())
+    header = (f"Machine: {machine_line()}. Data: {n_train} ImageNet-like images in `{args.split}` "
+              f"(long side 300–1400 px, JPEG q75–95, ~3% PNG), {args.image_size}x{args.image_size} "
+              f"RGB batches of {args.batch_size}, warm page cache, one epoch after 3 warm-up batches.")
+    parts = [header, ""]
+    if "reader" in kinds:
+        parts += ["**Reader**", "", format_table(results, "reader"), ""]
+    if "packer" in kinds:
+        parts += ["**Packer**", "", format_table(results, "packer"), ""]
+    if scaling:
+        parts += ["**Pack cost vs size** (small JPEGs)", "", "| images | images/s |", "|---:|---:|"]
+        parts += [f"| {r['n']} | {r.get('images_per_s', 0):.0f} |" for r in scaling] + [""]
+    command = "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    parts.append(f"Produced by `{command.strip()}`.")
+    markdown = "\n".join(parts)
+    print("\n" + markdown)
+    (work / "bench.json").write_text(json.dumps(
+        {"machine": machine_line(), "config": cfg, "results": results, "scaling": scaling}, indent=2))
+    (work / "bench.md").write_text(markdown + "\n")
+    if "reader" in kinds:
+        draw_chart(results, work / "bench.png")
+    if args.update_readme:
+        docs = REPO / "docs"
+        docs.mkdir(exist_ok=True)
+        if (work / "bench.png").exists():
+            shutil.copy(work / "bench.png", docs / "bench.png")
+            markdown += "\n\n![reader throughput](docs/bench.png)"
+        shutil.copy(work / "bench.json", docs / "bench.json")
+        update_readme(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
