@@ -216,7 +216,7 @@ def make_plan(walked: Any, probes: list[Probe], options: dict[str, Any]) -> tupl
     skipped = list(walked.skipped)
     ignored = list(walked.ignored)
     good: list[tuple[Candidate, Probe]] = []
-    for candidate, probe in zip(walked.candidates, probes):
+    for candidate, probe in zip(walked.candidates, probes, strict=True):
         if probe.ok:
             good.append((candidate, probe))
         elif probe.is_image or candidate.by_name:

@@ -75,16 +75,25 @@ def probe_bytes(
     source_sha = hashlib.sha256(data).hexdigest()
     if not data:
         return Probe(False, True, "empty file (0 bytes)", source_sha256=source_sha)
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow refuses above twice its own limit at open; make that limit ours, so a
+            # raised --max-pixels really lets a large scan through (open reads only headers).
+            Image.MAX_IMAGE_PIXELS = max_pixels
             im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        return Probe(False, True, f"decompression bomb refused: {exc}", source_sha256=source_sha)
+        return Probe(
+            False, True, f"decompression bomb refused: {exc} (raise --max-pixels to pack it)",
+            source_sha256=source_sha,
+        )
     except UnidentifiedImageError:
         return Probe(False, False, "not an image Pillow can read", source_sha256=source_sha)
     except Exception as exc:  # Pillow raises many types on malformed headers
         return Probe(False, True, f"unreadable image header: {exc}", source_sha256=source_sha)
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
     with im:
         fmt = im.format or "?"
         ext = PIL_FORMAT_TO_EXT.get(fmt)

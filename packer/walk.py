@@ -166,10 +166,12 @@ def _walk_classes(
                 result, src=src, group=group, class_name=entry.name, folder=entry.path,
                 follow_links=follow_links, ancestors=ancestors | {identity},
             )
+        elif looks_like_image_name(entry.name):  # image-like: accounted for as skipped
+            loose_images += 1
+            result.skipped.append((rel, "outside any class folder: no label to give it"))
+            result.warnings.append(f"{rel} lies outside any class folder: skipped")
         else:
-            loose_images += looks_like_image_name(entry.name)
             result.ignored.append((rel, "outside any class folder"))
-            result.warnings.append(f"{rel} lies outside any class folder: ignored")
     return classes, loose_images
 
 
@@ -198,8 +200,11 @@ def walk_tree(src: str | Path, *, layout: str = "splits", follow_links: bool = F
             result.ignored.append((rel, "hidden, system file or symbolic link"))
             continue
         if not _is_dir(entry, follow_links):
-            result.ignored.append((rel, "outside any split folder"))
-            result.warnings.append(f"{rel} lies outside any split folder: ignored")
+            if looks_like_image_name(entry.name):
+                result.skipped.append((rel, "outside any split folder: no split or label to give it"))
+                result.warnings.append(f"{rel} lies outside any split folder: skipped")
+            else:
+                result.ignored.append((rel, "outside any split folder"))
             continue
         classes, loose = _walk_classes(
             result, src=src, group=entry.name, folder=entry.path, follow_links=follow_links,

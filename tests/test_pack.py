@@ -1,0 +1,248 @@
+"""pack() end to end on real files: the bad-input zoo, realistic photos, shard limits,
+class mixing, determinism, duplicates and the flat layout. No mocks of the packer."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from PIL import Image
+from zoo import SMALL, build_zoo, read_samples, tree_files
+
+from packer import pack
+from packer.errors import LayoutError
+from packer.examples import make_example_tree
+from packer.format import MANIFEST_NAME
+from packer.summary import pack_summary
+
+SYMLINK_DIRS = {"train/coffee/loop", "train/cat/nested/up", "train/cat/nested/deeper/up2"}
+
+
+@pytest.fixture(scope="module")
+def zoo_packs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    zoo = build_zoo(root)
+    packs = {}
+    for follow in (False, True):
+        out = root / f"out_follow_{follow}"
+        manifest = pack(zoo.src, out, workers=1, quiet=True, max_count=4, follow_links=follow)
+        packs[follow] = (out, manifest)
+    return zoo, packs
+
+
+@pytest.mark.parametrize("follow", [False, True], ids=["no-follow", "follow-links"])
+def test_zoo_every_input_accounted_for(zoo_packs, follow):
+    zoo, packs = zoo_packs
+    out, manifest = packs[follow]
+    want_packed, want_skipped = zoo.expected(follow)
+    samples = [row for rows in read_samples(out, manifest).values() for row in rows]
+    got = Counter(json.loads(members["json"])["path"] for _, _, members in samples)
+    assert set(got) == set(want_packed), "packed set differs"
+    assert all(n == 1 for n in got.values()), "a file was packed more than once"
+
+    classes = manifest["classes"]
+    assert classes == ["cat", "coffee", "empty_class"]
+    for shard, key, members in samples:
+        meta = json.loads(members["json"])
+        split, class_name, ext, size = want_packed[meta["path"]]
+        assert shard.startswith(f"{split}/") and key.startswith(f"{split}_")
+        assert meta["class"] == class_name and meta["label"] == classes.index(class_name)
+        assert int(members["cls"]) == meta["label"]
+        assert set(members) == {ext, "cls", "json"}, meta["path"]
+        assert members[ext] == (zoo.src / meta["path"]).read_bytes()  # original bytes
+        if size is not None:
+            assert (meta["width"], meta["height"]) == size, meta["path"]
+
+    skipped = {s["path"]: s["reason"] for s in manifest["skipped"]}
+    assert set(skipped) == set(want_skipped)
+    for path, words in want_skipped.items():
+        assert words.lower() in skipped[path].lower(), (path, skipped[path])
+        assert skipped[path], path
+
+    ignored = {e["path"] for e in manifest["ignored_examples"]}
+    assert manifest["ignored"] == len(zoo.ignored) + len(SYMLINK_DIRS)
+    assert ignored == zoo.ignored | SYMLINK_DIRS
+    # packed + skipped + ignored = every file in the tree, with no overlap
+    assert set(got) | set(skipped) | ignored == tree_files(zoo.src)
+    assert not (set(got) & set(skipped))
+    counts = {split: info["count"] for split, info in manifest["splits"].items()}
+    assert sum(counts.values()) == len(want_packed)
+    assert manifest["splits"]["test"]["class_counts"]["empty_class"] == 0
+
+
+def test_zoo_cycles_detected_only_when_following(zoo_packs):
+    _, packs = zoo_packs
+    assert not any("cycle" in w for w in packs[False][1]["warnings"])
+    cycles = [w for w in packs[True][1]["warnings"] if "cycle" in w]
+    assert len(cycles) == len(SYMLINK_DIRS)
+
+
+def test_zoo_shards_read_by_webdataset_and_tar(zoo_packs):
+    _, packs = zoo_packs
+    out, manifest = packs[True]
+    classes = manifest["classes"]
+    keys = []
+    for info in manifest["splits"].values():
+        urls = [str(out / s["name"]) for s in info["shards"]]
+        n = 0
+        for sample in wds.WebDataset(urls, shardshuffle=False).decode("pil"):
+            n += 1
+            key = sample["__key__"]
+            keys.append(key)
+            assert "." not in key
+            meta = sample["json"]
+            assert meta["path"].split("/")[1] == classes[sample["cls"]]
+            assert sample["cls"] == meta["label"]
+            images = [k for k in sample if not k.startswith("__") and k not in ("cls", "json")]
+            assert len(images) == 1
+            assert isinstance(sample[images[0]], Image.Image)
+        assert n == info["count"]
+        for entry in info["shards"]:
+            listing = subprocess.run(["tar", "-tf", str(out / entry["name"])], check=True,
+                                     capture_output=True, text=True).stdout.split()
+            assert len(listing) == 3 * entry["count"]
+            for image, cls, meta in zip(listing[::3], listing[1::3], listing[2::3], strict=True):
+                key = image.split(".")[0]
+                assert (cls, meta) == (f"{key}.cls", f"{key}.json")
+    assert len(keys) == len(set(keys))
+
+
+def test_zoo_resized_odd_modes(tmp_path):
+    """--resize re-encodes CMYK, 16-bit, palette+alpha, RGBA and EXIF-rotated inputs."""
+    zoo = build_zoo(tmp_path, good_per_class=2)
+    manifest = pack(zoo.src, tmp_path / "out", workers=1, quiet=True, resize=12)
+    samples = {json.loads(m["json"])["path"]: m for rows in read_samples(tmp_path / "out", manifest).values()
+               for _, _, m in rows}
+    assert set(samples) == set(zoo.packed)
+    for path, members in samples.items():
+        meta = json.loads(members["json"])
+        ext = "png" if path.endswith(("rgba.png", "palette_transparent.png")) else "jpg"
+        assert ext in members, path
+        with Image.open(io.BytesIO(members[ext])) as im:
+            assert im.size == (meta["width"], meta["height"])
+            assert min(im.size) <= 12
+    exif = json.loads(samples["train/cat/exif6.jpg"]["json"])
+    assert exif["height"] > exif["width"]  # rotated upright: 20 wide, 40 high before resize
+    with Image.open(io.BytesIO(samples["train/cat/gray16.png"]["jpg"])) as im:
+        assert im.mode == "L" and 100 < max(im.getdata()) < 150  # scaled, not clipped to white
+
+
+# ---- realistic photos ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def photo_src(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    make_example_tree(root / "src", counts={"train": 30, "test": 8}, long_side=SMALL, seed=3)
+    return root / "src"
+
+
+def _shas(manifest):
+    return [(s["name"], s["sha256"]) for info in manifest["splits"].values() for s in info["shards"]]
+
+
+def test_class_mixing_and_max_count(photo_src, tmp_path):
+    manifest = pack(photo_src, tmp_path / "out", workers=1, quiet=True, max_count=8)
+    samples = read_samples(tmp_path / "out", manifest)
+    for split, info in manifest["splits"].items():
+        assert [s["count"] for s in info["shards"]][:-1] == [8] * (len(info["shards"]) - 1)
+        assert all(1 <= s["count"] <= 8 for s in info["shards"])
+        assert info["count"] == sum(info["class_counts"].values()) == len(samples[split])
+        by_shard = {}
+        for shard, _, members in samples[split]:
+            by_shard.setdefault(shard, []).append(int(members["cls"]))
+        for shard, labels in by_shard.items():
+            if len(labels) >= 4:
+                assert len(set(labels)) > 1, f"{shard} holds one class only"
+    assert manifest["splits"]["train"]["class_counts"] == dict.fromkeys(manifest["classes"], 30)
+
+
+def test_max_size_respected_exactly(photo_src, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(photo_src, src)
+    big = Image.frombytes("RGB", (120, 120), random.Random(0).randbytes(120 * 120 * 3))
+    big.save(src / "train" / "cat" / "big.png")  # ~43 KB of poorly compressible pixels
+    limit = 30_000
+    manifest = pack(src, tmp_path / "out", workers=1, quiet=True, max_size=limit)
+    alone = 0
+    for info in manifest["splits"].values():
+        for entry in info["shards"]:
+            size = (tmp_path / "out" / entry["name"]).stat().st_size
+            assert size == entry["bytes"]
+            if size > limit:
+                assert entry["count"] == 1
+                alone += 1
+    assert alone == 1  # the big PNG, on its own
+    sizes = [s["bytes"] for s in manifest["splits"]["train"]["shards"]]
+    assert max(sizes) > limit and sorted(sizes)[-2] > limit // 2  # shards are filled, not tiny
+
+
+@pytest.mark.slow
+def test_workers_do_not_change_bytes(photo_src, tmp_path):
+    one = pack(photo_src, tmp_path / "w1", workers=1, quiet=True, max_count=10)
+    four = pack(photo_src, tmp_path / "w4", workers=4, quiet=True, max_count=10)
+    again = pack(photo_src, tmp_path / "again", workers=1, quiet=True, max_count=10)
+    assert _shas(one) == _shas(four) == _shas(again)
+    manifests = [(tmp_path / d / MANIFEST_NAME).read_bytes() for d in ("w1", "w4", "again")]
+    assert manifests[0] == manifests[1] == manifests[2]
+    for name, sha in _shas(one):
+        data = (tmp_path / "again" / name).read_bytes()
+        assert data == (tmp_path / "w1" / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == sha
+    other_seed = pack(photo_src, tmp_path / "s1", workers=1, quiet=True, max_count=10, seed=1)
+    assert _shas(other_seed) != _shas(one)
+
+
+def test_duplicates_within_and_across_splits(photo_src, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(photo_src, src)
+    shutil.copy(src / "train/cat/img_00003.jpg", src / "test/cat/leak.jpg")
+    shutil.copy(src / "train/coffee/img_00001.jpg", src / "train/coffee/copy.jpg")
+    manifest = pack(src, tmp_path / "out", workers=1, quiet=True)
+    dup = manifest["duplicates"]
+    assert [d["paths"] for d in dup["across_splits"]] == [["test/cat/leak.jpg", "train/cat/img_00003.jpg"]]
+    assert dup["across_splits"][0]["splits"] == ["test", "train"]
+    assert [d["paths"] for d in dup["within_split"]] == [["train/coffee/copy.jpg", "train/coffee/img_00001.jpg"]]
+    summary = pack_summary(manifest, str(tmp_path / "out"))
+    assert "WARNING" in summary and "leak.jpg" in summary
+    assert "1 groups of identical images within a split" in summary
+
+
+def _flat_tree(photo_src: Path, dest: Path) -> Path:
+    for path in (photo_src / "train").glob("*/*.jpg"):
+        target = dest / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    return dest
+
+
+def test_flat_layout_validation_split(photo_src, tmp_path):
+    flat = _flat_tree(photo_src, tmp_path / "flat")
+    a = pack(flat, tmp_path / "a", workers=1, quiet=True, validation_split=0.2, seed=5)
+    b = pack(flat, tmp_path / "b", workers=1, quiet=True, validation_split=0.2, seed=5)
+    c = pack(flat, tmp_path / "c", workers=1, quiet=True, validation_split=0.2, seed=6)
+    assert sorted(a["splits"]) == ["train", "validation"]
+    assert a["splits"]["validation"]["class_counts"] == dict.fromkeys(a["classes"], 6)
+    assert a["splits"]["train"]["class_counts"] == dict.fromkeys(a["classes"], 24)
+    assert _shas(a) == _shas(b)
+
+    def paths(out, manifest, split):
+        return {json.loads(m["json"])["path"] for _, _, m in read_samples(out, manifest)[split]}
+
+    val_a, train_a = paths(tmp_path / "a", a, "validation"), paths(tmp_path / "a", a, "train")
+    assert not val_a & train_a and len(val_a | train_a) == 120
+    assert val_a != paths(tmp_path / "c", c, "validation")  # the seed decides the split
+
+
+def test_flat_tree_without_validation_split_is_a_layout_error(photo_src, tmp_path):
+    flat = _flat_tree(photo_src, tmp_path / "flat")
+    with pytest.raises(LayoutError, match="--validation-split"):
+        pack(flat, tmp_path / "out", workers=1, quiet=True)
+    assert not (tmp_path / "out").exists()
