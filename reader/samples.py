@@ -258,11 +258,13 @@ def sample_label(sample: Sample) -> int | None:
 def scan_shard(
     ref: ShardRef, *, storage_options: dict[str, Any] | None = None
 ) -> list[tuple[str, int | None, str | None]]:
-    """List ``(key, label, class name or None)`` and path of every sample in one shard.
+    """List ``(path, label, class name)`` of every sample in one shard, in shard order.
 
+    ``path`` is the ``.json`` "path" (the source file relative to the packed tree), or the
+    sample key when there is no ``.json``; label and class name are None when absent.
     Reads only the small ``.cls``/``.json`` members; image bytes are skipped (by seeking
     where the stream allows it). Used for ``filenames``/``labels`` and for manifest-less
-    shards whose length and classes are unknown. Returns ``(path_or_key, label, class)``.
+    shards whose length and classes are unknown.
     """
 
     def want(name: str) -> bool:

@@ -1,0 +1,87 @@
+"""Decode throughput: one thread vs a thread pool vs a process pool, and ShardReader end to end.
+
+Why this exists: it is the evidence for decoding on threads (reader/batches.py). Fixed seeds;
+prints a table and writes JSON. Usage::
+
+    python scripts/bench_decode.py [--images 600] [--image-size 224] [--workers N] [--out bench_out/decode.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import webdataset as wds
+
+from packer.examples import random_crop_jpeg
+from reader import ShardReader
+from reader.decode import DecodeOptions, decode_image
+
+
+def _decode_all(datas: list[bytes], options: DecodeOptions) -> int:
+    return sum(decode_image(d, options).shape[0] for d in datas)
+
+
+def _one(args: tuple[bytes, DecodeOptions]):
+    return decode_image(*args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--out", default="bench_out/decode.json")
+    args = parser.parse_args()
+
+    rng = random.Random(0)
+    classes = ["astronaut", "cat", "coffee", "rocket"]
+    # ImageNet-like: long side 400..500 px, JPEG quality 75..95
+    datas = [random_crop_jpeg(rng, classes[i % 4], long_side=(400, 500)) for i in range(args.images)]
+    options = DecodeOptions(image_size=(args.image_size, args.image_size))
+    results: dict[str, float] = {}
+
+    t = time.perf_counter()
+    _decode_all(datas, options)
+    results["1 thread"] = args.images / (time.perf_counter() - t)
+
+    with ThreadPoolExecutor(args.workers) as pool:
+        t = time.perf_counter()
+        list(pool.map(decode_image, datas, [options] * len(datas)))
+        results[f"{args.workers} threads"] = args.images / (time.perf_counter() - t)
+
+    with ProcessPoolExecutor(args.workers) as pool:
+        list(pool.map(_one, [(datas[0], options)] * args.workers))  # start the workers first
+        t = time.perf_counter()
+        list(pool.map(_one, [(d, options) for d in datas], chunksize=8))
+        results[f"{args.workers} processes"] = args.images / (time.perf_counter() - t)
+
+    no_draft = DecodeOptions(image_size=(args.image_size, args.image_size), interpolation="bilinear")
+    with tempfile.TemporaryDirectory() as tmp:
+        with wds.ShardWriter(str(Path(tmp) / "b-%06d.tar"), maxcount=args.images // 4, verbose=0) as sink:
+            for i, d in enumerate(datas):
+                sink.write({"__key__": f"s{i:06d}", "jpg": d, "cls": i % 4})
+        reader = ShardReader(str(Path(tmp) / "b-{000000..000003}.tar"), num_classes=4,
+                             image_size=no_draft.image_size, batch_size=32, seed=0,
+                             num_workers=args.workers)
+        t = time.perf_counter()
+        n = sum(len(x) for x, _ in reader)
+        results[f"ShardReader ({args.workers} threads)"] = n / (time.perf_counter() - t)
+
+    mean_kb = sum(map(len, datas)) / len(datas) / 1000
+    print(f"{args.images} JPEGs, mean {mean_kb:.0f} kB, decoded to {args.image_size}x{args.image_size}:")
+    for name, rate in results.items():
+        print(f"  {name:28s} {rate:7.0f} images/s")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"images": args.images, "image_size": args.image_size,
+                                          "mean_kb": mean_kb, "images_per_s": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
