@@ -5,9 +5,10 @@ walk -> probe (parallel) -> plan -> resume check -> write (parallel) -> manifest
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -29,7 +30,7 @@ from .resume import Journal, check_output, keepable, previous_results, remove_st
 from .sizes import parse_size
 from .transform import ResizeSpec, parse_resize
 from .walk import Candidate, walk_tree
-from .write import ShardResult, write_shard
+from .write import ShardResult, _os_error_message, write_shard
 
 __all__ = ["pack", "DEFAULT_MAX_COUNT", "DEFAULT_MAX_SIZE"]
 
@@ -135,7 +136,8 @@ def pack(
         plan, results, skipped=skipped, ignored=ignored, duplicates=duplicates,
         warnings=walked.warnings,
     )
-    write_manifest_atomically(out_dir, manifest)
+    with _os_errors_as_pack_error(os.path.join(out_dir, "manifest.json")):
+        write_manifest_atomically(out_dir, manifest)
     Journal.discard(out_dir)  # the manifest now records every shard
     return manifest
 
@@ -276,14 +278,16 @@ def write_plan(
             results[shard.name] = kept
         else:
             tasks.append((shard, out_dir, fingerprint, resize))
-    journal = Journal(out_dir, plan.options)
-    for result in results.values():
-        journal.record(result)
+    with _os_errors_as_pack_error(out_dir):
+        journal = Journal(out_dir, plan.options)
+        for result in results.values():
+            journal.record(result)
     bars = _split_bars(plan, results, quiet=quiet)
     try:
         for task, result in run(_write_task, tasks):
             results[result.name] = result
-            journal.record(result)
+            with _os_errors_as_pack_error(journal.path):
+                journal.record(result)
             bar = bars[task[0].split]
             bar.update(result.count)
             bar.set_postfix_str(f"{bar.format_sizeof(_bytes_done(results, task[0].split))}B")
@@ -295,6 +299,15 @@ def write_plan(
     if removed:
         log.info("removed %d shard files the plan no longer names", len(removed))
     return results
+
+
+@contextlib.contextmanager
+def _os_errors_as_pack_error(path: str) -> Iterator[None]:
+    """Disk full or unwritable OUT outside the shard writer: a PackError saying so."""
+    try:
+        yield
+    except OSError as exc:
+        raise PackError(_os_error_message(exc, path)) from exc
 
 
 def _bytes_done(results: dict[str, ShardResult], split: str) -> int:

@@ -1,0 +1,187 @@
+"""Resume, overwrite and unwritable-output behaviour, on real files and real processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from zoo import SMALL
+
+from packer import pack
+from packer.errors import OutputExistsError, PackError
+from packer.examples import make_example_tree
+from packer.format import MANIFEST_NAME
+from packer.inspect import verify
+from packer.resume import JOURNAL_NAME
+
+SHARDPACK = str(Path(sys.executable).with_name("shardpack"))
+OPTS = {"max_count": 4, "workers": 1, "quiet": True}
+CLI_OPTS = ["--max-count", "4", "--workers", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume")
+    return make_example_tree(root / "src", counts={"train": 75, "test": 15}, long_side=SMALL, seed=1)
+
+
+@pytest.fixture(scope="module")
+def clean(src, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("clean") / "out"
+    return out, pack(src, out, **OPTS)
+
+
+def _shards(out: Path) -> list[Path]:
+    return sorted(out.glob("*/*.tar"))
+
+
+def _shas(manifest: dict) -> list[tuple[str, str]]:
+    return [(s["name"], s["sha256"]) for info in manifest["splits"].values() for s in info["shards"]]
+
+
+def _kill_mid_pack(src: Path, out: Path) -> None:
+    """Start `shardpack pack`, SIGKILL it once a few shards exist; retry if it finished first."""
+    for _ in range(5):
+        proc = subprocess.Popen([SHARDPACK, "pack", str(src), str(out), *CLI_OPTS],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if len(_shards(out)) >= 6:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.001)
+        proc.wait()
+        if proc.returncode == -signal.SIGKILL and not (out / MANIFEST_NAME).exists():
+            return
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+    pytest.fail("could not interrupt the pack before it finished")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_clean_run(src, clean, tmp_path):
+    clean_out, clean_manifest = clean
+    out = tmp_path / "out"
+    _kill_mid_pack(src, out)
+    journal = [json.loads(line) for line in (out / JOURNAL_NAME).read_text().splitlines() if line.strip()][1:]
+    finished = {entry["name"]: (out / entry["name"]).stat().st_mtime_ns for entry in journal}
+    assert finished, "the killed run recorded no finished shard"
+    assert len(finished) < len(_shas(clean_manifest))
+
+    done = subprocess.run([SHARDPACK, "pack", str(src), str(out), *CLI_OPTS], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (out / MANIFEST_NAME).read_bytes() == (clean_out / MANIFEST_NAME).read_bytes()
+    for name, _ in _shas(clean_manifest):
+        assert (out / name).read_bytes() == (clean_out / name).read_bytes(), name
+    for name, mtime in finished.items():  # journaled shards were kept, not rewritten
+        assert (out / name).stat().st_mtime_ns == mtime, name
+    assert not list(out.rglob("*.partial")) and not (out / JOURNAL_NAME).exists()
+    assert sorted(p.relative_to(out).as_posix() for p in _shards(out)) == sorted(n for n, _ in _shas(clean_manifest))
+
+
+def test_corrupted_and_stale_leftovers(src, clean, tmp_path):
+    clean_out, clean_manifest = clean
+    out = tmp_path / "out"
+    subprocess.run(["cp", "-a", str(clean_out), str(out)], check=True)
+    victim = out / "train" / "train-000003.tar"
+    data = bytearray(victim.read_bytes())
+    data[700] ^= 0xFF  # inside the first image
+    victim.write_bytes(bytes(data))
+    stale = out / "train" / "train-000999.tar"
+    stale.write_bytes(b"\0" * 10240)
+    partial = out / "train" / ".train-000004.tar.partial"
+    partial.write_bytes(b"half a shard")
+    untouched = out / "test" / "test-000000.tar"
+    mtime = untouched.stat().st_mtime_ns
+
+    manifest = pack(src, out, **OPTS)
+    assert _shas(manifest) == _shas(clean_manifest)
+    assert victim.read_bytes() == (clean_out / "train" / "train-000003.tar").read_bytes()
+    assert not stale.exists() and not partial.exists()
+    assert untouched.stat().st_mtime_ns == mtime
+    assert verify(str(out)).ok
+
+
+def test_different_options_refused_unless_overwrite(src, clean, tmp_path):
+    clean_out, clean_manifest = clean
+    out = tmp_path / "out"
+    subprocess.run(["cp", "-a", str(clean_out), str(out)], check=True)
+    with pytest.raises(OutputExistsError, match="max_count"):
+        pack(src, out, **{**OPTS, "max_count": 10})
+    assert (out / MANIFEST_NAME).read_bytes() == (clean_out / MANIFEST_NAME).read_bytes()  # untouched
+    manifest = pack(src, out, **{**OPTS, "max_count": 10}, overwrite=True)
+    names = sorted(n for n, _ in _shas(manifest))
+    assert len(names) < len(_shas(clean_manifest))
+    assert sorted(p.relative_to(out).as_posix() for p in _shards(out)) == names  # old ones removed
+    assert verify(str(out)).ok
+
+
+def test_foreign_folder_refused(src, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.pdf").write_bytes(b"%PDF")
+    with pytest.raises(OutputExistsError, match="no shardpack output"):
+        pack(src, out, **OPTS)
+    assert (out / "thesis.pdf").exists()
+
+
+# ---- unwritable OUT and full disks ------------------------------------------------------
+
+def _no_valid_output(out: Path) -> None:
+    assert not (out / MANIFEST_NAME).exists()
+    assert not list(out.rglob("*.partial")) if out.is_dir() else True
+    assert not verify(str(out)).ok
+
+
+def test_out_is_a_file(src, tmp_path):
+    out = tmp_path / "file"
+    out.write_bytes(b"x")
+    with pytest.raises(PackError, match="cannot create output folder"):
+        pack(src, out, **OPTS)
+
+
+def test_out_under_proc(src):
+    with pytest.raises(PackError, match="cannot"):
+        pack(src, "/proc/shardpack-out", **OPTS)
+    with pytest.raises(PackError, match="cannot write"):  # exists, but holds no writable files
+        pack(src, "/proc/self", **OPTS, overwrite=True)
+
+
+def test_file_size_limit_acts_as_full_disk(src, tmp_path):
+    """RLIMIT_FSIZE makes the kernel refuse writes past 20 KB (EFBIG): the real error path."""
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+        from packer import pack
+        from packer.errors import PackError
+        try:
+            pack({str(src)!r}, {str(out)!r}, max_count=1000, workers=1, quiet=True)
+        except PackError as exc:
+            print("PackError:", exc)
+            sys.exit(3)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr
+    assert "cannot write" in done.stdout and "File too large" in done.stdout
+    _no_valid_output(out)
+
+
+def test_full_tmpfs(src, tmp_path):
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with pytest.raises(PackError, match="disk full"):
+            pack(src, mount / "out", **OPTS)
+        _no_valid_output(mount / "out")
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
