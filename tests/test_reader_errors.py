@@ -1,0 +1,64 @@
+"""Error policy end to end: broken samples skipped and counted (or raised); URLs via fsspec."""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import fsspec
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from packer.errors import SampleDecodeError
+from reader import ShardReader
+
+
+def _png(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (value, value, value)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def shards_with_a_broken_image(tmp_path):
+    with wds.ShardWriter(str(tmp_path / "e-%06d.tar"), maxcount=10, verbose=0) as sink:
+        for i in range(20):
+            image = b"not an image at all" if i == 13 else _png(i)
+            sink.write({"__key__": f"k{i:04d}", "png": image, "cls": i % 2})
+    return str(tmp_path / "e-{000000..000001}.tar")
+
+
+def test_broken_sample_is_skipped_with_a_warning_and_counted(shards_with_a_broken_image):
+    reader = ShardReader(shards_with_a_broken_image, num_classes=2, image_size=4, batch_size=8,
+                         shuffle=False)
+    with pytest.warns(RuntimeWarning, match=r"sample k0013 in shard .*e-000001\.tar: cannot decode"):
+        batches = list(reader)
+    values = np.concatenate([x[:, 0, 0, 0] for x, _ in batches]).astype(int).tolist()
+    assert values == [i for i in range(20) if i != 13]  # the rest, in order, batches refilled
+    assert [len(x) for x, _ in batches] == [8, 8, 3]
+    assert reader.policy.skipped_samples == 1
+
+
+def test_broken_sample_raises_when_asked(shards_with_a_broken_image):
+    reader = ShardReader(shards_with_a_broken_image, num_classes=2, image_size=4, on_error="raise")
+    with pytest.raises(SampleDecodeError, match="k0013") as info:
+        list(reader)
+    assert info.value.key == "k0013" and info.value.shard.endswith("e-000001.tar")
+
+
+def test_file_url_and_other_fsspec_filesystems(id_shards):
+    shards, _ = id_shards
+    local = ShardReader(shards, split="test", image_size=4, shuffle=False)
+    expected = np.concatenate([y for _, y in local])
+    url = ShardReader(f"file://{shards}", split="test", image_size=4, shuffle=False)
+    assert np.array_equal(np.concatenate([y for _, y in url]), expected)
+    memory = fsspec.filesystem("memory")
+    for path in shards.rglob("*"):
+        if path.is_file():
+            with memory.open(f"/ds/{path.relative_to(shards)}", "wb") as f, open(path, "rb") as src:
+                shutil.copyfileobj(src, f)
+    mem = ShardReader("memory://ds", split="test", image_size=4, shuffle=False)
+    assert np.array_equal(np.concatenate([y for _, y in mem]), expected)
+    assert mem.filenames == local.filenames
