@@ -62,3 +62,40 @@ def photo_shards(tmp_path_factory) -> Path:
     )
     pack(root / "src", root / "shards", seed=0, max_count=40, workers=1, quiet=True)
     return root / "shards"
+
+
+# ---- object storage fixtures (issue #5) ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (moto) on 127.0.0.1, for the whole session."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    from s3_server import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """``(endpoint, storage_options, bucket)``: a fresh bucket on the loopback S3 server,
+    dummy credentials in the environment, nothing outside 127.0.0.1."""
+    import uuid
+
+    import fsspec
+    from s3_server import s3_options
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-do-not-print")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    options = s3_options(s3_server.endpoint)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+    fs.mkdir(bucket)
+    return s3_server.endpoint, options, bucket

@@ -1,0 +1,236 @@
+"""``pack(src, "s3://bucket/prefix")``: pack straight to object storage, bounded local disk.
+
+Shards are staged in a local folder a batch at a time: the batch is written (same plan,
+same bytes as a local pack), uploaded in parallel, and deleted locally before the next
+batch is written. Local disk therefore never holds more than ``staging_shards`` shards
+(each at most ``max_size``), however big the data set. The manifest is uploaded last,
+after every shard is there.
+
+Resume: on S3 each shard object carries its sha256 and its plan fingerprint (the hash of
+its inputs and options) as metadata, so a re-run skips a shard whose fingerprint and
+sha256 are already at the destination without even writing it again. On stores without
+metadata, the shard is written again and uploaded only if its bytes differ (the uploader
+re-hashes the remote copy).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .errors import OutputExistsError, UploadError
+from .format import MANIFEST_NAME, manifest_to_bytes
+from .plan import Plan, PlannedShard
+from .uploader import SHA256_METADATA_KEY, RemoteStore, ShardFile, scrub_secrets, send_shards
+from .write import ShardResult
+
+__all__ = ["pack_to_url"]
+
+log = logging.getLogger("shardpack")
+
+
+def pack_to_url(
+    src: str | os.PathLike[str],
+    url: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    staging_dir: str | os.PathLike[str] | None = None,
+    staging_shards: int | None = None,
+    upload_workers: int = 8,
+    **pack_options: Any,
+) -> dict[str, Any]:
+    """Pack ``src`` into shards at ``url`` (any fsspec URL), staging them locally.
+
+    Args:
+        src: the image tree, as for :func:`packer.pack`.
+        url: destination root, e.g. ``s3://bucket/imagenet``.
+        storage_options: fsspec options (``client_kwargs={"endpoint_url": ...}``, ...).
+        staging_dir: local folder for shards in flight (default: a temporary folder,
+            removed afterwards).
+        staging_shards: most shards on local disk at once (default: twice the workers,
+            at least 4).
+        upload_workers: shards uploaded side by side.
+        **pack_options: every other :func:`packer.pack` option (``max_count``, ``seed``,
+            ``workers``, ``overwrite``, ``quiet``, ...).
+
+    Returns:
+        The manifest dict that was uploaded.
+
+    Raises:
+        OutputExistsError: ``url`` holds a pack made with other options (pass
+            ``overwrite=True``).
+        UploadError: the store refused a request; re-running resumes.
+        (and everything :func:`packer.pack` raises)
+    """
+    from .engines import default_workers
+    from .job import (
+        _engine_runner,
+        find_duplicates,
+        make_plan,
+        normalize_options,
+        probe_all,
+    )
+    from .manifest import build_manifest
+    from .probe import DEFAULT_MAX_PIXELS
+    from .transform import parse_resize
+    from .walk import walk_tree
+
+    quiet = bool(pack_options.pop("quiet", False))
+    overwrite = bool(pack_options.pop("overwrite", False))
+    workers = pack_options.pop("workers", None) or default_workers()
+    engine = pack_options.pop("engine", "local")
+    scheduler = pack_options.pop("scheduler", None)
+    resize = pack_options.pop("resize", None)
+    quality = pack_options.pop("quality", 90)
+    options = normalize_options(
+        max_count=pack_options.pop("max_count", 10_000),
+        max_size=pack_options.pop("max_size", "256MB"),
+        seed=pack_options.pop("seed", 0),
+        resize=resize,
+        quality=quality,
+        validation_split=pack_options.pop("validation_split", None),
+        layout=pack_options.pop("layout", "auto"),
+        follow_links=pack_options.pop("follow_links", False),
+        validate=pack_options.pop("validate", "decode"),
+        max_pixels=pack_options.pop("max_pixels", DEFAULT_MAX_PIXELS),
+    )
+    if pack_options:
+        raise TypeError(f"pack_to_url() got unexpected options: {sorted(pack_options)}")
+    resize_spec = parse_resize(resize, quality=quality)
+    batch = max(4, 2 * int(workers)) if staging_shards is None else max(1, int(staging_shards))
+
+    store = RemoteStore(url, storage_options)
+    try:
+        old_manifest = _check_remote(store, options, overwrite=overwrite)
+    except OutputExistsError:
+        raise
+    except Exception as exc:  # the store cannot be reached: say so before packing anything
+        raise UploadError(_message(url, exc, storage_options)) from None
+
+    run = _engine_runner(engine, workers=workers, scheduler=scheduler)
+    walked = walk_tree(src, layout=options["layout"], follow_links=options["follow_links"])
+    for warning in walked.warnings:
+        log.warning(warning)
+    probes = probe_all(walked.candidates, run=run, validate=options["validate"],
+                       max_pixels=options["max_pixels"], resize=resize_spec, quiet=quiet)
+    plan, skipped, ignored = make_plan(walked, probes, options)
+    duplicates = find_duplicates(plan)
+
+    own_staging = staging_dir is None
+    staging = tempfile.mkdtemp(prefix="shardpack-staging-") if own_staging else os.fspath(staging_dir)
+    os.makedirs(staging, exist_ok=True)
+    try:
+        if old_manifest is not None:
+            store.remove(MANIFEST_NAME)  # no reader may see it while shards change
+        results = _write_and_send(plan, store, staging, run=run, resize=resize_spec, batch=batch,
+                                  upload_workers=upload_workers, quiet=quiet)
+        manifest = build_manifest(plan, results, skipped=skipped, ignored=ignored,
+                                  duplicates=duplicates, warnings=walked.warnings)
+        wanted = {s.name for s in plan.all_shards()}
+        for name in _old_shard_names(old_manifest) - wanted:
+            store.remove(name)  # shards the plan no longer names
+        store.publish(MANIFEST_NAME, manifest_to_bytes(manifest))
+    except UploadError as exc:
+        raise UploadError(scrub_secrets(str(exc), storage_options)) from None
+    except OSError as exc:
+        raise UploadError(_message(url, exc, storage_options)) from None
+    finally:
+        if own_staging:
+            shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _message(url: str, exc: BaseException, storage_options: dict[str, Any] | None) -> str:
+    text = scrub_secrets(f"{type(exc).__name__}: {exc}", storage_options)
+    return f"packing to {url} failed ({text}); check the URL and credentials, then re-run (it resumes)"
+
+
+def _check_remote(store: RemoteStore, options: dict[str, Any], *, overwrite: bool) -> dict[str, Any] | None:
+    """Return the remote manifest (if any); refuse one made with other options."""
+    import json
+
+    data = store.read_bytes(MANIFEST_NAME)
+    if data is None:
+        return None
+    try:
+        old = json.loads(data)
+    except ValueError:
+        old = {}
+    previous = old.get("options") if isinstance(old, dict) else None
+    if previous is not None and previous != options and not overwrite:
+        changed = sorted(k for k in set(previous) | set(options) if previous.get(k) != options.get(k))
+        raise OutputExistsError(
+            f"{store.url} holds a pack made with different options ({', '.join(changed)}); "
+            "pass --overwrite to replace it, or choose another URL"
+        )
+    return old if isinstance(old, dict) else {}
+
+
+def _old_shard_names(manifest: dict[str, Any] | None) -> set[str]:
+    names = set()
+    for split in (manifest or {}).get("splits", {}).values():
+        for entry in split.get("shards", []):
+            if isinstance(entry, dict) and "name" in entry:
+                names.add(entry["name"])
+    return names
+
+
+def _already_there(store: RemoteStore, shard: PlannedShard, fingerprint: str) -> ShardResult | None:
+    """A shard at the destination made from the same inputs and options (S3 metadata)."""
+    meta = store.remote_metadata(shard.name)
+    if not meta or meta.get("fingerprint") != fingerprint or not meta.get(SHA256_METADATA_KEY):
+        return None
+    size = store.fs.size(store.path(shard.name))
+    if size != shard.planned_bytes:
+        return None
+    return ShardResult(shard.name, len(shard.samples), int(size), meta[SHA256_METADATA_KEY], fingerprint)
+
+
+def _write_and_send(
+    plan: Plan, store: RemoteStore, staging: str, *, run: Any, resize: Any, batch: int,
+    upload_workers: int, quiet: bool,
+) -> dict[str, ShardResult]:
+    from .job import write_plan
+
+    results: dict[str, ShardResult] = {}
+    todo: list[PlannedShard] = []
+    for shard in plan.all_shards():
+        fingerprint = shard.fingerprint(plan.options)
+        kept = _already_there(store, shard, fingerprint)
+        if kept is not None:
+            results[shard.name] = kept
+        else:
+            todo.append(shard)
+    if results:
+        log.info("%d shards already at %s (same inputs and bytes): not packed again",
+                 len(results), store.url)
+    with tqdm(total=sum(len(s.samples) for s in plan.all_shards()),
+              initial=sum(r.count for r in results.values()), unit="img", desc="packing+uploading",
+              disable=True if quiet else None) as bar:
+        for start in range(0, len(todo), batch):
+            group = todo[start : start + batch]
+            sub = Plan(classes=plan.classes, options=plan.options)
+            for shard in group:
+                sub.shards.setdefault(shard.split, []).append(shard)
+            written = write_plan(sub, staging, run=run, resize=resize, quiet=True)
+            files = [
+                ShardFile(name, os.path.join(staging, name), r.sha256, r.bytes, r.fingerprint)
+                for name, r in written.items()
+            ]
+            send_shards(store, files, None, workers=upload_workers, quiet=True,
+                        on_done=lambda f: _remove_quietly(f.local_path))
+            results.update(written)
+            bar.update(sum(len(s.samples) for s in group))
+    return results
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass

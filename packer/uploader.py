@@ -1,0 +1,382 @@
+"""Upload a shard folder to object storage: shards in parallel, the manifest last.
+
+``upload(OUT, URL)`` sends every shard that ``OUT/manifest.json`` lists, through fsspec (any
+URL fsspec knows: ``s3://``, ``gs://``, ``memory://``, ``file://``, a local path), then the
+manifest. A reader therefore either finds no manifest or one whose shards are all there.
+
+Re-running is cheap and safe:
+
+* Each local shard is hashed and checked against the manifest's sha256 before it is sent,
+  so a shard corrupted on local disk is never uploaded.
+* A shard already at the destination is skipped only if its sha256 equals the manifest's.
+  On S3 the sha256 travels as object metadata (``x-amz-meta-sha256``), read back with one
+  HEAD request. On stores without user metadata (``file://``, ``memory://``, ...) the
+  remote copy is re-hashed when its size matches (size alone never decides: tar sizes are
+  rounded to 10,240-byte records, so different shards often have equal sizes).
+* Before the first shard is replaced, a remote manifest that differs from the local one is
+  taken down, so no reader sees an old manifest over new shards.
+
+Credentials come from the store's usual chain (environment, config files, instance role);
+they are never printed or logged, and error messages are scrubbed of secrets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.callbacks import Callback
+from tqdm.auto import tqdm
+
+from .errors import ManifestError, UploadError
+from .format import MANIFEST_NAME, parse_manifest
+from .storage import storage_options_for
+from .write import hash_file
+
+__all__ = ["upload", "send_shards", "ShardFile", "RemoteStore", "SHA256_METADATA_KEY", "scrub_secrets"]
+
+log = logging.getLogger("shardpack")
+
+# S3 user metadata key (sent as the header ``x-amz-meta-sha256``; S3 lower-cases keys).
+SHA256_METADATA_KEY = "sha256"
+# storage_options / environment entries whose values must never reach a message or a log.
+_SECRET_OPTION_NAMES = frozenset(
+    {"secret", "key", "token", "password", "aws_secret_access_key", "aws_session_token",
+     "session_token", "secret_access_key", "access_key_id", "aws_access_key_id"}
+)
+_SECRET_ENV_NAMES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+_HASH_CHUNK = 8 << 20
+
+
+def scrub_secrets(text: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Replace every credential value we know of in ``text`` with ``***``.
+
+    Library error messages do not normally contain secrets, but a message that echoes a
+    request or a config can; this is the last line of defence before anything is shown.
+    """
+    secrets: set[str] = set()
+
+    def collect(options: Any) -> None:
+        if isinstance(options, dict):
+            for name, value in options.items():
+                if isinstance(value, dict):
+                    collect(value)
+                elif isinstance(value, str) and name.lower() in _SECRET_OPTION_NAMES:
+                    secrets.add(value)
+
+    collect(storage_options or {})
+    secrets.update(v for v in (os.environ.get(n) for n in _SECRET_ENV_NAMES) if v)
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+class RemoteStore:
+    """One destination root (a URL) and what we need of it: paths, sha256 lookups, puts.
+
+    Args:
+        url: the destination root, e.g. ``s3://bucket/prefix``.
+        storage_options: fsspec options (credentials, ``client_kwargs``, ...).
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/") if "://" in url else url
+        self.storage_options = dict(storage_options or {})
+        self.fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.root = root.rstrip("/")
+        protocols = _protocols(self.fs)
+        self.has_metadata = any(p in ("s3", "s3a") for p in protocols)
+        self.is_local = "file" in protocols or "local" in protocols
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}" if self.root else name
+
+    def display(self, name: str) -> str:
+        """The full URL of ``name``, for messages."""
+        return f"{self.url.rstrip('/')}/{name}"
+
+    def remote_sha256(self, name: str, *, local_size: int) -> str | None:
+        """sha256 of the object at ``name``, or None if absent or unknown.
+
+        S3: the ``sha256`` user metadata written by :meth:`put`. Other stores: the remote
+        bytes are re-hashed, but only when the size matches (a different size proves a
+        different shard; an equal size proves nothing).
+        """
+        path = self.path(name)
+        if self.has_metadata:
+            try:
+                return self.fs.metadata(path).get(SHA256_METADATA_KEY)
+            except FileNotFoundError:
+                return None
+        try:
+            if self.fs.size(path) != local_size:
+                return None
+        except FileNotFoundError:
+            return None
+        sha = hashlib.sha256()
+        with self.fs.open(path, "rb", block_size=_HASH_CHUNK) as f:
+            while block := f.read(_HASH_CHUNK):
+                sha.update(block)
+        return sha.hexdigest()
+
+    def remote_metadata(self, name: str) -> dict[str, str] | None:
+        """User metadata of the object at ``name`` (None if absent or unsupported)."""
+        if not self.has_metadata:
+            return None
+        try:
+            return dict(self.fs.metadata(self.path(name)))
+        except FileNotFoundError:
+            return None
+
+    def put(
+        self, local_path: str, name: str, *, sha256: str, callback: Callback | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        """Send one local file to ``name``, recording its sha256 (and ``metadata``) where
+        the store keeps user metadata."""
+        path = self.path(name)
+        kwargs: dict[str, Any] = {}
+        if self.has_metadata:
+            kwargs["Metadata"] = {**(metadata or {}), SHA256_METADATA_KEY: sha256}
+            kwargs["ContentType"] = "application/x-tar"
+        if self.is_local:
+            self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+        if callback is not None:
+            kwargs["callback"] = callback
+        self.fs.put_file(local_path, path, **kwargs)
+
+    def read_bytes(self, name: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self.path(name))
+        except FileNotFoundError:
+            return None
+
+    def remove(self, name: str) -> None:
+        try:
+            self.fs.rm_file(self.path(name))
+        except FileNotFoundError:
+            pass
+
+    def publish(self, name: str, data: bytes) -> None:
+        """Write a small object in one step: one PUT on object stores (atomic there), temp
+        file + rename on a local file system."""
+        path = self.path(name)
+        if self.is_local:
+            self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+            temp = f"{self.fs._parent(path)}/.{name.rsplit('/', 1)[-1]}.partial"
+            self.fs.pipe_file(temp, data)
+            self.fs.mv(temp, path)
+        else:
+            kwargs = {"ContentType": "application/json"} if self.has_metadata else {}
+            self.fs.pipe_file(path, data, **kwargs)
+
+
+class _BarCallback(Callback):
+    """fsspec progress callback that moves a shared tqdm bar (thread-safe)."""
+
+    def __init__(self, bar: Any, lock: threading.Lock) -> None:
+        super().__init__()
+        self._bar = bar
+        self._lock = lock
+        self.reported = 0
+
+    def call(self, *args: Any, **kwargs: Any) -> None:
+        delta = int(self.value or 0) - self.reported
+        if delta > 0:
+            with self._lock:
+                self._bar.update(delta)
+            self.reported += delta
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    name: str
+    local_path: str
+    sha256: str
+    bytes: int
+    fingerprint: str | None = None  # recorded beside the sha256 (lets pack_to_url resume)
+
+
+def _manifest_shards(manifest: dict[str, Any], out_dir: str) -> list[ShardFile]:
+    shards = []
+    for split in sorted(manifest["splits"]):
+        for entry in manifest["splits"][split]["shards"]:
+            shards.append(ShardFile(entry["name"], os.path.join(out_dir, entry["name"]),
+                                 entry["sha256"], int(entry["bytes"])))
+    return shards
+
+
+def _check_local(shard: ShardFile) -> None:
+    """Refuse to send a shard that is missing locally or differs from the manifest."""
+    try:
+        sha, size = hash_file(shard.local_path)
+    except FileNotFoundError as exc:
+        raise UploadError(
+            f"shard {shard.name} is listed in the manifest but missing from the local folder; "
+            "re-run `shardpack pack` (it resumes) before uploading"
+        ) from exc
+    if sha != shard.sha256 or size != shard.bytes:
+        raise UploadError(
+            f"local shard {shard.name} does not match the manifest (sha256 {sha[:12]}..., "
+            f"manifest says {shard.sha256[:12]}...): it is corrupted or stale, so it was not "
+            "uploaded; re-run `shardpack pack` (resume rewrites it), then upload again"
+        )
+
+
+def upload(
+    out_dir: str | os.PathLike[str],
+    url: str,
+    *,
+    endpoint_url: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    workers: int = 8,
+    quiet: bool = False,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Upload the shards listed in ``out_dir/manifest.json`` to ``url``, then the manifest.
+
+    Args:
+        out_dir: a local shardpack output folder (with ``manifest.json``).
+        url: destination root, e.g. ``s3://bucket/imagenet`` (any fsspec URL).
+        endpoint_url: an S3-compatible endpoint (MinIO, Ceph, R2, ...); becomes
+            ``client_kwargs={"endpoint_url": ...}``.
+        storage_options: more fsspec options (``{"profile": "..."}``, ``{"anon": True}``).
+        workers: shards sent side by side (threads).
+        quiet: no progress bar.
+        force: send every shard even when an identical one is already there.
+
+    Returns:
+        ``{"url", "uploaded", "skipped", "bytes", "bytes_skipped", "manifest"}``: shards sent,
+        shards already there (same sha256), bytes sent and bytes skipped, and whether the
+        manifest was ``"uploaded"`` or ``"unchanged"``.
+
+    Raises:
+        ManifestError: ``out_dir`` has no valid manifest.
+        UploadError: a local shard is missing or corrupted, or the store refused a request;
+            the manifest is then not uploaded, and a re-run resumes (sends only what is
+            missing or different).
+    """
+    out_dir = os.fspath(out_dir)
+    options = storage_options_for(url, endpoint_url=endpoint_url, storage_options=storage_options)
+    manifest_path = os.path.join(out_dir, MANIFEST_NAME)
+    try:
+        with open(manifest_path, "rb") as f:
+            manifest_bytes = f.read()
+    except FileNotFoundError as exc:
+        raise ManifestError(
+            f"no {MANIFEST_NAME} in {out_dir}: upload sends a finished pack "
+            "(run `shardpack pack SRC OUT` first; an interrupted pack has no manifest yet)"
+        ) from exc
+    manifest = parse_manifest(manifest_bytes, where=manifest_path)
+    shards = _manifest_shards(manifest, out_dir)
+    try:
+        store = RemoteStore(url, options)
+        summary = send_shards(store, shards, manifest_bytes, workers=workers, quiet=quiet, force=force)
+    except UploadError as exc:
+        raise UploadError(scrub_secrets(str(exc), options)) from None
+    except Exception as exc:  # reaching the store at all failed (bad URL, no credentials)
+        raise UploadError(_failure_message(url, exc, options)) from None
+    return {"url": url, **summary}
+
+
+def _failure_message(url: str, exc: BaseException, options: dict[str, Any]) -> str:
+    text = scrub_secrets(f"{type(exc).__name__}: {exc}", options)
+    return (f"upload to {url} failed ({text}); check the URL, credentials and --endpoint-url, "
+            "then re-run (shards already there are skipped)")
+
+
+def send_shards(
+    store: RemoteStore,
+    shards: list[ShardFile],
+    manifest_bytes: bytes | None,
+    *,
+    workers: int = 8,
+    quiet: bool = False,
+    force: bool = False,
+    on_done: Callable[[ShardFile], None] | None = None,
+) -> dict[str, Any]:
+    """Send ``shards`` in parallel (skipping identical ones), then publish the manifest.
+
+    The manifest is published only after every shard succeeded; before the first shard is
+    replaced, a differing remote manifest is taken down. With ``manifest_bytes=None`` the
+    manifest is left alone (the caller handles it). ``on_done`` is called with each shard
+    once it is safely at the destination (sent or skipped).
+    """
+    lock = threading.Lock()
+    unpublished = threading.Event()
+    old_manifest = store.read_bytes(MANIFEST_NAME) if manifest_bytes is not None else None
+    stats = {"uploaded": 0, "skipped": 0, "bytes": 0, "bytes_skipped": 0}
+    total = sum(s.bytes for s in shards)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="uploading",
+               disable=True if quiet else None)
+
+    def take_down_old_manifest() -> None:
+        with lock:
+            if unpublished.is_set():
+                return
+            if manifest_bytes is not None and old_manifest is not None and old_manifest != manifest_bytes:
+                store.remove(MANIFEST_NAME)
+                log.info("took down the old remote manifest while shards change")
+            unpublished.set()
+
+    def send(shard: ShardFile) -> None:
+        _check_local(shard)
+        try:
+            there = None if force else store.remote_sha256(shard.name, local_size=shard.bytes)
+            if there == shard.sha256:
+                with lock:
+                    stats["skipped"] += 1
+                    stats["bytes_skipped"] += shard.bytes
+                    bar.update(shard.bytes)
+            else:
+                take_down_old_manifest()
+                callback = _BarCallback(bar, lock)
+                extra = {"fingerprint": shard.fingerprint} if shard.fingerprint else None
+                store.put(shard.local_path, shard.name, sha256=shard.sha256, callback=callback,
+                          metadata=extra)
+                with lock:
+                    bar.update(max(0, shard.bytes - callback.reported))
+                    stats["uploaded"] += 1
+                    stats["bytes"] += shard.bytes
+        except Exception as exc:  # any store/client error: name the shard, resume on re-run
+            raise UploadError(
+                f"sending shard {shard.name} to {store.display(shard.name)} failed "
+                f"({type(exc).__name__}: {exc}); re-run to resume"
+            ) from exc
+        if on_done is not None:
+            on_done(shard)
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="upload") as pool:
+            futures = [pool.submit(send, shard) for shard in shards]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            if any(f.done() and f.exception() is not None for f in futures):
+                for future in futures:
+                    future.cancel()  # queued shards are not started; running ones finish
+                wait(futures)
+                errors = [e for f in futures if not f.cancelled() and (e := f.exception())]
+                if len(errors) > 1:
+                    raise UploadError(
+                        f"{len(errors)} shards failed, manifest not uploaded; first: {errors[0]}"
+                    ) from errors[0]
+                raise errors[0]
+    finally:
+        bar.close()
+    manifest_state = "unchanged"
+    if manifest_bytes is not None and (old_manifest != manifest_bytes or stats["uploaded"]):
+        store.publish(MANIFEST_NAME, manifest_bytes)
+        manifest_state = "uploaded"
+    return {**stats, "manifest": manifest_state}
