@@ -19,7 +19,7 @@ from typing import IO, Any
 import braceexpand
 import fsspec
 
-from packer.errors import ManifestError, ShardReadError
+from packer.errors import ManifestError
 from packer.format import MANIFEST_NAME, parse_manifest, split_info
 
 __all__ = ["ShardRef", "SplitSource", "resolve_source", "open_shard", "expand_urls"]
@@ -70,20 +70,17 @@ def open_shard(url: str, **storage_options: Any) -> IO[bytes]:
     """Open one shard for a sequential, whole-shard read and return a binary stream.
 
     The caller closes the stream (it is a context manager). This is the single place where
-    a shard's bytes are fetched; object-storage tuning (retries, read-ahead, caching) goes
-    here.
+    a shard's bytes are fetched: local files are opened directly; remote shards go through
+    :func:`reader.remote.open_shard_stream` (large ranged reads, retries that resume at the
+    failed byte offset, read-ahead in a background thread).
 
     Raises:
-        ShardReadError: the shard cannot be opened (missing, no permission, network).
+        ShardReadError: the shard cannot be opened or read (missing, no permission, network
+            still failing after retries); for remote shards it may surface on first read.
     """
-    try:
-        return fsspec.open(url, mode="rb", **storage_options).open()
-    except (OSError, ValueError) as exc:
-        raise ShardReadError(
-            f"cannot open shard ({exc}); check the path and storage options",
-            shard=url,
-            offset=0,
-        ) from exc
+    from .remote import open_shard_stream
+
+    return open_shard_stream(url, storage_options=storage_options)
 
 
 def expand_urls(source: str | Sequence[str]) -> list[str]:
