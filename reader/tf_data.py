@@ -32,6 +32,7 @@ def image_dataset_from_shards(
     interpolation: str = "bilinear",
     crop_to_aspect_ratio: bool = False,
     pad_to_aspect_ratio: bool = False,
+    verbose: bool = True,
     **reader_options: Any,
 ) -> tf.data.Dataset:
     """Return a ``tf.data.Dataset`` of one split, as ``keras.utils.image_dataset_from_directory`` would.
@@ -46,6 +47,11 @@ def image_dataset_from_shards(
     Keras epoch) is a new epoch with a new shuffle order; ``shuffle=False`` gives the
     manifest order every time.
 
+    The cardinality counts every sample in the manifest: if samples are skipped because
+    they fail to decode (``on_error="warn"``) and that removes a whole batch, TensorFlow
+    reports the shortfall at the end of the epoch. The packer checks every image, so this
+    takes a shard damaged after packing; use ``shardpack verify --deep`` to find it.
+
     Unlike Keras, ``file_paths`` is not set (it needs a pass over every shard); use
     ``ShardReader(..., shuffle=False).filenames``. The reader behind the dataset is
     ``ds.shard_reader``.
@@ -54,6 +60,7 @@ def image_dataset_from_shards(
         source: shard folder or URL, or manifest-less tars (see ShardReader).
         split: split to read.
         batch_size: samples per batch; None yields single images.
+        verbose: print how many files and classes were found, as Keras does.
         reader_options: more ShardReader options (``shuffle_buffer``, ``num_workers``,
             ``on_error``, ``storage_options``, ``drop_remainder``, ``rescale``, ...).
 
@@ -79,6 +86,11 @@ def image_dataset_from_shards(
         pad_to_aspect_ratio=pad_to_aspect_ratio,
         **reader_options,
     )
+    if verbose:
+        print(
+            f"Found {reader.samples} files in {len(reader.source.shards)} shards "
+            f"belonging to {len(reader.class_names)} classes."
+        )
     h, w, c = reader.decode_options.shape
     x_spec = tf.TensorSpec((None, h, w, c), tf.float32)
     y_specs = {

@@ -122,3 +122,12 @@ def test_missing_split_class_and_manifest(id_shards, tmp_path):
         ShardReader(shards, split="train", class_names=["circle", "hexagon"])
     with pytest.raises(ManifestError, match="shardpack pack"):
         ShardReader(tmp_path, split="train")
+
+
+def test_import_reader_does_not_import_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys, reader; reader.ShardReader; reader.preview; "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
