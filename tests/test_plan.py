@@ -1,0 +1,118 @@
+"""The plan as data: shard cutting (Hypothesis), class map, seeded orders, flat splits,
+duplicate detection; and that the planned tar size is the real tar size."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from packer.plan import (
+    Plan,
+    PlannedSample,
+    PlannedShard,
+    archive_bytes,
+    class_map,
+    cut_shards,
+    find_duplicates,
+    order_split,
+    split_flat_pool,
+)
+from packer.write import _member
+
+
+def sample(i: int, size: int, *, label: int = 0, path: str | None = None, sha: str = "") -> PlannedSample:
+    return PlannedSample(
+        key=f"train_{i:09d}", rel_path=path or f"train/c/{i}.jpg", abs_path="/nonexistent",
+        ext="jpg", label=label, class_name="c", width=1, height=1, size=size,
+        sha256=f"{i:064x}", source_sha256=sha or f"{i:064x}",
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 60_000), max_size=60),
+    max_count=st.integers(1, 12),
+    max_size=st.integers(1, 200_000),
+)
+def test_cut_shards_respects_limits_and_keeps_order(sizes, max_count, max_size):
+    samples = [sample(i, s) for i, s in enumerate(sizes)]
+    shards = cut_shards(samples, split="train", max_count=max_count, max_size=max_size)
+    flat = [s for shard in shards for s in shard.samples]
+    assert flat == samples  # every sample once, order preserved
+    assert [shard.index for shard in shards] == list(range(len(shards)))
+    for shard in shards:
+        assert 1 <= len(shard.samples) <= max_count
+        assert shard.planned_bytes <= max_size or len(shard.samples) == 1
+    for a, b in zip(shards, shards[1:]):  # greedy: a shard closes only when the next sample does not fit
+        fits = len(a.samples) < max_count and archive_bytes(
+            [s.tar_bytes() for s in a.samples] + [b.samples[0].tar_bytes()]) <= max_size
+        assert not fits
+
+
+@settings(max_examples=50, deadline=None)
+@given(sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=8))
+def test_planned_bytes_equal_real_tar_bytes(sizes):
+    """The exact-size arithmetic the cut relies on agrees with tarfile's USTAR output."""
+    shard = PlannedShard("train", 0, tuple(sample(i, s) for i, s in enumerate(sizes)))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+        for s in shard.samples:
+            for name, payload in ((f"{s.key}.jpg", b"x" * s.size), (f"{s.key}.cls", str(s.label).encode()),
+                                  (f"{s.key}.json", s.json_bytes())):
+                tar.addfile(_member(name, len(payload)), io.BytesIO(payload))
+    assert len(buf.getvalue()) == shard.planned_bytes
+
+
+def test_class_map_is_sorted_union():
+    assert class_map({"train": ["b", "a"], "test": ["c", "a"], "val": []}) == ["a", "b", "c"]
+
+
+@given(st.lists(st.text("abcdef/", min_size=1, max_size=6), unique=True, max_size=30), st.randoms())
+def test_order_split_ignores_listing_order(paths, rnd):
+    shuffled = list(paths)
+    rnd.shuffle(shuffled)
+    a = order_split(paths, split="train", seed=0, path_of=str)
+    assert a == order_split(shuffled, split="train", seed=0, path_of=str)
+    assert sorted(a) == sorted(paths)
+
+
+def test_order_split_seeded_by_split_name():
+    items = [f"x/{i}" for i in range(50)]
+    train = order_split(items, split="train", seed=0, path_of=str)
+    assert train != order_split(items, split="test", seed=0, path_of=str)
+    assert train != order_split(items, split="train", seed=1, path_of=str)
+    assert train == order_split(items, split="train", seed=0, path_of=str)
+
+
+def test_split_flat_pool_is_stratified_and_seeded():
+    items = [(c, f"{c}/{i}") for c, n in (("a", 50), ("b", 20), ("c", 3)) for i in range(n)]
+    kw = {"class_of": lambda it: it[0], "path_of": lambda it: it[1], "validation_split": 0.2}
+    one = split_flat_pool(items, seed=0, **kw)
+    assert Counter(c for c, _ in one["validation"]) == {"a": 10, "b": 4, "c": 1}
+    assert sorted(one["train"] + one["validation"]) == sorted(items)
+    assert one == split_flat_pool(list(reversed(items)), seed=0, **kw)
+    assert one["validation"] != split_flat_pool(items, seed=1, **kw)["validation"]
+
+
+def test_find_duplicates():
+    plan = Plan(classes=["c"])
+    plan.shards["train"] = [PlannedShard("train", 0, (
+        sample(0, 1, path="train/c/a.jpg", sha="aa"), sample(1, 1, path="train/c/b.jpg", sha="aa"),
+        sample(2, 1, path="train/c/x.jpg", sha="bb"), sample(3, 1, path="train/c/y.jpg", sha="cc")))]
+    plan.shards["test"] = [PlannedShard("test", 0, (sample(4, 1, path="test/c/x2.jpg", sha="bb"),))]
+    dup = find_duplicates(plan)
+    assert dup["within_split"] == [{"split": "train", "sha256": "aa", "paths": ["train/c/a.jpg", "train/c/b.jpg"]}]
+    assert dup["across_splits"] == [{"splits": ["test", "train"], "sha256": "bb",
+                                     "paths": ["test/c/x2.jpg", "train/c/x.jpg"]}]
+
+
+def test_fingerprint_depends_on_content_and_options():
+    shard = PlannedShard("train", 0, (sample(0, 10),))
+    other = PlannedShard("train", 0, (sample(1, 10),))
+    assert shard.fingerprint({"seed": 0}) == shard.fingerprint({"seed": 0})
+    assert shard.fingerprint({"seed": 0}) != shard.fingerprint({"seed": 1})
+    assert shard.fingerprint({"seed": 0}) != other.fingerprint({"seed": 0})

@@ -1,0 +1,108 @@
+"""The probe on single files: recognised by content, bombs refused without allocating, odd
+modes and EXIF orientation, decode vs header validation, resize."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from PIL import Image
+from zoo import exif_rotated_jpeg, image_bytes, jpeg_bomb, jpeg_bytes, png_bomb
+
+from packer.probe import probe_bytes, probe_file
+from packer.transform import ResizeSpec, parse_resize
+
+
+def test_recognised_by_content_not_name(tmp_path):
+    png = image_bytes(Image.new("RGB", (5, 3), "blue"), "PNG")
+    (tmp_path / "photo.dat").write_bytes(png)
+    probe = probe_file(str(tmp_path / "photo.dat"))
+    assert (probe.ok, probe.ext, probe.width, probe.height, probe.size) == (True, "png", 5, 3, len(png))
+    assert probe.sha256 == probe.source_sha256
+
+
+@pytest.mark.parametrize("data, is_image, words", [
+    (b"", True, "empty"),
+    (b"hello world\n" * 10, False, "not an image"),
+    (png_bomb(50_000, 50_000), True, "decompression bomb"),
+    (jpeg_bomb(50_000, 50_000), True, "decompression bomb"),
+    (png_bomb(10_000, 10_000), True, "decompression bomb"),
+])
+def test_refused(data, is_image, words):
+    probe = probe_bytes(data)
+    assert not probe.ok and probe.is_image == is_image and words in probe.reason
+
+
+def test_bombs_refused_without_allocating():
+    """A 50000x50000 RGB image is 7.5 GB of pixels; probing must stay tiny (checked in a fresh
+    process, by its peak resident memory)."""
+    script = textwrap.dedent("""
+        import resource, sys
+        sys.path.insert(0, "tests")
+        from zoo import png_bomb, jpeg_bomb
+        from packer.probe import probe_bytes
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for data in (png_bomb(50_000, 50_000), jpeg_bomb(50_000, 50_000), png_bomb(12_000, 12_000)):
+            assert not probe_bytes(data).ok
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert int(done.stdout) < 50_000  # KiB
+
+
+def test_max_pixels_is_the_limit():
+    big = png_bomb(20_000, 20_000)  # 400 Mpx: beyond even Pillow's own hard limit
+    assert "--max-pixels" in probe_bytes(big).reason
+    probe = probe_bytes(big, validate="header", max_pixels=500_000_000)
+    assert probe.ok and (probe.width, probe.height) == (20_000, 20_000)
+    assert not probe_bytes(image_bytes(Image.new("L", (10, 10)), "PNG"), max_pixels=99).ok
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's global limit restored
+
+
+def test_truncated_caught_by_decode_only():
+    im = Image.effect_noise((160, 120), 60).convert("RGB")
+    data = jpeg_bytes(im, quality=90)
+    cut = data[: len(data) // 2]
+    assert probe_bytes(cut, validate="header").ok
+    probe = probe_bytes(cut)
+    assert not probe.ok and probe.is_image and "truncated JPEG" in probe.reason
+
+
+def test_exif_orientation_gives_oriented_size():
+    probe = probe_bytes(exif_rotated_jpeg(40, 20, orientation=6))
+    assert (probe.width, probe.height) == (20, 40)
+    assert (probe_bytes(exif_rotated_jpeg(40, 20, orientation=3)).width) == 40
+
+
+@pytest.mark.parametrize("mode, fmt, ext", [
+    ("CMYK", "JPEG", "jpg"), ("I;16", "PNG", "jpg"), ("RGBA", "PNG", "png"), ("LA", "PNG", "png"),
+    ("P", "GIF", "jpg"), ("1", "BMP", "jpg"), ("RGB", "WEBP", "jpg"), ("RGB", "TIFF", "jpg"),
+])
+def test_resize_odd_modes(mode, fmt, ext):
+    data = image_bytes(Image.new(mode, (80, 40)), fmt)
+    probe = probe_bytes(data, resize=ResizeSpec(20))
+    assert probe.ok and probe.ext == ext and (probe.width, probe.height) == (40, 20)
+    assert probe.sha256 != probe.source_sha256
+
+
+def test_resize_never_enlarges_and_keeps_exif_upright():
+    probe = probe_bytes(exif_rotated_jpeg(40, 20), resize=ResizeSpec(256))
+    assert (probe.width, probe.height) == (20, 40)
+
+
+def test_parse_resize():
+    assert parse_resize(None) is None and parse_resize("0") is None
+    assert parse_resize("256") == ResizeSpec(256, 90)
+    assert parse_resize("short:128px", quality=80) == ResizeSpec(128, 80)
+    for bad in ("big", "-3"):
+        with pytest.raises(ValueError):
+            parse_resize(bad)
+    with pytest.raises(ValueError, match="quality"):
+        parse_resize(64, quality=0)
+
+
+def test_unreadable_file_is_skipped_not_crashed(tmp_path):
+    probe = probe_file(str(tmp_path / "gone.jpg"))
+    assert not probe.ok and probe.is_image and "cannot read" in probe.reason
