@@ -47,7 +47,7 @@ def test_cut_shards_respects_limits_and_keeps_order(sizes, max_count, max_size):
     for shard in shards:
         assert 1 <= len(shard.samples) <= max_count
         assert shard.planned_bytes <= max_size or len(shard.samples) == 1
-    for a, b in zip(shards, shards[1:]):  # greedy: a shard closes only when the next sample does not fit
+    for a, b in zip(shards, shards[1:], strict=False):  # greedy: a shard closes only when the next sample does not fit
         fits = len(a.samples) < max_count and archive_bytes(
             [s.tar_bytes() for s in a.samples] + [b.samples[0].tar_bytes()]) <= max_size
         assert not fits

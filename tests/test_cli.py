@@ -1,0 +1,98 @@
+"""The ``shardpack`` command: exit statuses, messages and output of pack / info / verify."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from zoo import SMALL
+
+from packer.cli import main
+from packer.examples import make_example_tree
+from packer.format import MANIFEST_NAME
+
+SHARDPACK = str(Path(sys.executable).with_name("shardpack"))
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    return make_example_tree(root / "src", classes=["cat", "coffee"], counts={"train": 10, "test": 3},
+                             long_side=SMALL, seed=4)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_pack_info_verify(src, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    status, text, _ = run(capsys, "pack", str(src), out, "--max-count", "4", "--workers", "1", "--quiet")
+    assert status == 0
+    assert text.startswith(f"packed 26 images of 2 classes into {out}; skipped 0")
+    assert "train: 20 images in 5 shards" in text
+
+    status, text, _ = run(capsys, "info", out)
+    assert status == 0 and "classes (2): cat, coffee" in text and "cat 10, coffee 10" in text
+    status, text, _ = run(capsys, "info", out, "--json")
+    assert status == 0
+    assert json.loads(text)["splits"]["test"]["count"] == 6
+    assert json.loads(text)["classes"] == json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["classes"]
+
+    status, text, err = run(capsys, "verify", out, "--deep", "--quiet")
+    assert status == 0 and "verify OK: 7 shards, 26 samples checked, 26 images decoded" in text
+
+    shard = tmp_path / "out" / "train" / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0x10
+    shard.write_bytes(bytes(data))
+    status, text, err = run(capsys, "verify", out, "--quiet")
+    assert status == 1 and "FAILED" in text and "train/train-000001.tar" in err
+
+
+def test_console_script_exit_codes(src, tmp_path):
+    out = tmp_path / "out"
+    base = [SHARDPACK, "pack", str(src), str(out), "--workers", "1", "--quiet"]
+    assert subprocess.run(base + ["--max-count", "4"], capture_output=True).returncode == 0
+    refused = subprocess.run(base + ["--max-count", "5"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "different options (max_count)" in refused.stderr
+    assert "--overwrite" in refused.stderr
+    assert subprocess.run(base + ["--max-count", "5", "--overwrite"], capture_output=True).returncode == 0
+    verified = subprocess.run([SHARDPACK, "verify", str(out), "--quiet"], capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stderr
+
+
+def test_flat_tree_without_validation_split(src, tmp_path, capsys):
+    flat = tmp_path / "flat"
+    shutil.copytree(src / "train", flat)
+    status, _, err = run(capsys, "pack", str(flat), str(tmp_path / "out"), "--workers", "1", "--quiet")
+    assert status == 2 and "--validation-split" in err and "no class folders" in err
+    status, text, _ = run(capsys, "pack", str(flat), str(tmp_path / "out"), "--workers", "1", "--quiet",
+                          "--validation-split", "0.3", "--seed", "7")
+    assert status == 0 and "validation: 6 images" in text and "train: 14 images" in text
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--max-size", "12XB"], "cannot read size"),
+    (["--max-count", "0"], "max_count"),
+    (["--validation-split", "1.5"], "validation_split"),
+    (["--resize", "huge"], "--resize"),
+    (["--layout", "splits", "--validation-split", "0.2"], "flat"),
+])
+def test_bad_options_exit_2(src, tmp_path, capsys, args, words):
+    status, _, err = run(capsys, "pack", str(src), str(tmp_path / "out"), "--quiet", *args)
+    assert status == 2 and words in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_info_and_verify_without_manifest(tmp_path, capsys):
+    status, _, err = run(capsys, "info", str(tmp_path))
+    assert status == 2 and "no manifest.json" in err
+    status, _, err = run(capsys, "verify", str(tmp_path), "--quiet")
+    assert status == 1 and "no manifest.json" in err

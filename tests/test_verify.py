@@ -1,0 +1,108 @@
+"""``info`` and ``verify`` against real shards: good sets pass, flipped bytes name the shard,
+a broken image behind a recomputed checksum is caught by --deep and names the sample."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+from zoo import SMALL
+
+from packer import pack
+from packer.examples import make_example_tree
+from packer.format import MANIFEST_NAME, manifest_to_bytes
+from packer.inspect import info_text, verify
+from packer.storage import read_manifest
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("verify")
+    src = make_example_tree(root / "src", classes=["cat", "rocket"], counts={"train": 12, "test": 4},
+                            long_side=SMALL, seed=2)
+    shutil.copy(src / "train/cat/img_00000.jpg", src / "test/cat/leak.jpg")
+    (src / "train/cat/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    pack(src, root / "out", workers=1, quiet=True, max_count=5)
+    return root / "out"
+
+
+@pytest.fixture
+def copy(packed, tmp_path) -> Path:
+    shutil.copytree(packed, tmp_path / "out")
+    return tmp_path / "out"
+
+
+def test_good_set_verifies(packed):
+    report = verify(str(packed), deep=True)
+    assert report.ok, report.problems
+    assert (report.shards, report.samples, report.images_decoded) == (7, 33, 33)  # train 24 in 5 shards, test 9 in 2
+    assert verify(f"file://{packed}").ok
+
+
+def test_info_text(packed):
+    text = info_text(read_manifest(packed), str(packed))
+    assert "classes (2): cat, rocket" in text
+    assert "train" in text and "24" in text and "cat 12, rocket 12" in text
+    assert "skipped: 1 image-like files" in text and "train/cat/broken.jpg" in text
+    assert "1 shared between splits" in text and "test/cat/leak.jpg" in text
+
+
+def test_flipped_byte_names_the_shard(copy):
+    victim = copy / "train" / "train-000002.tar"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    victim.write_bytes(bytes(data))
+    report = verify(str(copy))
+    assert not report.ok
+    assert any(p.startswith("train/train-000002.tar") for p in report.problems), report.problems
+    assert all("train-000002" in p or p.startswith("split train") for p in report.problems)
+
+
+def test_missing_shard_and_manifest(copy):
+    (copy / "test" / "test-000000.tar").unlink()
+    report = verify(str(copy))
+    assert any("test/test-000000.tar: missing" in p for p in report.problems)
+    (copy / MANIFEST_NAME).unlink()
+    report = verify(str(copy))
+    assert not report.ok and "no manifest.json" in report.problems[0]
+
+
+def test_deep_names_the_broken_sample(copy):
+    """Rewrite a shard with one truncated image and patch the manifest to match its bytes:
+    only decoding can tell."""
+    manifest = json.loads((copy / MANIFEST_NAME).read_bytes())
+    entry = manifest["splits"]["train"]["shards"][1]
+    path = copy / entry["name"]
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    victim_key = members[3][0].name.split(".")[0]  # second sample's image
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, data in members:
+            if info.name.startswith(f"{victim_key}.") and not info.name.endswith((".cls", ".json")):
+                data = data[: len(data) // 2]
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+    entry["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    entry["bytes"] = len(buf.getvalue())
+    (copy / MANIFEST_NAME).write_bytes(manifest_to_bytes(manifest))
+
+    assert verify(str(copy)).ok  # checksums and labels all agree
+    report = verify(str(copy), deep=True)
+    assert len(report.problems) == 1, report.problems
+    assert entry["name"] in report.problems[0] and f"sample {victim_key}" in report.problems[0]
+
+
+def test_label_disagreement_is_reported(copy):
+    manifest = json.loads((copy / MANIFEST_NAME).read_bytes())
+    manifest["splits"]["test"]["class_counts"]["cat"] += 1
+    manifest["splits"]["test"]["class_counts"]["rocket"] -= 1
+    (copy / MANIFEST_NAME).write_bytes(manifest_to_bytes(manifest))
+    report = verify(str(copy))
+    assert any("class cat" in p for p in report.problems)
