@@ -69,9 +69,20 @@ def _skip(stream: IO[bytes], n: int) -> int:
     """Skip ``n`` bytes; return how many were really there."""
     if n >= _SKIP_SEEK_MIN and getattr(stream, "seekable", lambda: False)():
         here = stream.tell()
-        end = stream.seek(n, 1)
-        return min(n, end - here)
-    return len(_read_exact(stream, n))
+        try:
+            end = stream.seek(n, 1)
+        except (OSError, ValueError):  # claims to seek but cannot seek relative: read
+            stream.seek(here)
+        else:
+            size = getattr(stream, "size", None)  # fsspec files seek past the end silently
+            return min(n, end - here, (size - here) if isinstance(size, int) else n)
+    got = 0
+    while got < n:  # in chunks: a skip must not hold a whole large member in memory
+        chunk = stream.read(min(n - got, 1 << 20))
+        if not chunk:
+            break
+        got += len(chunk)
+    return got
 
 
 def _parse_number(field: bytes) -> int:
@@ -143,7 +154,7 @@ def tar_members(
                 offset=offset,
             )
         name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-        if header[257:262] == b"ustar" and header[345] != 0:
+        if header[257:263] == b"ustar\0" and header[345] != 0:  # POSIX only: GNU puts atime here
             prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
             name = f"{prefix}/{name}"
         size = _parse_number(header[124:136])
