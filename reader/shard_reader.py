@@ -41,6 +41,10 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _image_bytes(item: tuple[Sample, int]) -> int:
+    return sum(len(v) for k, v in item[0].items() if not k.startswith("__"))
+
+
 class ShardReader:
     """Iterate over one split of a shard set as numpy batches ``(x, y)``, epoch by epoch.
 
@@ -68,6 +72,8 @@ class ShardReader:
         pad_to_aspect_ratio: resize to fit and pad with zeros, keeping the aspect ratio.
         drop_remainder: drop the last, smaller batch of each epoch.
         shuffle_buffer: samples held (still compressed) for shuffling.
+        shuffle_buffer_bytes: also cap the buffer at this many compressed bytes (None: no
+            cap; 10,000 ImageNet JPEGs are about 1.1 GB).
         interleave: shards read round robin at once when shuffling.
         num_workers: decoding threads (default: the CPUs this process may use).
         on_error: a sample that cannot be decoded: "warn" (skip, count, warn), "ignore"
@@ -105,6 +111,7 @@ class ShardReader:
         pad_to_aspect_ratio: bool = False,
         drop_remainder: bool = False,
         shuffle_buffer: int = DEFAULT_BUFFER,
+        shuffle_buffer_bytes: int | None = None,
         interleave: int = 4,
         num_workers: int | None = None,
         on_error: OnError = "warn",
@@ -129,6 +136,7 @@ class ShardReader:
         self.shuffle = shuffle
         self.seed = int(seed) if seed is not None else secrets.randbelow(2**31)
         self.shuffle_buffer = int(shuffle_buffer)
+        self.shuffle_buffer_bytes = shuffle_buffer_bytes
         self.interleave = max(1, int(interleave))
         self.num_workers = num_workers or _default_workers()
         self.rank, self.world_size = rank, world_size
@@ -296,7 +304,8 @@ class ShardReader:
         labelled = self._select(samples)
         if self.shuffle:
             labelled = shuffle_buffer(
-                labelled, rng=epoch_rng(self.seed, epoch, "samples"), size=self.shuffle_buffer
+                labelled, rng=epoch_rng(self.seed, epoch, "samples"), size=self.shuffle_buffer,
+                max_bytes=self.shuffle_buffer_bytes, nbytes=_image_bytes,
             )
         augment = self.decode_options.random_flip or self.decode_options.random_crop is not None
         aug_rng = epoch_rng(self.seed, epoch, "augment") if augment else None

@@ -8,7 +8,7 @@ each epoch gets its own order.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 __all__ = ["epoch_rng", "shards_for_epoch", "interleave", "shuffle_buffer", "DEFAULT_BUFFER"]
@@ -82,23 +82,36 @@ def interleave(sources: Iterable[Iterator[T]], *, cycle_length: int) -> Iterator
         i += 1
 
 
-def shuffle_buffer(items: Iterable[T], *, rng: random.Random, size: int) -> Iterator[T]:
-    """Shuffle a stream with a buffer of ``size`` items (reservoir style).
+def shuffle_buffer(
+    items: Iterable[T],
+    *,
+    rng: random.Random,
+    size: int,
+    max_bytes: int | None = None,
+    nbytes: Callable[[T], int] | None = None,
+) -> Iterator[T]:
+    """Shuffle a stream with a buffer of up to ``size`` items (reservoir style).
 
     The buffer is filled first, then each incoming item replaces a randomly chosen one that
     is yielded; at the end the rest is yielded in random order. The items are still
-    compressed samples, so the buffer costs their byte size, not decoded pixels.
+    compressed samples, so the buffer costs their byte size, not decoded pixels. With
+    ``max_bytes`` (and ``nbytes`` to measure an item) the buffer also stops growing at that
+    many bytes, so a set of large images cannot exhaust memory.
     """
     if size <= 1:
         yield from items
         return
     buffer: list[T] = []
+    held = 0
     for item in items:
-        if len(buffer) < size:
+        if len(buffer) < size and (max_bytes is None or held < max_bytes):
             buffer.append(item)
+            held += nbytes(item) if nbytes is not None else 0
             continue
-        j = rng.randrange(size)
+        j = rng.randrange(len(buffer))
         buffer[j], item = item, buffer[j]
+        if nbytes is not None:
+            held += nbytes(buffer[j]) - nbytes(item)
         yield item
     rng.shuffle(buffer)
     yield from buffer

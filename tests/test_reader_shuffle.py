@@ -52,3 +52,20 @@ def test_shuffle_buffer_mixes_and_is_seeded():
     b = list(shuffle_buffer(range(1000), rng=epoch_rng(1, 0, "s"), size=100))
     c = list(shuffle_buffer(range(1000), rng=epoch_rng(1, 1, "s"), size=100))
     assert a == b and a != c and a != list(range(1000))
+
+
+def test_shuffle_buffer_byte_budget():
+    items = [bytes(100)] * 50 + [bytes(1)] * 50
+    pulled = 0
+
+    def source():
+        nonlocal pulled
+        for item in items:
+            pulled += 1
+            yield item
+
+    stream = shuffle_buffer(source(), rng=random.Random(0), size=1000, max_bytes=1000, nbytes=len)
+    first = next(stream)
+    assert pulled == 11  # 1,000 bytes = 10 items of 100 bytes held, the 11th pushes one out
+    out = [first, *stream]
+    assert sorted(out) == sorted(items)
