@@ -32,6 +32,34 @@ def _one(args: tuple[bytes, DecodeOptions]):
     return decode_image(*args)
 
 
+def gil_probe(work, seconds: float = 0.3) -> float:
+    """Speed of a pure-Python thread while ``work`` runs, relative to its speed alone.
+
+    About 0.5 when ``work`` is Python too (the two share the GIL), near 0 when ``work`` is a
+    C call that keeps the GIL, clearly above 0.5 when it releases the GIL. Unlike a
+    throughput ratio this holds on a busy machine with no idle core.
+    """
+    import threading
+
+    def rate(run) -> float:
+        done, ticks = threading.Event(), [0]
+
+        def count() -> None:
+            while not done.is_set():
+                ticks[0] += 1
+
+        thread = threading.Thread(target=count)
+        thread.start()
+        t = time.perf_counter()
+        run()
+        elapsed = time.perf_counter() - t
+        done.set()
+        thread.join()
+        return ticks[0] / elapsed
+
+    return rate(work) / rate(lambda: time.sleep(seconds))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=600)
@@ -65,6 +93,14 @@ def main() -> None:
         list(pool.map(_one, [(d, options) for d in datas], chunksize=8))
         results[f"{args.workers} processes"] = args.images / (time.perf_counter() - t)
 
+    from PIL import Image
+
+    big = Image.new("RGB", (6000, 4000), "gray")
+    results["GIL probe: Python thread speed during decode_image x20"] = gil_probe(
+        lambda: [decode_image(d, options) for d in datas[:20]])
+    results["GIL probe: during a 6000x4000 resize"] = gil_probe(
+        lambda: big.resize((224, 224), Image.Resampling.BILINEAR))
+
     no_draft = DecodeOptions(image_size=(args.image_size, args.image_size), interpolation="bilinear")
     with tempfile.TemporaryDirectory() as tmp:
         with wds.ShardWriter(str(Path(tmp) / "b-%06d.tar"), maxcount=args.images // 4, verbose=0) as sink:
@@ -80,8 +116,8 @@ def main() -> None:
     mean_kb = sum(map(len, datas)) / len(datas) / 1000
     print(f"{args.images} JPEGs, mean {mean_kb:.0f} kB, decoded to {args.image_size}x{args.image_size}:")
     for name, rate in results.items():
-        unit = "" if "cpu/wall" in name else " images/s"
-        print(f"  {name:32s} {rate:7.1f}{unit}")
+        unit = "" if "cpu/wall" in name or "GIL" in name else " images/s"
+        print(f"  {name:56s} {rate:7.2f}{unit}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"images": args.images, "image_size": args.image_size,
                                           "mean_kb": mean_kb, "images_per_s": results}, indent=2))
