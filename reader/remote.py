@@ -56,6 +56,7 @@ MAX_BACKOFF_S = 10.0
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _TRANSIENT_TEXT = ("SlowDown", "reduce your request rate", "Throttl", "RequestTimeout",
                    "InternalError", "ServiceUnavailable", "timed out", "Connection reset")
+_PERMANENT_TEXT = ("not satisfiable", "InvalidRange", "AccessDenied", "NoSuchBucket")
 _NETWORK_MODULES = frozenset({"aiohttp", "botocore", "aiobotocore", "urllib3", "requests", "http"})
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
@@ -75,7 +76,7 @@ def is_transient(exc: BaseException) -> bool:
     Missing objects and permission errors are permanent: retrying them only delays the
     error the user needs to see.
     """
-    if isinstance(exc, _PERMANENT):
+    if isinstance(exc, _PERMANENT) or any(text in str(exc) for text in _PERMANENT_TEXT):
         return False
     status = _http_status(exc)
     if status is not None:
@@ -287,14 +288,20 @@ class ShardStream(io.RawIOBase):
                 "read", start, functools.partial(self._fs.cat_file, self._path, start=start, end=end)
             )
             data = bytes(data[: end - start])
-            if not data:
-                raise ShardReadError(
-                    f"truncated: the object ends at byte {pos}, expected {size} bytes "
-                    "(replaced or partly uploaded?); re-upload it",
-                    shard=self.url,
-                    offset=pos,
-                )
-            pos += len(data)  # a short answer is fine: the next range starts where it ended
+            if len(data) < end - start:
+                # A short answer is fine if the object is really this long (the next range
+                # starts where it ended); if the object is shorter than expected, say so.
+                actual = int(self._retrying("size lookup", pos, functools.partial(self._fs.size, self._path)))
+                if actual < size:
+                    raise ShardReadError(
+                        f"truncated: the object has {actual} bytes, the manifest says {size} "
+                        "(replaced or partly uploaded?); re-upload it",
+                        shard=self.url,
+                        offset=actual,
+                    )
+                if not data:
+                    raise ShardReadError("read returned no data", shard=self.url, offset=pos)
+            pos += len(data)
             if sha is not None:
                 sha.update(data)
                 if pos >= size and sha.hexdigest() != self._sha256:

@@ -1,0 +1,256 @@
+"""reader.remote and the reader end to end on s3:// (real S3 server on loopback).
+
+Invariants a user relies on: every byte of a shard arrives exactly once, in order, even
+when connections drop mid-body or the server answers 500 / 503 SlowDown; every sample
+arrives exactly once with its label; a missing or corrupted shard fails at once with a
+message naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import fsspec
+import pytest
+from conftest import ID_CLASSES, pixel_ids
+from s3_server import FaultProxy, s3_options
+
+from packer.errors import ChecksumError, ShardReadError
+from packer.format import MANIFEST_NAME
+from packer.uploader import upload
+from reader.remote import ShardCache, is_transient, open_shard_stream, prefetch_shards
+
+BLOCK = 16 << 10  # small blocks: many range requests per shard, so faults land mid-shard
+
+
+def _entries(out):
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    return {e["name"]: e for s in manifest["splits"].values() for e in s["shards"]}
+
+
+@pytest.fixture
+def uploaded(s3, id_shards):
+    """id_shards uploaded to s3://BUCKET/ds: (endpoint, bucket, local shard dir, id paths)."""
+    endpoint, _, bucket = s3
+    shards, paths = id_shards
+    upload(shards, f"s3://{bucket}/ds", endpoint_url=endpoint, quiet=True)
+    return endpoint, bucket, shards, paths
+
+
+def _no_library_retries(endpoint: str, monkeypatch):
+    """Options that switch off botocore's and s3fs' own retries: our retry layer alone must
+    cope. (s3fs reads ``retries`` from a class attribute.)"""
+    import s3fs
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
+    return s3_options(endpoint, config_kwargs={"retries": {"total_max_attempts": 1}})
+
+
+def _faulty(every: int, kinds=("drop", "500", "503")):
+    """Fault on every ``every``-th GET of a shard, cycling through ``kinds``; a retry of the
+    same range (the next request) goes through."""
+    state = {"n": 0}
+
+    def fault(method, path, n):
+        if method != "GET" or not path.endswith(".tar"):
+            return None
+        state["n"] += 1
+        if state["n"] % every == 0:
+            return kinds[(state["n"] // every) % len(kinds)]
+        return None
+
+    return fault
+
+
+@pytest.mark.parametrize("readahead", [True, False])
+def test_stream_reads_every_byte_once_through_faults(uploaded, readahead, monkeypatch):
+    endpoint, bucket, shards, _ = uploaded
+    proxy = FaultProxy(endpoint, fault=_faulty(3)).start()
+    try:
+        options = _no_library_retries(proxy.endpoint, monkeypatch)
+        retried = 0
+        for name, entry in sorted(_entries(shards).items())[:6]:
+            with open_shard_stream(
+                f"s3://{bucket}/ds/{name}", storage_options=options, block_size=BLOCK,
+                expected_sha256=entry["sha256"], expected_size=entry["bytes"],
+                readahead=readahead, backoff=0.01,
+            ) as stream:
+                data = b"".join(iter(lambda: stream.read(7000), b""))
+                retried += stream.retried
+                assert stream.tell() == entry["bytes"]
+            assert data == (shards / name).read_bytes()
+    finally:
+        proxy.stop()
+    faults = [r for r in proxy.log if r.fault]
+    assert {r.fault for r in faults} == {"drop", "500", "503"}
+    assert retried == len(faults) > 0  # each fault cost exactly one retry at the same range
+    # Every range was asked for again at its own offset, never from byte 0 of the shard.
+    gets = [r for r in proxy.log if r.method == "GET" and r.path.endswith(".tar")]
+    blocks = sum(-(-e["bytes"] // BLOCK) for _, e in sorted(_entries(shards).items())[:6])
+    assert len(gets) == len(faults) + blocks
+
+
+def test_shard_reader_on_s3_yields_every_sample_once_with_labels_despite_faults(uploaded):
+    from reader import ShardReader
+
+    endpoint, bucket, _, paths = uploaded
+    proxy = FaultProxy(endpoint, fault=_faulty(4)).start()
+    try:
+        reader = ShardReader(f"s3://{bucket}/ds", split="train", image_size=(4, 4),
+                             interpolation="nearest", batch_size=10, seed=0,
+                             storage_options=s3_options(proxy.endpoint))
+        ids, labels = [], []
+        for x, y in reader:
+            ids += pixel_ids(x)
+            labels += y.tolist()
+    finally:
+        proxy.stop()
+    train = {n for n, p in paths.items() if p.startswith("train/")}
+    assert sorted(ids) == sorted(train) and len(ids) == len(train)
+    for n, label in zip(ids, labels, strict=True):
+        assert paths[n].split("/")[1] == ID_CLASSES[label]
+    assert any(r.fault for r in proxy.log)
+
+
+def test_missing_shard_fails_at_once_naming_it(uploaded):
+    from reader import ShardReader
+
+    endpoint, bucket, shards, _ = uploaded
+    name = sorted(_entries(shards))[0]
+    fsspec.filesystem("s3", **s3_options(endpoint)).rm_file(f"{bucket}/ds/{name}")
+    proxy = FaultProxy(endpoint).start()
+    try:
+        url = f"s3://{bucket}/ds/{name}"
+        with pytest.raises(ShardReadError, match="not found") as info:
+            with open_shard_stream(url, storage_options=s3_options(proxy.endpoint), retries=5) as s:
+                s.read()
+        assert url in str(info.value)
+        assert len([r for r in proxy.log if r.path.endswith(name)]) == 1  # no retries for 404
+        with pytest.raises(ShardReadError, match=name.replace("/", ".")):
+            for _ in ShardReader(f"s3://{bucket}/ds", split=name.split("/")[0], image_size=(4, 4),
+                                 storage_options=s3_options(proxy.endpoint)):
+                pass
+    finally:
+        proxy.stop()
+
+
+def test_corrupted_object_fails_with_checksum_error(uploaded):
+    from reader import ShardReader
+
+    endpoint, bucket, shards, _ = uploaded
+    name, entry = sorted(_entries(shards).items())[0]
+    data = bytearray((shards / name).read_bytes())
+    data[100] ^= 0xFF  # inside the first tar header
+    fsspec.filesystem("s3", **s3_options(endpoint)).pipe_file(f"{bucket}/ds/{name}", bytes(data))
+    url = f"s3://{bucket}/ds/{name}"
+    with pytest.raises(ChecksumError, match="does not match") as info:
+        with open_shard_stream(url, storage_options=s3_options(endpoint), block_size=BLOCK,
+                               expected_sha256=entry["sha256"]) as stream:
+            while stream.read(BLOCK):
+                pass
+    assert url in str(info.value)
+    # Without the checksum, the reader's tar parser catches it, naming the shard.
+    with pytest.raises(ShardReadError, match=name.replace("/", ".")):
+        for _ in ShardReader(f"s3://{bucket}/ds", split=name.split("/")[0], image_size=(4, 4),
+                             storage_options=s3_options(endpoint)):
+            pass
+
+
+def test_truncated_object_is_reported_not_hidden(uploaded):
+    endpoint, bucket, shards, _ = uploaded
+    name, entry = sorted(_entries(shards).items())[0]
+    fs = fsspec.filesystem("s3", **s3_options(endpoint))
+    fs.pipe_file(f"{bucket}/ds/{name}", (shards / name).read_bytes()[:5000])
+    with pytest.raises(ShardReadError, match="truncated"):
+        with open_shard_stream(f"s3://{bucket}/ds/{name}", storage_options=s3_options(endpoint),
+                               expected_size=entry["bytes"], block_size=BLOCK, backoff=0.01) as s:
+            s.read()
+
+
+def test_prefetch_opens_the_next_shard_ahead():
+    opened = []
+
+    class Stream:
+        def __init__(self, url):
+            self.url = url
+            self.closed = False
+            opened.append(url)
+
+        def close(self):
+            self.closed = True
+
+    gen = prefetch_shards(["a", "b", "c"], Stream, depth=1)
+    first = next(gen)
+    assert first.url == "a" and opened == ["a", "b"]  # b is already fetching
+    assert [s.url for s in gen] == ["b", "c"]
+    gen = prefetch_shards(["a", "b", "c"], Stream, depth=2)
+    next(gen)
+    gen.close()
+    assert opened[-3:] == ["a", "b", "c"]
+
+
+def test_cache_serves_second_read_locally_and_evicts_lru(uploaded, tmp_path):
+    endpoint, bucket, shards, _ = uploaded
+    proxy = FaultProxy(endpoint).start()
+    cache_dir = tmp_path / "cache"
+    entries = sorted(_entries(shards).items())[:3]
+    limit = entries[0][1]["bytes"] + entries[1][1]["bytes"]
+    try:
+        def read(name, entry):
+            with open_shard_stream(f"s3://{bucket}/ds/{name}", storage_options=s3_options(proxy.endpoint),
+                                   expected_sha256=entry["sha256"], cache_dir=cache_dir,
+                                   cache_max_bytes=limit, block_size=BLOCK) as stream:
+                return stream.read()
+
+        name, entry = entries[0]
+        assert read(name, entry) == (shards / name).read_bytes()
+        gets = len(proxy.requests("GET"))
+        assert read(name, entry) == (shards / name).read_bytes()
+        assert len(proxy.requests("GET")) == gets  # served from the cache
+        for other, e in entries[1:]:
+            read(other, e)
+    finally:
+        proxy.stop()
+    cached = sorted(p.name for p in cache_dir.iterdir())
+    assert not [c for c in cached if c.endswith(".partial")]
+    assert sum((cache_dir / c).stat().st_size for c in cached) <= limit
+    # the least recently used (the first shard) went first
+    assert ShardCache(cache_dir).lookup(ShardCache.key(f"s3://{bucket}/ds/{entries[0][0]}",
+                                                       entries[0][1]["sha256"], None)) is None
+
+
+def test_transient_errors_are_classified():
+    from botocore.exceptions import ClientError
+
+    def client_error(status, code):
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    assert is_transient(ConnectionResetError())
+    assert is_transient(TimeoutError())
+    assert is_transient(client_error(503, "SlowDown"))
+    assert is_transient(client_error(500, "InternalError"))
+    assert not is_transient(client_error(403, "AccessDenied"))
+    assert not is_transient(FileNotFoundError())
+    assert not is_transient(PermissionError())
+    assert not is_transient(ValueError("bad"))
+
+
+def test_local_shards_open_directly(id_shards):
+    shards, _ = id_shards
+    name = sorted(_entries(shards))[0]
+    with open_shard_stream(str(shards / name)) as f:
+        assert f.read() == (shards / name).read_bytes()
+    with pytest.raises(ShardReadError, match="not found"):
+        open_shard_stream(str(shards / "nope.tar"))
+
+
+def test_counts_from_s3_match_manifest(uploaded):
+    from reader import ShardReader
+
+    endpoint, bucket, _, paths = uploaded
+    reader = ShardReader(f"s3://{bucket}/ds", split="test", shuffle=False, image_size=(4, 4),
+                         interpolation="nearest", batch_size=7, storage_options=s3_options(endpoint))
+    labels = [int(v) for _, y in reader for v in y]
+    expected = Counter(p.split("/")[1] for p in paths.values() if p.startswith("test/"))
+    assert Counter(ID_CLASSES[v] for v in labels) == expected
