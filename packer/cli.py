@@ -121,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["auto", "splits", "flat"], default="auto",
                    help="splits: SRC/{split}/{class}; flat: SRC/{class}; auto: flat iff --validation-split")
     p.add_argument("--follow-links", action="store_true", help="follow symbolic links (cycles are detected)")
-    p.add_argument("--validate", choices=["decode", "header"], default="decode",
-                   help="decode: decode every image (default); header: headers only (faster)")
+    p.add_argument("--validate", choices=["structure", "decode", "header"], default="structure",
+                   help="structure (default): headers, declared size and end markers, no pixel "
+                        "decoding for JPEG/PNG; decode: decode every image (also catches corrupt "
+                        "data inside files); header: headers only")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse images with more pixels as decompression bombs (default %(default)s)")
     p.add_argument("--engine", choices=["local", "dask"], default="local", help="local processes or a Dask cluster")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, TypeVar
 
-__all__ = ["ENGINES", "default_workers", "run_local", "get_engine"]
+__all__ = ["ENGINES", "LocalPool", "default_workers", "run_local", "get_engine"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -27,25 +29,61 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def _start_method() -> str:
+    """``fork`` when it is safe (cheap start, no re-import); ``forkserver`` otherwise.
+
+    Forking a process that runs other threads (TensorFlow, PyTorch, a Dask client, a test
+    server) can deadlock the children on a lock some thread held at fork time.
+    """
+    threaded = threading.active_count() > 1 or any(m in sys.modules for m in _THREADED_MODULES)
+    if threaded or "fork" not in multiprocessing.get_all_start_methods():
+        return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return "fork"
+
+
+_THREADED_MODULES = ("tensorflow", "torch", "jax", "distributed")
+
+
+class LocalPool:
+    """A process pool started on first use and reused by every phase of one pack job
+    (starting workers costs more than probing a thousand files)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            context = multiprocessing.get_context(_start_method())
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
 def run_local(
-    fn: Callable[[T], R], items: Iterable[T], *, workers: int, **_: Any
+    fn: Callable[[T], R], items: Iterable[T], *, workers: int, pool: LocalPool | None = None, **_: Any
 ) -> Iterator[tuple[T, R]]:
     """Run ``fn`` over ``items`` in ``workers`` processes (inline when workers == 1).
 
-    Uses the ``spawn`` start method: forking a process that has TensorFlow or other threaded
-    libraries loaded can deadlock the children.
+    At most ``4 * workers`` tasks are in flight, so a huge plan never queues at once.
     """
     items = list(items)
     if workers <= 1 or len(items) <= 1:
         for item in items:
             yield item, fn(item)
         return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    own = pool is None
+    pool = pool or LocalPool(workers)
+    try:
+        executor = pool.executor()
         pending = {}
         queue = iter(items)
         for item in queue:  # keep a bounded number of tasks in flight
-            pending[pool.submit(fn, item)] = item
+            pending[executor.submit(fn, item)] = item
             if len(pending) >= workers * 4:
                 break
         while pending:
@@ -55,7 +93,10 @@ def run_local(
                 yield item, future.result()
                 nxt = next(queue, None)
                 if nxt is not None:
-                    pending[pool.submit(fn, nxt)] = nxt
+                    pending[executor.submit(fn, nxt)] = nxt
+    finally:
+        if own:
+            pool.close()
 
 
 def _run_dask(fn: Callable[[T], R], items: Iterable[T], *, workers: int, **kw: Any) -> Iterator[tuple[T, R]]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .engines import default_workers, get_engine
+from .engines import LocalPool, default_workers, get_engine
 from .errors import PackError
 from .manifest import build_manifest, write_manifest_atomically
 from .plan import (
@@ -25,7 +25,7 @@ from .plan import (
     planned_sample,
     split_flat_pool,
 )
-from .probe import DEFAULT_MAX_PIXELS, VALIDATE_MODES, Probe, probe_file
+from .probe import DEFAULT_MAX_PIXELS, DEFAULT_VALIDATE, VALIDATE_MODES, Probe, probe_file
 from .resume import Journal, check_output, keepable, previous_results, remove_stale
 from .sizes import parse_size
 from .transform import ResizeSpec, parse_resize
@@ -54,7 +54,7 @@ def pack(
     validation_split: float | None = None,
     layout: str = "auto",
     follow_links: bool = False,
-    validate: str = "decode",
+    validate: str = DEFAULT_VALIDATE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     engine: str = "local",
     scheduler: str | None = None,
@@ -82,8 +82,10 @@ def pack(
         layout: ``"splits"``, ``"flat"``, or ``"auto"`` (flat exactly when a
             ``validation_split`` is given).
         follow_links: follow symbolic links (cycles are detected and broken).
-        validate: ``"decode"`` decodes every image (catches truncation/corruption);
-            ``"header"`` only reads headers (faster, weaker).
+        validate: ``"structure"`` (default) checks headers, declared size and end
+            markers of JPEG/PNG without decoding (catches truncation) and decodes other
+            formats; ``"decode"`` decodes every image (also catches corrupt data inside a
+            file); ``"header"`` only reads headers (fastest, weakest).
         max_pixels: images with more pixels are refused as decompression bombs.
         engine: ``"local"`` (process pool) or ``"dask"``.
         scheduler: Dask scheduler address (``tcp://host:8786``); default a local cluster.
@@ -119,9 +121,25 @@ def pack(
     )
     resize_spec = parse_resize(resize, quality=quality)
     workers = workers or default_workers()
-    run = _engine_runner(engine, workers=workers, scheduler=scheduler)
-
     check_output(out_dir, options, overwrite=overwrite)
+    pool = LocalPool(workers)
+    try:
+        return _pack_with(
+            src, out_dir, options, resize_spec=resize_spec, quiet=quiet,
+            run=_engine_runner(engine, workers=workers, scheduler=scheduler, pool=pool),
+        )
+    finally:
+        pool.close()
+
+
+def _pack_with(
+    src: str | os.PathLike[str], out_dir: str, options: dict[str, Any], *,
+    resize_spec: ResizeSpec | None, quiet: bool, run: Callable[..., Any],
+) -> dict[str, Any]:
+    """The pipeline itself: walk -> probe -> plan -> write -> manifest."""
+    follow_links, validate, max_pixels = (
+        options["follow_links"], options["validate"], options["max_pixels"]
+    )
     walked = walk_tree(src, layout=options["layout"], follow_links=follow_links)
     for warning in walked.warnings:
         log.warning(warning)
@@ -182,11 +200,13 @@ def normalize_options(
     }
 
 
-def _engine_runner(engine: str, *, workers: int, scheduler: str | None) -> Callable[..., Any]:
+def _engine_runner(
+    engine: str, *, workers: int, scheduler: str | None, pool: LocalPool
+) -> Callable[..., Any]:
     run_engine = get_engine(engine)
 
     def run(fn: Callable[[Any], Any], items: Iterable[Any]) -> Any:
-        return run_engine(fn, items, workers=workers, scheduler=scheduler)
+        return run_engine(fn, items, workers=workers, scheduler=scheduler, pool=pool)
 
     return run
 

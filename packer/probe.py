@@ -3,9 +3,15 @@
 The probe is the packer's gatekeeper: it recognises images by content (not by name), refuses
 what a training job would choke on (empty, truncated, corrupt, unsupported, decompression
 bombs), and records the facts the plan needs (real format, size after EXIF orientation,
-stored byte count, sha256). With ``validate="decode"`` (default) the whole image is decoded,
-JPEGs at 1/8 scale through libjpeg's DCT scaling, which still reads every entropy-coded
-byte, so truncation and corruption are caught at a fraction of a full decode's cost.
+stored byte count, sha256). Three levels of checking:
+
+* ``"structure"`` (default): plain JPEGs and PNGs are checked by ``packer.headers`` without
+  Pillow — header fields, declared size, and an end marker after the last scan (catches
+  truncation, the common failure of copied or downloaded files) — at a fraction of the
+  cost; every other format is fully decoded by Pillow.
+* ``"decode"``: every image is decoded (JPEGs at 1/8 scale through libjpeg's DCT scaling,
+  which still reads every entropy-coded byte), so corrupt data inside a file is caught too.
+* ``"header"``: Pillow reads headers only (fastest, weakest).
 """
 
 from __future__ import annotations
@@ -18,14 +24,16 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from .format import PIL_FORMAT_TO_EXT
+from .headers import FastInfo, fast_jpeg_info, fast_png_info
 from .transform import ResizeSpec, transform_image
 
-__all__ = ["Probe", "probe_file", "probe_bytes", "DEFAULT_MAX_PIXELS", "VALIDATE_MODES"]
+__all__ = ["Probe", "probe_file", "probe_bytes", "DEFAULT_MAX_PIXELS", "VALIDATE_MODES", "DEFAULT_VALIDATE"]
 
 # Pillow's own warning threshold (~9459 x 9459); above it a file is a likely decompression
 # bomb: a few KB on disk that expand to gigabytes of pixels in every training worker.
 DEFAULT_MAX_PIXELS = 89_478_485
-VALIDATE_MODES = ("decode", "header")
+VALIDATE_MODES = ("structure", "decode", "header")
+DEFAULT_VALIDATE = "structure"
 _ROTATED_ORIENTATIONS = {5, 6, 7, 8}
 
 
@@ -64,10 +72,29 @@ def _full_decode(im: Image.Image) -> None:
     im.load()
 
 
+def _bomb_reason(w: int, h: int, max_pixels: int) -> str:
+    return (
+        f"decompression bomb refused: {w}x{h} = {w * h:,} pixels exceeds the limit of "
+        f"{max_pixels:,} (raise --max-pixels to pack it)"
+    )
+
+
+def _probe_fast(info: FastInfo, data: bytes, source_sha: str, max_pixels: int) -> Probe:
+    if info.width * info.height > max_pixels:
+        return Probe(False, True, _bomb_reason(info.width, info.height, max_pixels), source_sha256=source_sha)
+    if not info.complete:
+        name = "JPEG (no end-of-image marker after the last scan)" if info.ext == "jpg" else "PNG (no IEND chunk)"
+        return Probe(False, True, f"truncated {name}", source_sha256=source_sha)
+    w, h = info.width, info.height
+    if info.orientation in _ROTATED_ORIENTATIONS:
+        w, h = h, w
+    return Probe(True, True, "", info.ext, w, h, len(data), source_sha, source_sha)
+
+
 def probe_bytes(
     data: bytes,
     *,
-    validate: str = "decode",
+    validate: str = DEFAULT_VALIDATE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     resize: ResizeSpec | None = None,
 ) -> Probe:
@@ -75,6 +102,10 @@ def probe_bytes(
     source_sha = hashlib.sha256(data).hexdigest()
     if not data:
         return Probe(False, True, "empty file (0 bytes)", source_sha256=source_sha)
+    if validate == "structure" and resize is None:
+        fast = fast_jpeg_info(data) if data[:2] == b"\xff\xd8" else fast_png_info(data)
+        if fast is not None:
+            return _probe_fast(fast, data, source_sha, max_pixels)
     pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
@@ -103,15 +134,10 @@ def probe_bytes(
         if w <= 0 or h <= 0:
             return Probe(False, True, f"image declares size {w}x{h}", source_sha256=source_sha)
         if w * h > max_pixels:
-            return Probe(
-                False, True,
-                f"decompression bomb refused: {w}x{h} = {w * h:,} pixels exceeds the limit of "
-                f"{max_pixels:,} (raise --max-pixels to pack it)",
-                source_sha256=source_sha,
-            )
+            return Probe(False, True, _bomb_reason(w, h, max_pixels), source_sha256=source_sha)
         width, height = _oriented_size(im)
         try:
-            if validate == "decode" or resize is not None:
+            if validate != "header" or resize is not None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                     _full_decode(im) if resize is None else im.load()
@@ -139,7 +165,7 @@ def read_file(path: str) -> bytes:
 def probe_file(
     path: str,
     *,
-    validate: str = "decode",
+    validate: str = DEFAULT_VALIDATE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     resize: ResizeSpec | None = None,
 ) -> Probe:

@@ -129,7 +129,7 @@ GOLDEN = {
     "seed": 0,
     "options": {"max_count": 2, "max_size": 256_000_000, "seed": 0, "resize": None,
                 "validation_split": None, "layout": "splits", "follow_links": False,
-                "validate": "decode", "max_pixels": 89_478_485},
+                "validate": "structure", "max_pixels": 89_478_485},
 }
 GOLDEN_ORDER = {  # shard -> source paths in member order (seeded shuffle, seed 0)
     "test/test-000000.tar": ["test/red/d.bmp"],

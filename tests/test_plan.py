@@ -21,7 +21,7 @@ from packer.plan import (
     order_split,
     split_flat_pool,
 )
-from packer.write import _member
+from packer.write import ustar_header
 
 
 def sample(i: int, size: int, *, label: int = 0, path: str | None = None, sha: str = "") -> PlannedSample:
@@ -65,6 +65,23 @@ def test_planned_bytes_equal_real_tar_bytes(sizes):
                                   (f"{s.key}.json", s.json_bytes())):
                 tar.addfile(_member(name, len(payload)), io.BytesIO(payload))
     assert len(buf.getvalue()) == shard.planned_bytes
+
+
+def _member(name: str, size: int) -> tarfile.TarInfo:
+    """The reference: CPython's tarfile with our fixed header fields."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+@settings(max_examples=100, deadline=None)
+@given(key=st.from_regex(r"[a-z_]{1,20}_[0-9]{9}", fullmatch=True),
+       ext=st.sampled_from(["jpg", "png", "cls", "json"]), size=st.integers(0, 8**11 - 1))
+def test_hand_written_ustar_header_equals_tarfile(key, ext, size):
+    name = f"{key}.{ext}"
+    assert ustar_header(name, size) == _member(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
 
 
 def test_class_map_is_sorted_union():
