@@ -71,17 +71,6 @@ def partial_name(final_path: str) -> str:
     return os.path.join(head, f".{tail}.partial")
 
 
-def _member(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = TAR_MTIME
-    info.mode = TAR_MODE
-    info.uid, info.gid = TAR_UID, TAR_GID
-    info.uname, info.gname = TAR_UNAME, TAR_GNAME
-    info.type = tarfile.REGTYPE
-    return info
-
-
 def stored_bytes(sample: PlannedSample, resize: ResizeSpec | None) -> bytes:
     """The image bytes that go into the shard, checked against what the plan recorded.
 
