@@ -17,11 +17,14 @@ it publishes the manifest.
 from __future__ import annotations
 
 import logging
+import reprlib
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Any, TypeVar
 
-__all__ = ["run_dask", "DEFAULT_RETRIES", "IN_FLIGHT_PER_THREAD", "MIN_IN_FLIGHT"]
+from .errors import PackError
+
+__all__ = ["run_dask", "local_cluster", "DEFAULT_RETRIES", "IN_FLIGHT_PER_THREAD", "MIN_IN_FLIGHT"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -34,6 +37,7 @@ DEFAULT_RETRIES = 2
 # enough that a plan of a million tasks never sits in the scheduler's memory at once.
 IN_FLIGHT_PER_THREAD = 4
 MIN_IN_FLIGHT = 8
+CONNECT_TIMEOUT_S = 30
 
 
 def run_dask(
@@ -44,6 +48,7 @@ def run_dask(
     scheduler: str | None = None,
     retries: int = DEFAULT_RETRIES,
     max_in_flight: int | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT_S,
     **_: Any,
 ) -> Iterator[tuple[T, R]]:
     """Run ``fn`` over ``items`` on a Dask cluster, yielding ``(item, result)`` as completed.
@@ -61,37 +66,34 @@ def run_dask(
         retries: extra attempts for a task that raised.
         max_in_flight: most tasks submitted but not yet yielded (default
             ``IN_FLIGHT_PER_THREAD`` per worker thread, at least ``MIN_IN_FLIGHT``).
+        connect_timeout: seconds to wait for the ``scheduler``.
 
     Yields:
         ``(item, fn(item))`` in completion order; the caller restores plan order.
 
     Raises:
         ImportError: ``dask[distributed]`` is not installed; the message says how to get it.
+        PackError: the scheduler cannot be reached, or one task killed every worker that
+            tried it (out of memory, a crash in native code).
         Exception: the first task that still fails after its retries, re-raised as is
             (a ``PackError`` from a writer stays a ``PackError``); the remaining tasks are
             cancelled.
     """
-    try:
-        from distributed import Client, LocalCluster, as_completed
-    except ImportError as exc:
-        raise ImportError(
-            "the dask engine needs dask.distributed: pip install 'shardpack[dask]'"
-        ) from exc
+    _require_distributed()
+    from distributed import Client, KilledWorker, as_completed
 
     with ExitStack() as stack:
         if scheduler is None:
-            cluster = stack.enter_context(
-                LocalCluster(
-                    host="127.0.0.1", n_workers=max(1, workers), threads_per_worker=1,
-                    processes=True, dashboard_address=None, silence_logs=logging.WARNING,
-                    # no dashboard; the scheduler's health endpoint on a free loopback port
-                    # rather than 8787, which another cluster on this host may hold
-                    scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
-                )
-            )
-            client = stack.enter_context(Client(cluster))
+            client = stack.enter_context(Client(stack.enter_context(local_cluster(workers))))
         else:
-            client = stack.enter_context(Client(scheduler))
+            try:
+                client = stack.enter_context(Client(scheduler, timeout=connect_timeout))
+            except OSError as exc:
+                raise PackError(
+                    f"cannot reach the Dask scheduler at {scheduler} ({exc}); start one with "
+                    "`dask scheduler` (and `dask worker ADDRESS` on each machine), or leave "
+                    "out --scheduler to pack on a local cluster"
+                ) from exc
         window = max_in_flight or _default_window(client, workers)
         if window < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
@@ -113,7 +115,14 @@ def run_dask(
         try:
             for future in completed:
                 item = pending.pop(future)
-                result = future.result()  # re-raises the task's exception
+                try:
+                    result = future.result()  # re-raises the task's exception
+                except KilledWorker as exc:
+                    raise PackError(
+                        f"task {reprlib.repr(item)} killed every Dask worker that ran it "
+                        f"({exc}); look for out-of-memory kills in the worker logs, give "
+                        "workers more memory, or raise distributed.scheduler.allowed-failures"
+                    ) from exc
                 future.release()  # the scheduler forgets it; memory stays flat
                 yield item, result
                 nxt = submit_next()
@@ -122,6 +131,36 @@ def run_dask(
         finally:
             if pending:  # failed, or the consumer stopped early
                 client.cancel(list(pending))
+
+
+@contextmanager
+def local_cluster(workers: int) -> Iterator[str]:
+    """Start a ``LocalCluster`` on loopback (``workers`` single-threaded processes) and
+    yield its scheduler address; shut it down on exit.
+
+    ``pack()`` can hold one for the whole job and pass the address as ``scheduler`` to
+    every phase, so the cluster starts once rather than once per phase.
+    """
+    _require_distributed()
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        host="127.0.0.1", n_workers=max(1, workers), threads_per_worker=1, processes=True,
+        dashboard_address=None, silence_logs=logging.WARNING,
+        # no dashboard; the scheduler's health endpoint on a free loopback port rather than
+        # 8787, which another cluster on this host may hold
+        scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+    ) as cluster:
+        yield cluster.scheduler_address
+
+
+def _require_distributed() -> None:
+    try:
+        import distributed  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            "the dask engine needs dask.distributed: pip install 'shardpack[dask]'"
+        ) from exc
 
 
 def _default_window(client: Any, workers: int) -> int:

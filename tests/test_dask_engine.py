@@ -19,6 +19,7 @@ distributed = pytest.importorskip("distributed")
 
 from packer import engines, pack  # noqa: E402
 from packer.dask_engine import run_dask  # noqa: E402
+from packer.errors import PackError  # noqa: E402
 from packer.examples import make_example_tree  # noqa: E402
 from packer.write import partial_name  # noqa: E402
 
@@ -160,3 +161,16 @@ def test_killed_workers_are_survived(tree, local_pack, tmp_path, monkeypatch):
     assert killed and marker.exists()  # both deaths really happened
     assert not list(out.rglob("*.partial"))
     assert _digests(out) == local_pack[1]
+
+
+def test_unreachable_scheduler_says_how_to_fix():
+    with pytest.raises(PackError, match="cannot reach the Dask scheduler.*leave out --scheduler"):
+        list(run_dask(abs, [1], workers=1, scheduler="tcp://127.0.0.1:1", connect_timeout=1))
+
+
+@pytest.mark.slow
+def test_task_that_kills_every_worker_is_a_pack_error():
+    dask = pytest.importorskip("dask")
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), _cluster(1) as cluster:
+        with pytest.raises(PackError, match="killed every Dask worker"):
+            list(run_dask(os._exit, [3], workers=1, scheduler=cluster.scheduler_address))
