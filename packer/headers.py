@@ -64,6 +64,7 @@ def fast_jpeg_info(data: bytes) -> FastInfo | None:
     if data[:3] != b"\xff\xd8\xff":
         return None
     pos, n, orientation = 2, len(data), 1
+    frame: tuple[int, int] | None = None
     while pos + 4 <= n:
         if data[pos] != 0xFF:
             return None
@@ -82,14 +83,21 @@ def fast_jpeg_info(data: bytes) -> FastInfo | None:
                 orientation = _exif_orientation(data[pos + 4 : pos + 2 + length])
             except struct.error:
                 orientation = 1
+        elif marker == 0xDA:  # first scan: entropy-coded data follows
+            if frame is None:
+                return None
+            # Entropy-coded data never holds FF D9 (FF is stuffed as FF 00), so an EOI marker
+            # after the first scan's header means the data runs to its end; a truncated
+            # file has none. Searching from the end finds it at once in a complete file.
+            complete = data.rfind(b"\xff\xd9") > pos
+            return FastInfo("jpg", frame[0], frame[1], orientation, complete)
         elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             if marker not in _SOF_PLAIN or length < 8:
                 return None
             precision, height, width, components = struct.unpack_from(">BHHB", data, pos + 4)
             if precision != 8 or height == 0 or width == 0 or components not in (1, 3, 4):
                 return None
-            complete = data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") > pos
-            return FastInfo("jpg", width, height, orientation, complete)
+            frame = (width, height)
         pos += 2 + length
     return None
 

@@ -7,6 +7,7 @@ plan, which is what makes the output byte-identical whatever the worker count.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -48,11 +49,16 @@ class PlannedSample:
     sha256: str  # of the stored image bytes
     source_sha256: str
 
-    def json_bytes(self) -> bytes:
+    @functools.cached_property
+    def _json(self) -> bytes:
         return sample_json(
             path=self.rel_path, class_name=self.class_name, label=self.label,
             width=self.width, height=self.height,
         )
+
+    def json_bytes(self) -> bytes:
+        """The ``.json`` member (computed once: planning, fingerprinting and writing use it)."""
+        return self._json
 
     def tar_bytes(self) -> int:
         """Exact bytes this sample adds to a USTAR archive (3 headers + padded data)."""

@@ -1,0 +1,87 @@
+"""The fast JPEG/PNG header checks agree with Pillow, and catch truncation."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from packer.examples import PHOTOS, random_crop
+from packer.headers import fast_jpeg_info, fast_png_info
+from packer.probe import probe_bytes
+
+
+def _jpeg(seed: int, **save: object) -> tuple[bytes, Image.Image]:
+    rng = random.Random(seed)
+    from packer.examples import photo
+
+    im = random_crop(rng, photo(rng.choice(list(PHOTOS)[:4])), rng.randint(40, 300))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=rng.randint(60, 95), **save)
+    return buf.getvalue(), im
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), progressive=st.booleans(), gray=st.booleans())
+def test_jpeg_size_matches_pillow(seed, progressive, gray):
+    data, im = _jpeg(seed, progressive=progressive)
+    if gray:
+        buf = io.BytesIO()
+        im.convert("L").save(buf, format="JPEG", progressive=progressive)
+        data = buf.getvalue()
+    info = fast_jpeg_info(data)
+    assert info is not None and info.complete
+    with Image.open(io.BytesIO(data)) as ref:
+        assert (info.width, info.height) == ref.size
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), cut=st.floats(0.2, 0.995), progressive=st.booleans())
+def test_truncated_jpeg_is_incomplete_and_skipped(seed, cut, progressive):
+    data, _ = _jpeg(seed, progressive=progressive)
+    truncated = data[: int(len(data) * cut)]
+    info = fast_jpeg_info(truncated)
+    assert info is None or not info.complete
+    probe = probe_bytes(truncated)
+    assert not probe.ok and probe.is_image
+
+
+def test_exif_orientation_is_read():
+    data, im = _jpeg(1)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif.tobytes())
+    info = fast_jpeg_info(buf.getvalue())
+    assert info is not None and info.orientation == 6
+    probe = probe_bytes(buf.getvalue())
+    assert (probe.width, probe.height) == (im.height, im.width)
+
+
+def test_trailing_bytes_after_eoi_are_fine():
+    data, _ = _jpeg(2)
+    info = fast_jpeg_info(data + b"\x00" * 100 + b"camera trailer")
+    assert info is not None and info.complete
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16"])
+def test_png_size_and_truncation(mode):
+    im = Image.new(mode, (37, 21))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    data = buf.getvalue()
+    info = fast_png_info(data)
+    assert info is not None and (info.width, info.height) == (37, 21) and info.complete
+    assert not probe_bytes(data[:-20]).ok
+
+
+def test_unusual_jpeg_falls_back_to_pillow():
+    # a 12-bit or lossless SOF is not ours to judge: no fast answer
+    data, _ = _jpeg(3)
+    sof = data.find(b"\xff\xc0")
+    lossless = data[:sof] + b"\xff\xc3" + data[sof + 2 :]
+    assert fast_jpeg_info(lossless) is None
