@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import http.client
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -18,29 +20,68 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["S3Server", "FaultProxy", "Request", "s3_options"]
+__all__ = ["S3Server", "FaultProxy", "Request", "s3_options", "spawn_proxy"]
 
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te",
                 "upgrade", "trailer"}
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
 class S3Server:
-    """moto's S3 server on 127.0.0.1 at a free port (start/stop)."""
+    """moto's S3 server on 127.0.0.1 at a free port (start/stop).
 
-    def __init__(self) -> None:
-        from moto.server import ThreadedMotoServer
+    Args:
+        process: run it in a child process (its own interpreter and GIL: use for
+            benchmarks) instead of a thread of this process (fast start: use for tests).
+    """
 
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    def __init__(self, *, process: bool = False) -> None:
+        self._process_mode = process
+        self._child: subprocess.Popen[bytes] | None = None
+        self._server: Any = None
         self.endpoint = ""
 
     def start(self) -> S3Server:
+        if self._process_mode:
+            port = _free_port()
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            _wait_for_port(port)
+            self.endpoint = f"http://127.0.0.1:{port}"
+            return self
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"
         return self
 
     def stop(self) -> None:
-        self._server.stop()
+        if self._child is not None:
+            self._child.terminate()
+            self._child.wait(timeout=10)
+            self._child = None
+        elif self._server is not None:
+            self._server.stop()
 
     def reset(self) -> None:
         """Forget every bucket and object (moto's reset API)."""
@@ -82,6 +123,7 @@ class FaultProxy:
     upstream: str
     fault: FaultFn | None = None
     latency: float = 0.0
+    port: int = 0
     log: list[Request] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -90,7 +132,7 @@ class FaultProxy:
         host_port = self.upstream.split("://", 1)[1].rstrip("/")
         host, port = host_port.rsplit(":", 1)
         self._upstream = (host, int(port))
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler_class())
         self._server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -200,3 +242,24 @@ class FaultProxy:
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
 
         return Handler
+
+
+def spawn_proxy(upstream: str, *, latency: float = 0.0) -> tuple[str, subprocess.Popen[bytes]]:
+    """A latency-only FaultProxy in a child process (its own GIL); returns (endpoint, child).
+    The caller terminates the child."""
+    port = _free_port()
+    child = subprocess.Popen(
+        [sys.executable, __file__, upstream, str(port), str(latency)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    _wait_for_port(port)
+    return f"http://127.0.0.1:{port}", child
+
+
+def _serve_forever(upstream: str, port: int, latency: float) -> None:
+    proxy = FaultProxy(upstream, latency=latency, port=port)
+    proxy._server.serve_forever()
+
+
+if __name__ == "__main__":
+    _serve_forever(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))
