@@ -8,13 +8,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from .engines import LocalPool, default_workers, get_engine
-from .errors import PackError
+from .errors import LayoutError, PackError
+from .format import sample_key
 from .manifest import build_manifest, write_manifest_atomically
 from .plan import (
     Plan,
@@ -257,6 +259,7 @@ def make_plan(walked: Any, probes: list[Probe], options: dict[str, Any]) -> tupl
         pools = {group: [] for group in walked.classes}
         for cp in good:
             pools[cp[0].group].append(cp)
+    _check_split_keys(sorted(pools))
     plan = Plan(classes=classes, options=options)
     for split in sorted(pools):
         ordered = order_split(pools[split], split=split, seed=options["seed"], path_of=_path_of) if pools[split] else []
@@ -268,6 +271,20 @@ def make_plan(walked: Any, probes: list[Probe], options: dict[str, Any]) -> tupl
             samples, split=split, max_count=options["max_count"], max_size=options["max_size"]
         )
     return plan, skipped, ignored
+
+
+def _check_split_keys(splits: list[str]) -> None:
+    """Keys embed the split name with odd characters replaced; two splits that would share
+    keys (``a.b`` and ``a_b``) are refused rather than packed with colliding keys."""
+    seen: dict[str, str] = {}
+    for split in splits:
+        prefix = sample_key(split, 0)
+        if prefix in seen:
+            raise LayoutError(
+                f"split folders {seen[prefix]!r} and {split!r} would give samples the same keys; "
+                "rename one of them"
+            )
+        seen[prefix] = split
 
 
 def _path_of(pair: tuple[Candidate, Probe]) -> str:
@@ -303,6 +320,7 @@ def write_plan(
         for result in results.values():
             journal.record(result)
     bars = _split_bars(plan, results, quiet=quiet)
+    started = time.perf_counter()
     try:
         for task, result in run(_write_task, tasks):
             results[result.name] = result
@@ -310,7 +328,9 @@ def write_plan(
                 journal.record(result)
             bar = bars[task[0].split]
             bar.update(result.count)
-            bar.set_postfix_str(f"{bar.format_sizeof(_bytes_done(results, task[0].split))}B")
+            seconds = max(time.perf_counter() - started, 1e-9)
+            written = _bytes_done(results, task[0].split)
+            bar.set_postfix_str(f"{written / seconds / 1e6:.1f} MB/s, {written / 1e6:.0f} MB")
     finally:
         journal.close()
         for bar in bars.values():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -143,7 +144,7 @@ def split_flat_pool(
     for name in sorted(by_class):
         members = sorted(by_class[name], key=path_of)
         random.Random(f"{seed}/validation-split/{name}").shuffle(members)
-        n_val = round(len(members) * validation_split)
+        n_val = math.floor(len(members) * validation_split + 0.5)  # half up, not to even
         out["validation"].extend(members[:n_val])
         out["train"].extend(members[n_val:])
     return out
