@@ -1,0 +1,37 @@
+"""Project-level promises: the packer needs no TensorFlow; CI runs README's test command."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_packer_runs_without_importing_tensorflow(tmp_path):
+    from packer.examples import make_example_tree
+
+    make_example_tree(tmp_path / "src", counts={"train": 3}, long_side=(64, 96))
+    code = (
+        "import sys; from packer import pack; "
+        f"pack({str(tmp_path / 'src')!r}, {str(tmp_path / 'out')!r}, quiet=True, workers=1); "
+        "from packer.cli import main; main(['info', %r]); "
+        "assert 'tensorflow' not in sys.modules, 'packer imported tensorflow'; "
+        "assert 'torch' not in sys.modules, 'packer imported torch'"
+    ) % str(tmp_path / "out")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def _readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    return re.findall(r"```bash\n(.+?)\n```", text, flags=re.S)[:2]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    install_and_demo, install_and_test = _readme_commands()
+    assert "scripts/demo.py" in install_and_demo
+    assert "pytest" in install_and_test
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert install_and_test.strip() in [line.strip() for line in ci]
