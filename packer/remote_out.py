@@ -67,18 +67,10 @@ def pack_to_url(
         UploadError: the store refused a request; re-running resumes.
         (and everything :func:`packer.pack` raises)
     """
-    from .engines import default_workers
-    from .job import (
-        _engine_runner,
-        find_duplicates,
-        make_plan,
-        normalize_options,
-        probe_all,
-    )
-    from .manifest import build_manifest
-    from .probe import DEFAULT_MAX_PIXELS
+    from .engines import LocalPool, default_workers
+    from .job import _engine_runner, normalize_options
+    from .probe import DEFAULT_MAX_PIXELS, DEFAULT_VALIDATE
     from .transform import parse_resize
-    from .walk import walk_tree
 
     quiet = bool(pack_options.pop("quiet", False))
     overwrite = bool(pack_options.pop("overwrite", False))
@@ -96,7 +88,7 @@ def pack_to_url(
         validation_split=pack_options.pop("validation_split", None),
         layout=pack_options.pop("layout", "auto"),
         follow_links=pack_options.pop("follow_links", False),
-        validate=pack_options.pop("validate", "decode"),
+        validate=pack_options.pop("validate", DEFAULT_VALIDATE),
         max_pixels=pack_options.pop("max_pixels", DEFAULT_MAX_PIXELS),
     )
     if pack_options:
@@ -112,7 +104,28 @@ def pack_to_url(
     except Exception as exc:  # the store cannot be reached: say so before packing anything
         raise UploadError(_message(url, exc, storage_options)) from None
 
-    run = _engine_runner(engine, workers=workers, scheduler=scheduler)
+    pool = LocalPool(workers)
+    try:
+        run = _engine_runner(engine, workers=workers, scheduler=scheduler, pool=pool)
+        return _pack_and_send(src, store, options, old_manifest, run=run, resize_spec=resize_spec,
+                              staging_dir=staging_dir, batch=batch, upload_workers=upload_workers,
+                              quiet=quiet, storage_options=storage_options)
+    finally:
+        pool.close()
+
+
+def _pack_and_send(
+    src: str | os.PathLike[str], store: RemoteStore, options: dict[str, Any],
+    old_manifest: dict[str, Any] | None, *, run: Any, resize_spec: Any,
+    staging_dir: str | os.PathLike[str] | None, batch: int, upload_workers: int, quiet: bool,
+    storage_options: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """walk -> probe -> plan, then write + upload in batches, then the manifest."""
+    from .job import find_duplicates, make_plan, probe_all
+    from .manifest import build_manifest
+    from .walk import walk_tree
+
+    url = store.url
     walked = walk_tree(src, layout=options["layout"], follow_links=options["follow_links"])
     for warning in walked.warnings:
         log.warning(warning)

@@ -254,3 +254,39 @@ def test_counts_from_s3_match_manifest(uploaded):
     labels = [int(v) for _, y in reader for v in y]
     expected = Counter(p.split("/")[1] for p in paths.values() if p.startswith("test/"))
     assert Counter(ID_CLASSES[v] for v in labels) == expected
+
+
+@pytest.mark.slow
+def test_keras_fit_streams_from_s3(s3, photo_shards):
+    """pack() straight to s3://, then train a real Keras model on image_dataset_from_shards
+    reading that URL, and predict rows that line up with the manifest's labels."""
+    keras = pytest.importorskip("keras")
+    import numpy as np
+
+    from packer import pack
+    from reader import ShardReader, image_dataset_from_shards
+
+    endpoint, options, bucket = s3
+    url = f"s3://{bucket}/photos"
+    pack(photo_shards.parent / "src", url, storage_options=options, seed=0, max_count=40,
+         workers=1, quiet=True)
+    keras.utils.set_random_seed(0)
+    opts = dict(image_size=(32, 32), batch_size=32, seed=0, storage_options=options)
+    train = image_dataset_from_shards(url, split="train", **opts)
+    val = image_dataset_from_shards(url, split="validation", shuffle=False, **opts)
+    model = keras.Sequential([
+        keras.Input((32, 32, 3)),
+        keras.layers.Rescaling(1 / 255),
+        keras.layers.Conv2D(16, 3, activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(32, 3, activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(4, activation="softmax"),
+    ])
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = model.fit(train, validation_data=val, epochs=8, verbose=0)
+    assert len(train) == 10
+    assert history.history["val_accuracy"][-1] > 0.6, history.history  # chance is 0.25
+    reader = ShardReader(url, split="test", shuffle=False, image_size=(32, 32), storage_options=options)
+    truth = np.array([reader.class_names.index(f.split("/")[1]) for f in reader.filenames])
+    assert np.array_equal(truth, reader.labels) and len(truth) == 80
