@@ -290,3 +290,32 @@ def test_keras_fit_streams_from_s3(s3, photo_shards):
     reader = ShardReader(url, split="test", shuffle=False, image_size=(32, 32), storage_options=options)
     truth = np.array([reader.class_names.index(f.split("/")[1]) for f in reader.filenames])
     assert np.array_equal(truth, reader.labels) and len(truth) == 80
+
+
+def test_http_server_without_range_support(id_shards):
+    """http(s):// sources: a plain static server that ignores Range still yields the exact
+    bytes (the stream notices the whole object came back and keeps the rest)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    shards, _ = id_shards
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(shards)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        name, entry = sorted(_entries(shards).items())[0]
+        with open_shard_stream(f"{base}/{name}", block_size=BLOCK, expected_sha256=entry["sha256"]) as s:
+            assert s.read() == (shards / name).read_bytes()
+        with pytest.raises(ShardReadError, match="not found"):
+            with open_shard_stream(f"{base}/train/missing.tar", block_size=BLOCK) as s:
+                s.read()
+    finally:
+        server.shutdown()
+        server.server_close()
