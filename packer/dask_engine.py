@@ -17,6 +17,7 @@ it publishes the manifest.
 from __future__ import annotations
 
 import logging
+import os
 import reprlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -24,7 +25,7 @@ from typing import Any, TypeVar
 
 from .errors import PackError
 
-__all__ = ["run_dask", "local_cluster", "DEFAULT_RETRIES", "IN_FLIGHT_PER_THREAD", "MIN_IN_FLIGHT"]
+__all__ = ["run_dask", "local_cluster", "check_workers_see", "DEFAULT_RETRIES", "IN_FLIGHT_PER_THREAD", "MIN_IN_FLIGHT"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -131,6 +132,60 @@ def run_dask(
         finally:
             if pending:  # failed, or the consumer stopped early
                 client.cancel(list(pending))
+
+
+def check_workers_see(
+    scheduler: str, paths: dict[str, str], *, connect_timeout: float = CONNECT_TIMEOUT_S
+) -> None:
+    """Check that every worker sees each of ``paths`` exactly as the driver does.
+
+    A worker that does not mount SRC would report its files unreadable (and the pack would
+    skip them); one that does not mount OUT would write shards onto its own disk. Both are
+    silent, so ``pack()`` should call this before probing on a remote cluster, with one
+    file from SRC and a marker file it wrote into OUT.
+
+    Args:
+        scheduler: the cluster's scheduler address.
+        paths: label (``"SRC"``, ``"OUT"``) -> a file the driver can see.
+
+    Raises:
+        PackError: a worker lacks a path or sees a different file there; the message names
+            the worker and the path.
+    """
+    _require_distributed()
+    from distributed import Client
+
+    labels = list(paths)
+    expected = _stat_keys([paths[label] for label in labels])
+    for label, want in zip(labels, expected, strict=True):
+        if want is None:
+            raise PackError(f"{label} path {paths[label]} cannot be read on this machine")
+    try:
+        with Client(scheduler, timeout=connect_timeout) as client:
+            seen = client.run(_stat_keys, [paths[label] for label in labels])
+    except OSError as exc:
+        raise PackError(f"cannot reach the Dask scheduler at {scheduler} ({exc})") from exc
+    for worker, keys in sorted(seen.items()):
+        for label, want, got in zip(labels, expected, keys, strict=True):
+            if got != want:
+                raise PackError(
+                    f"Dask worker {worker} does not see {label} as this machine does "
+                    f"({paths[label]} is {'missing' if got is None else 'a different file'} "
+                    f"there); mount {label} on every worker under the same path"
+                )
+
+
+def _stat_keys(paths: list[str]) -> list[tuple[int, int] | None]:
+    """(size, mtime in ns) of each path, or None when it cannot be seen."""
+    keys: list[tuple[int, int] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            keys.append(None)
+        else:
+            keys.append((st.st_size, st.st_mtime_ns))
+    return keys
 
 
 @contextmanager

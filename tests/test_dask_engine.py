@@ -18,7 +18,7 @@ import pytest
 distributed = pytest.importorskip("distributed")
 
 from packer import engines, pack  # noqa: E402
-from packer.dask_engine import run_dask  # noqa: E402
+from packer.dask_engine import check_workers_see, run_dask  # noqa: E402
 from packer.errors import PackError  # noqa: E402
 from packer.examples import make_example_tree  # noqa: E402
 from packer.write import partial_name  # noqa: E402
@@ -174,3 +174,30 @@ def test_task_that_kills_every_worker_is_a_pack_error():
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}), _cluster(1) as cluster:
         with pytest.raises(PackError, match="killed every Dask worker"):
             list(run_dask(os._exit, [3], workers=1, scheduler=cluster.scheduler_address))
+
+
+def test_check_workers_see_shared_paths(cluster, tree, tmp_path):
+    marker = tmp_path / "marker"
+    marker.write_text("x")
+    image = str(tree / "train" / "cat" / "img_00000.jpg")
+    check_workers_see(cluster.scheduler_address, {"SRC": image, "OUT": str(marker)})
+    with pytest.raises(PackError, match="OUT path .* cannot be read on this machine"):
+        check_workers_see(cluster.scheduler_address, {"SRC": image, "OUT": str(tmp_path / "nope")})
+
+
+def test_check_workers_see_names_the_blind_worker(cluster, tree, tmp_path, monkeypatch):
+    """A worker without the share (simulated: one worker's answer is replaced)."""
+    marker = tmp_path / "marker"
+    marker.write_text("x")
+    real_run = distributed.Client.run
+
+    def run(self, fn, *args, **kw):
+        seen = real_run(self, fn, *args, **kw)
+        blind = sorted(seen)[0]
+        seen[blind] = [seen[blind][0], None]
+        return seen
+
+    monkeypatch.setattr(distributed.Client, "run", run)
+    image = str(tree / "train" / "cat" / "img_00000.jpg")
+    with pytest.raises(PackError, match=r"worker tcp://127\.0\.0\.1:\d+ does not see OUT .*missing"):
+        check_workers_see(cluster.scheduler_address, {"SRC": image, "OUT": str(marker)})
