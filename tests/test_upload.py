@@ -230,3 +230,20 @@ def test_pack_to_s3_url_stages_in_batches_and_resumes(s3, photo_shards, tmp_path
         proxy.stop()
     assert again["splits"] == local["splits"]
     assert [r.path for r in proxy.requests("PUT")] == [f"/{bucket}/packed/{MANIFEST_NAME}"]
+
+
+def test_cli_pack_to_s3_then_info_and_verify_read_it(s3, photo_shards, capsys):
+    from packer.cli import main
+
+    endpoint, _, bucket = s3
+    url = f"s3://{bucket}/clipack"
+    src = str(photo_shards.parent / "src")
+    assert main(["pack", src, url, "--endpoint-url", endpoint, "--quiet", "--max-count", "40",
+                 "--workers", "1"]) in (0, None)
+    assert main(["info", url, "--endpoint-url", endpoint]) in (0, None)
+    assert main(["verify", url, "--endpoint-url", endpoint]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and SECRET not in out
+    fs = _fs(endpoint)
+    for name in _shard_names(photo_shards):
+        assert fs.cat_file(f"{bucket}/clipack/{name}") == (photo_shards / name).read_bytes()
