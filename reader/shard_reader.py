@@ -1,19 +1,20 @@
 """ShardReader: stream one split's shards as shuffled, decoded numpy batches.
 
 The whole pipeline of an epoch is in :meth:`ShardReader._epoch_batches`, one stage per
-line: shards for this epoch -> open and read each shard as one stream -> interleave a few
-shards -> pick and re-index classes -> shuffle compressed samples in a buffer -> decode on
-a thread pool -> batches.
+line: this rank's pieces of shards for this epoch -> open and read each shard as one stream,
+pick and re-index classes, cut out the piece -> interleave a few shards -> shuffle
+compressed samples in a buffer -> skip what a resumed run already saw -> decode on a
+thread pool -> batches. How ranks and workers split an epoch is in :mod:`reader.distributed`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -22,9 +23,20 @@ from packer.errors import ClassNotFoundError, SampleDecodeError
 
 from .batches import BatchOptions, decode_batches
 from .decode import DecodeOptions
+from .distributed import (
+    DEFAULT_DISTRIBUTED_SEED,
+    Piece,
+    Uneven,
+    batch_count,
+    check_rank,
+    check_uneven,
+    detect_rank,
+    rank_pieces,
+    rank_samples,
+)
 from .policy import ErrorPolicy, OnError
 from .samples import Sample, sample_label, scan_shard, shard_samples
-from .shuffle import DEFAULT_BUFFER, epoch_rng, interleave, shards_for_epoch, shuffle_buffer
+from .shuffle import DEFAULT_BUFFER, epoch_rng, interleave, shard_order, shuffle_buffer
 from .source import SplitSource, resolve_source
 
 __all__ = ["ShardReader"]
@@ -65,7 +77,9 @@ class ShardReader:
             (Keras' subset semantics). For manifest-less tars: the names of labels 0..n-1.
         color_mode: "grayscale", "rgb" or "rgba".
         shuffle: shuffle shard order, interleave shards and shuffle samples in a buffer.
-        seed: seed of every random choice; None draws one at random once per reader.
+        seed: seed of every random choice; None draws one at random once per reader, or,
+            with ``world_size > 1``, uses the fixed ``DEFAULT_DISTRIBUTED_SEED`` (0) so that
+            every rank agrees on the order.
         interpolation: Keras interpolation name ("bilinear", "nearest", "bicubic", "area",
             "lanczos3", "lanczos5", "gaussian", "mitchellcubic").
         crop_to_aspect_ratio: centre-crop to the target aspect ratio before resizing.
@@ -85,7 +99,16 @@ class ShardReader:
         random_crop: ``(min, max)`` area fraction of a random crop (augmentation).
         num_classes: number of classes for manifest-less tars (else found by a scan).
         storage_options: passed to fsspec for every file (credentials, endpoint, ...).
-        rank, world_size: reserved for distributed reading (only 0 / 1 for now).
+        rank, world_size: this process's rank and the number of ranks. Ranks read disjoint
+            shards where the counts allow and every rank yields ``len(reader)`` batches
+            (docs/READING.md). None (both): found from a ``tf.distribute.InputContext``,
+            ``torch.distributed``, ``RANK``/``WORLD_SIZE`` or ``TF_CONFIG``, else 0 / 1;
+            pass ``rank=0, world_size=1`` to read the whole split on every process.
+        uneven: when the samples do not divide evenly among ranks: "pad" (default) repeats
+            the first sample of a short rank's stream (at most ``world_size - 1`` samples
+            seen twice an epoch), "drop" leaves the last few (< ``world_size``) unread.
+        input_context: a ``tf.distribute.InputContext`` (from
+            ``strategy.distribute_datasets_from_function``) giving rank and world size.
 
     Raises:
         ManifestError: no or invalid manifest at SOURCE.
@@ -121,11 +144,18 @@ class ShardReader:
         random_crop: tuple[float, float] | None = None,
         num_classes: int | None = None,
         storage_options: dict[str, Any] | None = None,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
+        uneven: Uneven = "pad",
+        input_context: Any = None,
     ) -> None:
-        if (rank, world_size) != (0, 1):
-            raise NotImplementedError("distributed reading (rank/world_size) is not implemented yet")
+        if (rank is None) != (world_size is None):
+            raise ValueError("pass both rank= and world_size=, or neither (to detect them)")
+        if rank is None or world_size is None:
+            rank, world_size = detect_rank(input_context)
+        check_rank(int(rank), int(world_size))
+        check_uneven(uneven)
+        self.rank, self.world_size, self.uneven = int(rank), int(world_size), uneven
         self.storage_options = dict(storage_options or {})
         self.source: SplitSource = resolve_source(
             source if isinstance(source, (str, list, tuple)) else os.fspath(source),
@@ -134,12 +164,13 @@ class ShardReader:
         )
         self.split = split
         self.shuffle = shuffle
-        self.seed = int(seed) if seed is not None else secrets.randbelow(2**31)
+        if seed is None:
+            seed = DEFAULT_DISTRIBUTED_SEED if self.world_size > 1 else secrets.randbelow(2**31)
+        self.seed = int(seed)
         self.shuffle_buffer = int(shuffle_buffer)
         self.shuffle_buffer_bytes = shuffle_buffer_bytes
         self.interleave = max(1, int(interleave))
         self.num_workers = num_workers or _default_workers()
-        self.rank, self.world_size = rank, world_size
         self.policy = ErrorPolicy(on_error=on_error, on_shard_error=on_shard_error)
         self.decode_options = DecodeOptions(
             image_size=image_size if not isinstance(image_size, int) else (image_size, image_size),
@@ -161,6 +192,8 @@ class ShardReader:
         )
         self.epoch = 0  # the epoch the next iter() reads
         self.batches_yielded = 0  # batches yielded so far in the current epoch
+        self._reading: int | None = None  # the epoch an unfinished iter() is reading
+        self._resume_batches = 0  # batches of self.epoch a loaded state says were consumed
 
     # ---- classes, counts and the lazily scanned index -------------------------------
 
@@ -219,12 +252,37 @@ class ShardReader:
             return sum(src.class_counts.get(c, 0) for c in self.class_names)
         return len(self._entries())
 
+    def shard_counts(self) -> list[int]:
+        """Samples (of the selected classes) in each shard, manifest order.
+
+        From the manifest when it has per-shard counts and no class subset is asked for;
+        otherwise from the one-time scan of the small members (see :attr:`filenames`).
+        """
+        refs = self.source.shards
+        if self._remap is None and all(ref.count is not None for ref in refs):
+            return [int(ref.count) for ref in refs]  # type: ignore[arg-type]
+        counts = []
+        for entries in self._scan():
+            if self._remap is None:
+                counts.append(len(entries))
+            else:
+                counts.append(sum(1 for _p, label, _n in entries if label in self._remap))
+        return counts
+
+    @property
+    def rank_samples(self) -> int:
+        """Samples this rank reads per epoch: ``samples`` split over ``world_size`` ranks,
+        rounded up with ``uneven="pad"`` (padding included), down with "drop"."""
+        if self.world_size == 1:
+            return self.samples
+        return rank_samples(sum(self.shard_counts()), self.world_size, self.uneven)
+
     def __len__(self) -> int:
-        """Batches per epoch (as the manifest says; samples that fail to decode not subtracted)."""
-        size = self.batch_options.batch_size
-        if self.batch_options.drop_remainder:
-            return self.samples // size
-        return math.ceil(self.samples / size)
+        """Batches per epoch on this rank, the same on every rank (from the manifest;
+        samples that fail to decode are not subtracted)."""
+        return batch_count(
+            self.rank_samples, self.batch_options.batch_size, self.batch_options.drop_remainder
+        )
 
     @property
     def filenames(self) -> list[str]:
@@ -244,17 +302,54 @@ class ShardReader:
     # ---- iteration ------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
-        """Make the next ``iter()`` read epoch ``epoch`` (e.g. when resuming training)."""
+        """Make the next ``iter()`` read epoch ``epoch`` from its start."""
         self.epoch = int(epoch)
+        self._resume_batches = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The reader's position as a small JSON-able dict, for :meth:`load_state_dict`.
+
+        Inside an epoch: that epoch and the batches yielded so far; between epochs: the next
+        epoch and 0. Holds the seed, rank, world size, split, the options that shape the
+        order and a fingerprint of the shard list. With ``tf.data`` (which reads ahead) use
+        :class:`reader.state.ShardReaderCheckpoint`, which counts the batches the model saw.
+        """
+        from .state import make_state
+
+        if self._reading is not None:
+            return make_state(self, epoch=self._reading, batches=self.batches_yielded)
+        return make_state(self, epoch=self.epoch, batches=self._resume_batches)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at a position from :meth:`state_dict` (of this rank or any other).
+
+        The next ``iter()`` yields the rest of that epoch -- the same samples in the same
+        order as the interrupted run would have seen -- and later ones continue as usual.
+        The batches already consumed are skipped as compressed samples, never decoded.
+        The state's seed replaces the reader's.
+
+        Raises:
+            ValueError: the state belongs to another split, shard list, world size or
+                order-shaping option (the message names it).
+        """
+        from .state import check_state
+
+        epoch, batches, seed = check_state(self, state)
+        self.seed = seed
+        self.epoch = epoch
+        self._resume_batches = batches
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch = self.epoch
+        epoch, skip = self.epoch, self._resume_batches
         self.epoch += 1
-        self.batches_yielded = 0
+        self._resume_batches = 0
+        self._reading = epoch
+        self.batches_yielded = skip
         skipped = self.policy.skipped_samples, self.policy.skipped_shards
-        for batch in self._epoch_batches(epoch):
+        for batch in self._epoch_batches(epoch, skip_batches=skip):
             self.batches_yielded += 1
             yield batch
+        self._reading = None
         lost = (self.policy.skipped_samples - skipped[0], self.policy.skipped_shards - skipped[1])
         if any(lost):
             log.warning(
@@ -262,7 +357,7 @@ class ShardReader:
                 epoch, self.split, *lost,
             )
 
-    def _select(self, samples: Iterator[Sample]) -> Iterator[tuple[Sample, int]]:
+    def _select(self, samples: Iterable[Sample]) -> Iterator[tuple[Sample, int]]:
         """Keep the classes asked for, re-index labels, and keep only the image bytes."""
         need_label = self.batch_options.label_mode is not None
         for sample in samples:
@@ -290,25 +385,64 @@ class ShardReader:
                 continue
             yield {k: v for k, v in sample.items() if k not in ("cls", "json")}, label
 
-    def _epoch_batches(self, epoch: int) -> Iterator[Batch]:
-        """The pipeline of one epoch, stage by stage."""
-        shards = shards_for_epoch(
-            self.source.shards, epoch=epoch, seed=self.seed, shuffle=self.shuffle,
-            rank=self.rank, world_size=self.world_size,
+    def epoch_pieces(self, epoch: int) -> list[Piece] | None:
+        """This rank's pieces of shards in ``epoch`` (reader.distributed), in reading order;
+        None when there is one rank (then every shard is read whole, no counts needed)."""
+        if self.world_size == 1:
+            return None
+        counts = self.shard_counts()
+        order = shard_order(len(counts), epoch=epoch, seed=self.seed, shuffle=self.shuffle)
+        return rank_pieces(
+            counts, order, rank=self.rank, world_size=self.world_size, uneven=self.uneven
         )
-        streams = (
+
+    def _piece_samples(self, shard: int, start: int, stop: int | None) -> Iterator[tuple[Sample, int]]:
+        """Samples ``start:stop`` of one shard (after the class subset), labelled."""
+        ref = self.source.shards[shard]
+        labelled = self._select(
             shard_samples(ref, policy=self.policy, storage_options=self.storage_options)
-            for ref in shards
         )
-        samples = interleave(streams, cycle_length=self.interleave if self.shuffle else 1)
-        labelled = self._select(samples)
+        if start == 0 and (stop is None or stop == ref.count and self._remap is None):
+            return labelled  # the whole shard: read to the end, so its count is checked
+        return islice(labelled, start, stop)
+
+    def _epoch_batches(
+        self,
+        epoch: int,
+        *,
+        pieces: Sequence[Piece] | None = None,
+        skip_batches: int = 0,
+        stream: str = "",
+    ) -> Iterator[Batch]:
+        """The pipeline of one epoch, stage by stage.
+
+        ``pieces`` overrides this rank's share (a data-loader worker's share); ``stream``
+        names that share in the random generators' purposes; the first ``skip_batches``
+        batches' samples are dropped before decoding (resume).
+        """
+        if pieces is None:
+            pieces = self.epoch_pieces(epoch)
+        if pieces is None:
+            order = shard_order(len(self.source.shards), epoch=epoch, seed=self.seed, shuffle=self.shuffle)
+            parts: list[tuple[int, int, int | None]] = [(s, 0, None) for s in order]
+        else:
+            parts = [(p.shard, p.start, p.stop) for p in pieces]
+        streams = (self._piece_samples(*part) for part in parts)
+        labelled = interleave(streams, cycle_length=self.interleave if self.shuffle else 1)
         if self.shuffle:
             labelled = shuffle_buffer(
-                labelled, rng=epoch_rng(self.seed, epoch, "samples"), size=self.shuffle_buffer,
-                max_bytes=self.shuffle_buffer_bytes, nbytes=_image_bytes,
+                labelled, rng=epoch_rng(self.seed, epoch, "samples" + stream),
+                size=self.shuffle_buffer, max_bytes=self.shuffle_buffer_bytes,
+                nbytes=_image_bytes,
             )
         augment = self.decode_options.random_flip or self.decode_options.random_crop is not None
-        aug_rng = epoch_rng(self.seed, epoch, "augment") if augment else None
+        aug_rng = epoch_rng(self.seed, epoch, "augment" + stream) if augment else None
+        if skip_batches:
+            skip = skip_batches * self.batch_options.batch_size
+            labelled = islice(labelled, skip, None)  # compressed samples: nothing decoded
+            if aug_rng is not None:
+                for _ in range(skip):  # the skipped samples' draws (one each, as decode_batches)
+                    aug_rng.getrandbits(64)
         window = max(2 * self.batch_options.batch_size, 4 * self.num_workers)
         with ThreadPoolExecutor(self.num_workers, thread_name_prefix="shardpack-decode") as pool:
             yield from decode_batches(

@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
-__all__ = ["epoch_rng", "shards_for_epoch", "interleave", "shuffle_buffer", "DEFAULT_BUFFER"]
+__all__ = ["epoch_rng", "shard_order", "shards_for_epoch", "interleave", "shuffle_buffer", "DEFAULT_BUFFER"]
 
 T = TypeVar("T")
 
@@ -28,6 +28,15 @@ def epoch_rng(seed: int, epoch: int, purpose: str) -> random.Random:
     SHA-512, not with the salted ``hash()``), and tuples are no longer accepted as seeds.
     """
     return random.Random(f"shardpack/{seed}/{epoch}/{purpose}")
+
+
+def shard_order(n: int, *, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    """Return the reading order of ``n`` shards in ``epoch`` as indices (manifest order if
+    not shuffled); the same on every rank and worker, since it depends on nothing else."""
+    order = list(range(n))
+    if shuffle:
+        epoch_rng(seed, epoch, "shards").shuffle(order)
+    return order
 
 
 def shards_for_epoch(
@@ -48,10 +57,8 @@ def shards_for_epoch(
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    order = list(shards)
-    if shuffle:
-        epoch_rng(seed, epoch, "shards").shuffle(order)
-    return order[rank::world_size]
+    order = shard_order(len(shards), epoch=epoch, seed=seed, shuffle=shuffle)
+    return [shards[i] for i in order[rank::world_size]]
 
 
 def interleave(sources: Iterable[Iterator[T]], *, cycle_length: int) -> Iterator[T]:

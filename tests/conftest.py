@@ -99,3 +99,33 @@ def s3(s3_server, monkeypatch):
     fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
     fs.mkdir(bucket)
     return s3_server.endpoint, options, bucket
+
+
+# ---- distributed reading and resume (issue #6) ------------------------------------------
+
+
+def sample_ids(x) -> list[int]:
+    """Sample ids encoded by write_awkward_tree in a decoded NHWC batch (numpy or torch)."""
+    import numpy as np
+
+    px = np.rint(np.asarray(x)[:, 0, 0, :]).astype(int)
+    return [int(r + 256 * g) for r, g, _ in px]
+
+
+@pytest.fixture(scope="session")
+def awkward_shards(tmp_path_factory) -> Path:
+    """Awkward sizes: train 1,001 id-coded 16x16 images in 7 shards (6 x 150 + 101), "small"
+    10 images in 1 shard. Pixels (id % 256, id // 256, 0) as in write_id_tree."""
+    from packer import pack
+
+    root = tmp_path_factory.mktemp("awkward")
+    n = 0
+    for split, per_class in {"train": (334, 334, 333), "small": (3, 3, 4)}.items():
+        for name, count in zip(ID_CLASSES, per_class, strict=True):
+            folder = root / "src" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (16, 16), (n % 256, n // 256, 0)).save(folder / f"i{i:04d}.png")
+                n += 1
+    pack(root / "src", root / "shards", seed=0, max_count=150, workers=1, quiet=True)
+    return root / "shards"

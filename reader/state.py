@@ -1,0 +1,182 @@
+"""Mid-epoch resume: a reader's position as a small JSON-able dict, and a Keras callback.
+
+An epoch's stream is a pure function of the shard list, the options that shape the order
+and ``(seed, epoch)``: the shard order, the interleaving, the shuffle buffer and the
+augmentation draws are all seeded from them. So a position is just ``(epoch, batches
+already consumed)``; resuming re-plays the epoch's compressed samples, drops the first
+``batches * batch_size`` of them before decoding (cheap: no pixels are made), and goes on
+with exactly the samples, in exactly the order, the interrupted run would have seen.
+
+The state also records what the order depends on, so loading a state into a reader that
+would produce another stream fails with a ValueError naming the difference instead of
+silently resuming somewhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .shard_reader import ShardReader
+
+__all__ = ["STATE_VERSION", "shard_fingerprint", "make_state", "check_state", "save_state",
+           "load_state", "ShardReaderCheckpoint"]
+
+STATE_VERSION = 1
+
+ShardReaderCheckpoint: type  # made on first access by __getattr__ below (imports Keras)
+
+# Options that change which samples come in which order (a state from a reader with other
+# values cannot be resumed exactly). num_workers, rank and decode options do not.
+_ORDER_FIELDS = ("split", "world_size", "shuffle", "batch_size", "drop_remainder", "uneven",
+                 "shuffle_buffer", "shuffle_buffer_bytes", "interleave", "classes")
+
+
+def shard_fingerprint(reader: ShardReader) -> str:
+    """A short hash of the split's shard list (names, sample counts and sizes)."""
+    listing = [[ref.name, ref.count, ref.nbytes] for ref in reader.source.shards]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def _order_fields(reader: ShardReader) -> dict[str, Any]:
+    return {
+        "split": reader.split,
+        "world_size": reader.world_size,
+        "shuffle": reader.shuffle,
+        "batch_size": reader.batch_options.batch_size,
+        "drop_remainder": reader.batch_options.drop_remainder,
+        "uneven": reader.uneven,
+        "shuffle_buffer": reader.shuffle_buffer,
+        "shuffle_buffer_bytes": reader.shuffle_buffer_bytes,
+        "interleave": reader.interleave,
+        "classes": list(reader.class_names),
+    }
+
+
+def make_state(reader: ShardReader, *, epoch: int, batches: int) -> dict[str, Any]:
+    """The state of ``reader`` positioned after ``batches`` batches of ``epoch``."""
+    return {
+        "version": STATE_VERSION,
+        "epoch": int(epoch),
+        "batches": int(batches),
+        "seed": reader.seed,
+        "rank": reader.rank,
+        **_order_fields(reader),
+        "shards": shard_fingerprint(reader),
+    }
+
+
+def check_state(reader: ShardReader, state: dict[str, Any]) -> tuple[int, int, int]:
+    """Validate ``state`` against ``reader``; return ``(epoch, batches, seed)``.
+
+    ``rank`` may differ (every rank is at the same batch count, so one saved state serves
+    all ranks); anything that changes the stream may not.
+
+    Raises:
+        ValueError: not a shardpack reader state, another version, another shard list, or
+            an option that shapes the order differs (the message names it).
+    """
+    if not isinstance(state, dict) or "epoch" not in state or "batches" not in state:
+        raise ValueError("not a ShardReader state (expected the dict from reader.state_dict())")
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(
+            f"reader state version {state.get('version')!r} is not supported "
+            f"(this shardpack reads version {STATE_VERSION})"
+        )
+    if state.get("shards") != shard_fingerprint(reader):
+        raise ValueError(
+            f"the state was saved for another list of shards of split {state.get('split')!r} "
+            "(shards re-packed, or another source): it cannot be resumed exactly; start the "
+            "epoch over with reader.set_epoch(epoch)"
+        )
+    mine = _order_fields(reader)
+    for field in _ORDER_FIELDS:
+        if field in state and state[field] != mine[field]:
+            raise ValueError(
+                f"the state was saved with {field}={state[field]!r} but this reader has "
+                f"{field}={mine[field]!r}; create the reader with the same value to resume"
+            )
+    epoch, batches = int(state["epoch"]), int(state["batches"])
+    if epoch < 0 or not 0 <= batches <= len(reader):
+        raise ValueError(f"state position epoch={epoch}, batches={batches} is out of range "
+                         f"(this reader has {len(reader)} batches per epoch)")
+    return epoch, batches, int(state["seed"])
+
+
+def save_state(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write a state as JSON atomically (temp file + rename), so a crash leaves the old one."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".shardpack-state-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Read a state written by :func:`save_state`; None if there is none (a fresh start)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _make_keras_callback() -> type:
+    import keras
+
+    class ShardReaderCheckpoint(keras.callbacks.Callback):
+        """Keras callback: save the reader's position to JSON every ``every`` batches.
+
+        The position is the number of batches *the model* has trained on in the current
+        epoch (``tf.data`` prefetches, so the reader itself is ahead). Saved at every
+        epoch end too, as ``(next epoch, 0)``. Resume recipe: docs/READING.md.
+
+        Args:
+            reader: the ShardReader behind the dataset (``ds.shard_reader``).
+            path: JSON file to write (atomically).
+            every: batches between saves.
+            initial_epoch: the reader epoch of Keras epoch 0 (``model.fit``'s epochs are
+                counted from 0, or from ``initial_epoch``); default: the reader's epoch
+                when training starts.
+        """
+
+        def __init__(self, reader: ShardReader, path: str | os.PathLike[str], *,
+                     every: int = 100, skipped: int = 0) -> None:
+            super().__init__()
+            self.reader, self.path, self.every = reader, path, max(1, int(every))
+            self.skipped = int(skipped)  # batches of the first epoch done before a resume
+            self._epoch = reader.epoch
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self._epoch = self.reader.epoch  # the epoch the dataset's next pass reads
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            done = batch + 1
+            if done % self.every == 0:
+                save_state(make_state(self.reader, epoch=self._epoch, batches=done + self.skipped),
+                           self.path)
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            self.skipped = 0
+            save_state(make_state(self.reader, epoch=self._epoch + 1, batches=0), self.path)
+
+    return ShardReaderCheckpoint
+
+
+def __getattr__(name: str) -> Any:
+    # The Keras callback subclasses keras.callbacks.Callback: build it on first use only,
+    # so importing this module never imports Keras / TensorFlow.
+    if name == "ShardReaderCheckpoint":
+        cls = _make_keras_callback()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
