@@ -1,0 +1,163 @@
+"""``ShardIterableDataset``: a split as a PyTorch ``IterableDataset`` of ready batches.
+
+Needs the optional ``shardpack[torch]`` extra; torch is imported in this module only.
+Use it with ``DataLoader(ds, batch_size=None, num_workers=N)``: the dataset makes whole
+batches (decoding on a few threads inside each worker), the loader only moves them.
+
+Ranks split the epoch as :class:`reader.ShardReader` does (:mod:`reader.distributed`); the
+loader's workers then split their rank's share again, each reading a contiguous run of it,
+and owning every ``num_workers``-th batch, so that the loader -- which takes one batch from
+each worker in turn -- yields exactly ``len(ds)`` batches per epoch on every rank, whatever
+``num_workers`` is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .distributed import rank_pieces, worker_pieces
+from .shard_reader import ShardReader, _default_workers
+from .shuffle import shard_order
+
+__all__ = ["ShardIterableDataset"]
+
+
+def _to_torch(x: np.ndarray, channels_last: bool) -> torch.Tensor:
+    t = torch.from_numpy(x).permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last
+    return t if channels_last else t.contiguous()
+
+
+class ShardIterableDataset(IterableDataset):
+    """Iterate over one split as batches of torch tensors, epoch by epoch.
+
+    Images are float32 tensors of shape ``(batch, channels, height, width)``, as
+    torchvision models expect, with values in [0, 255] (pass ``rescale=1/255`` for [0, 1],
+    as ``ToTensor`` gives). By default they are contiguous NCHW; ``channels_last=True``
+    returns the decoded NHWC memory without a copy as an NCHW tensor in
+    ``torch.channels_last`` memory format (use with ``model.to(memory_format=
+    torch.channels_last)``). Labels: int64 ``(batch,)`` for ``label_mode="int"`` (what
+    ``CrossEntropyLoss`` wants), float32 for "categorical"/"binary"; no labels for None.
+
+    Epochs work like ``DistributedSampler``: call :meth:`set_epoch` at the start of every
+    epoch so each gets a new order (with ``persistent_workers=True`` the workers move on to
+    the next epoch by themselves after each pass).
+
+    Args:
+        source: shard folder or URL, or manifest-less tars (see ShardReader).
+        split: split to read.
+        channels_last: NCHW tensors in channels-last memory (no copy) instead of
+            contiguous NCHW.
+        decode_threads: decoding threads in each loader worker (default: the CPUs this
+            process may use, divided among the workers).
+        reader_options: ShardReader options (``image_size``, ``batch_size``, ``shuffle``,
+            ``seed``, ``rank``, ``world_size``, ``uneven``, ``label_mode``, ...). Rank and
+            world size are detected when the dataset is made, in the main process.
+
+    Raises:
+        TypeError: ``num_workers`` given (it is the DataLoader's; use ``decode_threads``).
+        ManifestError, SplitNotFoundError, ClassNotFoundError, ValueError: as ShardReader.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | Sequence[str],
+        *,
+        split: str = "train",
+        channels_last: bool = False,
+        decode_threads: int | None = None,
+        **reader_options: Any,
+    ) -> None:
+        super().__init__()
+        if "num_workers" in reader_options:
+            raise TypeError(
+                "num_workers is the DataLoader's option (processes); pass decode_threads= "
+                "for the decoding threads inside each of them"
+            )
+        self.reader = ShardReader(source, split=split, num_workers=decode_threads, **reader_options)
+        self.reader.shard_counts()  # manifest-less or a class subset: scan once, before workers
+        self.channels_last = channels_last
+        self.decode_threads = decode_threads
+        self.epoch = 0  # set by set_epoch
+        self._passes = 0  # passes over this copy since set_epoch / load_state_dict
+        self._resume_batches = 0
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.reader.class_names)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (all workers together), as ``len(reader)``."""
+        return len(self.reader)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Read epoch ``epoch`` in the next pass (as ``DistributedSampler.set_epoch``)."""
+        self.epoch = int(epoch)
+        self._passes = 0
+        self._resume_batches = 0
+
+    def state_dict(self, batches: int) -> dict[str, Any]:
+        """The position after the training loop consumed ``batches`` batches of the current
+        epoch (the loader reads ahead, so only the loop knows). JSON-able."""
+        from .state import make_state
+
+        return make_state(self.reader, epoch=self.epoch + max(self._passes - 1, 0), batches=batches)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at a position from :meth:`state_dict` (or ``ShardReader.state_dict``): the
+        next pass yields the rest of that epoch, batch for batch as the interrupted run.
+
+        Raises:
+            ValueError: the state does not belong to this split / shard list / options.
+        """
+        from .state import check_state
+
+        epoch, batches, seed = check_state(self.reader, state)
+        self.reader.seed = seed
+        self.set_epoch(epoch)
+        self._resume_batches = batches
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self.epoch + self._passes
+        skip = self._resume_batches if self._passes == 0 else 0
+        self._passes += 1
+        info = get_worker_info()
+        workers = 1 if info is None else info.num_workers
+        worker = 0 if info is None else info.id
+        reader = self.reader
+        if workers == 1:
+            batches = reader._epoch_batches(epoch, skip_batches=skip)
+        else:
+            if self.decode_threads is None:
+                reader.num_workers = max(1, _default_workers() // workers)
+            # After a resume at batch k, the loader's worker 0 must make batch k: rotate.
+            virtual = (worker + skip) % workers
+            counts = reader.shard_counts()
+            order = shard_order(len(counts), epoch=epoch, seed=reader.seed, shuffle=reader.shuffle)
+            mine = rank_pieces(
+                counts, order, rank=reader.rank, world_size=reader.world_size, uneven=reader.uneven
+            )
+            mine = worker_pieces(
+                mine, worker=virtual, num_workers=workers,
+                batch_size=reader.batch_options.batch_size,
+                drop_remainder=reader.batch_options.drop_remainder,
+            )
+            batches = reader._epoch_batches(
+                epoch, pieces=mine, skip_batches=len(range(virtual, skip, workers)),
+                stream=f"/worker{virtual}of{workers}",
+            )
+        for batch in batches:
+            if isinstance(batch, tuple):
+                x, y = batch
+                y = y.astype(np.int64) if y.dtype == np.int32 else y
+                yield _to_torch(x, self.channels_last), torch.from_numpy(y)
+            else:
+                yield _to_torch(batch, self.channels_last)
+
+    def __repr__(self) -> str:
+        return f"ShardIterableDataset({self.reader!r}, channels_last={self.channels_last})"

@@ -1,0 +1,100 @@
+"""Mid-epoch resume: a restarted reader sees the same remaining samples in the same order."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import sample_ids
+
+from reader import ShardReader
+from reader.state import load_state, save_state
+
+OPTIONS = dict(split="train", image_size=16, batch_size=50, shuffle_buffer=300, num_workers=1)
+
+
+def _ids(batches) -> list[list[int]]:
+    return [sample_ids(x) for x, _y in batches]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(awkward_shards):
+    """Epochs 0 and 1 of a seeded shuffled reader, batch by batch."""
+    r = ShardReader(awkward_shards, seed=7, **OPTIONS)
+    return [_ids(r), _ids(r)]
+
+
+@pytest.mark.parametrize("epoch,k", [(0, 0), (0, 1), (0, 9), (0, 20), (0, 21), (1, 13)])
+def test_resume_sees_the_rest_of_the_epoch_in_order(awkward_shards, uninterrupted, epoch, k):
+    first = ShardReader(awkward_shards, seed=7, **OPTIONS)
+    first.set_epoch(epoch)
+    it = iter(first)
+    for _ in range(k):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))  # JSON-able
+    assert (state["epoch"], state["batches"]) == (epoch, k)
+
+    restarted = ShardReader(awkward_shards, **OPTIONS)  # no seed: the state's is used
+    restarted.load_state_dict(state)
+    rest = _ids(restarted)
+    assert rest == uninterrupted[epoch][k:]
+    if epoch == 0:  # and the next epoch goes on as if nothing happened
+        assert _ids(restarted) == uninterrupted[1]
+
+
+def test_state_between_epochs_points_at_the_next(awkward_shards, uninterrupted, tmp_path):
+    r = ShardReader(awkward_shards, seed=7, **OPTIONS)
+    assert (r.state_dict()["epoch"], r.state_dict()["batches"]) == (0, 0)
+    for _ in r:
+        pass
+    save_state(r.state_dict(), tmp_path / "state.json")
+    state = load_state(tmp_path / "state.json")
+    assert (state["epoch"], state["batches"]) == (1, 0)
+    again = ShardReader(awkward_shards, **OPTIONS)
+    again.load_state_dict(state)
+    assert _ids(again) == uninterrupted[1]
+    assert load_state(tmp_path / "missing.json") is None
+
+
+def test_resume_on_a_rank_with_augmentation(awkward_shards):
+    options = dict(OPTIONS, rank=1, world_size=3, random_flip=True, random_crop=(0.5, 1.0))
+    whole = [x for x, _y in ShardReader(awkward_shards, **options)]
+    r = ShardReader(awkward_shards, **options)
+    it = iter(r)
+    next(it), next(it), next(it)
+    state = r.state_dict()
+    state["rank"] = 0  # one saved state (rank 0's) serves every rank
+    restarted = ShardReader(awkward_shards, **options)
+    restarted.load_state_dict(state)
+    rest = [x for x, _y in restarted]
+    assert len(rest) == len(whole) - 3
+    for a, b in zip(rest, whole[3:], strict=True):
+        np.testing.assert_array_equal(a, b)  # same samples, same random crops
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(split="small"), "shards"),
+        (dict(batch_size=64), "batch_size"),
+        (dict(rank=0, world_size=2), "world_size"),
+        (dict(shuffle=False), "shuffle"),
+        (dict(class_names=["circle"]), "classes"),
+    ],
+)
+def test_a_state_of_another_stream_is_refused(awkward_shards, change, match):
+    state = ShardReader(awkward_shards, seed=1, **OPTIONS).state_dict()
+    other = ShardReader(awkward_shards, **{**OPTIONS, **change})
+    with pytest.raises(ValueError, match=match):
+        other.load_state_dict(state)
+
+
+def test_garbage_state_is_refused(awkward_shards):
+    r = ShardReader(awkward_shards, **OPTIONS)
+    with pytest.raises(ValueError, match="not a ShardReader state"):
+        r.load_state_dict({"step": 3})
+    with pytest.raises(ValueError, match="version"):
+        r.load_state_dict({**r.state_dict(), "version": 99})
+    with pytest.raises(ValueError, match="out of range"):
+        r.load_state_dict({**r.state_dict(), "batches": 10_000})

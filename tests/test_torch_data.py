@@ -1,0 +1,78 @@
+"""ShardIterableDataset with a real DataLoader and worker processes."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from conftest import sample_ids
+
+torch = pytest.importorskip("torch")
+from torch.utils.data import DataLoader  # noqa: E402
+
+from reader.torch_data import ShardIterableDataset  # noqa: E402
+
+TRAIN = 1001
+OPTIONS = dict(split="train", image_size=16, batch_size=64, shuffle_buffer=200, decode_threads=1)
+
+
+def _epoch(loader) -> list[list[int]]:
+    return [sample_ids(x.permute(0, 2, 3, 1)) for x, _y in loader]
+
+
+def test_two_workers_cover_every_sample_once_per_epoch(awkward_shards):
+    ds = ShardIterableDataset(awkward_shards, seed=3, **OPTIONS)
+    loader = DataLoader(ds, batch_size=None, num_workers=2)
+    assert len(loader) == len(ds) == 16
+    epochs = []
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        x, y = batches[0]
+        assert x.shape == (64, 3, 16, 16) and x.dtype == torch.float32 and x.is_contiguous()
+        assert y.dtype == torch.int64
+        ids = [i for x, _y in batches for i in sample_ids(x.permute(0, 2, 3, 1))]
+        assert sorted(ids) == list(range(TRAIN))
+        epochs.append(ids)
+    assert epochs[0] != epochs[1]  # set_epoch gives a new order
+
+
+def test_ranks_times_workers(awkward_shards):
+    seen, lengths = Counter(), set()
+    for rank in range(2):
+        ds = ShardIterableDataset(awkward_shards, rank=rank, world_size=2, **OPTIONS)
+        batches = _epoch(DataLoader(ds, batch_size=None, num_workers=2))
+        lengths.add((len(ds), len(batches)))
+        seen.update(i for b in batches for i in b)
+    assert lengths == {(8, 8)}  # 501 samples per rank
+    assert set(seen) == set(range(TRAIN)) and sum(seen.values()) == 1002
+
+
+def test_no_workers_is_the_shard_reader_stream(awkward_shards):
+    from reader import ShardReader
+
+    ds = ShardIterableDataset(awkward_shards, seed=3, channels_last=True, **OPTIONS)
+    x, _ = next(iter(ds))
+    assert x.shape == (64, 3, 16, 16) and x.is_contiguous(memory_format=torch.channels_last)
+    options = {k: v for k, v in OPTIONS.items() if k != "decode_threads"}
+    r = ShardReader(awkward_shards, seed=3, num_workers=1, **options)
+    ds.set_epoch(0)
+    assert _epoch(DataLoader(ds, batch_size=None)) == [sample_ids(x) for x, _y in r]
+
+
+@pytest.mark.parametrize("k", [3, 8])
+def test_resume_with_workers(awkward_shards, k):
+    ds = ShardIterableDataset(awkward_shards, seed=11, **OPTIONS)
+    ds.set_epoch(1)
+    full = _epoch(DataLoader(ds, batch_size=None, num_workers=2))
+    state = ds.state_dict(batches=k)  # the loop trained on k batches, then the job died
+    assert (state["epoch"], state["batches"]) == (1, k)
+    again = ShardIterableDataset(awkward_shards, **OPTIONS)
+    again.load_state_dict(state)
+    assert _epoch(DataLoader(again, batch_size=None, num_workers=2)) == full[k:]
+
+
+def test_num_workers_is_the_loaders(awkward_shards):
+    with pytest.raises(TypeError, match="decode_threads"):
+        ShardIterableDataset(awkward_shards, split="train", num_workers=2)
