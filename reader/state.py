@@ -136,38 +136,44 @@ def _make_keras_callback() -> type:
     class ShardReaderCheckpoint(keras.callbacks.Callback):
         """Keras callback: save the reader's position to JSON every ``every`` batches.
 
-        The position is the number of batches *the model* has trained on in the current
-        epoch (``tf.data`` prefetches, so the reader itself is ahead). Saved at every
-        epoch end too, as ``(next epoch, 0)``. Resume recipe: docs/READING.md.
+        The position counts the batches *the model* has trained on (``tf.data`` reads
+        ahead, so the reader itself is further on); a resumed reader's skipped batches
+        count too. When an epoch completes, ``(next epoch, 0)`` is saved. Resume recipe:
+        docs/READING.md.
 
         Args:
             reader: the ShardReader behind the dataset (``ds.shard_reader``).
             path: JSON file to write (atomically).
             every: batches between saves.
-            initial_epoch: the reader epoch of Keras epoch 0 (``model.fit``'s epochs are
-                counted from 0, or from ``initial_epoch``); default: the reader's epoch
-                when training starts.
         """
 
         def __init__(self, reader: ShardReader, path: str | os.PathLike[str], *,
-                     every: int = 100, skipped: int = 0) -> None:
+                     every: int = 100) -> None:
             super().__init__()
             self.reader, self.path, self.every = reader, path, max(1, int(every))
-            self.skipped = int(skipped)  # batches of the first epoch done before a resume
-            self._epoch = reader.epoch
+            self._epoch, self._offset, self._done = reader.epoch, 0, 0
+
+        def on_train_begin(self, logs: Any = None) -> None:
+            # the epoch the dataset's next pass reads, and batches of it a resume skips
+            self._epoch, self._offset = self.reader.epoch, self.reader._resume_batches
 
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-            self._epoch = self.reader.epoch  # the epoch the dataset's next pass reads
+            self._done = 0
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            done = batch + 1
-            if done % self.every == 0:
-                save_state(make_state(self.reader, epoch=self._epoch, batches=done + self.skipped),
-                           self.path)
+            self._done = batch + 1
+            if self._done % self.every == 0:
+                self._save(self._epoch, self._offset + self._done)
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            self.skipped = 0
-            save_state(make_state(self.reader, epoch=self._epoch + 1, batches=0), self.path)
+            if self._offset + self._done >= len(self.reader):  # not stopped part way
+                self._epoch, self._offset = self._epoch + 1, 0
+                self._save(self._epoch, 0)
+            else:
+                self._save(self._epoch, self._offset + self._done)
+
+        def _save(self, epoch: int, batches: int) -> None:
+            save_state(make_state(self.reader, epoch=epoch, batches=batches), self.path)
 
     return ShardReaderCheckpoint
 

@@ -98,3 +98,47 @@ def test_garbage_state_is_refused(awkward_shards):
         r.load_state_dict({**r.state_dict(), "version": 99})
     with pytest.raises(ValueError, match="out of range"):
         r.load_state_dict({**r.state_dict(), "batches": 10_000})
+
+
+@pytest.mark.slow
+def test_keras_checkpoint_callback_and_resume_recipe(awkward_shards, tmp_path):
+    keras = pytest.importorskip("keras")
+    from reader import image_dataset_from_shards
+    from reader.state import ShardReaderCheckpoint
+
+    def model():
+        m = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(3)])
+        m.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return m
+
+    def dataset():
+        return image_dataset_from_shards(awkward_shards, split="train", image_size=(16, 16),
+                                          batch_size=50, seed=1, verbose=False, num_workers=1)
+
+    class Crash(keras.callbacks.Callback):  # the job dies after 7 batches of epoch 1
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.epoch == 1 and batch + 1 == 7:
+                self.model.stop_training = True
+
+    path = tmp_path / "reader.json"
+    ds = dataset()
+    model().fit(ds, epochs=3, verbose=0,
+                callbacks=[ShardReaderCheckpoint(ds.shard_reader, path, every=1), Crash()])
+    state = load_state(path)
+    assert (state["epoch"], state["batches"]) == (1, 7)
+
+    # the recipe of docs/READING.md: finish the interrupted epoch, then go on
+    ds = dataset()
+    ds.shard_reader.load_state_dict(state)
+    m = model()
+    checkpoint = ShardReaderCheckpoint(ds.shard_reader, path, every=5)
+    m.fit(ds, epochs=2, initial_epoch=1, steps_per_epoch=len(ds.shard_reader) - 7, verbose=0,
+          callbacks=[checkpoint])
+    assert (load_state(path)["epoch"], load_state(path)["batches"]) == (2, 0)
+    m.fit(ds, epochs=3, initial_epoch=2, verbose=0, callbacks=[checkpoint])
+    assert (load_state(path)["epoch"], load_state(path)["batches"]) == (3, 0)
+    assert ds.shard_reader.epoch == 3
