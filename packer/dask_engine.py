@@ -197,6 +197,20 @@ def local_cluster(workers: int) -> Iterator[str]:
     every phase, so the cluster starts once rather than once per phase.
     """
     _require_distributed()
+    chatter = logging.getLogger("distributed")
+    level = chatter.level
+    # The cluster is ours, its INFO lines (workers registering, closing) are not news to
+    # the user; they would otherwise reach the CLI's root handler through propagation.
+    chatter.setLevel(max(logging.WARNING, chatter.getEffectiveLevel()))
+    try:
+        with _local_cluster(workers) as address:
+            yield address
+    finally:
+        chatter.setLevel(level)
+
+
+@contextmanager
+def _local_cluster(workers: int) -> Iterator[str]:
     from distributed import LocalCluster
 
     with LocalCluster(
