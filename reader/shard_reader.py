@@ -302,9 +302,11 @@ class ShardReader:
     # ---- iteration ------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
-        """Make the next ``iter()`` read epoch ``epoch`` from its start."""
+        """Make the next ``iter()`` read epoch ``epoch`` (from its start, unless a state
+        loaded with :meth:`load_state_dict` is positioned inside that same epoch)."""
+        if int(epoch) != self.epoch:
+            self._resume_batches = 0
         self.epoch = int(epoch)
-        self._resume_batches = 0
 
     def state_dict(self) -> dict[str, Any]:
         """The reader's position as a small JSON-able dict, for :meth:`load_state_dict`.

@@ -96,10 +96,12 @@ class ShardIterableDataset(IterableDataset):
         return len(self.reader)
 
     def set_epoch(self, epoch: int) -> None:
-        """Read epoch ``epoch`` in the next pass (as ``DistributedSampler.set_epoch``)."""
+        """Read epoch ``epoch`` in the next pass (as ``DistributedSampler.set_epoch``); a
+        position loaded with :meth:`load_state_dict` inside that same epoch is kept."""
+        if int(epoch) != self.epoch or self._passes:
+            self._resume_batches = 0
         self.epoch = int(epoch)
         self._passes = 0
-        self._resume_batches = 0
 
     def state_dict(self, batches: int) -> dict[str, Any]:
         """The position after the training loop consumed ``batches`` batches of the current
@@ -119,8 +121,7 @@ class ShardIterableDataset(IterableDataset):
 
         epoch, batches, seed = check_state(self.reader, state)
         self.reader.seed = seed
-        self.set_epoch(epoch)
-        self._resume_batches = batches
+        self.epoch, self._passes, self._resume_batches = epoch, 0, batches
 
     def __iter__(self) -> Iterator[Any]:
         epoch = self.epoch + self._passes
