@@ -80,6 +80,8 @@ def run_dask(
             (a ``PackError`` from a writer stays a ``PackError``); the remaining tasks are
             cancelled.
     """
+    if max_in_flight is not None and max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
     _require_distributed()
     from distributed import Client, KilledWorker, as_completed
 
@@ -96,8 +98,6 @@ def run_dask(
                     "out --scheduler to pack on a local cluster"
                 ) from exc
         window = max_in_flight or _default_window(client, workers)
-        if window < 1:
-            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
 
         queue = iter(items)
         pending: dict[Any, T] = {}
