@@ -41,6 +41,7 @@ log = logging.getLogger("shardpack")
 DEFAULT_MAX_COUNT = 10_000
 DEFAULT_MAX_SIZE = "256MB"
 PROBE_CHUNK = 64  # files per probe task: amortises process hand-off, keeps progress smooth
+PROBE_CHUNK_DASK = 1024  # a Dask task costs more: a million files stay ~1,000 tasks
 
 
 def pack(
@@ -124,19 +125,33 @@ def pack(
     resize_spec = parse_resize(resize, quality=quality)
     workers = workers or default_workers()
     check_output(out_dir, options, overwrite=overwrite)
-    pool = LocalPool(workers)
-    try:
+    with contextlib.ExitStack() as stack:
+        pool = LocalPool(workers)
+        stack.callback(pool.close)
+        remote = engine == "dask" and scheduler is not None
+        if engine == "dask" and scheduler is None:  # one cluster for every phase of the job
+            from .dask_engine import local_cluster
+
+            scheduler = stack.enter_context(local_cluster(workers))
         return _pack_with(
             src, out_dir, options, resize_spec=resize_spec, quiet=quiet,
             run=_engine_runner(engine, workers=workers, scheduler=scheduler, pool=pool),
+            probe_chunk=PROBE_CHUNK_DASK if engine == "dask" else PROBE_CHUNK,
+            check_workers=(lambda paths: _check_dask_workers(scheduler, paths)) if remote else None,
         )
-    finally:
-        pool.close()
+    raise AssertionError("unreachable")
+
+
+def _check_dask_workers(scheduler: str | None, paths: dict[str, str]) -> None:
+    from .dask_engine import check_workers_see
+
+    check_workers_see(str(scheduler), paths)
 
 
 def _pack_with(
     src: str | os.PathLike[str], out_dir: str, options: dict[str, Any], *,
-    resize_spec: ResizeSpec | None, quiet: bool, run: Callable[..., Any],
+    resize_spec: ResizeSpec | None, quiet: bool, run: Callable[..., Any], probe_chunk: int,
+    check_workers: Callable[[dict[str, str]], None] | None,
 ) -> dict[str, Any]:
     """The pipeline itself: walk -> probe -> plan -> write -> manifest."""
     follow_links, validate, max_pixels = (
@@ -145,9 +160,13 @@ def _pack_with(
     walked = walk_tree(src, layout=options["layout"], follow_links=follow_links)
     for warning in walked.warnings:
         log.warning(warning)
+    if check_workers is not None and walked.candidates:
+        # A remote worker that does not mount SRC would report its files unreadable (and
+        # they would be skipped); one that does not mount OUT would write shards elsewhere.
+        check_workers({"SRC": walked.candidates[0].abs_path, "OUT": _out_marker(out_dir)})
     probes = probe_all(
         walked.candidates, run=run, validate=validate, max_pixels=max_pixels,
-        resize=resize_spec, quiet=quiet,
+        resize=resize_spec, quiet=quiet, chunk=probe_chunk,
     )
     plan, skipped, ignored = make_plan(walked, probes, options)
     duplicates = find_duplicates(plan)
@@ -159,6 +178,8 @@ def _pack_with(
     with _os_errors_as_pack_error(os.path.join(out_dir, "manifest.json")):
         write_manifest_atomically(out_dir, manifest)
     Journal.discard(out_dir)  # the manifest now records every shard
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out_dir, ".shardpack-workers-check"))
     return manifest
 
 
@@ -218,14 +239,24 @@ def _probe_chunk(task: tuple[int, list[str], str, int, ResizeSpec | None]) -> tu
     return start, [probe_file(p, validate=validate, max_pixels=max_pixels, resize=resize) for p in paths]
 
 
+def _out_marker(out_dir: str) -> str:
+    """A small file in OUT that every Dask worker must see (removed with the journal)."""
+    with _os_errors_as_pack_error(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+        marker = os.path.join(out_dir, ".shardpack-workers-check")
+        with open(marker, "w") as f:
+            f.write("shardpack: every worker must see this file\n")
+    return marker
+
+
 def probe_all(
     candidates: list[Candidate], *, run: Callable[..., Any], validate: str, max_pixels: int,
-    resize: ResizeSpec | None, quiet: bool,
+    resize: ResizeSpec | None, quiet: bool, chunk: int = 64,
 ) -> list[Probe]:
     """Probe every candidate in parallel; results in candidate order."""
     tasks = [
-        (i, [c.abs_path for c in candidates[i : i + PROBE_CHUNK]], validate, max_pixels, resize)
-        for i in range(0, len(candidates), PROBE_CHUNK)
+        (i, [c.abs_path for c in candidates[i : i + chunk]], validate, max_pixels, resize)
+        for i in range(0, len(candidates), chunk)
     ]
     probes: list[Probe | None] = [None] * len(candidates)
     with tqdm(total=len(candidates), unit="img", desc="checking", disable=True if quiet else None) as bar:

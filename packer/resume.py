@@ -54,7 +54,9 @@ def check_output(out_dir: str, options: dict[str, Any], *, overwrite: bool) -> N
     Raises:
         OutputExistsError: unless ``overwrite``; the message says what differs.
     """
-    if overwrite or not os.path.isdir(out_dir) or not os.listdir(out_dir):
+    if overwrite or not os.path.isdir(out_dir):
+        return
+    if not [name for name in os.listdir(out_dir) if name != ".shardpack-workers-check"]:
         return
     manifest = _read_manifest(out_dir)
     journal = _read_json_lines(os.path.join(out_dir, JOURNAL_NAME))
