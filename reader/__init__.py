@@ -13,14 +13,24 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .preview import preview
     from .shard_reader import ShardReader
+    from .state import ShardReaderCheckpoint
     from .tf_data import image_dataset_from_shards
+    from .torch_data import ShardIterableDataset
 
-__all__ = ["ShardReader", "image_dataset_from_shards", "preview"]
+__all__ = [
+    "ShardReader",
+    "image_dataset_from_shards",
+    "preview",
+    "ShardIterableDataset",
+    "ShardReaderCheckpoint",
+]
 
 _WHERE = {
     "ShardReader": ".shard_reader",
     "image_dataset_from_shards": ".tf_data",
     "preview": ".preview",
+    "ShardIterableDataset": ".torch_data",
+    "ShardReaderCheckpoint": ".state",
 }
 
 
