@@ -212,6 +212,7 @@ def shard_samples(
     *,
     policy: ErrorPolicy,
     storage_options: dict[str, Any] | None = None,
+    cache_dir: str | None = None,
 ) -> Iterator[Sample]:
     """Open one shard, stream its samples, and check the count against the manifest.
 
@@ -220,7 +221,10 @@ def shard_samples(
     """
     count = 0
     try:
-        with open_shard(ref.url, **(storage_options or {})) as stream:
+        with open_shard(
+            ref.url, expected_size=ref.nbytes, expected_sha256=ref.sha256, cache_dir=cache_dir,
+            **(storage_options or {}),
+        ) as stream:
             try:
                 for sample in group_samples(tar_members(stream, shard=ref.name), shard=ref.name):
                     count += 1

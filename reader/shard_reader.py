@@ -99,6 +99,8 @@ class ShardReader:
         random_crop: ``(min, max)`` area fraction of a random crop (augmentation).
         num_classes: number of classes for manifest-less tars (else found by a scan).
         storage_options: passed to fsspec for every file (credentials, endpoint, ...).
+        cache_dir: keep remote shards in this local folder (keyed by URL + sha256), so later
+            epochs read them from disk; local shards are never copied.
         rank, world_size: this process's rank and the number of ranks. Ranks read disjoint
             shards where the counts allow and every rank yields ``len(reader)`` batches
             (docs/READING.md). None (both): found from a ``tf.distribute.InputContext``,
@@ -144,6 +146,7 @@ class ShardReader:
         random_crop: tuple[float, float] | None = None,
         num_classes: int | None = None,
         storage_options: dict[str, Any] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         uneven: Uneven = "pad",
@@ -157,6 +160,7 @@ class ShardReader:
         check_uneven(uneven)
         self.rank, self.world_size, self.uneven = int(rank), int(world_size), uneven
         self.storage_options = dict(storage_options or {})
+        self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         self.source: SplitSource = resolve_source(
             source if isinstance(source, (str, list, tuple)) else os.fspath(source),
             split=split,
@@ -402,7 +406,10 @@ class ShardReader:
         """Samples ``start:stop`` of one shard (after the class subset), labelled."""
         ref = self.source.shards[shard]
         labelled = self._select(
-            shard_samples(ref, policy=self.policy, storage_options=self.storage_options)
+            shard_samples(
+                ref, policy=self.policy, storage_options=self.storage_options,
+                cache_dir=self.cache_dir,
+            )
         )
         if start == 0 and (stop is None or stop == ref.count and self._remap is None):
             return labelled  # the whole shard: read to the end, so its count is checked

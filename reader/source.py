@@ -37,12 +37,15 @@ class ShardRef:
         name: name to show in messages (the manifest name, or the URL).
         count: samples in the shard according to the manifest; None without a manifest.
         nbytes: shard size according to the manifest, when known.
+        sha256: shard checksum according to the manifest, when known; remote shards are
+            verified against it as they stream.
     """
 
     url: str
     name: str
     count: int | None = None
     nbytes: int | None = None
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,13 +69,22 @@ class SplitSource:
     manifest: dict[str, Any] | None
 
 
-def open_shard(url: str, **storage_options: Any) -> IO[bytes]:
+def open_shard(
+    url: str,
+    *,
+    expected_size: int | None = None,
+    expected_sha256: str | None = None,
+    cache_dir: str | None = None,
+    **storage_options: Any,
+) -> IO[bytes]:
     """Open one shard for a sequential, whole-shard read and return a binary stream.
 
     The caller closes the stream (it is a context manager). This is the single place where
     a shard's bytes are fetched: local files are opened directly; remote shards go through
     :func:`reader.remote.open_shard_stream` (large ranged reads, retries that resume at the
-    failed byte offset, read-ahead in a background thread).
+    failed byte offset, read-ahead in a background thread). With the manifest's size and
+    checksum, a remote shard costs no extra HEAD request and is verified as it streams
+    (ChecksumError at its end); ``cache_dir`` keeps remote shards on local disk.
 
     Raises:
         ShardReadError: the shard cannot be opened or read (missing, no permission, network
@@ -80,7 +92,10 @@ def open_shard(url: str, **storage_options: Any) -> IO[bytes]:
     """
     from .remote import open_shard_stream
 
-    return open_shard_stream(url, storage_options=storage_options)
+    return open_shard_stream(
+        url, storage_options=storage_options, expected_size=expected_size,
+        expected_sha256=expected_sha256, cache_dir=cache_dir,
+    )
 
 
 def expand_urls(source: str | Sequence[str]) -> list[str]:
@@ -156,6 +171,7 @@ def resolve_source(
             name=entry["name"],
             count=entry.get("count"),
             nbytes=entry.get("bytes"),
+            sha256=entry.get("sha256"),
         )
         for entry in info["shards"]
     )
