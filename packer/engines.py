@@ -51,10 +51,17 @@ class LocalPool:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
+        # Decided now, before this job starts threads of its own (tqdm's monitor thread is
+        # harmless to forked children; a user's TensorFlow is not).
+        self._method = _start_method()
 
     def executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            context = multiprocessing.get_context(_start_method())
+            if self._method == "fork":
+                from PIL import Image
+
+                Image.init()  # load Pillow's format plugins once, before the children fork
+            context = multiprocessing.get_context(self._method)
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
         return self._pool
 
