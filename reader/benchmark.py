@@ -1,0 +1,294 @@
+"""``shardpack bench``: reader throughput on a shard set, next to the JPEG-decode limit.
+
+Three contenders read the same split of SOURCE, each in its own Python process (so each
+one's peak RSS is its own and TensorFlow is loaded only where it is used):
+
+- ``decode_limit``: the split's image bytes already in RAM, decoded and resized to the
+  batch shape on every core with libjpeg-turbo's DCT scaling (simplejpeg when installed,
+  else Pillow's ``draft``), straight into one preallocated array: no I/O, no shuffling, no
+  batching, no per-image task. The reader cannot beat it; it tells how close it comes.
+- ``shardpack_numpy``: one epoch of :class:`reader.ShardReader` (float32 batches).
+- ``shardpack_tf``: one epoch of :func:`reader.image_dataset_from_shards`, iterated as
+  Keras does (``for x, y in ds``).
+
+The machine may be shared, so every contender runs ``--repeat`` times, interleaved (one
+round of all, then the next), and the table shows the median; the load average is printed
+with it. ``images/s`` is the steady state of an epoch (after its first ``--warmup``
+batches); ``cpu ms/img`` is the process's CPU time per image over the epoch (or the
+timed decode), which a busy machine disturbs less than the rate.
+
+    shardpack bench shards/ --split train --image-size 224 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+__all__ = ["CONTENDERS", "decode_limit", "run_contender", "time_epoch", "main"]
+
+_CHUNK = 16  # images per task of the decode-limit pool: no per-image scheduling cost
+
+
+def cores() -> int:
+    """CPUs this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def split_image_bytes(source: str, split: str, storage_options: dict[str, Any] | None = None) -> list[bytes]:
+    """The image member of every sample of ``split``, read into memory (any SOURCE/URL)."""
+    from .policy import ErrorPolicy
+    from .samples import image_member, shard_samples
+    from .source import resolve_source
+
+    src = resolve_source(source, split=split, storage_options=storage_options or {})
+    out = []
+    for ref in src.shards:
+        for sample in shard_samples(ref, policy=ErrorPolicy(), storage_options=storage_options):
+            ext = image_member(sample)
+            if ext is not None:
+                out.append(sample[ext])
+    return out
+
+
+def _limit_simplejpeg(data: bytes, size: tuple[int, int]) -> Any:
+    import simplejpeg
+    from PIL import Image
+
+    if data[:2] != b"\xff\xd8":
+        return _limit_pillow(data, size)
+    arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size[0], min_width=size[1])
+    return Image.fromarray(arr).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+
+
+def _limit_pillow(data: bytes, size: tuple[int, int]) -> Any:
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data))
+    im.draft("RGB", (size[1], size[0]))
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+
+
+# decode-limit variant -> function(bytes, (h, w)) -> resized RGB PIL image
+LIMIT_VARIANTS = {"simplejpeg": _limit_simplejpeg, "pillow-draft": _limit_pillow}
+
+
+def decode_limit(
+    blobs: list[bytes], size: tuple[int, int], *, variant: str, workers: int | None = None
+) -> tuple[float, float]:
+    """Decode and resize every blob into one uint8 array on ``workers`` threads.
+
+    Returns (wall seconds, process CPU seconds).
+
+    Each task takes ``_CHUNK`` consecutive images and writes them into their rows, so the
+    pool adds nothing per image: the time is decode + resize + one copy into the array.
+    """
+    import numpy as np
+
+    fn = LIMIT_VARIANTS[variant]
+    out = np.empty((len(blobs), size[0], size[1], 3), dtype=np.uint8)
+
+    def run(start: int) -> None:
+        for i in range(start, min(start + _CHUNK, len(blobs))):
+            out[i] = np.asarray(fn(blobs[i], size))
+
+    with ThreadPoolExecutor(workers or cores()) as pool:
+        list(pool.map(run, range(0, min(len(blobs), 4 * _CHUNK), _CHUNK)))  # warm-up
+        start = time.perf_counter()
+        list(pool.map(run, range(0, len(blobs), _CHUNK)))
+        return time.perf_counter() - start
+
+
+def time_epoch(batches: Any, warmup: int = 3) -> dict[str, Any]:
+    """Iterate one epoch; ``images_per_s`` leaves out the first ``warmup`` batches (start-up:
+    filling the shuffle buffer, starting threads)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    images = steady_images = 0
+    steady_start = None
+    for i, batch in enumerate(batches):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        n = int(x.shape[0])
+        images += n
+        if i == warmup - 1:
+            steady_start = time.perf_counter()
+        elif i >= warmup:
+            steady_images += n
+    end, cpu = time.perf_counter(), time.process_time() - cpu
+    whole = images / (end - start)
+    steady = steady_images / (end - steady_start) if steady_start and steady_images else whole
+    return {"images": images, "seconds": end - start, "images_per_s": steady,
+            "images_per_s_with_startup": whole, "cpu_ms_per_image": cpu / max(images, 1) * 1e3}
+
+
+# ---------------------------------------------------------------- contenders (child side)
+
+
+def c_decode_limit(cfg: dict[str, Any]) -> dict[str, Any]:
+    size = tuple(cfg["image_size"])
+    blobs = split_image_bytes(cfg["source"], cfg["split"], cfg.get("storage_options"))
+    best: dict[str, Any] = {}
+    for variant in LIMIT_VARIANTS:
+        try:
+            seconds, cpu = decode_limit(blobs, size, variant=variant)
+        except ImportError:  # simplejpeg not installed
+            continue
+        rate = len(blobs) / seconds
+        if rate > best.get("images_per_s", 0):
+            best = {"images": len(blobs), "seconds": seconds, "images_per_s": rate,
+                    "variant": variant, "cpu_ms_per_image": cpu / len(blobs) * 1e3}
+    return best
+
+
+def c_shardpack_numpy(cfg: dict[str, Any]) -> dict[str, Any]:
+    from .shard_reader import ShardReader
+
+    r = ShardReader(cfg["source"], split=cfg["split"], image_size=tuple(cfg["image_size"]),
+                    batch_size=cfg["batch_size"], shuffle=True, seed=0,
+                    storage_options=cfg.get("storage_options"))
+    return time_epoch(r, cfg.get("warmup", 3))
+
+
+def c_shardpack_tf(cfg: dict[str, Any]) -> dict[str, Any]:
+    from .tf_data import image_dataset_from_shards
+
+    ds = image_dataset_from_shards(cfg["source"], split=cfg["split"],
+                                   image_size=tuple(cfg["image_size"]),
+                                   batch_size=cfg["batch_size"], shuffle=True, seed=0,
+                                   verbose=False, storage_options=cfg.get("storage_options"))
+    return time_epoch(ds, cfg.get("warmup", 3))
+
+
+CONTENDERS = {"decode_limit": c_decode_limit, "shardpack_numpy": c_shardpack_numpy,
+              "shardpack_tf": c_shardpack_tf}
+
+
+def _child(name: str, cfg: dict[str, Any], contenders: dict[str, Any]) -> None:
+    result = contenders[name](cfg)
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    print(json.dumps(result))
+
+
+# ---------------------------------------------------------------- orchestration (parent side)
+
+
+def run_contender(name: str, cfg: dict[str, Any], *, module: list[str] | None = None) -> dict[str, Any]:
+    """Run one contender in a fresh Python process; return its result (with peak RSS).
+
+    ``module``: the command that runs the child (default: ``python -m reader.benchmark``).
+    """
+    cmd = [sys.executable, *(module or ["-m", "reader.benchmark"]), "--contender", name,
+           "--config", json.dumps(cfg)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": ((proc.stderr or proc.stdout).strip().splitlines() or ["failed"])[-1]}
+    return json.loads(lines[-1])
+
+
+def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median rate, plus every run's rate and the spread."""
+    ok = [r for r in runs if "images_per_s" in r]
+    if not ok:
+        return runs[-1] if runs else {"error": "no run"}
+    ok.sort(key=lambda r: r["images_per_s"])
+    out = dict(ok[(len(ok) - 1) // 2])
+    out["images_per_s"] = statistics.median(r["images_per_s"] for r in ok)
+    out["runs"] = [round(r["images_per_s"], 1) for r in runs if "images_per_s" in r]
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+    return out
+
+
+def run_rounds(
+    names: list[str], cfg: dict[str, Any], repeat: int, *, module: list[str] | None = None,
+    log: Any = print,
+) -> dict[str, dict[str, Any]]:
+    """Run every contender ``repeat`` times, interleaved, and keep the median of each."""
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for round_ in range(repeat):
+        for name in names:
+            r = run_contender(name, cfg, module=module)
+            runs[name].append(r)
+            rate = f"{r['images_per_s']:.0f} images/s" if "images_per_s" in r else r.get("error")
+            log(f"  round {round_ + 1}/{repeat} {name}: {rate} (load {os.getloadavg()[0]:.1f})")
+    return {n: median_result(rs) for n, rs in runs.items()}
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    limit = results.get("decode_limit", {}).get("images_per_s")
+    rows = ["| contender | images/s (median) | runs | × decode limit | cpu ms/img | peak RSS MB |",
+            "|---|---:|---|---:|---:|---:|"]
+    for name, r in results.items():
+        if "images_per_s" not in r:
+            rows.append(f"| {name} | error: {r.get('error')} | | | | |")
+            continue
+        rate = r["images_per_s"]
+        ratio = f"{rate / limit:.2f}" if limit else "–"
+        runs = ", ".join(f"{v:.0f}" for v in r.get("runs", []))
+        cpu = f"{r['cpu_ms_per_image']:.2f}" if "cpu_ms_per_image" in r else "–"
+        rows.append(f"| {name} | {rate:.0f} | {runs} | {ratio} | {cpu} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="shardpack bench", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", nargs="?", help="shard folder or URL")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per contender (median shown)")
+    parser.add_argument("--warmup", type=int, default=3, help="batches left out of images/s")
+    parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
+    parser.add_argument("--json", dest="json_out", help="also write the results here")
+    parser.add_argument("--contender", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.contender:
+        _child(args.contender, json.loads(args.config), CONTENDERS)
+        return 0
+    if not args.source:
+        parser.error("SOURCE is required")
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(CONTENDERS))
+    if unknown:
+        parser.error(f"unknown contenders {unknown}; choose from {sorted(CONTENDERS)}")
+    source = args.source if "://" in args.source else os.path.abspath(args.source)
+    cfg = {"source": source, "split": args.split, "image_size": [args.image_size] * 2,
+           "batch_size": args.batch_size, "warmup": args.warmup}
+    print(f"shardpack bench: {source} [{args.split}], {args.image_size}x{args.image_size} RGB, "
+          f"batches of {args.batch_size}, {cores()} cores, load {os.getloadavg()[0]:.1f}; "
+          f"median of {args.repeat} interleaved runs", flush=True)
+    results = run_rounds(names, cfg, args.repeat, log=lambda m: print(m, flush=True))
+    print()
+    print(format_table(results))
+    print(f"\nload average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())} "
+          f"on {cores()} cores (above the core count, every rate is shared with other work)")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"config": cfg, "results": results, "load": os.getloadavg()}, f, indent=2)
+    bad = [n for n, r in results.items() if "images_per_s" not in r]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The fast paths give the reference path's pixels (within tolerance) and exactly its labels.
+
+Fast paths: simplejpeg decoding at any libjpeg-turbo scale (reader.decode, decoder "auto")
+against Pillow with ``draft`` (decoder "pillow"); chunked decoding straight into aligned
+batch arrays (reader.batches) against decoding each sample alone; the tf.data adapter
+against ShardReader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import random
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from packer.errors import SampleDecodeError
+from packer.examples import photo, random_crop
+from reader import ShardReader
+from reader.decode import DecodeOptions, decode_image, jpeg_orientation
+
+simplejpeg = pytest.importorskip("simplejpeg")
+
+# simplejpeg may pick a finer DCT scale (n/8) than Pillow's draft (1/2, 1/4, 1/8), so the
+# resize starts from other pixels: close, not identical. Measured on these photos: up to
+# 3.2/255 mean from Pillow's result, and each path is 0-3/255 from a full-resolution
+# decode, the same size of error DCT scaling always had.
+MEAN_TOL = 4.0  # mean absolute difference, out of 255
+P99_TOL = 40  # 99th percentile of the absolute difference (edges differ the most)
+
+
+def _jpeg(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert diff.mean() < MEAN_TOL and np.percentile(diff, 99) <= P99_TOL, (
+        f"mean {diff.mean():.2f}, p99 {np.percentile(diff, 99)}")
+
+
+def _both(data: bytes, **kw) -> tuple[np.ndarray, np.ndarray]:
+    fast = decode_image(data, DecodeOptions(decoder="simplejpeg", **kw))
+    ref = decode_image(data, DecodeOptions(decoder="pillow", **kw))
+    return fast, ref
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    rng = random.Random(0)
+    return [random_crop(rng, photo(name), side)
+            for name, side in [("astronaut", 1400), ("cat", 640), ("coffee", 300), ("rocket", 517)]]
+
+
+@pytest.mark.parametrize("aspect", [{}, {"crop_to_aspect_ratio": True}, {"pad_to_aspect_ratio": True}])
+@pytest.mark.parametrize("size", [(224, 224), (96, 160), (300, 300)])
+def test_simplejpeg_matches_pillow(photos, size, aspect):
+    for im in photos:
+        _close(*_both(_jpeg(im, quality=85), image_size=size, **aspect))
+
+
+@pytest.mark.parametrize("save", [{"progressive": True}, {"subsampling": 0}, {"subsampling": 1},
+                                  {"quality": 60}])
+def test_jpeg_flavours(photos, save):
+    _close(*_both(_jpeg(photos[0], **save), image_size=(224, 224)))
+
+
+def test_grayscale(photos):
+    rgb_jpeg = _jpeg(photos[1])
+    gray_jpeg = _jpeg(photos[1].convert("L"))
+    _close(*_both(rgb_jpeg, image_size=(64, 64), color_mode="grayscale"))
+    _close(*_both(gray_jpeg, image_size=(64, 64), color_mode="grayscale"))
+    _close(*_both(gray_jpeg, image_size=(64, 64)))  # grey JPEG -> rgb: three equal channels
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation(photos, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _jpeg(photos[1], exif=exif.tobytes())
+    assert jpeg_orientation(data) == orientation
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.getexif().get(0x0112) == orientation
+    _close(*_both(data, image_size=(120, 80)))
+    _close(*_both(data, image_size=(120, 80), crop_to_aspect_ratio=True))
+
+
+def test_orientation_big_endian_and_absent():
+    im = Image.new("RGB", (40, 20), "red")
+    assert jpeg_orientation(_jpeg(im)) == 1
+    # a big-endian ("MM") TIFF block holding only the orientation, 6
+    tiff = b"MM\x00\x2a\x00\x00\x00\x08" + b"\x00\x01" + b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00" + b"\x00" * 4
+    data = _jpeg(im, exif=b"Exif\x00\x00" + tiff)
+    assert jpeg_orientation(data) == 6
+    with Image.open(io.BytesIO(data)) as pil:
+        assert pil.getexif().get(0x0112) == 6
+    fast, ref = _both(data, image_size=(40, 20))
+    assert fast.shape == ref.shape == (40, 20, 3)
+
+
+def test_xmp_only_orientation_is_left_to_pillow():
+    im = Image.new("RGB", (40, 20), "red")
+    xmp = b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+    data = _jpeg(im, xmp=xmp)
+    assert jpeg_orientation(data) is None  # Pillow reads tiff:Orientation from the XMP
+    out = decode_image(data, DecodeOptions(image_size=(20, 40)))
+    ref = decode_image(data, DecodeOptions(image_size=(20, 40), decoder="pillow"))
+    assert (out == ref).all()
+
+
+def test_what_simplejpeg_cannot_take_goes_to_pillow(photos):
+    cmyk = _jpeg(photos[3].convert("CMYK"))
+    out = decode_image(cmyk, DecodeOptions(image_size=(32, 32)))
+    assert (out == decode_image(cmyk, DecodeOptions(image_size=(32, 32), decoder="pillow"))).all()
+    data = _jpeg(photos[3])
+    rgba = DecodeOptions(image_size=(32, 32), color_mode="rgba")
+    assert (decode_image(data, rgba) == decode_image(data, dataclasses.replace(rgba, decoder="pillow"))).all()
+    with pytest.raises(OSError):  # truncated: the same error as Pillow's, not a partial image
+        decode_image(data[: len(data) // 2], DecodeOptions(image_size=(32, 32)))
+
+
+def test_unknown_decoder():
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        DecodeOptions(decoder="turbo")
+
+
+# ---- batches: chunked decoding into aligned arrays, same as decoding one by one ----------
+
+
+@pytest.fixture(scope="module")
+def mixed_shards(tmp_path_factory):
+    """25 samples: JPEGs of many sizes, a PNG, and one broken image (key s0011)."""
+    rng = random.Random(1)
+    tmp = tmp_path_factory.mktemp("mixed")
+    images = []
+    with wds.ShardWriter(str(tmp / "m-%06d.tar"), maxcount=10, verbose=0) as sink:
+        for i in range(25):
+            im = random_crop(rng, photo(["cat", "coffee", "rocket"][i % 3]), rng.randint(40, 700))
+            if i == 11:
+                data, ext = b"\xff\xd8 not really a jpeg", "jpg"
+            elif i == 7:
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+                data, ext = buf.getvalue(), "png"
+            else:
+                data, ext = _jpeg(im, quality=rng.randint(70, 95)), "jpg"
+            images.append(data)
+            sink.write({"__key__": f"s{i:04d}", ext: data, "cls": i % 3})
+    return str(tmp / "m-{000000..000002}.tar"), images
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 7, 64])
+@pytest.mark.parametrize("rescale", [None, 1 / 255])
+def test_batches_match_one_by_one(mixed_shards, batch_size, rescale):
+    url, images = mixed_shards
+    r = ShardReader(url, num_classes=3, image_size=(48, 40), batch_size=batch_size, shuffle=False,
+                    on_error="ignore", rescale=rescale)
+    batches = list(r)
+    x = np.concatenate([b[0] for b in batches])
+    y = np.concatenate([b[1] for b in batches])
+    kept = [i for i in range(25) if i != 11]
+    assert y.tolist() == [i % 3 for i in kept]
+    assert [len(b[0]) for b in batches[:-1]] == [batch_size] * (len(batches) - 1)
+    assert x.dtype == np.float32
+    assert all(b[0].ctypes.data % 64 == 0 for b in batches)  # TensorFlow takes them as they are
+    options = r.decode_options
+    expected = np.stack([decode_image(images[i], options) for i in kept]).astype(np.float32)
+    if rescale is not None:
+        expected *= np.float32(rescale)
+    assert np.array_equal(x, expected)
+    assert r.policy.skipped_samples == 1
+
+
+def test_reader_fast_and_reference_decoders_agree(mixed_shards):
+    url, _ = mixed_shards
+    fast = ShardReader(url, num_classes=3, image_size=(64, 64), batch_size=8, shuffle=True, seed=3,
+                       on_error="ignore", drop_remainder=True)
+    ref = ShardReader(url, num_classes=3, image_size=(64, 64), batch_size=8, shuffle=True, seed=3,
+                      on_error="ignore", drop_remainder=True)
+    ref.decode_options = dataclasses.replace(ref.decode_options, decoder="pillow")
+    got, want = list(fast), list(ref)
+    assert len(got) == len(want) == 3
+    for (xf, yf), (xr, yr) in zip(got, want, strict=True):
+        assert (yf == yr).all()
+        _close(xf.astype(np.uint8), xr.astype(np.uint8))
+
+
+def test_broken_sample_raises_in_order(mixed_shards):
+    url, _ = mixed_shards
+    r = ShardReader(url, num_classes=3, image_size=(16, 16), batch_size=4, shuffle=False,
+                    on_error="raise")
+    seen = 0
+    with pytest.raises(SampleDecodeError, match="s0011"):
+        for x, _ in r:
+            seen += len(x)
+    assert seen == 8  # the batches before the broken sample's batch came out
+
+
+def test_tf_dataset_equals_reader(mixed_shards):
+    pytest.importorskip("tensorflow")
+    from reader import image_dataset_from_shards
+
+    url, _ = mixed_shards
+    ds = image_dataset_from_shards(url, num_classes=3, image_size=(32, 32), batch_size=5,
+                                   shuffle=False, on_error="ignore", verbose=False)
+    r = ShardReader(url, num_classes=3, image_size=(32, 32), batch_size=5, shuffle=False,
+                    on_error="ignore")
+    for (xt, yt), (xr, yr) in zip(ds, r, strict=True):
+        assert xt.dtype.name == "float32" and np.array_equal(xt.numpy(), xr)
+        assert np.array_equal(yt.numpy(), yr)
