@@ -13,8 +13,8 @@ one's peak RSS is its own and TensorFlow is loaded only where it is used):
 
 The machine may be shared, so every contender runs ``--repeat`` times, interleaved (one
 round of all, then the next), and the table shows the median; the load average is printed
-with it. ``images/s`` is the steady state of an epoch (after its first ``--warmup``
-batches); ``cpu ms/img`` is the process's CPU time per image over the epoch (or the
+with it. ``images/s`` is the steady state of an epoch (from its ``--warmup``-th batch to its
+last; see ``time_epoch``); ``cpu ms/img`` is the process's CPU time per image over the epoch (or the
 timed decode), which a busy machine disturbs less than the rate.
 
     shardpack bench shards/ --split train --image-size 224 --batch-size 64
@@ -112,30 +112,38 @@ def decode_limit(
 
     with ThreadPoolExecutor(workers or cores()) as pool:
         list(pool.map(run, range(0, min(len(blobs), 4 * _CHUNK), _CHUNK)))  # warm-up
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         list(pool.map(run, range(0, len(blobs), _CHUNK)))
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
 
 def time_epoch(batches: Any, warmup: int = 3) -> dict[str, Any]:
-    """Iterate one epoch; ``images_per_s`` leaves out the first ``warmup`` batches (start-up:
-    filling the shuffle buffer, starting threads)."""
+    """Iterate one epoch and time it.
+
+    ``images_per_s`` is the steady state: from the end of batch ``warmup`` to the arrival of
+    the last batch (start-up, i.e. filling the shuffle buffer and starting threads, left
+    out; so is tearing the iterator down, which for a tf.data pipeline can take seconds,
+    see ``teardown_s``). ``images_per_s_with_startup`` is the whole loop.
+    """
     start, cpu = time.perf_counter(), time.process_time()
     images = steady_images = 0
-    steady_start = None
+    steady_start = last = None
     for i, batch in enumerate(batches):
+        last = time.perf_counter()
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         n = int(x.shape[0])
         images += n
         if i == warmup - 1:
-            steady_start = time.perf_counter()
+            steady_start = last
         elif i >= warmup:
             steady_images += n
     end, cpu = time.perf_counter(), time.process_time() - cpu
     whole = images / (end - start)
-    steady = steady_images / (end - steady_start) if steady_start and steady_images else whole
+    steady = (steady_images / (last - steady_start)
+              if steady_start and last and steady_images and last > steady_start else whole)
     return {"images": images, "seconds": end - start, "images_per_s": steady,
-            "images_per_s_with_startup": whole, "cpu_ms_per_image": cpu / max(images, 1) * 1e3}
+            "images_per_s_with_startup": whole, "teardown_s": end - (last or end),
+            "cpu_ms_per_image": cpu / max(images, 1) * 1e3}
 
 
 # ---------------------------------------------------------------- contenders (child side)

@@ -4,9 +4,12 @@
 Builds (or takes) an ImageNet-like class-folder tree, packs it, and runs every contender in
 its own subprocess (so each one's peak RSS is its own):
 
-reader contenders (224x224 RGB batches of 64 by default, warm page cache, all cores)
+reader contenders (224x224 RGB batches of 64 by default, warm page cache, all cores;
+each runs --repeat times, interleaved round by round, and the table shows the median)
   decode_limit       libjpeg-turbo decoding the split's bytes from RAM with DCT scaling
-                     (Pillow draft / simplejpeg) + the resize, on all cores, no I/O
+                     (simplejpeg at any n/8 scale, or Pillow draft: the faster) + the resize,
+                     16 images per thread task into one array, all cores, no I/O
+                     (reader.benchmark.decode_limit, the same as `shardpack bench`)
   keras_directory    keras.utils.image_dataset_from_directory on the original files
   webdataset         WebDataset(...).shuffle().decode("pil") + WebLoader (torch) pipeline
   shardpack_numpy    reader.ShardReader
@@ -18,7 +21,8 @@ packer contenders
   wds_shardwriter    a plain webdataset.ShardWriter loop (no validation, one process)
   shardpack_pack     `pack()` with validation, hashing, all cores
 
-Prints a table of images/s, ratios to the decode limit and to each anchor, peak RSS; writes
+Prints a table of images/s, ratios to the decode limit and to each anchor, CPU ms per
+image (less disturbed than images/s on a shared machine), peak RSS, the load average; writes
 JSON and a PNG bar chart; ``--update-readme`` puts the table and chart into README.md.
 
     python scripts/bench.py --images 2000 --out bench_out --update-readme
@@ -36,9 +40,7 @@ import resource
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -122,73 +124,18 @@ def warm_cache(path: Path) -> None:
 # ---------------------------------------------------------------- reader contenders
 
 
-def _resize_decode_pil(data: bytes, size: tuple[int, int]) -> Any:
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.draft("RGB", (size[1], size[0]))
-        im = im.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
-        return np.asarray(im)
-
-
-def _resize_decode_simplejpeg(data: bytes, size: tuple[int, int]) -> Any:
-    import numpy as np
-    import simplejpeg
-    from PIL import Image
-
-    if data[:2] != b"\xff\xd8":
-        return _resize_decode_pil(data, size)
-    arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size[0], min_width=size[1])
-    return np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.Resampling.BILINEAR))
-
-
-def split_image_bytes(shards: Path, split: str) -> list[bytes]:
-    out = []
-    for tar_path in sorted((shards / split).glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for member in tar:
-                if not member.name.endswith((".cls", ".json")):
-                    out.append(tar.extractfile(member).read())  # type: ignore[union-attr]
-    return out
-
-
 def c_decode_limit(cfg: dict[str, Any]) -> dict[str, Any]:
-    size = tuple(cfg["image_size"])
-    blobs = split_image_bytes(Path(cfg["shards"]), cfg["split"])
-    best: dict[str, Any] = {}
-    for name, fn in (("pillow-draft", _resize_decode_pil), ("simplejpeg", _resize_decode_simplejpeg)):
-        try:
-            with ThreadPoolExecutor(cores()) as pool:
-                list(pool.map(lambda b: fn(b, size), blobs[:64]))  # warm-up
-                start = time.perf_counter()
-                list(pool.map(lambda b: fn(b, size), blobs))
-                seconds = time.perf_counter() - start
-        except ImportError:
-            continue
-        rate = len(blobs) / seconds
-        if rate > best.get("images_per_s", 0):
-            best = {"images": len(blobs), "seconds": seconds, "images_per_s": rate, "variant": name}
-    return best
+    # the same measurement as `shardpack bench`: chunked threads into one array, best variant
+    from reader.benchmark import c_decode_limit as limit
+
+    return limit(dict(cfg, source=cfg["shards"]))
 
 
 def _time_batches(iterable: Any, skip: int = 3) -> dict[str, Any]:
     """Time one epoch; steady-state excludes the first ``skip`` batches (start-up)."""
-    start = time.perf_counter()
-    images = steady_images = 0
-    steady_start = None
-    for i, batch in enumerate(iterable):
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        n = int(x.shape[0])
-        images += n
-        if i == skip - 1:
-            steady_start = time.perf_counter()
-        elif i >= skip:
-            steady_images += n
-    end = time.perf_counter()
-    steady = (steady_images / (end - steady_start)) if steady_start and steady_images else images / (end - start)
-    return {"images": images, "seconds": end - start, "images_per_s": steady,
-            "images_per_s_with_startup": images / (end - start)}
+    from reader.benchmark import time_epoch
+
+    return time_epoch(iterable, skip)
 
 
 def c_keras_directory(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -232,27 +179,21 @@ def c_webdataset(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def c_shardpack_numpy(cfg: dict[str, Any]) -> dict[str, Any]:
-    from reader import ShardReader
+    from reader.benchmark import c_shardpack_numpy as numpy_epoch
 
-    r = ShardReader(cfg["shards"], split=cfg["split"], image_size=tuple(cfg["image_size"]),
-                    batch_size=cfg["batch_size"], shuffle=True, seed=0)
-    return _time_batches(r)
-
-
-def _tf_epoch(shards: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    from reader import image_dataset_from_shards
-
-    ds = image_dataset_from_shards(shards, split=cfg["split"], image_size=tuple(cfg["image_size"]),
-                                   batch_size=cfg["batch_size"], shuffle=True, seed=0)
-    return _time_batches(ds)
+    return numpy_epoch(dict(cfg, source=cfg["shards"]))
 
 
 def c_shardpack_tf(cfg: dict[str, Any]) -> dict[str, Any]:
-    return _tf_epoch(cfg["shards"], cfg)
+    from reader.benchmark import c_shardpack_tf as tf_epoch
+
+    return tf_epoch(dict(cfg, source=cfg["shards"]))
 
 
 def c_shardpack_tf_resized(cfg: dict[str, Any]) -> dict[str, Any]:
-    return _tf_epoch(cfg["shards_resized"], cfg)
+    from reader.benchmark import c_shardpack_tf as tf_epoch
+
+    return tf_epoch(dict(cfg, source=cfg["shards_resized"]))
 
 
 # ---------------------------------------------------------------- packer contenders
@@ -332,23 +273,30 @@ def _child(name: str, cfg: dict[str, Any]) -> None:
     print(json.dumps(result))
 
 
+def _ratio(rate: float, base: float | None) -> str:
+    return f"{rate / base:.2f}" if base else "–"
+
+
 def format_table(results: dict[str, dict[str, Any]], kind: str) -> str:
     rows = []
     if kind == "reader":
         limit = results.get("decode_limit", {}).get("images_per_s")
         keras_rate = results.get("keras_directory", {}).get("images_per_s")
         wds_rate = results.get("webdataset", {}).get("images_per_s")
-        rows.append("| contender | images/s | × decode limit | × keras dir | × webdataset | peak RSS MB |")
-        rows.append("|---|---:|---:|---:|---:|---:|")
+        rows.append("| contender | images/s | runs | × decode limit | × keras dir | × webdataset "
+                    "| cpu ms/img | peak RSS MB |")
+        rows.append("|---|---:|---|---:|---:|---:|---:|---:|")
         for name in READER_CONTENDERS:
             r = results.get(name, {})
             if "images_per_s" not in r:
-                rows.append(f"| {name} | error: {r.get('error')} | | | | |")
+                rows.append(f"| {name} | error: {r.get('error')} | | | | | | |")
                 continue
             rate = r["images_per_s"]
-            ratio = lambda base: f"{rate / base:.2f}" if base else "–"  # noqa: E731
-            rows.append(f"| {name} | {rate:.0f} | {ratio(limit)} | {ratio(keras_rate)} | "
-                        f"{ratio(wds_rate)} | {r['peak_rss_mb']:.0f} |")
+            runs = ", ".join(f"{v:.0f}" for v in r.get("runs", []))
+            cpu = f"{r['cpu_ms_per_image']:.2f}" if "cpu_ms_per_image" in r else "–"
+            rows.append(f"| {name} | {rate:.0f} | {runs} | {_ratio(rate, limit)} | "
+                        f"{_ratio(rate, keras_rate)} | {_ratio(rate, wds_rate)} | {cpu} | "
+                        f"{r['peak_rss_mb']:.0f} |")
     else:
         tar_rate = results.get("tar_cf", {}).get("images_per_s")
         wds_rate = results.get("wds_shardwriter", {}).get("images_per_s")
@@ -360,9 +308,8 @@ def format_table(results: dict[str, dict[str, Any]], kind: str) -> str:
                 rows.append(f"| {name} | error: {r.get('error')} | | | |")
                 continue
             rate = r["images_per_s"]
-            ratio = lambda base: f"{rate / base:.2f}" if base else "–"  # noqa: E731
-            rows.append(f"| {name} | {rate:.0f} | {ratio(tar_rate)} | {ratio(wds_rate)} | "
-                        f"{r['peak_rss_mb']:.0f} |")
+            rows.append(f"| {name} | {rate:.0f} | {_ratio(rate, tar_rate)} | "
+                        f"{_ratio(rate, wds_rate)} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(rows)
 
 
@@ -438,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per reader contender (median)")
     parser.add_argument("--only", default="reader,packer", help="reader, packer or both")
     parser.add_argument("--scaling", type=int, nargs="*", default=[],
                         help="also pack this many small images each (e.g. 1000 100000)")
@@ -469,19 +417,32 @@ def main(argv: list[str] | None = None) -> int:
     cfg = {"src": str(src), "shards": str(shards), "shards_resized": str(resized),
            "split": args.split, "image_size": size, "batch_size": args.batch_size,
            "scratch": str(work / "scratch")}
+    from reader.benchmark import run_rounds
+
     results: dict[str, dict[str, Any]] = {}
     kinds = args.only.split(",")
-    names = (READER_CONTENDERS if "reader" in kinds else []) + (PACKER_CONTENDERS if "packer" in kinds else [])
-    for name in names:
-        print(f"running {name} ...", flush=True)
-        results[name] = run_contender(name, cfg)
-        print(f"  {json.dumps(results[name])}", flush=True)
+    load_before = os.getloadavg()
+    if "reader" in kinds:
+        print(f"reader contenders, {args.repeat} interleaved rounds ...", flush=True)
+        results.update(run_rounds(READER_CONTENDERS, cfg, args.repeat, module=[__file__],
+                                  log=lambda m: print(m, flush=True)))
+    if "packer" in kinds:
+        for name in PACKER_CONTENDERS:
+            print(f"running {name} ...", flush=True)
+            results[name] = run_contender(name, cfg)
+            print(f"  {json.dumps(results[name])}", flush=True)
+    load_after = os.getloadavg()
     scaling = scaling_run(args, work) if args.scaling else []
 
     n_train = sum(1 for p in (src / args.split).rglob("*") if p.is_file())
     header = (f"Machine: {machine_line()}. Data: {n_train} ImageNet-like images in `{args.split}` "
               f"(long side 300–1400 px, JPEG q75–95, ~3% PNG), {args.image_size}x{args.image_size} "
-              f"RGB batches of {args.batch_size}, warm page cache, one epoch after 3 warm-up batches.")
+              f"RGB batches of {args.batch_size}, warm page cache, one epoch after 3 warm-up batches; "
+              f"reader rates are the median of {args.repeat} interleaved runs. Load average "
+              f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (the machine is shared: "
+              f"above {cores()} every rate is shared with other work; CPU ms per image is "
+              f"disturbed less; it counts the contender's own process, so not webdataset's "
+              f"WebLoader worker processes).")
     parts = [header, ""]
     if "reader" in kinds:
         parts += ["**Reader**", "", format_table(results, "reader"), ""]
@@ -495,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     markdown = "\n".join(parts)
     print("\n" + markdown)
     (work / "bench.json").write_text(json.dumps(
-        {"machine": machine_line(), "config": cfg, "results": results, "scaling": scaling}, indent=2))
+        {"machine": machine_line(), "config": cfg, "results": results, "scaling": scaling,
+         "load": {"before": load_before, "after": load_after}}, indent=2))
     (work / "bench.md").write_text(markdown + "\n")
     if "reader" in kinds:
         draw_chart(results, work / "bench.png")
