@@ -103,10 +103,16 @@ def image_dataset_from_shards(
     # reader's batch arrays are 64-byte aligned, so TensorFlow takes them without a copy.
     ds = tf.data.Dataset.from_generator(lambda: iter(reader), output_signature=signature)
     if batch_size is None:
-        ds = ds.unbatch().apply(tf.data.experimental.assert_cardinality(reader.samples))
+        ds = ds.unbatch().apply(tf.data.experimental.assert_cardinality(reader.rank_samples))
     else:
         ds = ds.apply(tf.data.experimental.assert_cardinality(len(reader)))
     ds = ds.prefetch(tf.data.AUTOTUNE)
+    if reader.world_size > 1:
+        # The reader already gives this rank its own share of the split; a distribution
+        # strategy must not shard the stream a second time.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        ds = ds.with_options(options)
     ds.class_names = list(reader.class_names)
     ds.shard_reader = reader
     return ds

@@ -248,3 +248,16 @@ def test_bad_rank_options(awkward_shards, clean_env):
         ShardReader(awkward_shards, split="train", rank=3, world_size=3)
     with pytest.raises(ValueError, match="uneven"):
         ShardReader(awkward_shards, split="train", rank=0, world_size=2, uneven="wrap")
+
+
+def test_tf_dataset_on_a_rank_has_the_rank_cardinality_and_no_auto_shard(awkward_shards):
+    tf = pytest.importorskip("tensorflow")
+    from reader import image_dataset_from_shards
+
+    ds = image_dataset_from_shards(awkward_shards, split="train", image_size=(8, 8), batch_size=None,
+                                   rank=1, world_size=3, seed=0)
+    reader = ds.shard_reader
+    assert int(ds.cardinality()) == reader.rank_samples
+    assert sum(1 for _ in ds) == reader.rank_samples
+    policy = ds.options().experimental_distribute.auto_shard_policy
+    assert policy == tf.data.experimental.AutoShardPolicy.OFF
