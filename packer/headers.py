@@ -11,9 +11,11 @@ Pillow, so these parsers never have the last word on a file they do not fully un
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
-__all__ = ["FastInfo", "fast_jpeg_info", "fast_png_info"]
+__all__ = ["FastInfo", "fast_jpeg_info", "fast_png_info", "jpeg_orientation", "tiff_orientation", "ORIENTATION_TAG"]
 
 _SOF_PLAIN = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressive (Huffman)
 _NO_LENGTH = set(range(0xD0, 0xD8)) | {0x01, 0xD8}
@@ -32,27 +34,80 @@ class FastInfo:
     complete: bool
 
 
-def _exif_orientation(payload: bytes) -> int:
-    """Orientation tag (0x0112) from an APP1 ``Exif`` payload; 1 when absent or malformed."""
-    tiff = payload[6:]
-    if len(tiff) < 8:
-        return 1
-    endian = {b"II": "<", b"MM": ">"}.get(tiff[:2])
-    if endian is None:
-        return 1
-    (ifd,) = struct.unpack_from(endian + "I", tiff, 4)
+ORIENTATION_TAG = 0x0112
+_BYTE_ORDERS: dict[bytes, Literal["little", "big"]] = {b"II": "little", b"MM": "big"}
+_XMP = b"http://ns.adobe.com/xap/1.0/"
+
+
+def tiff_orientation(tiff: bytes) -> int | None:
+    """Orientation tag of IFD0 in a TIFF (EXIF) block; 1 when absent, None if unreadable."""
+    order = _BYTE_ORDERS.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return None
+    ifd = int.from_bytes(tiff[4:8], order)
     if ifd + 2 > len(tiff):
-        return 1
-    (count,) = struct.unpack_from(endian + "H", tiff, ifd)
+        return None
+    count = int.from_bytes(tiff[ifd : ifd + 2], order)
     for i in range(count):
-        at = ifd + 2 + 12 * i
-        if at + 12 > len(tiff):
-            return 1
-        tag, kind = struct.unpack_from(endian + "HH", tiff, at)
-        if tag == 0x0112 and kind == 3:  # SHORT
-            (value,) = struct.unpack_from(endian + "H", tiff, at + 8)
+        entry = tiff[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
+        if len(entry) < 12:
+            return None
+        if int.from_bytes(entry[:2], order) == ORIENTATION_TAG:
+            if int.from_bytes(entry[2:4], order) != 3:  # type SHORT
+                return None
+            value = int.from_bytes(entry[8:10], order)
             return value if 1 <= value <= 8 else 1
     return 1
+
+
+def _segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """Yield (marker, offset, length) of each marker segment up to and including the first
+    start-of-scan; stop quietly at anything malformed (the caller then asks Pillow)."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _NO_LENGTH:
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if length < 2 or pos + 2 + length > n:
+            return
+        yield marker, pos, length
+        if marker == 0xDA:
+            return
+        pos += 2 + length
+
+
+def _app1_orientation(data: bytes, pos: int, length: int) -> int | None | bool:
+    """Orientation from one APP1 segment: an int from EXIF, True for an XMP packet (whose
+    ``tiff:Orientation`` only Pillow reads), False for anything else."""
+    body = data[pos + 4 : pos + 2 + length]
+    if body[:6] == b"Exif\x00\x00":
+        return tiff_orientation(body[6:])
+    return True if body.startswith(_XMP) else False
+
+
+def jpeg_orientation(data: bytes) -> int | None:
+    """EXIF orientation (1..8, 1 when absent) of JPEG bytes, read from the markers alone.
+
+    Returns None when only Pillow can tell: an XMP packet without an EXIF orientation
+    (Pillow then reads ``tiff:Orientation`` from the XMP), or an unreadable EXIF block.
+    Costs a few microseconds: it walks the segment headers up to the first scan.
+    """
+    xmp = False
+    for marker, pos, length in _segments(data):
+        if marker == 0xE1:
+            found = _app1_orientation(data, pos, length)
+            if found is True:
+                xmp = True
+            elif found is not False:
+                return found  # type: ignore[return-value]
+    return None if xmp else 1
 
 
 def fast_jpeg_info(data: bytes) -> FastInfo | None:
@@ -63,29 +118,19 @@ def fast_jpeg_info(data: bytes) -> FastInfo | None:
     """
     if data[:3] != b"\xff\xd8\xff":
         return None
-    pos, n, orientation = 2, len(data), 1
+    orientation: int | None = 1
+    xmp = False
     frame: tuple[int, int] | None = None
-    while pos + 4 <= n:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in _NO_LENGTH:
-            pos += 2
-            continue
-        (length,) = struct.unpack_from(">H", data, pos + 2)
-        if length < 2 or pos + 2 + length > n:
-            return None
-        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
-            try:
-                orientation = _exif_orientation(data[pos + 4 : pos + 2 + length])
-            except struct.error:
-                orientation = 1
+    for marker, pos, length in _segments(data):
+        if marker == 0xE1:
+            found = _app1_orientation(data, pos, length)
+            if found is True:
+                xmp = True
+            elif found is not False and orientation == 1:
+                orientation = found  # type: ignore[assignment]
         elif marker == 0xDA:  # first scan: entropy-coded data follows
-            if frame is None:
-                return None
+            if frame is None or orientation is None or (xmp and orientation == 1):
+                return None  # orientation only Pillow can read
             # Entropy-coded data never holds FF D9 (FF is stuffed as FF 00), so an EOI marker
             # after the first scan's header means the data runs to its end; a truncated
             # file has none. Searching from the end finds it at once in a complete file.
@@ -98,7 +143,6 @@ def fast_jpeg_info(data: bytes) -> FastInfo | None:
             if precision != 8 or height == 0 or width == 0 or components not in (1, 3, 4):
                 return None
             frame = (width, height)
-        pos += 2 + length
     return None
 
 

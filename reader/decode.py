@@ -29,10 +29,11 @@ import io
 import math
 import random
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from packer.headers import ORIENTATION_TAG, jpeg_orientation
 
 try:  # optional: shardpack[fast]
     import simplejpeg
@@ -72,7 +73,6 @@ COLOR_MODES: dict[str, tuple[str, int]] = {
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that exchange width and height
-_ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose)
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -86,7 +86,6 @@ _TRANSPOSE = {
 # JPEG colour spaces simplejpeg turns into RGB/L exactly as Pillow would (not CMYK/YCCK,
 # whose Adobe inversion only Pillow handles)
 _SIMPLE_SPACES = ("Gray", "YCbCr", "RGB")
-_BYTE_ORDERS: dict[bytes, Literal["little", "big"]] = {b"II": "little", b"MM": "big"}
 
 
 @dataclass(frozen=True)
@@ -199,57 +198,6 @@ def _fit_size(width: int, height: int, th: int, tw: int) -> tuple[int, int]:
     return max(1, min(tw, round(width * scale))), max(1, min(th, round(height * scale)))
 
 
-def jpeg_orientation(data: bytes) -> int | None:
-    """EXIF orientation (1..8, 1 when absent) of JPEG bytes, read from the markers alone.
-
-    Returns None when only Pillow can tell: an XMP packet without an EXIF orientation
-    (Pillow then reads ``tiff:Orientation`` from the XMP), or markers it cannot follow.
-    Costs a few microseconds: it walks the segment headers up to the first scan.
-    """
-    pos, end, xmp = 2, len(data), False
-    while pos + 4 <= end:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
-            pos += 2
-            continue
-        if marker in (0xDA, 0xD9):  # start of scan / end of image: no more metadata
-            break
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if marker == 0xE1:
-            body = data[pos + 4 : pos + 2 + length]
-            if body[:6] == b"Exif\0\0":
-                return _tiff_orientation(body[6:])
-            if body.startswith(b"http://ns.adobe.com/xap/1.0/"):
-                xmp = True
-        pos += 2 + length
-    return None if xmp else 1
-
-
-def _tiff_orientation(tiff: bytes) -> int | None:
-    """Orientation tag of IFD0 in a TIFF (EXIF) block; 1 when absent, None if unreadable."""
-    order: Literal["little", "big"] | None = _BYTE_ORDERS.get(tiff[:2])
-    if order is None or len(tiff) < 8:
-        return None
-    ifd = int.from_bytes(tiff[4:8], order)
-    if ifd + 2 > len(tiff):
-        return None
-    count = int.from_bytes(tiff[ifd : ifd + 2], order)
-    for i in range(count):
-        entry = tiff[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
-        if len(entry) < 12:
-            return None
-        if int.from_bytes(entry[:2], order) == _ORIENTATION_TAG:
-            if int.from_bytes(entry[2:4], order) != 3:  # type SHORT
-                return None
-            return int.from_bytes(entry[8:10], order)
-    return 1
-
-
 def _needed_size(
     ow: int, oh: int, box: tuple[float, float, float, float], options: DecodeOptions, swap: bool
 ) -> tuple[int, int]:
@@ -307,7 +255,7 @@ def _load_pillow(
 ) -> _Loaded:
     """Decode any format with Pillow (JPEG DCT-scaled by draft), upright, in the colour mode."""
     im = Image.open(io.BytesIO(data))
-    orientation = im.getexif().get(_ORIENTATION_TAG, 1)
+    orientation = im.getexif().get(ORIENTATION_TAG, 1)
     raw_w, raw_h = im.size
     swap = orientation in _SWAPPING_ORIENTATIONS
     ow, oh = (raw_h, raw_w) if swap else (raw_w, raw_h)

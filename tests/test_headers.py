@@ -8,7 +8,7 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageOps
 
 from packer.examples import PHOTOS, random_crop
 from packer.headers import fast_jpeg_info, fast_png_info
@@ -85,3 +85,17 @@ def test_unusual_jpeg_falls_back_to_pillow():
     sof = data.find(b"\xff\xc0")
     lossless = data[:sof] + b"\xff\xc3" + data[sof + 2 :]
     assert fast_jpeg_info(lossless) is None
+
+
+def test_xmp_only_orientation_packs_with_the_upright_size():
+    """Pillow (and so the reader) rotates by an XMP tiff:Orientation; the packer's recorded
+    width/height must agree, so the fast path hands such files to Pillow."""
+    im = Image.new("RGB", (40, 20), "red")
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", xmp=b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>')
+    data = buf.getvalue()
+    assert fast_jpeg_info(data) is None
+    with Image.open(io.BytesIO(data)) as ref:
+        oriented = ImageOps.exif_transpose(ref).size
+    probe = probe_bytes(data)
+    assert probe.ok and (probe.width, probe.height) == oriented
