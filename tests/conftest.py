@@ -129,3 +129,18 @@ def awkward_shards(tmp_path_factory) -> Path:
                 n += 1
     pack(root / "src", root / "shards", seed=0, max_count=150, workers=1, quiet=True)
     return root / "shards"
+
+
+def small_cnn(keras, *, image_size: tuple[int, int] = (32, 32), classes: int = 4):
+    """The small compiled CNN the Keras end-to-end tests train (labels are int)."""
+    model = keras.Sequential([
+        keras.Input((*image_size, 3)),
+        keras.layers.Rescaling(1 / 255),
+        keras.layers.Conv2D(16, 3, activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(32, 3, activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(classes, activation="softmax"),
+    ])
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model

@@ -13,7 +13,7 @@ from collections import Counter
 
 import fsspec
 import pytest
-from conftest import ID_CLASSES, pixel_ids
+from conftest import ID_CLASSES, pixel_ids, small_cnn
 from s3_server import FaultProxy, s3_options
 
 from packer.errors import ChecksumError, ShardReadError
@@ -274,16 +274,7 @@ def test_keras_fit_streams_from_s3(s3, photo_shards):
     opts = dict(image_size=(32, 32), batch_size=32, seed=0, storage_options=options)
     train = image_dataset_from_shards(url, split="train", **opts)
     val = image_dataset_from_shards(url, split="validation", shuffle=False, **opts)
-    model = keras.Sequential([
-        keras.Input((32, 32, 3)),
-        keras.layers.Rescaling(1 / 255),
-        keras.layers.Conv2D(16, 3, activation="relu"),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(32, 3, activation="relu"),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(4, activation="softmax"),
-    ])
-    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model = small_cnn(keras)
     history = model.fit(train, validation_data=val, epochs=8, verbose=0)
     assert len(train) == 10
     assert history.history["val_accuracy"][-1] > 0.6, history.history  # chance is 0.25

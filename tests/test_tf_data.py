@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import ID_CLASSES, pixel_ids
+from conftest import ID_CLASSES, pixel_ids, small_cnn
 
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
@@ -51,16 +51,7 @@ def test_fit_evaluate_predict_on_real_photos(photo_shards):
     opts = dict(image_size=(32, 32), batch_size=32, seed=0)
     train = image_dataset_from_shards(photo_shards, split="train", **opts)
     val = image_dataset_from_shards(photo_shards, split="validation", shuffle=False, **opts)
-    model = keras.Sequential([
-        keras.Input((32, 32, 3)),
-        keras.layers.Rescaling(1 / 255),
-        keras.layers.Conv2D(16, 3, activation="relu"),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(32, 3, activation="relu"),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(4, activation="softmax"),
-    ])
-    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model = small_cnn(keras)
 
     steps = []
 
