@@ -277,39 +277,35 @@ def _ratio(rate: float, base: float | None) -> str:
     return f"{rate / base:.2f}" if base else "–"
 
 
+READER_ANCHORS = [("decode limit", "decode_limit"), ("keras dir", "keras_directory"),
+                  ("webdataset", "webdataset")]
+PACKER_ANCHORS = [("tar -cf", "tar_cf"), ("wds ShardWriter", "wds_shardwriter")]
+
+
 def format_table(results: dict[str, dict[str, Any]], kind: str) -> str:
-    rows = []
-    if kind == "reader":
-        limit = results.get("decode_limit", {}).get("images_per_s")
-        keras_rate = results.get("keras_directory", {}).get("images_per_s")
-        wds_rate = results.get("webdataset", {}).get("images_per_s")
-        rows.append("| contender | images/s | runs | × decode limit | × keras dir | × webdataset "
-                    "| cpu ms/img | peak RSS MB |")
-        rows.append("|---|---:|---|---:|---:|---:|---:|---:|")
-        for name in READER_CONTENDERS:
-            r = results.get(name, {})
-            if "images_per_s" not in r:
-                rows.append(f"| {name} | error: {r.get('error')} | | | | | | |")
-                continue
-            rate = r["images_per_s"]
-            runs = ", ".join(f"{v:.0f}" for v in r.get("runs", []))
-            cpu = f"{r['cpu_ms_per_image']:.2f}" if "cpu_ms_per_image" in r else "–"
-            rows.append(f"| {name} | {rate:.0f} | {runs} | {_ratio(rate, limit)} | "
-                        f"{_ratio(rate, keras_rate)} | {_ratio(rate, wds_rate)} | {cpu} | "
-                        f"{r['peak_rss_mb']:.0f} |")
-    else:
-        tar_rate = results.get("tar_cf", {}).get("images_per_s")
-        wds_rate = results.get("wds_shardwriter", {}).get("images_per_s")
-        rows.append("| contender | images/s | × tar -cf | × wds ShardWriter | peak RSS MB |")
-        rows.append("|---|---:|---:|---:|---:|")
-        for name in PACKER_CONTENDERS:
-            r = results.get(name, {})
-            if "images_per_s" not in r:
-                rows.append(f"| {name} | error: {r.get('error')} | | | |")
-                continue
-            rate = r["images_per_s"]
-            rows.append(f"| {name} | {rate:.0f} | {_ratio(rate, tar_rate)} | "
-                        f"{_ratio(rate, wds_rate)} | {r['peak_rss_mb']:.0f} |")
+    """A markdown table of one kind of contender with ratios to that kind's anchors."""
+    reader = kind == "reader"
+    names, anchors = (READER_CONTENDERS, READER_ANCHORS) if reader else (PACKER_CONTENDERS, PACKER_ANCHORS)
+    bases = [results.get(key, {}).get("images_per_s") for _, key in anchors]
+    head = (["contender", "images/s"] + (["runs"] if reader else [])
+            + [f"× {label}" for label, _ in anchors]
+            + (["cpu ms/img"] if reader else []) + ["peak RSS MB"])
+    rows = ["| " + " | ".join(head) + " |",
+            "|---|" + "|".join("---" if h == "runs" else "---:" for h in head[1:]) + "|"]
+    for name in names:
+        r = results.get(name, {})
+        if "images_per_s" not in r:
+            rows.append(f"| {name} | error: {r.get('error')} |" + " |" * (len(head) - 2))
+            continue
+        rate = r["images_per_s"]
+        cells = [name, f"{rate:.0f}"]
+        if reader:
+            cells.append(", ".join(f"{v:.0f}" for v in r.get("runs", [])))
+        cells += [_ratio(rate, base) for base in bases]
+        if reader:
+            cells.append(f"{r['cpu_ms_per_image']:.2f}" if "cpu_ms_per_image" in r else "–")
+        cells.append(f"{r['peak_rss_mb']:.0f}")
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
