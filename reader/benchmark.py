@@ -71,23 +71,29 @@ def _limit_simplejpeg(data: bytes, size: tuple[int, int]) -> Any:
     import simplejpeg
     from PIL import Image
 
+    from .decode import resize_image
+
     if data[:2] != b"\xff\xd8":
         return _limit_pillow(data, size)
     arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size[0], min_width=size[1])
-    return Image.fromarray(arr).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return resize_image(Image.fromarray(arr), (size[1], size[0]), "bilinear")
 
 
 def _limit_pillow(data: bytes, size: tuple[int, int]) -> Any:
     from PIL import Image
 
+    from .decode import resize_image
+
     im = Image.open(io.BytesIO(data))
     im.draft("RGB", (size[1], size[0]))
     if im.mode != "RGB":
         im = im.convert("RGB")
-    return im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return resize_image(im, (size[1], size[0]), "bilinear")
 
 
-# decode-limit variant -> function(bytes, (h, w)) -> resized RGB PIL image
+# decode-limit variant -> function(bytes, (h, w)) -> resized RGB PIL image. The resize is
+# the reader's own (resize_image: OpenCV's Keras-like bilinear when installed, else Pillow),
+# so the limit and the reader pay for the same pixels.
 LIMIT_VARIANTS = {"simplejpeg": _limit_simplejpeg, "pillow-draft": _limit_pillow}
 
 

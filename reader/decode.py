@@ -21,6 +21,11 @@ Choices, made once here so every image is treated alike:
   ImageNet-sized image than Pillow, measured with ``shardpack bench``; pixels within about
   1/255 on average of Pillow's). Without it, ``Image.draft`` scales by 1/2, 1/4 or 1/8.
   JPEGs simplejpeg cannot take (CMYK, 12-bit, damaged) go to Pillow, which decides.
+- **Resize like Keras**: with OpenCV installed (``shardpack[fast]``), ``bilinear``,
+  ``nearest`` and ``bicubic`` resize without antialiasing and with half-pixel centres, as
+  ``tf.image.resize(antialias=False)`` does inside ``image_dataset_from_directory`` (pixels
+  within rounding of Keras', and ~7x cheaper than Pillow's filter on this machine). Without
+  OpenCV, and for the other interpolations, Pillow's (antialiased) filters are used.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import io
 import math
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -62,6 +68,47 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
     "gaussian": Image.Resampling.HAMMING,
     "mitchellcubic": Image.Resampling.BICUBIC,
 }
+
+# Keras interpolation name -> OpenCV flag name for the Keras-like (non-antialiased) resize
+_CV2_FLAGS = {"bilinear": "INTER_LINEAR", "nearest": "INTER_NEAREST_EXACT", "bicubic": "INTER_CUBIC"}
+_cv2: Any = None  # the OpenCV module once imported; False when it is not installed
+
+
+def _opencv() -> Any:
+    global _cv2
+    if _cv2 is None:
+        try:
+            import cv2
+
+            _cv2 = cv2
+        except ImportError:
+            _cv2 = False
+    return _cv2
+
+
+def resize_image(
+    im: Image.Image, size: tuple[int, int], interpolation: str,
+    box: tuple[float, float, float, float] | None = None,
+) -> Image.Image:
+    """Resize ``im`` (or the sub-pixel ``box`` of it) to ``size`` = (width, height).
+
+    OpenCV's affine warp samples like ``tf.image.resize(antialias=False)``: output pixel
+    centre ``x + 0.5`` maps to input ``x0 + (x + 0.5) * scale``, edges clamped.
+    """
+    cv2 = _opencv() if interpolation in _CV2_FLAGS else False
+    if not cv2 or im.mode not in ("L", "RGB", "RGBA"):
+        return im.resize(size, INTERPOLATIONS[interpolation], box=box)
+    x0, y0, x1, y1 = box or (0.0, 0.0, float(im.width), float(im.height))
+    sx, sy = (x1 - x0) / size[0], (y1 - y0) / size[1]
+    matrix = np.array([[sx, 0.0, x0 + 0.5 * sx - 0.5], [0.0, sy, y0 + 0.5 * sy - 0.5]])
+    flags = getattr(cv2, _CV2_FLAGS[interpolation]) | cv2.WARP_INVERSE_MAP
+    if interpolation == "nearest":  # warpAffine has no exact-nearest; remap by index instead
+        xs = np.clip(np.floor(x0 + (np.arange(size[0]) + 0.5) * sx), 0, im.width - 1).astype(np.intp)
+        ys = np.clip(np.floor(y0 + (np.arange(size[1]) + 0.5) * sy), 0, im.height - 1).astype(np.intp)
+        return Image.fromarray(np.asarray(im)[ys[:, None], xs[None, :]])
+    out = cv2.warpAffine(np.asarray(im), matrix, size, flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    return Image.fromarray(out)
+
 
 # Keras colour mode -> (Pillow mode, channels)
 COLOR_MODES: dict[str, tuple[str, int]] = {
@@ -306,13 +353,12 @@ def decode_image(data: bytes, options: DecodeOptions, *, rng: random.Random | No
     """
     th, tw = options.image_size
     out, box, full_size = DECODERS[options.decoder](data, options, rng)
-    resample = INTERPOLATIONS[options.interpolation]
     w, h = out.size
     pixel_box = (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
     if options.pad_to_aspect_ratio and options.random_crop is None:
         # the fitted size from the full-size image, so DCT scaling cannot shift it a pixel
         fw, fh = _fit_size(*full_size, th, tw)
-        fitted = out.resize((fw, fh), resample) if (fw, fh) != (w, h) else out
+        fitted = resize_image(out, (fw, fh), options.interpolation) if (fw, fh) != (w, h) else out
         canvas = Image.new(out.mode, (tw, th))
         canvas.paste(fitted, ((tw - fw) // 2, (th - fh) // 2))
         out = canvas
@@ -331,9 +377,9 @@ def decode_image(data: bytes, options: DecodeOptions, *, rng: random.Random | No
             if all(abs(a - b) < 1e-6 for a, b in zip(sub_box, (0, 0, *out.size), strict=True)):
                 sub_box = None
         if sub_box is not None:
-            out = out.resize((tw, th), resample, box=sub_box)
+            out = resize_image(out, (tw, th), options.interpolation, box=sub_box)
         elif out.size != (tw, th):
-            out = out.resize((tw, th), resample)
+            out = resize_image(out, (tw, th), options.interpolation)
     if options.random_flip and rng is not None and rng.random() < 0.5:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = np.asarray(out)

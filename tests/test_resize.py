@@ -1,0 +1,57 @@
+"""The reader resizes like Keras' image_dataset_from_directory (tf.image.resize, no
+antialiasing) when OpenCV is installed, and falls back to Pillow's filters otherwise."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import reader.decode as decode
+from packer.examples import photo, random_crop
+from reader.decode import DecodeOptions, decode_image
+
+tf = pytest.importorskip("tensorflow")
+pytest.importorskip("cv2")
+
+
+def _png(seed: int) -> tuple[bytes, np.ndarray]:
+    im = random_crop(random.Random(seed), photo("coffee"), 200 + 57 * seed)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue(), np.asarray(im)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
+def test_matches_tf_image_resize_without_antialias(seed, interpolation):
+    data, pixels = _png(seed)
+    ours = decode_image(data, DecodeOptions(image_size=(96, 80), interpolation=interpolation))
+    ref = tf.image.resize(pixels[None].astype(np.float32), (96, 80), method=interpolation,
+                          antialias=False)[0].numpy()
+    diff = np.abs(ours.astype(np.float32) - np.round(ref))
+    assert diff.max() <= 1 and diff.mean() < 0.05
+
+
+def test_crop_to_aspect_ratio_box_matches_tf_crop_then_resize():
+    data, pixels = _png(1)
+    ours = decode_image(data, DecodeOptions(image_size=(64, 64), crop_to_aspect_ratio=True))
+    h, w = pixels.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = pixels[top : top + side, left : left + side]
+    ref = tf.image.resize(crop[None].astype(np.float32), (64, 64), antialias=False)[0].numpy()
+    assert np.abs(ours.astype(np.float32) - np.round(ref)).mean() < 1.0
+
+
+def test_without_opencv_pillow_filters_are_used(monkeypatch):
+    data, pixels = _png(2)
+    with_cv2 = decode_image(data, DecodeOptions(image_size=(48, 48)))
+    monkeypatch.setattr(decode, "_cv2", False)
+    pillow = decode_image(data, DecodeOptions(image_size=(48, 48)))
+    ref = np.asarray(Image.fromarray(pixels).resize((48, 48), Image.Resampling.BILINEAR))
+    assert np.array_equal(pillow, ref)
+    assert pillow.shape == with_cv2.shape and not np.array_equal(pillow, with_cv2)
