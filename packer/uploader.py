@@ -318,7 +318,7 @@ def send_shards(
     lock = threading.Lock()
     unpublished = threading.Event()
     old_manifest = store.read_bytes(MANIFEST_NAME) if manifest_bytes is not None else None
-    stats = {"uploaded": 0, "skipped": 0, "bytes": 0, "bytes_skipped": 0}
+    stats = {"uploaded": 0, "skipped": 0, "bytes": 0, "bytes_skipped": 0, "removed": 0}
     total = sum(s.bytes for s in shards)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="uploading",
                disable=True if quiet else None)
@@ -377,6 +377,28 @@ def send_shards(
         bar.close()
     manifest_state = "unchanged"
     if manifest_bytes is not None and (old_manifest != manifest_bytes or stats["uploaded"]):
+        stats["removed"] = _remove_unnamed_shards(store, old_manifest, shards)
         store.publish(MANIFEST_NAME, manifest_bytes)
         manifest_state = "uploaded"
     return {**stats, "manifest": manifest_state}
+
+
+def _remove_unnamed_shards(store: RemoteStore, old_manifest: bytes | None, shards: list[ShardFile]) -> int:
+    """Delete the shards an earlier remote manifest named and the new one does not (a
+    smaller re-pack), before the new manifest is published; return how many."""
+    if old_manifest is None:
+        return 0
+    try:
+        old = parse_manifest(old_manifest)
+    except Exception:  # an unreadable old manifest names nothing we can trust to delete
+        return 0
+    keep = {shard.name for shard in shards}
+    stale = sorted(
+        entry["name"] for split in old["splits"].values() for entry in split["shards"]
+        if entry["name"] not in keep
+    )
+    for name in stale:
+        store.remove(name)
+    if stale:
+        log.info("removed %d remote shards the new manifest no longer names", len(stale))
+    return len(stale)

@@ -247,3 +247,28 @@ def test_cli_pack_to_s3_then_info_and_verify_read_it(s3, photo_shards, capsys):
     fs = _fs(endpoint)
     for name in _shard_names(photo_shards):
         assert fs.cat_file(f"{bucket}/clipack/{name}") == (photo_shards / name).read_bytes()
+
+
+def test_smaller_repack_removes_remote_shards_the_new_manifest_does_not_name(s3, proxy, photo_shards, tmp_path):
+    """A re-upload of a pack with fewer shards deletes the leftovers before the manifest goes
+    up, so the prefix holds exactly the new pack (no orphan shards)."""
+    from packer import pack
+
+    endpoint, _, bucket = s3
+    upload(photo_shards, f"s3://{bucket}/ds", endpoint_url=proxy.endpoint, quiet=True)
+    bigger = set(_shard_names(photo_shards))
+    repacked = tmp_path / "fewer"
+    pack(photo_shards.parent / "src", repacked, seed=0, max_count=10_000, workers=1, quiet=True)
+    smaller = set(_shard_names(repacked))
+    assert len(smaller) < len(bigger)
+    start = len(proxy.log)
+    summary = upload(repacked, f"s3://{bucket}/ds", endpoint_url=proxy.endpoint, quiet=True)
+    stale = bigger - smaller
+    assert summary["removed"] == len(stale)
+    fs = _fs(endpoint)
+    there = {p.split("/ds/", 1)[1] for p in fs.find(f"{bucket}/ds")}
+    assert there == smaller | {MANIFEST_NAME}
+    later = proxy.log[start:]
+    manifest_put = max(i for i, r in enumerate(later) if r.method == "PUT" and r.path.endswith(MANIFEST_NAME))
+    deletes = [i for i, r in enumerate(later) if r.method == "DELETE" and r.path.endswith(".tar")]
+    assert deletes and max(deletes) < manifest_put
