@@ -109,7 +109,7 @@ def run_dask(
                 return future
             return None
 
-        for _ in range(window):
+        for _slot in range(window):
             if submit_next() is None:
                 break
         completed = as_completed(list(pending))

@@ -94,7 +94,7 @@ def run_local(
             if len(pending) >= workers * 4:
                 break
         while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            done = wait(pending, return_when=FIRST_COMPLETED).done
             for future in done:
                 item = pending.pop(future)
                 yield item, future.result()

@@ -135,7 +135,7 @@ def _pack_and_send(
     duplicates = find_duplicates(plan)
 
     own_staging = staging_dir is None
-    staging = tempfile.mkdtemp(prefix="shardpack-staging-") if own_staging else os.fspath(staging_dir)
+    staging = tempfile.mkdtemp(prefix="shardpack-staging-") if staging_dir is None else os.fspath(staging_dir)
     os.makedirs(staging, exist_ok=True)
     try:
         if old_manifest is not None:

@@ -175,7 +175,7 @@ def _walk_classes(
     return classes, loose_images
 
 
-def walk_tree(src: str | Path, *, layout: str = "splits", follow_links: bool = False) -> WalkResult:
+def walk_tree(src: str | os.PathLike[str], *, layout: str = "splits", follow_links: bool = False) -> WalkResult:
     """Find every candidate image under ``src`` in sorted, reproducible order.
 
     Raises:

@@ -170,7 +170,7 @@ def write_shard(
         os.makedirs(os.path.dirname(final), exist_ok=True)
         with open(temp, "wb") as raw:
             hashing = _HashingWriter(raw)
-            buffered = io.BufferedWriter(hashing, buffer_size=1 << 20)
+            buffered = io.BufferedWriter(hashing, buffer_size=1 << 20)  # type: ignore[type-var]
             write_tar(shard, buffered, resize)  # type: ignore[arg-type]
             buffered.flush()
             raw.flush()

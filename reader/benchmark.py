@@ -84,7 +84,7 @@ def _limit_pillow(data: bytes, size: tuple[int, int]) -> Any:
 
     from .decode import resize_image
 
-    im = Image.open(io.BytesIO(data))
+    im: Image.Image = Image.open(io.BytesIO(data))
     im.draft("RGB", (size[1], size[0]))
     if im.mode != "RGB":
         im = im.convert("RGB")

@@ -95,7 +95,7 @@ def resize_image(
     OpenCV's affine warp samples like ``tf.image.resize(antialias=False)``: output pixel
     centre ``x + 0.5`` maps to input ``x0 + (x + 0.5) * scale``, edges clamped.
     """
-    cv2 = _opencv() if interpolation in _CV2_FLAGS else False
+    cv2: Any = _opencv() if interpolation in _CV2_FLAGS else False
     if not cv2 or im.mode not in ("L", "RGB", "RGBA"):
         return im.resize(size, INTERPOLATIONS[interpolation], box=box)
     x0, y0, x1, y1 = box or (0.0, 0.0, float(im.width), float(im.height))

@@ -480,7 +480,7 @@ def open_shard_stream(
             raise ShardReadError("not found", shard=url) from exc
         except OSError as exc:
             raise ShardReadError(f"cannot open ({exc})", shard=url) from exc
-    return ShardStream(
+    return ShardStream(  # type: ignore[return-value]  # a readable binary stream
         url,
         fs,
         path,

@@ -291,5 +291,5 @@ def scan_shard(
         for sample in group_samples(members, shard=ref.name):
             meta = json.loads(sample["json"]) if "json" in sample else {}
             label = sample_label(sample)
-            out.append((meta.get("path", sample["__key__"]), label, meta.get("class")))
+            out.append((str(meta.get("path", sample["__key__"])), label, meta.get("class")))
     return out

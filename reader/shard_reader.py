@@ -162,7 +162,7 @@ class ShardReader:
         self.storage_options = dict(storage_options or {})
         self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         self.source: SplitSource = resolve_source(
-            source if isinstance(source, (str, list, tuple)) else os.fspath(source),
+            source if isinstance(source, (str, list, tuple)) else os.fspath(source),  # type: ignore[arg-type]
             split=split,
             storage_options=self.storage_options,
         )
@@ -182,7 +182,7 @@ class ShardReader:
             interpolation=interpolation,
             crop_to_aspect_ratio=crop_to_aspect_ratio,
             pad_to_aspect_ratio=pad_to_aspect_ratio,
-            random_crop=tuple(random_crop) if random_crop is not None else None,
+            random_crop=(float(random_crop[0]), float(random_crop[1])) if random_crop is not None else None,
             random_flip=random_flip,
         )
         self._index: list[list[tuple[str, int | None, str | None]]] | None = None

@@ -74,7 +74,7 @@ def image_dataset_from_shards(
     reader = ShardReader(
         source,
         split=split,
-        image_size=tuple(image_size),
+        image_size=(int(image_size[0]), int(image_size[1])),
         batch_size=batch_size or 32,
         label_mode=label_mode,
         class_names=class_names,
