@@ -40,11 +40,10 @@ _CHUNK = 16  # images per task of the decode-limit pool: no per-image scheduling
 
 
 def cores() -> int:
-    """CPUs this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    """CPUs this process may use (the packer's default worker count)."""
+    from packer.engines import default_workers
+
+    return default_workers()
 
 
 def peak_rss_mb() -> float:

@@ -57,10 +57,9 @@ README_END = "<!-- bench:end -->"
 
 
 def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    from packer.engines import default_workers
+
+    return default_workers()
 
 
 def peak_rss_mb() -> float:
