@@ -44,11 +44,19 @@ def open_binary(url: str, storage_options: dict[str, Any] | None = None, **kwarg
     return fsspec.open(url, "rb", **(storage_options or {}), **kwargs)
 
 
-def read_manifest(source: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def read_manifest(
+    source: str | os.PathLike[str],
+    storage_options: dict[str, Any] | None = None,
+    *,
+    hint: str = "",
+) -> dict[str, Any]:
     """Read and check ``SOURCE/manifest.json``.
 
+    Args:
+        hint: appended to the "not found" message (the reader adds what else SOURCE may be).
+
     Raises:
-        ManifestError: missing or invalid; the message says how to make one.
+        ManifestError: missing, unreadable or invalid; the message says how to make one.
     """
     url = join_url(source, MANIFEST_NAME)
     try:
@@ -57,6 +65,8 @@ def read_manifest(source: str | os.PathLike[str], storage_options: dict[str, Any
     except FileNotFoundError as exc:
         raise ManifestError(
             f"no {MANIFEST_NAME} at {source}: is it a shardpack output? (`shardpack pack SRC OUT` "
-            "writes one; an interrupted pack has none until it finishes)"
+            f"writes one; an interrupted pack has none until it finishes){hint}"
         ) from exc
+    except OSError as exc:
+        raise ManifestError(f"cannot read {url} ({exc})") from exc
     return parse_manifest(data, where=url)

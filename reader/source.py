@@ -11,16 +11,15 @@ and caching for object storage belong there and nowhere else.
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
 import braceexpand
-import fsspec
 
 from packer.errors import ManifestError
-from packer.format import MANIFEST_NAME, parse_manifest, split_info
+from packer.format import split_info
+from packer.storage import join_url, read_manifest
 
 __all__ = ["ShardRef", "SplitSource", "resolve_source", "open_shard", "expand_urls"]
 
@@ -107,30 +106,16 @@ def expand_urls(source: str | Sequence[str]) -> list[str]:
     return urls
 
 
-def _join(root: str, name: str) -> str:
-    return root.rstrip("/") + "/" + name if root not in ("", "/") else posixpath.join(root, name)
-
-
 def _is_tar_list(source: str | Sequence[str]) -> bool:
     if not isinstance(source, str):
         return True
     return "{" in source or source.endswith(".tar") or source.endswith(".tar.gz")
 
 
-def _read_manifest(root: str, storage_options: dict[str, Any]) -> dict[str, Any]:
-    where = _join(root, MANIFEST_NAME)
-    try:
-        with fsspec.open(where, mode="rb", **storage_options) as f:
-            data = f.read()
-    except FileNotFoundError as exc:
-        raise ManifestError(
-            f"{where} not found: SOURCE must be a shardpack output folder/URL "
-            "(run `shardpack pack SRC OUT` first), or pass plain WebDataset shards as a list "
-            "of .tar paths or a brace pattern like 'data-{000000..000009}.tar'"
-        ) from exc
-    except OSError as exc:
-        raise ManifestError(f"cannot read {where} ({exc})") from exc
-    return parse_manifest(data, where=where)
+_NOT_SHARDPACK_HINT = (
+    "; plain WebDataset shards can be passed as a list of .tar paths or a brace pattern "
+    "like 'data-{000000..000009}.tar'"
+)
 
 
 def resolve_source(
@@ -163,11 +148,11 @@ def resolve_source(
         return SplitSource(None, shards, None, None, {}, None)
 
     root = str(source)
-    manifest = _read_manifest(root, storage_options)
+    manifest = read_manifest(root, storage_options, hint=_NOT_SHARDPACK_HINT)
     info = split_info(manifest, split)
     shards = tuple(
         ShardRef(
-            url=_join(root, entry["name"]),
+            url=join_url(root, entry["name"]),
             name=entry["name"],
             count=entry.get("count"),
             nbytes=entry.get("bytes"),
