@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .engines import LocalPool, default_workers, get_engine
 from .errors import LayoutError, PackError
-from .format import sample_key
+from .format import MANIFEST_NAME, sample_key
 from .manifest import build_manifest, write_manifest_atomically
 from .plan import (
     Plan,
@@ -175,7 +175,7 @@ def _pack_with(
         plan, results, skipped=skipped, ignored=ignored, duplicates=duplicates,
         warnings=walked.warnings,
     )
-    with _os_errors_as_pack_error(os.path.join(out_dir, "manifest.json")):
+    with _os_errors_as_pack_error(os.path.join(out_dir, MANIFEST_NAME)):
         write_manifest_atomically(out_dir, manifest)
     Journal.discard(out_dir)  # the manifest now records every shard
     with contextlib.suppress(FileNotFoundError):
@@ -251,7 +251,7 @@ def _out_marker(out_dir: str) -> str:
 
 def probe_all(
     candidates: list[Candidate], *, run: Callable[..., Any], validate: str, max_pixels: int,
-    resize: ResizeSpec | None, quiet: bool, chunk: int = 64,
+    resize: ResizeSpec | None, quiet: bool, chunk: int = PROBE_CHUNK,
 ) -> list[Probe]:
     """Probe every candidate in parallel; results in candidate order."""
     tasks = [
@@ -400,8 +400,6 @@ def _split_bars(plan: Plan, results: dict[str, ShardResult], *, quiet: bool) -> 
 def _unpublish_manifest(out_dir: str) -> None:
     """Take an old manifest down before shards change under it: a reader must never see a
     manifest whose shards are being rewritten."""
-    from .format import MANIFEST_NAME
-
     try:
         os.remove(os.path.join(out_dir, MANIFEST_NAME))
     except FileNotFoundError:

@@ -22,7 +22,6 @@ they are never printed or logged, and error messages are scrubbed of secrets.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 from .errors import ManifestError, UploadError
 from .format import MANIFEST_NAME, parse_manifest
 from .storage import storage_options_for
-from .write import hash_file
+from .write import hash_file, hash_stream
 
 __all__ = ["upload", "send_shards", "ShardFile", "RemoteStore", "SHA256_METADATA_KEY", "scrub_secrets"]
 
@@ -126,11 +125,8 @@ class RemoteStore:
                 return None
         except FileNotFoundError:
             return None
-        sha = hashlib.sha256()
         with self.fs.open(path, "rb", block_size=_HASH_CHUNK) as f:
-            while block := f.read(_HASH_CHUNK):
-                sha.update(block)
-        return sha.hexdigest()
+            return hash_stream(f, _HASH_CHUNK)[0]
 
     def remote_metadata(self, name: str) -> dict[str, str] | None:
         """User metadata of the object at ``name`` (None if absent or unsupported)."""

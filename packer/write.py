@@ -24,11 +24,11 @@ from .format import (
     TAR_UNAME,
     member_names,
 )
-from .plan import PlannedSample, PlannedShard
+from .plan import TAR_BLOCK, PlannedSample, PlannedShard, archive_bytes, tar_member_bytes
 from .probe import read_file
 from .transform import ResizeSpec
 
-__all__ = ["ShardResult", "write_shard", "partial_name", "hash_file", "stored_bytes"]
+__all__ = ["ShardResult", "write_shard", "partial_name", "hash_file", "hash_stream", "stored_bytes"]
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,6 @@ def _octal(value: int, width: int) -> bytes:
     return b"%0*o\0" % (width - 1, value)
 
 
-_BLOCK = 512
-_RECORD = 20 * _BLOCK
 _HEADER_HEAD = _octal(TAR_MODE, 8) + _octal(TAR_UID, 8) + _octal(TAR_GID, 8)
 _HEADER_TAIL = (
     b"0" + b"\0" * 100 + b"ustar\x0000"
@@ -133,12 +131,12 @@ def ustar_header(name: str, size: int) -> bytes:
 
 
 def _padding(size: int) -> bytes:
-    return b"\0" * (-size % _BLOCK)
+    return b"\0" * (-size % TAR_BLOCK)
 
 
 def write_tar(shard: PlannedShard, fileobj: BinaryIO, resize: ResizeSpec | None) -> None:
     """Write the shard's members, end-of-archive blocks and record padding to ``fileobj``."""
-    total = 0
+    written = 0
     for sample in shard.samples:
         image_name, cls_name, json_name = member_names(sample.key, sample.ext)
         payloads = (
@@ -150,9 +148,8 @@ def write_tar(shard: PlannedShard, fileobj: BinaryIO, resize: ResizeSpec | None)
             fileobj.write(ustar_header(name, len(payload)))
             fileobj.write(payload)
             fileobj.write(_padding(len(payload)))
-            total += _BLOCK + len(payload) + (-len(payload) % _BLOCK)
-    total += 2 * _BLOCK
-    fileobj.write(b"\0" * (2 * _BLOCK + (-total % _RECORD)))
+            written += tar_member_bytes(len(payload))
+    fileobj.write(b"\0" * (archive_bytes([written]) - written))  # end blocks + record padding
 
 
 def write_shard(
@@ -203,12 +200,17 @@ def _os_error_message(exc: OSError, path: str) -> str:
     return f"cannot write {path}: {exc}"
 
 
-def hash_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
-    """sha256 and size of a file, read sequentially."""
+def hash_stream(f: BinaryIO, chunk: int = 1 << 20) -> tuple[str, int]:
+    """sha256 and size of what an open binary stream holds, read sequentially."""
     sha = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            sha.update(block)
-            size += len(block)
+    while block := f.read(chunk):
+        sha.update(block)
+        size += len(block)
     return sha.hexdigest(), size
+
+
+def hash_file(path: str, chunk: int = 1 << 20) -> tuple[str, int]:
+    """sha256 and size of a local file."""
+    with open(path, "rb") as f:
+        return hash_stream(f, chunk)

@@ -72,7 +72,7 @@ def peak_rss_mb() -> float:
 def make_imagenet_like_tree(root: Path, *, images: int, classes: int, seed: int) -> Path:
     """Class-folder tree of JPEG crops: long side mostly 300-640 px, ~10% up to 1400,
     quality 75-95, ~3% PNG; 80% train, 20% validation."""
-    from packer.examples import PHOTOS, random_crop
+    from packer.examples import PHOTOS, photo, random_crop
 
     names = list(PHOTOS)[:classes]
     rng = random.Random(seed)
@@ -82,8 +82,6 @@ def make_imagenet_like_tree(root: Path, *, images: int, classes: int, seed: int)
         folder = root / split / name
         folder.mkdir(parents=True, exist_ok=True)
         long_side = rng.randint(640, 1400) if rng.random() < 0.1 else rng.randint(300, 640)
-        from packer.examples import photo
-
         im = random_crop(rng, photo(name), long_side)
         if rng.random() < 0.03:
             im.save(folder / f"{i:07d}.png", format="PNG")
