@@ -27,7 +27,7 @@ from .errors import OutputExistsError, UploadError
 from .format import MANIFEST_NAME, manifest_to_bytes
 from .plan import Plan, PlannedShard
 from .uploader import SHA256_METADATA_KEY, RemoteStore, ShardFile, scrub_secrets, send_shards
-from .write import ShardResult
+from .write import ShardResult, remove_quietly
 
 __all__ = ["pack_to_url"]
 
@@ -236,14 +236,7 @@ def _write_and_send(
                 for name, r in written.items()
             ]
             send_shards(store, files, None, workers=upload_workers, quiet=True,
-                        on_done=lambda f: _remove_quietly(f.local_path))
+                        on_done=lambda f: remove_quietly(f.local_path))
             results.update(written)
             bar.update(sum(len(s.samples) for s in group))
     return results
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass

@@ -174,7 +174,7 @@ def write_shard(
             os.fsync(raw.fileno())
         os.replace(temp, final)
     except BaseException as exc:
-        _remove_quietly(temp)
+        remove_quietly(temp)
         if isinstance(exc, OSError):
             raise PackError(_os_error_message(exc, final)) from exc
         raise
@@ -185,7 +185,8 @@ def write_shard(
     return ShardResult(shard.name, len(shard.samples), hashing.count, hashing.sha.hexdigest(), fingerprint)
 
 
-def _remove_quietly(path: str) -> None:
+def remove_quietly(path: str) -> None:
+    """Delete a file if it is there; a leftover that cannot be removed is not an error."""
     try:
         os.remove(path)
     except OSError:
