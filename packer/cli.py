@@ -71,12 +71,6 @@ def _cmd_upload(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from reader.benchmark import main as bench_main
-
-    return int(bench_main(args.bench_args) or 0)
-
-
 def _cmd_preview(args: argparse.Namespace) -> int:
     from reader.preview import preview
 
@@ -158,8 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="reader throughput against Keras/webdataset/decode-limit anchors",
                        add_help=False)
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of scripts/bench.py")
-    p.set_defaults(func=_cmd_bench)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="see `shardpack bench --help`")
 
     p = sub.add_parser("preview", help="contact sheet of decoded samples with class names")
     p.add_argument("source", help="shard folder or URL")
@@ -175,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shardpack`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # bench owns its options (reader.benchmark); argparse's REMAINDER would swallow
+        # neither a leading ``--help`` nor options placed before SOURCE.
+        from reader.benchmark import main as bench_main
+
+        return int(bench_main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s")

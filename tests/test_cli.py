@@ -96,3 +96,15 @@ def test_info_and_verify_without_manifest(tmp_path, capsys):
     assert status == 2 and "no manifest.json" in err
     status, _, err = run(capsys, "verify", str(tmp_path), "--quiet")
     assert status == 1 and "no manifest.json" in err
+
+
+def test_bench_owns_its_options_and_measures_a_shard_set(id_shards, capsys):
+    """`shardpack bench --help` and options before SOURCE reach reader.benchmark's parser, and
+    a real (small) run reports the reader next to the decode limit."""
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--help"])
+    assert info.value.code == 0 and "--image-size" in capsys.readouterr().out
+    assert main(["bench", "--split", "train", "--image-size", "16", "--batch-size", "8",
+                 "--repeat", "1", "--only", "decode_limit,shardpack_numpy", str(id_shards[0])]) == 0
+    out = capsys.readouterr().out
+    assert "decode_limit" in out and "shardpack_numpy" in out and "error" not in out
