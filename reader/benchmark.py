@@ -66,34 +66,44 @@ def split_image_bytes(source: str, split: str, storage_options: dict[str, Any] |
     return out
 
 
-def _limit_simplejpeg(data: bytes, size: tuple[int, int]) -> Any:
+def _limit_simplejpeg(data: bytes, size: tuple[int, int], *, any_scale: bool = False) -> Any:
     import simplejpeg
-    from PIL import Image
 
-    from .decode import resize_image
+    from .decode import fast_jpeg_scale, resize_array
 
     if data[:2] != b"\xff\xd8":
         return _limit_pillow(data, size)
-    arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size[0], min_width=size[1])
-    return resize_image(Image.fromarray(arr), (size[1], size[0]), "bilinear")
+    h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+    min_w, min_h = (size[1], size[0]) if any_scale else fast_jpeg_scale(w, h, size[1], size[0])
+    arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=min_w, min_height=min_h,
+                                 fastdct=True)
+    return resize_array(arr, (size[1], size[0]), "bilinear")
+
+
+def _limit_simplejpeg_any_scale(data: bytes, size: tuple[int, int]) -> Any:
+    return _limit_simplejpeg(data, size, any_scale=True)
 
 
 def _limit_pillow(data: bytes, size: tuple[int, int]) -> Any:
+    import numpy as np
     from PIL import Image
 
-    from .decode import resize_image
+    from .decode import resize_array
 
     im: Image.Image = Image.open(io.BytesIO(data))
     im.draft("RGB", (size[1], size[0]))
     if im.mode != "RGB":
         im = im.convert("RGB")
-    return resize_image(im, (size[1], size[0]), "bilinear")
+    return resize_array(np.asarray(im), (size[1], size[0]), "bilinear")
 
 
-# decode-limit variant -> function(bytes, (h, w)) -> resized RGB PIL image. The resize is
-# the reader's own (resize_image: OpenCV's Keras-like bilinear when installed, else Pillow),
-# so the limit and the reader pay for the same pixels.
-LIMIT_VARIANTS = {"simplejpeg": _limit_simplejpeg, "pillow-draft": _limit_pillow}
+# decode-limit variant -> function(bytes, (h, w)) -> resized (h, w, 3) uint8 array; the
+# fastest variant is the limit. The resize is the reader's own (resize_array: OpenCV's
+# Keras-like bilinear when installed, else Pillow), so limit and reader pay for the same
+# pixels; "simplejpeg" picks the DCT scale as the reader does (1/8, 1/4, 1/2, 1),
+# "simplejpeg-n8" any n/8 scale.
+LIMIT_VARIANTS = {"simplejpeg": _limit_simplejpeg, "simplejpeg-n8": _limit_simplejpeg_any_scale,
+                  "pillow-draft": _limit_pillow}
 
 
 def decode_limit(
@@ -113,7 +123,7 @@ def decode_limit(
 
     def run(start: int) -> None:
         for i in range(start, min(start + _CHUNK, len(blobs))):
-            out[i] = np.asarray(fn(blobs[i], size))
+            out[i] = fn(blobs[i], size)
 
     with ThreadPoolExecutor(workers or cores()) as pool:
         list(pool.map(run, range(0, min(len(blobs), 4 * _CHUNK), _CHUNK)))  # warm-up

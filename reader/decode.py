@@ -16,16 +16,17 @@ Choices, made once here so every image is treated alike:
 - **Animated images** give their first frame (Keras: ``expand_animations=False``).
 - **JPEG DCT scaling**: the decoder produces a reduced image directly (libjpeg-turbo's
   scaled IDCT) when that is still at least what the resize needs. With ``simplejpeg``
-  installed (``pip install shardpack[fast]``) JPEGs are decoded by it at any of
-  libjpeg-turbo's n/8 scales, so the resize has fewer pixels to read (about 25% less CPU per
-  ImageNet-sized image than Pillow, measured with ``shardpack bench``; pixels within about
-  1/255 on average of Pillow's). Without it, ``Image.draft`` scales by 1/2, 1/4 or 1/8.
-  JPEGs simplejpeg cannot take (CMYK, 12-bit, damaged) go to Pillow, which decides.
+  installed (``pip install shardpack[fast]``) JPEGs are decoded by it at 1/8, 1/4, 1/2 or
+  full scale (the scales with SIMD code; 5/8..7/8 are slower than 1/2) with libjpeg's fast
+  integer IDCT, TensorFlow's default, so pixels are within a few 1/255 of Pillow's (tested).
+  Without it, ``Image.draft`` scales by 1/2, 1/4 or 1/8. JPEGs simplejpeg cannot take
+  (CMYK, 12-bit, damaged) go to Pillow, which decides.
 - **Resize like Keras**: with OpenCV installed (``shardpack[fast]``), ``bilinear``,
   ``nearest`` and ``bicubic`` resize without antialiasing and with half-pixel centres, as
   ``tf.image.resize(antialias=False)`` does inside ``image_dataset_from_directory`` (pixels
-  within rounding of Keras', and ~7x cheaper than Pillow's filter on this machine). Without
-  OpenCV, and for the other interpolations, Pillow's (antialiased) filters are used.
+  within rounding of Keras', and several times cheaper than Pillow's filter on this
+  machine). Without OpenCV, and for the other interpolations, Pillow's (antialiased)
+  filters are used. Pixels stay numpy arrays from decoder to batch on the fast path.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import io
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +54,8 @@ __all__ = [
     "DECODERS",
     "DecodeOptions",
     "decode_image",
+    "fast_jpeg_scale",
+    "resize_array",
     "jpeg_orientation",
     "to_color_mode",
 ]
@@ -86,28 +90,40 @@ def _opencv() -> Any:
     return _cv2
 
 
-def resize_image(
-    im: Image.Image, size: tuple[int, int], interpolation: str,
+def resize_array(
+    arr: np.ndarray, size: tuple[int, int], interpolation: str,
     box: tuple[float, float, float, float] | None = None,
-) -> Image.Image:
-    """Resize ``im`` (or the sub-pixel ``box`` of it) to ``size`` = (width, height).
+) -> np.ndarray:
+    """Resize the (h, w, c) uint8 ``arr`` (or the sub-pixel ``box`` of it) to ``size`` = (width, height).
 
-    OpenCV's affine warp samples like ``tf.image.resize(antialias=False)``: output pixel
-    centre ``x + 0.5`` maps to input ``x0 + (x + 0.5) * scale``, edges clamped.
+    With OpenCV, sampling is ``tf.image.resize(antialias=False)``'s: output pixel centre
+    ``x + 0.5`` maps to input ``x0 + (x + 0.5) * scale``, edges clamped. A whole-image resize
+    is ``cv2.resize`` (about 3x cheaper than a warp); only a sub-pixel box needs the affine
+    warp. Arrays stay arrays: a round trip through a Pillow image copies every pixel twice,
+    which cost more than the resize itself (measured with scripts/bench_decode.py).
     """
     cv2: Any = _opencv() if interpolation in _CV2_FLAGS else False
-    if not cv2 or im.mode not in ("L", "RGB", "RGBA"):
-        return im.resize(size, INTERPOLATIONS[interpolation], box=box)
-    x0, y0, x1, y1 = box or (0.0, 0.0, float(im.width), float(im.height))
-    sx, sy = (x1 - x0) / size[0], (y1 - y0) / size[1]
-    matrix = np.array([[sx, 0.0, x0 + 0.5 * sx - 0.5], [0.0, sy, y0 + 0.5 * sy - 0.5]])
-    flags = getattr(cv2, _CV2_FLAGS[interpolation]) | cv2.WARP_INVERSE_MAP
-    if interpolation == "nearest":  # warpAffine has no exact-nearest; remap by index instead
-        xs = np.clip(np.floor(x0 + (np.arange(size[0]) + 0.5) * sx), 0, im.width - 1).astype(np.intp)
-        ys = np.clip(np.floor(y0 + (np.arange(size[1]) + 0.5) * sy), 0, im.height - 1).astype(np.intp)
-        return Image.fromarray(np.asarray(im)[ys[:, None], xs[None, :]])
-    out = cv2.warpAffine(np.asarray(im), matrix, size, flags=flags, borderMode=cv2.BORDER_REPLICATE)
-    return Image.fromarray(out)
+    channels = arr.shape[2]
+    if not cv2 or channels not in (1, 3, 4):
+        im = Image.fromarray(arr[:, :, 0] if channels == 1 else arr)
+        out = np.asarray(im.resize(size, INTERPOLATIONS[interpolation], box=box))
+    elif interpolation == "nearest":  # OpenCV's nearest rounds differently; index instead
+        h, w = arr.shape[:2]
+        x0, y0, x1, y1 = box or (0.0, 0.0, float(w), float(h))
+        sx, sy = (x1 - x0) / size[0], (y1 - y0) / size[1]
+        xs = np.clip(np.floor(x0 + (np.arange(size[0]) + 0.5) * sx), 0, w - 1).astype(np.intp)
+        ys = np.clip(np.floor(y0 + (np.arange(size[1]) + 0.5) * sy), 0, h - 1).astype(np.intp)
+        out = arr[ys[:, None], xs[None, :]]
+    elif box is None:
+        out = cv2.resize(arr, size, interpolation=getattr(cv2, _CV2_FLAGS[interpolation]))
+    else:
+        x0, y0, x1, y1 = box
+        sx, sy = (x1 - x0) / size[0], (y1 - y0) / size[1]
+        matrix = np.array([[sx, 0.0, x0 + 0.5 * sx - 0.5], [0.0, sy, y0 + 0.5 * sy - 0.5]])
+        flags = getattr(cv2, _CV2_FLAGS[interpolation]) | cv2.WARP_INVERSE_MAP
+        out = cv2.warpAffine(np.ascontiguousarray(arr), matrix, size, flags=flags,
+                             borderMode=cv2.BORDER_REPLICATE)
+    return out[:, :, None] if out.ndim == 2 else out
 
 
 # Keras colour mode -> (Pillow mode, channels)
@@ -120,16 +136,19 @@ COLOR_MODES: dict[str, tuple[str, int]] = {
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that exchange width and height
-# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose)
-_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
+# EXIF orientation -> the view of a decoded (h, w, c) array that shows it upright (the
+# arrays equal ImageOps.exif_transpose's; views, so nothing is copied here)
+_UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
 }
+# libjpeg-turbo's scaled IDCTs with SIMD code: decoding at 5/8..7/8 is slower than at 1/1
+_FAST_SCALES = (1 / 8, 1 / 4, 1 / 2, 1.0)
 # JPEG colour spaces simplejpeg turns into RGB/L exactly as Pillow would (not CMYK/YCCK,
 # whose Adobe inversion only Pillow handles)
 _SIMPLE_SPACES = ("Gray", "YCbCr", "RGB")
@@ -259,15 +278,33 @@ def _needed_size(
     return (need[1], need[0]) if swap else need
 
 
-# what a loader returns: the upright image in the colour mode (maybe DCT-reduced), the box
-# to resize (fractions), and the upright size of the stored image
-_Loaded = tuple[Image.Image, tuple[float, float, float, float], tuple[int, int]]
+# what a loader returns: the upright (h, w, c) uint8 array in the colour mode (maybe
+# DCT-reduced), the box to resize (fractions), and the upright size of the stored image
+_Loaded = tuple[np.ndarray, tuple[float, float, float, float], tuple[int, int]]
+
+
+def fast_jpeg_scale(width: int, height: int, need_w: int, need_h: int) -> tuple[int, int]:
+    """Decoded size (min_width, min_height for simplejpeg) at the cheapest sufficient scale.
+
+    The smallest of 1/8, 1/4, 1/2, 1 that still gives ``need_w x need_h``: those scales have
+    SIMD IDCTs in libjpeg-turbo, and decoding at 1/2 is cheaper than at 5/8 even though it
+    makes more pixels (measured: 0.67 vs 0.91 ms per ImageNet-sized image here).
+    """
+    for scale in _FAST_SCALES:
+        w, h = math.ceil(width * scale), math.ceil(height * scale)
+        if w >= need_w and h >= need_h:
+            return w, h
+    return width, height
 
 
 def _load_simplejpeg(
     data: bytes, options: DecodeOptions, rng: random.Random | None
 ) -> _Loaded | None:
-    """Decode a JPEG with simplejpeg, upright; None when Pillow must do it instead."""
+    """Decode a JPEG with simplejpeg, upright; None when Pillow must do it instead.
+
+    ``fastdct`` is libjpeg's fast integer IDCT, TensorFlow's default for ``decode_jpeg``
+    (so Keras' pixels come from it too).
+    """
     if simplejpeg is None or options.color_mode == "rgba" or data[:2] != b"\xff\xd8":
         return None
     try:
@@ -283,18 +320,16 @@ def _load_simplejpeg(
     swap = orientation in _SWAPPING_ORIENTATIONS
     ow, oh = (raw_h, raw_w) if swap else (raw_w, raw_h)
     box = _box_fractions(ow, oh, options, rng)
-    need_w, need_h = _needed_size(ow, oh, box, options, swap)
+    min_w, min_h = fast_jpeg_scale(raw_w, raw_h, *_needed_size(ow, oh, box, options, swap))
     gray = options.color_mode == "grayscale"
     try:
-        arr = simplejpeg.decode_jpeg(
-            data, colorspace="GRAY" if gray else "RGB", min_width=need_w, min_height=need_h
-        )
+        arr = simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB",
+                                     min_width=min_w, min_height=min_h, fastdct=True)
     except ValueError:
         return None  # damaged or unusual: Pillow decides (and names the problem)
-    im = Image.fromarray(arr[:, :, 0] if gray else arr, "L" if gray else "RGB")
-    if orientation in _TRANSPOSE:
-        im = im.transpose(_TRANSPOSE[orientation])
-    return im, box, (ow, oh)
+    if orientation in _UPRIGHT:
+        arr = _UPRIGHT[orientation](arr)
+    return arr, box, (ow, oh)
 
 
 def _load_pillow(
@@ -312,7 +347,8 @@ def _load_pillow(
         im.draft("L" if options.color_mode == "grayscale" else "RGB", need)
     out = ImageOps.exif_transpose(im) if orientation != 1 else im
     out.load()
-    return to_color_mode(out, options.color_mode), box, (ow, oh)
+    arr = np.asarray(to_color_mode(out, options.color_mode))
+    return (arr[:, :, None] if arr.ndim == 2 else arr), box, (ow, oh)
 
 
 def _load_auto(
@@ -352,37 +388,32 @@ def decode_image(data: bytes, options: DecodeOptions, *, rng: random.Random | No
             image (the caller turns this into SampleDecodeError).
     """
     th, tw = options.image_size
-    out, box, full_size = DECODERS[options.decoder](data, options, rng)
-    w, h = out.size
+    arr, box, full_size = DECODERS[options.decoder](data, options, rng)
+    h, w = arr.shape[:2]
     pixel_box = (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
     if options.pad_to_aspect_ratio and options.random_crop is None:
         # the fitted size from the full-size image, so DCT scaling cannot shift it a pixel
         fw, fh = _fit_size(*full_size, th, tw)
-        fitted = resize_image(out, (fw, fh), options.interpolation) if (fw, fh) != (w, h) else out
-        canvas = Image.new(out.mode, (tw, th))
-        canvas.paste(fitted, ((tw - fw) // 2, (th - fh) // 2))
-        out = canvas
+        fitted = resize_array(arr, (fw, fh), options.interpolation) if (fw, fh) != (w, h) else arr
+        arr = np.zeros((th, tw, arr.shape[2]), dtype=np.uint8)
+        top, left = (th - fh) // 2, (tw - fw) // 2
+        arr[top : top + fh, left : left + fw] = fitted
     else:
         sub_box = None
         if pixel_box != (0.0, 0.0, float(w), float(h)):
-            # Crop first (resize(box=...) alone would blend in pixels from outside the box) to
+            # Crop first (resizing a box alone would blend in pixels from outside it) to
             # the whole pixels that hold the box; on a DCT-reduced image the box's edges fall
             # inside pixels, and the rest is a sub-pixel box for resize, so the region is the
             # same whatever the decode scale.
             x0, y0, x1, y1 = pixel_box
             ix0, iy0 = math.floor(x0 + 1e-6), math.floor(y0 + 1e-6)
             ix1, iy1 = math.ceil(x1 - 1e-6), math.ceil(y1 - 1e-6)
-            out = out.crop((ix0, iy0, ix1, iy1))
+            arr = arr[iy0:iy1, ix0:ix1]
             sub_box = (x0 - ix0, y0 - iy0, x1 - ix0, y1 - iy0)
-            if all(abs(a - b) < 1e-6 for a, b in zip(sub_box, (0, 0, *out.size), strict=True)):
+            if all(abs(a - b) < 1e-6 for a, b in zip(sub_box, (0, 0, ix1 - ix0, iy1 - iy0), strict=True)):
                 sub_box = None
-        if sub_box is not None:
-            out = resize_image(out, (tw, th), options.interpolation, box=sub_box)
-        elif out.size != (tw, th):
-            out = resize_image(out, (tw, th), options.interpolation)
+        if sub_box is not None or arr.shape[:2] != (th, tw):
+            arr = resize_array(arr, (tw, th), options.interpolation, box=sub_box)
     if options.random_flip and rng is not None and rng.random() < 0.5:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    arr = np.asarray(out)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
+        arr = arr[:, ::-1]
     return arr
