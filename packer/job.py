@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -32,7 +33,7 @@ from .resume import Journal, check_output, keepable, previous_results, remove_st
 from .sizes import parse_size
 from .transform import ResizeSpec, parse_resize
 from .walk import Candidate, walk_tree
-from .write import ShardResult, _os_error_message, write_shard
+from .write import ShardResult, _os_error_message, fsync_file, write_shard
 
 __all__ = ["pack", "DEFAULT_MAX_COUNT", "DEFAULT_MAX_SIZE"]
 
@@ -324,7 +325,8 @@ def _path_of(pair: tuple[Candidate, Probe]) -> str:
 
 def _write_task(task: tuple[Any, str, str, ResizeSpec | None]) -> ShardResult:
     shard, out_dir, fingerprint, resize = task
-    return write_shard(shard, out_dir, fingerprint=fingerprint, resize=resize)
+    # fsynced by write_plan's background thread, overlapping the next shard's writing
+    return write_shard(shard, out_dir, fingerprint=fingerprint, resize=resize, durable=False)
 
 
 def write_plan(
@@ -352,16 +354,16 @@ def write_plan(
             journal.record(result)
     bars = _split_bars(plan, results, quiet=quiet)
     started = time.perf_counter()
+    syncing: list[Future[None]] = []
     try:
-        for task, result in run(_write_task, tasks):
-            results[result.name] = result
-            with _os_errors_as_pack_error(journal.path):
-                journal.record(result)
-            bar = bars[task[0].split]
-            bar.update(result.count)
-            seconds = max(time.perf_counter() - started, 1e-9)
-            written = _bytes_done(results, task[0].split)
-            bar.set_postfix_str(f"{written / seconds / 1e6:.1f} MB/s, {written / 1e6:.0f} MB")
+        with ThreadPoolExecutor(2, thread_name_prefix="shardpack-fsync") as syncer:
+            for name in results:  # kept from an earlier run, which may not have synced them
+                syncing.append(syncer.submit(fsync_file, os.path.join(out_dir, name)))
+            for task, result in run(_write_task, tasks):
+                syncing.append(syncer.submit(fsync_file, os.path.join(out_dir, result.name)))
+                _written(result, task, results, journal, bars, started)
+        for future in syncing:
+            future.result()  # every shard on disk before the manifest names it
     finally:
         journal.close()
         for bar in bars.values():
@@ -370,6 +372,21 @@ def write_plan(
     if removed:
         log.info("removed %d shard files the plan no longer names", len(removed))
     return results
+
+
+def _written(
+    result: ShardResult, task: tuple[Any, ...], results: dict[str, ShardResult], journal: Journal,
+    bars: dict[str, Any], started: float,
+) -> None:
+    """Record a finished shard: results, journal, progress bar."""
+    results[result.name] = result
+    with _os_errors_as_pack_error(journal.path):
+        journal.record(result)
+    bar = bars[task[0].split]
+    bar.update(result.count)
+    seconds = max(time.perf_counter() - started, 1e-9)
+    written = _bytes_done(results, task[0].split)
+    bar.set_postfix_str(f"{written / seconds / 1e6:.1f} MB/s, {written / 1e6:.0f} MB")
 
 
 @contextlib.contextmanager

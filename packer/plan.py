@@ -49,6 +49,7 @@ class PlannedSample:
     size: int  # stored image bytes
     sha256: str  # of the stored image bytes
     source_sha256: str
+    source_stamp: tuple[int, int] | None = None  # (size, mtime_ns) when probed
 
     @functools.cached_property
     def _json(self) -> bytes:
@@ -220,6 +221,7 @@ def planned_sample(candidate: Any, probe: Any, *, split: str, position: int, lab
         size=probe.size,
         sha256=probe.sha256,
         source_sha256=probe.source_sha256,
+        source_stamp=probe.source_stamp,
     )
 
 

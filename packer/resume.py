@@ -103,8 +103,10 @@ class Journal:
     """Append-only record of finished shards, so a crashed run can resume.
 
     The first line holds the options; each later line one finished shard. Lines are
-    flushed and fsynced one by one: after a crash, every line but possibly a torn last one
-    is trustworthy, and the shard files are re-hashed before being kept anyway.
+    flushed one by one, so a killed run loses none (a torn last line is ignored); they are
+    not fsynced: every shard file is re-hashed before it is kept, so a line lost or a shard
+    left unwritten by a power cut only means that shard is written again. (An fsync here
+    also waited for the shard data ext4 orders before it: a tenth of pack time.)
     """
 
     def __init__(self, out_dir: str, options: dict[str, Any]) -> None:
@@ -115,7 +117,6 @@ class Journal:
     def _append(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
-        os.fsync(self._file.fileno())
 
     def record(self, result: ShardResult) -> None:
         self._append(result.manifest_entry())

@@ -74,6 +74,10 @@ def _sorted_entries(path: str) -> list[os.DirEntry[str]]:
         return sorted(it, key=lambda e: e.name)
 
 
+def _rel_posix(path: str, src: str) -> str:
+    return Path(os.path.relpath(path, src)).as_posix()
+
+
 def _dir_identity(path: str) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_dev, st.st_ino
@@ -100,11 +104,11 @@ def _collect_class_files(
     try:
         entries = _sorted_entries(folder)
     except OSError as exc:
-        rel = os.path.relpath(folder, src)
-        result.warnings.append(f"cannot list {rel}: {exc.strerror or exc}")
+        result.warnings.append(f"cannot list {_rel_posix(folder, src)}: {exc.strerror or exc}")
         return
+    prefix = _rel_posix(folder, src) + "/"  # once per folder: relpath per file was a tenth of the walk
     for entry in entries:
-        rel = Path(os.path.relpath(entry.path, src)).as_posix()
+        rel = prefix + entry.name
         if is_hidden(entry.name):
             result.ignored.append((rel, "hidden or system file"))
             continue
@@ -149,7 +153,7 @@ def _walk_classes(
     classes: list[str] = []
     loose_images = 0
     for entry in _sorted_entries(folder):
-        rel = Path(os.path.relpath(entry.path, src)).as_posix()
+        rel = _rel_posix(entry.path, src)
         if is_hidden(entry.name):
             result.ignored.append((rel, "hidden or system file"))
             continue
@@ -195,7 +199,7 @@ def walk_tree(src: str | os.PathLike[str], *, layout: str = "splits", follow_lin
         result.classes[""] = classes
         return result
     for entry in _sorted_entries(src):
-        rel = Path(os.path.relpath(entry.path, src)).as_posix()
+        rel = _rel_posix(entry.path, src)
         if is_hidden(entry.name) or (entry.is_symlink() and not follow_links):
             result.ignored.append((rel, "hidden, system file or symbolic link"))
             continue

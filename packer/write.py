@@ -1,8 +1,11 @@
-"""Write one planned shard: deterministic USTAR members, temp file, fsync, atomic rename.
+"""Write one planned shard: deterministic USTAR members, temp file, atomic rename, fsync.
 
 A shard file under its final name is always complete: it is written as ``.NAME.partial``
-and renamed only after its last byte is on disk. A crash leaves at most a ``.partial``
-file, which the next run removes.
+and renamed only after its last byte is written. A crash leaves at most a ``.partial``
+file, which the next run removes. Durability is the job's: with ``durable=False`` the
+caller fsyncs finished shards (``fsync_file``) on a background thread while the next
+shard is being written, and only then publishes the manifest; a shard a power cut
+damaged before that is caught by resume, which re-hashes every leftover.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from .format import (
     member_names,
 )
 from .plan import TAR_BLOCK, PlannedSample, PlannedShard, archive_bytes, tar_member_bytes
-from .probe import read_file
+from .probe import read_stamped
 from .transform import ResizeSpec
 
-__all__ = ["ShardResult", "write_shard", "partial_name", "hash_file", "hash_stream", "stored_bytes"]
+__all__ = ["ShardResult", "write_shard", "fsync_file", "partial_name", "hash_file", "hash_stream", "stored_bytes"]
 
 
 @dataclass(frozen=True)
@@ -48,22 +51,44 @@ class ShardResult:
         }
 
 
-class _HashingWriter(io.RawIOBase):
-    """A write-only file that hashes and counts what passes through it."""
+class _HashingFile:
+    """Writes chunks to a file descriptor with ``os.writev``, hashing and counting them.
 
-    def __init__(self, raw: BinaryIO) -> None:
-        self._raw = raw
+    Chunks are gathered (up to ``_GATHER_BYTES`` / ``_GATHER_CHUNKS``) and written in one
+    system call without being copied into a buffer first: a BufferedWriter behind a
+    Python hashing layer cost a fifth of the writer's time.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
         self.sha = hashlib.sha256()
         self.count = 0
+        self._chunks: list[bytes] = []
+        self._pending = 0
 
-    def writable(self) -> bool:
-        return True
+    def write(self, chunk: bytes) -> None:
+        self.sha.update(chunk)
+        self.count += len(chunk)
+        self._chunks.append(chunk)
+        self._pending += len(chunk)
+        if self._pending >= _GATHER_BYTES or len(self._chunks) >= _GATHER_CHUNKS:
+            self.flush()
 
-    def write(self, b: bytes) -> int:  # type: ignore[override]
-        self._raw.write(b)
-        self.sha.update(b)
-        self.count += len(b)
-        return len(b)
+    def flush(self) -> None:
+        chunks, self._chunks, self._pending = self._chunks, [], 0
+        while chunks:
+            done = os.writev(self._fd, chunks)
+            first = 0
+            while first < len(chunks) and done >= len(chunks[first]):
+                done -= len(chunks[first])
+                first += 1
+            chunks = chunks[first:]  # after a short write, send the rest
+            if chunks and done:
+                chunks[0] = chunks[0][done:]
+
+
+_GATHER_BYTES = 1 << 20
+_GATHER_CHUNKS = 512  # well under IOV_MAX (1024 on Linux)
 
 
 def partial_name(final_path: str) -> str:
@@ -72,23 +97,24 @@ def partial_name(final_path: str) -> str:
 
 
 def stored_bytes(sample: PlannedSample, resize: ResizeSpec | None) -> bytes:
-    """The image bytes that go into the shard, checked against what the plan recorded.
+    """The image bytes that go into the shard, from a source that has not changed since probed.
+
+    "Not changed" is the file's (size, mtime_ns) as the probe read it, as rsync and make
+    judge it: hashing every file a second time cost a tenth of the pack.
 
     Raises:
         PackError: the source file changed (or vanished) since it was probed.
     """
     try:
-        data = read_file(sample.abs_path)
+        data, stamp = read_stamped(sample.abs_path)
     except OSError as exc:
         raise PackError(f"{sample.rel_path}: cannot read it any more ({exc}); re-run the pack") from exc
-    if resize is not None:
-        data = stored_bytes_of(data, resize)
-    if hashlib.sha256(data).hexdigest() != sample.sha256:
+    if sample.source_stamp is not None and stamp != sample.source_stamp:
         raise PackError(
-            f"{sample.rel_path} changed since it was scanned (checksum differs); re-run the pack "
-            "when the source tree is no longer being modified"
+            f"{sample.rel_path} changed since it was scanned (size or modification time differs); "
+            "re-run the pack when the source tree is no longer being modified"
         )
-    return data
+    return data if resize is None else stored_bytes_of(data, resize)
 
 
 def stored_bytes_of(data: bytes, resize: ResizeSpec) -> bytes:
@@ -134,7 +160,7 @@ def _padding(size: int) -> bytes:
     return b"\0" * (-size % TAR_BLOCK)
 
 
-def write_tar(shard: PlannedShard, fileobj: BinaryIO, resize: ResizeSpec | None) -> None:
+def write_tar(shard: PlannedShard, fileobj: BinaryIO | _HashingFile, resize: ResizeSpec | None) -> None:
     """Write the shard's members, end-of-archive blocks and record padding to ``fileobj``."""
     written = 0
     for sample in shard.samples:
@@ -153,9 +179,13 @@ def write_tar(shard: PlannedShard, fileobj: BinaryIO, resize: ResizeSpec | None)
 
 
 def write_shard(
-    shard: PlannedShard, out_dir: str, *, fingerprint: str, resize: ResizeSpec | None = None
+    shard: PlannedShard, out_dir: str, *, fingerprint: str, resize: ResizeSpec | None = None,
+    durable: bool = True,
 ) -> ShardResult:
     """Write ``shard`` under ``out_dir`` atomically and return its manifest entry.
+
+    ``durable``: fsync before the rename; a caller that passes False must ``fsync_file``
+    the shard before anything (a manifest) vouches for it.
 
     Raises:
         PackError: disk full, unwritable output, or a source changed since it was scanned;
@@ -165,13 +195,12 @@ def write_shard(
     temp = partial_name(final)
     try:
         os.makedirs(os.path.dirname(final), exist_ok=True)
-        with open(temp, "wb") as raw:
-            hashing = _HashingWriter(raw)
-            buffered = io.BufferedWriter(hashing, buffer_size=1 << 20)  # type: ignore[type-var]
-            write_tar(shard, buffered, resize)  # type: ignore[arg-type]
-            buffered.flush()
-            raw.flush()
-            os.fsync(raw.fileno())
+        with open(temp, "wb", buffering=0) as raw:
+            hashing = _HashingFile(raw.fileno())
+            write_tar(shard, hashing, resize)
+            hashing.flush()
+            if durable:
+                os.fsync(raw.fileno())
         os.replace(temp, final)
     except BaseException as exc:
         remove_quietly(temp)
@@ -183,6 +212,22 @@ def write_shard(
             f"internal error: {shard.name} has {hashing.count} bytes, plan said {shard.planned_bytes}"
         )
     return ShardResult(shard.name, len(shard.samples), hashing.count, hashing.sha.hexdigest(), fingerprint)
+
+
+def fsync_file(path: str) -> None:
+    """Flush a written file to disk (its data, whichever process wrote it).
+
+    Raises:
+        PackError: the disk refused (full, I/O error), as the writer would have said.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise PackError(_os_error_message(exc, path)) from exc
 
 
 def remove_quietly(path: str) -> None:

@@ -18,7 +18,7 @@ from PIL import Image
 from zoo import SMALL, build_zoo, read_samples, tree_files
 
 from packer import pack
-from packer.errors import LayoutError
+from packer.errors import LayoutError, PackError
 from packer.examples import make_example_tree
 from packer.format import MANIFEST_NAME
 from packer.summary import pack_summary
@@ -246,3 +246,30 @@ def test_flat_tree_without_validation_split_is_a_layout_error(photo_src, tmp_pat
     with pytest.raises(LayoutError, match="--validation-split"):
         pack(flat, tmp_path / "out", workers=1, quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change", ["rewritten", "touched"])
+def test_source_changed_between_probe_and_write_is_refused(tmp_path, monkeypatch, change):
+    """The writer re-reads each file once; a file whose size or modification time moved since
+    the probe read it stops the pack with its name (no shard vouches for unchecked bytes)."""
+    import os
+
+    import packer.job as job
+
+    src = make_example_tree(tmp_path / "src", counts={"train": 3}, seed=1)
+    victim = sorted(src.rglob("*.jpg"))[0]
+    real_make_plan = job.make_plan
+
+    def plan_then_change(*args, **kwargs):
+        planned = real_make_plan(*args, **kwargs)
+        if change == "rewritten":
+            victim.write_bytes(victim.read_bytes() + b"\0")
+        else:  # same bytes, newer modification time
+            st = victim.stat()
+            os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        return planned
+
+    monkeypatch.setattr(job, "make_plan", plan_then_change)
+    with pytest.raises(PackError, match=f"{victim.name} changed since it was scanned"):
+        pack(src, tmp_path / "out", workers=1, quiet=True)
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
