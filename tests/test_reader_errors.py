@@ -62,3 +62,31 @@ def test_file_url_and_other_fsspec_filesystems(id_shards):
     mem = ShardReader("memory://ds", split="test", image_size=4, shuffle=False)
     assert np.array_equal(np.concatenate([y for _, y in mem]), expected)
     assert mem.filenames == local.filenames
+
+
+def _flip_a_payload_byte(shard) -> None:
+    data = bytearray(shard.read_bytes())
+    at = data.index(b"IDAT") + 8  # inside the first image's pixel data: no tar checksum covers it
+    data[at] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def test_local_shard_checksum_is_verified_and_again_after_a_change(id_shards, tmp_path):
+    """A local shard is checked against the manifest's sha256 the first time it is read in a
+    process; later epochs skip the hash only while its size and mtime are unchanged."""
+    from packer.errors import ChecksumError
+
+    shards = tmp_path / "copy"
+    shutil.copytree(id_shards[0], shards)
+    reader = ShardReader(shards, split="test", image_size=4, shuffle=False)
+    first = np.concatenate([y for _, y in reader])
+    assert np.array_equal(np.concatenate([y for _, y in reader]), first)  # the unhashed epoch
+    shard = sorted((shards / "test").glob("*.tar"))[0]
+    _flip_a_payload_byte(shard)
+    with pytest.raises(ChecksumError, match="does not match"):
+        list(reader)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(id_shards[0], fresh)
+    _flip_a_payload_byte(sorted((fresh / "test").glob("*.tar"))[0])
+    with pytest.raises(ChecksumError):
+        list(ShardReader(fresh, split="test", image_size=4, shuffle=False))
