@@ -6,8 +6,9 @@ numpy users never pay for it.
 
 from __future__ import annotations
 
+import ctypes
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .shard_reader import ShardReader
@@ -15,7 +16,35 @@ from .shard_reader import ShardReader
 if TYPE_CHECKING:
     import tensorflow as tf
 
-__all__ = ["image_dataset_from_shards"]
+__all__ = ["image_dataset_from_shards", "restore_malloc_thresholds"]
+
+# glibc's mallopt parameters, and the values its adaptive thresholds settle at on 64-bit
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 << 20
+_TRIM_THRESHOLD = 2 * _MMAP_THRESHOLD_MAX
+
+
+def restore_malloc_thresholds() -> None:
+    """Undo the fixed 128 KB malloc thresholds TensorFlow's ``from_generator`` sets (glibc).
+
+    TensorFlow's generator dataset calls ``mallopt(M_TRIM_THRESHOLD, 128 KB)`` when it
+    starts ("Memory patch applied" in its log), which also switches off glibc's adaptive
+    mmap threshold: from then on every allocation of 128 KB or more -- each decoded
+    image, each resized one -- is a fresh ``mmap`` whose pages are faulted in and zeroed,
+    and is unmapped again when freed. Measured with ``shardpack bench``: a third more CPU
+    per image on resized shards (1.36 vs 0.91 ms), tf.data at 0.6x the numpy reader.
+    This sets the thresholds glibc's own adaptation converges to (32 MB mmap, 64 MB trim),
+    so freed buffers are reused again. Memory stays bounded: the reader's buffers are.
+    No effect where malloc is not glibc's; ``SHARDPACK_TF_MALLOC=keep`` leaves it alone.
+    """
+    if os.environ.get("SHARDPACK_TF_MALLOC") == "keep":
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
+        return
+    mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+    mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
 
 
 def image_dataset_from_shards(
@@ -99,9 +128,13 @@ def image_dataset_from_shards(
         "binary": tf.TensorSpec((None, 1), tf.float32),
     }
     signature = x_spec if label_mode is None else (x_spec, y_specs[label_mode])
-    # Every iteration of the dataset calls the lambda again: a new epoch of the reader. The
-    # reader's batch arrays are 64-byte aligned, so TensorFlow takes them without a copy.
-    ds = tf.data.Dataset.from_generator(lambda: iter(reader), output_signature=signature)
+    def epoch() -> Iterator[Any]:
+        # Every iteration of the dataset calls this again: a new epoch of the reader. The
+        # reader's batch arrays are 64-byte aligned, so TensorFlow takes them without a copy.
+        restore_malloc_thresholds()
+        yield from reader
+
+    ds = tf.data.Dataset.from_generator(epoch, output_signature=signature)
     if batch_size is None:
         ds = ds.unbatch().apply(tf.data.experimental.assert_cardinality(reader.rank_samples))
     else:
