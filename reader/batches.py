@@ -240,8 +240,10 @@ def decode_batches(
             keep = np.ones(len(labels), dtype=bool)
             keep[[row for row, _ in failed]] = False
             x, labels = x[keep], [label for label, k in zip(labels, keep, strict=True) if k]
-        if not carry.labels and len(labels) == size:
-            yield out(x, labels)  # the common case: the block is the batch, no copy
+        if not carry.labels and not failed and (len(labels) == size or not batch.drop_remainder):
+            # the common case: the block is the batch, no copy (a short block is the
+            # epoch's last, kept as it is unless drop_remainder)
+            yield out(x, labels)
         else:
             for full_x, full_labels in carry.add(x, labels):
                 yield out(full_x, full_labels)

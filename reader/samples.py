@@ -97,8 +97,8 @@ def _header_ok(header: bytes) -> bool:
         stored = _parse_number(header[148:156])
     except ValueError:
         return False
-    unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
-    return stored == unsigned
+    # the checksum field itself counts as 8 spaces; one pass over the header, not two
+    return stored == sum(header) - sum(header[148:156]) + 8 * 32
 
 
 def _pax_path(data: bytes) -> str | None:
