@@ -330,9 +330,14 @@ def _write_task(task: tuple[Any, str, str, ResizeSpec | None]) -> ShardResult:
 
 
 def write_plan(
-    plan: Plan, out_dir: str, *, run: Callable[..., Any], resize: ResizeSpec | None, quiet: bool
+    plan: Plan, out_dir: str, *, run: Callable[..., Any], resize: ResizeSpec | None, quiet: bool,
+    durable: bool = True,
 ) -> dict[str, ShardResult]:
-    """Write every shard the plan names, keeping identical leftovers; return results by name."""
+    """Write every shard the plan names, keeping identical leftovers; return results by name.
+
+    ``durable``: every shard is fsynced (on a background thread, overlapping the writing
+    of the next ones) before this returns, so a manifest written afterwards never names
+    data still in the page cache; staging copies that are uploaded and deleted skip it."""
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
@@ -357,10 +362,15 @@ def write_plan(
     syncing: list[Future[None]] = []
     try:
         with ThreadPoolExecutor(2, thread_name_prefix="shardpack-fsync") as syncer:
+
+            def sync(name: str) -> None:
+                if durable:
+                    syncing.append(syncer.submit(fsync_file, os.path.join(out_dir, name)))
+
             for name in results:  # kept from an earlier run, which may not have synced them
-                syncing.append(syncer.submit(fsync_file, os.path.join(out_dir, name)))
+                sync(name)
             for task, result in run(_write_task, tasks):
-                syncing.append(syncer.submit(fsync_file, os.path.join(out_dir, result.name)))
+                sync(result.name)
                 _written(result, task, results, journal, bars, started)
         for future in syncing:
             future.result()  # every shard on disk before the manifest names it

@@ -230,7 +230,7 @@ def _write_and_send(
             sub = Plan(classes=plan.classes, options=plan.options)
             for shard in group:
                 sub.shards.setdefault(shard.split, []).append(shard)
-            written = write_plan(sub, staging, run=run, resize=resize, quiet=True)
+            written = write_plan(sub, staging, run=run, resize=resize, quiet=True, durable=False)
             files = [
                 ShardFile(name, os.path.join(staging, name), r.sha256, r.bytes, r.fingerprint)
                 for name, r in written.items()
