@@ -35,18 +35,13 @@ def _start_method() -> str:
     Forking a process that runs other threads (TensorFlow, PyTorch, a Dask client, a test
     server) can deadlock the children on a lock some thread held at fork time.
     """
-    others = [t for t in threading.enumerate()
-              if t is not threading.current_thread() and type(t).__name__ not in _HARMLESS_THREADS]
-    threaded = bool(others) or any(m in sys.modules for m in _THREADED_MODULES)
+    threaded = threading.active_count() > 1 or any(m in sys.modules for m in _THREADED_MODULES)
     if threaded or "fork" not in multiprocessing.get_all_start_methods():
         return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     return "fork"
 
 
 _THREADED_MODULES = ("tensorflow", "torch", "jax", "distributed")
-# threads that hold no lock a forked child could need: tqdm's progress-bar monitor (left
-# running by an earlier job's bars, it made every later pack in the process use forkserver)
-_HARMLESS_THREADS = ("TMonitor",)
 
 
 class LocalPool:
@@ -56,8 +51,8 @@ class LocalPool:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
-        # Decided now, before this job starts threads of its own (tqdm's monitor thread is
-        # harmless to forked children; a user's TensorFlow is not).
+        # Decided now, before this job starts threads of its own (our progress bars start
+        # no monitor thread: packer.progress).
         self._method = _start_method()
 
     def executor(self) -> ProcessPoolExecutor:

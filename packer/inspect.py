@@ -172,7 +172,7 @@ def verify(
 
     Problems are collected, not raised, so one run names every bad shard and sample.
     """
-    from tqdm.auto import tqdm
+    from .progress import Progress as tqdm
 
     report = VerifyReport()
     try:

@@ -13,8 +13,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from .engines import LocalPool, default_workers, get_engine
 from .errors import LayoutError, PackError
 from .format import MANIFEST_NAME, sample_key
@@ -29,6 +27,7 @@ from .plan import (
     split_flat_pool,
 )
 from .probe import DEFAULT_MAX_PIXELS, DEFAULT_VALIDATE, VALIDATE_MODES, Probe, probe_file
+from .progress import Progress as tqdm
 from .resume import Journal, check_output, keepable, previous_results, remove_stale
 from .sizes import parse_size
 from .transform import ResizeSpec, parse_resize
@@ -139,6 +138,7 @@ def pack(
             run=_engine_runner(engine, workers=workers, scheduler=scheduler, pool=pool),
             probe_chunk=PROBE_CHUNK_DASK if engine == "dask" else PROBE_CHUNK,
             check_workers=(lambda paths: _check_dask_workers(scheduler, paths)) if remote else None,
+            sync_in_writer=engine != "local",
         )
     raise AssertionError("unreachable")
 
@@ -152,9 +152,13 @@ def _check_dask_workers(scheduler: str | None, paths: dict[str, str]) -> None:
 def _pack_with(
     src: str | os.PathLike[str], out_dir: str, options: dict[str, Any], *,
     resize_spec: ResizeSpec | None, quiet: bool, run: Callable[..., Any], probe_chunk: int,
-    check_workers: Callable[[dict[str, str]], None] | None,
+    check_workers: Callable[[dict[str, str]], None] | None, sync_in_writer: bool = False,
 ) -> dict[str, Any]:
-    """The pipeline itself: walk -> probe -> plan -> write -> manifest."""
+    """The pipeline itself: walk -> probe -> plan -> write -> manifest.
+
+    ``sync_in_writer``: each writer fsyncs its own shard (Dask workers may be other
+    machines, whose caches an fsync here would not flush).
+    """
     follow_links, validate, max_pixels = (
         options["follow_links"], options["validate"], options["max_pixels"]
     )
@@ -171,7 +175,8 @@ def _pack_with(
     )
     plan, skipped, ignored = make_plan(walked, probes, options)
     duplicates = find_duplicates(plan)
-    results = write_plan(plan, out_dir, run=run, resize=resize_spec, quiet=quiet)
+    results = write_plan(plan, out_dir, run=run, resize=resize_spec, quiet=quiet,
+                         sync_in_writer=sync_in_writer)
     manifest = build_manifest(
         plan, results, skipped=skipped, ignored=ignored, duplicates=duplicates,
         warnings=walked.warnings,
@@ -323,15 +328,15 @@ def _path_of(pair: tuple[Candidate, Probe]) -> str:
     return pair[0].rel_path
 
 
-def _write_task(task: tuple[Any, str, str, ResizeSpec | None]) -> ShardResult:
-    shard, out_dir, fingerprint, resize = task
-    # fsynced by write_plan's background thread, overlapping the next shard's writing
-    return write_shard(shard, out_dir, fingerprint=fingerprint, resize=resize, durable=False)
+def _write_task(task: tuple[Any, str, str, ResizeSpec | None, bool]) -> ShardResult:
+    shard, out_dir, fingerprint, resize, sync_in_writer = task
+    # unless synced here, fsynced by write_plan's background thread while the next is written
+    return write_shard(shard, out_dir, fingerprint=fingerprint, resize=resize, durable=sync_in_writer)
 
 
 def write_plan(
     plan: Plan, out_dir: str, *, run: Callable[..., Any], resize: ResizeSpec | None, quiet: bool,
-    durable: bool = True,
+    durable: bool = True, sync_in_writer: bool = False,
 ) -> dict[str, ShardResult]:
     """Write every shard the plan names, keeping identical leftovers; return results by name.
 
@@ -352,7 +357,7 @@ def write_plan(
         if kept is not None:
             results[shard.name] = kept
         else:
-            tasks.append((shard, out_dir, fingerprint, resize))
+            tasks.append((shard, out_dir, fingerprint, resize, durable and sync_in_writer))
     with _os_errors_as_pack_error(out_dir):
         journal = Journal(out_dir, plan.options)
         for result in results.values():
@@ -364,13 +369,14 @@ def write_plan(
         with ThreadPoolExecutor(2, thread_name_prefix="shardpack-fsync") as syncer:
 
             def sync(name: str) -> None:
-                if durable:
-                    syncing.append(syncer.submit(fsync_file, os.path.join(out_dir, name)))
+                syncing.append(syncer.submit(fsync_file, os.path.join(out_dir, name)))
 
             for name in results:  # kept from an earlier run, which may not have synced them
-                sync(name)
+                if durable:
+                    sync(name)
             for task, result in run(_write_task, tasks):
-                sync(result.name)
+                if durable and not sync_in_writer:
+                    sync(result.name)
                 _written(result, task, results, journal, bars, started)
         for future in syncing:
             future.result()  # every shard on disk before the manifest names it

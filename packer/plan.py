@@ -49,7 +49,7 @@ class PlannedSample:
     size: int  # stored image bytes
     sha256: str  # of the stored image bytes
     source_sha256: str
-    source_stamp: tuple[int, int] | None = None  # (size, mtime_ns) when probed
+    source_stamp: tuple[int, ...] | None = None  # probe.read_stamped's stamp
 
     @functools.cached_property
     def _json(self) -> bytes:

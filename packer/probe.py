@@ -57,9 +57,9 @@ class Probe:
     size: int = 0  # bytes stored in the shard
     sha256: str = ""  # of the stored bytes
     source_sha256: str = ""  # of the source file (duplicate detection)
-    # (size, mtime_ns) of the source file as read: the writer re-reads the file and
-    # compares this instead of hashing it again (a second hash was a tenth of pack time)
-    source_stamp: tuple[int, int] | None = None
+    # the source file's identity and times as read (see read_stamped): the writer re-reads
+    # the file and compares this instead of hashing it again (a tenth of pack time)
+    source_stamp: tuple[int, ...] | None = None
 
 
 def _oriented_size(im: Image.Image) -> tuple[int, int]:
@@ -167,11 +167,23 @@ def read_file(path: str) -> bytes:
         return f.read()
 
 
-def read_stamped(path: str) -> tuple[bytes, tuple[int, int]]:
-    """The file's bytes and its (size, mtime_ns) taken from the same open file."""
+def read_stamped(path: str) -> tuple[bytes, tuple[int, ...]]:
+    """The file's bytes and its stamp: (device, inode, size, mtime_ns, ctime_ns).
+
+    Taken from the open file before and after the read; a file written meanwhile is an
+    OSError ("changed while being read"). ctime moves on every write, rename over and
+    metadata change, and no tool can set it back (unlike mtime with ``cp -p``/``touch``).
+    """
     with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        return f.read(), (st.st_size, st.st_mtime_ns)
+        before = _stamp(os.fstat(f.fileno()))
+        data = f.read()
+        if _stamp(os.fstat(f.fileno())) != before:
+            raise OSError(f"{path} changed while being read")
+        return data, before
+
+
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def probe_file(

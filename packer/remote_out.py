@@ -21,11 +21,10 @@ import shutil
 import tempfile
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from .errors import OutputExistsError, UploadError
 from .format import MANIFEST_NAME, manifest_to_bytes
 from .plan import Plan, PlannedShard
+from .progress import Progress as tqdm
 from .uploader import SHA256_METADATA_KEY, RemoteStore, ShardFile, scrub_secrets, send_shards
 from .write import ShardResult, remove_quietly
 

@@ -102,17 +102,19 @@ def keepable(out_dir: str, name: str, fingerprint: str, record: dict[str, Any] |
 class Journal:
     """Append-only record of finished shards, so a crashed run can resume.
 
-    The first line holds the options; each later line one finished shard. Lines are
-    flushed one by one, so a killed run loses none (a torn last line is ignored); they are
-    not fsynced: every shard file is re-hashed before it is kept, so a line lost or a shard
-    left unwritten by a power cut only means that shard is written again. (An fsync here
-    also waited for the shard data ext4 orders before it: a tenth of pack time.)
+    The first line holds the options and is fsynced (without it a later run would not
+    recognise OUT as a resumable pack); each later line one finished shard. Those are
+    flushed one by one, so a killed run loses none (a torn last line is ignored), but not
+    fsynced: every shard file is re-hashed before it is kept, so a line lost or a shard
+    left unwritten by a power cut only means that shard is written again. (An fsync per
+    line also waited for the shard data ext4 orders before it: a tenth of pack time.)
     """
 
     def __init__(self, out_dir: str, options: dict[str, Any]) -> None:
         self.path = os.path.join(out_dir, JOURNAL_NAME)
         self._file = open(self.path, "w", encoding="utf-8")
         self._append({"options": options})
+        os.fsync(self._file.fileno())
 
     def _append(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")

@@ -32,10 +32,10 @@ from typing import Any
 
 import fsspec
 from fsspec.callbacks import Callback
-from tqdm.auto import tqdm
 
 from .errors import ManifestError, UploadError
 from .format import MANIFEST_NAME, parse_manifest
+from .progress import Progress as tqdm
 from .storage import storage_options_for
 from .write import hash_file, hash_stream
 

@@ -78,6 +78,8 @@ class _HashingFile:
         chunks, self._chunks, self._pending = self._chunks, [], 0
         while chunks:
             done = os.writev(self._fd, chunks)
+            if done == 0:
+                raise OSError(errno.ENOSPC, "no bytes written")
             first = 0
             while first < len(chunks) and done >= len(chunks[first]):
                 done -= len(chunks[first])
@@ -99,8 +101,9 @@ def partial_name(final_path: str) -> str:
 def stored_bytes(sample: PlannedSample, resize: ResizeSpec | None) -> bytes:
     """The image bytes that go into the shard, from a source that has not changed since probed.
 
-    "Not changed" is the file's (size, mtime_ns) as the probe read it, as rsync and make
-    judge it: hashing every file a second time cost a tenth of the pack.
+    "Not changed" is the file's identity, size, mtime and ctime as the probe read it (see
+    ``probe.read_stamped``; ctime cannot be set back by ``touch`` or ``cp -p``): hashing
+    every file a second time cost a tenth of the pack.
 
     Raises:
         PackError: the source file changed (or vanished) since it was probed.
@@ -111,7 +114,7 @@ def stored_bytes(sample: PlannedSample, resize: ResizeSpec | None) -> bytes:
         raise PackError(f"{sample.rel_path}: cannot read it any more ({exc}); re-run the pack") from exc
     if sample.source_stamp is not None and stamp != sample.source_stamp:
         raise PackError(
-            f"{sample.rel_path} changed since it was scanned (size or modification time differs); "
+            f"{sample.rel_path} changed since it was scanned (size or change time differs); "
             "re-run the pack when the source tree is no longer being modified"
         )
     return data if resize is None else stored_bytes_of(data, resize)
@@ -218,7 +221,9 @@ def fsync_file(path: str) -> None:
     """Flush a written file to disk (its data, whichever process wrote it).
 
     Raises:
-        PackError: the disk refused (full, I/O error), as the writer would have said.
+        PackError: the disk refused (full, I/O error), as the writer would have said. The
+            file is removed then: its pages may never reach the disk, and a later run
+            must not keep it on the strength of a checksum read from the page cache.
     """
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -227,6 +232,7 @@ def fsync_file(path: str) -> None:
         finally:
             os.close(fd)
     except OSError as exc:
+        remove_quietly(path)
         raise PackError(_os_error_message(exc, path)) from exc
 
 

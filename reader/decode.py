@@ -35,6 +35,7 @@ import io
 import math
 import os
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,13 +92,18 @@ def _opencv() -> Any:
     if _cv2 is None:
         try:
             import cv2
-
-            threads = os.environ.get("SHARDPACK_CV2_THREADS", "1")
-            if threads != "keep":
-                cv2.setNumThreads(int(threads))
-            _cv2 = cv2
         except ImportError:
             _cv2 = False
+            return _cv2
+        threads = os.environ.get("SHARDPACK_CV2_THREADS", "1")
+        if threads != "keep":
+            try:
+                cv2.setNumThreads(int(threads))
+            except ValueError:
+                warnings.warn(
+                    f"SHARDPACK_CV2_THREADS={threads!r} is neither a number nor 'keep'; "
+                    "OpenCV's thread setting is left alone", RuntimeWarning, stacklevel=2)
+        _cv2 = cv2
     return _cv2
 
 

@@ -481,14 +481,16 @@ def open_shard_stream(
     on_verified = None
     if "file" in protocols and cache is None:
         try:
-            identity = _local_identity(path, expected_sha256)
-            if expected_sha256 is None or identity in _VERIFIED_LOCAL:
-                return open(path, "rb")
+            f = open(path, "rb")
         except FileNotFoundError as exc:
             raise ShardReadError("not found", shard=url) from exc
         except OSError as exc:
             raise ShardReadError(f"cannot open ({exc})", shard=url) from exc
-        on_verified = functools.partial(_remember_verified, identity)
+        identity = _local_identity(os.fstat(f.fileno()), path, expected_sha256)
+        if expected_sha256 is None or identity in _VERIFIED_LOCAL:
+            return f
+        f.close()
+        on_verified = functools.partial(_remember_verified, identity, path)
     return ShardStream(  # type: ignore[return-value]  # a readable binary stream
         url,
         fs,
@@ -504,20 +506,29 @@ def open_shard_stream(
     )
 
 
-# Local shards whose bytes matched the manifest's sha256 in this process, by (path, size,
-# mtime_ns, sha256): later epochs open them directly instead of hashing 100+ MB again (a
-# tenth of the reader's CPU on 2 cores). A file rewritten since has another mtime and
-# is verified again.
-_VERIFIED_LOCAL: set[tuple[str, int, int, str | None]] = set()
+# Local shards whose bytes matched the manifest's sha256 in this process, by (realpath,
+# device, inode, size, mtime_ns, ctime_ns, sha256): later epochs open them directly instead
+# of hashing 100+ MB again (a tenth of the reader's CPU on 2 cores). A file written,
+# replaced or touched since has another ctime (which no tool can set back) and is
+# verified again.
+_LocalIdentity = tuple[str, int, int, int, int, int, "str | None"]
+_VERIFIED_LOCAL: set[_LocalIdentity] = set()
 _VERIFIED_LOCAL_MAX = 1_000_000
 
 
-def _local_identity(path: str, sha256: str | None) -> tuple[str, int, int, str | None]:
-    st = os.stat(path)
-    return (os.path.realpath(path), st.st_size, st.st_mtime_ns, sha256)
+def _local_identity(st: os.stat_result, path: str, sha256: str | None) -> _LocalIdentity:
+    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+            st.st_ctime_ns, sha256)
 
 
-def _remember_verified(identity: tuple[str, int, int, str | None]) -> None:
+def _remember_verified(identity: _LocalIdentity, path: str) -> None:
+    """Called when the hash matched: remember the file if it is still the one hashed."""
+    try:
+        now = _local_identity(os.stat(path), path, identity[-1])
+    except OSError:
+        return
+    if now != identity:
+        return  # changed while it was being read: verify it again next time
     if len(_VERIFIED_LOCAL) >= _VERIFIED_LOCAL_MAX:
         _VERIFIED_LOCAL.clear()
     _VERIFIED_LOCAL.add(identity)

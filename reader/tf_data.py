@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +38,11 @@ def restore_malloc_thresholds() -> None:
     so freed buffers are reused again. Memory stays bounded: the reader's buffers are.
     No effect where malloc is not glibc's; ``SHARDPACK_TF_MALLOC=keep`` leaves it alone.
     """
-    if os.environ.get("SHARDPACK_TF_MALLOC") == "keep":
+    if os.environ.get("SHARDPACK_TF_MALLOC") == "keep" or not sys.platform.startswith("linux"):
         return
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
+    except (OSError, AttributeError, TypeError):  # a libc without mallopt (musl)
         return
     mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
     mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)

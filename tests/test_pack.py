@@ -248,7 +248,7 @@ def test_flat_tree_without_validation_split_is_a_layout_error(photo_src, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("change", ["rewritten", "touched"])
+@pytest.mark.parametrize("change", ["rewritten", "touched", "replaced_keeping_mtime"])
 def test_source_changed_between_probe_and_write_is_refused(tmp_path, monkeypatch, change):
     """The writer re-reads each file once; a file whose size or modification time moved since
     the probe read it stops the pack with its name (no shard vouches for unchecked bytes)."""
@@ -262,14 +262,48 @@ def test_source_changed_between_probe_and_write_is_refused(tmp_path, monkeypatch
 
     def plan_then_change(*args, **kwargs):
         planned = real_make_plan(*args, **kwargs)
+        st = victim.stat()
         if change == "rewritten":
             victim.write_bytes(victim.read_bytes() + b"\0")
-        else:  # same bytes, newer modification time
-            st = victim.stat()
+        elif change == "touched":  # same bytes, newer modification time
             os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        else:  # other bytes of the same size, mtime set back (cp -p, rsync -a): ctime tells
+            data = bytearray(victim.read_bytes())
+            data[-3] ^= 0xFF
+            victim.write_bytes(bytes(data))
+            os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
         return planned
 
     monkeypatch.setattr(job, "make_plan", plan_then_change)
     with pytest.raises(PackError, match=f"{victim.name} changed since it was scanned"):
         pack(src, tmp_path / "out", workers=1, quiet=True)
     assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+
+
+def test_failed_fsync_leaves_no_shard_to_trust(tmp_path, monkeypatch):
+    """A shard the disk refused to sync is removed, so a re-run writes it again instead of
+    keeping it on the strength of a checksum read back from the page cache."""
+    import errno
+    import os
+
+    import packer.write as write
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to tell shard files from the journal")
+    src = make_example_tree(tmp_path / "src", counts={"train": 3}, seed=2)
+    real_fsync = os.fsync
+
+    def failing_fsync(fd):  # the disk refuses shard data only (journal and manifest sync)
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tar"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(write.os, "fsync", failing_fsync)
+    with pytest.raises(PackError, match="Input/output error"):
+        pack(src, tmp_path / "out", workers=1, quiet=True)
+    assert not list((tmp_path / "out").rglob("*.tar"))  # written, then removed when sync failed
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+    monkeypatch.setattr(write.os, "fsync", real_fsync)
+    resumed = pack(src, tmp_path / "out", workers=1, quiet=True)
+    clean = pack(src, tmp_path / "clean", workers=1, quiet=True)
+    assert resumed["splits"] == clean["splits"]

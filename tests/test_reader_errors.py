@@ -65,15 +65,21 @@ def test_file_url_and_other_fsspec_filesystems(id_shards):
 
 
 def _flip_a_payload_byte(shard) -> None:
+    """Corrupt one pixel byte and set the mtime back, as a careless copy tool would."""
+    import os
+
+    st = shard.stat()
     data = bytearray(shard.read_bytes())
     at = data.index(b"IDAT") + 8  # inside the first image's pixel data: no tar checksum covers it
     data[at] ^= 0xFF
     shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def test_local_shard_checksum_is_verified_and_again_after_a_change(id_shards, tmp_path):
     """A local shard is checked against the manifest's sha256 the first time it is read in a
-    process; later epochs skip the hash only while its size and mtime are unchanged."""
+    process; later epochs skip the hash only while the file is unchanged (its ctime too, so
+    a same-size rewrite with the old mtime is caught)."""
     from packer.errors import ChecksumError
 
     shards = tmp_path / "copy"

@@ -57,3 +57,12 @@ def test_without_opencv_pillow_filters_are_used(monkeypatch):
     ref = np.asarray(Image.fromarray(pixels).resize((48, 48), Image.Resampling.BILINEAR))
     assert np.array_equal(pillow, ref)
     assert pillow.shape == with_cv2.shape and not np.array_equal(pillow, with_cv2)
+
+
+def test_bad_opencv_thread_setting_warns_and_decodes(monkeypatch):
+    data, _ = _png(0)
+    monkeypatch.setattr(decode, "_cv2", None)  # import OpenCV afresh, reading the variable
+    monkeypatch.setenv("SHARDPACK_CV2_THREADS", "auto")
+    with pytest.warns(RuntimeWarning, match="SHARDPACK_CV2_THREADS"):
+        out = decode_image(data, DecodeOptions(image_size=(16, 16)))
+    assert out.shape == (16, 16, 3)
