@@ -291,7 +291,7 @@ def format_table(results: dict[str, dict[str, Any]], kind: str) -> str:
     reader = kind == "reader"
     names, anchors = (READER_CONTENDERS, READER_ANCHORS) if reader else (PACKER_CONTENDERS, PACKER_ANCHORS)
     bases = [results.get(key, {}).get("images_per_s") for _, key in anchors]
-    head = (["contender", "images/s"] + (["runs"] if reader else [])
+    head = (["contender", "images/s", "runs"]
             + [f"× {label}" for label, _ in anchors]
             + (["cpu ms/img"] if reader else []) + ["peak RSS MB"])
     rows = ["| " + " | ".join(head) + " |",
@@ -302,9 +302,7 @@ def format_table(results: dict[str, dict[str, Any]], kind: str) -> str:
             rows.append(f"| {name} | error: {r.get('error')} |" + " |" * (len(head) - 2))
             continue
         rate = r["images_per_s"]
-        cells = [name, f"{rate:.0f}"]
-        if reader:
-            cells.append(", ".join(f"{v:.0f}" for v in r.get("runs", [])))
+        cells = [name, f"{rate:.0f}", ", ".join(f"{v:.0f}" for v in r.get("runs", []))]
         cells += [_ratio(rate, base) for base in bases]
         if reader:
             cells.append(f"{r['cpu_ms_per_image']:.2f}" if "cpu_ms_per_image" in r else "–")
@@ -427,10 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         results.update(run_rounds(READER_CONTENDERS, cfg, args.repeat, module=[__file__],
                                   log=lambda m: print(m, flush=True)))
     if "packer" in kinds:
-        for name in PACKER_CONTENDERS:
-            print(f"running {name} ...", flush=True)
-            results[name] = run_contender(name, cfg)
-            print(f"  {json.dumps(results[name])}", flush=True)
+        print(f"packer contenders, {args.repeat} interleaved rounds ...", flush=True)
+        results.update(run_rounds(PACKER_CONTENDERS, cfg, args.repeat, module=[__file__],
+                                  log=lambda m: print(m, flush=True)))
     load_after = os.getloadavg()
     scaling = scaling_run(args, work) if args.scaling else []
 
@@ -438,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Machine: {machine_line()}. Data: {n_train} ImageNet-like images in `{args.split}` "
               f"(long side 300–1400 px, JPEG q75–95, ~3% PNG), {args.image_size}x{args.image_size} "
               f"RGB batches of {args.batch_size}, warm page cache, one epoch after 3 warm-up batches; "
-              f"reader rates are the median of {args.repeat} interleaved runs. Load average "
+              f"every rate is the median of {args.repeat} interleaved runs. Load average "
               f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (the machine is shared: "
               f"above {cores()} every rate is shared with other work; CPU ms per image is "
               f"disturbed less; it counts the contender's own process, so not webdataset's "
