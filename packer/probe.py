@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from .format import PIL_FORMAT_TO_EXT
-from .headers import FastInfo, fast_jpeg_info, fast_png_info
+from .headers import PNG_SIGNATURE, FastInfo, fast_jpeg_info, fast_png_info
 from .transform import ResizeSpec, transform_image
 
 __all__ = ["Probe", "probe_file", "probe_bytes", "read_file", "read_stamped", "DEFAULT_MAX_PIXELS", "VALIDATE_MODES", "DEFAULT_VALIDATE"]
@@ -125,6 +125,9 @@ def probe_bytes(
             source_sha256=source_sha,
         )
     except UnidentifiedImageError:
+        kind = _signature_kind(data)
+        if kind is not None:  # an image by its signature, cut or damaged inside its headers
+            return Probe(False, True, f"truncated or corrupt {kind} header", source_sha256=source_sha)
         return Probe(False, False, "not an image Pillow can read", source_sha256=source_sha)
     except Exception as exc:  # Pillow raises many types on malformed headers
         return Probe(False, True, f"unreadable image header: {exc}", source_sha256=source_sha)
@@ -160,6 +163,15 @@ def probe_bytes(
                 return Probe(False, True, f"cannot resize: {exc}", source_sha256=source_sha)
     stored_sha = source_sha if resize is None else hashlib.sha256(data).hexdigest()
     return Probe(True, True, "", ext, width, height, len(data), stored_sha, source_sha)
+
+
+def _signature_kind(data: bytes) -> str | None:
+    """"JPEG" or "PNG" when the bytes start like one, whatever follows."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == PNG_SIGNATURE:
+        return "PNG"
+    return None
 
 
 def read_file(path: str) -> bytes:

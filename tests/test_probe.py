@@ -106,3 +106,13 @@ def test_parse_resize():
 def test_unreadable_file_is_skipped_not_crashed(tmp_path):
     probe = probe_file(str(tmp_path / "gone.jpg"))
     assert not probe.ok and probe.is_image and "cannot read" in probe.reason
+
+
+@pytest.mark.parametrize("keep", [10, 20, 60])
+def test_image_cut_inside_its_headers_is_a_broken_image_not_junk(keep):
+    """A JPEG/PNG cut before Pillow can identify it is still an image by its signature, so
+    a file named photo.dat is skipped with a reason rather than ignored as not an image."""
+    for data, kind in ((jpeg_bytes(Image.new("RGB", (64, 48), "red")), "JPEG"),
+                       (image_bytes(Image.new("RGB", (64, 48), "red"), "PNG"), "PNG")):
+        probe = probe_bytes(data[:keep])
+        assert not probe.ok and probe.is_image, (kind, keep, probe)
