@@ -328,10 +328,11 @@ def _path_of(pair: tuple[Candidate, Probe]) -> str:
     return pair[0].rel_path
 
 
-def _write_task(task: tuple[Any, str, str, ResizeSpec | None, bool]) -> ShardResult:
-    shard, out_dir, fingerprint, resize, sync_in_writer = task
+def _write_task(task: tuple[Any, str, str, ResizeSpec | None, bool, bool]) -> ShardResult:
+    shard, out_dir, fingerprint, resize, sync_here, write_behind = task
     # unless synced here, fsynced by write_plan's background thread while the next is written
-    return write_shard(shard, out_dir, fingerprint=fingerprint, resize=resize, durable=sync_in_writer)
+    return write_shard(shard, out_dir, fingerprint=fingerprint, resize=resize, durable=sync_here,
+                       write_behind=write_behind)
 
 
 def write_plan(
@@ -357,7 +358,7 @@ def write_plan(
         if kept is not None:
             results[shard.name] = kept
         else:
-            tasks.append((shard, out_dir, fingerprint, resize, durable and sync_in_writer))
+            tasks.append((shard, out_dir, fingerprint, resize, durable and sync_in_writer, durable))
     with _os_errors_as_pack_error(out_dir):
         journal = Journal(out_dir, plan.options)
         for result in results.values():

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import io
 import os
+import threading
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -59,12 +60,13 @@ class _HashingFile:
     Python hashing layer cost a fifth of the writer's time.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, write_behind: bool = False) -> None:
         self._fd = fd
         self.sha = hashlib.sha256()
         self.count = 0
         self._chunks: list[bytes] = []
         self._pending = 0
+        self._behind = _WriteBehind(fd) if write_behind else None
 
     def write(self, chunk: bytes) -> None:
         self.sha.update(chunk)
@@ -87,9 +89,64 @@ class _HashingFile:
             chunks = chunks[first:]  # after a short write, send the rest
             if chunks and done:
                 chunks[0] = chunks[0][done:]
+        if self._behind is not None:
+            self._behind.written(self.count)
+
+    def wait_behind(self) -> None:
+        """Wait for a running write-behind sync: it must end before the fd is closed."""
+        if self._behind is not None:
+            self._behind.wait()
+
+
+class _WriteBehind:
+    """Start the disk writing of a shard while it is still being written.
+
+    The kernel holds written pages back for up to 30 s, so without this the fsync before
+    the manifest waited for every byte of the job at the end (measured on a 3,000-image
+    pack, median of 8 runs each: 0.71 s without, 0.64 s with).
+    Every ``_BEHIND_BYTES`` a thread runs ``fdatasync`` on the file (at most one at a
+    time): the disk works while this process goes on hashing and writing, and the final
+    fsync finds little left to do.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._synced_at = 0
+        self._thread: threading.Thread | None = None
+        self._error: OSError | None = None
+
+    def written(self, total: int) -> None:
+        if total - self._synced_at < _BEHIND_BYTES:
+            return
+        if self._thread is not None:
+            if self._thread.is_alive():
+                return  # the previous sync is still running; try again later
+            self._thread.join()
+        self._raise_error()
+        self._synced_at = total
+        self._thread = threading.Thread(target=self._sync, name="shardpack-write-behind", daemon=True)
+        self._thread.start()
+
+    def _sync(self) -> None:
+        try:
+            _datasync(self._fd)
+        except OSError as exc:  # full disk, I/O error: the writer raises it
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 _GATHER_BYTES = 1 << 20
+_BEHIND_BYTES = 8 << 20
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 _GATHER_CHUNKS = 512  # well under IOV_MAX (1024 on Linux)
 
 
@@ -183,12 +240,14 @@ def write_tar(shard: PlannedShard, fileobj: BinaryIO | _HashingFile, resize: Res
 
 def write_shard(
     shard: PlannedShard, out_dir: str, *, fingerprint: str, resize: ResizeSpec | None = None,
-    durable: bool = True,
+    durable: bool = True, write_behind: bool = False,
 ) -> ShardResult:
     """Write ``shard`` under ``out_dir`` atomically and return its manifest entry.
 
     ``durable``: fsync before the rename; a caller that passes False must ``fsync_file``
-    the shard before anything (a manifest) vouches for it.
+    the shard before anything (a manifest) vouches for it. ``write_behind``: start the
+    disk writing while the shard is written (see ``_WriteBehind``); off for throw-away
+    staging copies.
 
     Raises:
         PackError: disk full, unwritable output, or a source changed since it was scanned;
@@ -199,9 +258,12 @@ def write_shard(
     try:
         os.makedirs(os.path.dirname(final), exist_ok=True)
         with open(temp, "wb", buffering=0) as raw:
-            hashing = _HashingFile(raw.fileno())
-            write_tar(shard, hashing, resize)
-            hashing.flush()
+            hashing = _HashingFile(raw.fileno(), write_behind=write_behind)
+            try:
+                write_tar(shard, hashing, resize)
+                hashing.flush()
+            finally:
+                hashing.wait_behind()
             if durable:
                 os.fsync(raw.fileno())
         os.replace(temp, final)

@@ -307,3 +307,24 @@ def test_failed_fsync_leaves_no_shard_to_trust(tmp_path, monkeypatch):
     resumed = pack(src, tmp_path / "out", workers=1, quiet=True)
     clean = pack(src, tmp_path / "clean", workers=1, quiet=True)
     assert resumed["splits"] == clean["splits"]
+
+
+def test_failed_write_behind_sync_fails_the_shard(tmp_path, monkeypatch):
+    """The early fdatasync that starts a shard's disk writing reports a refusing disk as a
+    PackError, and leaves no shard file behind."""
+    import errno
+
+    import packer.write as write
+
+    src = make_example_tree(tmp_path / "src", counts={"train": 6}, seed=3)
+
+    def failing_datasync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(write, "_BEHIND_BYTES", 1)  # sync behind after every gathered write
+    monkeypatch.setattr(write, "_GATHER_BYTES", 1)
+    monkeypatch.setattr(write, "_datasync", failing_datasync)
+    with pytest.raises(PackError, match="Input/output error"):
+        pack(src, tmp_path / "out", workers=1, quiet=True)
+    assert not list((tmp_path / "out").rglob("*.tar"))
+    assert not list((tmp_path / "out").rglob("*.partial"))
