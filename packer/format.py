@@ -104,7 +104,17 @@ def member_names(key: str, ext: str) -> tuple[str, str, str]:
 def sample_json(
     *, path: str, class_name: str, label: int, width: int, height: int, **extra: Any
 ) -> bytes:
-    """Return the bytes of a sample's ``.json`` member (sorted keys: reproducible)."""
+    """Return the bytes of a sample's ``.json`` member (sorted keys: reproducible).
+
+    The bytes are ``json.dumps(record, sort_keys=True, ensure_ascii=False)``; without extra
+    fields they are formatted directly (the same bytes, a test pins it), because building
+    this once per image was a tenth of planning a pack.
+    """
+    if not extra:
+        return (
+            f'{{"class": {_json_string(class_name)}, "height": {int(height)}, '
+            f'"label": {int(label)}, "path": {_json_string(path)}, "width": {int(width)}}}'
+        ).encode()
     record = {
         "path": path,
         "class": class_name,
@@ -114,6 +124,10 @@ def sample_json(
         **extra,
     }
     return json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+
+# the string encoder json.dumps(..., ensure_ascii=False) uses (C-accelerated)
+_json_string = json.encoder.encode_basestring
 
 
 def manifest_to_bytes(manifest: dict[str, Any]) -> bytes:

@@ -174,3 +174,21 @@ def test_golden_manifest(tmp_path):
             assert [m.name for m in members][::3] == [f"{k}.bmp" for k in GOLDEN_KEYS[shard]]
         assert metas[0]["width"] == metas[0]["height"] == 2
     assert manifest["splits"]["train"]["shards"][1]["name"] == "train/train-000001.tar"
+
+
+@given(path=st.text(), class_name=st.text(), label=st.integers(0, 10**6),
+       width=st.integers(1, 10**5), height=st.integers(1, 10**5))
+def test_sample_json_fast_path_is_json_dumps(path, class_name, label, width, height):
+    from packer.format import sample_json
+
+    record = {"path": path, "class": class_name, "label": label, "width": width, "height": height}
+    try:
+        want = json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: neither way can encode them
+        with pytest.raises(UnicodeEncodeError):
+            sample_json(**{"class_name": class_name, "path": path, "label": label,
+                           "width": width, "height": height})
+        return
+    assert sample_json(path=path, class_name=class_name, label=label, width=width,
+                       height=height) == want
+    assert json.loads(want) == record
