@@ -90,6 +90,9 @@ def split_member_name(name: str) -> tuple[str, str]:
     The key is the directory part plus the base name up to its first dot; the extension is
     the rest, lower-cased. ``a/b.c.jpg`` -> ``("a/b", "c.jpg")``.
     """
+    if "/" not in name:  # the common case, our own member names: no directory part
+        stem, dot, ext = name.partition(".")
+        return stem, ext.lower() if dot else ""
     directory, base = posixpath.split(name)
     stem, dot, ext = base.partition(".")
     key = posixpath.join(directory, stem) if directory else stem

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from packer.errors import ShardReadError
 from packer.format import IMAGE_MEMBER_EXTS, split_member_name
@@ -41,9 +40,12 @@ _SKIP_SEEK_MIN = 64 * 1024  # below this, reading is cheaper than a seek (and wo
 Sample = dict[str, Any]
 
 
-@dataclass(frozen=True)
-class Member:
-    """One regular-file tar member: its name, its bytes and its header's byte offset."""
+class Member(NamedTuple):
+    """One regular-file tar member: its name, its bytes and its header's byte offset.
+
+    A NamedTuple, not a frozen dataclass: one is made per member on the reader's hot path,
+    and it is three times cheaper to build.
+    """
 
     name: str
     data: bytes
