@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .format import PIL_FORMAT_TO_EXT
 from .headers import PNG_SIGNATURE, FastInfo, fast_jpeg_info, fast_png_info
-from .transform import ResizeSpec, transform_image
+from .transform import ResizeSpec, load_for_resize, transform_image
 
 __all__ = ["Probe", "probe_file", "probe_bytes", "read_file", "read_stamped", "DEFAULT_MAX_PIXELS", "VALIDATE_MODES", "DEFAULT_VALIDATE"]
 
@@ -148,7 +148,7 @@ def probe_bytes(
             if validate != "header" or resize is not None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    _full_decode(im) if resize is None else im.load()
+                    _full_decode(im) if resize is None else load_for_resize(im, resize)
         except Exception as exc:
             reason = str(exc) or type(exc).__name__
             if "truncated" in reason.lower():

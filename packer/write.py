@@ -180,10 +180,10 @@ def stored_bytes(sample: PlannedSample, resize: ResizeSpec | None) -> bytes:
 def stored_bytes_of(data: bytes, resize: ResizeSpec) -> bytes:
     from PIL import Image
 
-    from .transform import transform_image
+    from .transform import load_for_resize, transform_image
 
     with Image.open(io.BytesIO(data)) as im:
-        im.load()
+        load_for_resize(im, resize)
         return transform_image(im, resize)[0]
 
 

@@ -3,6 +3,7 @@ modes and EXIF orientation, decode vs header validation, resize."""
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import textwrap
@@ -116,3 +117,30 @@ def test_image_cut_inside_its_headers_is_a_broken_image_not_junk(keep):
                        (image_bytes(Image.new("RGB", (64, 48), "red"), "PNG"), "PNG")):
         probe = probe_bytes(data[:keep])
         assert not probe.ok and probe.is_image, (kind, keep, probe)
+
+
+def test_resize_of_a_large_jpeg_decodes_reduced_and_matches_a_full_decode():
+    """--resize lets libjpeg shrink a large JPEG by DCT scaling first (Pillow's thumbnail
+    rule: keep twice the target); the stored image has the same size as a full-size resize
+    and nearly the same pixels."""
+    import io
+
+    import numpy as np
+
+    from packer.examples import photo, random_crop
+    from packer.transform import load_for_resize, transform_image
+
+    big = random_crop(random.Random(0), photo("astronaut"), 512).resize((2048, 1536))
+    data = jpeg_bytes(big, quality=92)
+    spec = ResizeSpec(256)
+    im = Image.open(io.BytesIO(data))
+    load_for_resize(im, spec)
+    assert im.size[0] < 2048  # decoded at a reduced scale
+    fast, _, w, h = transform_image(im, spec)
+    full_im = Image.open(io.BytesIO(data))
+    full_im.load()
+    full, _, fw, fh = transform_image(full_im, spec)
+    assert (w, h) == (fw, fh) == (341, 256)
+    a = np.asarray(Image.open(io.BytesIO(fast)), dtype=np.int16)
+    b = np.asarray(Image.open(io.BytesIO(full)), dtype=np.int16)
+    assert np.abs(a - b).mean() < 2.0
