@@ -30,6 +30,8 @@ from .probe import DEFAULT_MAX_PIXELS, DEFAULT_VALIDATE, VALIDATE_MODES, Probe, 
 from .progress import Progress as tqdm
 from .resume import Journal, check_output, keepable, previous_results, remove_stale
 from .sizes import parse_size
+from .spool import remove as spool_remove
+from .spool import spool_path
 from .transform import ResizeSpec, parse_resize
 from .walk import Candidate, walk_tree
 from .write import ShardResult, _os_error_message, fsync_file, write_shard
@@ -169,14 +171,17 @@ def _pack_with(
         # A remote worker that does not mount SRC would report its files unreadable (and
         # they would be skipped); one that does not mount OUT would write shards elsewhere.
         check_workers({"SRC": walked.candidates[0].abs_path, "OUT": _out_marker(out_dir)})
+    spool = spool_path(out_dir) if resize_spec is not None else None
     probes = probe_all(
         walked.candidates, run=run, validate=validate, max_pixels=max_pixels,
-        resize=resize_spec, quiet=quiet, chunk=probe_chunk,
+        resize=resize_spec, quiet=quiet, chunk=probe_chunk, spool=spool,
     )
     plan, skipped, ignored = make_plan(walked, probes, options)
     duplicates = find_duplicates(plan)
     results = write_plan(plan, out_dir, run=run, resize=resize_spec, quiet=quiet,
-                         sync_in_writer=sync_in_writer)
+                         sync_in_writer=sync_in_writer, spool=spool)
+    if spool is not None:
+        spool_remove(spool)
     manifest = build_manifest(
         plan, results, skipped=skipped, ignored=ignored, duplicates=duplicates,
         warnings=walked.warnings,
@@ -240,9 +245,12 @@ def _engine_runner(
     return run
 
 
-def _probe_chunk(task: tuple[int, list[str], str, int, ResizeSpec | None]) -> tuple[int, list[Probe]]:
-    start, paths, validate, max_pixels, resize = task
-    return start, [probe_file(p, validate=validate, max_pixels=max_pixels, resize=resize) for p in paths]
+def _probe_chunk(
+    task: tuple[int, list[str], str, int, ResizeSpec | None, str | None],
+) -> tuple[int, list[Probe]]:
+    start, paths, validate, max_pixels, resize, spool = task
+    return start, [probe_file(p, validate=validate, max_pixels=max_pixels, resize=resize, spool=spool)
+                   for p in paths]
 
 
 def _out_marker(out_dir: str) -> str:
@@ -257,11 +265,12 @@ def _out_marker(out_dir: str) -> str:
 
 def probe_all(
     candidates: list[Candidate], *, run: Callable[..., Any], validate: str, max_pixels: int,
-    resize: ResizeSpec | None, quiet: bool, chunk: int = PROBE_CHUNK,
+    resize: ResizeSpec | None, quiet: bool, chunk: int = PROBE_CHUNK, spool: str | None = None,
 ) -> list[Probe]:
-    """Probe every candidate in parallel; results in candidate order."""
+    """Probe every candidate in parallel; results in candidate order (``spool``: see
+    packer.spool)."""
     tasks = [
-        (i, [c.abs_path for c in candidates[i : i + chunk]], validate, max_pixels, resize)
+        (i, [c.abs_path for c in candidates[i : i + chunk]], validate, max_pixels, resize, spool)
         for i in range(0, len(candidates), chunk)
     ]
     probes: list[Probe | None] = [None] * len(candidates)
@@ -328,16 +337,16 @@ def _path_of(pair: tuple[Candidate, Probe]) -> str:
     return pair[0].rel_path
 
 
-def _write_task(task: tuple[Any, str, str, ResizeSpec | None, bool, bool]) -> ShardResult:
-    shard, out_dir, fingerprint, resize, sync_here, write_behind = task
+def _write_task(task: tuple[Any, str, str, ResizeSpec | None, bool, bool, str | None]) -> ShardResult:
+    shard, out_dir, fingerprint, resize, sync_here, write_behind, spool = task
     # unless synced here, fsynced by write_plan's background thread while the next is written
     return write_shard(shard, out_dir, fingerprint=fingerprint, resize=resize, durable=sync_here,
-                       write_behind=write_behind)
+                       write_behind=write_behind, spool=spool)
 
 
 def write_plan(
     plan: Plan, out_dir: str, *, run: Callable[..., Any], resize: ResizeSpec | None, quiet: bool,
-    durable: bool = True, sync_in_writer: bool = False,
+    durable: bool = True, sync_in_writer: bool = False, spool: str | None = None,
 ) -> dict[str, ShardResult]:
     """Write every shard the plan names, keeping identical leftovers; return results by name.
 
@@ -358,7 +367,7 @@ def write_plan(
         if kept is not None:
             results[shard.name] = kept
         else:
-            tasks.append((shard, out_dir, fingerprint, resize, durable and sync_in_writer, durable))
+            tasks.append((shard, out_dir, fingerprint, resize, durable and sync_in_writer, durable, spool))
     with _os_errors_as_pack_error(out_dir):
         journal = Journal(out_dir, plan.options)
         for result in results.values():

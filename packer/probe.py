@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .format import PIL_FORMAT_TO_EXT
 from .headers import PNG_SIGNATURE, FastInfo, fast_jpeg_info, fast_png_info
+from .spool import put as spool_put
 from .transform import ResizeSpec, load_for_resize, transform_image
 
 __all__ = ["Probe", "probe_file", "probe_bytes", "read_file", "read_stamped", "DEFAULT_MAX_PIXELS", "VALIDATE_MODES", "DEFAULT_VALIDATE"]
@@ -102,8 +103,12 @@ def probe_bytes(
     validate: str = DEFAULT_VALIDATE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     resize: ResizeSpec | None = None,
+    keep_stored: list[bytes] | None = None,
 ) -> Probe:
-    """Probe an image held in memory; see the module docstring."""
+    """Probe an image held in memory; see the module docstring.
+
+    ``keep_stored``: with ``resize``, the re-encoded bytes are appended to this list.
+    """
     source_sha = hashlib.sha256(data).hexdigest()
     if not data:
         return Probe(False, True, "empty file (0 bytes)", source_sha256=source_sha)
@@ -162,6 +167,8 @@ def probe_bytes(
             except Exception as exc:
                 return Probe(False, True, f"cannot resize: {exc}", source_sha256=source_sha)
     stored_sha = source_sha if resize is None else hashlib.sha256(data).hexdigest()
+    if resize is not None and keep_stored is not None:
+        keep_stored.append(data)
     return Probe(True, True, "", ext, width, height, len(data), stored_sha, source_sha)
 
 
@@ -187,14 +194,14 @@ def read_stamped(path: str) -> tuple[bytes, tuple[int, ...]]:
     metadata change, and no tool can set it back (unlike mtime with ``cp -p``/``touch``).
     """
     with open(path, "rb") as f:
-        before = _stamp(os.fstat(f.fileno()))
+        before = file_stamp(os.fstat(f.fileno()))
         data = f.read()
-        if _stamp(os.fstat(f.fileno())) != before:
+        if file_stamp(os.fstat(f.fileno())) != before:
             raise OSError(f"{path} changed while being read")
         return data, before
 
 
-def _stamp(st: os.stat_result) -> tuple[int, ...]:
+def file_stamp(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
@@ -204,11 +211,20 @@ def probe_file(
     validate: str = DEFAULT_VALIDATE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     resize: ResizeSpec | None = None,
+    spool: str | None = None,
 ) -> Probe:
-    """Probe one file on disk; an unreadable file is a broken image, not a crash."""
+    """Probe one file on disk; an unreadable file is a broken image, not a crash.
+
+    ``spool``: with ``resize``, leave the re-encoded bytes there for the writer
+    (packer.spool).
+    """
     try:
         data, stamp = read_stamped(path)
     except OSError as exc:
         return Probe(False, True, f"cannot read file: {exc.strerror or exc}")
-    probe = probe_bytes(data, validate=validate, max_pixels=max_pixels, resize=resize)
+    stored: list[bytes] = []
+    probe = probe_bytes(data, validate=validate, max_pixels=max_pixels, resize=resize,
+                        keep_stored=stored if spool is not None else None)
+    if probe.ok and stored and spool is not None:
+        spool_put(spool, stored[0], probe.sha256, probe.ext)
     return dataclasses.replace(probe, source_stamp=stamp) if probe.ok else probe

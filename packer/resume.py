@@ -18,6 +18,7 @@ from typing import Any
 
 from .errors import OutputExistsError
 from .format import MANIFEST_NAME
+from .spool import SPOOL_NAME
 from .write import ShardResult, hash_file
 
 __all__ = ["JOURNAL_NAME", "Journal", "check_output", "previous_results", "keepable", "remove_stale"]
@@ -56,7 +57,7 @@ def check_output(out_dir: str, options: dict[str, Any], *, overwrite: bool) -> N
     """
     if overwrite or not os.path.isdir(out_dir):
         return
-    if not [name for name in os.listdir(out_dir) if name != ".shardpack-workers-check"]:
+    if not [name for name in os.listdir(out_dir) if name not in (".shardpack-workers-check", SPOOL_NAME)]:
         return
     manifest = _read_manifest(out_dir)
     journal = _read_json_lines(os.path.join(out_dir, JOURNAL_NAME))

@@ -29,7 +29,8 @@ from .format import (
     member_names,
 )
 from .plan import TAR_BLOCK, PlannedSample, PlannedShard, archive_bytes, tar_member_bytes
-from .probe import read_stamped
+from .probe import file_stamp, read_stamped
+from .spool import take as spool_take
 from .transform import ResizeSpec
 
 __all__ = ["ShardResult", "write_shard", "fsync_file", "partial_name", "hash_file", "hash_stream", "stored_bytes"]
@@ -155,18 +156,23 @@ def partial_name(final_path: str) -> str:
     return os.path.join(head, f".{tail}.partial")
 
 
-def stored_bytes(sample: PlannedSample, resize: ResizeSpec | None) -> bytes:
+def stored_bytes(sample: PlannedSample, resize: ResizeSpec | None, spool: str | None = None) -> bytes:
     """The image bytes that go into the shard, from a source that has not changed since probed.
 
     "Not changed" is the file's identity, size, mtime and ctime as the probe read it (see
     ``probe.read_stamped``; ctime cannot be set back by ``touch`` or ``cp -p``): hashing
-    every file a second time cost a tenth of the pack.
+    every file a second time cost a tenth of the pack. With ``resize``, the bytes the probe
+    re-encoded are taken from ``spool`` when they are there intact (packer.spool).
 
     Raises:
         PackError: the source file changed (or vanished) since it was probed.
     """
+    spooled = spool_take(spool, sample.sha256, sample.ext) if resize is not None and spool else None
     try:
-        data, stamp = read_stamped(sample.abs_path)
+        if spooled is not None:
+            stamp = file_stamp(os.stat(sample.abs_path))
+        else:
+            data, stamp = read_stamped(sample.abs_path)
     except OSError as exc:
         raise PackError(f"{sample.rel_path}: cannot read it any more ({exc}); re-run the pack") from exc
     if sample.source_stamp is not None and stamp != sample.source_stamp:
@@ -174,6 +180,8 @@ def stored_bytes(sample: PlannedSample, resize: ResizeSpec | None) -> bytes:
             f"{sample.rel_path} changed since it was scanned (size or change time differs); "
             "re-run the pack when the source tree is no longer being modified"
         )
+    if spooled is not None:
+        return spooled
     return data if resize is None else stored_bytes_of(data, resize)
 
 
@@ -220,13 +228,16 @@ def _padding(size: int) -> bytes:
     return b"\0" * (-size % TAR_BLOCK)
 
 
-def write_tar(shard: PlannedShard, fileobj: BinaryIO | _HashingFile, resize: ResizeSpec | None) -> None:
+def write_tar(
+    shard: PlannedShard, fileobj: BinaryIO | _HashingFile, resize: ResizeSpec | None,
+    spool: str | None = None,
+) -> None:
     """Write the shard's members, end-of-archive blocks and record padding to ``fileobj``."""
     written = 0
     for sample in shard.samples:
         image_name, cls_name, json_name = member_names(sample.key, sample.ext)
         payloads = (
-            (image_name, stored_bytes(sample, resize)),
+            (image_name, stored_bytes(sample, resize, spool)),
             (cls_name, str(sample.label).encode("ascii")),
             (json_name, sample.json_bytes()),
         )
@@ -240,7 +251,7 @@ def write_tar(shard: PlannedShard, fileobj: BinaryIO | _HashingFile, resize: Res
 
 def write_shard(
     shard: PlannedShard, out_dir: str, *, fingerprint: str, resize: ResizeSpec | None = None,
-    durable: bool = True, write_behind: bool = False,
+    durable: bool = True, write_behind: bool = False, spool: str | None = None,
 ) -> ShardResult:
     """Write ``shard`` under ``out_dir`` atomically and return its manifest entry.
 
@@ -260,7 +271,7 @@ def write_shard(
         with open(temp, "wb", buffering=0) as raw:
             hashing = _HashingFile(raw.fileno(), write_behind=write_behind)
             try:
-                write_tar(shard, hashing, resize)
+                write_tar(shard, hashing, resize, spool)
                 hashing.flush()
             finally:
                 hashing.wait_behind()

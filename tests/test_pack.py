@@ -328,3 +328,41 @@ def test_failed_write_behind_sync_fails_the_shard(tmp_path, monkeypatch):
         pack(src, tmp_path / "out", workers=1, quiet=True)
     assert not list((tmp_path / "out").rglob("*.tar"))
     assert not list((tmp_path / "out").rglob("*.partial"))
+
+
+def _shard_hashes(manifest) -> dict[str, str]:
+    return {s["name"]: s["sha256"] for split in manifest["splits"].values() for s in split["shards"]}
+
+
+def test_resize_spool_gives_the_same_shards_and_survives_a_damaged_entry(tmp_path, monkeypatch):
+    """--resize keeps the probe's re-encoded images in OUT/.shardpack-spool for the writer:
+    the shards are byte-identical to re-encoding in the writer; a damaged spool entry left
+    by an earlier run is not used; the spool is gone after a finished pack."""
+    import packer.job as job
+    import packer.write as write
+    from packer.spool import SPOOL_NAME
+
+    src = make_example_tree(tmp_path / "src", counts={"train": 5, "test": 2}, seed=4,
+                            long_side=(300, 900))
+    with_spool = pack(src, tmp_path / "a", workers=1, quiet=True, resize=128)
+    assert not (tmp_path / "a" / SPOOL_NAME).exists()
+
+    monkeypatch.setattr(write, "spool_take", lambda *args: None)  # the writer re-encodes
+    without = pack(src, tmp_path / "b", workers=1, quiet=True, resize=128)
+    monkeypatch.undo()
+    assert _shard_hashes(with_spool) == _shard_hashes(without)
+
+    # an earlier run stopped after probing: its spool is there, one entry damaged
+    monkeypatch.setattr(job, "spool_remove", lambda spool: None)
+    monkeypatch.setattr(job, "write_plan", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        pack(src, tmp_path / "c", workers=1, quiet=True, resize=128)
+    monkeypatch.undo()
+    entries = sorted((tmp_path / "c" / SPOOL_NAME).rglob("*.jpg"))
+    assert entries
+    data = bytearray(entries[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entries[0].write_bytes(bytes(data))
+    resumed = pack(src, tmp_path / "c", workers=1, quiet=True, resize=128)
+    assert _shard_hashes(resumed) == _shard_hashes(with_spool)
+    assert not (tmp_path / "c" / SPOOL_NAME).exists()
