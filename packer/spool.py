@@ -7,7 +7,9 @@ now leaves the re-encoded bytes in ``OUT/.shardpack-spool/`` under their sha256,
 writer takes them from there after checking that hash, falling back to re-encoding when an
 entry is missing or damaged. The spool is removed when the shards are written; a run that
 stops early leaves it for the next run, which may reuse what it holds (entries are checked
-by hash, so a stale one is never used). It holds about as much as the output, at most.
+by hash, so a stale one is never used). The writer removes each entry as it takes it, so
+the spool shrinks as the shards grow: at no point does a pack hold much more than one
+output's worth of bytes in OUT, as without the spool.
 """
 
 from __future__ import annotations
@@ -48,13 +50,21 @@ def put(spool: str, data: bytes, sha256: str, ext: str) -> None:
 
 
 def take(spool: str, sha256: str, ext: str) -> bytes | None:
-    """The spooled bytes with this sha256, or None when they are not there intact."""
+    """The spooled bytes with this sha256 (the entry is removed: each is used once), or None
+    when they are not there intact."""
+    path = _entry(spool, sha256, ext)
     try:
-        with open(_entry(spool, sha256, ext), "rb") as f:
+        with open(path, "rb") as f:
             data = f.read()
     except OSError:
         return None
-    return data if hashlib.sha256(data).hexdigest() == sha256 else None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        return None
+    try:
+        os.remove(path)  # a duplicate image later in the plan re-encodes instead
+    except OSError:
+        pass
+    return data
 
 
 def remove(spool: str) -> None:
