@@ -16,7 +16,6 @@ stored byte count, sha256). Three levels of checking:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import os
@@ -85,7 +84,9 @@ def _bomb_reason(w: int, h: int, max_pixels: int) -> str:
     )
 
 
-def _probe_fast(info: FastInfo, data: bytes, source_sha: str, max_pixels: int) -> Probe:
+def _probe_fast(
+    info: FastInfo, data: bytes, source_sha: str, max_pixels: int, stamp: tuple[int, ...] | None,
+) -> Probe:
     if info.width * info.height > max_pixels:
         return Probe(False, True, _bomb_reason(info.width, info.height, max_pixels), source_sha256=source_sha)
     if not info.complete:
@@ -94,7 +95,7 @@ def _probe_fast(info: FastInfo, data: bytes, source_sha: str, max_pixels: int) -
     w, h = info.width, info.height
     if info.orientation in _ROTATED_ORIENTATIONS:
         w, h = h, w
-    return Probe(True, True, "", info.ext, w, h, len(data), source_sha, source_sha)
+    return Probe(True, True, "", info.ext, w, h, len(data), source_sha, source_sha, stamp)
 
 
 def probe_bytes(
@@ -104,10 +105,12 @@ def probe_bytes(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     resize: ResizeSpec | None = None,
     keep_stored: list[bytes] | None = None,
+    source_stamp: tuple[int, ...] | None = None,
 ) -> Probe:
     """Probe an image held in memory; see the module docstring.
 
     ``keep_stored``: with ``resize``, the re-encoded bytes are appended to this list.
+    ``source_stamp``: recorded in a good probe (see read_stamped).
     """
     source_sha = hashlib.sha256(data).hexdigest()
     if not data:
@@ -115,7 +118,7 @@ def probe_bytes(
     if validate == "structure" and resize is None:
         fast = fast_jpeg_info(data) if data[:2] == b"\xff\xd8" else fast_png_info(data)
         if fast is not None:
-            return _probe_fast(fast, data, source_sha, max_pixels)
+            return _probe_fast(fast, data, source_sha, max_pixels, source_stamp)
     pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
@@ -169,7 +172,7 @@ def probe_bytes(
     stored_sha = source_sha if resize is None else hashlib.sha256(data).hexdigest()
     if resize is not None and keep_stored is not None:
         keep_stored.append(data)
-    return Probe(True, True, "", ext, width, height, len(data), stored_sha, source_sha)
+    return Probe(True, True, "", ext, width, height, len(data), stored_sha, source_sha, source_stamp)
 
 
 def _signature_kind(data: bytes) -> str | None:
@@ -224,7 +227,7 @@ def probe_file(
         return Probe(False, True, f"cannot read file: {exc.strerror or exc}")
     stored: list[bytes] = []
     probe = probe_bytes(data, validate=validate, max_pixels=max_pixels, resize=resize,
-                        keep_stored=stored if spool is not None else None)
+                        keep_stored=stored if spool is not None else None, source_stamp=stamp)
     if probe.ok and stored and spool is not None:
         spool_put(spool, stored[0], probe.sha256, probe.ext)
-    return dataclasses.replace(probe, source_stamp=stamp) if probe.ok else probe
+    return probe
