@@ -15,11 +15,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["FastInfo", "fast_jpeg_info", "fast_png_info", "jpeg_orientation", "tiff_orientation", "ORIENTATION_TAG"]
+__all__ = [
+    "FastInfo", "fast_jpeg_info", "fast_png_info", "jpeg_orientation", "tiff_orientation",
+    "signature_kind", "ORIENTATION_TAG", "PNG_SIGNATURE",
+]
 
 _SOF_PLAIN = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressive (Huffman)
 _NO_LENGTH = set(range(0xD0, 0xD8)) | {0x01, 0xD8}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"  # start of image, then the first marker
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ def fast_jpeg_info(data: bytes) -> FastInfo | None:
     Returns None (ask Pillow) for anything else: 12-bit, lossless, arithmetic-coded,
     a height defined later by a DNL marker, malformed segments.
     """
-    if data[:3] != b"\xff\xd8\xff":
+    if not data.startswith(JPEG_SIGNATURE):
         return None
     orientation: int | None = 1
     xmp = False
@@ -143,6 +147,16 @@ def fast_jpeg_info(data: bytes) -> FastInfo | None:
             if precision != 8 or height == 0 or width == 0 or components not in (1, 3, 4):
                 return None
             frame = (width, height)
+    return None
+
+
+def signature_kind(data: bytes) -> str | None:
+    """"JPEG" or "PNG" when the bytes start like one, whatever follows (a file cut inside
+    its headers is still a broken image, not junk)."""
+    if data.startswith(JPEG_SIGNATURE):
+        return "JPEG"
+    if data.startswith(PNG_SIGNATURE):
+        return "PNG"
     return None
 
 

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from .format import PIL_FORMAT_TO_EXT
-from .headers import PNG_SIGNATURE, FastInfo, fast_jpeg_info, fast_png_info
+from .headers import FastInfo, fast_jpeg_info, fast_png_info, signature_kind
 from .spool import put as spool_put
 from .transform import ResizeSpec, load_for_resize, transform_image
 
-__all__ = ["Probe", "probe_file", "probe_bytes", "read_file", "read_stamped", "DEFAULT_MAX_PIXELS", "VALIDATE_MODES", "DEFAULT_VALIDATE"]
+__all__ = ["Probe", "probe_file", "probe_bytes", "read_stamped", "file_stamp", "DEFAULT_MAX_PIXELS", "VALIDATE_MODES", "DEFAULT_VALIDATE"]
 
 # Pillow's own warning threshold (~9459 x 9459); above it a file is a likely decompression
 # bomb: a few KB on disk that expand to gigabytes of pixels in every training worker.
@@ -133,7 +133,7 @@ def probe_bytes(
             source_sha256=source_sha,
         )
     except UnidentifiedImageError:
-        kind = _signature_kind(data)
+        kind = signature_kind(data)
         if kind is not None:  # an image by its signature, cut or damaged inside its headers
             return Probe(False, True, f"truncated or corrupt {kind} header", source_sha256=source_sha)
         return Probe(False, False, "not an image Pillow can read", source_sha256=source_sha)
@@ -173,20 +173,6 @@ def probe_bytes(
     if resize is not None and keep_stored is not None:
         keep_stored.append(data)
     return Probe(True, True, "", ext, width, height, len(data), stored_sha, source_sha, source_stamp)
-
-
-def _signature_kind(data: bytes) -> str | None:
-    """"JPEG" or "PNG" when the bytes start like one, whatever follows."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "JPEG"
-    if data[:8] == PNG_SIGNATURE:
-        return "PNG"
-    return None
-
-
-def read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def read_stamped(path: str) -> tuple[bytes, tuple[int, ...]]:

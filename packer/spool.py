@@ -14,6 +14,7 @@ output's worth of bytes in OUT, as without the spool.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -43,10 +44,8 @@ def put(spool: str, data: bytes, sha256: str, ext: str) -> None:
             f.write(data)
         os.replace(temp, path)
     except OSError:
-        try:
+        with contextlib.suppress(OSError):
             os.remove(temp)
-        except OSError:
-            pass
 
 
 def take(spool: str, sha256: str, ext: str) -> bytes | None:
@@ -60,10 +59,8 @@ def take(spool: str, sha256: str, ext: str) -> bytes | None:
         return None
     if hashlib.sha256(data).hexdigest() != sha256:
         return None
-    try:
+    with contextlib.suppress(OSError):
         os.remove(path)  # a duplicate image later in the plan re-encodes instead
-    except OSError:
-        pass
     return data
 
 

@@ -146,9 +146,9 @@ class _WriteBehind:
 
 
 _GATHER_BYTES = 1 << 20
+_GATHER_CHUNKS = 512  # well under IOV_MAX (1024 on Linux)
 _BEHIND_BYTES = 8 << 20
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
-_GATHER_CHUNKS = 512  # well under IOV_MAX (1024 on Linux)
 
 
 def partial_name(final_path: str) -> str:
@@ -229,7 +229,7 @@ def _padding(size: int) -> bytes:
 
 
 def write_tar(
-    shard: PlannedShard, fileobj: BinaryIO | _HashingFile, resize: ResizeSpec | None,
+    shard: PlannedShard, fileobj: _HashingFile, resize: ResizeSpec | None,
     spool: str | None = None,
 ) -> None:
     """Write the shard's members, end-of-archive blocks and record padding to ``fileobj``."""

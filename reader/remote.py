@@ -18,7 +18,8 @@ A shard is read front to back exactly once, so the stream here is built for that
 
 Local files are opened directly (the OS already reads ahead), except the first time a
 checksum is asked for in this process: then they stream through the hashing reader once,
-and later epochs open them directly while their size and modification time stay the same.
+and later epochs open them directly while their stamp (inode, size, mtime, ctime) stays
+the same.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import IO, Any
 import fsspec
 
 from packer.errors import ChecksumError, ShardReadError
+from packer.probe import file_stamp
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -486,8 +488,10 @@ def open_shard_stream(
             raise ShardReadError("not found", shard=url) from exc
         except OSError as exc:
             raise ShardReadError(f"cannot open ({exc})", shard=url) from exc
+        if expected_sha256 is None:
+            return f
         identity = _local_identity(os.fstat(f.fileno()), path, expected_sha256)
-        if expected_sha256 is None or identity in _VERIFIED_LOCAL:
+        if identity in _VERIFIED_LOCAL:
             return f
         f.close()
         on_verified = functools.partial(_remember_verified, identity, path)
@@ -507,18 +511,17 @@ def open_shard_stream(
 
 
 # Local shards whose bytes matched the manifest's sha256 in this process, by (realpath,
-# device, inode, size, mtime_ns, ctime_ns, sha256): later epochs open them directly instead
-# of hashing 100+ MB again (a tenth of the reader's CPU on 2 cores). A file written,
-# replaced or touched since has another ctime (which no tool can set back) and is
-# verified again.
-_LocalIdentity = tuple[str, int, int, int, int, int, "str | None"]
+# the packer's file stamp: device, inode, size, mtime_ns, ctime_ns; sha256): later epochs
+# open them directly instead of hashing 100+ MB again (a tenth of the reader's CPU on 2
+# cores). A file written, replaced or touched since has another ctime (which no tool can
+# set back) and is verified again.
+_LocalIdentity = tuple[str, tuple[int, ...], str]
 _VERIFIED_LOCAL: set[_LocalIdentity] = set()
 _VERIFIED_LOCAL_MAX = 1_000_000
 
 
-def _local_identity(st: os.stat_result, path: str, sha256: str | None) -> _LocalIdentity:
-    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-            st.st_ctime_ns, sha256)
+def _local_identity(st: os.stat_result, path: str, sha256: str) -> _LocalIdentity:
+    return (os.path.realpath(path), file_stamp(st), sha256)
 
 
 def _remember_verified(identity: _LocalIdentity, path: str) -> None:
