@@ -34,7 +34,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         validation_split=args.validation_split, layout=args.layout,
         follow_links=args.follow_links, validate=args.validate, max_pixels=args.max_pixels,
         engine=args.engine, scheduler=args.scheduler, overwrite=args.overwrite,
-        quiet=args.quiet, storage_options=_storage(args, args.out),
+        quiet=args.quiet, fsync=not args.no_fsync, storage_options=_storage(args, args.out),
     )
     print(pack_summary(manifest, args.out))
     return 0
@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default=None, help="Dask scheduler address (tcp://host:8786); default: a local cluster")
     p.add_argument("--overwrite", action="store_true", help="replace an OUT made with other options")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="do not wait for shards and manifest to reach the disk (faster; for "
+                        "scratch packs: after a power cut, re-run the pack)")
     _add_endpoint(p)
     p.set_defaults(func=_cmd_pack)
 

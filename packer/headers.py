@@ -68,23 +68,26 @@ def _segments(data: bytes) -> Iterator[tuple[int, int, int]]:
     """Yield (marker, offset, length) of each marker segment up to and including the first
     start-of-scan; stop quietly at anything malformed (the caller then asks Pillow)."""
     pos, n = 2, len(data)
+    unpack = _MARKER_HEAD.unpack_from
     while pos + 4 <= n:
-        if data[pos] != 0xFF:
+        ff, marker, length = unpack(data, pos)
+        if ff != 0xFF:
             return
-        marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
         if marker in _NO_LENGTH:
             pos += 2
             continue
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
         if length < 2 or pos + 2 + length > n:
             return
         yield marker, pos, length
         if marker == 0xDA:
             return
         pos += 2 + length
+
+
+_MARKER_HEAD = struct.Struct(">BBH")  # FF, marker, segment length (when it has one)
 
 
 def _app1_orientation(data: bytes, pos: int, length: int) -> int | None | bool:

@@ -65,6 +65,7 @@ def pack(
     scheduler: str | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    fsync: bool = True,
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Pack ``src/{split}/{class}/*`` into WebDataset shards under ``out``.
@@ -96,6 +97,12 @@ def pack(
         scheduler: Dask scheduler address (``tcp://host:8786``); default a local cluster.
         overwrite: replace an OUT made with other options.
         quiet: no progress bars.
+        fsync: flush every shard, the journal's header and the manifest to disk before
+            returning, so a power cut never leaves a manifest naming data that is not
+            there. False (``--no-fsync``, like ``tar`` and webdataset's ShardWriter) leaves
+            that to the kernel: faster, for scratch packs; after a power cut, re-running
+            the pack rewrites whatever does not hash to its journal record, and readers
+            verify each shard's sha256 before using it. An object-store OUT ignores it.
         storage_options: passed to fsspec when ``out`` is a URL.
 
     Returns:
@@ -140,7 +147,7 @@ def pack(
             run=_engine_runner(engine, workers=workers, scheduler=scheduler, pool=pool),
             probe_chunk=PROBE_CHUNK_DASK if engine == "dask" else PROBE_CHUNK,
             check_workers=(lambda paths: _check_dask_workers(scheduler, paths)) if remote else None,
-            sync_in_writer=engine != "local",
+            sync_in_writer=engine != "local", durable=fsync,
         )
     raise AssertionError("unreachable")
 
@@ -155,11 +162,13 @@ def _pack_with(
     src: str | os.PathLike[str], out_dir: str, options: dict[str, Any], *,
     resize_spec: ResizeSpec | None, quiet: bool, run: Callable[..., Any], probe_chunk: int,
     check_workers: Callable[[dict[str, str]], None] | None, sync_in_writer: bool = False,
+    durable: bool = True,
 ) -> dict[str, Any]:
     """The pipeline itself: walk -> probe -> plan -> write -> manifest.
 
     ``sync_in_writer``: each writer fsyncs its own shard (Dask workers may be other
-    machines, whose caches an fsync here would not flush).
+    machines, whose caches an fsync here would not flush). ``durable``: see pack's
+    ``fsync``.
     """
     follow_links, validate, max_pixels = (
         options["follow_links"], options["validate"], options["max_pixels"]
@@ -179,7 +188,7 @@ def _pack_with(
     plan, skipped, ignored = make_plan(walked, probes, options)
     duplicates = find_duplicates(plan)
     results = write_plan(plan, out_dir, run=run, resize=resize_spec, quiet=quiet,
-                         sync_in_writer=sync_in_writer, spool=spool)
+                         durable=durable, sync_in_writer=sync_in_writer, spool=spool)
     if spool is not None:
         spool_remove(spool)
     manifest = build_manifest(
@@ -187,7 +196,7 @@ def _pack_with(
         warnings=walked.warnings,
     )
     with _os_errors_as_pack_error(os.path.join(out_dir, MANIFEST_NAME)):
-        write_manifest_atomically(out_dir, manifest)
+        write_manifest_atomically(out_dir, manifest, durable=durable)
     Journal.discard(out_dir)  # the manifest now records every shard
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out_dir, ".shardpack-workers-check"))
@@ -369,7 +378,7 @@ def write_plan(
         else:
             tasks.append((shard, out_dir, fingerprint, resize, durable and sync_in_writer, durable, spool))
     with _os_errors_as_pack_error(out_dir):
-        journal = Journal(out_dir, plan.options)
+        journal = Journal(out_dir, plan.options, durable=durable)
         for result in results.values():
             journal.record(result)
     bars = _split_bars(plan, results, quiet=quiet)

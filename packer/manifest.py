@@ -52,13 +52,15 @@ def build_manifest(
     }
 
 
-def write_manifest_atomically(out_dir: str, manifest: dict[str, Any]) -> str:
-    """Write ``manifest.json`` via temp file + fsync + ``os.replace``; return its path."""
+def write_manifest_atomically(out_dir: str, manifest: dict[str, Any], *, durable: bool = True) -> str:
+    """Write ``manifest.json`` via temp file + fsync (unless not ``durable``) + ``os.replace``;
+    return its path."""
     final = os.path.join(out_dir, MANIFEST_NAME)
     temp = os.path.join(out_dir, f".{MANIFEST_NAME}.partial")
     with open(temp, "wb") as f:
         f.write(manifest_to_bytes(manifest))
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(temp, final)
     return final

@@ -181,13 +181,35 @@ def read_stamped(path: str) -> tuple[bytes, tuple[int, ...]]:
     Taken from the open file before and after the read; a file written meanwhile is an
     OSError ("changed while being read"). ctime moves on every write, rename over and
     metadata change, and no tool can set it back (unlike mtime with ``cp -p``/``touch``).
+    Plain ``os`` calls, sized by the first fstat: ``open().read()`` cost a third more per
+    file, and every file is read twice per pack.
     """
-    with open(path, "rb") as f:
-        before = file_stamp(os.fstat(f.fileno()))
-        data = f.read()
-        if file_stamp(os.fstat(f.fileno())) != before:
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        before = file_stamp(os.fstat(fd))
+        data = _read_all(fd, before[2])
+        if file_stamp(os.fstat(fd)) != before:
             raise OSError(f"{path} changed while being read")
         return data, before
+    finally:
+        os.close(fd)
+
+
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0)
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """``size`` bytes from ``fd`` (fewer only at end of file), in one read when the kernel
+    allows (Linux caps one read near 2 GiB)."""
+    data = os.read(fd, size)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    done = len(data)
+    while done < size and (part := os.read(fd, size - done)):
+        parts.append(part)
+        done += len(part)
+    return b"".join(parts)
 
 
 def file_stamp(st: os.stat_result) -> tuple[int, ...]:

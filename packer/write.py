@@ -28,7 +28,7 @@ from .format import (
     TAR_UNAME,
     member_names,
 )
-from .plan import TAR_BLOCK, PlannedSample, PlannedShard, archive_bytes, tar_member_bytes
+from .plan import TAR_BLOCK, PlannedSample, PlannedShard, archive_bytes
 from .probe import file_stamp, read_stamped
 from .spool import take as spool_take
 from .transform import ResizeSpec
@@ -74,6 +74,19 @@ class _HashingFile:
         self.count += len(chunk)
         self._chunks.append(chunk)
         self._pending += len(chunk)
+        if self._pending >= _GATHER_BYTES or len(self._chunks) >= _GATHER_CHUNKS:
+            self.flush()
+
+    def write_member(self, header: bytes, payload: bytes, trailer: bytes) -> None:
+        """One tar member (or any three chunks): ``write`` three times, in one call."""
+        update = self.sha.update
+        update(header)
+        update(payload)
+        update(trailer)
+        size = len(header) + len(payload) + len(trailer)
+        self.count += size
+        self._chunks += (header, payload, trailer)
+        self._pending += size
         if self._pending >= _GATHER_BYTES or len(self._chunks) >= _GATHER_CHUNKS:
             self.flush()
 
@@ -232,20 +245,25 @@ def write_tar(
     shard: PlannedShard, fileobj: _HashingFile, resize: ResizeSpec | None,
     spool: str | None = None,
 ) -> None:
-    """Write the shard's members, end-of-archive blocks and record padding to ``fileobj``."""
+    """Write the shard's members, end-of-archive blocks and record padding to ``fileobj``.
+
+    Each sample goes out as three chunks: the image's header, the image's bytes, and one
+    piece holding the image's padding plus the whole ``.cls`` and ``.json`` members (nine
+    writes per sample cost a tenth of the writer's time).
+    """
     written = 0
     for sample in shard.samples:
         image_name, cls_name, json_name = member_names(sample.key, sample.ext)
-        payloads = (
-            (image_name, stored_bytes(sample, resize, spool)),
-            (cls_name, str(sample.label).encode("ascii")),
-            (json_name, sample.json_bytes()),
-        )
-        for name, payload in payloads:
-            fileobj.write(ustar_header(name, len(payload)))
-            fileobj.write(payload)
-            fileobj.write(_padding(len(payload)))
-            written += tar_member_bytes(len(payload))
+        image = stored_bytes(sample, resize, spool)
+        label = str(sample.label).encode("ascii")
+        meta = sample.json_bytes()
+        tail = b"".join((
+            _padding(len(image)),
+            ustar_header(cls_name, len(label)), label, _padding(len(label)),
+            ustar_header(json_name, len(meta)), meta, _padding(len(meta)),
+        ))
+        fileobj.write_member(ustar_header(image_name, len(image)), image, tail)
+        written += TAR_BLOCK + len(image) + len(tail)
     fileobj.write(b"\0" * (archive_bytes([written]) - written))  # end blocks + record padding
 
 

@@ -185,3 +185,38 @@ def test_full_tmpfs(src, tmp_path):
         _no_valid_output(mount / "out")
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_no_fsync_gives_the_same_output_without_syncing(src, clean, tmp_path, monkeypatch):
+    """``fsync=False`` (``--no-fsync``) changes no byte of the output, and syncs nothing:
+    not the shards, not the journal's header, not the manifest."""
+    import os
+
+    out, manifest = clean
+    synced: list[int] = []
+    real_fsync, real_datasync = os.fsync, getattr(os, "fdatasync", os.fsync)
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    if hasattr(os, "fdatasync"):
+        monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real_datasync(fd)))
+    fast = pack(src, tmp_path / "fast", **OPTS, fsync=False)
+    assert synced == []
+    assert _shas(fast) == _shas(manifest)
+    assert (tmp_path / "fast" / MANIFEST_NAME).read_bytes() == (out / MANIFEST_NAME).read_bytes()
+    pack(src, tmp_path / "durable", **OPTS)
+    assert synced, "the default pack must sync what it writes"
+
+
+def test_no_fsync_cli_resumes_like_the_default(src, clean, tmp_path):
+    """A ``--no-fsync`` pack killed midway resumes to the same output."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([SHARDPACK, "pack", str(src), str(out), *CLI_OPTS, "--no-fsync"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline and len(_shards(out)) < 6:
+        time.sleep(0.001)
+    proc.kill()
+    proc.wait()
+    subprocess.run([SHARDPACK, "pack", str(src), str(out), *CLI_OPTS, "--no-fsync"], check=True,
+                   stdout=subprocess.DEVNULL)
+    assert _shas(json.loads((out / MANIFEST_NAME).read_text())) == _shas(clean[1])
+    assert verify(str(out)).ok
