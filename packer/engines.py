@@ -12,10 +12,10 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, TypeVar
 
-__all__ = ["ENGINES", "LocalPool", "default_workers", "run_local", "get_engine"]
+__all__ = ["ENGINES", "LocalPool", "default_workers", "run_local", "run_local_fed", "get_engine"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -100,6 +100,40 @@ def run_local(
                 nxt = next(queue, None)
                 if nxt is not None:
                     pending[executor.submit(fn, nxt)] = nxt
+    finally:
+        if own:
+            pool.close()
+
+
+def run_local_fed(
+    next_task: Callable[[], tuple[Callable[[Any], Any], Any] | None], *, workers: int,
+    pool: LocalPool | None = None,
+) -> Iterator[tuple[tuple[Callable[[Any], Any], Any], Any]]:
+    """Like ``run_local``, but each task ``(fn, item)`` comes from ``next_task()``, which is
+    asked again after every result: handling a result may make new tasks ready (a shard
+    cut once its files are probed). Ends when ``next_task`` returns None and nothing is in
+    flight. Yields ``((fn, item), fn(item))`` in completion order.
+    """
+    if workers <= 1:
+        while (task := next_task()) is not None:
+            yield task, task[0](task[1])
+        return
+    own = pool is None
+    pool = pool or LocalPool(workers)
+    try:
+        executor = pool.executor()
+        pending: dict[Future[Any], tuple[Callable[[Any], Any], Any]] = {}
+
+        def fill() -> None:  # keep a bounded number of tasks in flight
+            while len(pending) < workers * 4 and (task := next_task()) is not None:
+                pending[executor.submit(task[0], task[1])] = task
+
+        fill()
+        while pending:
+            done = wait(pending, return_when=FIRST_COMPLETED).done
+            for future in done:
+                yield pending.pop(future), future.result()
+            fill()
     finally:
         if own:
             pool.close()

@@ -1,6 +1,8 @@
 """``pack()``: the offline pack job, composed in one visible function.
 
-walk -> probe (parallel) -> plan -> resume check -> write (parallel) -> manifest.
+walk -> probe (parallel) -> plan -> resume check -> write (parallel) -> manifest. On the
+local process pool, probing and writing overlap: a shard is cut and written as soon as
+its files are probed (packer.planner), while later files are still being checked.
 """
 
 from __future__ import annotations
@@ -8,33 +10,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from .engines import LocalPool, default_workers, get_engine
-from .errors import LayoutError, PackError
-from .format import MANIFEST_NAME, sample_key
+from .engines import LocalPool, default_workers, get_engine, run_local_fed
+from .format import MANIFEST_NAME
 from .manifest import build_manifest, write_manifest_atomically
-from .plan import (
-    Plan,
-    class_map,
-    cut_shards,
-    find_duplicates,
-    order_split,
-    planned_sample,
-    split_flat_pool,
-)
+from .plan import Plan, find_duplicates
+from .planner import Planner
 from .probe import DEFAULT_MAX_PIXELS, DEFAULT_VALIDATE, VALIDATE_MODES, Probe, probe_file
 from .progress import Progress as tqdm
-from .resume import Journal, check_output, keepable, previous_results, remove_stale
+from .resume import Journal, check_output
 from .sizes import parse_size
 from .spool import remove as spool_remove
 from .spool import spool_path
 from .transform import ResizeSpec, parse_resize
-from .walk import Candidate, walk_tree
-from .write import ShardResult, _os_error_message, fsync_file, write_shard
+from .walk import Candidate, WalkResult, walk_tree
+from .write import ShardResult
+from .write_session import WriteSession, os_errors_as_pack_error, write_task
 
 __all__ = ["pack", "DEFAULT_MAX_COUNT", "DEFAULT_MAX_SIZE"]
 
@@ -148,6 +142,7 @@ def pack(
             probe_chunk=PROBE_CHUNK_DASK if engine == "dask" else PROBE_CHUNK,
             check_workers=(lambda paths: _check_dask_workers(scheduler, paths)) if remote else None,
             sync_in_writer=engine != "local", durable=fsync,
+            fed=_fed_runner(workers, pool) if engine == "local" else None,
         )
     raise AssertionError("unreachable")
 
@@ -162,13 +157,14 @@ def _pack_with(
     src: str | os.PathLike[str], out_dir: str, options: dict[str, Any], *,
     resize_spec: ResizeSpec | None, quiet: bool, run: Callable[..., Any], probe_chunk: int,
     check_workers: Callable[[dict[str, str]], None] | None, sync_in_writer: bool = False,
-    durable: bool = True,
+    durable: bool = True, fed: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """The pipeline itself: walk -> probe -> plan -> write -> manifest.
 
     ``sync_in_writer``: each writer fsyncs its own shard (Dask workers may be other
     machines, whose caches an fsync here would not flush). ``durable``: see pack's
-    ``fsync``.
+    ``fsync``. ``fed``: a runner that takes tasks as they become ready
+    (``engines.run_local_fed``): probing and writing then overlap.
     """
     follow_links, validate, max_pixels = (
         options["follow_links"], options["validate"], options["max_pixels"]
@@ -181,21 +177,25 @@ def _pack_with(
         # they would be skipped); one that does not mount OUT would write shards elsewhere.
         check_workers({"SRC": walked.candidates[0].abs_path, "OUT": _out_marker(out_dir)})
     spool = spool_path(out_dir) if resize_spec is not None else None
-    probes = probe_all(
-        walked.candidates, run=run, validate=validate, max_pixels=max_pixels,
-        resize=resize_spec, quiet=quiet, chunk=probe_chunk, spool=spool,
-    )
-    plan, skipped, ignored = make_plan(walked, probes, options)
-    duplicates = find_duplicates(plan)
-    results = write_plan(plan, out_dir, run=run, resize=resize_spec, quiet=quiet,
-                         durable=durable, sync_in_writer=sync_in_writer, spool=spool)
+    if fed is not None:
+        plan, skipped, ignored, results = probe_and_write(
+            walked, out_dir, options, fed=fed, chunk=probe_chunk, resize=resize_spec, quiet=quiet,
+            durable=durable, sync_in_writer=sync_in_writer, spool=spool)
+    else:
+        probes = probe_all(
+            walked.candidates, run=run, validate=validate, max_pixels=max_pixels,
+            resize=resize_spec, quiet=quiet, chunk=probe_chunk, spool=spool,
+        )
+        plan, skipped, ignored = make_plan(walked, probes, options)
+        results = write_plan(plan, out_dir, run=run, resize=resize_spec, quiet=quiet,
+                             durable=durable, sync_in_writer=sync_in_writer, spool=spool)
     if spool is not None:
         spool_remove(spool)
     manifest = build_manifest(
-        plan, results, skipped=skipped, ignored=ignored, duplicates=duplicates,
+        plan, results, skipped=skipped, ignored=ignored, duplicates=find_duplicates(plan),
         warnings=walked.warnings,
     )
-    with _os_errors_as_pack_error(os.path.join(out_dir, MANIFEST_NAME)):
+    with os_errors_as_pack_error(os.path.join(out_dir, MANIFEST_NAME)):
         write_manifest_atomically(out_dir, manifest, durable=durable)
     Journal.discard(out_dir)  # the manifest now records every shard
     with contextlib.suppress(FileNotFoundError):
@@ -254,6 +254,13 @@ def _engine_runner(
     return run
 
 
+def _fed_runner(workers: int, pool: LocalPool) -> Callable[..., Any]:
+    def fed(next_task: Callable[[], Any]) -> Any:
+        return run_local_fed(next_task, workers=workers, pool=pool)
+
+    return fed
+
+
 def _probe_chunk(
     task: tuple[int, list[str], str, int, ResizeSpec | None, str | None],
 ) -> tuple[int, list[Probe]]:
@@ -264,7 +271,7 @@ def _probe_chunk(
 
 def _out_marker(out_dir: str) -> str:
     """A small file in OUT that every Dask worker must see (removed with the journal)."""
-    with _os_errors_as_pack_error(out_dir):
+    with os_errors_as_pack_error(out_dir):
         os.makedirs(out_dir, exist_ok=True)
         marker = os.path.join(out_dir, ".shardpack-workers-check")
         with open(marker, "w") as f:
@@ -290,67 +297,15 @@ def probe_all(
     return probes  # type: ignore[return-value]
 
 
-def make_plan(walked: Any, probes: list[Probe], options: dict[str, Any]) -> tuple[Plan, list[tuple[str, str]], list[tuple[str, str]]]:
-    """Turn walked candidates and their probes into the plan; also return skipped/ignored."""
-    skipped = list(walked.skipped)
-    ignored = list(walked.ignored)
-    good: list[tuple[Candidate, Probe]] = []
-    for candidate, probe in zip(walked.candidates, probes, strict=True):
-        if probe.ok:
-            good.append((candidate, probe))
-        elif probe.is_image or candidate.by_name:
-            skipped.append((candidate.rel_path, probe.reason))
-        else:
-            ignored.append((candidate.rel_path, "not an image"))
-    classes = class_map(walked.classes)
-    label_of = {name: i for i, name in enumerate(classes)}
-    if options["layout"] == "flat":
-        pools = split_flat_pool(
-            good, class_of=lambda cp: cp[0].class_name, path_of=_path_of,
-            validation_split=options["validation_split"] or 0.0, seed=options["seed"],
-        )
-        pools = {k: v for k, v in pools.items() if v or k == "train"}
-    else:
-        pools = {group: [] for group in walked.classes}
-        for cp in good:
-            pools[cp[0].group].append(cp)
-    _check_split_keys(sorted(pools))
-    plan = Plan(classes=classes, options=options)
-    for split in sorted(pools):
-        ordered = order_split(pools[split], split=split, seed=options["seed"], path_of=_path_of) if pools[split] else []
-        samples = [
-            planned_sample(c, p, split=split, position=i, label=label_of[c.class_name])
-            for i, (c, p) in enumerate(ordered)
-        ]
-        plan.shards[split] = cut_shards(
-            samples, split=split, max_count=options["max_count"], max_size=options["max_size"]
-        )
-    return plan, skipped, ignored
-
-
-def _check_split_keys(splits: list[str]) -> None:
-    """Keys embed the split name with odd characters replaced; two splits that would share
-    keys (``a.b`` and ``a_b``) are refused rather than packed with colliding keys."""
-    seen: dict[str, str] = {}
-    for split in splits:
-        prefix = sample_key(split, 0)
-        if prefix in seen:
-            raise LayoutError(
-                f"split folders {seen[prefix]!r} and {split!r} would give samples the same keys; "
-                "rename one of them"
-            )
-        seen[prefix] = split
-
-
-def _path_of(pair: tuple[Candidate, Probe]) -> str:
-    return pair[0].rel_path
-
-
-def _write_task(task: tuple[Any, str, str, ResizeSpec | None, bool, bool, str | None]) -> ShardResult:
-    shard, out_dir, fingerprint, resize, sync_here, write_behind, spool = task
-    # unless synced here, fsynced by write_plan's background thread while the next is written
-    return write_shard(shard, out_dir, fingerprint=fingerprint, resize=resize, durable=sync_here,
-                       write_behind=write_behind, spool=spool)
+def make_plan(
+    walked: WalkResult, probes: list[Probe], options: dict[str, Any],
+) -> tuple[Plan, list[tuple[str, str]], list[tuple[str, str]]]:
+    """Turn walked candidates and all their probes into the plan; also return
+    skipped/ignored files."""
+    planner = Planner(walked, options)
+    for index in planner.probe_order():
+        planner.add(index, probes[index])
+    return planner.finish()
 
 
 def write_plan(
@@ -362,97 +317,58 @@ def write_plan(
     ``durable``: every shard is fsynced (on a background thread, overlapping the writing
     of the next ones) before this returns, so a manifest written afterwards never names
     data still in the page cache; staging copies that are uploaded and deleted skip it."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as exc:
-        raise PackError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
-    previous = previous_results(out_dir)
-    _unpublish_manifest(out_dir)
-    results: dict[str, ShardResult] = {}
-    tasks = []
-    for shard in plan.all_shards():
-        fingerprint = shard.fingerprint(plan.options)
-        kept = keepable(out_dir, shard.name, fingerprint, previous.get(shard.name))
-        if kept is not None:
-            results[shard.name] = kept
-        else:
-            tasks.append((shard, out_dir, fingerprint, resize, durable and sync_in_writer, durable, spool))
-    with _os_errors_as_pack_error(out_dir):
-        journal = Journal(out_dir, plan.options, durable=durable)
-        for result in results.values():
-            journal.record(result)
-    bars = _split_bars(plan, results, quiet=quiet)
-    started = time.perf_counter()
-    syncing: list[Future[None]] = []
-    try:
-        with ThreadPoolExecutor(2, thread_name_prefix="shardpack-fsync") as syncer:
-
-            def sync(name: str) -> None:
-                syncing.append(syncer.submit(fsync_file, os.path.join(out_dir, name)))
-
-            for name in results:  # kept from an earlier run, which may not have synced them
-                if durable:
-                    sync(name)
-            for task, result in run(_write_task, tasks):
-                if durable and not sync_in_writer:
-                    sync(result.name)
-                _written(result, task, results, journal, bars, started)
-        for future in syncing:
-            future.result()  # every shard on disk before the manifest names it
-    finally:
-        journal.close()
-        for bar in bars.values():
-            bar.close()
-    removed = remove_stale(out_dir, keep=set(results))
-    if removed:
-        log.info("removed %d shard files the plan no longer names", len(removed))
-    return results
+    totals = {split: sum(len(s.samples) for s in shards) for split, shards in plan.shards.items()}
+    with WriteSession(out_dir, plan.options, resize=resize, quiet=quiet, durable=durable,
+                      sync_in_writer=sync_in_writer, spool=spool, expected=totals.__getitem__) as session:
+        tasks = [task for shard in plan.all_shards() if (task := session.add(shard)) is not None]
+        for task, result in run(write_task, tasks):
+            session.done(task, result)
+        return session.close()
 
 
-def _written(
-    result: ShardResult, task: tuple[Any, ...], results: dict[str, ShardResult], journal: Journal,
-    bars: dict[str, Any], started: float,
-) -> None:
-    """Record a finished shard: results, journal, progress bar."""
-    results[result.name] = result
-    with _os_errors_as_pack_error(journal.path):
-        journal.record(result)
-    bar = bars[task[0].split]
-    bar.update(result.count)
-    seconds = max(time.perf_counter() - started, 1e-9)
-    written = _bytes_done(results, task[0].split)
-    bar.set_postfix_str(f"{written / seconds / 1e6:.1f} MB/s, {written / 1e6:.0f} MB")
+def probe_and_write(
+    walked: WalkResult, out_dir: str, options: dict[str, Any], *, fed: Callable[..., Any],
+    chunk: int, resize: ResizeSpec | None, quiet: bool, durable: bool, sync_in_writer: bool,
+    spool: str | None,
+) -> tuple[Plan, list[tuple[str, str]], list[tuple[str, str]], dict[str, ShardResult]]:
+    """Probe and write at once: files are probed in plan order, and each shard is written
+    as soon as its files are known, while later files are still being probed.
 
+    On 3,000 images and 2 workers the phases one after the other left the workers idle
+    for a fifth of the pack: while the plan was made, and while the last shard was
+    written alone.
+    """
+    planner = Planner(walked, options)
+    candidates = walked.candidates
+    order = planner.probe_order()
+    chunks = [order[i : i + chunk] for i in range(0, len(order), chunk)]
+    probes_left = deque(
+        (n, [candidates[i].abs_path for i in indices], options["validate"], options["max_pixels"],
+         resize, spool)
+        for n, indices in enumerate(chunks)
+    )
+    writes: deque[Any] = deque()
 
-@contextlib.contextmanager
-def _os_errors_as_pack_error(path: str) -> Iterator[None]:
-    """Disk full or unwritable OUT outside the shard writer: a PackError saying so."""
-    try:
-        yield
-    except OSError as exc:
-        raise PackError(_os_error_message(exc, path)) from exc
+    def next_task() -> tuple[Callable[[Any], Any], Any] | None:
+        if writes:  # a ready shard goes first: its samples' memory is freed sooner
+            return write_task, writes.popleft()
+        if probes_left:
+            return _probe_chunk, probes_left.popleft()
+        return None
 
-
-def _bytes_done(results: dict[str, ShardResult], split: str) -> int:
-    return sum(r.bytes for r in results.values() if r.name.startswith(f"{split}/"))
-
-
-def _split_bars(plan: Plan, results: dict[str, ShardResult], *, quiet: bool) -> dict[str, Any]:
-    bars = {}
-    for position, (split, shards) in enumerate(sorted(plan.shards.items())):
-        total = sum(len(s.samples) for s in shards)
-        done = sum(results[s.name].count for s in shards if s.name in results)
-        bars[split] = tqdm(
-            total=total, initial=done, unit="img", desc=f"writing {split}", position=position,
-            disable=True if quiet else None, leave=True,
-        )
-    return bars
-
-
-def _unpublish_manifest(out_dir: str) -> None:
-    """Take an old manifest down before shards change under it: a reader must never see a
-    manifest whose shards are being rewritten."""
-    try:
-        os.remove(os.path.join(out_dir, MANIFEST_NAME))
-    except FileNotFoundError:
-        pass
+    with WriteSession(out_dir, options, resize=resize, quiet=quiet, durable=durable,
+                      sync_in_writer=sync_in_writer, spool=spool, expected=planner.expected) as session, \
+            tqdm(total=len(candidates), unit="img", desc="checking",
+                 disable=True if quiet else None) as bar:
+        for (fn, task), result in fed(next_task):
+            if fn is write_task:
+                session.done(task, result)
+                continue
+            number, probes = result
+            for index, probe in zip(chunks[number], probes, strict=True):
+                for shard in planner.add(index, probe):
+                    if (ready := session.add(shard)) is not None:
+                        writes.append(ready)
+            bar.update(len(probes))
+        results = session.close()
+    return (*planner.finish(), results)

@@ -141,7 +141,7 @@ def test_killed_workers_are_survived(tree, local_pack, tmp_path, monkeypatch):
 
     with _cluster(2) as cluster, distributed.Client(cluster) as client:
         def engine(fn, items, **kw):
-            if fn.__name__ == "_write_task":
+            if fn.__name__ == "write_task":
                 def wrapped(task, fn=fn):
                     return die_once_mid_write(fn, task)
                 yield from real_engine(wrapped, items, **kw)

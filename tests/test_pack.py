@@ -254,14 +254,14 @@ def test_source_changed_between_probe_and_write_is_refused(tmp_path, monkeypatch
     the probe read it stops the pack with its name (no shard vouches for unchecked bytes)."""
     import os
 
-    import packer.job as job
+    from packer.write_session import WriteSession
 
     src = make_example_tree(tmp_path / "src", counts={"train": 3}, seed=1)
     victim = sorted(src.rglob("*.jpg"))[0]
-    real_make_plan = job.make_plan
+    real_add = WriteSession.add
 
-    def plan_then_change(*args, **kwargs):
-        planned = real_make_plan(*args, **kwargs)
+    def plan_then_change(self, shard):  # the shard is planned, not yet written
+        planned = real_add(self, shard)
         st = victim.stat()
         if change == "rewritten":
             victim.write_bytes(victim.read_bytes() + b"\0")
@@ -274,7 +274,7 @@ def test_source_changed_between_probe_and_write_is_refused(tmp_path, monkeypatch
             os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
         return planned
 
-    monkeypatch.setattr(job, "make_plan", plan_then_change)
+    monkeypatch.setattr(WriteSession, "add", plan_then_change)
     with pytest.raises(PackError, match=f"{victim.name} changed since it was scanned"):
         pack(src, tmp_path / "out", workers=1, quiet=True)
     assert not (tmp_path / "out" / MANIFEST_NAME).exists()
@@ -352,9 +352,10 @@ def test_resize_spool_gives_the_same_shards_and_survives_a_damaged_entry(tmp_pat
     monkeypatch.undo()
     assert _shard_hashes(with_spool) == _shard_hashes(without)
 
-    # an earlier run stopped after probing: its spool is there, one entry damaged
+    # an earlier run stopped before its first shard was written: its spool is there, one
+    # entry damaged
     monkeypatch.setattr(job, "spool_remove", lambda spool: None)
-    monkeypatch.setattr(job, "write_plan", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(job, "write_task", lambda task: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         pack(src, tmp_path / "c", workers=1, quiet=True, resize=128)
     monkeypatch.undo()
@@ -366,3 +367,27 @@ def test_resize_spool_gives_the_same_shards_and_survives_a_damaged_entry(tmp_pat
     resumed = pack(src, tmp_path / "c", workers=1, quiet=True, resize=128)
     assert _shard_hashes(resumed) == _shard_hashes(with_spool)
     assert not (tmp_path / "c" / SPOOL_NAME).exists()
+
+
+def test_local_pack_writes_shards_while_files_are_still_probed(tmp_path, monkeypatch):
+    """On the local pool a shard is written as soon as its files are probed, not after the
+    last probe; the bytes are those of the phase-by-phase path (probe all, plan, write)."""
+    import packer.job as job
+
+    src = make_example_tree(tmp_path / "src", counts={"train": 24, "test": 6}, seed=5, long_side=SMALL)
+    events: list[str] = []
+    real_probe, real_write = job._probe_chunk, job.write_task
+    monkeypatch.setattr(job, "PROBE_CHUNK", 4)
+    monkeypatch.setattr(job, "_probe_chunk", lambda task: (events.append("probe"), real_probe(task))[1])
+    monkeypatch.setattr(job, "write_task", lambda task: (events.append("write"), real_write(task))[1])
+    streamed = pack(src, tmp_path / "a", workers=1, quiet=True, max_count=5)
+    assert events.index("write") < len(events) - 1 - events[::-1].index("probe")
+    monkeypatch.undo()
+
+    phased = job._pack_with(
+        src, str(tmp_path / "b"), streamed["options"], resize_spec=None, quiet=True,
+        run=job._engine_runner("local", workers=1, scheduler=None, pool=job.LocalPool(1)),
+        probe_chunk=4, check_workers=None,
+    )
+    assert _shard_hashes(phased) == _shard_hashes(streamed)
+    assert phased == streamed

@@ -133,3 +133,20 @@ def test_fingerprint_depends_on_content_and_options():
     assert shard.fingerprint({"seed": 0}) == shard.fingerprint({"seed": 0})
     assert shard.fingerprint({"seed": 0}) != shard.fingerprint({"seed": 1})
     assert shard.fingerprint({"seed": 0}) != other.fingerprint({"seed": 0})
+
+
+@settings(max_examples=200, deadline=None)
+@given(path=st.text(min_size=1, max_size=40), class_name=st.text(min_size=1, max_size=20),
+       label=st.integers(0, 10_000), ext=st.sampled_from(["jpg", "png", "webp"]))
+def test_fingerprint_line_is_json_dumps(path, class_name, label, ext):
+    """Fingerprints format each sample's line directly; the text must stay json.dumps' (a
+    fingerprint recorded by an earlier version must still match on resume)."""
+    import json
+
+    from packer.plan import _fingerprint_line
+
+    s = PlannedSample(key="train_000000001", rel_path=path, abs_path="/x", ext=ext, label=label,
+                      class_name=class_name, width=3, height=4, size=10, sha256="ab" * 32,
+                      source_sha256="ab" * 32)
+    assert _fingerprint_line(s) == json.dumps([s.key, s.ext, s.label, s.sha256, s.json_bytes().decode()])
+    assert s.tar_bytes() == sum(-(-n // 512) * 512 + 512 for n in (10, len(str(label)), len(s.json_bytes())))

@@ -1,0 +1,150 @@
+"""Writing a plan's shards into OUT: what is kept from an earlier run, what is written, the
+journal, the background fsyncs and the progress bars.
+
+Shards arrive one by one (``add``), from a whole plan or from a planner that cuts them
+while files are still being probed; written ones come back through ``done``. ``close``
+waits for every fsync, so a manifest published afterwards never names data still in the
+page cache, and removes shard files the plan no longer names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from .errors import PackError
+from .format import MANIFEST_NAME
+from .plan import PlannedShard
+from .progress import Progress as tqdm
+from .resume import Journal, keepable, previous_results, remove_stale
+from .transform import ResizeSpec
+from .write import ShardResult, _os_error_message, fsync_file, write_shard
+
+__all__ = ["WriteSession", "WriteTask", "write_task", "os_errors_as_pack_error"]
+
+log = logging.getLogger("shardpack")
+
+# (shard, out_dir, fingerprint, resize, fsync in the writer, write-behind, spool)
+WriteTask = tuple[PlannedShard, str, str, "ResizeSpec | None", bool, bool, "str | None"]
+
+
+def write_task(task: WriteTask) -> ShardResult:
+    """Write one shard (runs in a worker process)."""
+    shard, out_dir, fingerprint, resize, sync_here, write_behind, spool = task
+    # unless synced here, fsynced by the session's background thread while the next is written
+    return write_shard(shard, out_dir, fingerprint=fingerprint, resize=resize, durable=sync_here,
+                       write_behind=write_behind, spool=spool)
+
+
+class WriteSession:
+    """One pack job's shard writing into ``out_dir`` (a context manager).
+
+    ``durable``: every shard (kept or written) is fsynced before ``close`` returns, on
+    background threads that overlap the writing of later shards; ``sync_in_writer``: the
+    writer does it (Dask workers may be other machines, whose caches an fsync here would
+    not flush). ``expected``: a split's sample count so far (for its progress bar).
+    """
+
+    def __init__(
+        self, out_dir: str, options: dict[str, Any], *, resize: ResizeSpec | None, quiet: bool,
+        durable: bool = True, sync_in_writer: bool = False, spool: str | None = None,
+        expected: Callable[[str], int] | None = None,
+    ) -> None:
+        self.out_dir, self.options, self.resize, self.spool = out_dir, options, resize, spool
+        self.durable, self.sync_in_writer, self.quiet = durable, sync_in_writer, quiet
+        self.results: dict[str, ShardResult] = {}
+        self._expected = expected
+        self._bars: dict[str, Any] = {}
+        self._started = time.perf_counter()
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as exc:
+            raise PackError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
+        self._previous = previous_results(out_dir)
+        _unpublish_manifest(out_dir)
+        with os_errors_as_pack_error(out_dir):
+            self._journal = Journal(out_dir, options, durable=durable)
+        self._syncer = ThreadPoolExecutor(2, thread_name_prefix="shardpack-fsync")
+        self._syncing: list[Future[None]] = []
+
+    def __enter__(self) -> WriteSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._syncer.shutdown(wait=True)
+        self._journal.close()
+        for bar in self._bars.values():
+            bar.close()
+
+    def add(self, shard: PlannedShard) -> WriteTask | None:
+        """Keep ``shard`` from an earlier run if it is byte-identical to the plan's, else
+        return the task that writes it."""
+        fingerprint = shard.fingerprint(self.options)
+        kept = keepable(self.out_dir, shard.name, fingerprint, self._previous.get(shard.name))
+        if kept is None:
+            return (shard, self.out_dir, fingerprint, self.resize,
+                    self.durable and self.sync_in_writer, self.durable, self.spool)
+        if self.durable:  # kept from an earlier run, which may not have synced it
+            self._sync(kept.name)
+        self._record(kept, shard.split)
+        return None
+
+    def done(self, task: WriteTask, result: ShardResult) -> None:
+        """Record a written shard: results, journal, progress, fsync."""
+        if self.durable and not self.sync_in_writer:
+            self._sync(result.name)
+        self._record(result, task[0].split)
+
+    def close(self) -> dict[str, ShardResult]:
+        """Wait until every shard is on disk; remove shard files the plan does not name."""
+        for future in self._syncing:
+            future.result()
+        removed = remove_stale(self.out_dir, keep=set(self.results))
+        if removed:
+            log.info("removed %d shard files the plan no longer names", len(removed))
+        return self.results
+
+    def _sync(self, name: str) -> None:
+        self._syncing.append(self._syncer.submit(fsync_file, os.path.join(self.out_dir, name)))
+
+    def _record(self, result: ShardResult, split: str) -> None:
+        self.results[result.name] = result
+        with os_errors_as_pack_error(self._journal.path):
+            self._journal.record(result)
+        bar = self._bar(split)
+        if self._expected is not None:
+            bar.total = self._expected(split)
+        bar.update(result.count)
+        seconds = max(time.perf_counter() - self._started, 1e-9)
+        written = sum(r.bytes for r in self.results.values() if r.name.startswith(f"{split}/"))
+        bar.set_postfix_str(f"{written / seconds / 1e6:.1f} MB/s, {written / 1e6:.0f} MB")
+
+    def _bar(self, split: str) -> Any:
+        if split not in self._bars:
+            total = self._expected(split) if self._expected is not None else None
+            self._bars[split] = tqdm(
+                total=total, unit="img", desc=f"writing {split}", position=len(self._bars),
+                disable=True if self.quiet else None, leave=True,
+            )
+        return self._bars[split]
+
+
+@contextlib.contextmanager
+def os_errors_as_pack_error(path: str) -> Iterator[None]:
+    """Disk full or unwritable OUT outside the shard writer: a PackError saying so."""
+    try:
+        yield
+    except OSError as exc:
+        raise PackError(_os_error_message(exc, path)) from exc
+
+
+def _unpublish_manifest(out_dir: str) -> None:
+    """Take an old manifest down before shards change under it: a reader must never see a
+    manifest whose shards are being rewritten."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out_dir, MANIFEST_NAME))
