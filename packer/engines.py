@@ -64,6 +64,11 @@ class LocalPool:
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
         return self._pool
 
+    def start(self) -> None:
+        """Start the worker processes now (they start while the caller walks the tree)."""
+        if self.workers > 1:
+            self.executor().submit(int)  # the first task makes the executor start them all
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)

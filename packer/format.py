@@ -8,6 +8,7 @@ members a sample has, and the fixed tar header values that make shards byte-iden
 
 from __future__ import annotations
 
+import functools
 import json
 import posixpath
 import re
@@ -81,7 +82,12 @@ def sample_key(split: str, position: int) -> str:
     Keys never contain a dot (webdataset splits key from extension at the first dot of the
     base name), and are unique across splits.
     """
-    return f"{_UNSAFE_KEY_CHARS.sub('_', split)}_{position:09d}"
+    return f"{_key_prefix(split)}_{position:09d}"
+
+
+@functools.lru_cache(maxsize=64)
+def _key_prefix(split: str) -> str:
+    return _UNSAFE_KEY_CHARS.sub("_", split)
 
 
 def split_member_name(name: str) -> tuple[str, str]:

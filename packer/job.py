@@ -131,6 +131,8 @@ def pack(
     with contextlib.ExitStack() as stack:
         pool = LocalPool(workers)
         stack.callback(pool.close)
+        if engine == "local":
+            pool.start()
         remote = engine == "dask" and scheduler is not None
         if engine == "dask" and scheduler is None:  # one cluster for every phase of the job
             from .dask_engine import local_cluster

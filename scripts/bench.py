@@ -17,11 +17,16 @@ each runs --repeat times, interleaved round by round, and the table shows the me
   shardpack_tf_resized   the same on shards packed with --resize 256
 
 packer contenders
-  tar_cf             `tar -cf` over the same tree
-  wds_shardwriter    a plain webdataset.ShardWriter loop (no validation, one process)
-  shardpack_pack     `pack()` with its default validation (structure: headers, declared
-                     size, end markers), hashing, all cores
-  shardpack_pack_decode  the same with validate="decode" (every image decoded)
+  tar_cf             `tar -cf` over the same tree (leaves the archive in the page cache)
+  tar_cf_fsync       the same, then fsync of the archive: on disk, as pack() leaves shards
+  wds_shardwriter    a plain webdataset.ShardWriter loop (no validation, one process, no fsync)
+  shardpack_pack_nofsync  `pack(fsync=False)` (`--no-fsync`): default validation (structure:
+                     headers, declared size, end markers), hashing, all cores; compare
+                     with tar -cf and ShardWriter, which do not sync either
+  shardpack_pack     the default `pack()`: the same, with every shard and the manifest
+                     fsynced before it returns; compare with tar -cf + fsync
+  shardpack_pack_decode  the default with validate="decode" (every image decoded)
+Every packer contender starts after an os.sync(), so none pays for another's dirty pages.
 
 Prints a table of images/s, ratios to the decode limit and to each anchor, CPU ms per
 image (less disturbed than images/s on a shared machine), peak RSS, the load average; writes
@@ -51,7 +56,8 @@ READER_CONTENDERS = [
     "decode_limit", "keras_directory", "webdataset", "shardpack_numpy", "shardpack_tf",
     "shardpack_tf_resized",
 ]
-PACKER_CONTENDERS = ["tar_cf", "wds_shardwriter", "shardpack_pack", "shardpack_pack_decode"]
+PACKER_CONTENDERS = ["tar_cf", "tar_cf_fsync", "wds_shardwriter", "shardpack_pack_nofsync",
+                     "shardpack_pack", "shardpack_pack_decode"]
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
 
@@ -202,15 +208,31 @@ def _count_images(src: Path) -> int:
     return sum(1 for p in src.rglob("*") if p.is_file())
 
 
-def c_tar_cf(cfg: dict[str, Any]) -> dict[str, Any]:
+def _settle() -> None:
+    """Flush every dirty page first: a contender must not pay for the previous one's."""
+    os.sync()
+    time.sleep(0.2)
+
+
+def c_tar_cf(cfg: dict[str, Any], *, fsync: bool = False) -> dict[str, Any]:
     src = Path(cfg["src"])
     target = Path(cfg["scratch"]) / "tar_cf.tar"
+    _settle()
     start = time.perf_counter()
     subprocess.run(["tar", "-cf", str(target), "-C", str(src), "."], check=True)
+    if fsync:
+        fd = os.open(target, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
     seconds = time.perf_counter() - start
     target.unlink()
     n = _count_images(src)
     return {"images": n, "seconds": seconds, "images_per_s": n / seconds}
+
+
+def c_tar_cf_fsync(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``tar -cf`` and an fsync of the archive: the anchor for the default, durable pack."""
+    return c_tar_cf(cfg, fsync=True)
 
 
 def c_wds_shardwriter(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -220,6 +242,7 @@ def c_wds_shardwriter(cfg: dict[str, Any]) -> dict[str, Any]:
     out = Path(cfg["scratch"]) / "wds_out"
     out.mkdir(parents=True, exist_ok=True)
     classes = sorted({p.name for split in src.iterdir() for p in split.iterdir()})
+    _settle()
     start = time.perf_counter()
     n = 0
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=10000, maxsize=256e6, verbose=0) as sink:
@@ -240,13 +263,20 @@ def c_shardpack_pack(cfg: dict[str, Any]) -> dict[str, Any]:
 
     out = Path(cfg["scratch"]) / "pack_out"
     shutil.rmtree(out, ignore_errors=True)
+    _settle()
     start = time.perf_counter()
     manifest = pack(cfg["src"], out, quiet=True, workers=cfg.get("workers") or cores(),
-                    max_size="64MB", validate=cfg.get("validate", "structure"))
+                    max_size="64MB", validate=cfg.get("validate", "structure"),
+                    fsync=cfg.get("fsync", True))
     seconds = time.perf_counter() - start
     n = sum(s["count"] for s in manifest["splits"].values())
     shutil.rmtree(out)
     return {"images": n, "seconds": seconds, "images_per_s": n / seconds}
+
+
+def c_shardpack_pack_nofsync(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The packer with ``fsync=False``: shards left to the kernel, like tar and ShardWriter."""
+    return c_shardpack_pack({**cfg, "fsync": False})
 
 
 def c_shardpack_pack_decode(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -283,7 +313,8 @@ def _ratio(rate: float, base: float | None) -> str:
 
 READER_ANCHORS = [("decode limit", "decode_limit"), ("keras dir", "keras_directory"),
                   ("webdataset", "webdataset")]
-PACKER_ANCHORS = [("tar -cf", "tar_cf"), ("wds ShardWriter", "wds_shardwriter")]
+PACKER_ANCHORS = [("tar -cf", "tar_cf"), ("tar -cf + fsync", "tar_cf_fsync"),
+                  ("wds ShardWriter", "wds_shardwriter")]
 
 
 def format_table(results: dict[str, dict[str, Any]], kind: str) -> str:
