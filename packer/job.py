@@ -359,7 +359,8 @@ def probe_and_write(
         return None
 
     with WriteSession(out_dir, options, resize=resize, quiet=quiet, durable=durable,
-                      sync_in_writer=sync_in_writer, spool=spool, expected=planner.expected) as session, \
+                      sync_in_writer=sync_in_writer, spool=spool, expected=planner.expected,
+                      bar_offset=1) as session, \
             tqdm(total=len(candidates), unit="img", desc="checking",
                  disable=True if quiet else None) as bar:
         for (fn, task), result in fed(next_task):

@@ -47,18 +47,20 @@ class WriteSession:
     ``durable``: every shard (kept or written) is fsynced before ``close`` returns, on
     background threads that overlap the writing of later shards; ``sync_in_writer``: the
     writer does it (Dask workers may be other machines, whose caches an fsync here would
-    not flush). ``expected``: a split's sample count so far (for its progress bar).
+    not flush). ``expected``: a split's sample count so far (for its progress bar);
+    ``bar_offset``: progress bars of others shown above this session's.
     """
 
     def __init__(
         self, out_dir: str, options: dict[str, Any], *, resize: ResizeSpec | None, quiet: bool,
         durable: bool = True, sync_in_writer: bool = False, spool: str | None = None,
-        expected: Callable[[str], int] | None = None,
+        expected: Callable[[str], int] | None = None, bar_offset: int = 0,
     ) -> None:
         self.out_dir, self.options, self.resize, self.spool = out_dir, options, resize, spool
         self.durable, self.sync_in_writer, self.quiet = durable, sync_in_writer, quiet
         self.results: dict[str, ShardResult] = {}
         self._expected = expected
+        self._bar_offset = bar_offset  # lines taken by other bars shown meanwhile
         self._bars: dict[str, Any] = {}
         self._started = time.perf_counter()
         try:
@@ -128,7 +130,7 @@ class WriteSession:
         if split not in self._bars:
             total = self._expected(split) if self._expected is not None else None
             self._bars[split] = tqdm(
-                total=total, unit="img", desc=f"writing {split}", position=len(self._bars),
+                total=total, unit="img", desc=f"writing {split}", position=self._bar_offset + len(self._bars),
                 disable=True if self.quiet else None, leave=True,
             )
         return self._bars[split]
