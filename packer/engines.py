@@ -67,7 +67,9 @@ class LocalPool:
     def start(self) -> None:
         """Start the worker processes now (they start while the caller walks the tree)."""
         if self.workers > 1:
-            self.executor().submit(int)  # the first task makes the executor start them all
+            executor = self.executor()
+            for _ in range(self.workers):  # fork starts all at the first task, others on demand
+                executor.submit(int)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -94,9 +94,10 @@ def pack(
         fsync: flush every shard, the journal's header and the manifest to disk before
             returning, so a power cut never leaves a manifest naming data that is not
             there. False (``--no-fsync``, like ``tar`` and webdataset's ShardWriter) leaves
-            that to the kernel: faster, for scratch packs; after a power cut, re-running
-            the pack rewrites whatever does not hash to its journal record, and readers
-            verify each shard's sha256 before using it. An object-store OUT ignores it.
+            that to the kernel: faster, for scratch packs. After a power cut, re-run the
+            pack: it rewrites whatever does not hash to its record (if the cut also lost
+            the journal, it asks for ``overwrite``); readers verify each shard's sha256
+            before using it. An object-store OUT ignores it.
         storage_options: passed to fsspec when ``out`` is a URL.
 
     Returns:

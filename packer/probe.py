@@ -199,17 +199,26 @@ _READ_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0)
 
 
 def _read_all(fd: int, size: int) -> bytes:
-    """``size`` bytes from ``fd`` (fewer only at end of file), in one read when the kernel
-    allows (Linux caps one read near 2 GiB)."""
+    """Everything in ``fd``, expected to be ``size`` bytes: one read when the kernel allows
+    (Linux caps one read near 2 GiB; bigger files are read into one preallocated buffer,
+    not into parts joined by a copy). A file that says 0 bytes is read to its end anyway
+    (proc-like and some FUSE files report no size)."""
+    if size == 0:
+        return b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
     data = os.read(fd, size)
     if len(data) == size or not data:
         return data
-    parts = [data]
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    view[: len(data)] = data
     done = len(data)
-    while done < size and (part := os.read(fd, size - done)):
-        parts.append(part)
-        done += len(part)
-    return b"".join(parts)
+    del data
+    while done < size and (got := os.readv(fd, [view[done:]])):
+        done += got
+    view.release()
+    if done < size:  # the file shrank meanwhile (the caller's stamps say it changed)
+        del buffer[done:]
+    return buffer  # type: ignore[return-value]  # bytes-like: hashing, parsing and writing take it
 
 
 def file_stamp(st: os.stat_result) -> tuple[int, ...]:

@@ -126,6 +126,10 @@ class Journal:
     def record(self, result: ShardResult) -> None:
         self._append(result.manifest_entry())
 
+    def record_entry(self, entry: dict[str, Any]) -> None:
+        """Carry a record over from an earlier run's manifest or journal."""
+        self._append(entry)
+
     def close(self) -> None:
         self._file.close()
 

@@ -2,9 +2,10 @@
 journal, the background fsyncs and the progress bars.
 
 Shards arrive one by one (``add``), from a whole plan or from a planner that cuts them
-while files are still being probed; written ones come back through ``done``. ``close``
-waits for every fsync, so a manifest published afterwards never names data still in the
-page cache, and removes shard files the plan no longer names.
+while files are still being probed; written ones come back through ``done``. OUT is left
+as it was until the first shard must be written. ``close`` waits for every fsync, so a
+manifest published afterwards never names data still in the page cache, and removes shard
+files the plan no longer names.
 """
 
 from __future__ import annotations
@@ -68,9 +69,8 @@ class WriteSession:
         except OSError as exc:
             raise PackError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from exc
         self._previous = previous_results(out_dir)
-        _unpublish_manifest(out_dir)
-        with os_errors_as_pack_error(out_dir):
-            self._journal = Journal(out_dir, options, durable=durable)
+        self._journal: Journal | None = None  # opened before the first change to OUT
+        self._written_bytes: dict[str, int] = {}
         self._syncer = ThreadPoolExecutor(2, thread_name_prefix="shardpack-fsync")
         self._syncing: list[Future[None]] = []
 
@@ -79,7 +79,8 @@ class WriteSession:
 
     def __exit__(self, *exc: object) -> None:
         self._syncer.shutdown(wait=True)
-        self._journal.close()
+        if self._journal is not None:
+            self._journal.close()
         for bar in self._bars.values():
             bar.close()
 
@@ -89,6 +90,7 @@ class WriteSession:
         fingerprint = shard.fingerprint(self.options)
         kept = keepable(self.out_dir, shard.name, fingerprint, self._previous.get(shard.name))
         if kept is None:
+            self._open()
             return (shard, self.out_dir, fingerprint, self.resize,
                     self.durable and self.sync_in_writer, self.durable, self.spool)
         if self.durable:  # kept from an earlier run, which may not have synced it
@@ -106,24 +108,45 @@ class WriteSession:
         """Wait until every shard is on disk; remove shard files the plan does not name."""
         for future in self._syncing:
             future.result()
+        self._open()  # the old manifest may name shards that are about to be removed
         removed = remove_stale(self.out_dir, keep=set(self.results))
         if removed:
             log.info("removed %d shard files the plan no longer names", len(removed))
         return self.results
+
+    def _open(self) -> None:
+        """Before OUT changes: take the old manifest down and start a new journal.
+
+        Not earlier: while files are still being checked, a published output stays
+        published, and an interrupted re-run leaves it as it was. The new journal starts
+        with every record the old manifest and journal held (hints only: a shard is kept
+        only if its fingerprint, size and sha256 still match), so a run stopped midway
+        loses none of them.
+        """
+        if self._journal is not None:
+            return
+        _unpublish_manifest(self.out_dir)
+        with os_errors_as_pack_error(self.out_dir):
+            self._journal = Journal(self.out_dir, self.options, durable=self.durable)
+            for entry in self._previous.values():
+                self._journal.record_entry(entry)
+            for result in self.results.values():  # kept before the journal was opened
+                self._journal.record(result)
 
     def _sync(self, name: str) -> None:
         self._syncing.append(self._syncer.submit(fsync_file, os.path.join(self.out_dir, name)))
 
     def _record(self, result: ShardResult, split: str) -> None:
         self.results[result.name] = result
-        with os_errors_as_pack_error(self._journal.path):
-            self._journal.record(result)
+        if self._journal is not None:
+            with os_errors_as_pack_error(self._journal.path):
+                self._journal.record(result)
         bar = self._bar(split)
         if self._expected is not None:
             bar.total = self._expected(split)
         bar.update(result.count)
         seconds = max(time.perf_counter() - self._started, 1e-9)
-        written = sum(r.bytes for r in self.results.values() if r.name.startswith(f"{split}/"))
+        written = self._written_bytes[split] = self._written_bytes.get(split, 0) + result.bytes
         bar.set_postfix_str(f"{written / seconds / 1e6:.1f} MB/s, {written / 1e6:.0f} MB")
 
     def _bar(self, split: str) -> Any:

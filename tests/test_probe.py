@@ -144,3 +144,40 @@ def test_resize_of_a_large_jpeg_decodes_reduced_and_matches_a_full_decode():
     a = np.asarray(Image.open(io.BytesIO(fast)), dtype=np.int16)
     b = np.asarray(Image.open(io.BytesIO(full)), dtype=np.int16)
     assert np.abs(a - b).mean() < 2.0
+
+
+def test_reads_whole_files_when_one_read_is_not_enough():
+    """Source reads are sized by fstat; a read that comes back short (a pipe here, a file
+    over 2 GiB or a network filesystem in practice) is completed, and a file that reports
+    0 bytes is read to its end (proc-like and some FUSE files report no size)."""
+    import os
+    import threading
+    import time
+
+    from packer.probe import _read_all
+
+    r, w = os.pipe()
+    os.write(w, b"a" * 50)
+
+    def later():
+        time.sleep(0.05)
+        os.write(w, b"b" * 70)
+        os.close(w)
+
+    thread = threading.Thread(target=later)
+    thread.start()
+    assert bytes(_read_all(r, 120)) == b"a" * 50 + b"b" * 70  # second part waited for
+    thread.join()
+    os.close(r)
+
+    r, w = os.pipe()
+    os.write(w, b"short")
+    os.close(w)
+    assert bytes(_read_all(r, 100)) == b"short"  # shrank meanwhile: what is there
+    os.close(r)
+
+    r, w = os.pipe()
+    os.write(w, b"no size" * 1000)
+    os.close(w)
+    assert _read_all(r, 0) == b"no size" * 1000
+    os.close(r)

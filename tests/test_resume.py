@@ -220,3 +220,65 @@ def test_no_fsync_cli_resumes_like_the_default(src, clean, tmp_path):
                    stdout=subprocess.DEVNULL)
     assert _shas(json.loads((out / MANIFEST_NAME).read_text())) == _shas(clean[1])
     assert verify(str(out)).ok
+
+
+def test_rerun_stopped_while_checking_loses_nothing(src, clean, tmp_path, monkeypatch):
+    """A re-run stopped while files are still being checked leaves the published output
+    as it was (manifest included), and the next run keeps every shard."""
+    import shutil
+
+    import packer.job as job
+
+    out = tmp_path / "out"
+    shutil.copytree(clean[0], out)
+    before = (out / MANIFEST_NAME).read_bytes()
+    real_probe = job._probe_chunk
+    calls: list[int] = []
+
+    def stop_on_third_chunk(task):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_probe(task)
+
+    monkeypatch.setattr(job, "PROBE_CHUNK", 4)
+    monkeypatch.setattr(job, "_probe_chunk", stop_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        pack(src, out, **OPTS)
+    assert (out / MANIFEST_NAME).read_bytes() == before  # still published
+    monkeypatch.setattr(job, "_probe_chunk", real_probe)
+
+    writes: list[str] = []
+    real_write = job.write_task
+    monkeypatch.setattr(job, "write_task", lambda task: (writes.append(task[0].name), real_write(task))[1])
+    resumed = pack(src, out, **OPTS)
+    assert writes == []
+    assert _shas(resumed) == _shas(clean[1])
+
+
+def test_run_stopped_midway_keeps_what_the_run_before_had(src, clean, tmp_path, monkeypatch):
+    """Once a re-run starts writing, the old manifest is down; its records move into the
+    new journal, so a run stopped then still keeps every shard that is on disk intact."""
+    import shutil
+
+    import packer.job as job
+
+    out = tmp_path / "out"
+    shutil.copytree(clean[0], out)
+    victim = _shards(out)[-1]
+    victim.write_bytes(b"\0" * victim.stat().st_size)  # one shard damaged: it is rewritten
+    real_write = job.write_task
+
+    def stop_after_write(task):
+        real_write(task)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "write_task", stop_after_write)
+    with pytest.raises(KeyboardInterrupt):
+        pack(src, out, **OPTS)
+    assert not (out / MANIFEST_NAME).exists()
+    writes: list[str] = []
+    monkeypatch.setattr(job, "write_task", lambda task: (writes.append(task[0].name), real_write(task))[1])
+    resumed = pack(src, out, **OPTS)
+    assert writes == []
+    assert _shas(resumed) == _shas(clean[1])
