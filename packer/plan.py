@@ -34,9 +34,14 @@ TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads the archive to whole 10,240-byte records
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PlannedSample:
-    """One input file and everything needed to write its three tar members."""
+    """One input file and everything needed to write its three tar members.
+
+    Treated as immutable (nothing assigns to it after planning). Not a frozen dataclass:
+    one is made per file in the planning process, and a frozen constructor took 4 µs
+    against 0.5 µs.
+    """
 
     key: str
     rel_path: str
@@ -50,25 +55,33 @@ class PlannedSample:
     sha256: str  # of the stored image bytes
     source_sha256: str
     source_stamp: tuple[int, ...] | None = None  # probe.read_stamped's stamp
+    # computed once, in __post_init__: planning, fingerprinting and writing all use them
+    _json: bytes = field(init=False, repr=False, compare=False, default=b"")
+    _tar_bytes: int = field(init=False, repr=False, compare=False, default=0)
 
     def __post_init__(self) -> None:
-        # computed once, here: planning, fingerprinting and writing all use them (a
-        # cached_property took a lock on every read)
         meta = sample_json(
             path=self.rel_path, class_name=self.class_name, label=self.label,
             width=self.width, height=self.height,
         )
-        object.__setattr__(self, "_json", meta)
-        object.__setattr__(self, "_tar_bytes", 3 * TAR_BLOCK + _padded(self.size)
-                           + _padded(len(str(self.label))) + _padded(len(meta)))
+        self._json = meta
+        self._tar_bytes = (3 * TAR_BLOCK + _padded(self.size) + _padded(len(str(self.label)))
+                           + _padded(len(meta)))
+
+    def __reduce__(self) -> tuple[type[PlannedSample], tuple[Any, ...]]:
+        # sent to writer processes as the constructor's arguments (a third of the cost of
+        # the slots' default state); the writer recomputes the JSON member
+        return PlannedSample, (self.key, self.rel_path, self.abs_path, self.ext, self.label,
+                               self.class_name, self.width, self.height, self.size,
+                               self.sha256, self.source_sha256, self.source_stamp)
 
     def json_bytes(self) -> bytes:
         """The ``.json`` member."""
-        return self._json  # type: ignore[attr-defined,no-any-return]
+        return self._json
 
     def tar_bytes(self) -> int:
         """Exact bytes this sample adds to a USTAR archive (3 headers + padded data)."""
-        return self._tar_bytes  # type: ignore[attr-defined,no-any-return]
+        return self._tar_bytes
 
 
 def _padded(size: int) -> int:

@@ -21,6 +21,7 @@ import io
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -39,9 +40,10 @@ DEFAULT_VALIDATE = "structure"
 _ROTATED_ORIENTATIONS = {5, 6, 7, 8}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Probe:
-    """What the probe found out about one file.
+    """What the probe found out about one file (treated as immutable; not a frozen
+    dataclass, whose constructor cost 4 µs per file against 0.5).
 
     ``is_image`` False means the content is not an image at all (the file is ignored unless
     its name claims an image); ``ok`` False with ``is_image`` True means a broken image,
@@ -60,6 +62,12 @@ class Probe:
     # the source file's identity and times as read (see read_stamped): the writer re-reads
     # the file and compares this instead of hashing it again (a tenth of pack time)
     source_stamp: tuple[int, ...] | None = None
+
+    def __reduce__(self) -> tuple[type[Probe], tuple[Any, ...]]:
+        # back from worker processes as the constructor's arguments (cheaper than the
+        # slots' default state)
+        return Probe, (self.ok, self.is_image, self.reason, self.ext, self.width, self.height,
+                       self.size, self.sha256, self.source_sha256, self.source_stamp)
 
 
 def _oriented_size(im: Image.Image) -> tuple[int, int]:
