@@ -248,8 +248,10 @@ def test_flat_tree_without_validation_split_is_a_layout_error(photo_src, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("change", ["rewritten", "touched", "replaced_keeping_mtime"])
-def test_source_changed_between_probe_and_write_is_refused(tmp_path, monkeypatch, change):
+@pytest.mark.parametrize(("change", "workers"), [
+    ("rewritten", 1), ("touched", 1), ("replaced_keeping_mtime", 1), ("rewritten", 2),
+])
+def test_source_changed_between_probe_and_write_is_refused(tmp_path, monkeypatch, change, workers):
     """The writer re-reads each file once; a file whose size or modification time moved since
     the probe read it stops the pack with its name (no shard vouches for unchecked bytes)."""
     import os
@@ -276,7 +278,7 @@ def test_source_changed_between_probe_and_write_is_refused(tmp_path, monkeypatch
 
     monkeypatch.setattr(WriteSession, "add", plan_then_change)
     with pytest.raises(PackError, match=f"{victim.name} changed since it was scanned"):
-        pack(src, tmp_path / "out", workers=1, quiet=True)
+        pack(src, tmp_path / "out", workers=workers, quiet=True)  # 2: raised in a worker
     assert not (tmp_path / "out" / MANIFEST_NAME).exists()
 
 
