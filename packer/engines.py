@@ -85,31 +85,16 @@ def run_local(
     At most ``4 * workers`` tasks are in flight, so a huge plan never queues at once.
     """
     items = list(items)
-    if workers <= 1 or len(items) <= 1:
-        for item in items:
-            yield item, fn(item)
-        return
-    own = pool is None
-    pool = pool or LocalPool(workers)
-    try:
-        executor = pool.executor()
-        pending = {}
-        queue = iter(items)
-        for item in queue:  # keep a bounded number of tasks in flight
-            pending[executor.submit(fn, item)] = item
-            if len(pending) >= workers * 4:
-                break
-        while pending:
-            done = wait(pending, return_when=FIRST_COMPLETED).done
-            for future in done:
-                item = pending.pop(future)
-                yield item, future.result()
-                nxt = next(queue, None)
-                if nxt is not None:
-                    pending[executor.submit(fn, nxt)] = nxt
-    finally:
-        if own:
-            pool.close()
+    queue = iter(items)
+
+    def next_task() -> tuple[Callable[[T], R], T] | None:
+        for item in queue:
+            return fn, item
+        return None
+
+    inline = workers <= 1 or len(items) <= 1
+    for (_fn, item), result in run_local_fed(next_task, workers=1 if inline else workers, pool=pool):
+        yield item, result
 
 
 def run_local_fed(

@@ -65,8 +65,8 @@ class PlannedSample:
             width=self.width, height=self.height,
         )
         self._json = meta
-        self._tar_bytes = (3 * TAR_BLOCK + _padded(self.size) + _padded(len(str(self.label)))
-                           + _padded(len(meta)))
+        self._tar_bytes = (tar_member_bytes(self.size) + tar_member_bytes(len(str(self.label)))
+                           + tar_member_bytes(len(meta)))
 
     def __reduce__(self) -> tuple[type[PlannedSample], tuple[Any, ...]]:
         # sent to writer processes as the constructor's arguments (a third of the cost of
@@ -82,10 +82,6 @@ class PlannedSample:
     def tar_bytes(self) -> int:
         """Exact bytes this sample adds to a USTAR archive (3 headers + padded data)."""
         return self._tar_bytes
-
-
-def _padded(size: int) -> int:
-    return -(-size // TAR_BLOCK) * TAR_BLOCK
 
 
 @dataclass(frozen=True)

@@ -95,10 +95,6 @@ class Planner:
         state = self._splits[split]
         return state.count if state.done else state.count + len(state.order) - state.next
 
-    def splits(self) -> list[str]:
-        """The splits known so far (all of them, except in a flat layout before the end)."""
-        return sorted(self._splits)
-
     # ---------------------------------------------------------------- results
 
     def finish(self) -> tuple[Plan, list[tuple[str, str]], list[tuple[str, str]]]:

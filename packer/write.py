@@ -69,23 +69,14 @@ class _HashingFile:
         self._pending = 0
         self._behind = _WriteBehind(fd) if write_behind else None
 
-    def write(self, chunk: bytes) -> None:
-        self.sha.update(chunk)
-        self.count += len(chunk)
-        self._chunks.append(chunk)
-        self._pending += len(chunk)
-        if self._pending >= _GATHER_BYTES or len(self._chunks) >= _GATHER_CHUNKS:
-            self.flush()
-
-    def write_member(self, header: bytes, payload: bytes, trailer: bytes) -> None:
-        """One tar member (or any three chunks): ``write`` three times, in one call."""
+    def write(self, *chunks: bytes) -> None:
+        """Hash, count and gather ``chunks`` (a tar member goes as header, payload, trailer)."""
         update = self.sha.update
-        update(header)
-        update(payload)
-        update(trailer)
-        size = len(header) + len(payload) + len(trailer)
+        for chunk in chunks:
+            update(chunk)
+        size = sum(map(len, chunks))
         self.count += size
-        self._chunks += (header, payload, trailer)
+        self._chunks += chunks
         self._pending += size
         if self._pending >= _GATHER_BYTES or len(self._chunks) >= _GATHER_CHUNKS:
             self.flush()
@@ -262,7 +253,7 @@ def write_tar(
             ustar_header(cls_name, len(label)), label, _padding(len(label)),
             ustar_header(json_name, len(meta)), meta, _padding(len(meta)),
         ))
-        fileobj.write_member(ustar_header(image_name, len(image)), image, tail)
+        fileobj.write(ustar_header(image_name, len(image)), image, tail)
         written += TAR_BLOCK + len(image) + len(tail)
     fileobj.write(b"\0" * (archive_bytes([written]) - written))  # end blocks + record padding
 
