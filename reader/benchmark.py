@@ -236,6 +236,7 @@ def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out = dict(ok[(len(ok) - 1) // 2])
     out["images_per_s"] = statistics.median(r["images_per_s"] for r in ok)
     out["runs"] = [round(r["images_per_s"], 1) for r in runs if "images_per_s" in r]
+    out["round_rates"] = [r.get("images_per_s") for r in runs]  # by round, None where it failed
     out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
     return out
 

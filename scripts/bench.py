@@ -15,6 +15,8 @@ each runs --repeat times, interleaved round by round, and the table shows the me
   shardpack_numpy    reader.ShardReader
   shardpack_tf       reader.image_dataset_from_shards iterated as Keras would
   shardpack_tf_resized   the same on shards packed with --resize 256
+  decode_limit_resized   the decode limit of those resized shards (what shardpack_tf_resized
+                     can reach at most)
 
 packer contenders
   tar_cf             `tar -cf` over the same tree (leaves the archive in the page cache)
@@ -45,6 +47,7 @@ import platform
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -54,7 +57,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 READER_CONTENDERS = [
     "decode_limit", "keras_directory", "webdataset", "shardpack_numpy", "shardpack_tf",
-    "shardpack_tf_resized",
+    "shardpack_tf_resized", "decode_limit_resized",
 ]
 PACKER_CONTENDERS = ["tar_cf", "tar_cf_fsync", "wds_shardwriter", "shardpack_pack_nofsync",
                      "shardpack_pack", "shardpack_pack_decode"]
@@ -201,6 +204,10 @@ def c_shardpack_tf_resized(cfg: dict[str, Any]) -> dict[str, Any]:
     return tf_epoch(dict(cfg, source=cfg["shards_resized"]))
 
 
+def c_decode_limit_resized(cfg: dict[str, Any]) -> dict[str, Any]:
+    return c_decode_limit(dict(cfg, shards=cfg["shards_resized"]))
+
+
 # ---------------------------------------------------------------- packer contenders
 
 
@@ -315,6 +322,44 @@ READER_ANCHORS = [("decode limit", "decode_limit"), ("keras dir", "keras_directo
                   ("webdataset", "webdataset")]
 PACKER_ANCHORS = [("tar -cf", "tar_cf"), ("tar -cf + fsync", "tar_cf_fsync"),
                   ("wds ShardWriter", "wds_shardwriter")]
+
+
+# The issue's targets: (what, contender, anchor, target ratio or None for context only)
+TARGETS: list[tuple[str, str, str, float | None]] = [
+    ("ShardReader ÷ decode limit", "shardpack_numpy", "decode_limit", 0.9),
+    ("image_dataset_from_shards ÷ decode limit", "shardpack_tf", "decode_limit", 0.9),
+    ("image_dataset_from_shards on `--resize 256` shards ÷ Keras directory on the originals",
+     "shardpack_tf_resized", "keras_directory", 3.0),
+    ("the same ÷ the decode limit of the resized shards", "shardpack_tf_resized",
+     "decode_limit_resized", 0.9),
+    ("pack `--no-fsync` ÷ tar -cf", "shardpack_pack_nofsync", "tar_cf", 0.5),
+    ("pack `--no-fsync` ÷ wds ShardWriter", "shardpack_pack_nofsync", "wds_shardwriter", 2.0),
+    ("pack (default, fsynced) ÷ wds ShardWriter", "shardpack_pack", "wds_shardwriter", 2.0),
+    ("pack (default, fsynced) ÷ tar -cf + fsync", "shardpack_pack", "tar_cf_fsync", None),
+]
+
+
+def round_ratios(results: dict[str, dict[str, Any]], contender: str, anchor: str) -> list[float]:
+    """The contender's rate over the anchor's, round by round (each pair ran minutes apart
+    at most, so a slow stretch of a shared machine cancels out more than in a ratio of
+    medians)."""
+    pairs = zip(results.get(contender, {}).get("round_rates", []),
+                results.get(anchor, {}).get("round_rates", []), strict=False)
+    return [c / a for c, a in pairs if c and a]
+
+
+def format_targets(results: dict[str, dict[str, Any]]) -> str:
+    """A markdown table: each target's ratio in every round, its median, and how many
+    rounds met it."""
+    rows = ["| ratio | by round | median | target | rounds at or above |", "|---|---|---:|---:|---:|"]
+    for label, contender, anchor, target in TARGETS:
+        ratios = round_ratios(results, contender, anchor)
+        if not ratios:
+            continue
+        met = f"{sum(r >= target for r in ratios)} of {len(ratios)}" if target else "–"
+        rows.append(f"| {label} | {', '.join(f'{r:.2f}' for r in ratios)} | "
+                    f"{statistics.median(ratios):.2f} | {f'≥ {target:g}' if target else '–'} | {met} |")
+    return "\n".join(rows)
 
 
 def format_table(results: dict[str, dict[str, Any]], kind: str) -> str:
@@ -476,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         parts += ["**Reader**", "", format_table(results, "reader"), ""]
     if "packer" in kinds:
         parts += ["**Packer**", "", format_table(results, "packer"), ""]
+    parts += ["**Targets** (ratios of rates measured in the same round)", "", format_targets(results), ""]
     if scaling:
         parts += ["**Pack cost vs size** (small JPEGs)", "", "| images | images/s |", "|---:|---:|"]
         parts += [f"| {r['n']} | {r.get('images_per_s', 0):.0f} |" for r in scaling] + [""]
