@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, NamedTuple
 
-from packer.errors import ShardReadError
+from packer.errors import SampleDecodeError, ShardReadError
 from packer.format import IMAGE_MEMBER_EXTS, split_member_name
 
 from .policy import ErrorPolicy
@@ -231,6 +231,7 @@ def shard_samples(
                 for sample in group_samples(tar_members(stream, shard=ref.name), shard=ref.name):
                     count += 1
                     yield sample
+                _read_to_end(stream)
             except OSError as exc:
                 raise ShardReadError(
                     f"read failed ({exc})", shard=ref.name, offset=_tell(stream)
@@ -243,6 +244,17 @@ def shard_samples(
             )
     except ShardReadError as exc:
         policy.shard_failed(exc)
+
+
+def _read_to_end(stream: IO[bytes]) -> None:
+    """Read what follows the end-of-archive marker (its second block, record padding).
+
+    A checked stream compares the sha256 and commits its cache copy only once its last
+    byte is read; a shard whose last read block held nothing but this padding would
+    otherwise be used without its checksum ever being compared.
+    """
+    while stream.read(1 << 20):
+        pass
 
 
 def _tell(stream: IO[bytes]) -> int | None:
@@ -261,14 +273,26 @@ def image_member(sample: Sample) -> str | None:
 
 
 def sample_label(sample: Sample) -> int | None:
-    """Return the sample's class index from ``.cls`` (or ``.json``'s "label"), if any."""
+    """Return the sample's class index from ``.cls`` (or ``.json``'s "label"), if any.
+
+    Raises:
+        SampleDecodeError: the ``.cls`` is not a whole number, or the ``.json`` is not a
+            JSON object with a whole-number "label" (a foreign or damaged tar).
+    """
     cls = sample.get("cls")
-    if cls is not None:
-        return int(cls)
-    meta = sample.get("json")
-    if meta is not None:
-        label = json.loads(meta).get("label")
-        return None if label is None else int(label)
+    try:
+        if cls is not None:
+            return int(cls)
+        meta = sample.get("json")
+        if meta is not None:
+            label = json.loads(meta).get("label")
+            return None if label is None else int(label)
+    except (ValueError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+        member = "cls" if cls is not None else "json"
+        raise SampleDecodeError(
+            f"unreadable label in its .{member} member ({exc})",
+            key=sample.get("__key__", "?"), shard=sample.get("__shard__"),
+        ) from exc
     return None
 
 
@@ -291,7 +315,21 @@ def scan_shard(
     with open_shard(ref.url, **(storage_options or {})) as stream:
         members = tar_members(stream, shard=ref.name, want=want)
         for sample in group_samples(members, shard=ref.name):
-            meta = json.loads(sample["json"]) if "json" in sample else {}
-            label = sample_label(sample)
+            meta = _json_object(sample.get("json"))
+            try:
+                label = sample_label(sample)
+            except SampleDecodeError:  # reading the epoch reports it, through on_error
+                label = None
             out.append((str(meta.get("path", sample["__key__"])), label, meta.get("class")))
     return out
+
+
+def _json_object(data: bytes | None) -> dict[str, Any]:
+    """A ``.json`` member as a dict; empty when absent or not a JSON object."""
+    if data is None:
+        return {}
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}

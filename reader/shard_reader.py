@@ -367,7 +367,11 @@ class ShardReader:
         """Keep the classes asked for, re-index labels, and keep only the image bytes."""
         need_label = self.batch_options.label_mode is not None
         for sample in samples:
-            label = sample_label(sample)
+            try:
+                label = sample_label(sample)
+            except SampleDecodeError as exc:
+                self.policy.sample_failed(exc)
+                continue
             if self._remap is not None:
                 if label not in self._remap:
                     continue

@@ -96,3 +96,62 @@ def test_local_shard_checksum_is_verified_and_again_after_a_change(id_shards, tm
     _flip_a_payload_byte(sorted((fresh / "test").glob("*.tar"))[0])
     with pytest.raises(ChecksumError):
         list(ShardReader(fresh, split="test", image_size=4, shuffle=False))
+
+
+def test_checksum_is_compared_when_the_last_read_block_holds_only_tar_padding(id_shards, tmp_path):
+    """The reader stops parsing at the end-of-archive marker; the rest of the file (its
+    padding) is still read, so the sha256 is compared. Here the shard is 8 MiB + 8 KiB and
+    its end-of-archive marker starts in the last 512 bytes of the first 8 MiB read block,
+    and a label byte is flipped: without reading the padding after it, the wrong label was
+    delivered with no error."""
+    import hashlib
+    import json
+    import tarfile
+
+    from packer.errors import ChecksumError
+
+    shards = tmp_path / "copy"
+    shutil.copytree(id_shards[0], shards)
+    image = _png(7)
+    members_end = (8 << 20) - 512  # header + padded image + .cls member (header + one block)
+    image = image + b"\0" * (members_end - 3 * 512 - len(image))  # bytes after IEND: ignored
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in (("k0.png", image), ("k0.cls", b"1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = bytearray(buf.getvalue())
+    assert len(data) % (8 << 20) == 8192  # the last 8 MiB read block is end-of-archive padding
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for old in (shards / "test").glob("*.tar"):
+        old.unlink()
+    manifest["splits"]["test"]["count"] = 1
+    manifest["splits"]["test"]["shards"] = [{
+        "name": "test/test-000000.tar", "count": 1, "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    cls_at = data.index(b"k0.cls") + 512  # the label's byte, after the member's header
+    data[cls_at : cls_at + 1] = b"0"
+    (shards / "test" / "test-000000.tar").write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="does not match"):
+        list(ShardReader(shards, split="test", image_size=4, shuffle=False))
+
+
+def test_an_unreadable_label_goes_to_the_error_policy(tmp_path):
+    """A foreign tar whose ``.cls`` is not a number (or whose ``.json`` is not JSON) loses
+    that sample, counted, under on_error="warn" and raises under "raise"; it never ends the
+    epoch with a bare ValueError."""
+    with wds.TarWriter(str(tmp_path / "foreign.tar")) as sink:
+        for key, label in (("a", b"0"), ("b", b"dog"), ("c", b"1")):
+            sink.write({"__key__": key, "png": _png(3), "cls": label})
+        sink.write({"__key__": "d", "png": _png(4), "json": b"{not json"})
+    url = str(tmp_path / "foreign.tar")
+    reader = ShardReader([url], num_classes=2, image_size=4, batch_size=8, shuffle=False,
+                         on_error="warn", num_workers=1)
+    with pytest.warns(RuntimeWarning, match="unreadable label"):
+        labels = np.concatenate([y for _, y in reader])
+    assert labels.tolist() == [0, 1]
+    with pytest.raises(SampleDecodeError, match="unreadable label"):
+        list(ShardReader([url], num_classes=2, image_size=4, shuffle=False, on_error="raise"))
