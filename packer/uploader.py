@@ -373,6 +373,7 @@ def send_shards(
         bar.close()
     manifest_state = "unchanged"
     if manifest_bytes is not None and (old_manifest != manifest_bytes or stats["uploaded"]):
+        take_down_old_manifest()  # a published manifest must never name a removed shard
         stats["removed"] = _remove_unnamed_shards(store, old_manifest, shards)
         store.publish(MANIFEST_NAME, manifest_bytes)
         manifest_state = "uploaded"

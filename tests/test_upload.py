@@ -272,3 +272,35 @@ def test_smaller_repack_removes_remote_shards_the_new_manifest_does_not_name(s3,
     manifest_put = max(i for i, r in enumerate(later) if r.method == "PUT" and r.path.endswith(MANIFEST_NAME))
     deletes = [i for i, r in enumerate(later) if r.method == "DELETE" and r.path.endswith(".tar")]
     assert deletes and max(deletes) < manifest_put
+
+
+def test_a_repack_that_only_drops_shards_never_publishes_a_manifest_naming_missing_ones(
+        photo_shards, tmp_path, monkeypatch):
+    """Re-uploading a pack that lost a split sends nothing (the other shards are identical)
+    but deletes the dropped split's shards: the old manifest, which names them, comes down
+    first, so a failed publish leaves no manifest rather than one naming deleted shards."""
+    from packer import pack
+    from packer.uploader import RemoteStore
+
+    src = tmp_path / "src"
+    shutil.copytree(photo_shards.parent / "src", src)
+    first = tmp_path / "first"
+    pack(src, first, seed=0, max_count=40, workers=1, quiet=True)
+    dest = tmp_path / "remote"
+    upload(first, str(dest), quiet=True)
+    shutil.rmtree(src / "test")
+    second = tmp_path / "second"
+    pack(src, second, seed=0, max_count=40, workers=1, quiet=True)
+
+    def connection_reset(self, name, data):  # the manifest's PUT fails
+        raise OSError("connection reset by peer")
+
+    monkeypatch.setattr(RemoteStore, "publish", connection_reset)
+    with pytest.raises((UploadError, OSError)):
+        upload(second, str(dest), quiet=True)
+    assert not list((dest / "test").glob("*.tar"))  # the dropped split's shards are gone
+    manifest = dest / MANIFEST_NAME
+    if manifest.exists():
+        named = [s["name"] for split in json.loads(manifest.read_text())["splits"].values()
+                 for s in split["shards"]]
+        assert all((dest / name).exists() for name in named)
