@@ -43,8 +43,9 @@ _BYTE_ORDERS: dict[bytes, Literal["little", "big"]] = {b"II": "little", b"MM": "
 _XMP = b"http://ns.adobe.com/xap/1.0/"
 
 
-def tiff_orientation(tiff: bytes) -> int | None:
-    """Orientation tag of IFD0 in a TIFF (EXIF) block; 1 when absent, None if unreadable."""
+def tiff_orientation(tiff: bytes, *, absent: int = 1) -> int | None:
+    """Orientation tag of IFD0 in a TIFF (EXIF) block; ``absent`` when it has none, None if
+    unreadable."""
     order = _BYTE_ORDERS.get(tiff[:2])
     if order is None or len(tiff) < 8:
         return None
@@ -61,7 +62,7 @@ def tiff_orientation(tiff: bytes) -> int | None:
                 return None
             value = int.from_bytes(entry[8:10], order)
             return value if 1 <= value <= 8 else 1
-    return 1
+    return absent
 
 
 def _segments(data: bytes) -> Iterator[tuple[int, int, int]]:
@@ -90,13 +91,32 @@ def _segments(data: bytes) -> Iterator[tuple[int, int, int]]:
 _MARKER_HEAD = struct.Struct(">BBH")  # FF, marker, segment length (when it has one)
 
 
-def _app1_orientation(data: bytes, pos: int, length: int) -> int | None | bool:
-    """Orientation from one APP1 segment: an int from EXIF, True for an XMP packet (whose
-    ``tiff:Orientation`` only Pillow reads), False for anything else."""
-    body = data[pos + 4 : pos + 2 + length]
-    if body[:6] == b"Exif\x00\x00":
-        return tiff_orientation(body[6:])
-    return True if body.startswith(_XMP) else False
+class _OrientationScan:
+    """The orientation Pillow would report, from a JPEG's APP1 segments in file order.
+
+    Pillow keeps the first EXIF segment only; when it has no Orientation tag, Pillow reads
+    ``tiff:Orientation`` from an XMP packet, which only Pillow parses (``result`` is then
+    None: ask Pillow).
+    """
+
+    def __init__(self) -> None:
+        self._exif_seen = False
+        self._exif: int | None = 0  # the first EXIF block's tag; 0: absent, None: unreadable
+        self._xmp = False
+
+    def add(self, data: bytes, pos: int, length: int) -> None:
+        body = data[pos + 4 : pos + 2 + length]
+        if body[:6] == b"Exif\x00\x00":
+            if not self._exif_seen:
+                self._exif_seen = True
+                self._exif = tiff_orientation(body[6:], absent=0)
+        elif body.startswith(_XMP):
+            self._xmp = True
+
+    def result(self) -> int | None:
+        if self._exif is None or self._exif:
+            return self._exif
+        return None if self._xmp else 1
 
 
 def jpeg_orientation(data: bytes) -> int | None:
@@ -106,15 +126,11 @@ def jpeg_orientation(data: bytes) -> int | None:
     (Pillow then reads ``tiff:Orientation`` from the XMP), or an unreadable EXIF block.
     Costs a few microseconds: it walks the segment headers up to the first scan.
     """
-    xmp = False
+    scan = _OrientationScan()
     for marker, pos, length in _segments(data):
         if marker == 0xE1:
-            found = _app1_orientation(data, pos, length)
-            if found is True:
-                xmp = True
-            elif found is not False:
-                return found  # type: ignore[return-value]
-    return None if xmp else 1
+            scan.add(data, pos, length)
+    return scan.result()
 
 
 def fast_jpeg_info(data: bytes) -> FastInfo | None:
@@ -125,18 +141,14 @@ def fast_jpeg_info(data: bytes) -> FastInfo | None:
     """
     if not data.startswith(JPEG_SIGNATURE):
         return None
-    orientation: int | None = 1
-    xmp = False
+    scan = _OrientationScan()
     frame: tuple[int, int] | None = None
     for marker, pos, length in _segments(data):
         if marker == 0xE1:
-            found = _app1_orientation(data, pos, length)
-            if found is True:
-                xmp = True
-            elif found is not False and orientation == 1:
-                orientation = found  # type: ignore[assignment]
+            scan.add(data, pos, length)
         elif marker == 0xDA:  # first scan: entropy-coded data follows
-            if frame is None or orientation is None or (xmp and orientation == 1):
+            orientation = scan.result()
+            if frame is None or orientation is None:
                 return None  # orientation only Pillow can read
             # Entropy-coded data never holds FF D9 (FF is stuffed as FF 00), so an EOI marker
             # after the first scan's header means the data runs to its end; a truncated

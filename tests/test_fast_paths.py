@@ -114,6 +114,49 @@ def test_xmp_only_orientation_is_left_to_pillow():
     assert (out == ref).all()
 
 
+def _app1(body: bytes) -> bytes:
+    return b"\xff\xe1" + (len(body) + 2).to_bytes(2, "big") + body
+
+
+def _exif_app1(orientation: int | None) -> bytes:
+    exif = Image.Exif()
+    exif[0x010F] = "Camera"  # a make, so a block without an orientation is not empty
+    if orientation is not None:
+        exif[0x0112] = orientation
+    return _app1(exif.tobytes())  # starts with "Exif\0\0"
+
+
+_XMP6 = _app1(b"http://ns.adobe.com/xap/1.0/\x00"
+              b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>')
+
+
+@pytest.mark.parametrize("segments", [
+    [_exif_app1(None), _XMP6],  # EXIF without the tag: Pillow falls back to the XMP
+    [_XMP6, _exif_app1(None)],
+    [_exif_app1(1), _exif_app1(6)],  # Pillow reads the first EXIF block only
+    [_exif_app1(None), _exif_app1(6)],
+    [_XMP6, _exif_app1(3)],  # an EXIF tag wins over the XMP
+], ids=["exif-no-tag+xmp", "xmp+exif-no-tag", "exif1+exif6", "exif-no-tag+exif6", "xmp+exif3"])
+def test_orientation_agrees_with_pillow_whatever_the_app1_segments(segments):
+    """The marker-only orientation (reader's fast decode, packer's width/height) is
+    Pillow's, or None (ask Pillow): never another value."""
+    from packer.headers import fast_jpeg_info
+
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, 20:] = 255  # left half black: a rotation shows
+    plain = _jpeg(Image.fromarray(a), quality=95)
+    data = plain[:2] + b"".join(segments) + plain[2:]
+    with Image.open(io.BytesIO(data)) as im:
+        pillow = im.getexif().get(0x0112, 1)
+    assert jpeg_orientation(data) in (None, pillow)
+    info = fast_jpeg_info(data)
+    assert info is None or info.orientation == pillow
+    options = DecodeOptions(image_size=(40, 40))
+    fast = decode_image(data, options)
+    ref = decode_image(data, dataclasses.replace(options, decoder="pillow"))
+    assert np.abs(fast.astype(int) - ref.astype(int)).mean() < MEAN_TOL
+
+
 def test_what_simplejpeg_cannot_take_goes_to_pillow(photos):
     cmyk = _jpeg(photos[3].convert("CMYK"))
     out = decode_image(cmyk, DecodeOptions(image_size=(32, 32)))
