@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -144,7 +145,7 @@ def _pack_and_send(
         manifest = build_manifest(plan, results, skipped=skipped, ignored=ignored,
                                   duplicates=duplicates, warnings=walked.warnings)
         wanted = {s.name for s in plan.all_shards()}
-        for name in _old_shard_names(old_manifest) - wanted:
+        for name in sorted((_old_shard_names(old_manifest) | _shard_files_there(store)) - wanted):
             store.remove(name)  # shards the plan no longer names
         store.publish(MANIFEST_NAME, manifest_to_bytes(manifest))
     except UploadError as exc:
@@ -190,6 +191,26 @@ def _old_shard_names(manifest: dict[str, Any] | None) -> set[str]:
             if isinstance(entry, dict) and "name" in entry:
                 names.add(entry["name"])
     return names
+
+
+_SHARD_PATH = re.compile(r"^[^/]+/[^/]+-\d{6}\.tar$")  # SPLIT/NAME-NNNNNN.tar, as remove_stale
+
+
+def _shard_files_there(store: RemoteStore) -> set[str]:
+    """Shard files in the destination's split folders, named or not by a manifest.
+
+    A run stopped after it took the old manifest down leaves no record of the old shards;
+    listing finds those the new plan drops, as ``remove_stale`` does for a local OUT.
+    """
+    root = store.root
+    try:
+        found = store.fs.find(root) if root else store.fs.find("")
+    except FileNotFoundError:
+        return set()
+    prefix = f"{root}/" if root else ""
+    return {rel for path in found
+            if (rel := str(path)[len(prefix):] if str(path).startswith(prefix) else "")
+            and _SHARD_PATH.match(rel)}
 
 
 def _already_there(store: RemoteStore, shard: PlannedShard, fingerprint: str) -> ShardResult | None:

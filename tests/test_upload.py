@@ -304,3 +304,32 @@ def test_a_repack_that_only_drops_shards_never_publishes_a_manifest_naming_missi
         named = [s["name"] for split in json.loads(manifest.read_text())["splits"].values()
                  for s in split["shards"]]
         assert all((dest / name).exists() for name in named)
+
+
+def test_pack_to_url_after_a_stopped_run_removes_the_shards_the_plan_dropped(photo_shards, tmp_path, monkeypatch):
+    """A pack to a URL takes the old manifest down before shards change; if that run stops,
+    the next one no longer has the old shard names, and finds the dropped ones by listing
+    the split folders (as a local OUT does), so no orphan shard is left."""
+    import uuid
+
+    import packer.remote_out as remote_out
+    from packer import pack
+
+    src = tmp_path / "src"
+    shutil.copytree(photo_shards.parent / "src", src)
+    url = f"memory://orphans-{uuid.uuid4().hex}/ds"
+    pack(src, url, seed=0, max_count=40, workers=1, quiet=True)
+    shutil.rmtree(src / "test")  # the next plan has no test split
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(remote_out, "_write_and_send", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            pack(src, url, seed=0, max_count=40, workers=1, quiet=True)
+    manifest = pack(src, url, seed=0, max_count=40, workers=1, quiet=True)
+    fs, root = fsspec.core.url_to_fs(url)
+    there = {p[len(root) + 1 :] for p in fs.find(root)} - {MANIFEST_NAME}
+    assert there == {s["name"] for split in manifest["splits"].values() for s in split["shards"]}
+    assert "test" not in manifest["splits"]
