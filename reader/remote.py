@@ -307,6 +307,8 @@ class ShardStream(io.RawIOBase):
                 # starts where it ended); if the object is shorter than expected, say so.
                 actual = int(self._retrying("size lookup", pos, functools.partial(self._fs.size, self._path)))
                 if actual < size:
+                    if data:  # what came before the damage stays readable ("skip the rest")
+                        yield data
                     raise ShardReadError(
                         f"truncated: the object has {actual} bytes, the manifest says {size} "
                         "(replaced or partly uploaded?); re-upload it",

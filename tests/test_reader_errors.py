@@ -155,3 +155,22 @@ def test_an_unreadable_label_goes_to_the_error_policy(tmp_path):
     assert labels.tolist() == [0, 1]
     with pytest.raises(SampleDecodeError, match="unreadable label"):
         list(ShardReader([url], num_classes=2, image_size=4, shuffle=False, on_error="raise"))
+
+
+def test_a_truncated_shard_keeps_the_samples_before_the_cut_under_warn(id_shards, tmp_path):
+    """on_shard_error="warn" skips the rest of a truncated shard: the samples wholly before
+    the cut are still read (the checked first read used to drop its whole read block, so a
+    small shard lost every sample), and "raise" names the truncation."""
+    from packer.errors import ShardReadError
+
+    shards = tmp_path / "copy"
+    shutil.copytree(id_shards[0], shards)
+    first = sorted((shards / "test").glob("*.tar"))[0]
+    first.write_bytes(first.read_bytes()[: first.stat().st_size * 6 // 10])
+    reader = ShardReader(shards, split="test", image_size=4, shuffle=False, on_shard_error="warn")
+    with pytest.warns(RuntimeWarning, match="truncated"):
+        read = sum(len(y) for _, y in reader)
+    rest = reader.shard_counts()[1]  # the intact second shard
+    assert rest < read < 30 and reader.policy.skipped_shards == 1
+    with pytest.raises(ShardReadError, match="truncated"):
+        list(ShardReader(shards, split="test", image_size=4, shuffle=False))
