@@ -180,7 +180,8 @@ class DecodeOptions:
         color_mode: "grayscale", "rgb" or "rgba".
         interpolation: a Keras interpolation name (see INTERPOLATIONS).
         crop_to_aspect_ratio: centre-crop to the target aspect ratio, then resize.
-        pad_to_aspect_ratio: resize to fit inside, then pad with zeros (centred).
+        pad_to_aspect_ratio: pad with zeros (centred) to the target aspect ratio, then
+            resize, as Keras does.
         random_crop: if set, (min, max) area fraction of a random crop at the target
             aspect ratio taken before resizing (an augmentation; replaces centre crop).
         random_flip: flip horizontally with probability 1/2 (an augmentation).
@@ -275,10 +276,27 @@ def _box_fractions(
     return 0.0, 0.0, 1.0, 1.0
 
 
-def _fit_size(width: int, height: int, th: int, tw: int) -> tuple[int, int]:
-    """Size of ``width x height`` scaled to fit inside ``tw x th`` (tf.image.resize_with_pad)."""
-    scale = min(tw / width, th / height)
-    return max(1, min(tw, round(width * scale))), max(1, min(th, round(height * scale)))
+def _keras_pads(width: int, height: int, th: int, tw: int) -> tuple[int, int]:
+    """Zero rows above (and below) and columns left (and right) of a ``width x height``
+    image that Keras adds before resizing it to ``th x tw`` with ``pad_to_aspect_ratio``
+    (``keras.ops.image.resize``: float32 arithmetic, truncated, as there)."""
+    pad_h = max(height, int(np.float32(width * th) / np.float32(tw)))
+    pad_w = max(width, int(np.float32(height * tw) / np.float32(th)))
+    return int(np.float32(pad_h - height) / 2), int(np.float32(pad_w - width) / 2)
+
+
+def _pad_like_keras(arr: np.ndarray, full_size: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """``arr`` inside Keras' zero canvas for ``pad_to_aspect_ratio`` (resized afterwards, so
+    the content's edge blends into the padding as Keras' does). The pads are Keras' for the
+    full-size image, scaled to a DCT-reduced ``arr`` (exact when it is full size)."""
+    top, left = _keras_pads(*full_size, *size)
+    h, w = arr.shape[:2]
+    top, left = round(top * h / full_size[1]), round(left * w / full_size[0])
+    if not top and not left:
+        return arr
+    canvas = np.zeros((h + 2 * top, w + 2 * left, arr.shape[2]), dtype=arr.dtype)
+    canvas[top : top + h, left : left + w] = arr
+    return canvas
 
 
 def _needed_size(
@@ -409,12 +427,9 @@ def decode_image(data: bytes, options: DecodeOptions, *, rng: random.Random | No
     h, w = arr.shape[:2]
     pixel_box = (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
     if options.pad_to_aspect_ratio and options.random_crop is None:
-        # the fitted size from the full-size image, so DCT scaling cannot shift it a pixel
-        fw, fh = _fit_size(*full_size, th, tw)
-        fitted = resize_array(arr, (fw, fh), options.interpolation) if (fw, fh) != (w, h) else arr
-        arr = np.zeros((th, tw, arr.shape[2]), dtype=np.uint8)
-        top, left = (th - fh) // 2, (tw - fw) // 2
-        arr[top : top + fh, left : left + fw] = fitted
+        arr = _pad_like_keras(arr, full_size, (th, tw))
+        if arr.shape[:2] != (th, tw):
+            arr = resize_array(arr, (tw, th), options.interpolation)
     else:
         sub_box = None
         if pixel_box != (0.0, 0.0, float(w), float(h)):

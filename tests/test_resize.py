@@ -66,3 +66,18 @@ def test_bad_opencv_thread_setting_warns_and_decodes(monkeypatch):
     with pytest.warns(RuntimeWarning, match="SHARDPACK_CV2_THREADS"):
         out = decode_image(data, DecodeOptions(image_size=(16, 16)))
     assert out.shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (40, 96), (96, 40)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pad_to_aspect_ratio_matches_keras(seed, size):
+    """Keras pads to the target's aspect ratio first (zero rows or columns, its own integer
+    arithmetic), then resizes the padded image, so the content's edges blend into the
+    padding; fitting then padding put the content up to a pixel elsewhere."""
+    keras = pytest.importorskip("keras")
+    data, pixels = _png(seed)
+    ours = decode_image(data, DecodeOptions(image_size=size, pad_to_aspect_ratio=True))
+    ref = keras.ops.image.resize(pixels.astype(np.float32), size, interpolation="bilinear",
+                                 pad_to_aspect_ratio=True)
+    diff = np.abs(ours.astype(np.float32) - np.round(np.asarray(ref)))
+    assert diff.max() <= 1 and diff.mean() < 0.15
