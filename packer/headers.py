@@ -175,13 +175,18 @@ def signature_kind(data: bytes) -> str | None:
     return None
 
 
+# PNG colour type -> the bit depths the format allows with it
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+
+
 def fast_png_info(data: bytes) -> FastInfo | None:
     """Size of a PNG and whether its ``IEND`` chunk is there; None for PNGs with an eXIf
     chunk (orientation needs Pillow) or a malformed header."""
     if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
         return None
-    width, height = struct.unpack_from(">II", data, 16)
-    if width == 0 or height == 0 or b"eXIf" in data:
-        return None
+    width, height, depth, colour, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, 16)
+    if (width == 0 or height == 0 or depth not in _PNG_DEPTHS.get(colour, ()) or compression
+            or filtering or interlace > 1 or b"eXIf" in data):
+        return None  # Pillow decides (it refuses a header no decoder takes)
     complete = data.rfind(b"IEND") > 33
     return FastInfo("png", width, height, 1, complete)

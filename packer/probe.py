@@ -70,12 +70,21 @@ class Probe:
                        self.size, self.sha256, self.source_sha256, self.source_stamp)
 
 
-def _oriented_size(im: Image.Image) -> tuple[int, int]:
-    w, h = im.size
+def _upright_size(im: Image.Image, opened: tuple[int, int]) -> tuple[int, int]:
+    """``opened`` (the size Pillow gave at open, before any draft) as it is upright.
+
+    Called after the decode: for a PNG, ``getexif`` loads the image itself and swallows a
+    decode error, which would let a damaged file through. Some plugins report the upright
+    size already (TIFF since Pillow 11, which also drops the tag once it has rotated the
+    pixels on load): their stored size differs from ``opened``, which is then kept.
+    """
+    if getattr(im, "_tile_size", opened) != opened:
+        return opened
     try:
         orientation = im.getexif().get(0x0112, 1)
     except Exception:  # a broken EXIF block must not hide an otherwise good image
         orientation = 1
+    w, h = opened
     return (h, w) if orientation in _ROTATED_ORIENTATIONS else (w, h)
 
 
@@ -159,7 +168,6 @@ def probe_bytes(
             return Probe(False, True, f"image declares size {w}x{h}", source_sha256=source_sha)
         if w * h > max_pixels:
             return Probe(False, True, _bomb_reason(w, h, max_pixels), source_sha256=source_sha)
-        width, height = _oriented_size(im)
         try:
             if validate != "header" or resize is not None:
                 with warnings.catch_warnings():
@@ -172,6 +180,7 @@ def probe_bytes(
             else:
                 reason = f"corrupt {fmt} data ({reason})"
             return Probe(False, True, reason, source_sha256=source_sha)
+        width, height = _upright_size(im, (w, h))
         if resize is not None:
             try:
                 data, ext, width, height = transform_image(im, resize)

@@ -99,3 +99,21 @@ def test_xmp_only_orientation_packs_with_the_upright_size():
         oriented = ImageOps.exif_transpose(ref).size
     probe = probe_bytes(data)
     assert probe.ok and (probe.width, probe.height) == oriented
+
+
+@pytest.mark.parametrize(("at", "value"), [(24, 7), (25, 5), (27, 1), (28, 2)],
+                         ids=["depth-7", "colour-type-5", "filter", "interlace"])
+def test_png_header_no_decoder_takes_is_refused_by_the_structure_check(at, value):
+    """IHDR fields outside the PNG spec (bit depth 7, colour type 5, ...): the fast check
+    hands the file to Pillow, which refuses it, instead of packing what no reader decodes."""
+    import zlib
+
+    from packer.probe import probe_bytes
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[at] = value
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # a valid chunk CRC
+    assert fast_png_info(bytes(data)) is None
+    assert not probe_bytes(bytes(data)).ok

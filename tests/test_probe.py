@@ -181,3 +181,46 @@ def test_reads_whole_files_when_one_read_is_not_enough():
     os.close(w)
     assert _read_all(r, 0) == b"no size" * 1000
     os.close(r)
+
+
+def _noisy_png(**save) -> bytes:
+    import io
+
+    import numpy as np
+
+    pixels = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["decode", "resize"])
+def test_a_png_with_damaged_pixel_data_is_refused_when_decoding(mode):
+    """Zeroed bytes inside the IDAT stream: Pillow's load fails. Reading the orientation
+    first (getexif loads a PNG and swallows the error) let it through, and --resize stored
+    the half-decoded pixels as a valid JPEG."""
+    good = _noisy_png()
+    bad = good[:200] + bytes(64) + good[264:]
+    options = {"validate": "decode"} if mode == "decode" else {"resize": ResizeSpec(32)}
+    assert probe_bytes(good, **options).ok
+    probe = probe_bytes(bad, **options)
+    assert not probe.ok and probe.is_image and "corrupt PNG" in probe.reason
+
+
+@pytest.mark.parametrize("validate", ["structure", "decode", "header"])
+def test_width_and_height_are_upright_for_an_exif_rotated_tiff(validate):
+    """TIFF's plugin reports the upright size itself (Pillow >= 11): it must not be swapped
+    a second time (the .json member's width/height are after EXIF orientation)."""
+    import io
+
+    from PIL import ImageOps
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (60, 40), "red").save(buf, format="TIFF", exif=exif.tobytes())
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        upright = ImageOps.exif_transpose(im).size
+    assert upright == (40, 60)
+    probe = probe_bytes(buf.getvalue(), validate=validate)
+    assert probe.ok and (probe.width, probe.height) == upright
