@@ -13,6 +13,7 @@ from typing import Any
 from . import __version__
 from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, manifest_to_bytes
 from .plan import Plan
+from .walk import shown_path
 from .write import ShardResult
 
 __all__ = ["build_manifest", "write_manifest_atomically"]
@@ -42,11 +43,11 @@ def build_manifest(
         "created_by": f"shardpack {__version__}",
         "classes": list(plan.classes),
         "splits": splits,
-        "skipped": [{"path": path, "reason": reason} for path, reason in sorted(skipped)],
+        "skipped": [{"path": shown_path(path), "reason": reason} for path, reason in sorted(skipped)],
         "ignored": len(ignored),
-        "ignored_examples": [{"path": p, "reason": r} for p, r in sorted(ignored)[:50]],
+        "ignored_examples": [{"path": shown_path(p), "reason": r} for p, r in sorted(ignored)[:50]],
         "duplicates": duplicates,
-        "warnings": warnings[:100],
+        "warnings": [shown_path(warning) for warning in warnings[:100]],
         "seed": plan.options.get("seed"),
         "options": plan.options,
     }

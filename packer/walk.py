@@ -25,7 +25,7 @@ from typing import NamedTuple
 from .errors import LayoutError
 from .format import IMAGE_EXTENSIONS
 
-__all__ = ["Candidate", "WalkResult", "walk_tree", "is_hidden", "IGNORED_NAMES"]
+__all__ = ["Candidate", "WalkResult", "walk_tree", "is_hidden", "is_utf8", "shown_path", "IGNORED_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,22 @@ class WalkResult:
 def is_hidden(name: str) -> bool:
     """Hidden files and folders (``.DS_Store``, ``._x.jpg``, ``.git``) and OS junk."""
     return name.startswith(".") or name.lower() in IGNORED_NAMES
+
+
+def is_utf8(name: str) -> bool:
+    """The name (as the OS gave it, undecodable bytes as surrogates) is valid UTF-8: it can
+    be written into the manifest and a sample's ``.json``."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown_path(path: str) -> str:
+    """``path`` with bytes that are not UTF-8 written as ``\\xNN`` (for messages and the
+    manifest's lists)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def looks_like_image_name(name: str) -> bool:
@@ -114,6 +130,11 @@ def _collect_class_files(
         rel = prefix + entry.name
         if is_hidden(entry.name):
             result.ignored.append((rel, "hidden or system file"))
+            continue
+        if not is_utf8(entry.name):  # it could be recorded in no manifest or .json
+            what = "folder (its files are not packed)" if _is_dir(entry, follow_links) else "file"
+            result.skipped.append((rel, f"{what} name is not valid UTF-8: rename it to pack it"))
+            result.warnings.append(f"{shown_path(rel)}: name is not valid UTF-8, skipped")
             continue
         if entry.is_symlink() and not follow_links:
             if looks_like_image_name(entry.name):
@@ -169,6 +190,7 @@ def _walk_classes(
             if identity in ancestors:
                 result.ignored.append((rel, "symlink cycle"))
                 continue
+            _require_utf8(entry.name, rel, "class")
             classes.append(entry.name)
             _collect_class_files(
                 result, src=src, group=group, class_name=entry.name, folder=entry.path,
@@ -181,6 +203,13 @@ def _walk_classes(
         else:
             result.ignored.append((rel, "outside any class folder"))
     return classes, loose_images
+
+
+def _require_utf8(name: str, rel: str, kind: str) -> None:
+    """Split and class names become labels and manifest keys: one that is not valid UTF-8
+    stops the pack with its name, rather than packing its files under a mangled label."""
+    if not is_utf8(name):
+        raise LayoutError(f"{kind} folder {shown_path(rel)!r}: its name is not valid UTF-8; rename it")
 
 
 def walk_tree(src: str | os.PathLike[str], *, layout: str = "splits", follow_links: bool = False) -> WalkResult:
@@ -214,6 +243,7 @@ def walk_tree(src: str | os.PathLike[str], *, layout: str = "splits", follow_lin
             else:
                 result.ignored.append((rel, "outside any split folder"))
             continue
+        _require_utf8(entry.name, rel, "split")
         classes, loose = _walk_classes(
             result, src=src, group=entry.name, folder=entry.path, follow_links=follow_links,
             ancestors=root_id | {_dir_identity(entry.path)},

@@ -72,3 +72,48 @@ def test_bad_sources(tmp_path):
         walk_tree(tmp_path)
     with pytest.raises(LayoutError, match="unknown layout"):
         walk_tree(tmp_path, layout="nested")
+
+
+def _latin1_name(folder, name: bytes, data: bytes = b"") -> bool:
+    """Create a file whose name is not UTF-8; False where the filesystem refuses it."""
+    try:
+        with open(os.path.join(os.fsencode(folder), name), "wb") as f:
+            f.write(data)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_by_name_and_the_rest_packed(tmp_path):
+    """A Latin-1 file name (b"caf\\xe9.jpg") cannot go into a manifest or a .json member:
+    it is skipped with its name shown as \\xe9, and the pack goes on (it used to stop with
+    UnicodeEncodeError, naming no file)."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from packer import pack
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, format="JPEG")
+    for cls in ("red", "blue"):
+        (tmp_path / "src" / "train" / cls).mkdir(parents=True)
+        (tmp_path / "src" / "train" / cls / "ok.jpg").write_bytes(buf.getvalue())
+    if not _latin1_name(tmp_path / "src" / "train" / "blue", b"caf\xe9.jpg", buf.getvalue()):
+        pytest.skip("this filesystem refuses names that are not UTF-8")
+    manifest = pack(tmp_path / "src", tmp_path / "out", workers=1, quiet=True)
+    assert manifest["splits"]["train"]["count"] == 2
+    assert [s["path"] for s in manifest["skipped"]] == ["train/blue/caf\\xe9.jpg"]
+    assert "not valid UTF-8" in manifest["skipped"][0]["reason"]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
+
+
+def test_a_class_folder_name_that_is_not_utf8_stops_the_walk_with_its_name(tmp_path):
+    (tmp_path / "train").mkdir()
+    try:
+        os.mkdir(os.path.join(os.fsencode(tmp_path / "train"), b"caf\xe9"))
+    except OSError:
+        pytest.skip("this filesystem refuses names that are not UTF-8")
+    with pytest.raises(LayoutError, match=r"caf\\\\xe9.*not valid UTF-8"):
+        walk_tree(tmp_path)
