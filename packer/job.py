@@ -172,7 +172,7 @@ def _pack_with(
     follow_links, validate, max_pixels = (
         options["follow_links"], options["validate"], options["max_pixels"]
     )
-    walked = walk_tree(src, layout=options["layout"], follow_links=follow_links)
+    walked = walk_tree(src, layout=options["layout"], follow_links=follow_links, exclude=out_dir)
     for warning in walked.warnings:
         log.warning(warning)
     if check_workers is not None and walked.candidates:

@@ -118,8 +118,10 @@ def _collect_class_files(
     folder: str,
     follow_links: bool,
     ancestors: frozenset[tuple[int, int]],
+    skip: frozenset[tuple[int, int]] = frozenset(),
 ) -> None:
-    """Add every file below one class folder (any depth) to ``result``."""
+    """Add every file below one class folder (any depth) to ``result`` (``skip``: folders
+    left out, by identity: OUT when it lies inside SRC)."""
     try:
         entries = _sorted_entries(folder)
     except OSError as exc:
@@ -144,13 +146,16 @@ def _collect_class_files(
             continue
         if _is_dir(entry, follow_links):
             identity = _dir_identity(entry.path)
+            if identity in skip:
+                result.ignored.append((rel, _OUT_REASON))
+                continue
             if identity in ancestors:
                 result.warnings.append(f"symlink cycle at {rel}: not descended again")
                 result.ignored.append((rel, "symlink cycle"))
                 continue
             _collect_class_files(
                 result, src=src, group=group, class_name=class_name, folder=entry.path,
-                follow_links=follow_links, ancestors=ancestors | {identity},
+                follow_links=follow_links, ancestors=ancestors | {identity}, skip=skip,
             )
             continue
         try:  # the directory entry's type answers without a system call, mostly
@@ -172,7 +177,7 @@ def _collect_class_files(
 
 def _walk_classes(
     result: WalkResult, *, src: str, group: str, folder: str, follow_links: bool,
-    ancestors: frozenset[tuple[int, int]],
+    ancestors: frozenset[tuple[int, int]], skip: frozenset[tuple[int, int]] = frozenset(),
 ) -> tuple[list[str], int]:
     """Walk ``folder/{class}/**``; return class names and count of loose image files."""
     classes: list[str] = []
@@ -187,6 +192,9 @@ def _walk_classes(
             continue
         if _is_dir(entry, follow_links):
             identity = _dir_identity(entry.path)
+            if identity in skip:
+                result.ignored.append((rel, _OUT_REASON))
+                continue
             if identity in ancestors:
                 result.ignored.append((rel, "symlink cycle"))
                 continue
@@ -194,7 +202,7 @@ def _walk_classes(
             classes.append(entry.name)
             _collect_class_files(
                 result, src=src, group=group, class_name=entry.name, folder=entry.path,
-                follow_links=follow_links, ancestors=ancestors | {identity},
+                follow_links=follow_links, ancestors=ancestors | {identity}, skip=skip,
             )
         elif looks_like_image_name(entry.name):  # image-like: accounted for as skipped
             loose_images += 1
@@ -205,6 +213,9 @@ def _walk_classes(
     return classes, loose_images
 
 
+_OUT_REASON = "the pack's output folder"
+
+
 def _require_utf8(name: str, rel: str, kind: str) -> None:
     """Split and class names become labels and manifest keys: one that is not valid UTF-8
     stops the pack with its name, rather than packing its files under a mangled label."""
@@ -212,8 +223,14 @@ def _require_utf8(name: str, rel: str, kind: str) -> None:
         raise LayoutError(f"{kind} folder {shown_path(rel)!r}: its name is not valid UTF-8; rename it")
 
 
-def walk_tree(src: str | os.PathLike[str], *, layout: str = "splits", follow_links: bool = False) -> WalkResult:
+def walk_tree(
+    src: str | os.PathLike[str], *, layout: str = "splits", follow_links: bool = False,
+    exclude: str | os.PathLike[str] | None = None,
+) -> WalkResult:
     """Find every candidate image under ``src`` in sorted, reproducible order.
+
+    ``exclude``: a folder left out wherever it appears (the pack's OUT, when it lies inside
+    SRC: a re-run must not take the shards for a split of the input).
 
     Raises:
         LayoutError: ``src`` is not a folder, or the layout cannot be read without guessing.
@@ -225,9 +242,13 @@ def walk_tree(src: str | os.PathLike[str], *, layout: str = "splits", follow_lin
         raise LayoutError(f"unknown layout {layout!r}: use 'splits' or 'flat'")
     result = WalkResult(layout=layout)
     root_id = frozenset({_dir_identity(src)})
+    skip: frozenset[tuple[int, int]] = frozenset()
+    if exclude is not None and os.path.isdir(exclude):
+        skip = frozenset({_dir_identity(os.fspath(exclude))})
     if layout == "flat":
         classes, _ = _walk_classes(
-            result, src=src, group="", folder=src, follow_links=follow_links, ancestors=root_id
+            result, src=src, group="", folder=src, follow_links=follow_links, ancestors=root_id,
+            skip=skip,
         )
         result.classes[""] = classes
         return result
@@ -243,10 +264,14 @@ def walk_tree(src: str | os.PathLike[str], *, layout: str = "splits", follow_lin
             else:
                 result.ignored.append((rel, "outside any split folder"))
             continue
+        identity = _dir_identity(entry.path)
+        if identity in skip:
+            result.ignored.append((rel, _OUT_REASON))
+            continue
         _require_utf8(entry.name, rel, "split")
         classes, loose = _walk_classes(
             result, src=src, group=entry.name, folder=entry.path, follow_links=follow_links,
-            ancestors=root_id | {_dir_identity(entry.path)},
+            ancestors=root_id | {identity}, skip=skip,
         )
         if loose and not classes:
             raise LayoutError(

@@ -393,3 +393,14 @@ def test_local_pack_writes_shards_while_files_are_still_probed(tmp_path, monkeyp
     )
     assert _shard_hashes(phased) == _shard_hashes(streamed)
     assert phased == streamed
+
+
+def test_out_inside_src_is_left_out_of_the_walk(tmp_path):
+    """`shardpack pack data data/shards`, run twice: the second walk must not take the
+    shards folder for a split (it made `train` and `test` classes and shifted labels)."""
+    src = make_example_tree(tmp_path / "data", counts={"train": 4, "test": 2}, seed=3, long_side=SMALL)
+    first = pack(src, src / "shards", workers=1, quiet=True)
+    again = pack(src, src / "shards", workers=1, quiet=True)
+    assert again["classes"] == first["classes"] and sorted(again["splits"]) == ["test", "train"]
+    assert again["splits"] == first["splits"]
+    assert {"path": "shards", "reason": "the pack's output folder"} in again["ignored_examples"]
