@@ -26,7 +26,7 @@ from .sizes import parse_size
 from .spool import remove as spool_remove
 from .spool import spool_path
 from .transform import ResizeSpec, parse_resize
-from .walk import Candidate, WalkResult, walk_tree
+from .walk import Candidate, WalkResult, refuse_split_tree_read_as_flat, walk_tree
 from .write import ShardResult
 from .write_session import WriteSession, os_errors_as_pack_error, write_task
 
@@ -126,6 +126,8 @@ def pack(
         validation_split=validation_split, layout=layout, follow_links=follow_links,
         validate=validate, max_pixels=max_pixels,
     )
+    if layout == "auto" and options["layout"] == "flat":
+        refuse_split_tree_read_as_flat(src)
     resize_spec = parse_resize(resize, quality=quality)
     workers = workers or default_workers()
     check_output(out_dir, options, overwrite=overwrite)

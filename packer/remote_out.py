@@ -79,6 +79,7 @@ def pack_to_url(
     scheduler = pack_options.pop("scheduler", None)
     resize = pack_options.pop("resize", None)
     quality = pack_options.pop("quality", 90)
+    layout = pack_options.pop("layout", "auto")
     options = normalize_options(
         max_count=pack_options.pop("max_count", 10_000),
         max_size=pack_options.pop("max_size", "256MB"),
@@ -86,13 +87,17 @@ def pack_to_url(
         resize=resize,
         quality=quality,
         validation_split=pack_options.pop("validation_split", None),
-        layout=pack_options.pop("layout", "auto"),
+        layout=layout,
         follow_links=pack_options.pop("follow_links", False),
         validate=pack_options.pop("validate", DEFAULT_VALIDATE),
         max_pixels=pack_options.pop("max_pixels", DEFAULT_MAX_PIXELS),
     )
     if pack_options:
         raise TypeError(f"pack_to_url() got unexpected options: {sorted(pack_options)}")
+    if layout == "auto" and options["layout"] == "flat":
+        from .walk import refuse_split_tree_read_as_flat
+
+        refuse_split_tree_read_as_flat(src)
     resize_spec = parse_resize(resize, quality=quality)
     batch = max(4, 2 * int(workers)) if staging_shards is None else max(1, int(staging_shards))
 

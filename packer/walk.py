@@ -25,7 +25,8 @@ from typing import NamedTuple
 from .errors import LayoutError
 from .format import IMAGE_EXTENSIONS
 
-__all__ = ["Candidate", "WalkResult", "walk_tree", "is_hidden", "is_utf8", "shown_path", "IGNORED_NAMES"]
+__all__ = ["Candidate", "WalkResult", "walk_tree", "is_hidden", "is_utf8", "shown_path", "refuse_split_tree_read_as_flat",
+           "IGNORED_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,35 @@ def _walk_classes(
 
 
 _OUT_REASON = "the pack's output folder"
+# folder names that say "split", not "class"
+SPLIT_NAMES = frozenset({"train", "training", "test", "testing", "val", "valid", "validation",
+                         "dev", "eval", "evaluation"})
+
+
+def refuse_split_tree_read_as_flat(src: str | os.PathLike[str]) -> None:
+    """``--validation-split`` reads SRC as a flat ``{class}/`` tree. A ``{split}/{class}/``
+    tree read so packs with its split names as the classes, which trains on nothing but
+    noise and says nothing; refuse it when every top folder is named like a split and
+    holds folders.
+
+    Raises:
+        LayoutError: saying how to pack the tree as it is (or to insist with --layout flat).
+    """
+    try:
+        tops = [e for e in _sorted_entries(os.fspath(src)) if e.is_dir() and not is_hidden(e.name)]
+        if not tops or not all(e.name.lower() in SPLIT_NAMES for e in tops):
+            return
+        if not all(any(child.is_dir() for child in _sorted_entries(e.path)) for e in tops):
+            return
+    except OSError:  # the walk reports unreadable folders
+        return
+    names = ", ".join(f"{e.name}/" for e in tops)
+    raise LayoutError(
+        f"{os.fspath(src)} looks like a {{split}}/{{class}} tree ({names} hold class folders), "
+        "but --validation-split reads a flat {class}/ tree: every image would be labelled with "
+        "its split's name. Drop --validation-split to pack the splits as they are (or pass "
+        "--layout flat if these folders really are the classes)"
+    )
 
 
 def _require_utf8(name: str, rel: str, kind: str) -> None:

@@ -404,3 +404,15 @@ def test_out_inside_src_is_left_out_of_the_walk(tmp_path):
     assert again["classes"] == first["classes"] and sorted(again["splits"]) == ["test", "train"]
     assert again["splits"] == first["splits"]
     assert {"path": "shards", "reason": "the pack's output folder"} in again["ignored_examples"]
+
+
+def test_validation_split_on_a_split_tree_is_refused_not_labelled_by_split(tmp_path):
+    """--validation-split reads a flat {class}/ tree; a {split}/{class}/ tree read so got
+    the classes "test" and "train" and packed without a word. Now it is refused with what
+    to do; --layout flat still packs it for whoever really has such classes."""
+    src = make_example_tree(tmp_path / "src", counts={"train": 4, "test": 2}, seed=1, long_side=SMALL)
+    with pytest.raises(LayoutError, match="looks like a {split}/{class} tree"):
+        pack(src, tmp_path / "out", validation_split=0.2, workers=1, quiet=True)
+    assert not (tmp_path / "out").exists()
+    forced = pack(src, tmp_path / "forced", validation_split=0.2, layout="flat", workers=1, quiet=True)
+    assert forced["classes"] == ["test", "train"]
