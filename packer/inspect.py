@@ -12,6 +12,7 @@ from typing import Any, BinaryIO
 from PIL import Image
 
 from .format import split_member_name
+from .probe import allow_packed_pixels
 from .sizes import format_size
 from .storage import join_url, open_binary, read_manifest
 
@@ -180,6 +181,7 @@ def verify(
     except Exception as exc:
         report.problems.append(str(exc))
         return report
+    allow_packed_pixels(manifest)
     classes = manifest["classes"]
     entries = [(split, e) for split, info in manifest["splits"].items() for e in info["shards"]]
     counts: dict[str, list[int]] = {split: [0] * len(classes) for split in manifest["splits"]}

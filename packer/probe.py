@@ -30,12 +30,26 @@ from .headers import FastInfo, fast_jpeg_info, fast_png_info, signature_kind
 from .spool import put as spool_put
 from .transform import ResizeSpec, load_for_resize, transform_image
 
-__all__ = ["Probe", "probe_file", "probe_bytes", "read_stamped", "file_stamp", "DEFAULT_MAX_PIXELS", "VALIDATE_MODES", "DEFAULT_VALIDATE"]
+__all__ = ["Probe", "allow_packed_pixels", "probe_file", "probe_bytes", "read_stamped", "file_stamp", "DEFAULT_MAX_PIXELS", "VALIDATE_MODES", "DEFAULT_VALIDATE"]
 
 # Pillow's own warning threshold (~9459 x 9459); above it a file is a likely decompression
 # bomb: a few KB on disk that expand to gigabytes of pixels in every training worker.
 DEFAULT_MAX_PIXELS = 89_478_485
 VALIDATE_MODES = ("structure", "decode", "header")
+
+
+def allow_packed_pixels(manifest: dict[str, Any] | None) -> None:
+    """Let Pillow open every image the pack accepted: raise its decompression-bomb limit to
+    the manifest's ``max_pixels`` when that is higher (never lower it).
+
+    ``--max-pixels`` above Pillow's limit packs images that Pillow then refuses to open
+    (above twice ``Image.MAX_IMAGE_PIXELS``) or warns about; the packer already checked
+    them against the limit the user chose. Process-wide, as Pillow's limit is.
+    """
+    options = (manifest or {}).get("options")
+    packed = options.get("max_pixels") if isinstance(options, dict) else None
+    if isinstance(packed, int) and packed > (Image.MAX_IMAGE_PIXELS or packed):
+        Image.MAX_IMAGE_PIXELS = packed
 DEFAULT_VALIDATE = "structure"
 _ROTATED_ORIENTATIONS = {5, 6, 7, 8}
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from packer.errors import ClassNotFoundError, SampleDecodeError
+from packer.probe import allow_packed_pixels
 
 from .batches import BatchOptions, decode_batches
 from .decode import DecodeOptions
@@ -166,6 +167,7 @@ class ShardReader:
             split=split,
             storage_options=self.storage_options,
         )
+        allow_packed_pixels(self.source.manifest)
         self.split = split
         self.shuffle = shuffle
         if seed is None:

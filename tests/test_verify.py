@@ -106,3 +106,25 @@ def test_label_disagreement_is_reported(copy):
     (copy / MANIFEST_NAME).write_bytes(manifest_to_bytes(manifest))
     report = verify(str(copy))
     assert any("class cat" in p for p in report.problems)
+
+
+def test_images_packed_under_a_raised_max_pixels_are_read_and_verified(tmp_path, monkeypatch):
+    """--max-pixels above Pillow's own limit packs images Pillow then refused to open (over
+    twice its limit): the reader skipped them and `verify --deep` failed. Both now lift
+    Pillow's limit to the pack's. Pillow's limit is lowered here to keep the image small."""
+    from PIL import Image
+
+    from packer import pack
+    from reader import ShardReader
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for cls, side in (("big", 60), ("small", 8)):  # 3,600 pixels: over twice Pillow's limit
+        (tmp_path / "src" / "train" / cls).mkdir(parents=True)
+        Image.new("RGB", (side, side), "red").save(tmp_path / "src" / "train" / cls / "a.png")
+    manifest = pack(tmp_path / "src", tmp_path / "out", max_pixels=5000, workers=1, quiet=True)
+    assert manifest["splits"]["train"]["count"] == 2
+    labels = [y for _, y in ShardReader(tmp_path / "out", split="train", image_size=4, batch_size=2,
+                                        shuffle=False, on_error="raise")]
+    assert sorted(labels[0].tolist()) == [0, 1]
+    report = verify(str(tmp_path / "out"), deep=True)
+    assert report.ok, report.problems
