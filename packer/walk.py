@@ -94,6 +94,22 @@ def _sorted_entries(path: str) -> list[os.DirEntry[str]]:
         return sorted(it, key=lambda e: e.name)
 
 
+# how the formats the packer takes begin (inside a class folder, content decides; a loose
+# file outside any is only sniffed, so an image there is reported as skipped, not ignored)
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+
+
+def _image_content(path: str) -> bool:
+    """The file starts like an image of a format the packer takes (loose files only)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return (head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+            or (head[:2] == b"BM" and head[6:10] == b"\0\0\0\0"))  # BMP: reserved fields zero
+
+
 def _rel_posix(path: str, src: str) -> str:
     return Path(os.path.relpath(path, src)).as_posix()
 
@@ -205,7 +221,7 @@ def _walk_classes(
                 result, src=src, group=group, class_name=entry.name, folder=entry.path,
                 follow_links=follow_links, ancestors=ancestors | {identity}, skip=skip,
             )
-        elif looks_like_image_name(entry.name):  # image-like: accounted for as skipped
+        elif looks_like_image_name(entry.name) or _image_content(entry.path):  # skipped, by name
             loose_images += 1
             result.skipped.append((rel, "outside any class folder: no label to give it"))
             result.warnings.append(f"{rel} lies outside any class folder: skipped")
@@ -288,7 +304,7 @@ def walk_tree(
             result.ignored.append((rel, "hidden, system file or symbolic link"))
             continue
         if not _is_dir(entry, follow_links):
-            if looks_like_image_name(entry.name):
+            if looks_like_image_name(entry.name) or _image_content(entry.path):
                 result.skipped.append((rel, "outside any split folder: no split or label to give it"))
                 result.warnings.append(f"{rel} lies outside any split folder: skipped")
             else:

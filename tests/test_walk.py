@@ -117,3 +117,26 @@ def test_a_class_folder_name_that_is_not_utf8_stops_the_walk_with_its_name(tmp_p
         pytest.skip("this filesystem refuses names that are not UTF-8")
     with pytest.raises(LayoutError, match=r"caf\\\\xe9.*not valid UTF-8"):
         walk_tree(tmp_path)
+
+
+def test_a_loose_image_without_an_image_name_is_skipped_not_ignored(tmp_path):
+    """Outside any class folder a file has no label; one whose content is an image must
+    still be accounted for as skipped (as inside a class folder, content decides), while
+    other files are ignored."""
+    import io
+
+    from PIL import Image
+
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="JPEG")
+    (tmp_path / "train" / "cat" / "a.jpg").write_bytes(buf.getvalue())
+    (tmp_path / "train" / "loose.dat").write_bytes(buf.getvalue())
+    (tmp_path / "train" / "notes.txt").write_text("BM is not a bitmap here")
+    (tmp_path / "top.bin").write_bytes(buf.getvalue())
+    result = walk_tree(tmp_path)
+    assert dict(result.skipped) == {
+        "train/loose.dat": "outside any class folder: no label to give it",
+        "top.bin": "outside any split folder: no split or label to give it",
+    }
+    assert dict(result.ignored)["train/notes.txt"] == "outside any class folder"
