@@ -15,9 +15,9 @@ re-hashes the remote copy).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from typing import Any
@@ -144,15 +144,19 @@ def _pack_and_send(
     os.makedirs(staging, exist_ok=True)
     try:
         if old_manifest is not None:
+            # Kept aside first: a run stopped from here on leaves no manifest, and the next
+            # one still learns the old shard names (to delete those its plan drops).
+            store.publish(REPLACED_NAME, json.dumps(old_manifest).encode())
             store.remove(MANIFEST_NAME)  # no reader may see it while shards change
         results = _write_and_send(plan, store, staging, run=run, resize=resize_spec, batch=batch,
                                   upload_workers=upload_workers, quiet=quiet)
         manifest = build_manifest(plan, results, skipped=skipped, ignored=ignored,
                                   duplicates=duplicates, warnings=walked.warnings)
         wanted = {s.name for s in plan.all_shards()}
-        for name in sorted((_old_shard_names(old_manifest) | _shard_files_there(store)) - wanted):
+        for name in sorted(_old_shard_names(old_manifest) - wanted):
             store.remove(name)  # shards the plan no longer names
         store.publish(MANIFEST_NAME, manifest_to_bytes(manifest))
+        store.remove(REPLACED_NAME)
     except UploadError as exc:
         raise UploadError(scrub_secrets(str(exc), storage_options)) from None
     except OSError as exc:
@@ -163,16 +167,21 @@ def _pack_and_send(
     return manifest
 
 
+# The manifest a pack to a URL took down while it replaces shards, until the new one is up.
+REPLACED_NAME = ".shardpack-replaced-manifest.json"
+
+
 def _message(url: str, exc: BaseException, storage_options: dict[str, Any] | None) -> str:
     text = scrub_secrets(f"{type(exc).__name__}: {exc}", storage_options)
     return f"packing to {url} failed ({text}); check the URL and credentials, then re-run (it resumes)"
 
 
 def _check_remote(store: RemoteStore, options: dict[str, Any], *, overwrite: bool) -> dict[str, Any] | None:
-    """Return the remote manifest (if any); refuse one made with other options."""
-    import json
-
+    """Return the remote manifest, or the one a stopped run took down (if any); refuse one
+    made with other options."""
     data = store.read_bytes(MANIFEST_NAME)
+    if data is None:
+        data = store.read_bytes(REPLACED_NAME)
     if data is None:
         return None
     try:
@@ -196,26 +205,6 @@ def _old_shard_names(manifest: dict[str, Any] | None) -> set[str]:
             if isinstance(entry, dict) and "name" in entry:
                 names.add(entry["name"])
     return names
-
-
-_SHARD_PATH = re.compile(r"^[^/]+/[^/]+-\d{6}\.tar$")  # SPLIT/NAME-NNNNNN.tar, as remove_stale
-
-
-def _shard_files_there(store: RemoteStore) -> set[str]:
-    """Shard files in the destination's split folders, named or not by a manifest.
-
-    A run stopped after it took the old manifest down leaves no record of the old shards;
-    listing finds those the new plan drops, as ``remove_stale`` does for a local OUT.
-    """
-    root = store.root
-    try:
-        found = store.fs.find(root) if root else store.fs.find("")
-    except FileNotFoundError:
-        return set()
-    prefix = f"{root}/" if root else ""
-    return {rel for path in found
-            if (rel := str(path)[len(prefix):] if str(path).startswith(prefix) else "")
-            and _SHARD_PATH.match(rel)}
 
 
 def _already_there(store: RemoteStore, shard: PlannedShard, fingerprint: str) -> ShardResult | None:

@@ -16,6 +16,7 @@ from s3_server import FaultProxy, s3_options
 
 from packer.errors import UploadError
 from packer.format import MANIFEST_NAME
+from packer.remote_out import REPLACED_NAME
 from packer.uploader import upload
 
 SECRET = "testing-secret-do-not-print"
@@ -229,7 +230,10 @@ def test_pack_to_s3_url_stages_in_batches_and_resumes(s3, photo_shards, tmp_path
     finally:
         proxy.stop()
     assert again["splits"] == local["splits"]
-    assert [r.path for r in proxy.requests("PUT")] == [f"/{bucket}/packed/{MANIFEST_NAME}"]
+    # only the old manifest, kept aside while shards could change, and the new one
+    assert [r.path for r in proxy.requests("PUT")] == [
+        f"/{bucket}/packed/{REPLACED_NAME}", f"/{bucket}/packed/{MANIFEST_NAME}"]
+    assert not fs.exists(f"{bucket}/packed/{REPLACED_NAME}")
 
 
 def test_cli_pack_to_s3_then_info_and_verify_read_it(s3, photo_shards, capsys):
@@ -308,8 +312,8 @@ def test_a_repack_that_only_drops_shards_never_publishes_a_manifest_naming_missi
 
 def test_pack_to_url_after_a_stopped_run_removes_the_shards_the_plan_dropped(photo_shards, tmp_path, monkeypatch):
     """A pack to a URL takes the old manifest down before shards change; if that run stops,
-    the next one no longer has the old shard names, and finds the dropped ones by listing
-    the split folders (as a local OUT does), so no orphan shard is left."""
+    the next one still learns the old shard names from the copy kept aside, and deletes
+    those its plan drops: no orphan shard is left."""
     import uuid
 
     import packer.remote_out as remote_out
@@ -330,6 +334,22 @@ def test_pack_to_url_after_a_stopped_run_removes_the_shards_the_plan_dropped(pho
             pack(src, url, seed=0, max_count=40, workers=1, quiet=True)
     manifest = pack(src, url, seed=0, max_count=40, workers=1, quiet=True)
     fs, root = fsspec.core.url_to_fs(url)
-    there = {p[len(root) + 1 :] for p in fs.find(root)} - {MANIFEST_NAME}
+    there = {p[len(root) + 1 :] for p in fs.find(root)} - {MANIFEST_NAME}  # the aside one is gone too
     assert there == {s["name"] for split in manifest["splits"].values() for s in split["shards"]}
     assert "test" not in manifest["splits"]
+
+
+def test_pack_to_url_leaves_files_no_manifest_named_alone(photo_shards, tmp_path):
+    """Only shards a manifest named are deleted: other .tar files under the destination
+    (someone's backups/backups-000001.tar) are not the pack's to remove."""
+    import uuid
+
+    from packer import pack
+
+    url = f"memory://foreign-{uuid.uuid4().hex}/ds"
+    fs, root = fsspec.core.url_to_fs(url)
+    for name in ("backups/backups-000001.tar", "train/train-000099.tar", "logs/readme.txt"):
+        fs.pipe_file(f"{root}/{name}", b"not ours")
+    pack(photo_shards.parent / "src", url, seed=0, max_count=40, workers=1, quiet=True)
+    for name in ("backups/backups-000001.tar", "train/train-000099.tar", "logs/readme.txt"):
+        assert fs.cat_file(f"{root}/{name}") == b"not ours"
