@@ -99,10 +99,13 @@ def _sorted_entries(path: str) -> list[os.DirEntry[str]]:
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
 
 
-def _image_content(path: str) -> bool:
-    """The file starts like an image of a format the packer takes (loose files only)."""
+def _image_content(entry: os.DirEntry[str]) -> bool:
+    """A regular file that starts like an image of a format the packer takes (loose files
+    only; a FIFO or device is never opened: that could block forever)."""
     try:
-        with open(path, "rb") as f:
+        if not entry.is_file(follow_symlinks=False):
+            return False
+        with open(entry.path, "rb") as f:
             head = f.read(12)
     except OSError:
         return False
@@ -164,7 +167,6 @@ def _collect_class_files(
         if _is_dir(entry, follow_links):
             identity = _dir_identity(entry.path)
             if identity in skip:
-                result.ignored.append((rel, _OUT_REASON))
                 continue
             if identity in ancestors:
                 result.warnings.append(f"symlink cycle at {rel}: not descended again")
@@ -210,7 +212,6 @@ def _walk_classes(
         if _is_dir(entry, follow_links):
             identity = _dir_identity(entry.path)
             if identity in skip:
-                result.ignored.append((rel, _OUT_REASON))
                 continue
             if identity in ancestors:
                 result.ignored.append((rel, "symlink cycle"))
@@ -221,7 +222,7 @@ def _walk_classes(
                 result, src=src, group=group, class_name=entry.name, folder=entry.path,
                 follow_links=follow_links, ancestors=ancestors | {identity}, skip=skip,
             )
-        elif looks_like_image_name(entry.name) or _image_content(entry.path):  # skipped, by name
+        elif looks_like_image_name(entry.name) or _image_content(entry):  # skipped, by name
             loose_images += 1
             result.skipped.append((rel, "outside any class folder: no label to give it"))
             result.warnings.append(f"{rel} lies outside any class folder: skipped")
@@ -230,7 +231,6 @@ def _walk_classes(
     return classes, loose_images
 
 
-_OUT_REASON = "the pack's output folder"
 # folder names that say "split", not "class"
 SPLIT_NAMES = frozenset({"train", "training", "test", "testing", "val", "valid", "validation",
                          "dev", "eval", "evaluation"})
@@ -257,8 +257,9 @@ def refuse_split_tree_read_as_flat(src: str | os.PathLike[str]) -> None:
     raise LayoutError(
         f"{os.fspath(src)} looks like a {{split}}/{{class}} tree ({names} hold class folders), "
         "but --validation-split reads a flat {class}/ tree: every image would be labelled with "
-        "its split's name. Drop --validation-split to pack the splits as they are (or pass "
-        "--layout flat if these folders really are the classes)"
+        "its split's name. Drop --validation-split to pack the splits as they are, or give one "
+        "split folder as SRC to divide it (or pass --layout flat if these folders really are "
+        "the classes)"
     )
 
 
@@ -275,8 +276,9 @@ def walk_tree(
 ) -> WalkResult:
     """Find every candidate image under ``src`` in sorted, reproducible order.
 
-    ``exclude``: a folder left out wherever it appears (the pack's OUT, when it lies inside
-    SRC: a re-run must not take the shards for a split of the input).
+    ``exclude``: a folder left out wherever it appears, unrecorded (the pack's OUT, when it
+    lies inside SRC: a re-run must neither take the shards for a split of the input nor
+    give another manifest than the first run, when OUT was not there yet).
 
     Raises:
         LayoutError: ``src`` is not a folder, or the layout cannot be read without guessing.
@@ -304,7 +306,7 @@ def walk_tree(
             result.ignored.append((rel, "hidden, system file or symbolic link"))
             continue
         if not _is_dir(entry, follow_links):
-            if looks_like_image_name(entry.name) or _image_content(entry.path):
+            if looks_like_image_name(entry.name) or _image_content(entry):
                 result.skipped.append((rel, "outside any split folder: no split or label to give it"))
                 result.warnings.append(f"{rel} lies outside any split folder: skipped")
             else:
@@ -312,7 +314,6 @@ def walk_tree(
             continue
         identity = _dir_identity(entry.path)
         if identity in skip:
-            result.ignored.append((rel, _OUT_REASON))
             continue
         _require_utf8(entry.name, rel, "split")
         classes, loose = _walk_classes(

@@ -287,8 +287,8 @@ def _keras_pads(width: int, height: int, th: int, tw: int) -> tuple[int, int]:
 
 def _pad_like_keras(arr: np.ndarray, full_size: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
     """``arr`` inside Keras' zero canvas for ``pad_to_aspect_ratio`` (resized afterwards, so
-    the content's edge blends into the padding as Keras' does). The pads are Keras' for the
-    full-size image, scaled to a DCT-reduced ``arr`` (exact when it is full size)."""
+    the content's edge blends into the padding as Keras' does). ``arr`` is decoded at full
+    size for this (see ``_needed_size``); the pads are scaled should it not be."""
     top, left = _keras_pads(*full_size, *size)
     h, w = arr.shape[:2]
     top, left = round(top * h / full_size[1]), round(left * w / full_size[0])
@@ -302,13 +302,17 @@ def _pad_like_keras(arr: np.ndarray, full_size: tuple[int, int], size: tuple[int
 def _needed_size(
     ow: int, oh: int, box: tuple[float, float, float, float], options: DecodeOptions, swap: bool
 ) -> tuple[int, int]:
-    """Smallest decoded (stored-orientation) size that still has the pixels the resize needs."""
+    """Smallest decoded (stored-orientation) size that still has the pixels the resize needs.
+
+    With ``pad_to_aspect_ratio``, the full size: Keras blends the content's edge into the
+    padding over one full-size pixel, and a DCT-reduced decode would blend over one
+    reduced pixel (up to 8), off Keras by up to half the grey range along that edge.
+    """
+    if options.pad_to_aspect_ratio and options.random_crop is None:
+        return (oh, ow) if swap else (ow, oh)
     th, tw = options.image_size
     bw, bh = (box[2] - box[0]) * ow, (box[3] - box[1]) * oh
-    if options.pad_to_aspect_ratio:
-        sx = sy = min(tw / bw, th / bh)
-    else:
-        sx, sy = tw / bw, th / bh
+    sx, sy = tw / bw, th / bh
     need = (math.ceil(ow * sx), math.ceil(oh * sy))
     return (need[1], need[0]) if swap else need
 

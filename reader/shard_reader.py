@@ -348,6 +348,7 @@ class ShardReader:
         self._resume_batches = batches
 
     def __iter__(self) -> Iterator[Batch]:
+        allow_packed_pixels(self.source.manifest)  # again here: a spawned worker's own Pillow
         epoch, skip = self.epoch, self._resume_batches
         self.epoch += 1
         self._resume_batches = 0

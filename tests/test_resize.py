@@ -81,3 +81,17 @@ def test_pad_to_aspect_ratio_matches_keras(seed, size):
                                  pad_to_aspect_ratio=True)
     diff = np.abs(ours.astype(np.float32) - np.round(np.asarray(ref)))
     assert diff.max() <= 1 and diff.mean() < 0.15
+
+
+def test_pad_to_aspect_ratio_on_a_large_jpeg_blends_its_edge_as_keras():
+    """A JPEG the resize could decode at 1/8 scale: padding that reduced image blended the
+    content's edge over a reduced pixel (179 against Keras' 226 at the edge row); pad mode
+    decodes at full size, as Keras does."""
+    keras = pytest.importorskip("keras")
+    buf = io.BytesIO()
+    Image.new("RGB", (2000, 300), (200, 200, 200)).save(buf, format="JPEG", quality=95)
+    pixels = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    ours = decode_image(buf.getvalue(), DecodeOptions(image_size=(224, 224), pad_to_aspect_ratio=True))
+    ref = keras.ops.image.resize(pixels.astype(np.float32), (224, 224), interpolation="bilinear",
+                                 pad_to_aspect_ratio=True)
+    assert np.abs(ours.astype(np.float32) - np.round(np.asarray(ref))).max() <= 1

@@ -140,3 +140,22 @@ def test_a_loose_image_without_an_image_name_is_skipped_not_ignored(tmp_path):
         "top.bin": "outside any split folder: no split or label to give it",
     }
     assert dict(result.ignored)["train/notes.txt"] == "outside any class folder"
+
+
+def test_a_loose_fifo_is_listed_not_opened(tmp_path):
+    """Loose files are sniffed for image content; a named pipe must not be opened (open()
+    blocks until a writer comes, and the pack would hang)."""
+    import threading
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes here")
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "a.jpg").write_bytes(b"\xff\xd8\xff")
+    os.mkfifo(tmp_path / "train" / "pipe")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    done: list = []
+    walker = threading.Thread(target=lambda: done.append(walk_tree(tmp_path)), daemon=True)
+    walker.start()
+    walker.join(timeout=20)
+    assert done, "the walk blocked on a FIFO"
+    assert dict(done[0].ignored)["train/pipe"] == "outside any class folder"
