@@ -167,7 +167,6 @@ class ShardReader:
             split=split,
             storage_options=self.storage_options,
         )
-        allow_packed_pixels(self.source.manifest)
         self.split = split
         self.shuffle = shuffle
         if seed is None:
@@ -348,7 +347,6 @@ class ShardReader:
         self._resume_batches = batches
 
     def __iter__(self) -> Iterator[Batch]:
-        allow_packed_pixels(self.source.manifest)  # again here: a spawned worker's own Pillow
         epoch, skip = self.epoch, self._resume_batches
         self.epoch += 1
         self._resume_batches = 0
@@ -436,6 +434,9 @@ class ShardReader:
         names that share in the random generators' purposes; the first ``skip_batches``
         batches' samples are dropped before decoding (resume).
         """
+        # Here, where every epoch is decoded (iter(), a torch worker, a spawned one with
+        # Pillow's own limit): let Pillow open what the pack accepted.
+        allow_packed_pixels(self.source.manifest)
         if pieces is None:
             pieces = self.epoch_pieces(epoch)
         if pieces is None:

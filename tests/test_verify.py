@@ -130,5 +130,11 @@ def test_images_packed_under_a_raised_max_pixels_are_read_and_verified(tmp_path,
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     labels = [y for _, y in reader]
     assert sorted(labels[0].tolist()) == [0, 1]
+    # the torch adapter reads epochs without iter(reader)
+    torch_data = pytest.importorskip("reader.torch_data")
+    dataset = torch_data.ShardIterableDataset(tmp_path / "out", split="train", image_size=4,
+                                              batch_size=2, shuffle=False, on_error="raise")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert sorted(int(v) for _, y in dataset for v in y) == [0, 1]
     report = verify(str(tmp_path / "out"), deep=True)
     assert report.ok, report.problems
