@@ -17,7 +17,7 @@ from typing import Literal
 
 __all__ = [
     "FastInfo", "fast_jpeg_info", "fast_png_info", "jpeg_orientation", "tiff_orientation",
-    "signature_kind", "ORIENTATION_TAG", "PNG_SIGNATURE",
+    "signature_kind", "starts_like_image", "ORIENTATION_TAG", "PNG_SIGNATURE",
 ]
 
 _SOF_PLAIN = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressive (Huffman)
@@ -173,6 +173,19 @@ def signature_kind(data: bytes) -> str | None:
     if data.startswith(PNG_SIGNATURE):
         return "PNG"
     return None
+
+
+# how the other formats the packer takes begin (JPEG and PNG: their signatures above)
+_OTHER_MAGIC = (b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+
+
+def starts_like_image(head: bytes) -> bool:
+    """``head`` (a file's first 12 bytes or more) begins like an image of a format the
+    packer takes: JPEG, PNG, GIF, TIFF, WebP or BMP (its reserved fields zero, so text
+    that happens to start "BM" is not one)."""
+    return (signature_kind(head) is not None or head.startswith(_OTHER_MAGIC)
+            or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+            or (head[:2] == b"BM" and head[6:10] == b"\0\0\0\0"))
 
 
 # PNG colour type -> the bit depths the format allows with it

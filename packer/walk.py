@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 from .errors import LayoutError
 from .format import IMAGE_EXTENSIONS
+from .headers import starts_like_image
 
 __all__ = ["Candidate", "WalkResult", "walk_tree", "is_hidden", "is_utf8", "shown_path", "refuse_split_tree_read_as_flat",
            "IGNORED_NAMES"]
@@ -94,14 +95,11 @@ def _sorted_entries(path: str) -> list[os.DirEntry[str]]:
         return sorted(it, key=lambda e: e.name)
 
 
-# how the formats the packer takes begin (inside a class folder, content decides; a loose
-# file outside any is only sniffed, so an image there is reported as skipped, not ignored)
-_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
-
-
 def _image_content(entry: os.DirEntry[str]) -> bool:
-    """A regular file that starts like an image of a format the packer takes (loose files
-    only; a FIFO or device is never opened: that could block forever)."""
+    """A regular file that starts like an image of a format the packer takes. Only loose
+    files outside any class folder are sniffed (inside one, the probe decides), so an image
+    there is reported as skipped, not ignored; a FIFO or device is never opened (that could
+    block forever)."""
     try:
         if not entry.is_file(follow_symlinks=False):
             return False
@@ -109,8 +107,7 @@ def _image_content(entry: os.DirEntry[str]) -> bool:
             head = f.read(12)
     except OSError:
         return False
-    return (head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
-            or (head[:2] == b"BM" and head[6:10] == b"\0\0\0\0"))  # BMP: reserved fields zero
+    return starts_like_image(head)
 
 
 def _rel_posix(path: str, src: str) -> str:
