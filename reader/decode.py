@@ -285,13 +285,12 @@ def _keras_pads(width: int, height: int, th: int, tw: int) -> tuple[int, int]:
     return int(np.float32(pad_h - height) / 2), int(np.float32(pad_w - width) / 2)
 
 
-def _pad_like_keras(arr: np.ndarray, full_size: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+def _pad_like_keras(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``arr`` inside Keras' zero canvas for ``pad_to_aspect_ratio`` (resized afterwards, so
-    the content's edge blends into the padding as Keras' does). ``arr`` is decoded at full
-    size for this (see ``_needed_size``); the pads are scaled should it not be."""
-    top, left = _keras_pads(*full_size, *size)
+    the content's edge blends into the padding as Keras' does). ``arr`` is the full-size
+    image: pad mode decodes at full size (see ``_needed_size``)."""
     h, w = arr.shape[:2]
-    top, left = round(top * h / full_size[1]), round(left * w / full_size[0])
+    top, left = _keras_pads(w, h, *size)
     if not top and not left:
         return arr
     canvas = np.zeros((h + 2 * top, w + 2 * left, arr.shape[2]), dtype=arr.dtype)
@@ -318,8 +317,8 @@ def _needed_size(
 
 
 # what a loader returns: the upright (h, w, c) uint8 array in the colour mode (maybe
-# DCT-reduced), the box to resize (fractions), and the upright size of the stored image
-_Loaded = tuple[np.ndarray, tuple[float, float, float, float], tuple[int, int]]
+# DCT-reduced) and the box to resize (fractions)
+_Loaded = tuple[np.ndarray, tuple[float, float, float, float]]
 
 
 def fast_jpeg_scale(width: int, height: int, need_w: int, need_h: int) -> tuple[int, int]:
@@ -368,7 +367,7 @@ def _load_simplejpeg(
         return None  # damaged or unusual: Pillow decides (and names the problem)
     if orientation in _UPRIGHT:
         arr = _UPRIGHT[orientation](arr)
-    return arr, box, (ow, oh)
+    return arr, box
 
 
 def _load_pillow(
@@ -387,7 +386,7 @@ def _load_pillow(
     out = ImageOps.exif_transpose(im) if orientation != 1 else im
     out.load()
     arr = np.asarray(to_color_mode(out, options.color_mode))
-    return (arr[:, :, None] if arr.ndim == 2 else arr), box, (ow, oh)
+    return (arr[:, :, None] if arr.ndim == 2 else arr), box
 
 
 def _load_auto(
@@ -427,11 +426,11 @@ def decode_image(data: bytes, options: DecodeOptions, *, rng: random.Random | No
             image (the caller turns this into SampleDecodeError).
     """
     th, tw = options.image_size
-    arr, box, full_size = DECODERS[options.decoder](data, options, rng)
+    arr, box = DECODERS[options.decoder](data, options, rng)
     h, w = arr.shape[:2]
     pixel_box = (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
     if options.pad_to_aspect_ratio and options.random_crop is None:
-        arr = _pad_like_keras(arr, full_size, (th, tw))
+        arr = _pad_like_keras(arr, (th, tw))
         if arr.shape[:2] != (th, tw):
             arr = resize_array(arr, (tw, th), options.interpolation)
     else:
