@@ -14,7 +14,8 @@ each runs --repeat times, interleaved round by round, and the table shows the me
   webdataset         WebDataset(...).shuffle().decode("pil") + WebLoader (torch) pipeline
   shardpack_numpy    reader.ShardReader
   shardpack_tf       reader.image_dataset_from_shards iterated as Keras would
-  shardpack_tf_resized   the same on shards packed with --resize 256
+  shardpack_tf_resized   the same on shards packed with `--resize 256 --quality 90` (this
+                     script's --resize and --quality choose the size and quality)
   decode_limit_resized   the decode limit of those resized shards (what shardpack_tf_resized
                      can reach at most)
 
@@ -29,6 +30,9 @@ packer contenders
                      fsynced before it returns; compare with tar -cf + fsync
   shardpack_pack_decode  the default with validate="decode" (every image decoded)
 Every packer contender starts after an os.sync(), so none pays for another's dirty pages.
+
+`--only resized` runs keras_directory and the two resized contenders alone: with --resize
+and --quality, it measures what a pack-time size and quality buy against Keras.
 
 Prints a table of images/s, ratios to the decode limit and to each anchor, CPU ms per
 image (less disturbed than images/s on a shared machine), peak RSS, the load average; writes
@@ -59,6 +63,7 @@ READER_CONTENDERS = [
     "decode_limit", "keras_directory", "webdataset", "shardpack_numpy", "shardpack_tf",
     "shardpack_tf_resized", "decode_limit_resized",
 ]
+RESIZED_CONTENDERS = ["keras_directory", "shardpack_tf_resized", "decode_limit_resized"]
 PACKER_CONTENDERS = ["tar_cf", "tar_cf_fsync", "wds_shardwriter", "shardpack_pack_nofsync",
                      "shardpack_pack", "shardpack_pack_decode"]
 README_START = "<!-- bench:start -->"
@@ -324,19 +329,20 @@ PACKER_ANCHORS = [("tar -cf", "tar_cf"), ("tar -cf + fsync", "tar_cf_fsync"),
                   ("wds ShardWriter", "wds_shardwriter")]
 
 
-# The issue's targets: (what, contender, anchor, target ratio or None for context only)
-TARGETS: list[tuple[str, str, str, float | None]] = [
-    ("ShardReader ÷ decode limit", "shardpack_numpy", "decode_limit", 0.9),
-    ("image_dataset_from_shards ÷ decode limit", "shardpack_tf", "decode_limit", 0.9),
-    ("image_dataset_from_shards on `--resize 256` shards ÷ Keras directory on the originals",
-     "shardpack_tf_resized", "keras_directory", 3.0),
-    ("the same ÷ the decode limit of the resized shards", "shardpack_tf_resized",
-     "decode_limit_resized", 0.9),
-    ("pack `--no-fsync` ÷ tar -cf", "shardpack_pack_nofsync", "tar_cf", 0.5),
-    ("pack `--no-fsync` ÷ wds ShardWriter", "shardpack_pack_nofsync", "wds_shardwriter", 2.0),
-    ("pack (default, fsynced) ÷ wds ShardWriter", "shardpack_pack", "wds_shardwriter", 2.0),
-    ("pack (default, fsynced) ÷ tar -cf + fsync", "shardpack_pack", "tar_cf_fsync", None),
-]
+def targets(resize: int = 256, quality: int = 90) -> list[tuple[str, str, str, float | None]]:
+    """The issue's targets: (what, contender, anchor, target ratio or None for context only)."""
+    return [
+        ("ShardReader ÷ decode limit", "shardpack_numpy", "decode_limit", 0.9),
+        ("image_dataset_from_shards ÷ decode limit", "shardpack_tf", "decode_limit", 0.9),
+        (f"image_dataset_from_shards on `--resize {resize} --quality {quality}` shards ÷ "
+         "Keras directory on the originals", "shardpack_tf_resized", "keras_directory", 3.0),
+        ("the same ÷ the decode limit of the resized shards", "shardpack_tf_resized",
+         "decode_limit_resized", 0.9),
+        ("pack `--no-fsync` ÷ tar -cf", "shardpack_pack_nofsync", "tar_cf", 0.5),
+        ("pack `--no-fsync` ÷ wds ShardWriter", "shardpack_pack_nofsync", "wds_shardwriter", 2.0),
+        ("pack (default, fsynced) ÷ wds ShardWriter", "shardpack_pack", "wds_shardwriter", 2.0),
+        ("pack (default, fsynced) ÷ tar -cf + fsync", "shardpack_pack", "tar_cf_fsync", None),
+    ]
 
 
 def round_ratios(results: dict[str, dict[str, Any]], contender: str, anchor: str) -> list[float]:
@@ -348,11 +354,11 @@ def round_ratios(results: dict[str, dict[str, Any]], contender: str, anchor: str
     return [c / a for c, a in pairs if c and a]
 
 
-def format_targets(results: dict[str, dict[str, Any]]) -> str:
+def format_targets(results: dict[str, dict[str, Any]], resize: int = 256, quality: int = 90) -> str:
     """A markdown table: each target's ratio in every round, its median, and how many
     rounds met it."""
     rows = ["| ratio | by round | median | target | rounds at or above |", "|---|---|---:|---:|---:|"]
-    for label, contender, anchor, target in TARGETS:
+    for label, contender, anchor, target in targets(resize, quality):
         ratios = round_ratios(results, contender, anchor)
         if not ratios:
             continue
@@ -366,6 +372,7 @@ def format_table(results: dict[str, dict[str, Any]], kind: str) -> str:
     """A markdown table of one kind of contender with ratios to that kind's anchors."""
     reader = kind == "reader"
     names, anchors = (READER_CONTENDERS, READER_ANCHORS) if reader else (PACKER_CONTENDERS, PACKER_ANCHORS)
+    names = [n for n in names if n in results]
     bases = [results.get(key, {}).get("images_per_s") for _, key in anchors]
     head = (["contender", "images/s", "runs"]
             + [f"× {label}" for label, _ in anchors]
@@ -460,13 +467,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=3, help="runs per reader contender (median)")
-    parser.add_argument("--only", default="reader,packer", help="reader, packer or both")
+    parser.add_argument("--only", default="reader,packer",
+                        help="reader, packer (comma-separated), or resized (see above)")
+    parser.add_argument("--resize", type=int, default=256,
+                        help="short side of the resized shards (default 256)")
+    parser.add_argument("--quality", type=int, default=90,
+                        help="JPEG quality of the resized shards (default 90)")
     parser.add_argument("--scaling", type=int, nargs="*", default=[],
                         help="also pack this many small images each (e.g. 1000 100000)")
     parser.add_argument("--update-readme", action="store_true", help="write table and chart into README.md")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.update_readme and "resized" in args.only.split(","):
+        parser.error("--update-readme writes the full table: leave out --only resized")
     if args.contender:
         _child(args.contender, json.loads(args.config))
         return 0
@@ -480,10 +494,13 @@ def main(argv: list[str] | None = None) -> int:
         make_imagenet_like_tree(src, images=args.images, classes=args.classes, seed=args.seed)
     from packer import pack
 
-    shards, resized = work / "shards", work / "shards_resized"
+    shards = work / "shards"
+    resized = work / ("shards_resized" if (args.resize, args.quality) == (256, 90)
+                      else f"shards_resized_{args.resize}_q{args.quality}")
     print("packing ...", flush=True)
     pack(src, shards, quiet=True, max_size="64MB", overwrite=True)
-    pack(src, resized, quiet=True, max_size="64MB", resize=256, quality=90, overwrite=True)
+    pack(src, resized, quiet=True, max_size="64MB", resize=args.resize, quality=args.quality,
+         overwrite=True)
     warm_cache(src)
     warm_cache(shards)
     warm_cache(resized)
@@ -496,9 +513,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     kinds = args.only.split(",")
     load_before = os.getloadavg()
-    if "reader" in kinds:
+    reader_names = (READER_CONTENDERS if "reader" in kinds
+                    else RESIZED_CONTENDERS if "resized" in kinds else [])
+    if reader_names:
         print(f"reader contenders, {args.repeat} interleaved rounds ...", flush=True)
-        results.update(run_rounds(READER_CONTENDERS, cfg, args.repeat, module=[__file__],
+        results.update(run_rounds(reader_names, cfg, args.repeat, module=[__file__],
                                   log=lambda m: print(m, flush=True)))
     if "packer" in kinds:
         print(f"packer contenders, {args.repeat} interleaved rounds ...", flush=True)
@@ -511,17 +530,18 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Machine: {machine_line()}. Data: {n_train} ImageNet-like images in `{args.split}` "
               f"(long side 300–1400 px, JPEG q75–95, ~3% PNG), {args.image_size}x{args.image_size} "
               f"RGB batches of {args.batch_size}, warm page cache, one epoch after 3 warm-up batches; "
+              f"resized shards packed with `--resize {args.resize} --quality {args.quality}`; "
               f"every rate is the median of {args.repeat} interleaved runs. Load average "
               f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (the machine is shared: "
               f"above {cores()} every rate is shared with other work; CPU ms per image is "
               f"disturbed less; it counts the contender's own process, so not webdataset's "
               f"WebLoader worker processes).")
     parts = [header, ""]
-    if "reader" in kinds:
+    if reader_names:
         parts += ["**Reader**", "", format_table(results, "reader"), ""]
     if "packer" in kinds:
         parts += ["**Packer**", "", format_table(results, "packer"), ""]
-    parts += ["**Targets** (ratios of rates measured in the same round)", "", format_targets(results), ""]
+    parts += ["**Targets** (ratios of rates measured in the same round)", "", format_targets(results, args.resize, args.quality), ""]
     if scaling:
         parts += ["**Pack cost vs size** (small JPEGs)", "", "| images | images/s |", "|---:|---:|"]
         parts += [f"| {r['n']} | {r.get('images_per_s', 0):.0f} |" for r in scaling] + [""]
@@ -533,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         {"machine": machine_line(), "config": cfg, "results": results, "scaling": scaling,
          "load": {"before": load_before, "after": load_after}}, indent=2))
     (work / "bench.md").write_text(markdown + "\n")
-    if "reader" in kinds:
+    if reader_names:
         draw_chart(results, work / "bench.png")
     if args.update_readme:
         docs = REPO / "docs"

@@ -1,0 +1,43 @@
+"""scripts/bench.py's Targets table: ratios are paired round by round, a failed round drops
+out of its pair only, and the rounds that met each target are counted."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from reader.benchmark import median_result
+
+BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("shardpack_bench_script", BENCH)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _runs(*rates: float | None) -> list[dict]:
+    return [{"images_per_s": r, "peak_rss_mb": 1.0} if r else {"error": "failed"} for r in rates]
+
+
+def test_targets_pair_rates_by_round_and_count_the_rounds_met():
+    bench = _bench_module()
+    results = {
+        # round 2 of the reader is fast and round 3 of the limit is slow: a ratio of medians
+        # would hide both, the paired ratios show them
+        "shardpack_numpy": median_result(_runs(900, 1500, 800, None)),
+        "decode_limit": median_result(_runs(1000, 1000, 400, 1000)),
+        "shardpack_tf_resized": median_result(_runs(2900, 3100)),
+        "keras_directory": median_result(_runs(1000, 1000)),
+    }
+    assert bench.round_ratios(results, "shardpack_numpy", "decode_limit") == [0.9, 1.5, 2.0]
+    table = bench.format_targets(results, resize=224, quality=80)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert rows["ShardReader ÷ decode limit"].endswith("| 0.90, 1.50, 2.00 | 1.50 | ≥ 0.9 | 3 of 3 |")
+    resized = next(v for k, v in rows.items() if k.startswith("image_dataset_from_shards on"))
+    assert "`--resize 224 --quality 80`" in resized
+    assert resized.endswith("| 2.90, 3.10 | 3.00 | ≥ 3 | 1 of 2 |")
+    # targets with no measured pair (the packer did not run) are left out, not shown as 0
+    assert not any("pack" in k for k in rows)
