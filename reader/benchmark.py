@@ -185,7 +185,7 @@ def c_shardpack_numpy(cfg: dict[str, Any]) -> dict[str, Any]:
 
     r = ShardReader(cfg["source"], split=cfg["split"], image_size=tuple(cfg["image_size"]),
                     batch_size=cfg["batch_size"], shuffle=True, seed=0,
-                    storage_options=cfg.get("storage_options"))
+                    storage_options=cfg.get("storage_options"), dtype=cfg.get("dtype", "float32"))
     return time_epoch(r, cfg.get("warmup", 3))
 
 

@@ -122,7 +122,7 @@ def image_dataset_from_shards(
             f"belonging to {len(reader.class_names)} classes."
         )
     h, w, c = reader.decode_options.shape
-    x_spec = tf.TensorSpec((None, h, w, c), tf.float32)
+    x_spec = tf.TensorSpec((None, h, w, c), tf.as_dtype(reader.batch_options.dtype))
     y_specs = {
         "int": tf.TensorSpec((None,), tf.int32),
         "categorical": tf.TensorSpec((None, len(reader.class_names)), tf.float32),

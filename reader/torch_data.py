@@ -38,7 +38,8 @@ class ShardIterableDataset(IterableDataset):
 
     Images are float32 tensors of shape ``(batch, channels, height, width)``, as
     torchvision models expect, with values in [0, 255] (pass ``rescale=1/255`` for [0, 1],
-    as ``ToTensor`` gives). By default they are contiguous NCHW; ``channels_last=True``
+    as ``ToTensor`` gives), or uint8 with ``dtype="uint8"`` (as torchvision's ``decode_jpeg``
+    and FFCV give: a quarter of the memory and of the copy to the GPU; normalise there). By default they are contiguous NCHW; ``channels_last=True``
     returns the decoded NHWC memory without a copy as an NCHW tensor in
     ``torch.channels_last`` memory format (use with ``model.to(memory_format=
     torch.channels_last)``). Labels: int64 ``(batch,)`` for ``label_mode="int"`` (what

@@ -13,6 +13,7 @@ each runs --repeat times, interleaved round by round, and the table shows the me
   keras_directory    keras.utils.image_dataset_from_directory on the original files
   webdataset         WebDataset(...).shuffle().decode("pil") + WebLoader (torch) pipeline
   shardpack_numpy    reader.ShardReader
+  shardpack_numpy_uint8  the same with dtype="uint8": no float32 cast, the limit's output
   shardpack_tf       reader.image_dataset_from_shards iterated as Keras would
   shardpack_tf_resized   the same on shards packed with `--resize 256 --quality 90` (this
                      script's --resize and --quality choose the size and quality)
@@ -60,7 +61,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 READER_CONTENDERS = [
-    "decode_limit", "keras_directory", "webdataset", "shardpack_numpy", "shardpack_tf",
+    "decode_limit", "keras_directory", "webdataset", "shardpack_numpy", "shardpack_numpy_uint8",
+    "shardpack_tf",
     "shardpack_tf_resized", "decode_limit_resized",
 ]
 RESIZED_CONTENDERS = ["keras_directory", "shardpack_tf_resized", "decode_limit_resized"]
@@ -195,6 +197,12 @@ def c_shardpack_numpy(cfg: dict[str, Any]) -> dict[str, Any]:
     from reader.benchmark import c_shardpack_numpy as numpy_epoch
 
     return numpy_epoch(dict(cfg, source=cfg["shards"]))
+
+
+def c_shardpack_numpy_uint8(cfg: dict[str, Any]) -> dict[str, Any]:
+    from reader.benchmark import c_shardpack_numpy as numpy_epoch
+
+    return numpy_epoch(dict(cfg, source=cfg["shards"], dtype="uint8"))
 
 
 def c_shardpack_tf(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -333,6 +341,8 @@ def targets(resize: int = 256, quality: int = 90) -> list[tuple[str, str, str, f
     """The issue's targets: (what, contender, anchor, target ratio or None for context only)."""
     return [
         ("ShardReader ÷ decode limit", "shardpack_numpy", "decode_limit", 0.9),
+        ('ShardReader(dtype="uint8") ÷ decode limit (both uint8)', "shardpack_numpy_uint8",
+         "decode_limit", None),
         ("image_dataset_from_shards ÷ decode limit", "shardpack_tf", "decode_limit", 0.9),
         (f"image_dataset_from_shards on `--resize {resize} --quality {quality}` shards ÷ "
          "Keras directory on the originals", "shardpack_tf_resized", "keras_directory", 3.0),

@@ -30,11 +30,13 @@ def shards_with_a_broken_image(tmp_path):
     return str(tmp_path / "e-{000000..000001}.tar")
 
 
-def test_broken_sample_is_skipped_with_a_warning_and_counted(shards_with_a_broken_image):
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_broken_sample_is_skipped_with_a_warning_and_counted(shards_with_a_broken_image, dtype):
     reader = ShardReader(shards_with_a_broken_image, num_classes=2, image_size=4, batch_size=8,
-                         shuffle=False)
+                         shuffle=False, dtype=dtype)
     with pytest.warns(RuntimeWarning, match=r"sample k0013 in shard .*e-000001\.tar: cannot decode"):
         batches = list(reader)
+    assert {x.dtype for x, _ in batches} == {np.dtype(dtype)}  # the refilled batches too
     values = np.concatenate([x[:, 0, 0, 0] for x, _ in batches]).astype(int).tolist()
     assert values == [i for i in range(20) if i != 13]  # the rest, in order, batches refilled
     assert [len(x) for x, _ in batches] == [8, 8, 3]

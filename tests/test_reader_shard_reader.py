@@ -106,6 +106,24 @@ def test_label_modes_and_drop_remainder(id_shards):
     assert y.dtype == np.int32
 
 
+def test_uint8_batches_hold_the_float32_pixels(photo_shards):
+    """dtype="uint8" skips the cast only: the same pixels, batch for batch, with the same
+    augmentation draws; rescale, which needs floats, is refused with it."""
+    opts = dict(split="train", image_size=(32, 32), batch_size=16, seed=4, random_flip=True,
+                random_crop=(0.5, 1.0))
+    floats = list(ShardReader(photo_shards, **opts))
+    ints = list(ShardReader(photo_shards, dtype="uint8", **opts))
+    assert len(ints) == len(floats) > 1
+    for (xi, yi), (xf, yf) in zip(ints, floats, strict=True):
+        assert xi.dtype == np.uint8 and xi.shape == xf.shape
+        np.testing.assert_array_equal(xi.astype(np.float32), xf)
+        np.testing.assert_array_equal(yi, yf)
+    with pytest.raises(ValueError, match="rescale"):
+        ShardReader(photo_shards, dtype="uint8", rescale=1 / 255, **opts)
+    with pytest.raises(ValueError, match="dtype"):
+        ShardReader(photo_shards, dtype="float16", **opts)
+
+
 def test_augmentations_are_seeded(photo_shards):
     opts = dict(split="train", image_size=(32, 32), batch_size=16, random_flip=True,
                 random_crop=(0.5, 1.0))

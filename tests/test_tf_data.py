@@ -35,6 +35,18 @@ def test_specs_like_image_dataset_from_directory(id_shards):
     assert int(images.cardinality()) == 30 and tuple(next(iter(images)).shape) == (4, 4, 3)
 
 
+def test_uint8_dataset(id_shards):
+    shards, _ = id_shards
+    ds = image_dataset_from_shards(shards, split="train", image_size=4, batch_size=16, seed=0,
+                                   dtype="uint8")
+    assert ds.element_spec[0].dtype == tf.uint8
+    floats = image_dataset_from_shards(shards, split="train", image_size=4, batch_size=16, seed=0)
+    for (xi, yi), (xf, yf) in zip(ds, floats, strict=True):
+        assert xi.dtype == tf.uint8
+        np.testing.assert_array_equal(xi.numpy().astype(np.float32), xf.numpy())
+        np.testing.assert_array_equal(yi.numpy(), yf.numpy())
+
+
 def test_each_pass_is_a_new_epoch(id_shards):
     shards, paths = id_shards
     ds = image_dataset_from_shards(shards, split="train", image_size=(4, 4), batch_size=30,

@@ -61,6 +61,14 @@ def test_no_workers_is_the_shard_reader_stream(awkward_shards):
     assert _epoch(DataLoader(ds, batch_size=None)) == [sample_ids(x) for x, _y in r]
 
 
+def test_uint8_tensors(awkward_shards):
+    ds = ShardIterableDataset(awkward_shards, seed=3, dtype="uint8", **OPTIONS)
+    batches = list(DataLoader(ds, batch_size=None, num_workers=2))
+    assert {x.dtype for x, _ in batches} == {torch.uint8}
+    ids = [i for x, _y in batches for i in sample_ids(x.permute(0, 2, 3, 1))]
+    assert sorted(ids) == list(range(TRAIN))
+
+
 @pytest.mark.parametrize("k", [3, 8])
 def test_resume_with_workers(awkward_shards, k):
     ds = ShardIterableDataset(awkward_shards, seed=11, **OPTIONS)
