@@ -39,6 +39,9 @@ FORMAT_NAME = "shardpack"
 # versions above this one with FormatVersionError rather than guessing.
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# The manifest a pack to a URL or an upload took down while it replaces shards, kept until
+# the new one is published (so a stopped run still tells the next which shards it named).
+REPLACED_NAME = ".shardpack-replaced-manifest.json"
 
 # File name extensions that make a file "image-like" (any case). Files with other names are
 # still checked by content, so a JPEG called `photo.dat` is packed, not lost.

@@ -23,7 +23,7 @@ import tempfile
 from typing import Any
 
 from .errors import OutputExistsError, UploadError
-from .format import MANIFEST_NAME, manifest_to_bytes
+from .format import MANIFEST_NAME, REPLACED_NAME, manifest_to_bytes
 from .plan import Plan, PlannedShard
 from .progress import Progress as tqdm
 from .uploader import SHA256_METADATA_KEY, RemoteStore, ShardFile, scrub_secrets, send_shards
@@ -165,10 +165,6 @@ def _pack_and_send(
         if own_staging:
             shutil.rmtree(staging, ignore_errors=True)
     return manifest
-
-
-# The manifest a pack to a URL took down while it replaces shards, until the new one is up.
-REPLACED_NAME = ".shardpack-replaced-manifest.json"
 
 
 def _message(url: str, exc: BaseException, storage_options: dict[str, Any] | None) -> str:

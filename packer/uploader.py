@@ -34,7 +34,7 @@ import fsspec
 from fsspec.callbacks import Callback
 
 from .errors import ManifestError, UploadError
-from .format import MANIFEST_NAME, parse_manifest
+from .format import MANIFEST_NAME, REPLACED_NAME, parse_manifest
 from .progress import Progress as tqdm
 from .storage import storage_options_for
 from .write import hash_file, hash_stream
@@ -307,13 +307,18 @@ def send_shards(
     """Send ``shards`` in parallel (skipping identical ones), then publish the manifest.
 
     The manifest is published only after every shard succeeded; before the first shard is
-    replaced, a differing remote manifest is taken down. With ``manifest_bytes=None`` the
-    manifest is left alone (the caller handles it). ``on_done`` is called with each shard
-    once it is safely at the destination (sent or skipped).
+    replaced, a differing remote manifest is taken down, kept aside as ``REPLACED_NAME``
+    until the new one is up, so a run stopped in between still tells the next one which
+    shards the old manifest named (to delete those the new one drops). With
+    ``manifest_bytes=None`` the manifest is left alone (the caller handles it). ``on_done``
+    is called with each shard once it is safely at the destination (sent or skipped).
     """
     lock = threading.Lock()
     unpublished = threading.Event()
-    old_manifest = store.read_bytes(MANIFEST_NAME) if manifest_bytes is not None else None
+    current = store.read_bytes(MANIFEST_NAME) if manifest_bytes is not None else None
+    aside = (store.read_bytes(REPLACED_NAME)
+             if manifest_bytes is not None and current is None else None)
+    old_manifest = current if current is not None else aside
     stats = {"uploaded": 0, "skipped": 0, "bytes": 0, "bytes_skipped": 0, "removed": 0}
     total = sum(s.bytes for s in shards)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="uploading",
@@ -323,7 +328,8 @@ def send_shards(
         with lock:
             if unpublished.is_set():
                 return
-            if manifest_bytes is not None and old_manifest is not None and old_manifest != manifest_bytes:
+            if manifest_bytes is not None and current is not None and current != manifest_bytes:
+                store.publish(REPLACED_NAME, current)
                 store.remove(MANIFEST_NAME)
                 log.info("took down the old remote manifest while shards change")
             unpublished.set()
@@ -358,7 +364,12 @@ def send_shards(
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="upload") as pool:
             futures = [pool.submit(send, shard) for shard in shards]
-            wait(futures, return_when=FIRST_EXCEPTION)
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:  # Ctrl-C: stop after the shards being sent, not all
+                for future in futures:
+                    future.cancel()
+                raise
             if any(f.done() and f.exception() is not None for f in futures):
                 for future in futures:
                     future.cancel()  # queued shards are not started; running ones finish
@@ -372,11 +383,13 @@ def send_shards(
     finally:
         bar.close()
     manifest_state = "unchanged"
-    if manifest_bytes is not None and (old_manifest != manifest_bytes or stats["uploaded"]):
+    if manifest_bytes is not None and (current != manifest_bytes or stats["uploaded"]):
         take_down_old_manifest()  # a published manifest must never name a removed shard
         stats["removed"] = _remove_unnamed_shards(store, old_manifest, shards)
         store.publish(MANIFEST_NAME, manifest_bytes)
         manifest_state = "uploaded"
+    if manifest_bytes is not None and (aside is not None or (current is not None and current != manifest_bytes)):
+        store.remove(REPLACED_NAME)
     return {**stats, "manifest": manifest_state}
 
 

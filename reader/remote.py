@@ -32,7 +32,9 @@ import io
 import os
 import queue
 import random
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
@@ -55,6 +57,8 @@ DEFAULT_BLOCK_SIZE = 8 << 20
 # being fetched, at most (READAHEAD_BLOCKS + 2) * block_size bytes are held per stream.
 READAHEAD_BLOCKS = 2
 MAX_BACKOFF_S = 10.0
+# A cache temp file not written to for this long belongs to a reader that died.
+STALE_PARTIAL_S = 3600.0
 # HTTP statuses worth retrying: throttling (429, S3's 503 SlowDown) and server errors.
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _TRANSIENT_TEXT = ("SlowDown", "reduce your request rate", "Throttl", "RequestTimeout",
@@ -89,6 +93,11 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (OSError, TimeoutError, EOFError, asyncio.TimeoutError)):
         return True  # ConnectionResetError, IncompleteRead, s3fs' translated 5xx, ...
     return type(exc).__module__.split(".")[0] in _NETWORK_MODULES
+
+
+def _is_bad_range(exc: BaseException) -> bool:
+    """HTTP 416: the range starts past the object's end (it is shorter than expected)."""
+    return _http_status(exc) == 416 or any(t in str(exc) for t in ("not satisfiable", "InvalidRange"))
 
 
 def _is_missing(exc: BaseException) -> bool:
@@ -134,63 +143,86 @@ class ShardCache:
         return _CacheWriter(self, key)
 
     def evict(self, *, keep: str | None = None) -> list[str]:
-        """Delete least recently used shards until the cache fits ``max_bytes``."""
+        """Delete least recently used shards until the cache fits ``max_bytes``, and the
+        temporary files of writers that stopped (killed readers) whatever the bound."""
+        entries, partial_bytes = [], 0
+        stale_before = time.time() - STALE_PARTIAL_S
+        for entry in os.scandir(self.dir):
+            if not entry.is_file() or not entry.name.endswith((".tar", ".partial")):
+                continue
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            if entry.name.endswith(".tar"):
+                entries.append((st.st_mtime, entry.path, st.st_size))
+            elif st.st_mtime < stale_before:
+                _remove_quietly(entry.path)
+            else:
+                partial_bytes += st.st_size  # being written: counts, is not ours to delete
         if self.max_bytes is None:
             return []
-        entries = []
-        for entry in os.scandir(self.dir):
-            if entry.name.endswith(".tar") and entry.is_file():
-                try:
-                    st = entry.stat()
-                except FileNotFoundError:
-                    continue
-                entries.append((st.st_mtime, entry.path, st.st_size))
-        total = sum(size for _, _, size in entries)
+        total = partial_bytes + sum(size for _, _, size in entries)
         removed = []
         for _, path, size in sorted(entries):
             if total <= self.max_bytes:
                 break
             if keep is not None and path == self.path(keep):
                 continue
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
+            _remove_quietly(path)
             total -= size
             removed.append(path)
         return removed
 
 
 class _CacheWriter:
+    """One stream's copy of a shard into the cache, under a temporary name of its own (two
+    streams of one shard, even in one thread, never share it). The cache is only a copy: a
+    write or rename that fails (full disk, a folder removed) leaves the shard uncached and
+    the read goes on."""
+
     def __init__(self, cache: ShardCache, key: str) -> None:
         self.cache = cache
         self.key = key
-        self.temp = os.path.join(
-            cache.dir, f".{key}.{os.getpid()}.{threading.get_ident()}.partial"
-        )
-        self._file: IO[bytes] | None = open(self.temp, "wb")
+        fd, self.temp = tempfile.mkstemp(dir=cache.dir, prefix=f".{key}.", suffix=".partial")
+        self._file: IO[bytes] | None = os.fdopen(fd, "wb")
 
     def write(self, data: bytes) -> None:
         if self._file is not None:
-            self._file.write(data)
+            try:
+                self._file.write(data)
+            except OSError:
+                self.abort()
 
     def commit(self) -> None:
         if self._file is None:
             return
-        self._file.close()
-        self._file = None
-        os.replace(self.temp, self.cache.path(self.key))
+        try:
+            self._file.close()
+            self._file = None
+            os.replace(self.temp, self.cache.path(self.key))
+        except OSError:
+            self._file = None
+            _remove_quietly(self.temp)
+            return
         self.cache.evict(keep=self.key)
 
     def abort(self) -> None:
         if self._file is None:
             return
-        self._file.close()
-        self._file = None
         try:
-            os.remove(self.temp)
-        except FileNotFoundError:
+            self._file.close()
+        except OSError:
             pass
+        self._file = None
+        _remove_quietly(self.temp)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 _EOF = object()
@@ -289,9 +321,14 @@ class ShardStream(io.RawIOBase):
         while pos < size and not self._stop.is_set():
             start, end = pos, min(pos + self._block_size, size)
             self.requests += 1
-            data = self._retrying(
-                "read", start, functools.partial(self._fs.cat_file, self._path, start=start, end=end)
-            )
+            try:
+                data = self._retrying(
+                    "read", start, functools.partial(self._fs.cat_file, self._path, start=start, end=end)
+                )
+            except ShardReadError as exc:
+                if exc.__cause__ is None or not _is_bad_range(exc.__cause__):
+                    raise
+                data = b""  # the object ends before this block: found out and said below
             if len(data) > end - start:
                 if len(data) != size:
                     raise ShardReadError(
@@ -470,10 +507,6 @@ def open_shard_stream(
         ChecksumError: ``expected_sha256`` is given and the bytes do not match.
     """
     url = os.fspath(url)
-    cache = ShardCache(cache_dir, cache_max_bytes) if cache_dir is not None else None
-    key = ShardCache.key(url, expected_sha256, expected_size) if cache else None
-    if cache is not None and key is not None and (hit := cache.lookup(key)) is not None:
-        return open(hit, "rb")
     try:
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     except (ImportError, ValueError, TypeError) as exc:
@@ -483,20 +516,19 @@ def open_shard_stream(
         ) from exc
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     on_verified = None
-    if "file" in protocols and cache is None:
-        try:
-            f = open(path, "rb")
-        except FileNotFoundError as exc:
-            raise ShardReadError("not found", shard=url) from exc
-        except OSError as exc:
-            raise ShardReadError(f"cannot open ({exc})", shard=url) from exc
-        if expected_sha256 is None:
+    cache = None
+    if "file" in protocols:  # never copied to the cache: it would only be a second copy
+        f, on_verified = _open_local(url, path, expected_sha256)
+        if f is not None:
             return f
-        identity = _local_identity(os.fstat(f.fileno()), path, expected_sha256)
-        if identity in _VERIFIED_LOCAL:
-            return f
-        f.close()
-        on_verified = functools.partial(_remember_verified, identity, path)
+    elif cache_dir is not None:
+        cache = ShardCache(cache_dir, cache_max_bytes)
+        key = ShardCache.key(url, expected_sha256, expected_size)
+        if (hit := cache.lookup(key)) is not None and _cached_copy_is_good(hit, expected_sha256):
+            try:
+                return open(hit, "rb")
+            except FileNotFoundError:  # evicted by another reader since: fetch it
+                pass
     return ShardStream(  # type: ignore[return-value]  # a readable binary stream
         url,
         fs,
@@ -507,7 +539,7 @@ def open_shard_stream(
         backoff=backoff,
         readahead=readahead,
         block_size=block_size,
-        cache_writer=cache.writer(key) if cache is not None and key is not None else None,
+        cache_writer=cache.writer(key) if cache is not None else None,
         on_verified=on_verified,
     )
 
@@ -520,6 +552,52 @@ def open_shard_stream(
 _LocalIdentity = tuple[str, tuple[int, ...], str]
 _VERIFIED_LOCAL: set[_LocalIdentity] = set()
 _VERIFIED_LOCAL_MAX = 1_000_000
+
+
+def _open_local(
+    url: str, path: str, sha256: str | None
+) -> tuple[IO[bytes] | None, Callable[[], None] | None]:
+    """A local shard opened directly, when there is nothing to verify or it was verified
+    in this process; else (None, the callback that remembers it once its hash matched)."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError as exc:
+        raise ShardReadError("not found", shard=url) from exc
+    except OSError as exc:
+        raise ShardReadError(f"cannot open ({exc})", shard=url) from exc
+    if sha256 is None:
+        return f, None
+    identity = _local_identity(os.fstat(f.fileno()), path, sha256)
+    if identity in _VERIFIED_LOCAL:
+        return f, None
+    f.close()
+    return None, functools.partial(_remember_verified, identity, path)
+
+
+def _cached_copy_is_good(path: str, sha256: str | None) -> bool:
+    """Whether a cached shard may be read instead of the remote one.
+
+    Its name comes from the manifest's sha256, but a disk can still rot or a process
+    scribble on it: it is hashed once per process (as a local shard is) and, when it no
+    longer matches, deleted so the caller fetches the shard again.
+    """
+    if sha256 is None:
+        return True
+    try:
+        identity = _local_identity(os.stat(path), path, sha256)
+        if identity in _VERIFIED_LOCAL:
+            return True
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(DEFAULT_BLOCK_SIZE):
+                digest.update(block)
+    except FileNotFoundError:  # evicted by another reader meanwhile
+        return False
+    if digest.hexdigest() != sha256:
+        _remove_quietly(path)
+        return False
+    _remember_verified(identity, path)
+    return True
 
 
 def _local_identity(st: os.stat_result, path: str, sha256: str) -> _LocalIdentity:

@@ -297,22 +297,31 @@ def sample_label(sample: Sample) -> int | None:
 
 
 def scan_shard(
-    ref: ShardRef, *, storage_options: dict[str, Any] | None = None
+    ref: ShardRef, *, storage_options: dict[str, Any] | None = None, cache_dir: str | None = None,
 ) -> list[tuple[str, int | None, str | None]]:
     """List ``(path, label, class name)`` of every sample in one shard, in shard order.
 
     ``path`` is the ``.json`` "path" (the source file relative to the packed tree), or the
     sample key when there is no ``.json``; label and class name are None when absent.
-    Reads only the small ``.cls``/``.json`` members; image bytes are skipped (by seeking
-    where the stream allows it). Used for ``filenames``/``labels`` and for manifest-less
-    shards whose length and classes are unknown.
+    Keeps only the small ``.cls``/``.json`` members; image bytes are skipped (by seeking
+    where the stream allows it: a local shard already verified in this process). The shard
+    is checked against the manifest's size and sha256 as an epoch's read is (and cached in
+    ``cache_dir`` on the way), so labels are never taken from a damaged shard. Used for
+    ``filenames``/``labels`` and for manifest-less shards whose length and classes are
+    unknown.
+
+    Raises:
+        ShardReadError, ChecksumError: as reading the shard in an epoch.
     """
 
     def want(name: str) -> bool:
         return name.endswith((".cls", ".json"))
 
     out: list[tuple[str, int | None, str | None]] = []
-    with open_shard(ref.url, **(storage_options or {})) as stream:
+    with open_shard(
+        ref.url, expected_size=ref.nbytes, expected_sha256=ref.sha256, cache_dir=cache_dir,
+        **(storage_options or {}),
+    ) as stream:
         members = tar_members(stream, shard=ref.name, want=want)
         for sample in group_samples(members, shard=ref.name):
             meta = _json_object(sample.get("json"))
@@ -321,6 +330,7 @@ def scan_shard(
             except SampleDecodeError:  # reading the epoch reports it, through on_error
                 label = None
             out.append((str(meta.get("path", sample["__key__"])), label, meta.get("class")))
+        _read_to_end(stream)
     return out
 
 

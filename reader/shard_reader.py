@@ -235,7 +235,8 @@ class ShardReader:
         """Read every shard's small members once (cached): paths, labels, class names."""
         if self._index is None:
             self._index = [
-                scan_shard(ref, storage_options=self.storage_options) for ref in self.source.shards
+                scan_shard(ref, storage_options=self.storage_options, cache_dir=self.cache_dir)
+                for ref in self.source.shards
             ]
         return self._index
 
@@ -414,15 +415,13 @@ class ShardReader:
     def _piece_samples(self, shard: int, start: int, stop: int | None) -> Iterator[tuple[Sample, int]]:
         """Samples ``start:stop`` of one shard (after the class subset), labelled."""
         ref = self.source.shards[shard]
-        labelled = self._select(
-            shard_samples(
-                ref, policy=self.policy, storage_options=self.storage_options,
-                cache_dir=self.cache_dir,
-            )
+        raw = shard_samples(
+            ref, policy=self.policy, storage_options=self.storage_options, cache_dir=self.cache_dir,
         )
+        labelled = self._select(raw)
         if start == 0 and (stop is None or stop == ref.count and self._remap is None):
-            return labelled  # the whole shard: read to the end, so its count is checked
-        return islice(labelled, start, stop)
+            return labelled  # the whole shard
+        return _only(labelled, start, stop, rest=raw)
 
     def _epoch_batches(
         self,
@@ -476,3 +475,23 @@ class ShardReader:
             f"ShardReader(split={self.split!r}, samples={self.samples}, batches={len(self)}, "
             f"classes={len(self.class_names)}, shuffle={self.shuffle}, seed={self.seed})"
         )
+
+
+def _only(
+    labelled: Iterator[tuple[Sample, int]], start: int, stop: int | None, *, rest: Iterator[Sample]
+) -> Iterator[tuple[Sample, int]]:
+    """Yield ``labelled[start:stop]``, then read the shard's ``rest`` without using it.
+
+    A piece of a shard (another rank or loader worker reads the rest) is still read to the
+    shard's end, so its sha256 and sample count are checked as for a whole shard. The rest
+    costs reading, never decoding, and its samples are not labelled here, so their errors
+    are reported only by whoever reads them.
+    """
+    if stop is None or start < stop:
+        for i, item in enumerate(labelled):
+            if i >= start:
+                yield item
+            if stop is not None and i + 1 >= stop:
+                break
+    for _ in rest:
+        pass

@@ -296,8 +296,12 @@ def test_a_repack_that_only_drops_shards_never_publishes_a_manifest_naming_missi
     second = tmp_path / "second"
     pack(src, second, seed=0, max_count=40, workers=1, quiet=True)
 
+    real_publish = RemoteStore.publish
+
     def connection_reset(self, name, data):  # the manifest's PUT fails
-        raise OSError("connection reset by peer")
+        if name == MANIFEST_NAME:
+            raise OSError("connection reset by peer")
+        real_publish(self, name, data)
 
     monkeypatch.setattr(RemoteStore, "publish", connection_reset)
     with pytest.raises((UploadError, OSError)):
@@ -353,3 +357,69 @@ def test_pack_to_url_leaves_files_no_manifest_named_alone(photo_shards, tmp_path
     pack(photo_shards.parent / "src", url, seed=0, max_count=40, workers=1, quiet=True)
     for name in ("backups/backups-000001.tar", "train/train-000099.tar", "logs/readme.txt"):
         assert fs.cat_file(f"{root}/{name}") == b"not ours"
+
+
+def test_upload_after_a_stopped_upload_removes_the_shards_the_new_manifest_drops(
+        photo_shards, tmp_path, monkeypatch):
+    """An upload that stops after taking the old manifest down (here: its first shard PUT
+    fails) keeps that manifest aside; the re-run learns the old shard names from it, deletes
+    those the smaller re-pack dropped, and removes the copy once the new manifest is up."""
+    from packer import pack
+    from packer.uploader import RemoteStore
+
+    bigger, smaller = tmp_path / "bigger", tmp_path / "smaller"
+    pack(photo_shards.parent / "src", bigger, seed=0, max_count=10, workers=1, quiet=True)
+    pack(photo_shards.parent / "src", smaller, seed=1, max_count=10_000, workers=1, quiet=True)
+    dest = tmp_path / "remote"
+    upload(bigger, str(dest), quiet=True)
+
+    def network_down(self, *args, **kwargs):
+        raise ConnectionError("network down")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RemoteStore, "put", network_down)
+        with pytest.raises(UploadError):
+            upload(smaller, str(dest), quiet=True, workers=1)
+    assert not (dest / MANIFEST_NAME).exists() and (dest / REPLACED_NAME).exists()
+    summary = upload(smaller, str(dest), quiet=True)
+    there = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()}
+    assert there == set(_shard_names(smaller)) | {MANIFEST_NAME}
+    assert summary["removed"] == len(set(_shard_names(bigger)) - set(_shard_names(smaller))) > 0
+
+
+def test_ctrl_c_stops_an_upload_after_the_shards_being_sent(s3, tmp_path):
+    """SIGINT to `shardpack upload` ends it after the PUTs in flight (a few), not after
+    every queued shard, and publishes no manifest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from PIL import Image
+
+    from packer import pack
+
+    endpoint, _, bucket = s3
+    src = tmp_path / "src" / "train" / "a"
+    src.mkdir(parents=True)
+    for i in range(40):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(src / f"{i}.png")
+    out = tmp_path / "out"
+    pack(tmp_path / "src", out, max_count=1, workers=1, quiet=True)  # 40 one-image shards
+    slow = FaultProxy(endpoint, latency=0.3).start()
+    try:
+        cmd = [sys.executable, "-m", "packer.cli", "upload", str(out), f"s3://{bucket}/ds",
+               "--endpoint-url", slow.endpoint, "--workers", "2", "--quiet"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ)
+        deadline = time.monotonic() + 60
+        while not slow.requests("PUT") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+        puts = [r.path for r in slow.requests("PUT")]
+    finally:
+        slow.stop()
+    assert proc.returncode != 0
+    assert len(puts) <= 8, f"{len(puts)} PUTs after Ctrl-C: it went on with queued shards"
+    assert not any(p.endswith(MANIFEST_NAME) for p in puts)
