@@ -176,3 +176,62 @@ def test_a_truncated_shard_keeps_the_samples_before_the_cut_under_warn(id_shards
     assert rest < read < 30 and reader.policy.skipped_shards == 1
     with pytest.raises(ShardReadError, match="truncated"):
         list(ShardReader(shards, split="test", image_size=4, shuffle=False))
+
+
+def _copy_with_a_changed_last_label(shards, tmp_path, split):
+    """A copy of ``shards`` whose ``split`` shard has its last sample's .cls digit changed
+    (same size, tar structure intact: only the manifest's sha256 can tell)."""
+    import tarfile
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    shard = sorted((copy / split).glob("*.tar"))[-1]
+    with tarfile.open(shard) as tar:
+        last_cls = [m for m in tar.getmembers() if m.name.endswith(".cls")][-1]
+    data = bytearray(shard.read_bytes())
+    data[last_cls.offset_data] = ord("1") if data[last_cls.offset_data] != ord("1") else ord("2")
+    shard.write_bytes(bytes(data))
+    return copy
+
+
+@pytest.fixture(scope="module")
+def one_big_shard(tmp_path_factory):
+    """A split of 10 noise PNGs (~2 MB each) packed as one ~21 MB shard: more than two of
+    the reader's 8 MiB read blocks, so a reader that stops mid-shard never reads its end."""
+    from packer import pack
+
+    root = tmp_path_factory.mktemp("big")
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        folder = root / "src" / "big" / ("a", "b")[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (700, 1000, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png", compress_level=1)
+    pack(root / "src", root / "shards", seed=0, workers=1, quiet=True)
+    assert len(list((root / "shards" / "big").glob("*.tar"))) == 1
+    return root / "shards"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_reading_part_of_a_shard_still_compares_its_checksum(one_big_shard, tmp_path, rank):
+    """Two ranks split the one shard; its last label is changed. The rank that reads only
+    the first half must fail too: it reads the rest of the shard (without using it) so the
+    sha256 is compared, instead of handing on samples from a damaged shard."""
+    from packer.errors import ChecksumError
+
+    copy = _copy_with_a_changed_last_label(one_big_shard, tmp_path, "big")
+    reader = ShardReader(copy, split="big", image_size=4, batch_size=2, rank=rank, world_size=2)
+    (piece,) = reader.epoch_pieces(0)
+    assert (piece.start, piece.stop) in ((0, 5), (5, 10))
+    with pytest.raises(ChecksumError):
+        list(reader)
+
+
+def test_labels_and_filenames_come_only_from_a_shard_that_matches_its_checksum(one_big_shard, tmp_path):
+    from packer.errors import ChecksumError
+
+    copy = _copy_with_a_changed_last_label(one_big_shard, tmp_path, "big")
+    with pytest.raises(ChecksumError):
+        _ = ShardReader(copy, split="big", shuffle=False).labels
+    good = ShardReader(one_big_shard, split="big", shuffle=False)
+    assert len(good.labels) == len(good.filenames) == 10

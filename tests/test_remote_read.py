@@ -347,3 +347,121 @@ def test_shard_reader_cache_dir_serves_later_epochs_locally(uploaded, tmp_path):
     assert sorted(first) == train and sorted(second) == train and first != second
     assert fetched > 0 and refetched == fetched  # epoch 2 read only the local cache
     assert any((tmp_path / "cache").iterdir())
+
+
+def _read_cached(url, entry, endpoint, cache_dir, **options):
+    with open_shard_stream(url, storage_options=s3_options(endpoint), expected_sha256=entry["sha256"],
+                           expected_size=entry["bytes"], cache_dir=cache_dir, block_size=BLOCK,
+                           **options) as stream:
+        return stream.read()
+
+
+def _tar_gets(proxy):
+    return len([r for r in proxy.requests("GET") if r.path.endswith(".tar")])
+
+
+def test_a_damaged_cached_copy_is_fetched_again_not_served(uploaded, tmp_path):
+    """The cache names a copy by its sha256, but a disk can rot: the copy is hashed once per
+    process, and one that no longer matches is deleted and fetched again."""
+    endpoint, bucket, shards, _ = uploaded
+    name, entry = sorted(_entries(shards).items())[0]
+    url, cache_dir = f"s3://{bucket}/ds/{name}", tmp_path / "cache"
+    good = (shards / name).read_bytes()
+    proxy = FaultProxy(endpoint).start()
+    try:
+        assert _read_cached(url, entry, proxy.endpoint, cache_dir) == good  # fetched, cached
+        fetched = _tar_gets(proxy)
+        assert _read_cached(url, entry, proxy.endpoint, cache_dir) == good  # from the cache
+        assert _tar_gets(proxy) == fetched
+        (copy,) = cache_dir.glob("*.tar")
+        damaged = bytearray(copy.read_bytes())
+        damaged[600] ^= 0x01
+        copy.write_bytes(bytes(damaged))
+        assert _read_cached(url, entry, proxy.endpoint, cache_dir) == good  # fetched again
+        assert _tar_gets(proxy) > fetched
+    finally:
+        proxy.stop()
+    assert copy.read_bytes() == good  # and the cache holds a good copy again
+
+
+def test_two_streams_of_one_shard_in_one_thread_keep_their_own_cache_copies(uploaded, tmp_path):
+    """A rank's padding piece opens a shard it is already reading: both streams write the
+    cache at once. Closing one early must not touch the other's copy, and both reading to
+    the end must leave one good copy and no error."""
+    endpoint, bucket, shards, _ = uploaded
+    name, entry = sorted(_entries(shards).items())[0]
+    url, cache_dir = f"s3://{bucket}/ds/{name}", tmp_path / "cache"
+    good = (shards / name).read_bytes()
+    opts = dict(storage_options=s3_options(endpoint), expected_sha256=entry["sha256"],
+                expected_size=entry["bytes"], cache_dir=cache_dir, block_size=BLOCK)
+    early, full = open_shard_stream(url, **opts), open_shard_stream(url, **opts)
+    early.read(100)
+    early.close()
+    assert full.read() == good
+    full.close()
+    a, b = open_shard_stream(url, **opts), open_shard_stream(url, **opts)
+    assert a.read() == b.read() == good
+    a.close(), b.close()
+    assert [p.read_bytes() == good for p in cache_dir.iterdir()] == [True]  # no .partial left
+
+
+def test_labels_are_checked_and_cached_like_an_epoch(uploaded, tmp_path):
+    """`r.labels` reads every shard once (checked against the manifest, into cache_dir); the
+    epoch after it then reads only the cache."""
+    from reader import ShardReader
+
+    endpoint, bucket, _, paths = uploaded
+    proxy = FaultProxy(endpoint).start()
+    try:
+        reader = ShardReader(f"s3://{bucket}/ds", split="test", shuffle=False, image_size=(4, 4),
+                             cache_dir=tmp_path / "cache", storage_options=s3_options(proxy.endpoint))
+        assert len(reader.labels) == sum(p.startswith("test/") for p in paths.values())
+        fetched = _tar_gets(proxy)
+        assert sum(len(y) for _, y in reader) == len(reader.labels)
+        assert _tar_gets(proxy) == fetched > 0
+    finally:
+        proxy.stop()
+
+
+def test_local_shards_are_not_copied_into_the_cache(id_shards, tmp_path):
+    from reader import ShardReader
+
+    shards, _ = id_shards
+    cache_dir = tmp_path / "cache"
+    for source in (shards, f"file://{shards}"):
+        reader = ShardReader(source, split="test", image_size=(4, 4), cache_dir=cache_dir)
+        assert sum(len(y) for _, y in reader) == reader.samples
+    assert not cache_dir.exists() or not any(cache_dir.iterdir())
+
+
+def test_stale_partial_cache_files_are_swept(uploaded, tmp_path):
+    """A reader killed mid-shard leaves its temporary copy; the next eviction deletes it once
+    it has not been written to for an hour, and counts a fresh one (a live reader's)."""
+    import os
+    import time
+
+    from reader.remote import STALE_PARTIAL_S
+
+    endpoint, bucket, shards, _ = uploaded
+    name, entry = sorted(_entries(shards).items())[0]
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    dead, live = cache_dir / ".dead.123.partial", cache_dir / ".live.456.partial"
+    dead.write_bytes(b"x" * 1000)
+    live.write_bytes(b"x" * 1000)
+    old = time.time() - STALE_PARTIAL_S - 60
+    os.utime(dead, (old, old))
+    _read_cached(f"s3://{bucket}/ds/{name}", entry, endpoint, cache_dir, cache_max_bytes=10 << 20)
+    assert not dead.exists() and live.exists()
+
+
+def test_an_object_cut_at_a_block_boundary_is_reported_as_truncated(uploaded):
+    endpoint, bucket, shards, _ = uploaded
+    name, entry = max(_entries(shards).items(), key=lambda kv: kv[1]["bytes"])
+    assert entry["bytes"] > BLOCK
+    fs = fsspec.filesystem("s3", **s3_options(endpoint))
+    fs.pipe_file(f"{bucket}/ds/{name}", (shards / name).read_bytes()[:BLOCK])
+    with pytest.raises(ShardReadError, match=f"truncated: the object has {BLOCK} bytes"):
+        with open_shard_stream(f"s3://{bucket}/ds/{name}", storage_options=s3_options(endpoint),
+                               expected_size=entry["bytes"], block_size=BLOCK, backoff=0.01) as s:
+            s.read()
