@@ -74,6 +74,14 @@ TAR_GNAME = ""
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
 
+def max_split_name_length() -> int:
+    """The longest split name whose samples' member names fit USTAR's 100-byte name field:
+    the key embeds the split (one ASCII character per character), then ``_`` + 9 digits,
+    ``.`` and the longest member extension."""
+    longest_ext = max(len(ext) for ext in (*IMAGE_MEMBER_EXTS, "json", "cls"))
+    return 100 - len(sample_key("", 0)) - 1 - longest_ext
+
+
 def shard_name(split: str, index: int) -> str:
     """Return a shard's path relative to the output root, e.g. ``train/train-000003.tar``."""
     return f"{split}/{split}-{index:06d}.tar"

@@ -194,8 +194,7 @@ def _pack_with(
         plan, skipped, ignored = make_plan(walked, probes, options)
         results = write_plan(plan, out_dir, run=run, resize=resize_spec, quiet=quiet,
                              durable=durable, sync_in_writer=sync_in_writer, spool=spool)
-    if spool is not None:
-        spool_remove(spool)
+    spool_remove(spool_path(out_dir))  # this run's, or one an interrupted --resize run left
     manifest = build_manifest(
         plan, results, skipped=skipped, ignored=ignored, duplicates=find_duplicates(plan),
         warnings=walked.warnings,

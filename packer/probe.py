@@ -145,7 +145,8 @@ def probe_bytes(
     """
     source_sha = hashlib.sha256(data).hexdigest()
     if not data:
-        return Probe(False, True, "empty file (0 bytes)", source_sha256=source_sha)
+        # no content says "image": only a name that does makes it a skipped image
+        return Probe(False, False, "empty file (0 bytes)", source_sha256=source_sha)
     if validate == "structure" and resize is None:
         fast = fast_jpeg_info(data) if data[:2] == b"\xff\xd8" else fast_png_info(data)
         if fast is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from .errors import OutputExistsError
@@ -24,6 +25,7 @@ from .write import ShardResult, hash_file
 __all__ = ["JOURNAL_NAME", "Journal", "check_output", "previous_results", "keepable", "remove_stale"]
 
 JOURNAL_NAME = ".shardpack-journal.jsonl"
+JOURNAL_TEMP_NAME = f"{JOURNAL_NAME}.partial"
 _SHARD_FILE = re.compile(r"^(?:\..+\.partial|.+-\d{6}\.tar)$")
 
 
@@ -57,11 +59,14 @@ def check_output(out_dir: str, options: dict[str, Any], *, overwrite: bool) -> N
     """
     if overwrite or not os.path.isdir(out_dir):
         return
-    if not [name for name in os.listdir(out_dir) if name not in (".shardpack-workers-check", SPOOL_NAME)]:
+    ours = (".shardpack-workers-check", SPOOL_NAME, JOURNAL_TEMP_NAME)
+    if not [name for name in os.listdir(out_dir) if name not in ours]:
         return
     manifest = _read_manifest(out_dir)
     journal = _read_json_lines(os.path.join(out_dir, JOURNAL_NAME))
     previous = (manifest or {}).get("options") or (journal[0].get("options") if journal else None)
+    if previous is None and os.path.exists(os.path.join(out_dir, JOURNAL_NAME)):
+        return  # an empty or torn journal (an older version killed as it began): ours
     if previous is None:
         raise OutputExistsError(
             f"{out_dir} is not empty and holds no shardpack output; choose an empty folder "
@@ -112,12 +117,24 @@ class Journal:
     ``durable=False`` (``pack(fsync=False)``) leaves the header to the kernel too.
     """
 
-    def __init__(self, out_dir: str, options: dict[str, Any], *, durable: bool = True) -> None:
+    def __init__(
+        self, out_dir: str, options: dict[str, Any], *, durable: bool = True,
+        carried: Iterable[dict[str, Any]] = (),
+    ) -> None:
+        """Start a journal: the options line and the ``carried`` records (from an earlier
+        run's manifest and journal) are written to a temporary file and renamed into place,
+        so a run killed meanwhile leaves the earlier journal or this whole one, never an
+        empty or headless one that would make OUT look foreign to the next run."""
         self.path = os.path.join(out_dir, JOURNAL_NAME)
-        self._file = open(self.path, "w", encoding="utf-8")
-        self._append({"options": options})
-        if durable:
-            os.fsync(self._file.fileno())
+        temp = os.path.join(out_dir, JOURNAL_TEMP_NAME)
+        with open(temp, "w", encoding="utf-8") as f:
+            for record in ({"options": options}, *carried):
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(temp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
 
     def _append(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
@@ -125,10 +142,6 @@ class Journal:
 
     def record(self, result: ShardResult) -> None:
         self._append(result.manifest_entry())
-
-    def record_entry(self, entry: dict[str, Any]) -> None:
-        """Carry a record over from an earlier run's manifest or journal."""
-        self._append(entry)
 
     def close(self) -> None:
         self._file.close()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import LayoutError
-from .format import IMAGE_EXTENSIONS
+from .format import IMAGE_EXTENSIONS, max_split_name_length
 from .headers import starts_like_image
 
 __all__ = ["Candidate", "WalkResult", "walk_tree", "is_hidden", "is_utf8", "shown_path", "refuse_split_tree_read_as_flat",
@@ -313,6 +313,11 @@ def walk_tree(
         if identity in skip:
             continue
         _require_utf8(entry.name, rel, "split")
+        if len(entry.name) > max_split_name_length():
+            raise LayoutError(
+                f"split folder {rel!r}: a split name may have at most {max_split_name_length()} "
+                "characters (it is part of every sample's tar member name); shorten it"
+            )
         classes, loose = _walk_classes(
             result, src=src, group=entry.name, folder=entry.path, follow_links=follow_links,
             ancestors=root_id | {identity}, skip=skip,

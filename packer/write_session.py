@@ -77,12 +77,17 @@ class WriteSession:
     def __enter__(self) -> WriteSession:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self._syncer.shutdown(wait=True)
-        if self._journal is not None:
-            self._journal.close()
         for bar in self._bars.values():
             bar.close()
+        if self._journal is not None:
+            try:
+                with os_errors_as_pack_error(self._journal.path):
+                    self._journal.close()  # flushes a line a full disk refused once more
+            except PackError:
+                if exc_type is None:
+                    raise  # else the error on its way out already says what went wrong
 
     def add(self, shard: PlannedShard) -> WriteTask | None:
         """Keep ``shard`` from an earlier run if it is byte-identical to the plan's, else
@@ -125,13 +130,11 @@ class WriteSession:
         """
         if self._journal is not None:
             return
+        with os_errors_as_pack_error(self.out_dir):  # first the journal: then OUT is ours
+            carried = [*self._previous.values(),  # and those kept before it was opened:
+                       *(result.manifest_entry() for result in self.results.values())]
+            self._journal = Journal(self.out_dir, self.options, durable=self.durable, carried=carried)
         _unpublish_manifest(self.out_dir)
-        with os_errors_as_pack_error(self.out_dir):
-            self._journal = Journal(self.out_dir, self.options, durable=self.durable)
-            for entry in self._previous.values():
-                self._journal.record_entry(entry)
-            for result in self.results.values():  # kept before the journal was opened
-                self._journal.record(result)
 
     def _sync(self, name: str) -> None:
         self._syncing.append(self._syncer.submit(fsync_file, os.path.join(self.out_dir, name)))

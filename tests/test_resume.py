@@ -282,3 +282,82 @@ def test_run_stopped_midway_keeps_what_the_run_before_had(src, clean, tmp_path, 
     resumed = pack(src, out, **OPTS)
     assert writes == []
     assert _shas(resumed) == _shas(clean[1])
+
+
+_DIE_AS_THE_JOURNAL_APPEARS = textwrap.dedent("""
+    import builtins, os, signal, sys
+    real_open = builtins.open
+    def open_then_die(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if ".shardpack-journal" in os.fspath(file) and "w" in mode:
+            os.kill(os.getpid(), signal.SIGKILL)  # the journal file exists, nothing in it yet
+        return f
+    builtins.open = open_then_die
+    from packer import pack
+    pack(sys.argv[1], sys.argv[2], max_count=4, workers=1, quiet=True)
+""")
+
+
+@pytest.mark.parametrize("over_a_finished_pack", [False, True])
+def test_a_kill_as_the_journal_is_created_leaves_a_resumable_out(src, clean, tmp_path, over_a_finished_pack):
+    """Killed the instant the journal file appears (before a byte of it is written): the
+    re-run of the same command resumes, rather than finding an OUT that looks foreign."""
+    import shutil
+
+    out = tmp_path / "out"
+    if over_a_finished_pack:  # the old manifest is there; the new run must rewrite shards
+        shutil.copytree(clean[0], out)
+        next(iter(_shards(out))).write_bytes(b"damaged")
+    killed = subprocess.run([sys.executable, "-c", _DIE_AS_THE_JOURNAL_APPEARS, str(src), str(out)])
+    assert killed.returncode == -signal.SIGKILL
+    done = subprocess.run([SHARDPACK, "pack", str(src), str(out), *CLI_OPTS], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert _shas(json.loads((out / MANIFEST_NAME).read_text())) == _shas(clean[1])
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean[0].iterdir())
+
+
+def test_a_full_disk_under_the_journal_is_a_pack_error_not_a_traceback(tmp_path):
+    """Every shard fits under the 16 KB file size limit, the journal of 150 one-image
+    shards does not: the pack stops with PackError naming the journal."""
+    from PIL import Image
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "train" / "a").mkdir(parents=True)
+    for i in range(150):
+        Image.new("RGB", (16, 16), (i, 0, 0)).save(src / "train" / "a" / f"{i:03d}.png")
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16_384, 16_384))
+        from packer import pack
+        from packer.errors import PackError
+        try:
+            pack({str(src)!r}, {str(out)!r}, max_count=1, workers=1, quiet=True, fsync=False)
+        except PackError as exc:
+            print("PackError:", exc)
+            sys.exit(3)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr
+    assert JOURNAL_NAME in done.stdout and "File too large" in done.stdout
+    _no_valid_output(out)
+
+
+def test_a_resize_spool_left_by_a_stopped_run_is_not_published(src, tmp_path, monkeypatch):
+    """A --resize run stopped after probing leaves its spool of re-encoded images; the run
+    that finishes the job (here without --resize, so with --overwrite) removes it."""
+    from packer.spool import SPOOL_NAME
+    from packer.write_session import WriteSession
+
+    out = tmp_path / "out"
+
+    def stopped(*args, **kwargs):  # as the first shard is written
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(WriteSession, "done", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            pack(src, out, resize=24, **OPTS)
+    assert (out / SPOOL_NAME).exists()
+    pack(src, out, overwrite=True, **OPTS)
+    assert not (out / SPOOL_NAME).exists()

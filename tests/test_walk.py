@@ -159,3 +159,21 @@ def test_a_loose_fifo_is_listed_not_opened(tmp_path):
     walker.join(timeout=20)
     assert done, "the walk blocked on a FIFO"
     assert dict(done[0].ignored)["train/pipe"] == "outside any class folder"
+
+
+def test_a_split_name_too_long_for_tar_member_names_is_a_layout_error(tmp_path):
+    """The split name is part of every sample's key, and USTAR member names hold 100 bytes:
+    a longer split name stops the walk with the limit, not the writer with an internal
+    error after every file was probed."""
+    from packer.format import max_split_name_length, sample_key
+
+    longest = "s" * max_split_name_length()
+    assert len(f"{sample_key(longest, 999_999_999)}.json") == 100
+    for name, ok in ((longest, True), (longest + "s", False)):
+        (tmp_path / name / "cat").mkdir(parents=True)
+        (tmp_path / name / "cat" / "a.jpg").write_bytes(b"x")
+        if ok:
+            assert name in walk_tree(tmp_path).classes
+        else:
+            with pytest.raises(LayoutError, match=f"at most {max_split_name_length()} characters"):
+                walk_tree(tmp_path)

@@ -168,6 +168,7 @@ def build_zoo(root: Path, *, good_per_class: int = 6, seed: int = 0) -> Zoo:
     for rel in (f"{cat}/.DS_Store", f"{cat}/._img_000.jpg", f"{cat}/Thumbs.db", f"{cat}/notes.txt",
                 f"{coffee}/desktop.ini", f"{coffee}/data.dat", ".hidden_at_root", "README.txt"):
         junk(rel, b"\x00\x05\x16\x07junk" if "._" in rel or "DS_" in rel else b"some text\n")
+    junk(f"{cat}/LICENSE", b"")  # empty and not named like an image: ignored, not "skipped"
     # An image file outside any class folder, and one outside any split folder.
     bad("train/loose.jpg", random_crop_jpeg(rng, "cat", long_side=SMALL), "outside any class folder")
     bad("stray.jpg", random_crop_jpeg(rng, "cat", long_side=SMALL), "outside any split folder")
