@@ -179,15 +179,50 @@ def parse_manifest(data: bytes | str | dict[str, Any], *, where: str = "manifest
     for field in ("classes", "splits"):
         if field not in manifest:
             raise ManifestError(f"{where} lacks the required field {field!r}")
+    _check_shape(manifest, where)
     manifest.setdefault("skipped", [])
     manifest.setdefault("ignored", 0)
     manifest.setdefault("duplicates", {"within_split": [], "across_splits": []})
-    for name, split in manifest["splits"].items():
-        if "shards" not in split:
-            raise ManifestError(f"{where}: split {name!r} lacks 'shards'")
+    for split in manifest["splits"].values():
         split.setdefault("count", sum(s.get("count", 0) for s in split["shards"]))
         split.setdefault("class_counts", {})
     return manifest
+
+
+def _check_shape(manifest: dict[str, Any], where: str) -> None:
+    """The types readers and ``verify`` rely on, so a hand-edited manifest fails here with
+    the field it got wrong, not later with a KeyError or AttributeError."""
+
+    def bad(what: str) -> ManifestError:
+        return ManifestError(f"{where}: {what}; re-run `shardpack pack` (or fix it by hand)")
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    classes = manifest["classes"]
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise bad("'classes' must be a list of class names")
+    if len(set(classes)) != len(classes):
+        raise bad("'classes' names a class twice")
+    splits = manifest["splits"]
+    if not isinstance(splits, dict):
+        raise bad("'splits' must be an object of split name -> split")
+    for name, split in splits.items():
+        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
+            raise bad(f"split {name!r} lacks a 'shards' list")
+        if "count" in split and not whole(split["count"]):
+            raise bad(f"split {name!r}: 'count' must be a whole number")
+        counts = split.get("class_counts", {})
+        if not isinstance(counts, dict) or not all(whole(v) for v in counts.values()):
+            raise bad(f"split {name!r}: 'class_counts' must map class names to whole numbers")
+        for i, shard in enumerate(split["shards"]):
+            if not isinstance(shard, dict) or not isinstance(shard.get("name"), str):
+                raise bad(f"split {name!r}: shard {i} has no 'name'")
+            for field in ("count", "bytes"):
+                if field in shard and not whole(shard[field]):
+                    raise bad(f"shard {shard['name']!r}: {field!r} must be a whole number")
+            if "sha256" in shard and not isinstance(shard["sha256"], str):
+                raise bad(f"shard {shard['name']!r}: 'sha256' must be a hex string")
 
 
 def split_info(manifest: dict[str, Any], split: str) -> dict[str, Any]:

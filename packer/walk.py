@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -296,6 +297,7 @@ def walk_tree(
             skip=skip,
         )
         result.classes[""] = classes
+        result.warnings += lookalike_class_warnings(result.classes)
         return result
     for entry in _sorted_entries(src):
         rel = _rel_posix(entry.path, src)
@@ -331,4 +333,22 @@ def walk_tree(
         result.classes[entry.name] = classes
     if not result.classes:
         raise LayoutError(f"no split folders under {src}: expected {src}/{{split}}/{{class}}/...")
+    result.warnings += lookalike_class_warnings(result.classes)
     return result
+
+
+def lookalike_class_warnings(classes: dict[str, list[str]]) -> list[str]:
+    """Class folders whose names differ only in case or Unicode normalisation (``café``
+    composed, as Linux keeps it, and decomposed, as macOS writes it) become two classes, as
+    in Keras; each such group gets a warning, in the manifest too, since it is most
+    likely one class split in two across splits or copies."""
+    groups: dict[str, set[str]] = {}
+    for names in classes.values():
+        for name in names:
+            groups.setdefault(unicodedata.normalize("NFC", name).casefold(), set()).add(name)
+    return [
+        f"class folders {', '.join(repr(n) for n in sorted(group))} differ only in case or "
+        "Unicode normalisation: they are packed as different classes; rename them to one "
+        "name if they are one class"
+        for group in (groups[key] for key in sorted(groups)) if len(group) > 1
+    ]

@@ -138,3 +138,44 @@ def test_images_packed_under_a_raised_max_pixels_are_read_and_verified(tmp_path,
     assert sorted(int(v) for _, y in dataset for v in y) == [0, 1]
     report = verify(str(tmp_path / "out"), deep=True)
     assert report.ok, report.problems
+
+
+def _edited(copy: Path, edit) -> Path:
+    manifest = json.loads((copy / MANIFEST_NAME).read_bytes())
+    edit(manifest)
+    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m["splits"]["train"]["class_counts"].update(zzz=50), "extra: ['zzz']"),
+    (lambda m: m["splits"]["train"]["class_counts"].pop("cat"), "missing: ['cat']"),
+    (lambda m: m["classes"].append("dog"), "missing: ['dog']"),
+    (lambda m: m["splits"]["train"]["class_counts"].update(cat=11, rocket=13), "class cat has 12"),
+])
+def test_class_counts_that_do_not_list_exactly_the_classes_are_reported(copy, edit, words):
+    """The reader sizes a class subset from class_counts: counts naming a class that is not
+    one, or leaving one out, make len() wrong, so verify must not pass them."""
+    report = verify(str(_edited(copy, edit)))
+    assert not report.ok and any(words in p for p in report.problems), report.problems
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m["splits"]["train"]["shards"][0].pop("name"), "shard 0 has no 'name'"),
+    (lambda m: m.update(splits=list(m["splits"].values())), "'splits' must be an object"),
+    (lambda m: m["splits"]["train"].update(count="24"), "'count' must be a whole number"),
+    (lambda m: m["splits"]["train"].update(shards=None), "lacks a 'shards' list"),
+    (lambda m: m["splits"]["test"]["shards"][0].update(bytes=-1), "'bytes' must be a whole number"),
+    (lambda m: m.update(classes="cat,rocket"), "'classes' must be a list"),
+])
+def test_a_malformed_manifest_is_a_clear_error_for_info_verify_and_the_reader(copy, edit, words):
+    from packer.errors import ManifestError
+    from reader import ShardReader
+
+    _edited(copy, edit)
+    report = verify(str(copy))
+    assert not report.ok and words in report.problems[0]
+    with pytest.raises(ManifestError, match=words.replace("[", r"\[").replace("(", r"\(")):
+        read_manifest(copy)
+    with pytest.raises(ManifestError):
+        ShardReader(copy, split="test")

@@ -177,3 +177,19 @@ def test_a_split_name_too_long_for_tar_member_names_is_a_layout_error(tmp_path):
         else:
             with pytest.raises(LayoutError, match=f"at most {max_split_name_length()} characters"):
                 walk_tree(tmp_path)
+
+
+def test_class_names_that_differ_only_in_normalisation_or_case_are_warned_about(tmp_path):
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    for split, name in (("train", decomposed), ("test", composed), ("test", "Tea"), ("train", "tea")):
+        (tmp_path / split / name).mkdir(parents=True)
+        (tmp_path / split / name / "a.jpg").write_bytes(b"x")
+    walked = walk_tree(tmp_path)
+    assert walked.classes == {"test": ["Tea", composed], "train": [decomposed, "tea"]}
+    lookalikes = [w for w in walked.warnings if "differ only in case or Unicode" in w]
+    assert len(lookalikes) == 2
+    assert composed in lookalikes[0] and decomposed in lookalikes[0]
+    assert "'Tea'" in lookalikes[1] and "'tea'" in lookalikes[1]
+    plain = tmp_path / "plain"
+    (plain / "train" / "cat").mkdir(parents=True)
+    assert walk_tree(plain).warnings == []
