@@ -315,15 +315,17 @@ def walk_tree(
         if identity in skip:
             continue
         _require_utf8(entry.name, rel, "split")
-        if len(entry.name) > max_split_name_length():
-            raise LayoutError(
-                f"split folder {rel!r}: a split name may have at most {max_split_name_length()} "
-                "characters (it is part of every sample's tar member name); shorten it"
-            )
+        before = len(result.candidates)
         classes, loose = _walk_classes(
             result, src=src, group=entry.name, folder=entry.path, follow_links=follow_links,
             ancestors=root_id | {identity}, skip=skip,
         )
+        named = any(c.by_name for c in result.candidates[before:])  # a folder of notes: no members
+        if len(entry.name) > max_split_name_length() and named:
+            raise LayoutError(
+                f"split folder {rel!r}: a split name may have at most {max_split_name_length()} "
+                "characters (it is part of every sample's tar member name); shorten it"
+            )
         if loose and not classes:
             raise LayoutError(
                 f"{rel}/ holds {loose} image files but no class folders. If {src} is a flat "

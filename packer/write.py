@@ -222,7 +222,10 @@ def ustar_header(name: str, size: int) -> bytes:
     """
     encoded = name.encode("ascii")
     if len(encoded) > 100:
-        raise PackError(f"internal error: member name too long for USTAR: {name}")
+        raise PackError(
+            f"tar member name {name!r} is over USTAR's 100 bytes: its split folder's name is too "
+            "long; shorten it"
+        )
     head = encoded.ljust(100, b"\0") + _HEADER_HEAD + _octal(size, 12) + _octal(TAR_MTIME, 12)
     checksum = sum(head) + sum(b"        ") + _TAIL_SUM
     return head + b"%06o\0 " % checksum + _HEADER_TAIL

@@ -26,15 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import hashlib
 import io
 import os
 import queue
 import random
-import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
@@ -139,8 +140,8 @@ class ShardCache:
             return None
         return path
 
-    def writer(self, key: str) -> _CacheWriter:
-        return _CacheWriter(self, key)
+    def writer(self, key: str, sha256: str | None = None) -> _CacheWriter:
+        return _CacheWriter(self, key, sha256)
 
     def evict(self, *, keep: str | None = None) -> list[str]:
         """Delete least recently used shards until the cache fits ``max_bytes``, and the
@@ -181,10 +182,14 @@ class _CacheWriter:
     write or rename that fails (full disk, a folder removed) leaves the shard uncached and
     the read goes on."""
 
-    def __init__(self, cache: ShardCache, key: str) -> None:
+    def __init__(self, cache: ShardCache, key: str, sha256: str | None = None) -> None:
         self.cache = cache
         self.key = key
-        fd, self.temp = tempfile.mkstemp(dir=cache.dir, prefix=f".{key}.", suffix=".partial")
+        self.sha256 = sha256  # the stream compares it before it commits
+        self.temp = os.path.join(cache.dir, f".{key}.{uuid.uuid4().hex}.partial")
+        # os.open, not mkstemp: the umask decides the mode (0600 would lock a cache folder
+        # shared by a group out of every copy but its writer's)
+        fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         self._file: IO[bytes] | None = os.fdopen(fd, "wb")
 
     def write(self, data: bytes) -> None:
@@ -205,6 +210,11 @@ class _CacheWriter:
             self._file = None
             _remove_quietly(self.temp)
             return
+        if self.sha256 is not None:  # just hashed on the way in: no second hash on a hit
+            final = self.cache.path(self.key)
+            with contextlib.suppress(OSError):
+                _remember_verified(_cache_identity(os.stat(final), final, self.sha256), final,
+                                   _cache_identity)
         self.cache.evict(keep=self.key)
 
     def abort(self) -> None:
@@ -412,6 +422,11 @@ class ShardStream(io.RawIOBase):
         self._buf = memoryview(item)
         return True
 
+    @property
+    def verifying(self) -> bool:
+        """Whether reading to the end compares a checksum (a plain file does not)."""
+        return self._sha256 is not None
+
     def readable(self) -> bool:
         return True
 
@@ -539,7 +554,7 @@ def open_shard_stream(
         backoff=backoff,
         readahead=readahead,
         block_size=block_size,
-        cache_writer=cache.writer(key) if cache is not None else None,
+        cache_writer=cache.writer(key, expected_sha256) if cache is not None else None,
         on_verified=on_verified,
     )
 
@@ -584,7 +599,7 @@ def _cached_copy_is_good(path: str, sha256: str | None) -> bool:
     if sha256 is None:
         return True
     try:
-        identity = _local_identity(os.stat(path), path, sha256)
+        identity = _cache_identity(os.stat(path), path, sha256)
         if identity in _VERIFIED_LOCAL:
             return True
         digest = hashlib.sha256()
@@ -596,7 +611,7 @@ def _cached_copy_is_good(path: str, sha256: str | None) -> bool:
     if digest.hexdigest() != sha256:
         _remove_quietly(path)
         return False
-    _remember_verified(identity, path)
+    _remember_verified(identity, path, _cache_identity)
     return True
 
 
@@ -604,10 +619,19 @@ def _local_identity(st: os.stat_result, path: str, sha256: str) -> _LocalIdentit
     return (os.path.realpath(path), file_stamp(st), sha256)
 
 
-def _remember_verified(identity: _LocalIdentity, path: str) -> None:
+def _cache_identity(st: os.stat_result, path: str, sha256: str) -> _LocalIdentity:
+    """A cached copy's identity leaves its times out: every hit touches it (the LRU
+    clock), and a copy only ever appears by rename, so a new one has a new inode."""
+    return (os.path.realpath(path), (st.st_dev, st.st_ino, st.st_size), sha256)
+
+
+def _remember_verified(
+    identity: _LocalIdentity, path: str,
+    identify: Callable[[os.stat_result, str, str], _LocalIdentity] = _local_identity,
+) -> None:
     """Called when the hash matched: remember the file if it is still the one hashed."""
     try:
-        now = _local_identity(os.stat(path), path, identity[-1])
+        now = identify(os.stat(path), path, identity[-1])
     except OSError:
         return
     if now != identity:

@@ -10,7 +10,7 @@ WebDataset shards: ustar/gnu/pax headers, GNU long names (``L``) and pax ``path`
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import IO, Any, NamedTuple
 
 from packer.errors import SampleDecodeError, ShardReadError
@@ -209,17 +209,24 @@ def group_samples(members: Iterable[Member], *, shard: str) -> Iterator[Sample]:
         yield current
 
 
+# Sent into a shard_samples generator by a reader that needs no more of its samples: the
+# generator then reads the shard's remaining bytes, unparsed, when (and only when) its
+# stream is comparing a checksum, and stops.
+READ_THE_REST = object()
+
+
 def shard_samples(
     ref: ShardRef,
     *,
     policy: ErrorPolicy,
     storage_options: dict[str, Any] | None = None,
     cache_dir: str | None = None,
-) -> Iterator[Sample]:
+) -> Generator[Sample, Any, None]:
     """Open one shard, stream its samples, and check the count against the manifest.
 
     Errors are handed to ``policy``: with ``on_shard_error="raise"`` a ShardReadError
     naming the shard and byte offset propagates; otherwise the shard is cut short there.
+    A reader that wants only the first samples sends ``READ_THE_REST`` (see there).
     """
     count = 0
     try:
@@ -230,7 +237,10 @@ def shard_samples(
             try:
                 for sample in group_samples(tar_members(stream, shard=ref.name), shard=ref.name):
                     count += 1
-                    yield sample
+                    if (yield sample) is READ_THE_REST:
+                        if getattr(stream, "verifying", False):
+                            _read_to_end(stream)  # unparsed: only for the checksum
+                        return
                 _read_to_end(stream)
             except OSError as exc:
                 raise ShardReadError(
@@ -298,6 +308,7 @@ def sample_label(sample: Sample) -> int | None:
 
 def scan_shard(
     ref: ShardRef, *, storage_options: dict[str, Any] | None = None, cache_dir: str | None = None,
+    policy: ErrorPolicy | None = None,
 ) -> list[tuple[str, int | None, str | None]]:
     """List ``(path, label, class name)`` of every sample in one shard, in shard order.
 
@@ -310,6 +321,9 @@ def scan_shard(
     ``filenames``/``labels`` and for manifest-less shards whose length and classes are
     unknown.
 
+    Errors go to ``policy`` as an epoch's do (the entries before the damage are kept under
+    "warn"/"ignore", as an epoch keeps those samples); without one they are raised.
+
     Raises:
         ShardReadError, ChecksumError: as reading the shard in an epoch.
     """
@@ -318,19 +332,27 @@ def scan_shard(
         return name.endswith((".cls", ".json"))
 
     out: list[tuple[str, int | None, str | None]] = []
-    with open_shard(
-        ref.url, expected_size=ref.nbytes, expected_sha256=ref.sha256, cache_dir=cache_dir,
-        **(storage_options or {}),
-    ) as stream:
-        members = tar_members(stream, shard=ref.name, want=want)
-        for sample in group_samples(members, shard=ref.name):
-            meta = _json_object(sample.get("json"))
+    try:
+        with open_shard(
+            ref.url, expected_size=ref.nbytes, expected_sha256=ref.sha256, cache_dir=cache_dir,
+            **(storage_options or {}),
+        ) as stream:
             try:
-                label = sample_label(sample)
-            except SampleDecodeError:  # reading the epoch reports it, through on_error
-                label = None
-            out.append((str(meta.get("path", sample["__key__"])), label, meta.get("class")))
-        _read_to_end(stream)
+                members = tar_members(stream, shard=ref.name, want=want)
+                for sample in group_samples(members, shard=ref.name):
+                    meta = _json_object(sample.get("json"))
+                    try:
+                        label = sample_label(sample)
+                    except SampleDecodeError:  # reading the epoch reports it, through on_error
+                        label = None
+                    out.append((str(meta.get("path", sample["__key__"])), label, meta.get("class")))
+                _read_to_end(stream)
+            except OSError as exc:
+                raise ShardReadError(f"read failed ({exc})", shard=ref.name, offset=_tell(stream)) from exc
+    except ShardReadError as exc:
+        if policy is None:
+            raise
+        policy.shard_failed(exc)
     return out
 
 

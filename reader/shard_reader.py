@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from typing import Any
@@ -36,7 +36,7 @@ from .distributed import (
     rank_samples,
 )
 from .policy import ErrorPolicy, OnError
-from .samples import Sample, sample_label, scan_shard, shard_samples
+from .samples import READ_THE_REST, Sample, sample_label, scan_shard, shard_samples
 from .shuffle import DEFAULT_BUFFER, epoch_rng, interleave, shard_order, shuffle_buffer
 from .source import SplitSource, resolve_source
 
@@ -235,7 +235,8 @@ class ShardReader:
         """Read every shard's small members once (cached): paths, labels, class names."""
         if self._index is None:
             self._index = [
-                scan_shard(ref, storage_options=self.storage_options, cache_dir=self.cache_dir)
+                scan_shard(ref, storage_options=self.storage_options, cache_dir=self.cache_dir,
+                           policy=self.policy)
                 for ref in self.source.shards
             ]
         return self._index
@@ -412,8 +413,13 @@ class ShardReader:
             counts, order, rank=self.rank, world_size=self.world_size, uneven=self.uneven
         )
 
-    def _piece_samples(self, shard: int, start: int, stop: int | None) -> Iterator[tuple[Sample, int]]:
-        """Samples ``start:stop`` of one shard (after the class subset), labelled."""
+    def _piece_samples(
+        self, shard: int, start: int, stop: int | None, check_rest: bool = True
+    ) -> Iterator[tuple[Sample, int]]:
+        """Samples ``start:stop`` of one shard (after the class subset), labelled.
+
+        ``check_rest``: read the rest of a shard this piece ends inside, so its checksum is
+        compared (False where this rank reads that shard in another piece anyway)."""
         ref = self.source.shards[shard]
         raw = shard_samples(
             ref, policy=self.policy, storage_options=self.storage_options, cache_dir=self.cache_dir,
@@ -421,7 +427,7 @@ class ShardReader:
         labelled = self._select(raw)
         if start == 0 and (stop is None or stop == ref.count and self._remap is None):
             return labelled  # the whole shard
-        return _only(labelled, start, stop, rest=raw)
+        return _only(labelled, start, stop, rest=raw if check_rest else None)
 
     def _epoch_batches(
         self,
@@ -447,7 +453,9 @@ class ShardReader:
             parts: list[tuple[int, int, int | None]] = [(s, 0, None) for s in order]
         else:
             parts = [(p.shard, p.start, p.stop) for p in pieces]
-        streams = (self._piece_samples(*part) for part in parts)
+        first_of_shard = {shard: i for i, (shard, _, _) in reversed(list(enumerate(parts)))}
+        streams = (self._piece_samples(*part, check_rest=first_of_shard[part[0]] == i)
+                   for i, part in enumerate(parts))
         labelled = interleave(streams, cycle_length=self.interleave if self.shuffle else 1)
         if self.shuffle:
             labelled = shuffle_buffer(
@@ -478,20 +486,25 @@ class ShardReader:
 
 
 def _only(
-    labelled: Iterator[tuple[Sample, int]], start: int, stop: int | None, *, rest: Iterator[Sample]
+    labelled: Iterator[tuple[Sample, int]], start: int, stop: int | None,
+    *, rest: Generator[Sample, Any, None] | None,
 ) -> Iterator[tuple[Sample, int]]:
-    """Yield ``labelled[start:stop]``, then read the shard's ``rest`` without using it.
+    """Yield ``labelled[start:stop]``; then have the shard's generator ``rest`` read the
+    shard's remaining bytes when its stream compares a checksum (samples.READ_THE_REST).
 
-    A piece of a shard (another rank or loader worker reads the rest) is still read to the
-    shard's end, so its sha256 and sample count are checked as for a whole shard. The rest
-    costs reading, never decoding, and its samples are not labelled here, so their errors
-    are reported only by whoever reads them.
+    A piece of a shard (another rank or loader worker reads the rest) is still checked as a
+    whole shard is; the rest costs reading, never parsing or decoding, and nothing at all
+    for a shard already verified in this process.
     """
-    if stop is None or start < stop:
-        for i, item in enumerate(labelled):
-            if i >= start:
-                yield item
-            if stop is not None and i + 1 >= stop:
-                break
-    for _ in rest:
-        pass
+    if stop is not None and start >= stop:
+        return
+    for i, item in enumerate(labelled):
+        if i >= start:
+            yield item
+        if stop is not None and i + 1 >= stop:
+            break
+    if rest is not None:
+        try:
+            rest.send(READ_THE_REST)
+        except StopIteration:
+            pass

@@ -235,3 +235,56 @@ def test_labels_and_filenames_come_only_from_a_shard_that_matches_its_checksum(o
         _ = ShardReader(copy, split="big", shuffle=False).labels
     good = ShardReader(one_big_shard, split="big", shuffle=False)
     assert len(good.labels) == len(good.filenames) == 10
+
+
+def test_a_piece_of_a_shard_verified_before_reads_only_its_samples(one_big_shard, tmp_path, monkeypatch):
+    """Reading the rest of a shard is for its checksum only: once this process has verified
+    the (local) shard, a rank reading its first 3 of 10 samples reads about 3/10 of it."""
+    import reader.samples
+
+    copy = tmp_path / "shards"
+    shutil.copytree(one_big_shard, copy)
+    shard_bytes = next((copy / "big").glob("*.tar")).stat().st_size
+    read = []
+    real_open = reader.samples.open_shard
+
+    class Counting(io.RawIOBase):
+        def __init__(self, f):
+            self.f = f
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            n = self.f.readinto(b)
+            read.append(n or 0)
+            return n
+
+        def close(self):
+            self.f.close()
+            super().close()
+
+    monkeypatch.setattr(reader.samples, "open_shard", lambda url, **kw: Counting(real_open(url, **kw)))
+    whole = ShardReader(copy, split="big", image_size=4, batch_size=5)
+    assert sum(len(y) for _, y in whole) == 10  # verifies the shard
+    assert sum(read) >= shard_bytes
+    read.clear()
+    rank0 = ShardReader(copy, split="big", image_size=4, batch_size=5, rank=0, world_size=4)
+    assert [(p.start, p.stop) for p in rank0.epoch_pieces(0)] == [(0, 3)]
+    assert sum(len(y) for _, y in rank0) == 3
+    assert sum(read) < 0.6 * shard_bytes, f"read {sum(read)} of {shard_bytes} bytes for 3 of 10 samples"
+
+
+def test_a_damaged_shard_under_warn_does_not_stop_a_class_subset_on_ranks(one_big_shard, tmp_path):
+    """A class subset on several ranks sizes its pieces from a scan of the shards; a shard
+    failing its checksum there follows on_shard_error as the epoch does: "warn" warns and
+    goes on, "raise" raises."""
+    from packer.errors import ChecksumError
+
+    copy = _copy_with_a_changed_last_label(one_big_shard, tmp_path, "big")
+    options = dict(split="big", image_size=4, batch_size=2, class_names=["a"], rank=0, world_size=2)
+    reader = ShardReader(copy, on_shard_error="warn", **options)
+    with pytest.warns(RuntimeWarning, match="does not match"):
+        assert len(reader) >= 1
+    with pytest.raises(ChecksumError):
+        len(ShardReader(copy, **options))

@@ -9,7 +9,11 @@ message naming it.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from collections import Counter
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -362,7 +366,8 @@ def _tar_gets(proxy):
 
 def test_a_damaged_cached_copy_is_fetched_again_not_served(uploaded, tmp_path):
     """The cache names a copy by its sha256, but a disk can rot: the copy is hashed once per
-    process, and one that no longer matches is deleted and fetched again."""
+    process (a copy this process wrote counts as hashed), and one that no longer matches is
+    deleted and fetched again."""
     endpoint, bucket, shards, _ = uploaded
     name, entry = sorted(_entries(shards).items())[0]
     url, cache_dir = f"s3://{bucket}/ds/{name}", tmp_path / "cache"
@@ -377,7 +382,19 @@ def test_a_damaged_cached_copy_is_fetched_again_not_served(uploaded, tmp_path):
         damaged = bytearray(copy.read_bytes())
         damaged[600] ^= 0x01
         copy.write_bytes(bytes(damaged))
-        assert _read_cached(url, entry, proxy.endpoint, cache_dir) == good  # fetched again
+        # the next process (this one trusts the copy it hashed, by inode and size)
+        script = textwrap.dedent(f"""
+            import sys
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            from s3_server import s3_options
+            from reader.remote import open_shard_stream
+            with open_shard_stream({url!r}, storage_options=s3_options({proxy.endpoint!r}),
+                                   expected_sha256={entry["sha256"]!r}, expected_size={entry["bytes"]},
+                                   cache_dir={str(cache_dir)!r}) as s:
+                sys.stdout.buffer.write(s.read())
+        """)
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, check=True)
+        assert done.stdout == good  # fetched again
         assert _tar_gets(proxy) > fetched
     finally:
         proxy.stop()
@@ -465,3 +482,35 @@ def test_an_object_cut_at_a_block_boundary_is_reported_as_truncated(uploaded):
         with open_shard_stream(f"s3://{bucket}/ds/{name}", storage_options=s3_options(endpoint),
                                expected_size=entry["bytes"], block_size=BLOCK, backoff=0.01) as s:
             s.read()
+
+
+def test_cache_hits_hash_nothing_and_copies_follow_the_umask(uploaded, tmp_path, monkeypatch):
+    """The copy a stream just verified is not hashed again on the hits that follow (each
+    hit touches it for the LRU clock, which must not look like a change), and it is
+    created with the umask's mode, so a cache folder shared by a group works."""
+    import hashlib
+    import os
+    import stat
+
+    endpoint, bucket, shards, _ = uploaded
+    name, entry = sorted(_entries(shards).items())[0]
+    url, cache_dir = f"s3://{bucket}/ds/{name}", tmp_path / "cache"
+    old_umask = os.umask(0o002)
+    try:
+        _read_cached(url, entry, endpoint, cache_dir)
+    finally:
+        os.umask(old_umask)
+    (copy,) = cache_dir.glob("*.tar")
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o664
+    hashes = []
+    real = hashlib.sha256
+
+    def counting(*data):  # a file is hashed by feeding an empty sha256(); a cache key in one go
+        if not data:
+            hashes.append(1)
+        return real(*data)
+
+    monkeypatch.setattr(hashlib, "sha256", counting)
+    for _ in range(3):
+        assert _read_cached(url, entry, endpoint, cache_dir) == (shards / name).read_bytes()
+    assert hashes == []

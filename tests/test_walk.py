@@ -177,6 +177,10 @@ def test_a_split_name_too_long_for_tar_member_names_is_a_layout_error(tmp_path):
         else:
             with pytest.raises(LayoutError, match=f"at most {max_split_name_length()} characters"):
                 walk_tree(tmp_path)
+    # a long-named folder with nothing to pack gives no member names: no reason to refuse
+    (tmp_path / (longest + "s") / "cat" / "a.jpg").unlink()
+    (tmp_path / (longest + "s") / "cat" / "LICENSE.txt").write_text("text")
+    assert walk_tree(tmp_path).classes[longest + "s"] == ["cat"]
 
 
 def test_class_names_that_differ_only_in_normalisation_or_case_are_warned_about(tmp_path):
