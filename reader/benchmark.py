@@ -98,7 +98,7 @@ def _limit_pillow(data: bytes, size: tuple[int, int]) -> Any:
 
 
 # decode-limit variant -> function(bytes, (h, w)) -> resized (h, w, 3) uint8 array; the
-# fastest variant is the limit. The resize is the reader's own (resize_array: OpenCV's
+# fastest variant (fastest_limit_variant) is the limit. The resize is the reader's own (resize_array: OpenCV's
 # Keras-like bilinear when installed, else Pillow), so limit and reader pay for the same
 # pixels; "simplejpeg" picks the DCT scale as the reader does (1/8, 1/4, 1/2, 1),
 # "simplejpeg-n8" any n/8 scale.
@@ -164,20 +164,34 @@ def time_epoch(batches: Any, warmup: int = 3) -> dict[str, Any]:
 # ---------------------------------------------------------------- contenders (child side)
 
 
+def fastest_limit_variant(blobs: list[bytes], size: tuple[int, int]) -> str:
+    """The decode-limit variant that decodes a sample of ``blobs`` (every 8th, at least 64)
+    fastest, each tried twice, interleaved.
+
+    The limit is then timed once, over every image, with that variant alone: timing all
+    the variants over everything and keeping the best would report the luckiest of several
+    noisy runs (on this shared machine the same variant varied by a third between runs, and
+    two variants often do the same work), an anchor biased upward as no contender is.
+    """
+    sample = blobs[:: 8] if len(blobs) >= 512 else blobs[:64]
+    best: dict[str, float] = {}
+    for _ in range(2):
+        for variant in LIMIT_VARIANTS:
+            try:
+                seconds, _cpu = decode_limit(sample, size, variant=variant)
+            except ImportError:  # simplejpeg not installed
+                continue
+            best[variant] = min(best.get(variant, seconds), seconds)
+    return min(best, key=best.__getitem__)
+
+
 def c_decode_limit(cfg: dict[str, Any]) -> dict[str, Any]:
     size = tuple(cfg["image_size"])
     blobs = split_image_bytes(cfg["source"], cfg["split"], cfg.get("storage_options"))
-    best: dict[str, Any] = {}
-    for variant in LIMIT_VARIANTS:
-        try:
-            seconds, cpu = decode_limit(blobs, size, variant=variant)
-        except ImportError:  # simplejpeg not installed
-            continue
-        rate = len(blobs) / seconds
-        if rate > best.get("images_per_s", 0):
-            best = {"images": len(blobs), "seconds": seconds, "images_per_s": rate,
-                    "variant": variant, "cpu_ms_per_image": cpu / len(blobs) * 1e3}
-    return best
+    variant = fastest_limit_variant(blobs, size)
+    seconds, cpu = decode_limit(blobs, size, variant=variant)
+    return {"images": len(blobs), "seconds": seconds, "images_per_s": len(blobs) / seconds,
+            "variant": variant, "cpu_ms_per_image": cpu / len(blobs) * 1e3}
 
 
 def c_shardpack_numpy(cfg: dict[str, Any]) -> dict[str, Any]:
