@@ -58,11 +58,17 @@ def _order_fields(reader: ShardReader) -> dict[str, Any]:
 
 
 def make_state(reader: ShardReader, *, epoch: int, batches: int) -> dict[str, Any]:
-    """The state of ``reader`` positioned after ``batches`` batches of ``epoch``."""
+    """The state of ``reader`` positioned after ``batches`` batches of ``epoch``.
+
+    After an epoch's last batch that is ``(epoch + 1, 0)``: a state saying "all of epoch
+    e, nothing left" would have a resume ask for an epoch of no batches, which a dataset
+    of fixed cardinality (and ``fit(steps_per_epoch=0)``) refuses.
+    """
+    epoch, batches = _canonical(reader, int(epoch), int(batches))
     return {
         "version": STATE_VERSION,
-        "epoch": int(epoch),
-        "batches": int(batches),
+        "epoch": epoch,
+        "batches": batches,
         "seed": reader.seed,
         "rank": reader.rank,
         **_order_fields(reader),
@@ -104,7 +110,14 @@ def check_state(reader: ShardReader, state: dict[str, Any]) -> tuple[int, int, i
     if epoch < 0 or not 0 <= batches <= len(reader):
         raise ValueError(f"state position epoch={epoch}, batches={batches} is out of range "
                          f"(this reader has {len(reader)} batches per epoch)")
-    return epoch, batches, int(state["seed"])
+    return (*_canonical(reader, epoch, batches), int(state["seed"]))
+
+
+def _canonical(reader: ShardReader, epoch: int, batches: int) -> tuple[int, int]:
+    """``(epoch, batches)`` with a finished epoch written as the start of the next one."""
+    if len(reader) and batches >= len(reader):
+        return epoch + 1, 0
+    return epoch, batches
 
 
 def save_state(state: dict[str, Any], path: str | os.PathLike[str]) -> None:

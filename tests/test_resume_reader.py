@@ -33,15 +33,32 @@ def test_resume_sees_the_rest_of_the_epoch_in_order(awkward_shards, uninterrupte
     for _ in range(k):
         next(it)
     state = json.loads(json.dumps(first.state_dict()))  # JSON-able
-    assert (state["epoch"], state["batches"]) == (epoch, k)
+    finished = k == len(first)  # then the state is the start of the next epoch
+    assert (state["epoch"], state["batches"]) == ((epoch + 1, 0) if finished else (epoch, k))
 
     restarted = ShardReader(awkward_shards, **OPTIONS)  # no seed: the state's is used
     restarted.load_state_dict(state)
-    restarted.set_epoch(epoch)  # the same epoch: keeps the loaded position
+    restarted.set_epoch(state["epoch"])  # the loop's epoch: keeps the loaded position
     rest = _ids(restarted)
-    assert rest == uninterrupted[epoch][k:]
-    if epoch == 0:  # and the next epoch goes on as if nothing happened
+    assert rest == (uninterrupted[epoch + 1] if finished else uninterrupted[epoch][k:])
+    if epoch == 0 and not finished:  # and the next epoch goes on as if nothing happened
         assert _ids(restarted) == uninterrupted[1]
+
+
+def test_a_state_at_the_end_of_an_epoch_resumes_at_the_next_one(awkward_shards):
+    """A checkpoint taken after an epoch's last batch (a job killed in validation, before
+    the epoch-end save) must not leave an epoch of 0 batches to resume: Keras' fit with
+    steps_per_epoch=0 and a dataset of fixed cardinality both refuse that. States saved so
+    by earlier versions load as the start of the next epoch too."""
+    from reader.state import make_state
+
+    r = ShardReader(awkward_shards, seed=7, **OPTIONS)
+    state = make_state(r, epoch=2, batches=len(r))
+    assert (state["epoch"], state["batches"]) == (3, 0)
+    old_style = dict(state, epoch=2, batches=len(r))
+    restarted = ShardReader(awkward_shards, **OPTIONS)
+    restarted.load_state_dict(old_style)
+    assert (restarted.epoch, len(list(restarted))) == (3, len(r))
 
 
 def test_state_between_epochs_points_at_the_next(awkward_shards, uninterrupted, tmp_path):
