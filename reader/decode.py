@@ -23,10 +23,13 @@ Choices, made once here so every image is treated alike:
   (CMYK, 12-bit, damaged) go to Pillow, which decides.
 - **Resize like Keras**: with OpenCV installed (``shardpack[fast]``), ``bilinear``,
   ``nearest`` and ``bicubic`` resize without antialiasing and with half-pixel centres, as
-  ``tf.image.resize(antialias=False)`` does inside ``image_dataset_from_directory`` (pixels
-  within rounding of Keras', and several times cheaper than Pillow's filter on this
-  machine). Without OpenCV, and for the other interpolations, Pillow's (antialiased)
-  filters are used. Pixels stay numpy arrays from decoder to batch on the fast path.
+  ``tf.image.resize(antialias=False)`` does inside ``image_dataset_from_directory``:
+  bilinear within rounding of Keras' pixels, nearest equal, several times cheaper than
+  Pillow's filter on this machine. Bicubic is OpenCV's kernel (a = -0.75, TensorFlow's is
+  -0.5): up to ~15/255 apart on sharp edges. Without OpenCV, and for the other
+  interpolations, Pillow's (antialiased) filters are used; on RGBA they premultiply by
+  alpha, so the colour of nearly transparent pixels differs from Keras'. Pixels stay numpy
+  arrays from decoder to batch on the fast path.
 """
 
 from __future__ import annotations
@@ -180,8 +183,8 @@ class DecodeOptions:
         color_mode: "grayscale", "rgb" or "rgba".
         interpolation: a Keras interpolation name (see INTERPOLATIONS).
         crop_to_aspect_ratio: centre-crop to the target aspect ratio, then resize.
-        pad_to_aspect_ratio: pad with zeros (centred) to the target aspect ratio, then
-            resize, as Keras does.
+        pad_to_aspect_ratio: resize to fit, keeping the aspect ratio, and centre on zeros,
+            as Keras' ``image_dataset_from_directory`` does (``tf.image.resize_with_pad``).
         random_crop: if set, (min, max) area fraction of a random crop at the target
             aspect ratio taken before resizing (an augmentation; replaces centre crop).
         random_flip: flip horizontally with probability 1/2 (an augmentation).
@@ -276,25 +279,32 @@ def _box_fractions(
     return 0.0, 0.0, 1.0, 1.0
 
 
-def _keras_pads(width: int, height: int, th: int, tw: int) -> tuple[int, int]:
-    """Zero rows above (and below) and columns left (and right) of a ``width x height``
-    image that Keras adds before resizing it to ``th x tw`` with ``pad_to_aspect_ratio``
-    (``keras.ops.image.resize``: float32 arithmetic, truncated, as there)."""
-    pad_h = max(height, int(np.float32(width * th) / np.float32(tw)))
-    pad_w = max(width, int(np.float32(height * tw) / np.float32(th)))
-    return int(np.float32(pad_h - height) / 2), int(np.float32(pad_w - width) / 2)
+def _keras_fit(width: int, height: int, th: int, tw: int) -> tuple[int, int, int, int]:
+    """``tf.image.resize_with_pad``'s arithmetic (what ``image_dataset_from_directory`` does
+    with ``pad_to_aspect_ratio``), in float32 as there: the ``width x height`` image is
+    resized to ``(rw, rh)``, fitting ``tw x th``, and placed ``top`` rows down and ``left``
+    columns in, on zeros. Returns ``(rw, rh, top, left)``."""
+    f32 = np.float32
+    ratio = max(f32(width) / f32(tw), f32(height) / f32(th))
+    rhf, rwf = f32(height) / ratio, f32(width) / ratio
+    rh, rw = max(1, int(np.floor(rhf))), max(1, int(np.floor(rwf)))
+    top = max(0, int(np.floor((f32(th) - rhf) / f32(2))))
+    left = max(0, int(np.floor((f32(tw) - rwf) / f32(2))))
+    return rw, rh, top, left
 
 
-def _pad_like_keras(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``arr`` inside Keras' zero canvas for ``pad_to_aspect_ratio`` (resized afterwards, so
-    the content's edge blends into the padding as Keras' does). ``arr`` is the full-size
-    image: pad mode decodes at full size (see ``_needed_size``)."""
+def _pad_like_keras(arr: np.ndarray, size: tuple[int, int], interpolation: str) -> np.ndarray:
+    """``arr`` resized to fit ``size`` = (height, width) and centred on zeros, as Keras'
+    ``image_dataset_from_directory(pad_to_aspect_ratio=True)`` does (resize, then pad).
+    ``arr`` is the full-size image: pad mode decodes at full size (see ``_needed_size``)."""
     h, w = arr.shape[:2]
-    top, left = _keras_pads(w, h, *size)
-    if not top and not left:
-        return arr
-    canvas = np.zeros((h + 2 * top, w + 2 * left, arr.shape[2]), dtype=arr.dtype)
-    canvas[top : top + h, left : left + w] = arr
+    th, tw = size
+    rw, rh, top, left = _keras_fit(w, h, th, tw)
+    resized = arr if (rh, rw) == (h, w) else resize_array(arr, (rw, rh), interpolation)
+    if (rh, rw) == (th, tw):
+        return resized
+    canvas = np.zeros((th, tw, arr.shape[2]), dtype=arr.dtype)
+    canvas[top : top + rh, left : left + rw] = resized
     return canvas
 
 
@@ -303,9 +313,9 @@ def _needed_size(
 ) -> tuple[int, int]:
     """Smallest decoded (stored-orientation) size that still has the pixels the resize needs.
 
-    With ``pad_to_aspect_ratio``, the full size: Keras blends the content's edge into the
-    padding over one full-size pixel, and a DCT-reduced decode would blend over one
-    reduced pixel (up to 8), off Keras by up to half the grey range along that edge.
+    With ``pad_to_aspect_ratio``, the full size: Keras computes the fitted size (and so
+    the content's edges in the padding) from the full size, with its own rounding, which a
+    DCT-reduced image cannot reproduce.
     """
     if options.pad_to_aspect_ratio and options.random_crop is None:
         return (oh, ow) if swap else (ow, oh)
@@ -430,9 +440,7 @@ def decode_image(data: bytes, options: DecodeOptions, *, rng: random.Random | No
     h, w = arr.shape[:2]
     pixel_box = (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
     if options.pad_to_aspect_ratio and options.random_crop is None:
-        arr = _pad_like_keras(arr, (th, tw))
-        if arr.shape[:2] != (th, tw):
-            arr = resize_array(arr, (tw, th), options.interpolation)
+        arr = _pad_like_keras(arr, (th, tw), options.interpolation)
     else:
         sub_box = None
         if pixel_box != (0.0, 0.0, float(w), float(h)):

@@ -68,30 +68,27 @@ def test_bad_opencv_thread_setting_warns_and_decodes(monkeypatch):
     assert out.shape == (16, 16, 3)
 
 
-@pytest.mark.parametrize("size", [(64, 64), (40, 96), (96, 40)])
+@pytest.mark.parametrize("size", [(64, 64), (40, 96), (96, 40), (24, 32)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_pad_to_aspect_ratio_matches_keras(seed, size):
-    """Keras pads to the target's aspect ratio first (zero rows or columns, its own integer
-    arithmetic), then resizes the padded image, so the content's edges blend into the
-    padding; fitting then padding put the content up to a pixel elsewhere."""
-    keras = pytest.importorskip("keras")
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
+def test_pad_to_aspect_ratio_matches_image_dataset_from_directory(seed, size, interpolation):
+    """Keras' image_dataset_from_directory pads with tf.image.resize_with_pad: resize to
+    fit (its float32 rounding), then centre on zeros. (keras.ops.image.resize pads first
+    and resizes after: another image, and not the one the dataset gives.)"""
     data, pixels = _png(seed)
-    ours = decode_image(data, DecodeOptions(image_size=size, pad_to_aspect_ratio=True))
-    ref = keras.ops.image.resize(pixels.astype(np.float32), size, interpolation="bilinear",
-                                 pad_to_aspect_ratio=True)
-    diff = np.abs(ours.astype(np.float32) - np.round(np.asarray(ref)))
+    ours = decode_image(data, DecodeOptions(image_size=size, pad_to_aspect_ratio=True,
+                                            interpolation=interpolation))
+    ref = tf.image.resize_with_pad(pixels.astype(np.float32), *size, method=interpolation)
+    diff = np.abs(ours.astype(np.float32) - np.round(ref.numpy()))
     assert diff.max() <= 1 and diff.mean() < 0.15
 
 
-def test_pad_to_aspect_ratio_on_a_large_jpeg_blends_its_edge_as_keras():
-    """A JPEG the resize could decode at 1/8 scale: padding that reduced image blended the
-    content's edge over a reduced pixel (179 against Keras' 226 at the edge row); pad mode
-    decodes at full size, as Keras does."""
-    keras = pytest.importorskip("keras")
+def test_pad_to_aspect_ratio_on_a_large_jpeg_matches_the_full_size_fit():
+    """A JPEG the resize could decode at 1/8 scale: pad mode decodes it at full size, so
+    the fitted size and the content's edges are Keras', from the full size."""
     buf = io.BytesIO()
-    Image.new("RGB", (2000, 300), (200, 200, 200)).save(buf, format="JPEG", quality=95)
+    Image.new("RGB", (2000, 301), (200, 200, 200)).save(buf, format="JPEG", quality=95)
     pixels = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     ours = decode_image(buf.getvalue(), DecodeOptions(image_size=(224, 224), pad_to_aspect_ratio=True))
-    ref = keras.ops.image.resize(pixels.astype(np.float32), (224, 224), interpolation="bilinear",
-                                 pad_to_aspect_ratio=True)
-    assert np.abs(ours.astype(np.float32) - np.round(np.asarray(ref))).max() <= 1
+    ref = tf.image.resize_with_pad(pixels.astype(np.float32), 224, 224, method="bilinear")
+    assert np.abs(ours.astype(np.float32) - np.round(ref.numpy())).max() <= 1
