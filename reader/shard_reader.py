@@ -85,6 +85,8 @@ class ShardReader:
             "lanczos3", "lanczos5", "gaussian", "mitchellcubic").
         crop_to_aspect_ratio: centre-crop to the target aspect ratio before resizing.
         pad_to_aspect_ratio: resize to fit and pad with zeros, keeping the aspect ratio.
+        decoder: "auto" (simplejpeg for JPEGs when installed, else Pillow), or "pillow" for
+            the reference path (Pillow for every image; JPEGs still DCT-scaled by draft).
         drop_remainder: drop the last, smaller batch of each epoch.
         shuffle_buffer: samples held (still compressed) for shuffling.
         shuffle_buffer_bytes: also cap the buffer at this many compressed bytes (None: no
@@ -137,6 +139,7 @@ class ShardReader:
         interpolation: str = "bilinear",
         crop_to_aspect_ratio: bool = False,
         pad_to_aspect_ratio: bool = False,
+        decoder: str = "auto",
         drop_remainder: bool = False,
         shuffle_buffer: int = DEFAULT_BUFFER,
         shuffle_buffer_bytes: int | None = None,
@@ -188,6 +191,7 @@ class ShardReader:
             pad_to_aspect_ratio=pad_to_aspect_ratio,
             random_crop=(float(random_crop[0]), float(random_crop[1])) if random_crop is not None else None,
             random_flip=random_flip,
+            decoder=decoder,
         )
         self._index: list[list[tuple[str, int | None, str | None]]] | None = None
         self.class_names, self._remap = self._resolve_classes(class_names, num_classes)

@@ -62,6 +62,7 @@ def image_dataset_from_shards(
     interpolation: str = "bilinear",
     crop_to_aspect_ratio: bool = False,
     pad_to_aspect_ratio: bool = False,
+    data_format: str | None = None,
     verbose: bool = True,
     **reader_options: Any,
 ) -> tf.data.Dataset:
@@ -82,6 +83,8 @@ def image_dataset_from_shards(
     reports the shortfall at the end of the epoch. The packer checks every image, so this
     takes a shard damaged after packing; use ``shardpack verify --deep`` to find it.
 
+    ``data_format`` follows Keras' ``keras.config.image_data_format()`` when None.
+
     Unlike Keras, ``file_paths`` is not set (it needs a pass over every shard); use
     ``ShardReader(..., shuffle=False).filenames``. The reader behind the dataset is
     ``ds.shard_reader``.
@@ -90,6 +93,9 @@ def image_dataset_from_shards(
         source: shard folder or URL, or manifest-less tars (see ShardReader).
         split: split to read.
         batch_size: samples per batch; None yields single images.
+        data_format: "channels_last" or "channels_first" (images ``(batch, channels,
+            height, width)``, transposed by TensorFlow after the reader); None follows
+            ``keras.config.image_data_format()``, as Keras does.
         verbose: print how many files and classes were found, as Keras does.
         reader_options: more ShardReader options (``shuffle_buffer``, ``num_workers``,
             ``on_error``, ``storage_options``, ``drop_remainder``, ``rescale``, ...).
@@ -140,6 +146,12 @@ def image_dataset_from_shards(
         ds = ds.unbatch().apply(tf.data.experimental.assert_cardinality(reader.rank_samples))
     else:
         ds = ds.apply(tf.data.experimental.assert_cardinality(len(reader)))
+    if _channels_first(data_format):
+        order = [2, 0, 1] if batch_size is None else [0, 3, 1, 2]
+        if label_mode is None:
+            ds = ds.map(lambda x: tf.transpose(x, order))
+        else:
+            ds = ds.map(lambda x, y: (tf.transpose(x, order), y))
     ds = ds.prefetch(tf.data.AUTOTUNE)
     if reader.world_size > 1:
         # The reader already gives this rank its own share of the split; a distribution
@@ -150,3 +162,15 @@ def image_dataset_from_shards(
     ds.class_names = list(reader.class_names)
     ds.shard_reader = reader
     return ds
+
+
+def _channels_first(data_format: str | None) -> bool:
+    if data_format is None:
+        try:
+            import keras
+        except ImportError:
+            return False
+        data_format = keras.config.image_data_format()
+    if data_format not in ("channels_last", "channels_first"):
+        raise ValueError(f'data_format must be "channels_last" or "channels_first", got {data_format!r}')
+    return data_format == "channels_first"

@@ -149,3 +149,12 @@ def test_import_reader_does_not_import_tensorflow():
     code = ("import sys, reader; reader.ShardReader; reader.preview; "
             "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_decoder_option_reaches_the_decoder(photo_shards):
+    opts = dict(split="train", image_size=(32, 32), batch_size=16, shuffle=False)
+    auto = next(iter(ShardReader(photo_shards, **opts)))[0]
+    pillow = next(iter(ShardReader(photo_shards, decoder="pillow", **opts)))[0]
+    assert auto.shape == pillow.shape and np.abs(auto - pillow).mean() < 8  # same photos
+    with pytest.raises(ValueError, match="decoder"):
+        ShardReader(photo_shards, decoder="turbo", **opts)

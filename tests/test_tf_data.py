@@ -84,3 +84,24 @@ def test_fit_evaluate_predict_on_real_photos(photo_shards):
     truth = np.array([reader.class_names.index(f.split("/")[1]) for f in reader.filenames])
     assert np.array_equal(truth, reader.labels)
     assert abs((predicted == truth).mean() - accuracy) < 1e-6
+
+
+def test_channels_first_as_keras(id_shards):
+    """data_format="channels_first", or Keras' global image data format, gives (batch,
+    channels, height, width) images holding the channels-last pixels."""
+    shards, _ = id_shards
+    opts = dict(split="test", image_size=(4, 6), batch_size=8, shuffle=False)
+    last = next(iter(image_dataset_from_shards(shards, **opts)))[0].numpy()
+    first = image_dataset_from_shards(shards, data_format="channels_first", **opts)
+    assert tuple(first.element_spec[0].shape) == (None, 3, 4, 6)
+    np.testing.assert_array_equal(next(iter(first))[0].numpy(), last.transpose(0, 3, 1, 2))
+    single = image_dataset_from_shards(shards, data_format="channels_first", label_mode=None,
+                                       **{**opts, "batch_size": None})
+    assert tuple(next(iter(single)).shape) == (3, 4, 6)
+    keras.config.set_image_data_format("channels_first")
+    try:
+        assert tuple(image_dataset_from_shards(shards, **opts).element_spec[0].shape) == (None, 3, 4, 6)
+    finally:
+        keras.config.set_image_data_format("channels_last")
+    with pytest.raises(ValueError, match="data_format"):
+        image_dataset_from_shards(shards, data_format="nchw", **opts)
