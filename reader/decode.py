@@ -190,6 +190,9 @@ class DecodeOptions:
         random_flip: flip horizontally with probability 1/2 (an augmentation).
         decoder: "auto" (simplejpeg for JPEGs when installed, else Pillow), "pillow" or
             "simplejpeg" (see DECODERS).
+        dct_scaling: decode JPEGs at the smallest 1/8, 1/4 or 1/2 scale the resize still
+            has pixels for (several times cheaper); False decodes at full size, as Keras
+            does, for its pixels exactly (within rounding).
     """
 
     image_size: tuple[int, int] = (256, 256)
@@ -200,6 +203,7 @@ class DecodeOptions:
     random_crop: tuple[float, float] | None = None
     random_flip: bool = False
     decoder: str = "auto"
+    dct_scaling: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, int):
@@ -317,7 +321,7 @@ def _needed_size(
     the content's edges in the padding) from the full size, with its own rounding, which a
     DCT-reduced image cannot reproduce.
     """
-    if options.pad_to_aspect_ratio and options.random_crop is None:
+    if not options.dct_scaling or (options.pad_to_aspect_ratio and options.random_crop is None):
         return (oh, ow) if swap else (ow, oh)
     th, tw = options.image_size
     bw, bh = (box[2] - box[0]) * ow, (box[3] - box[1]) * oh

@@ -87,6 +87,9 @@ class ShardReader:
         pad_to_aspect_ratio: resize to fit and pad with zeros, keeping the aspect ratio.
         decoder: "auto" (simplejpeg for JPEGs when installed, else Pillow), or "pillow" for
             the reference path (Pillow for every image; JPEGs still DCT-scaled by draft).
+        dct_scaling: decode JPEGs at a reduced DCT scale where the resize allows (default,
+            several times cheaper); False decodes at full size, as Keras does, for Keras'
+            pixels within rounding.
         drop_remainder: drop the last, smaller batch of each epoch.
         shuffle_buffer: samples held (still compressed) for shuffling.
         shuffle_buffer_bytes: also cap the buffer at this many compressed bytes (None: no
@@ -140,6 +143,7 @@ class ShardReader:
         crop_to_aspect_ratio: bool = False,
         pad_to_aspect_ratio: bool = False,
         decoder: str = "auto",
+        dct_scaling: bool = True,
         drop_remainder: bool = False,
         shuffle_buffer: int = DEFAULT_BUFFER,
         shuffle_buffer_bytes: int | None = None,
@@ -192,6 +196,7 @@ class ShardReader:
             random_crop=(float(random_crop[0]), float(random_crop[1])) if random_crop is not None else None,
             random_flip=random_flip,
             decoder=decoder,
+            dct_scaling=dct_scaling,
         )
         self._index: list[list[tuple[str, int | None, str | None]]] | None = None
         self.class_names, self._remap = self._resolve_classes(class_names, num_classes)

@@ -92,3 +92,25 @@ def test_pad_to_aspect_ratio_on_a_large_jpeg_matches_the_full_size_fit():
     ours = decode_image(buf.getvalue(), DecodeOptions(image_size=(224, 224), pad_to_aspect_ratio=True))
     ref = tf.image.resize_with_pad(pixels.astype(np.float32), 224, 224, method="bilinear")
     assert np.abs(ours.astype(np.float32) - np.round(ref.numpy())).max() <= 1
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
+def test_without_dct_scaling_jpegs_give_keras_pixels(interpolation):
+    """dct_scaling=False decodes JPEGs at full size as Keras does (tf.io.decode_jpeg with
+    TensorFlow's default fast IDCT, then tf.image.resize): the same pixels within rounding.
+    The default DCT-scaled decode is several times cheaper and visibly further off."""
+    im = random_crop(random.Random(5), photo("astronaut"), 480)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    ref = np.round(tf.image.resize(tf.io.decode_jpeg(data, channels=3), (64, 64),
+                                   method=interpolation).numpy())
+
+    def off(**options):
+        ours = decode_image(data, DecodeOptions(image_size=(64, 64), interpolation=interpolation,
+                                                **options))
+        return np.abs(ours.astype(np.float32) - ref)
+
+    exact, scaled = off(dct_scaling=False), off()
+    assert exact.max() <= 2 and exact.mean() < 0.2, (exact.max(), exact.mean())
+    assert scaled.mean() > 4 * max(exact.mean(), 0.05)
