@@ -124,10 +124,8 @@ def pack(
     options = normalize_options(
         max_count=max_count, max_size=max_size, seed=seed, resize=resize, quality=quality,
         validation_split=validation_split, layout=layout, follow_links=follow_links,
-        validate=validate, max_pixels=max_pixels,
+        validate=validate, max_pixels=max_pixels, src=src,
     )
-    if layout == "auto" and options["layout"] == "flat":
-        refuse_split_tree_read_as_flat(src)
     resize_spec = parse_resize(resize, quality=quality)
     workers = workers or default_workers()
     check_output(out_dir, options, overwrite=overwrite)
@@ -210,13 +208,16 @@ def _pack_with(
 def normalize_options(
     *, max_count: int, max_size: int | str, seed: int, resize: int | str | None, quality: int,
     validation_split: float | None, layout: str, follow_links: bool, validate: str,
-    max_pixels: int,
+    max_pixels: int, src: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Check the options and return those that decide the output's bytes (recorded in the
-    manifest, compared on resume).
+    manifest, compared on resume). With ``src``, an automatic layout that reads it flat
+    (``validation_split``) is also checked against the tree.
 
     Raises:
         ValueError: an option is out of range; the message says the accepted values.
+        LayoutError: ``validation_split`` on a ``{split}/{class}`` tree (see
+            ``walk.refuse_split_tree_read_as_flat``).
     """
     if int(max_count) < 1:
         raise ValueError(f"max_count must be at least 1, got {max_count}")
@@ -226,6 +227,8 @@ def normalize_options(
         raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {validate!r}")
     if layout == "auto":
         layout = "flat" if validation_split is not None else "splits"
+        if layout == "flat" and src is not None:
+            refuse_split_tree_read_as_flat(src)
     if layout not in ("splits", "flat"):
         raise ValueError(f"layout must be 'auto', 'splits' or 'flat', got {layout!r}")
     if layout == "splits" and validation_split is not None:

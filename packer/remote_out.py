@@ -79,7 +79,6 @@ def pack_to_url(
     scheduler = pack_options.pop("scheduler", None)
     resize = pack_options.pop("resize", None)
     quality = pack_options.pop("quality", 90)
-    layout = pack_options.pop("layout", "auto")
     options = normalize_options(
         max_count=pack_options.pop("max_count", 10_000),
         max_size=pack_options.pop("max_size", "256MB"),
@@ -87,17 +86,14 @@ def pack_to_url(
         resize=resize,
         quality=quality,
         validation_split=pack_options.pop("validation_split", None),
-        layout=layout,
+        layout=pack_options.pop("layout", "auto"),
         follow_links=pack_options.pop("follow_links", False),
         validate=pack_options.pop("validate", DEFAULT_VALIDATE),
         max_pixels=pack_options.pop("max_pixels", DEFAULT_MAX_PIXELS),
+        src=src,
     )
     if pack_options:
         raise TypeError(f"pack_to_url() got unexpected options: {sorted(pack_options)}")
-    if layout == "auto" and options["layout"] == "flat":
-        from .walk import refuse_split_tree_read_as_flat
-
-        refuse_split_tree_read_as_flat(src)
     resize_spec = parse_resize(resize, quality=quality)
     batch = max(4, 2 * int(workers)) if staging_shards is None else max(1, int(staging_shards))
 
@@ -144,10 +140,7 @@ def _pack_and_send(
     os.makedirs(staging, exist_ok=True)
     try:
         if old_manifest is not None:
-            # Kept aside first: a run stopped from here on leaves no manifest, and the next
-            # one still learns the old shard names (to delete those its plan drops).
-            store.publish(REPLACED_NAME, json.dumps(old_manifest).encode())
-            store.remove(MANIFEST_NAME)  # no reader may see it while shards change
+            store.set_manifest_aside(json.dumps(old_manifest).encode())
         results = _write_and_send(plan, store, staging, run=run, resize=resize_spec, batch=batch,
                                   upload_workers=upload_workers, quiet=quiet)
         manifest = build_manifest(plan, results, skipped=skipped, ignored=ignored,

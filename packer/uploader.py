@@ -166,6 +166,14 @@ class RemoteStore:
         except FileNotFoundError:
             pass
 
+    def set_manifest_aside(self, manifest: bytes) -> None:
+        """Take the published manifest down before shards change, keeping it as
+        ``REPLACED_NAME`` until the new one is up: a run stopped in between leaves readers
+        no manifest over changing shards, and the next run still learns which shards it
+        named (to delete those the new plan drops)."""
+        self.publish(REPLACED_NAME, manifest)
+        self.remove(MANIFEST_NAME)
+
     def publish(self, name: str, data: bytes) -> None:
         """Write a small object in one step: one PUT on object stores (atomic there), temp
         file + rename on a local file system."""
@@ -329,8 +337,7 @@ def send_shards(
             if unpublished.is_set():
                 return
             if manifest_bytes is not None and current is not None and current != manifest_bytes:
-                store.publish(REPLACED_NAME, current)
-                store.remove(MANIFEST_NAME)
+                store.set_manifest_aside(current)
                 log.info("took down the old remote manifest while shards change")
             unpublished.set()
 
