@@ -598,17 +598,16 @@ def _cached_copy_is_good(path: str, sha256: str | None) -> bool:
     """
     if sha256 is None:
         return True
+    from packer.write import hash_file  # here: the reader's start-up needs none of the writer
+
     try:
         identity = _cache_identity(os.stat(path), path, sha256)
         if identity in _VERIFIED_LOCAL:
             return True
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(DEFAULT_BLOCK_SIZE):
-                digest.update(block)
+        digest, _size = hash_file(path)
     except FileNotFoundError:  # evicted by another reader meanwhile
         return False
-    if digest.hexdigest() != sha256:
+    if digest != sha256:
         _remove_quietly(path)
         return False
     _remember_verified(identity, path, _cache_identity)

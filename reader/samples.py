@@ -9,6 +9,7 @@ WebDataset shards: ustar/gnu/pax headers, GNU long names (``L``) and pax ``path`
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import IO, Any, NamedTuple
@@ -230,22 +231,14 @@ def shard_samples(
     """
     count = 0
     try:
-        with open_shard(
-            ref.url, expected_size=ref.nbytes, expected_sha256=ref.sha256, cache_dir=cache_dir,
-            **(storage_options or {}),
-        ) as stream:
-            try:
-                for sample in group_samples(tar_members(stream, shard=ref.name), shard=ref.name):
-                    count += 1
-                    if (yield sample) is READ_THE_REST:
-                        if getattr(stream, "verifying", False):
-                            _read_to_end(stream)  # unparsed: only for the checksum
-                        return
-                _read_to_end(stream)
-            except OSError as exc:
-                raise ShardReadError(
-                    f"read failed ({exc})", shard=ref.name, offset=_tell(stream)
-                ) from exc
+        with _checked_shard(ref, storage_options, cache_dir) as stream:
+            for sample in group_samples(tar_members(stream, shard=ref.name), shard=ref.name):
+                count += 1
+                if (yield sample) is READ_THE_REST:
+                    if getattr(stream, "verifying", False):
+                        _read_to_end(stream)  # unparsed: only for the checksum
+                    return
+            _read_to_end(stream)
         if ref.count is not None and count != ref.count:
             raise ShardReadError(
                 f"holds {count} samples but the manifest says {ref.count}; "
@@ -254,6 +247,23 @@ def shard_samples(
             )
     except ShardReadError as exc:
         policy.shard_failed(exc)
+
+
+@contextlib.contextmanager
+def _checked_shard(
+    ref: ShardRef, storage_options: dict[str, Any] | None, cache_dir: str | None
+) -> Iterator[IO[bytes]]:
+    """One shard opened for a whole read checked against the manifest's size and sha256
+    (and kept in ``cache_dir``); an OSError while it is read becomes a ShardReadError
+    naming the shard and the byte offset."""
+    with open_shard(
+        ref.url, expected_size=ref.nbytes, expected_sha256=ref.sha256, cache_dir=cache_dir,
+        **(storage_options or {}),
+    ) as stream:
+        try:
+            yield stream
+        except OSError as exc:
+            raise ShardReadError(f"read failed ({exc})", shard=ref.name, offset=_tell(stream)) from exc
 
 
 def _read_to_end(stream: IO[bytes]) -> None:
@@ -333,22 +343,16 @@ def scan_shard(
 
     out: list[tuple[str, int | None, str | None]] = []
     try:
-        with open_shard(
-            ref.url, expected_size=ref.nbytes, expected_sha256=ref.sha256, cache_dir=cache_dir,
-            **(storage_options or {}),
-        ) as stream:
-            try:
-                members = tar_members(stream, shard=ref.name, want=want)
-                for sample in group_samples(members, shard=ref.name):
-                    meta = _json_object(sample.get("json"))
-                    try:
-                        label = sample_label(sample)
-                    except SampleDecodeError:  # reading the epoch reports it, through on_error
-                        label = None
-                    out.append((str(meta.get("path", sample["__key__"])), label, meta.get("class")))
-                _read_to_end(stream)
-            except OSError as exc:
-                raise ShardReadError(f"read failed ({exc})", shard=ref.name, offset=_tell(stream)) from exc
+        with _checked_shard(ref, storage_options, cache_dir) as stream:
+            members = tar_members(stream, shard=ref.name, want=want)
+            for sample in group_samples(members, shard=ref.name):
+                meta = _json_object(sample.get("json"))
+                try:
+                    label = sample_label(sample)
+                except SampleDecodeError:  # reading the epoch reports it, through on_error
+                    label = None
+                out.append((str(meta.get("path", sample["__key__"])), label, meta.get("class")))
+            _read_to_end(stream)
     except ShardReadError as exc:
         if policy is None:
             raise
