@@ -20,6 +20,7 @@ import os
 import stat
 import unicodedata
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import NamedTuple
 
@@ -320,8 +321,8 @@ def walk_tree(
             result, src=src, group=entry.name, folder=entry.path, follow_links=follow_links,
             ancestors=root_id | {identity}, skip=skip,
         )
-        named = any(c.by_name for c in result.candidates[before:])  # a folder of notes: no members
-        if len(entry.name) > max_split_name_length() and named:
+        if len(entry.name) > max_split_name_length() and any(  # a folder of notes: no members
+                c.by_name for c in islice(result.candidates, before, None)):
             raise LayoutError(
                 f"split folder {rel!r}: a split name may have at most {max_split_name_length()} "
                 "characters (it is part of every sample's tar member name); shorten it"
