@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", default=DEFAULT_MAX_SIZE, help="most bytes per shard: 256MB, 1GiB, ... (default %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: CPU count)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order in every split (default 0)")
-    p.add_argument("--resize", default=None, help="store images with the short side shrunk to N pixels (re-encoded)")
+    p.add_argument("--resize", default=None, help="store images re-encoded: N shrinks the short side to N pixels; "
+                   "WxH (e.g. 224x224) stores every image at exactly that size, squashed")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality with --resize (default 90)")
     p.add_argument("--validation-split", type=float, default=None,
                    help="flat SRC/{class}/ tree: share of each class put in 'validation'")

@@ -2,8 +2,10 @@
 
 Decoding a 500x375 JPEG to train at 224x224 spends most of its time on pixels that the
 resize throws away; storing the short side at 256 once, at pack time, makes every epoch
-cheaper. The output is deterministic (same Pillow, same input, same bytes), which keeps
-shards byte-identical and resumable.
+cheaper. Storing exactly the training size (``--resize 224x224``, squashed as Keras'
+``image_dataset_from_directory`` squashes by default) goes further: the reader then decodes
+small JPEGs and never resizes. The output is deterministic (same Pillow, same input, same
+bytes), which keeps shards byte-identical and resumable.
 """
 
 from __future__ import annotations
@@ -19,32 +21,69 @@ __all__ = ["ResizeSpec", "parse_resize", "load_for_resize", "transform_image", "
 
 @dataclass(frozen=True)
 class ResizeSpec:
-    """Shrink so the short side is at most ``short_side`` px; re-encode at ``quality``."""
+    """How images are stored: re-encoded at ``quality``, and either shrunk so the short side
+    is at most ``short_side`` px (aspect kept, never enlarged) or, with ``size`` = (width,
+    height), resized to exactly that size (aspect not kept, enlarged when smaller), which
+    is what ``image_dataset_from_directory(image_size=...)`` does to every image by default.
+    """
 
-    short_side: int
+    short_side: int | None = None
     quality: int = 90
+    size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.short_side is None) == (self.size is None):
+            raise ValueError("a ResizeSpec takes either short_side or size")
 
     def as_dict(self) -> dict[str, int]:
-        return {"short_side": self.short_side, "quality": self.quality}
+        if self.size is not None:
+            return {"width": self.size[0], "height": self.size[1], "quality": self.quality}
+        return {"short_side": int(self.short_side or 0), "quality": self.quality}
+
+    def stored_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """The (width, height) an upright ``width`` x ``height`` image is stored at, or None
+        when it is stored at its own size."""
+        if self.size is not None:
+            return None if (width, height) == self.size else self.size
+        scale = int(self.short_side or 0) / min(width, height)
+        if scale >= 1:
+            return None
+        return max(1, round(width * scale)), max(1, round(height * scale))
+
+    def decode_size(self, width: int, height: int) -> tuple[float, float]:
+        """The smallest decoded size that covers the stored size on both axes, whichever
+        way EXIF turns the ``width`` x ``height`` image (its raw size) upright."""
+        if self.size is not None:
+            side = max(self.size)
+            return float(min(width, side)), float(min(height, side))
+        scale = min(1.0, int(self.short_side or 0) / max(1, min(width, height)))
+        return width * scale, height * scale
 
 
 def parse_resize(text: str | int | None, *, quality: int = 90) -> ResizeSpec | None:
-    """Parse ``--resize``: ``256`` (short side in pixels) or None/``""``/``0`` for none.
+    """Parse ``--resize``: ``256`` (short side in pixels), ``224x224`` (exact WIDTHxHEIGHT)
+    or None/``""``/``0`` for none.
 
     Raises:
-        ValueError: not a positive pixel count, or quality outside 1..100.
+        ValueError: not a positive pixel count or size, or quality outside 1..100.
     """
     if text in (None, "", 0, "0", "none"):
         return None
-    try:
-        short = int(str(text).lower().removeprefix("short:").removesuffix("px"))
-    except ValueError:
-        raise ValueError(f"--resize takes the short side in pixels, e.g. 256; got {text!r}") from None
-    if short <= 0:
-        raise ValueError(f"--resize must be positive, got {text!r}")
     if not 1 <= quality <= 100:
         raise ValueError(f"--quality must be in 1..100, got {quality}")
-    return ResizeSpec(short, quality)
+    words = str(text).lower().removeprefix("short:").removesuffix("px").split("x")
+    try:
+        sides = [int(word) for word in words]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2):
+        raise ValueError("--resize takes the short side in pixels (e.g. 256) or an exact "
+                         f"WIDTHxHEIGHT (e.g. 224x224); got {text!r}")
+    if min(sides) <= 0:
+        raise ValueError(f"--resize must be positive, got {text!r}")
+    if len(sides) == 2:
+        return ResizeSpec(quality=quality, size=(sides[0], sides[1]))
+    return ResizeSpec(sides[0], quality)
 
 
 def to_8bit(im: Image.Image) -> Image.Image:
@@ -72,9 +111,9 @@ def load_for_resize(im: Image.Image, spec: ResizeSpec) -> None:
     transform was 9 ms per ImageNet-sized image at full scale on this machine.
     """
     w, h = im.size
-    scale = spec.short_side / max(1, min(w, h))
-    if scale * _REDUCING_GAP < 1 and im.format in ("JPEG", "MPO"):
-        im.draft(None, (math.ceil(w * scale * _REDUCING_GAP), math.ceil(h * scale * _REDUCING_GAP)))
+    need_w, need_h = spec.decode_size(w, h)
+    if need_w * _REDUCING_GAP < w and need_h * _REDUCING_GAP < h and im.format in ("JPEG", "MPO"):
+        im.draft(None, (math.ceil(need_w * _REDUCING_GAP), math.ceil(need_h * _REDUCING_GAP)))
     im.load()
 
 
@@ -86,10 +125,9 @@ def transform_image(im: Image.Image, spec: ResizeSpec) -> tuple[bytes, str, int,
         im = im.convert("RGBA")
     elif im.mode not in ("L", "RGB"):
         im = im.convert("RGB")
-    w, h = im.size
-    scale = spec.short_side / min(w, h)
-    if scale < 1:
-        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+    size = spec.stored_size(*im.size)
+    if size is not None:
+        im = im.resize(size, Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     if has_alpha:
         im.save(buf, format="PNG", optimize=False)

@@ -338,7 +338,7 @@ PACKER_ANCHORS = [("tar -cf", "tar_cf"), ("tar -cf + fsync", "tar_cf_fsync"),
                   ("wds ShardWriter", "wds_shardwriter")]
 
 
-def targets(resize: int = 256, quality: int = 90) -> list[tuple[str, str, str, float | None]]:
+def targets(resize: int | str = 256, quality: int = 90) -> list[tuple[str, str, str, float | None]]:
     """The issue's targets: (what, contender, anchor, target ratio or None for context only)."""
     return [
         ("ShardReader ÷ decode limit", "shardpack_numpy", "decode_limit", 0.9),
@@ -365,7 +365,7 @@ def round_ratios(results: dict[str, dict[str, Any]], contender: str, anchor: str
     return [c / a for c, a in pairs if c and a]
 
 
-def format_targets(results: dict[str, dict[str, Any]], resize: int = 256, quality: int = 90) -> str:
+def format_targets(results: dict[str, dict[str, Any]], resize: int | str = 256, quality: int = 90) -> str:
     """A markdown table: each target's ratio in every round, its median, and how many
     rounds met it."""
     rows = ["| ratio | by round | median | target | rounds at or above |", "|---|---|---:|---:|---:|"]
@@ -480,8 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per reader contender (median)")
     parser.add_argument("--only", default="reader,packer",
                         help="reader, packer (comma-separated), or resized (see above)")
-    parser.add_argument("--resize", type=int, default=256,
-                        help="short side of the resized shards (default 256)")
+    parser.add_argument("--resize", default="256",
+                        help="the resized shards' short side, or an exact WIDTHxHEIGHT "
+                             "(shardpack pack --resize; default 256)")
     parser.add_argument("--quality", type=int, default=90,
                         help="JPEG quality of the resized shards (default 90)")
     parser.add_argument("--scaling", type=int, nargs="*", default=[],
@@ -506,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     from packer import pack
 
     shards = work / "shards"
-    resized = work / ("shards_resized" if (args.resize, args.quality) == (256, 90)
+    resized = work / ("shards_resized" if (args.resize, args.quality) == ("256", 90)
                       else f"shards_resized_{args.resize}_q{args.quality}")
     print("packing ...", flush=True)
     pack(src, shards, quiet=True, max_size="64MB", overwrite=True)

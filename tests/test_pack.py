@@ -135,6 +135,21 @@ def test_zoo_resized_odd_modes(tmp_path):
         assert im.mode == "L" and 100 < max(im.getdata()) < 150  # scaled, not clipped to white
 
 
+def test_zoo_resized_to_an_exact_size(tmp_path):
+    """--resize 16x12 stores every image (odd modes, EXIF-turned, small ones enlarged) at
+    exactly 16x12, and the manifest records the size."""
+    zoo = build_zoo(tmp_path, good_per_class=2)
+    manifest = pack(zoo.src, tmp_path / "out", workers=1, quiet=True, resize="16x12", quality=80)
+    assert manifest["options"]["resize"] == {"width": 16, "height": 12, "quality": 80}
+    samples = [m for rows in read_samples(tmp_path / "out", manifest).values() for _, _, m in rows]
+    assert len(samples) == len(zoo.packed)
+    for members in samples:
+        meta = json.loads(members["json"])
+        ext = "png" if "png" in members else "jpg"
+        with Image.open(io.BytesIO(members[ext])) as im:
+            assert im.size == (meta["width"], meta["height"]) == (16, 12), meta["path"]
+
+
 # ---- realistic photos ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

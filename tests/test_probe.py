@@ -97,11 +97,72 @@ def test_parse_resize():
     assert parse_resize(None) is None and parse_resize("0") is None
     assert parse_resize("256") == ResizeSpec(256, 90)
     assert parse_resize("short:128px", quality=80) == ResizeSpec(128, 80)
-    for bad in ("big", "-3"):
-        with pytest.raises(ValueError):
+    assert parse_resize("224x160", quality=75) == ResizeSpec(quality=75, size=(224, 160))
+    assert parse_resize("224X224px").as_dict() == {"width": 224, "height": 224, "quality": 90}
+    assert ResizeSpec(256).as_dict() == {"short_side": 256, "quality": 90}  # as before
+    for bad in ("big", "-3", "224x", "0x5", "1x2x3", "x"):
+        with pytest.raises(ValueError, match="--resize"):
             parse_resize(bad)
     with pytest.raises(ValueError, match="quality"):
         parse_resize(64, quality=0)
+    with pytest.raises(ValueError):
+        ResizeSpec(256, size=(224, 224))
+
+
+def _halves_jpeg(width: int, height: int, orientation: int | None = None) -> bytes:
+    """Red left half, blue right half (as stored, before any EXIF turn)."""
+    im = Image.new("RGB", (width, height), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, width // 2, height))
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    return jpeg_bytes(im, quality=95, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("raw, orientation, left", [
+    ((400, 300), None, "red"), ((40, 10), None, "red"),  # shrunk; enlarged
+    ((400, 300), 6, "top"),  # turned upright first: the red half ends on top
+])
+def test_exact_resize_stores_every_image_at_the_size_upright(raw, orientation, left):
+    """``--resize 48x32`` squashes every image to exactly 48x32, like Keras' default
+    image_size, after turning it upright, so the reader never resizes."""
+    import io
+
+    import numpy as np
+
+    probe = probe_bytes(_halves_jpeg(*raw, orientation), resize=ResizeSpec(size=(48, 32)))
+    assert probe.ok and probe.ext == "jpg" and (probe.width, probe.height) == (48, 32)
+    kept: list[bytes] = []
+    probe_bytes(_halves_jpeg(*raw, orientation), resize=ResizeSpec(size=(48, 32)), keep_stored=kept)
+    px = np.asarray(Image.open(io.BytesIO(kept[0])).convert("RGB"), dtype=np.int16)
+    assert px.shape == (32, 48, 3)
+    red, blue = np.array([255, 0, 0]), np.array([0, 0, 255])
+    first, second = (px[:, :20], px[:, 28:]) if left == "red" else (px[:12], px[20:])
+    assert np.abs(first - red).mean() < 12 and np.abs(second - blue).mean() < 12
+
+
+def test_exact_resize_of_a_large_jpeg_decodes_reduced_and_matches_a_full_decode():
+    import io
+
+    import numpy as np
+
+    from packer.examples import photo, random_crop
+    from packer.transform import load_for_resize, transform_image
+
+    big = random_crop(random.Random(1), photo("coffee"), 300).resize((1600, 1200))
+    data = jpeg_bytes(big, quality=92)
+    spec = ResizeSpec(size=(224, 224))
+    im = Image.open(io.BytesIO(data))
+    load_for_resize(im, spec)
+    assert 448 <= im.size[1] < 1200  # reduced, still twice the target on both axes
+    fast, _, w, h = transform_image(im, spec)
+    full_im = Image.open(io.BytesIO(data))
+    full_im.load()
+    full, _, fw, fh = transform_image(full_im, spec)
+    assert (w, h) == (fw, fh) == (224, 224)
+    a = np.asarray(Image.open(io.BytesIO(fast)), dtype=np.int16)
+    b = np.asarray(Image.open(io.BytesIO(full)), dtype=np.int16)
+    assert np.abs(a - b).mean() < 2.0
 
 
 def test_unreadable_file_is_skipped_not_crashed(tmp_path):
