@@ -27,7 +27,8 @@ from .decode import DecodeOptions, decode_image
 from .policy import ErrorPolicy
 from .samples import Sample, image_member
 
-__all__ = ["LABEL_MODES", "BatchOptions", "aligned_empty", "decode_sample", "decode_batches"]
+__all__ = ["LABEL_MODES", "BatchOptions", "aligned_empty", "decode_sample", "decode_batches",
+           "in_flight_plan"]
 
 LABEL_MODES = ("int", "categorical", "binary", None)
 DTYPES = ("float32", "uint8")
@@ -185,6 +186,28 @@ def _decode_into(
     return failed
 
 
+# Decode tasks queued behind the block being collected, per pool thread: one keeps a thread
+# busy only if the tasks end together; the rest absorb uneven image sizes and this thread's
+# own reading, shuffling and hand-over between blocks.
+_TASKS_PER_THREAD = 3
+
+
+def in_flight_plan(workers: int, batch_size: int) -> tuple[int, int]:
+    """(images per decode task, blocks of ``batch_size`` in flight) for ``workers`` threads.
+
+    A block is collected whole, so while this thread waits for its slowest task, only the
+    later blocks' tasks keep the other threads busy: those must number at least
+    ``_TASKS_PER_THREAD`` per thread. Tasks of at most 8 images keep the pool's per-task
+    cost negligible; with many threads they shrink (down to 1 image), so that the blocks in
+    flight -- the memory this holds -- stay few. With 16 threads, 8-image tasks and two
+    blocks in flight (the plan before this one) left half the cores idle.
+    """
+    workers = max(1, workers)
+    chunk = max(1, min(8, batch_size // (2 * workers)))
+    blocks = max(2, 1 + -(-_TASKS_PER_THREAD * workers * chunk // batch_size))
+    return chunk, blocks
+
+
 @dataclass
 class _Block:
     """One batch worth of samples being decoded: its array, labels and chunk futures."""
@@ -201,17 +224,17 @@ def decode_batches(
     batch: BatchOptions,
     pool: Executor,
     policy: ErrorPolicy,
-    window: int,
+    workers: int,
     aug_rng: random.Random | None = None,
-    chunk: int | None = None,
 ) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
     """Decode ``(sample, label)`` pairs on ``pool`` and yield batches ``(x, y)`` (or ``x``).
 
     Samples are taken a batch at a time (a *block*); the block's array is allocated once
     and its samples go to the pool in chunks of ``chunk`` that decode straight into their
     rows, so there is one task per chunk, not per image, and no per-image copy on this
-    thread. About ``window`` samples (at least two blocks) are in flight, which bounds
-    memory and keeps the pool busy while this thread reads and shuffles. Samples that fail
+    thread. ``in_flight_plan`` sizes the chunks and the blocks in flight for the pool's
+    ``workers`` threads: enough to keep every one busy while this thread waits for the
+    oldest block and reads and shuffles the next, few enough to bound memory. Samples that fail
     to decode go to ``policy`` (skip and count, or raise), and the batch is filled from the
     following samples, in order.
 
@@ -221,8 +244,7 @@ def decode_batches(
     """
     size = batch.batch_size
     dtype = np.dtype(batch.dtype)
-    chunk = chunk or max(1, min(8, -(-size // 4)))
-    blocks_ahead = max(2, -(-window // size))
+    chunk, blocks_ahead = in_flight_plan(workers, size)
     in_flight: deque[_Block] = deque()
     carry = _Carry(size, decode.shape, dtype)
     # enough for the blocks in flight, the batch the caller holds and a prefetch queue

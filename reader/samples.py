@@ -165,15 +165,17 @@ def tar_members(
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
         data_offset = offset + BLOCK
         if kind in (b"L", b"x") or (kind in _FILE_TYPES and (want is None or want(long_name or name))):
-            data = _read_exact(stream, padded)
-            if len(data) < size:
+            # the member, then its padding: reading both and slicing would copy every image twice
+            data = _read_exact(stream, size)
+            pad = _read_exact(stream, padded - size) if padded != size else b""
+            if len(data) < size or len(pad) < padded - size:
                 raise ShardReadError(
                     f"truncated: member {long_name or name!r} needs {size} bytes, "
-                    f"only {len(data)} are there",
+                    f"only {len(data)} are there" if len(data) < size else
+                    f"truncated: member {long_name or name!r} lacks its padding",
                     shard=shard,
-                    offset=data_offset + len(data),
+                    offset=data_offset + len(data) + len(pad),
                 )
-            data = data[:size] if padded != size else data
             if kind in (b"L", b"x"):
                 start = offset if start is None else start
                 if kind == b"L":

@@ -480,11 +480,10 @@ class ShardReader:
             if aug_rng is not None:
                 for _ in range(skip):  # the skipped samples' draws (one each, as decode_batches)
                     aug_rng.getrandbits(64)
-        window = max(2 * self.batch_options.batch_size, 4 * self.num_workers)
         with ThreadPoolExecutor(self.num_workers, thread_name_prefix="shardpack-decode") as pool:
             yield from decode_batches(
                 labelled, decode=self.decode_options, batch=self.batch_options, pool=pool,
-                policy=self.policy, window=window, aug_rng=aug_rng,
+                policy=self.policy, workers=self.num_workers, aug_rng=aug_rng,
             )
 
     def __repr__(self) -> str:

@@ -4,6 +4,8 @@ overwritten by later batches."""
 
 from __future__ import annotations
 
+from concurrent.futures import Executor, Future
+
 import numpy as np
 import pytest
 from conftest import pixel_ids
@@ -52,3 +54,72 @@ def test_torch_tensors_from_numpy_are_never_overwritten(id_shards):
     reader = ShardReader(id_shards[0], split="train", image_size=4, batch_size=8, seed=3)
     tensors = [torch.from_numpy(x) for x, _ in reader]
     assert sorted(n for t in tensors for n in pixel_ids(t.numpy())) == _all_ids(id_shards)
+
+
+# ---- how much decoding is queued: enough for every pool thread --------------------------
+
+class _DeferredFuture(Future):
+    def __init__(self, pool: _DeferredPool) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def result(self, timeout=None):
+        self.pool.run_through(self)
+        return super().result(timeout)
+
+
+class _DeferredPool(Executor):
+    """Runs no task until the batch thread waits on one, then runs the tasks up to it, in
+    order; records how many images the other blocks' tasks held queued at each wait."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[_DeferredFuture, object, tuple]] = []
+        self.queued_behind: list[int] = []
+        self.task_images: set[int] = set()
+
+    def submit(self, fn, /, *args, **kwargs):
+        future = _DeferredFuture(self)
+        self.pending.append((future, fn, args))
+        self.task_images.add(len(args[2]))  # _decode_into(x, first, samples, ...)
+        return future
+
+    def run_through(self, target: _DeferredFuture) -> None:
+        if target.done():
+            return
+        block_x = next(args[0] for f, _, args in self.pending if f is target)
+        self.queued_behind.append(sum(len(args[2]) for _, _, args in self.pending if args[0] is not block_x))
+        while self.pending:
+            future, fn, args = self.pending.pop(0)
+            future.set_result(fn(*args))
+            if future is target:
+                return
+
+
+@pytest.mark.parametrize("workers, batch_size", [(16, 64), (2, 64), (64, 32), (8, 1)])
+def test_enough_decoding_is_queued_to_keep_every_thread_busy(workers, batch_size):
+    """While the batch thread waits for a block, the blocks behind it hold at least three
+    tasks per pool thread (the plan that held two blocks left half of 16 cores idle), and
+    the batches are the same whatever the plan."""
+    import io
+    import random
+
+    from PIL import Image
+
+    from reader.batches import BatchOptions, decode_batches, in_flight_plan
+    from reader.decode import DecodeOptions
+    from reader.policy import ErrorPolicy
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(buf, format="JPEG")
+    chunk, blocks = in_flight_plan(workers, batch_size)
+    n = (blocks + 10) * batch_size + 5
+    samples = [({"__key__": f"k{i}", "__shard__": "s", "jpg": buf.getvalue()}, i % 7) for i in range(n)]
+    pool = _DeferredPool()
+    batches = list(decode_batches(iter(samples), decode=DecodeOptions(image_size=(4, 4)),
+                                  batch=BatchOptions(batch_size=batch_size, num_classes=7),
+                                  pool=pool, policy=ErrorPolicy(), workers=workers,
+                                  aug_rng=random.Random(0)))
+    assert np.concatenate([y for _, y in batches]).tolist() == [i % 7 for i in range(n)]
+    assert max(pool.task_images) == chunk
+    steady = pool.queued_behind[:10]  # before the epoch's tail drains
+    assert len(steady) == 10 and min(steady) >= 3 * workers * chunk

@@ -200,10 +200,11 @@ def mixed_shards(tmp_path_factory):
 
 @pytest.mark.parametrize("batch_size", [1, 4, 7, 64])
 @pytest.mark.parametrize("rescale", [None, 1 / 255])
-def test_batches_match_one_by_one(mixed_shards, batch_size, rescale):
+@pytest.mark.parametrize("num_workers", [None, 16])  # 16: one-image tasks, many blocks in flight
+def test_batches_match_one_by_one(mixed_shards, batch_size, rescale, num_workers):
     url, images = mixed_shards
     r = ShardReader(url, num_classes=3, image_size=(48, 40), batch_size=batch_size, shuffle=False,
-                    on_error="ignore", rescale=rescale)
+                    on_error="ignore", rescale=rescale, num_workers=num_workers)
     batches = list(r)
     x = np.concatenate([b[0] for b in batches])
     y = np.concatenate([b[1] for b in batches])
