@@ -24,7 +24,22 @@ __all__ = [
 
 
 class ShardpackError(Exception):
-    """Base class of every error shardpack raises on purpose."""
+    """Base class of every error shardpack raises on purpose.
+
+    Picklable with its attributes, although subclasses take keyword-only arguments (which
+    the default pickling of exceptions cannot pass): a reader's decode process hands its
+    errors to the main process this way, as Dask hands a worker's errors to the client.
+    """
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _rebuild_error, (type(self), self.args, dict(self.__dict__))
+
+
+def _rebuild_error(cls: type[ShardpackError], args: tuple[object, ...], state: dict[str, object]) -> ShardpackError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class PackError(ShardpackError):

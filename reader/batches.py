@@ -226,6 +226,7 @@ def decode_batches(
     policy: ErrorPolicy,
     workers: int,
     aug_rng: random.Random | None = None,
+    buffers: BatchBuffers | None = None,
 ) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
     """Decode ``(sample, label)`` pairs on ``pool`` and yield batches ``(x, y)`` (or ``x``).
 
@@ -247,8 +248,8 @@ def decode_batches(
     chunk, blocks_ahead = in_flight_plan(workers, size)
     in_flight: deque[_Block] = deque()
     carry = _Carry(size, decode.shape, dtype)
-    # enough for the blocks in flight, the batch the caller holds and a prefetch queue
-    buffers = BatchBuffers(keep=blocks_ahead + 4)
+    if buffers is None:  # enough for the blocks in flight, the caller's batch and a prefetch queue
+        buffers = BatchBuffers(keep=blocks_ahead + 4)
 
     def out(x: np.ndarray, labels: list[int]) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         return x if batch.label_mode is None else (x, _labels(labels, batch))

@@ -22,7 +22,7 @@ import numpy as np
 from packer.errors import ClassNotFoundError, SampleDecodeError
 from packer.probe import allow_packed_pixels
 
-from .batches import BatchOptions, decode_batches
+from .batches import BatchBuffers, BatchOptions, decode_batches
 from .decode import DecodeOptions
 from .distributed import (
     DEFAULT_DISTRIBUTED_SEED,
@@ -34,8 +34,10 @@ from .distributed import (
     detect_rank,
     rank_pieces,
     rank_samples,
+    worker_pieces,
 )
 from .policy import ErrorPolicy, OnError
+from .processes import DecodeProcesses
 from .samples import READ_THE_REST, Sample, sample_label, scan_shard, shard_samples
 from .shuffle import DEFAULT_BUFFER, epoch_rng, interleave, shard_order, shuffle_buffer
 from .source import SplitSource, resolve_source
@@ -95,7 +97,13 @@ class ShardReader:
         shuffle_buffer_bytes: also cap the buffer at this many compressed bytes (None: no
             cap; 10,000 ImageNet JPEGs are about 1.1 GB).
         interleave: shards read round robin at once when shuffling.
-        num_workers: decoding threads (default: the CPUs this process may use).
+        num_workers: decoding threads (default: the CPUs this process may use); with
+            ``processes``, all processes' threads together.
+        processes: decode in this many processes (2 or more), each with its own GIL and
+            ``num_workers // processes`` threads, for machines with many cores where one
+            process's Python caps the rate (reader.processes; docs/READING.md). 0 (default):
+            decode on threads in this process. An epoch is then split as PyTorch's loader
+            workers split it, so the order differs from ``processes=0``. ``close()`` ends them.
         on_error: a sample that cannot be decoded: "warn" (skip, count, warn), "ignore"
             (skip and count) or "raise" (SampleDecodeError).
         on_shard_error: a shard that cannot be read: "raise" (ShardReadError naming the
@@ -149,6 +157,7 @@ class ShardReader:
         shuffle_buffer_bytes: int | None = None,
         interleave: int = 4,
         num_workers: int | None = None,
+        processes: int = 0,
         on_error: OnError = "warn",
         on_shard_error: OnError = "raise",
         rescale: float | None = None,
@@ -186,6 +195,10 @@ class ShardReader:
         self.shuffle_buffer_bytes = shuffle_buffer_bytes
         self.interleave = max(1, int(interleave))
         self.num_workers = num_workers or _default_workers()
+        if int(processes) < 0 or int(processes) != processes:
+            raise ValueError(f"processes must be a whole number >= 0, got {processes!r}")
+        self.processes = int(processes) if processes > 1 else 0
+        self._pool: DecodeProcesses | None = None
         self.policy = ErrorPolicy(on_error=on_error, on_shard_error=on_shard_error)
         self.decode_options = DecodeOptions(
             image_size=image_size if not isinstance(image_size, int) else (image_size, image_size),
@@ -368,7 +381,13 @@ class ShardReader:
         self._reading = epoch
         self.batches_yielded = skip
         skipped = self.policy.skipped_samples, self.policy.skipped_shards
-        for batch in self._epoch_batches(epoch, skip_batches=skip):
+        if self.processes:
+            if self._pool is None:
+                self._pool = DecodeProcesses(self, self.processes)
+            batches = self._pool.epoch(epoch, skip)
+        else:
+            batches = self._epoch_batches(epoch, skip_batches=skip)
+        for batch in batches:
             self.batches_yielded += 1
             yield batch
         self._reading = None
@@ -378,6 +397,16 @@ class ShardReader:
                 "epoch %d of %s: skipped %d undecodable samples and %d damaged shards",
                 epoch, self.split, *lost,
             )
+
+    def close(self) -> None:
+        """End the decode processes (``processes=``) and free their shared memory; a later
+        epoch starts them again. Without processes there is nothing to close."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_pool"} | {"_pool": None}
 
     def _select(self, samples: Iterable[Sample]) -> Iterator[tuple[Sample, int]]:
         """Keep the classes asked for, re-index labels, and keep only the image bytes."""
@@ -438,6 +467,25 @@ class ShardReader:
             return labelled  # the whole shard
         return _only(labelled, start, stop, rest=raw if check_rest else None)
 
+    def _worker_epoch_batches(
+        self, epoch: int, *, worker: int, workers: int, skip: int, buffers: BatchBuffers | None = None,
+    ) -> Iterator[Batch]:
+        """Batches ``worker, worker + workers, ...`` of this rank's ``epoch``, after the first
+        ``skip`` batches of the epoch (all workers') were consumed: one loader worker's or
+        decode process's share (reader.distributed.worker_pieces). Taking one batch from
+        each worker in turn, starting at worker ``skip % workers``, gives the epoch."""
+        counts = self.shard_counts()
+        order = shard_order(len(counts), epoch=epoch, seed=self.seed, shuffle=self.shuffle)
+        mine = rank_pieces(counts, order, rank=self.rank, world_size=self.world_size, uneven=self.uneven)
+        mine = worker_pieces(
+            mine, worker=worker, num_workers=workers, batch_size=self.batch_options.batch_size,
+            drop_remainder=self.batch_options.drop_remainder,
+        )
+        return self._epoch_batches(
+            epoch, pieces=mine, skip_batches=len(range(worker, skip, workers)),
+            stream=f"/worker{worker}of{workers}", buffers=buffers,
+        )
+
     def _epoch_batches(
         self,
         epoch: int,
@@ -445,12 +493,14 @@ class ShardReader:
         pieces: Sequence[Piece] | None = None,
         skip_batches: int = 0,
         stream: str = "",
+        buffers: BatchBuffers | None = None,
     ) -> Iterator[Batch]:
         """The pipeline of one epoch, stage by stage.
 
         ``pieces`` overrides this rank's share (a data-loader worker's share); ``stream``
         names that share in the random generators' purposes; the first ``skip_batches``
-        batches' samples are dropped before decoding (resume).
+        batches' samples are dropped before decoding (resume); ``buffers`` supplies the
+        batch arrays (a decode process's shared memory).
         """
         # Here, where every epoch is decoded (iter(), a torch worker, a spawned one with
         # Pillow's own limit): let Pillow open what the pack accepted.
@@ -483,7 +533,7 @@ class ShardReader:
         with ThreadPoolExecutor(self.num_workers, thread_name_prefix="shardpack-decode") as pool:
             yield from decode_batches(
                 labelled, decode=self.decode_options, batch=self.batch_options, pool=pool,
-                policy=self.policy, workers=self.num_workers, aug_rng=aug_rng,
+                policy=self.policy, workers=self.num_workers, aug_rng=aug_rng, buffers=buffers,
             )
 
     def __repr__(self) -> str:

@@ -33,7 +33,7 @@ ShardReaderCheckpoint: type  # made on first access by __getattr__ below (import
 # Options that change which samples come in which order (a state from a reader with other
 # values cannot be resumed exactly). num_workers, rank and decode options do not.
 _ORDER_FIELDS = ("split", "world_size", "shuffle", "batch_size", "drop_remainder", "uneven",
-                 "shuffle_buffer", "shuffle_buffer_bytes", "interleave", "classes")
+                 "shuffle_buffer", "shuffle_buffer_bytes", "interleave", "classes", "processes")
 
 
 def shard_fingerprint(reader: ShardReader) -> str:
@@ -54,6 +54,7 @@ def _order_fields(reader: ShardReader) -> dict[str, Any]:
         "shuffle_buffer_bytes": reader.shuffle_buffer_bytes,
         "interleave": reader.interleave,
         "classes": list(reader.class_names),
+        "processes": reader.processes,
     }
 
 

@@ -21,9 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .distributed import rank_pieces, worker_pieces
 from .shard_reader import ShardReader, _default_workers
-from .shuffle import shard_order
 
 __all__ = ["ShardIterableDataset"]
 
@@ -75,6 +73,9 @@ class ShardIterableDataset(IterableDataset):
         **reader_options: Any,
     ) -> None:
         super().__init__()
+        if reader_options.get("processes"):
+            raise TypeError("processes= is ShardReader's; here the DataLoader's num_workers are "
+                            "the processes")
         if "num_workers" in reader_options:
             raise TypeError(
                 "num_workers is the DataLoader's option (processes); pass decode_threads= "
@@ -138,21 +139,8 @@ class ShardIterableDataset(IterableDataset):
             if self.decode_threads is None:
                 reader.num_workers = max(1, _default_workers() // workers)
             # After a resume at batch k, the loader's worker 0 must make batch k: rotate.
-            virtual = (worker + skip) % workers
-            counts = reader.shard_counts()
-            order = shard_order(len(counts), epoch=epoch, seed=reader.seed, shuffle=reader.shuffle)
-            mine = rank_pieces(
-                counts, order, rank=reader.rank, world_size=reader.world_size, uneven=reader.uneven
-            )
-            mine = worker_pieces(
-                mine, worker=virtual, num_workers=workers,
-                batch_size=reader.batch_options.batch_size,
-                drop_remainder=reader.batch_options.drop_remainder,
-            )
-            batches = reader._epoch_batches(
-                epoch, pieces=mine, skip_batches=len(range(virtual, skip, workers)),
-                stream=f"/worker{virtual}of{workers}",
-            )
+            batches = reader._worker_epoch_batches(
+                epoch, worker=(worker + skip) % workers, workers=workers, skip=skip)
         for batch in batches:
             if isinstance(batch, tuple):
                 x, y = batch

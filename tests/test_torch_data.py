@@ -85,3 +85,25 @@ def test_resume_with_workers(awkward_shards, k):
 def test_num_workers_is_the_loaders(awkward_shards):
     with pytest.raises(TypeError, match="decode_threads"):
         ShardIterableDataset(awkward_shards, split="train", num_workers=2)
+
+
+def test_shard_reader_processes_give_the_loader_workers_stream(awkward_shards):
+    """ShardReader(processes=2) in numpy is PyTorch's DataLoader with 2 workers, batch for batch."""
+    import numpy as np
+
+    from reader import ShardReader
+
+    opts = dict(image_size=8, batch_size=5, seed=4, random_flip=True)
+    ds = ShardIterableDataset(awkward_shards, **opts)
+    want = [(x.permute(0, 2, 3, 1).numpy(), y.numpy()) for x, y in
+            DataLoader(ds, batch_size=None, num_workers=2)]
+    reader = ShardReader(awkward_shards, processes=2, **opts)
+    try:
+        got = [(x.copy(), y) for x, y in reader]
+    finally:
+        reader.close()
+    assert len(got) == len(want) == len(reader)
+    for (xg, yg), (xw, yw) in zip(got, want, strict=True):
+        assert np.array_equal(xg, xw) and np.array_equal(yg, yw)
+    with pytest.raises(TypeError, match="processes"):
+        ShardIterableDataset(awkward_shards, processes=2, **opts)

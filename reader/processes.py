@@ -1,0 +1,416 @@
+"""Decode processes: one reader's epoch decoded by several processes, each with its own GIL.
+
+Why: in one process every image costs Python time under one GIL (the thread that reads and
+shuffles the tars, and each decode thread's calls into libjpeg-turbo and OpenCV). On a
+16-core machine that capped ``ShardReader`` at 0.6-0.8x the decode limit (README, "On 16
+cores"), where PyTorch's loader processes reached 0.84x. ``ShardReader(processes=N)``
+does the same for numpy and tf.data, without PyTorch.
+
+How:
+- Each process is a fresh interpreter started with ``subprocess``: no fork of a process
+  that holds TensorFlow's threads, and no re-import of the user's ``__main__`` (which
+  ``multiprocessing``'s spawn does, and which breaks scripts without a main guard). It gets
+  the pickled reader once and reads one share of every epoch, batches ``w, w + N, ...``
+  (``ShardReader._worker_epoch_batches``: the split PyTorch's loader workers use), decoding
+  on ``num_workers // N`` threads.
+- Batches are decoded straight into shared-memory slots that the main process made; the
+  pipe carries only the slot number, the labels and the skip counts. The main process
+  yields a view of the slot and gives the slot back once nothing holds the batch (the
+  ``BatchBuffers`` rule), so kept batches are never overwritten; a process short of free
+  slots is given a new one.
+- The main process takes one batch from each process in turn, as PyTorch's loader does, so
+  an epoch is the stream of ``ShardIterableDataset`` under a ``DataLoader`` with N workers.
+- An error in a process (``on_error="raise"``, a damaged shard) is raised by ``next()`` in
+  the main process at that process's turn; a process that dies is reported as such.
+  Leaving an epoch early cancels it in every process. The processes serve every epoch and
+  end with ``ShardReader.close()``, when the reader is garbage-collected, or at exit.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import struct
+import subprocess
+import sys
+import threading
+import weakref
+from collections.abc import Iterator
+from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .shard_reader import ShardReader
+
+__all__ = ["DecodeProcesses", "worker_main"]
+
+_LENGTH = struct.Struct("<Q")
+# slots each process starts with: the blocks its decode threads fill, the batch in the pipe,
+# the batch the caller holds; more are made when a caller keeps batches
+_EXTRA_SLOTS = 3
+
+
+def _send(stream: IO[bytes], lock: threading.Lock, message: Any) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    with lock:
+        stream.write(_LENGTH.pack(len(data)))
+        stream.write(data)
+        stream.flush()
+
+
+def _recv(stream: IO[bytes]) -> Any:
+    head = stream.read(_LENGTH.size)
+    if len(head) < _LENGTH.size:
+        raise EOFError
+    (size,) = _LENGTH.unpack(head)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError
+    return pickle.loads(data)
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling (shardpack's errors do), else a RuntimeError saying it."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+class _Slot:
+    """One batch-sized block of shared memory and the byte array over it."""
+
+    def __init__(self, shm: shared_memory.SharedMemory) -> None:
+        self.shm = shm
+        self.array = np.ndarray((shm.size,), dtype=np.uint8, buffer=shm.buf)
+
+    def view(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        return self.array[:nbytes].view(dtype).reshape(shape)
+
+    def free_here(self) -> bool:
+        # 2 references when unused: the attribute's, and getrefcount's argument; every view
+        # of the slot (a batch, a slice of one, a tensor sharing its memory) adds one
+        return sys.getrefcount(self.array) == 2
+
+    def close(self, unlink: bool) -> None:
+        del self.array
+        self.shm.close()
+        if unlink:
+            self.shm.unlink()
+
+
+# ---------------------------------------------------------------- the main process's side
+
+
+class _Process:
+    """One decode process, as the main process sees it."""
+
+    def __init__(self, index: int, command: list[str], env: dict[str, str]) -> None:
+        self.index = index
+        self.popen = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      env=env, start_new_session=True)
+        assert self.popen.stdin is not None and self.popen.stdout is not None
+        self.stdin, self.stdout = self.popen.stdin, self.popen.stdout
+        self.lock = threading.Lock()
+        self.slots: dict[int, _Slot] = {}
+        self.held: set[int] = set()  # slots whose batch the main process handed out
+
+    def send(self, message: Any) -> None:
+        _send(self.stdin, self.lock, message)
+
+    def recv(self) -> Any:
+        try:
+            return _recv(self.stdout)
+        except (EOFError, OSError):
+            code = self.popen.wait()
+            raise RuntimeError(
+                f"shardpack decode process {self.index} exited (code {code}) in the middle of "
+                "an epoch: killed, out of memory, or crashed (its error is above in stderr)"
+            ) from None
+
+    def new_slot(self, nbytes: int) -> None:
+        shm = shared_memory.SharedMemory(create=True, size=max(1, nbytes))
+        sid = len(self.slots)
+        self.slots[sid] = _Slot(shm)
+        self.send(("slot", sid, shm.name))
+
+    def give_back_unused(self) -> int:
+        """Tell the process about the slots it handed out that nobody holds now."""
+        unused = [sid for sid in self.held if self.slots[sid].free_here()]
+        for sid in unused:
+            self.held.discard(sid)
+            self.send(("free", sid))
+        return len(unused)
+
+
+def _shut_down(processes: list[_Process]) -> None:
+    for proc in processes:
+        try:
+            proc.send(("stop",))
+            proc.stdin.close()
+        except (OSError, ValueError):
+            pass
+    for proc in processes:
+        try:
+            proc.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.popen.kill()
+            proc.popen.wait()
+        proc.stdout.close()
+        for slot in proc.slots.values():
+            try:
+                slot.close(unlink=True)
+            except (BufferError, FileNotFoundError):  # a caller still holds a batch: leave it
+                pass
+    processes.clear()
+
+
+class DecodeProcesses:
+    """``processes`` decode processes serving one reader's epochs (module docstring)."""
+
+    def __init__(self, reader: ShardReader, processes: int) -> None:
+        self.count = int(processes)
+        self.threads = max(1, reader.num_workers // self.count)
+        self._reader = reader
+        self._procs: list[_Process] = []
+        options = reader.batch_options
+        shape = (options.batch_size, *reader.decode_options.shape)
+        self.slot_bytes = int(np.prod(shape)) * np.dtype(options.dtype).itemsize
+        self._finalizer = weakref.finalize(self, _shut_down, self._procs)
+
+    def _start(self) -> None:
+        from .batches import in_flight_plan
+
+        root = str(Path(__file__).resolve().parent.parent)
+        boot = f"import sys; sys.path.insert(0, {root!r}); from reader.processes import worker_main; worker_main()"
+        self._reader.shard_counts()  # manifest-less or a class subset: scan once, here
+        blob = pickle.dumps(self._reader, protocol=pickle.HIGHEST_PROTOCOL)
+        _, blocks = in_flight_plan(self.threads, self._reader.batch_options.batch_size)
+        for index in range(self.count):
+            proc = _Process(index, [sys.executable, "-c", boot], dict(os.environ))
+            self._procs.append(proc)
+            proc.send(("init", blob, self.threads))
+            for _ in range(blocks + _EXTRA_SLOTS):
+                proc.new_slot(self.slot_bytes)
+
+    def close(self) -> None:
+        """End the processes and free their shared memory (idempotent)."""
+        self._finalizer()
+
+    def epoch(self, epoch: int, skip: int) -> Iterator[Any]:
+        """The batches of ``epoch`` after its first ``skip``, one process at a time in turn."""
+        if not self._procs:
+            self._start()
+        procs = self._procs
+        for proc in procs:
+            proc.send(("epoch", epoch, proc.index, self.count, skip))
+        live = [True] * self.count
+        turn = skip % self.count
+        try:
+            while any(live):
+                if live[turn]:
+                    message = self._next_message(procs[turn])
+                    if message[0] == "batch":
+                        yield self._batch(procs[turn], *message[1:-1])
+                    else:
+                        live[turn] = False
+                        if message[0] == "error":
+                            raise message[1]
+                turn = (turn + 1) % self.count
+        finally:
+            self._cancel([p for p in procs if live[p.index]])
+
+    def _next_message(self, proc: _Process) -> tuple[Any, ...]:
+        """The process's next batch, end or error; its skip counts (every message carries
+        them) are added up here, and requests for slots answered."""
+        while True:
+            message = proc.recv()
+            self._count_skips(message[-1])
+            if message[0] != "need":
+                return message
+            if not proc.give_back_unused():
+                proc.new_slot(self.slot_bytes)
+
+    def _batch(self, proc: _Process, sid: int, shape: tuple[int, ...], dtype: str, labels: Any) -> Any:
+        for other in self._procs:
+            other.give_back_unused()
+        proc.held.add(sid)
+        x = proc.slots[sid].view(shape, np.dtype(dtype))
+        return x if labels is None else (x, labels)
+
+    def _count_skips(self, skips: tuple[int, int, list[str]]) -> None:
+        policy = self._reader.policy
+        policy.skipped_samples += skips[0]
+        policy.skipped_shards += skips[1]
+        policy.messages.extend(skips[2][: max(0, 100 - len(policy.messages))])
+
+    def _cancel(self, procs: list[_Process]) -> None:
+        """Stop the epoch in ``procs`` and take what they had sent, so the next starts clean."""
+        for proc in procs:
+            proc.send(("cancel",))
+        for proc in procs:
+            while True:
+                message = self._next_message(proc)
+                if message[0] == "batch":
+                    proc.send(("free", message[1]))
+                else:
+                    break
+
+
+# ---------------------------------------------------------------- the decode process's side
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _SlotBuffers:
+    """The decode process's batch arrays: the shared-memory slots the main process gave it.
+
+    Same rule as ``BatchBuffers``: a slot is reused once nothing here holds it and the main
+    process has given it back; when none is, ask the main process for one and wait.
+    """
+
+    def __init__(self, side: _DecodeSide) -> None:
+        self.side = side
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        side = self.side
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        asked = False
+        while True:
+            side.handle_pending()
+            for sid, slot in side.slots.items():
+                if sid not in side.handed and slot.shm.size >= nbytes and slot.free_here():
+                    return slot.view(shape, dtype)
+            if not asked:
+                side.send(("need", side.skips()))
+                asked = True
+            side.handle(side.inbox.get())
+
+    def slot_of(self, x: np.ndarray) -> int | None:
+        for sid, slot in self.side.slots.items():
+            if x.base is slot.array and x.__array_interface__["data"][0] == slot.array.ctypes.data:
+                return sid
+        return None
+
+
+class _DecodeSide:
+    """The decode process: its reader, its slots, and the messages from the main process."""
+
+    def __init__(self, reader: ShardReader, channel: IO[bytes], commands: IO[bytes]) -> None:
+        self.reader = reader
+        self.channel = channel
+        self.lock = threading.Lock()
+        self.inbox: queue.Queue[Any] = queue.Queue()
+        self.slots: dict[int, _Slot] = {}
+        self.handed: set[int] = set()  # slots whose batch is with the main process
+        self.cancelled = False
+        self.buffers = _SlotBuffers(self)
+        self._sent = (0, 0, 0)
+        threading.Thread(target=self._listen, args=(commands,), daemon=True).start()
+
+    def _listen(self, commands: IO[bytes]) -> None:
+        while True:
+            try:
+                message = _recv(commands)
+            except (EOFError, OSError):
+                self.inbox.put(("stop",))
+                return
+            self.inbox.put(message)
+
+    def send(self, message: Any) -> None:
+        _send(self.channel, self.lock, message)
+
+    def skips(self) -> tuple[int, int, list[str]]:
+        """What the policy skipped since the last message (the main process adds it up)."""
+        policy = self.reader.policy
+        samples, shards, messages = self._sent
+        self._sent = (policy.skipped_samples, policy.skipped_shards, len(policy.messages))
+        return (policy.skipped_samples - samples, policy.skipped_shards - shards,
+                policy.messages[messages:])
+
+    def handle(self, message: tuple[Any, ...]) -> None:
+        """Take one slot message; a cancel or stop ends the epoch being read."""
+        kind = message[0]
+        if kind == "slot":
+            self.slots[message[1]] = _Slot(_attach(message[2]))
+        elif kind == "free":
+            self.handed.discard(message[1])
+        elif kind in ("cancel", "stop"):
+            if kind == "stop":
+                self.inbox.put(message)  # seen again by serve(), after the epoch ends
+            if not self.cancelled:
+                self.cancelled = True
+                raise _Cancelled
+
+    def handle_pending(self) -> None:
+        while True:
+            try:
+                message = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            self.handle(message)
+
+    def serve(self) -> None:
+        while True:
+            message = self.inbox.get()
+            if message[0] == "stop":
+                return
+            if message[0] == "epoch":
+                self.run_epoch(*message[1:])
+            elif message[0] in ("slot", "free"):
+                self.handle(message)
+            # a cancel that crossed this process's "end" on the way: nothing to stop
+
+    def run_epoch(self, epoch: int, worker: int, workers: int, skip: int) -> None:
+        self.cancelled = False
+        try:
+            batches = self.reader._worker_epoch_batches(
+                epoch, worker=worker, workers=workers, skip=skip, buffers=self.buffers)  # type: ignore[arg-type]
+            for batch in batches:
+                self.handle_pending()
+                x, labels = batch if isinstance(batch, tuple) else (batch, None)
+                sid = self.buffers.slot_of(x)
+                if sid is None:  # a batch re-cut after failed samples: copy it into a slot
+                    sid = self.buffers.slot_of(self.buffers.take(x.shape, x.dtype))
+                    assert sid is not None
+                    self.slots[sid].view(x.shape, x.dtype)[...] = x
+                self.handed.add(sid)
+                self.send(("batch", sid, x.shape, x.dtype.str, labels, self.skips()))
+                del batch, x, labels  # the slot is free here again once the main process says so
+            self.send(("end", self.skips()))
+        except _Cancelled:
+            self.send(("end", self.skips()))
+        except Exception as exc:
+            self.send(("error", _portable(exc), self.skips()))
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    """Attach to the main process's block without this process's resource tracker
+    unlinking it at exit (Python < 3.13 registers attached blocks too)."""
+    shm = shared_memory.SharedMemory(name=name)
+    try:
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    except Exception:
+        pass
+    return shm
+
+
+def worker_main() -> None:
+    """Entry point of a decode process (started by DecodeProcesses)."""
+    channel = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints go to stderr, not into the message pipe
+    commands = os.fdopen(0, "rb")
+    kind, blob, threads = _recv(commands)
+    assert kind == "init"
+    reader = pickle.loads(blob)
+    reader.num_workers = threads
+    reader.processes = 0
+    _DecodeSide(reader, channel, commands).serve()

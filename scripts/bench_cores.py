@@ -1,0 +1,107 @@
+"""The reader against the decode limit on every core of a large machine, paired by round.
+
+Why this exists: scripts/bench.py needs TensorFlow and Keras for its anchors; a many-core
+host (a lent GPU machine here) may not have them. This runs only what needs numpy (and
+torch, if installed): the decode limit, ``ShardReader`` (float32 and uint8), and
+``ShardIterableDataset`` under a ``DataLoader`` with worker processes, each contender in
+its own process, ``--repeat`` interleaved rounds; it prints each contender's ratio to the
+limit round by round. ``shardpack_processes`` is ``ShardReader(processes=--processes)``.
+
+Usage::
+
+    python scripts/bench_cores.py SHARDS [SHARDS ...] [--split train] [--repeat 3]
+        [--loader-workers 8] [--processes 8] [--contenders a,b,...] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from reader import benchmark  # noqa: E402
+
+
+def c_shardpack_numpy_uint8(cfg: dict[str, Any]) -> dict[str, Any]:
+    return benchmark.c_shardpack_numpy(dict(cfg, dtype="uint8"))
+
+
+def c_shardpack_processes(cfg: dict[str, Any]) -> dict[str, Any]:
+    from reader import ShardReader
+
+    r = ShardReader(cfg["source"], split=cfg["split"], image_size=tuple(cfg["image_size"]),
+                    batch_size=cfg["batch_size"], shuffle=True, seed=0, processes=cfg["processes"])
+    try:
+        return benchmark.time_epoch(r, cfg.get("warmup", 3))
+    finally:
+        r.close()
+
+
+def c_torch_loader(cfg: dict[str, Any]) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    from reader import ShardIterableDataset
+
+    workers = cfg["loader_workers"]
+    ds = ShardIterableDataset(cfg["source"], split=cfg["split"], image_size=tuple(cfg["image_size"]),
+                              batch_size=cfg["batch_size"], shuffle=True, seed=0,
+                              decode_threads=max(1, benchmark.cores() // workers))
+    loader = DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4)
+    return benchmark.time_epoch(loader, cfg.get("warmup", 3))
+
+
+CONTENDERS = {"decode_limit": benchmark.c_decode_limit, "shardpack_numpy": benchmark.c_shardpack_numpy,
+              "shardpack_numpy_uint8": c_shardpack_numpy_uint8,
+              "shardpack_processes": c_shardpack_processes, "torch_loader": c_torch_loader}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shards", nargs="*")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--loader-workers", type=int, default=8, help="torch_loader's DataLoader workers")
+    parser.add_argument("--processes", type=int, default=8, help="shardpack_processes' processes=")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--contender", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.contender:
+        benchmark._child(args.contender, json.loads(args.config), CONTENDERS)
+        return 0
+    names = args.contenders.split(",")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        names = [n for n in names if n != "torch_loader"]
+    size = [args.image_size, args.image_size]
+    print(f"{benchmark.cores()} cores, {os.cpu_count()} CPUs", flush=True)
+    results = {}
+    for shards in args.shards:
+        cfg = {"source": shards, "split": args.split, "image_size": size,
+               "batch_size": args.batch_size, "loader_workers": args.loader_workers,
+               "processes": args.processes}
+        res = benchmark.run_rounds(names, cfg, args.repeat, module=[str(Path(__file__).resolve())])
+        limit = res["decode_limit"].get("round_rates") or []
+        for name in names:
+            rates = res[name].get("round_rates") or []
+            ratios = [f"{r / lim:.2f}" for r, lim in zip(rates, limit, strict=False) if r and lim]
+            print(f"{shards} {name}: {res[name].get('images_per_s', res[name].get('error'))} images/s, "
+                  f"÷ limit by round {', '.join(ratios)}, cpu ms/img {res[name].get('cpu_ms_per_image')}",
+                  flush=True)
+        results[shards] = res
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""ShardReader(processes=N): the epoch decoded in N processes is the loader workers' stream
+(batch w from process w % N), whole batches, labels and skip counts, kept batches are never
+overwritten, and errors, early exits, resumes and dead processes behave."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+import webdataset as wds
+from conftest import pixel_ids
+from PIL import Image
+
+from packer.errors import SampleDecodeError
+from reader import ShardReader
+
+
+def _simulated(reader: ShardReader, epoch: int, processes: int, skip: int = 0) -> list:
+    """The same epoch in this process: each process's share, taken in turn."""
+    streams = [list(reader._worker_epoch_batches(epoch, worker=w, workers=processes, skip=skip))
+               for w in range(processes)]
+    out, turn = [], skip % processes
+    while any(streams):
+        if streams[turn]:
+            out.append(streams[turn].pop(0))
+        turn = (turn + 1) % processes
+    return out
+
+
+def _same(got: list, want: list) -> None:
+    assert len(got) == len(want)
+    for (xg, yg), (xw, yw) in zip(got, want, strict=True):
+        assert xg.dtype == xw.dtype and np.array_equal(xg, xw)
+        assert np.array_equal(yg, yw)
+
+
+@pytest.fixture(scope="module")
+def broken_shards(tmp_path_factory):
+    """60 samples in 4 tars, JPEGs of several sizes, one broken (key s0023)."""
+    rng = random.Random(5)
+    tmp = tmp_path_factory.mktemp("broken")
+    with wds.ShardWriter(str(tmp / "b-%06d.tar"), maxcount=15, verbose=0) as sink:
+        for i in range(60):
+            im = Image.new("RGB", (rng.randint(20, 90), rng.randint(20, 90)),
+                           tuple(rng.randrange(256) for _ in range(3)))
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=90)
+            data = b"\xff\xd8 broken" if i == 23 else buf.getvalue()
+            sink.write({"__key__": f"s{i:04d}", "jpg": data, "cls": i % 4})
+    return str(tmp / "b-{000000..000003}.tar")
+
+
+OPTS = dict(num_classes=4, image_size=(24, 20), batch_size=7, seed=11, random_flip=True,
+            on_error="ignore", num_workers=4)
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_epochs_are_the_loader_workers_stream(broken_shards, processes):
+    reader = ShardReader(broken_shards, processes=processes, **OPTS)
+    try:
+        for epoch in range(2):
+            got = [(x.copy(), y) for x, y in reader]
+            _same(got, _simulated(ShardReader(broken_shards, **OPTS), epoch, processes))
+        assert reader.policy.skipped_samples == 2  # s0023 once in each epoch, counted here
+    finally:
+        reader.close()
+
+
+def test_kept_batches_are_never_overwritten(id_shards):
+    reader = ShardReader(id_shards[0], split="train", image_size=4, batch_size=8, seed=3, processes=2)
+    try:
+        kept = [x for x, _ in reader]  # every batch held at once: the processes get new slots
+        ids = sorted(n for x in kept for n in pixel_ids(x))
+        assert ids == sorted(i for i, p in id_shards[1].items() if p.startswith("train/"))
+    finally:
+        reader.close()
+
+
+def test_raise_policy_error_comes_out_of_next(broken_shards):
+    reader = ShardReader(broken_shards, processes=2, **dict(OPTS, on_error="raise"))
+    try:
+        with pytest.raises(SampleDecodeError, match="s0023") as info:
+            for _ in reader:
+                pass
+        assert info.value.key == "s0023"
+        assert sum(len(x) for x, _ in ShardReader(broken_shards, **OPTS)) == 59
+        # the processes serve the next epoch after an error
+        reader.policy.on_error = "ignore"
+    finally:
+        reader.close()
+
+
+def test_leaving_early_then_resuming_from_a_state(id_shards):
+    opts = dict(split="train", image_size=4, batch_size=8, seed=5, random_flip=True, processes=2)
+    full = ShardReader(id_shards[0], **opts)
+    first = ShardReader(id_shards[0], **opts)
+    try:
+        want = [(x.copy(), y) for x, y in full]
+        it = iter(first)
+        for _ in range(3):
+            next(it)
+        state = first.state_dict()
+        it.close()  # leave the epoch: every process cancels it
+        assert sum(len(x) for x, _ in first) == 210  # the processes serve the next epoch whole
+        resumed = ShardReader(id_shards[0], **opts)
+        resumed.load_state_dict(state)
+        _same([(x.copy(), y) for x, y in resumed], want[3:])
+        resumed.close()
+        with pytest.raises(ValueError, match="processes"):
+            ShardReader(id_shards[0], **dict(opts, processes=0)).load_state_dict(state)
+    finally:
+        full.close()
+        first.close()
+
+
+def test_close_ends_the_processes_and_frees_shared_memory(id_shards):
+    reader = ShardReader(id_shards[0], split="test", image_size=4, batch_size=4, processes=2,
+                         label_mode=None, shuffle=False)
+    assert sum(len(x) for x in reader) == 30  # no labels: batches are x alone
+    procs = list(reader._pool._procs)
+    names = [slot.shm.name for p in procs for slot in p.slots.values()]
+    reader.close()
+    assert all(p.popen.poll() is not None for p in procs)
+    assert names and not any(os.path.exists(f"/dev/shm/{n}") for n in names)
+    assert sum(len(x) for x in reader) == 30  # a later epoch starts them again
+    reader.close()
+
+
+def test_a_killed_process_is_reported(id_shards):
+    reader = ShardReader(id_shards[0], split="train", image_size=4, batch_size=2, processes=2)
+    try:
+        it = iter(reader)
+        next(it)
+        os.kill(reader._pool._procs[1].popen.pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="decode process 1 exited"):
+            for _ in it:
+                pass
+    finally:
+        reader.close()
+
+
+def test_bad_processes_value(id_shards):
+    with pytest.raises(ValueError, match="processes"):
+        ShardReader(id_shards[0], processes=-1)
+
+
+def test_tf_dataset_with_processes_is_the_readers_stream(broken_shards):
+    pytest.importorskip("tensorflow")
+    from reader import image_dataset_from_shards
+
+    ds = image_dataset_from_shards(broken_shards, processes=2, verbose=False, **OPTS)
+    try:
+        got = [(x.numpy(), y.numpy()) for x, y in ds]
+        _same(got, _simulated(ShardReader(broken_shards, **OPTS), 0, 2))
+    finally:
+        ds.shard_reader.close()
