@@ -5,7 +5,10 @@ host (a lent GPU machine here) may not have them. This runs only what needs nump
 torch, if installed): the decode limit, ``ShardReader`` (float32 and uint8), and
 ``ShardIterableDataset`` under a ``DataLoader`` with worker processes, each contender in
 its own process, ``--repeat`` interleaved rounds; it prints each contender's ratio to the
-limit round by round. ``shardpack_processes`` is ``ShardReader(processes=--processes)``.
+limit round by round. ``shardpack_processes`` is ``ShardReader(processes=--processes)``,
+``shardpack_processes_per_core`` one process per core; ``decode_limit_processes`` is the
+limit decoded by one single-threaded process per core (the threaded limit shares one GIL,
+which holds it back on many cores when images are small).
 
 Usage::
 
@@ -19,12 +22,44 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from reader import benchmark  # noqa: E402
+
+
+def _limit_share(args: tuple[dict[str, Any], int, int, Any]) -> tuple[float, float, int]:
+    cfg, index, count, barrier = args
+    blobs = benchmark.split_image_bytes(cfg["source"], cfg["split"])[index::count]
+    size = tuple(cfg["image_size"])
+    variant = cfg["variant"]
+    benchmark.decode_limit(blobs[:16], size, variant=variant, workers=1)  # warm
+    barrier.wait()
+    start = time.time()
+    benchmark.decode_limit(blobs, size, variant=variant, workers=1)
+    return start, time.time(), len(blobs)
+
+
+def c_decode_limit_processes(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The decode limit with one process per core (one thread each): no GIL shared at all.
+    On many cores the threaded limit is itself held back by its one GIL for small images."""
+    import multiprocessing
+
+    blobs = benchmark.split_image_bytes(cfg["source"], cfg["split"])
+    variant = benchmark.fastest_limit_variant(blobs, tuple(cfg["image_size"]))
+    count = benchmark.cores()
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(count)
+        with ctx.Pool(count) as pool:
+            shares = pool.map(_limit_share, [(dict(cfg, variant=variant), i, count, barrier)
+                                             for i in range(count)])
+    images = sum(n for _, _, n in shares)
+    seconds = max(end for _, end, _ in shares) - min(start for start, _, _ in shares)
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds, "variant": variant}
 
 
 def c_shardpack_numpy_uint8(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +90,13 @@ def c_torch_loader(cfg: dict[str, Any]) -> dict[str, Any]:
     return benchmark.time_epoch(loader, cfg.get("warmup", 3))
 
 
-CONTENDERS = {"decode_limit": benchmark.c_decode_limit, "shardpack_numpy": benchmark.c_shardpack_numpy,
+def c_shardpack_processes_per_core(cfg: dict[str, Any]) -> dict[str, Any]:
+    return c_shardpack_processes(dict(cfg, processes=benchmark.cores()))
+
+
+CONTENDERS = {"decode_limit": benchmark.c_decode_limit, "decode_limit_processes": c_decode_limit_processes,
+              "shardpack_numpy": benchmark.c_shardpack_numpy,
+              "shardpack_processes_per_core": c_shardpack_processes_per_core,
               "shardpack_numpy_uint8": c_shardpack_numpy_uint8,
               "shardpack_processes": c_shardpack_processes, "torch_loader": c_torch_loader}
 
