@@ -49,9 +49,10 @@ if TYPE_CHECKING:
 __all__ = ["DecodeProcesses", "worker_main"]
 
 _LENGTH = struct.Struct("<Q")
-# slots each process starts with: the blocks its decode threads fill, the batch in the pipe,
-# the batch the caller holds; more are made when a caller keeps batches
-_EXTRA_SLOTS = 3
+# slots each process starts with beyond the blocks its decode threads fill: the batch on
+# its way and the batch the caller holds; more are made when a caller keeps batches
+_EXTRA_SLOTS = 2
+_SHM_DIR = "/dev/shm"
 
 
 def _send(stream: IO[bytes], lock: threading.Lock, message: Any) -> None:
@@ -80,6 +81,10 @@ def _portable(exc: BaseException) -> BaseException:
         return exc
     except Exception:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+class _ProcessDied(RuntimeError):
+    """A decode process ended in the middle of an epoch."""
 
 
 class _Slot:
@@ -129,12 +134,13 @@ class _Process:
             return _recv(self.stdout)
         except (EOFError, OSError):
             code = self.popen.wait()
-            raise RuntimeError(
+            raise _ProcessDied(
                 f"shardpack decode process {self.index} exited (code {code}) in the middle of "
                 "an epoch: killed, out of memory, or crashed (its error is above in stderr)"
             ) from None
 
     def new_slot(self, nbytes: int) -> None:
+        _check_shared_memory(nbytes)
         shm = shared_memory.SharedMemory(create=True, size=max(1, nbytes))
         sid = len(self.slots)
         self.slots[sid] = _Slot(shm)
@@ -147,6 +153,23 @@ class _Process:
             self.held.discard(sid)
             self.send(("free", sid))
         return len(unused)
+
+
+def _check_shared_memory(nbytes: int) -> None:
+    """Refuse, with the remedy, what would fill /dev/shm: writing past its end kills the
+    process with SIGBUS (Docker gives containers 64 MB of it by default)."""
+    try:
+        stat = os.statvfs(_SHM_DIR)
+    except OSError:  # no /dev/shm (macOS): the system's own limits apply
+        return
+    free = stat.f_bavail * stat.f_frsize
+    if free < nbytes:
+        raise RuntimeError(
+            f"shared memory ({_SHM_DIR}) has {free / 1e6:.0f} MB free, and a decode process "
+            f"needs another batch of {nbytes / 1e6:.0f} MB: give the container more "
+            "(docker run --shm-size=2g), or use fewer processes, a smaller batch_size or "
+            'dtype="uint8" (a quarter of float32)'
+        )
 
 
 def _shut_down(processes: list[_Process]) -> None:
@@ -184,6 +207,11 @@ class DecodeProcesses:
         self.slot_bytes = int(np.prod(shape)) * np.dtype(options.dtype).itemsize
         self._finalizer = weakref.finalize(self, _shut_down, self._procs)
 
+    @property
+    def alive(self) -> bool:
+        """False once closed (by ``close()`` or after a process died): start a new pool."""
+        return self._finalizer.alive
+
     def _start(self) -> None:
         from .batches import in_flight_plan
 
@@ -192,6 +220,7 @@ class DecodeProcesses:
         self._reader.shard_counts()  # manifest-less or a class subset: scan once, here
         blob = pickle.dumps(self._reader, protocol=pickle.HIGHEST_PROTOCOL)
         _, blocks = in_flight_plan(self.threads, self._reader.batch_options.batch_size)
+        _check_shared_memory(self.count * (blocks + _EXTRA_SLOTS) * self.slot_bytes)
         for index in range(self.count):
             proc = _Process(index, [sys.executable, "-c", boot], dict(os.environ))
             self._procs.append(proc)
@@ -215,7 +244,12 @@ class DecodeProcesses:
         try:
             while any(live):
                 if live[turn]:
-                    message = self._next_message(procs[turn])
+                    try:
+                        message = self._next_message(procs[turn])
+                    except _ProcessDied:
+                        live[turn] = False
+                        self.close()  # the others too: the next epoch starts a new set
+                        raise
                     if message[0] == "batch":
                         yield self._batch(procs[turn], *message[1:-1])
                     else:
@@ -224,7 +258,8 @@ class DecodeProcesses:
                             raise message[1]
                 turn = (turn + 1) % self.count
         finally:
-            self._cancel([p for p in procs if live[p.index]])
+            if self.alive:
+                self._cancel([p for p in procs if live[p.index]])
 
     def _next_message(self, proc: _Process) -> tuple[Any, ...]:
         """The process's next batch, end or error; its skip counts (every message carries
@@ -251,16 +286,20 @@ class DecodeProcesses:
         policy.messages.extend(skips[2][: max(0, 100 - len(policy.messages))])
 
     def _cancel(self, procs: list[_Process]) -> None:
-        """Stop the epoch in ``procs`` and take what they had sent, so the next starts clean."""
-        for proc in procs:
-            proc.send(("cancel",))
-        for proc in procs:
-            while True:
-                message = self._next_message(proc)
-                if message[0] == "batch":
-                    proc.send(("free", message[1]))
-                else:
-                    break
+        """Stop the epoch in ``procs`` and take what they had sent, so the next starts clean;
+        if one cannot be reached, end them all (the next epoch starts a new set)."""
+        try:
+            for proc in procs:
+                proc.send(("cancel",))
+            for proc in procs:
+                while True:
+                    message = self._next_message(proc)
+                    if message[0] == "batch":
+                        proc.send(("free", message[1]))
+                    else:
+                        break
+        except (OSError, _ProcessDied):
+            self.close()
 
 
 # ---------------------------------------------------------------- the decode process's side
@@ -413,4 +452,7 @@ def worker_main() -> None:
     reader = pickle.loads(blob)
     reader.num_workers = threads
     reader.processes = 0
-    _DecodeSide(reader, channel, commands).serve()
+    try:
+        _DecodeSide(reader, channel, commands).serve()
+    except (BrokenPipeError, EOFError):  # the main process is gone: nobody to tell
+        pass

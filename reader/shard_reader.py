@@ -382,7 +382,7 @@ class ShardReader:
         self.batches_yielded = skip
         skipped = self.policy.skipped_samples, self.policy.skipped_shards
         if self.processes:
-            if self._pool is None:
+            if self._pool is None or not self._pool.alive:
                 self._pool = DecodeProcesses(self, self.processes)
             batches = self._pool.epoch(epoch, skip)
         else:

@@ -139,8 +139,16 @@ def test_a_killed_process_is_reported(id_shards):
         with pytest.raises(RuntimeError, match="decode process 1 exited"):
             for _ in it:
                 pass
+        assert sum(len(x) for x, _ in reader) == 210  # the next epoch starts a new set
     finally:
         reader.close()
+
+
+def test_a_batch_larger_than_free_shared_memory_is_refused_up_front(id_shards):
+    reader = ShardReader(id_shards[0], split="train", image_size=30_000, batch_size=64, processes=2)
+    with pytest.raises(RuntimeError, match="shared memory .* --shm-size"):
+        next(iter(reader))
+    reader.close()
 
 
 def test_bad_processes_value(id_shards):
