@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -104,10 +104,18 @@ class _Slot:
         return sys.getrefcount(self.array) == 2
 
     def close(self, unlink: bool) -> None:
+        """Unmap (unless a caller still holds a batch of it: then when they let go) and, in
+        the process that made it, remove the name so the memory goes with the last user."""
         del self.array
-        self.shm.close()
         if unlink:
-            self.shm.unlink()
+            try:
+                self.shm.unlink()
+            except FileNotFoundError:
+                pass
+        try:
+            self.shm.close()
+        except BufferError:
+            pass
 
 
 # ---------------------------------------------------------------- the main process's side
@@ -187,10 +195,7 @@ def _shut_down(processes: list[_Process]) -> None:
             proc.popen.wait()
         proc.stdout.close()
         for slot in proc.slots.values():
-            try:
-                slot.close(unlink=True)
-            except (BufferError, FileNotFoundError):  # a caller still holds a batch: leave it
-                pass
+            slot.close(unlink=True)
     processes.clear()
 
 
@@ -205,6 +210,7 @@ class DecodeProcesses:
         options = reader.batch_options
         shape = (options.batch_size, *reader.decode_options.shape)
         self.slot_bytes = int(np.prod(shape)) * np.dtype(options.dtype).itemsize
+        self._active: Generator[Any, None, None] | None = None
         self._finalizer = weakref.finalize(self, _shut_down, self._procs)
 
     @property
@@ -233,7 +239,16 @@ class DecodeProcesses:
         self._finalizer()
 
     def epoch(self, epoch: int, skip: int) -> Iterator[Any]:
-        """The batches of ``epoch`` after its first ``skip``, one process at a time in turn."""
+        """The batches of ``epoch`` after its first ``skip``, one process at a time in turn.
+
+        An earlier epoch left unfinished (an iterator still held, not exhausted) is closed
+        first: the processes read one epoch at a time."""
+        if self._active is not None:
+            self._active.close()
+        self._active = self._epoch(epoch, skip)
+        return self._active
+
+    def _epoch(self, epoch: int, skip: int) -> Generator[Any, None, None]:
         if not self._procs:
             self._start()
         procs = self._procs
@@ -260,6 +275,7 @@ class DecodeProcesses:
         finally:
             if self.alive:
                 self._cancel([p for p in procs if live[p.index]])
+            self._active = None
 
     def _next_message(self, proc: _Process) -> tuple[Any, ...]:
         """The process's next batch, end or error; its skip counts (every message carries

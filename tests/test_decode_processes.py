@@ -166,3 +166,17 @@ def test_tf_dataset_with_processes_is_the_readers_stream(broken_shards):
         _same(got, _simulated(ShardReader(broken_shards, **OPTS), 0, 2))
     finally:
         ds.shard_reader.close()
+
+
+def test_a_new_epoch_while_an_old_iterator_is_held(id_shards):
+    """The processes read one epoch at a time: starting another closes the unfinished one."""
+    reader = ShardReader(id_shards[0], split="train", image_size=4, batch_size=8, seed=2, processes=2)
+    try:
+        old = iter(reader)
+        next(old)
+        assert sorted(n for x, _ in reader for n in pixel_ids(x)) == sorted(
+            i for i, p in id_shards[1].items() if p.startswith("train/"))
+        with pytest.raises(StopIteration):
+            next(old)
+    finally:
+        reader.close()
