@@ -199,8 +199,12 @@ def c_shardpack_numpy(cfg: dict[str, Any]) -> dict[str, Any]:
 
     r = ShardReader(cfg["source"], split=cfg["split"], image_size=tuple(cfg["image_size"]),
                     batch_size=cfg["batch_size"], shuffle=True, seed=0,
-                    storage_options=cfg.get("storage_options"), dtype=cfg.get("dtype", "float32"))
-    return time_epoch(r, cfg.get("warmup", 3))
+                    storage_options=cfg.get("storage_options"), dtype=cfg.get("dtype", "float32"),
+                    processes=cfg.get("processes", 0))
+    try:
+        return time_epoch(r, cfg.get("warmup", 3))
+    finally:
+        r.close()
 
 
 def c_shardpack_tf(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -209,8 +213,12 @@ def c_shardpack_tf(cfg: dict[str, Any]) -> dict[str, Any]:
     ds = image_dataset_from_shards(cfg["source"], split=cfg["split"],
                                    image_size=tuple(cfg["image_size"]),
                                    batch_size=cfg["batch_size"], shuffle=True, seed=0,
-                                   verbose=False, storage_options=cfg.get("storage_options"))
-    return time_epoch(ds, cfg.get("warmup", 3))
+                                   verbose=False, storage_options=cfg.get("storage_options"),
+                                   processes=cfg.get("processes", 0))
+    try:
+        return time_epoch(ds, cfg.get("warmup", 3))
+    finally:
+        ds.shard_reader.close()
 
 
 CONTENDERS = {"decode_limit": c_decode_limit, "shardpack_numpy": c_shardpack_numpy,
@@ -297,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per contender (median shown)")
     parser.add_argument("--warmup", type=int, default=3, help="batches left out of images/s")
     parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="the readers' processes= (decode processes; 0: threads only)")
     parser.add_argument("--json", dest="json_out", help="also write the results here")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -312,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown contenders {unknown}; choose from {sorted(CONTENDERS)}")
     source = args.source if "://" in args.source else os.path.abspath(args.source)
     cfg = {"source": source, "split": args.split, "image_size": [args.image_size] * 2,
-           "batch_size": args.batch_size, "warmup": args.warmup}
+           "batch_size": args.batch_size, "warmup": args.warmup, "processes": args.processes}
     print(f"shardpack bench: {source} [{args.split}], {args.image_size}x{args.image_size} RGB, "
           f"batches of {args.batch_size}, {cores()} cores, load {os.getloadavg()[0]:.1f}; "
           f"median of {args.repeat} interleaved runs", flush=True)

@@ -62,19 +62,16 @@ def c_decode_limit_processes(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"images": images, "seconds": seconds, "images_per_s": images / seconds, "variant": variant}
 
 
+def c_shardpack_numpy(cfg: dict[str, Any]) -> dict[str, Any]:
+    return benchmark.c_shardpack_numpy(dict(cfg, processes=0))
+
+
 def c_shardpack_numpy_uint8(cfg: dict[str, Any]) -> dict[str, Any]:
-    return benchmark.c_shardpack_numpy(dict(cfg, dtype="uint8"))
+    return c_shardpack_numpy(dict(cfg, dtype="uint8"))
 
 
 def c_shardpack_processes(cfg: dict[str, Any]) -> dict[str, Any]:
-    from reader import ShardReader
-
-    r = ShardReader(cfg["source"], split=cfg["split"], image_size=tuple(cfg["image_size"]),
-                    batch_size=cfg["batch_size"], shuffle=True, seed=0, processes=cfg["processes"])
-    try:
-        return benchmark.time_epoch(r, cfg.get("warmup", 3))
-    finally:
-        r.close()
+    return benchmark.c_shardpack_numpy(cfg)  # cfg["processes"]: --processes
 
 
 def c_torch_loader(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -91,11 +88,11 @@ def c_torch_loader(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def c_shardpack_processes_per_core(cfg: dict[str, Any]) -> dict[str, Any]:
-    return c_shardpack_processes(dict(cfg, processes=benchmark.cores()))
+    return benchmark.c_shardpack_numpy(dict(cfg, processes=benchmark.cores()))
 
 
 CONTENDERS = {"decode_limit": benchmark.c_decode_limit, "decode_limit_processes": c_decode_limit_processes,
-              "shardpack_numpy": benchmark.c_shardpack_numpy,
+              "shardpack_numpy": c_shardpack_numpy,
               "shardpack_processes_per_core": c_shardpack_processes_per_core,
               "shardpack_numpy_uint8": c_shardpack_numpy_uint8,
               "shardpack_processes": c_shardpack_processes, "torch_loader": c_torch_loader}
