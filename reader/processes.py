@@ -17,7 +17,8 @@ How:
   pipe carries only the slot number, the labels and the skip counts. The main process
   yields a view of the slot and gives the slot back once nothing holds the batch (the
   ``BatchBuffers`` rule), so kept batches are never overwritten; a process short of free
-  slots is given a new one.
+  slots is given a new one, and once a caller holds ``_HELD_MAX`` of a process's batches,
+  further ones are handed out as copies.
 - The main process takes one batch from each process in turn, as PyTorch's loader does, so
   an epoch is the stream of ``ShardIterableDataset`` under a ``DataLoader`` with N workers.
 - An error in a process (``on_error="raise"``, a damaged shard) is raised by ``next()`` in
@@ -36,12 +37,14 @@ import subprocess
 import sys
 import threading
 import weakref
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
+
+from .batches import aligned_empty
 
 if TYPE_CHECKING:
     from .shard_reader import ShardReader
@@ -53,6 +56,10 @@ _LENGTH = struct.Struct("<Q")
 # its way and the batch the caller holds; more are made when a caller keeps batches
 _EXTRA_SLOTS = 2
 _SHM_DIR = "/dev/shm"
+# batches of one process a caller may hold as views of shared memory; past that (a caller
+# keeping the epoch, `list(reader)`), batches are handed out as copies and the slot reused:
+# each slot is a mapping and a file descriptor (mmap keeps one), so they must stay few
+_HELD_MAX = 8
 
 
 def _send(stream: IO[bytes], lock: threading.Lock, message: Any) -> None:
@@ -88,11 +95,22 @@ class _ProcessDied(RuntimeError):
 
 
 class _Slot:
-    """One batch-sized block of shared memory and the byte array over it."""
+    """One batch-sized block of shared memory and the byte array over it.
+
+    The mapping stays while anything views it: the array's base is the block's memoryview,
+    which keeps the mmap alive. The block's file descriptor is closed at once (the mapping
+    does not need it), so holding many batches does not use up the process's descriptors.
+    These reach into ``SharedMemory``'s private ``_fd``/``_buf``/``_mmap``: its public
+    ``close()`` would unmap the memory under batches a caller still holds.
+    """
 
     def __init__(self, shm: shared_memory.SharedMemory) -> None:
         self.shm = shm
         self.array = np.ndarray((shm.size,), dtype=np.uint8, buffer=shm.buf)
+        fd = getattr(shm, "_fd", -1)
+        if fd >= 0:
+            os.close(fd)
+            shm._fd = -1  # type: ignore[attr-defined]
 
     def view(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         nbytes = int(np.prod(shape)) * dtype.itemsize
@@ -104,18 +122,18 @@ class _Slot:
         return sys.getrefcount(self.array) == 2
 
     def close(self, unlink: bool) -> None:
-        """Unmap (unless a caller still holds a batch of it: then when they let go) and, in
-        the process that made it, remove the name so the memory goes with the last user."""
+        """Let go of the block: in the process that made it, remove its name; unmap it now
+        if nothing views it, else when the last batch of it goes."""
+        held = not self.free_here()
         del self.array
         if unlink:
             try:
                 self.shm.unlink()
             except FileNotFoundError:
                 pass
-        try:
-            self.shm.close()
-        except BufferError:
-            pass
+        if held and hasattr(self.shm, "_mmap"):
+            self.shm._buf = self.shm._mmap = None  # type: ignore[attr-defined]
+        self.shm.close()
 
 
 # ---------------------------------------------------------------- the main process's side
@@ -133,6 +151,7 @@ class _Process:
         self.lock = threading.Lock()
         self.slots: dict[int, _Slot] = {}
         self.held: set[int] = set()  # slots whose batch the main process handed out
+        self.returned = 0  # slots given to the process so far (new, or given back)
 
     def send(self, message: Any) -> None:
         _send(self.stdin, self.lock, message)
@@ -153,13 +172,18 @@ class _Process:
         sid = len(self.slots)
         self.slots[sid] = _Slot(shm)
         self.send(("slot", sid, shm.name))
+        self.returned += 1
+
+    def give_back(self, sid: int) -> None:
+        self.held.discard(sid)
+        self.send(("free", sid))
+        self.returned += 1
 
     def give_back_unused(self) -> int:
         """Tell the process about the slots it handed out that nobody holds now."""
         unused = [sid for sid in self.held if self.slots[sid].free_here()]
         for sid in unused:
-            self.held.discard(sid)
-            self.send(("free", sid))
+            self.give_back(sid)
         return len(unused)
 
 
@@ -200,17 +224,26 @@ def _shut_down(processes: list[_Process]) -> None:
 
 
 class DecodeProcesses:
-    """``processes`` decode processes serving one reader's epochs (module docstring)."""
+    """``processes`` decode processes serving one reader's epochs (module docstring).
+
+    One epoch at a time: an epoch started while another is unfinished (an iterator still
+    held, perhaps suspended on another thread, as tf.data's generator threads do) takes the
+    processes over; the old iterator raises at its next step, rather than end short in
+    silence. Pipe traffic is under one lock, so two never read the same pipe at once.
+    """
 
     def __init__(self, reader: ShardReader, processes: int) -> None:
         self.count = int(processes)
         self.threads = max(1, reader.num_workers // self.count)
-        self._reader = reader
+        # a weak reference: the reader owns this pool, and `del reader` ends the processes
+        self._reader = weakref.ref(reader)
         self._procs: list[_Process] = []
         options = reader.batch_options
         shape = (options.batch_size, *reader.decode_options.shape)
         self.slot_bytes = int(np.prod(shape)) * np.dtype(options.dtype).itemsize
-        self._active: Generator[Any, None, None] | None = None
+        self._io = threading.RLock()
+        self._owner: object | None = None  # the epoch now reading; _CLOSED after close()
+        self._live: list[bool] = []
         self._finalizer = weakref.finalize(self, _shut_down, self._procs)
 
     @property
@@ -218,64 +251,93 @@ class DecodeProcesses:
         """False once closed (by ``close()`` or after a process died): start a new pool."""
         return self._finalizer.alive
 
+    def _reader_now(self) -> ShardReader:
+        reader = self._reader()
+        if reader is None:
+            raise RuntimeError("the ShardReader of these decode processes is gone")
+        return reader
+
     def _start(self) -> None:
         from .batches import in_flight_plan
 
+        reader = self._reader_now()
         root = str(Path(__file__).resolve().parent.parent)
         boot = f"import sys; sys.path.insert(0, {root!r}); from reader.processes import worker_main; worker_main()"
-        self._reader.shard_counts()  # manifest-less or a class subset: scan once, here
-        blob = pickle.dumps(self._reader, protocol=pickle.HIGHEST_PROTOCOL)
-        _, blocks = in_flight_plan(self.threads, self._reader.batch_options.batch_size)
+        reader.shard_counts()  # manifest-less or a class subset: scan once, here
+        try:
+            blob = pickle.dumps(reader, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise TypeError(f"processes= sends the reader to its decode processes, and it "
+                            f"cannot be pickled: {exc}") from exc
+        _, blocks = in_flight_plan(self.threads, reader.batch_options.batch_size)
         _check_shared_memory(self.count * (blocks + _EXTRA_SLOTS) * self.slot_bytes)
-        for index in range(self.count):
-            proc = _Process(index, [sys.executable, "-c", boot], dict(os.environ))
-            self._procs.append(proc)
-            proc.send(("init", blob, self.threads))
-            for _ in range(blocks + _EXTRA_SLOTS):
-                proc.new_slot(self.slot_bytes)
+        try:
+            for index in range(self.count):
+                proc = _Process(index, [sys.executable, "-c", boot], dict(os.environ))
+                self._procs.append(proc)
+                proc.send(("init", blob, self.threads))
+                for _ in range(blocks + _EXTRA_SLOTS):
+                    proc.new_slot(self.slot_bytes)
+        except BaseException:
+            self.close()  # no half-started set: the next epoch starts a whole one
+            raise
 
     def close(self) -> None:
-        """End the processes and free their shared memory (idempotent)."""
-        self._finalizer()
+        """End the processes and free their shared memory (idempotent); an epoch being read
+        raises at its next step."""
+        with self._io:
+            self._owner = _CLOSED
+            self._finalizer()
 
-    def epoch(self, epoch: int, skip: int) -> Iterator[Any]:
-        """The batches of ``epoch`` after its first ``skip``, one process at a time in turn.
-
-        An earlier epoch left unfinished (an iterator still held, not exhausted) is closed
-        first: the processes read one epoch at a time."""
-        if self._active is not None:
-            self._active.close()
-        self._active = self._epoch(epoch, skip)
-        return self._active
-
-    def _epoch(self, epoch: int, skip: int) -> Generator[Any, None, None]:
-        if not self._procs:
-            self._start()
-        procs = self._procs
-        for proc in procs:
-            proc.send(("epoch", epoch, proc.index, self.count, skip))
-        live = [True] * self.count
+    def epoch(self, epoch: int, skip: int) -> Generator[Any, None, None]:
+        """The batches of ``epoch`` after its first ``skip``, one process at a time in turn."""
+        me = object()
+        with self._io:
+            self._cancel_epoch()
+            if not self._procs:
+                self._start()
+            for proc in self._procs:
+                proc.send(("epoch", epoch, proc.index, self.count, skip))
+            self._owner, self._live = me, [True] * self.count
         turn = skip % self.count
         try:
-            while any(live):
-                if live[turn]:
-                    try:
-                        message = self._next_message(procs[turn])
-                    except _ProcessDied:
-                        live[turn] = False
-                        self.close()  # the others too: the next epoch starts a new set
-                        raise
-                    if message[0] == "batch":
-                        yield self._batch(procs[turn], *message[1:-1])
-                    else:
-                        live[turn] = False
-                        if message[0] == "error":
-                            raise message[1]
+            while True:
+                with self._io:
+                    batch = self._step(me, turn)
+                if batch is _DONE:
+                    return
+                if batch is not None:
+                    yield batch
                 turn = (turn + 1) % self.count
         finally:
-            if self.alive:
-                self._cancel([p for p in procs if live[p.index]])
-            self._active = None
+            with self._io:
+                if self._owner is me:
+                    self._cancel_epoch()
+
+    def _step(self, me: object, turn: int) -> Any:
+        """The next batch of process ``turn`` (None if it has ended), or _DONE."""
+        if self._owner is _CLOSED:
+            raise RuntimeError("the reader was closed while this epoch was being read")
+        if self._owner is not me:
+            raise RuntimeError(
+                "another epoch of this reader started before this one finished: with "
+                "processes=, a reader reads one epoch at a time (two readers read two)")
+        if not any(self._live):
+            return _DONE
+        if not self._live[turn]:
+            return None
+        proc = self._procs[turn]
+        try:
+            message = self._next_message(proc)
+        except _ProcessDied:
+            self.close()  # the others too: the next epoch starts a new set
+            raise
+        if message[0] == "batch":
+            return self._batch(proc, *message[1:-1])
+        self._live[turn] = False
+        if message[0] == "error":
+            raise message[1]
+        return None
 
     def _next_message(self, proc: _Process) -> tuple[Any, ...]:
         """The process's next batch, end or error; its skip counts (every message carries
@@ -285,25 +347,42 @@ class DecodeProcesses:
             self._count_skips(message[-1])
             if message[0] != "need":
                 return message
+            if proc.returned > message[1]:
+                continue  # slots given back since it asked are on their way to it
             if not proc.give_back_unused():
                 proc.new_slot(self.slot_bytes)
 
     def _batch(self, proc: _Process, sid: int, shape: tuple[int, ...], dtype: str, labels: Any) -> Any:
         for other in self._procs:
             other.give_back_unused()
-        proc.held.add(sid)
         x = proc.slots[sid].view(shape, np.dtype(dtype))
+        if len(proc.held) < _HELD_MAX:
+            proc.held.add(sid)
+        else:  # the caller keeps batches: a copy, and the slot goes straight back
+            x = aligned_empty(x.shape, x.dtype)
+            x[...] = proc.slots[sid].view(shape, np.dtype(dtype))
+            proc.give_back(sid)
         return x if labels is None else (x, labels)
 
     def _count_skips(self, skips: tuple[int, int, list[str]]) -> None:
-        policy = self._reader.policy
+        reader = self._reader()
+        if reader is None:
+            return
+        policy = reader.policy
         policy.skipped_samples += skips[0]
         policy.skipped_shards += skips[1]
         policy.messages.extend(skips[2][: max(0, 100 - len(policy.messages))])
 
-    def _cancel(self, procs: list[_Process]) -> None:
-        """Stop the epoch in ``procs`` and take what they had sent, so the next starts clean;
-        if one cannot be reached, end them all (the next epoch starts a new set)."""
+    def _cancel_epoch(self) -> None:
+        """Stop the epoch being read (if any) in the processes still reading it, and take
+        what they had sent, so the next starts clean; if one cannot be reached, end them
+        all (the next epoch starts a new set)."""
+        procs = [p for p in self._procs if p.index < len(self._live) and self._live[p.index]]
+        self._live = []
+        if self._owner is not _CLOSED:
+            self._owner = None
+        if not self.alive:
+            return
         try:
             for proc in procs:
                 proc.send(("cancel",))
@@ -311,11 +390,15 @@ class DecodeProcesses:
                 while True:
                     message = self._next_message(proc)
                     if message[0] == "batch":
-                        proc.send(("free", message[1]))
+                        proc.give_back(message[1])
                     else:
                         break
         except (OSError, _ProcessDied):
             self.close()
+
+
+_DONE = object()
+_CLOSED = object()
 
 
 # ---------------------------------------------------------------- the decode process's side
@@ -344,8 +427,8 @@ class _SlotBuffers:
             for sid, slot in side.slots.items():
                 if sid not in side.handed and slot.shm.size >= nbytes and slot.free_here():
                     return slot.view(shape, dtype)
-            if not asked:
-                side.send(("need", side.skips()))
+            if not asked:  # with how many slots it was given so far, to answer only once
+                side.send(("need", side.returned, side.skips()))
                 asked = True
             side.handle(side.inbox.get())
 
@@ -366,6 +449,7 @@ class _DecodeSide:
         self.inbox: queue.Queue[Any] = queue.Queue()
         self.slots: dict[int, _Slot] = {}
         self.handed: set[int] = set()  # slots whose batch is with the main process
+        self.returned = 0  # slots the main process gave (new, or given back) so far
         self.cancelled = False
         self.buffers = _SlotBuffers(self)
         self._sent = (0, 0, 0)
@@ -396,8 +480,10 @@ class _DecodeSide:
         kind = message[0]
         if kind == "slot":
             self.slots[message[1]] = _Slot(_attach(message[2]))
+            self.returned += 1
         elif kind == "free":
             self.handed.discard(message[1])
+            self.returned += 1
         elif kind in ("cancel", "stop"):
             if kind == "stop":
                 self.inbox.put(message)  # seen again by serve(), after the epoch ends
@@ -468,6 +554,9 @@ def worker_main() -> None:
     reader = pickle.loads(blob)
     reader.num_workers = threads
     reader.processes = 0
+    # count only this process's own skips (the main process adds them to what it had)
+    reader.policy.skipped_samples = reader.policy.skipped_shards = 0
+    reader.policy.messages = []
     try:
         _DecodeSide(reader, channel, commands).serve()
     except (BrokenPipeError, EOFError):  # the main process is gone: nobody to tell

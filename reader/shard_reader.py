@@ -381,6 +381,7 @@ class ShardReader:
         self._reading = epoch
         self.batches_yielded = skip
         skipped = self.policy.skipped_samples, self.policy.skipped_shards
+        batches: Iterator[Batch]
         if self.processes:
             if self._pool is None or not self._pool.alive:
                 self._pool = DecodeProcesses(self, self.processes)

@@ -169,14 +169,59 @@ def test_tf_dataset_with_processes_is_the_readers_stream(broken_shards):
 
 
 def test_a_new_epoch_while_an_old_iterator_is_held(id_shards):
-    """The processes read one epoch at a time: starting another closes the unfinished one."""
+    """The processes read one epoch at a time: a new one takes them over, and the old
+    iterator says so at its next step instead of ending short."""
     reader = ShardReader(id_shards[0], split="train", image_size=4, batch_size=8, seed=2, processes=2)
     try:
         old = iter(reader)
         next(old)
         assert sorted(n for x, _ in reader for n in pixel_ids(x)) == sorted(
             i for i, p in id_shards[1].items() if p.startswith("train/"))
-        with pytest.raises(StopIteration):
+        with pytest.raises(RuntimeError, match="one epoch at a time"):
             next(old)
+    finally:
+        reader.close()
+
+
+def test_kept_batches_outlive_close_and_the_reader(id_shards):
+    """A batch kept after close() (or after the reader is gone) still holds its pixels:
+    the shared memory is unmapped only when the last batch of it goes."""
+    import gc
+
+    reader = ShardReader(id_shards[0], split="train", image_size=4, batch_size=8, seed=3, processes=2)
+    x, _ = next(iter(reader))
+    ids = pixel_ids(x)
+    reader.close()
+    assert pixel_ids(x) == ids
+    x2, _ = next(iter(ShardReader(id_shards[0], split="train", image_size=4, batch_size=8,
+                                  seed=3, processes=2)))
+    gc.collect()  # the reader (and its processes) are gone; the batch is not
+    assert pixel_ids(x2) == ids
+
+
+def test_skip_counts_are_not_counted_again_after_a_restart(broken_shards):
+    reader = ShardReader(broken_shards, processes=2, **OPTS)
+    try:
+        for epoch in range(3):
+            assert sum(len(x) for x, _ in reader) == 59
+            reader.close()  # the next epoch sends the reader, with its counts, to new processes
+            assert reader.policy.skipped_samples == epoch + 1
+    finally:
+        reader.close()
+
+
+def test_holding_many_batches_uses_no_file_descriptor_each(id_shards):
+    import psutil
+
+    reader = ShardReader(id_shards[0], split="train", image_size=4, batch_size=1, processes=2)
+    try:
+        before = psutil.Process().num_fds()
+        kept = list(reader)  # 210 batches held: past a few per process they come as copies
+        after_one = psutil.Process().num_fds()
+        kept += list(reader)
+        assert len(kept) == 420 and after_one < before + 100  # it was one or more per batch
+        assert psutil.Process().num_fds() <= after_one + 4
+        assert sorted(n for x, _ in kept for n in pixel_ids(x)) == sorted(
+            2 * [i for i, p in id_shards[1].items() if p.startswith("train/")])
     finally:
         reader.close()
