@@ -36,8 +36,10 @@ import struct
 import subprocess
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Generator
+from dataclasses import dataclass, field
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -45,6 +47,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from .batches import aligned_empty
+from .policy import ErrorPolicy, OnError
 
 if TYPE_CHECKING:
     from .shard_reader import ShardReader
@@ -364,7 +367,9 @@ class DecodeProcesses:
             proc.give_back(sid)
         return x if labels is None else (x, labels)
 
-    def _count_skips(self, skips: tuple[int, int, list[str]]) -> None:
+    def _count_skips(self, skips: tuple[int, int, list[str], list[str]]) -> None:
+        """Add a process's skips to the reader's policy, and give its warnings here, where
+        the caller's warning filters (and ``pytest.warns``) are."""
         reader = self._reader()
         if reader is None:
             return
@@ -372,6 +377,8 @@ class DecodeProcesses:
         policy.skipped_samples += skips[0]
         policy.skipped_shards += skips[1]
         policy.messages.extend(skips[2][: max(0, 100 - len(policy.messages))])
+        for message in skips[3]:
+            warnings.warn(f"skipped: {message}", RuntimeWarning, stacklevel=2)
 
     def _cancel_epoch(self) -> None:
         """Stop the epoch being read (if any) in the processes still reading it, and take
@@ -467,13 +474,16 @@ class _DecodeSide:
     def send(self, message: Any) -> None:
         _send(self.channel, self.lock, message)
 
-    def skips(self) -> tuple[int, int, list[str]]:
-        """What the policy skipped since the last message (the main process adds it up)."""
+    def skips(self) -> tuple[int, int, list[str], list[str]]:
+        """What the policy skipped since the last message (the main process adds it up),
+        and the warnings it owes."""
         policy = self.reader.policy
+        assert isinstance(policy, _ProcessPolicy)
         samples, shards, messages = self._sent
         self._sent = (policy.skipped_samples, policy.skipped_shards, len(policy.messages))
+        owed, policy.owed = policy.owed, []
         return (policy.skipped_samples - samples, policy.skipped_shards - shards,
-                policy.messages[messages:])
+                policy.messages[messages:], owed)
 
     def handle(self, message: tuple[Any, ...]) -> None:
         """Take one slot message; a cancel or stop ends the epoch being read."""
@@ -533,6 +543,20 @@ class _DecodeSide:
             self.send(("error", _portable(exc), self.skips()))
 
 
+@dataclass
+class _ProcessPolicy(ErrorPolicy):
+    """A decode process's policy: it counts and keeps messages as the reader's does, but
+    owes its warnings to the main process instead of printing them on its own stderr."""
+
+    owed: list[str] = field(default_factory=list)
+
+    def _skip(self, exc: Exception, how: OnError) -> None:
+        if len(self.messages) < 100:
+            self.messages.append(str(exc))
+        if how == "warn":
+            self.owed.append(str(exc))
+
+
 def _attach(name: str) -> shared_memory.SharedMemory:
     """Attach to the main process's block without this process's resource tracker
     unlinking it at exit (Python < 3.13 registers attached blocks too)."""
@@ -555,8 +579,8 @@ def worker_main() -> None:
     reader.num_workers = threads
     reader.processes = 0
     # count only this process's own skips (the main process adds them to what it had)
-    reader.policy.skipped_samples = reader.policy.skipped_shards = 0
-    reader.policy.messages = []
+    reader.policy = _ProcessPolicy(on_error=reader.policy.on_error,
+                                   on_shard_error=reader.policy.on_shard_error)
     try:
         _DecodeSide(reader, channel, commands).serve()
     except (BrokenPipeError, EOFError):  # the main process is gone: nobody to tell
