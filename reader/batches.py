@@ -177,7 +177,7 @@ def _decode_into(
         try:
             arr = decode_sample(sample, options, seed)
         except SampleDecodeError as exc:
-            failed.append((first + i, exc))
+            failed.append((first + i, _without_tracebacks(exc)))
             continue
         if scale is None:
             x[first + i] = arr
@@ -206,6 +206,20 @@ def in_flight_plan(workers: int, batch_size: int) -> tuple[int, int]:
     chunk = max(1, min(8, batch_size // (2 * workers)))
     blocks = max(2, 1 + -(-_TASKS_PER_THREAD * workers * chunk // batch_size))
     return chunk, blocks
+
+
+def _without_tracebacks(exc: SampleDecodeError) -> SampleDecodeError:
+    """``exc`` with its chain's tracebacks dropped: they hold this task's frames, and those
+    the batch array, so a kept error kept the whole batch's memory until the cyclic garbage
+    collector ran (one array per failing block; shared memory with ``processes=``). The
+    messages say what failed."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+    return exc
 
 
 @dataclass

@@ -267,23 +267,26 @@ class DecodeProcesses:
         root = str(Path(__file__).resolve().parent.parent)
         boot = f"import sys; sys.path.insert(0, {root!r}); from reader.processes import worker_main; worker_main()"
         reader.shard_counts()  # manifest-less or a class subset: scan once, here
-        try:
-            blob = pickle.dumps(reader, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:
-            raise TypeError(f"processes= sends the reader to its decode processes, and it "
-                            f"cannot be pickled: {exc}") from exc
+        self._pickled_reader()
         _, blocks = in_flight_plan(self.threads, reader.batch_options.batch_size)
         _check_shared_memory(self.count * (blocks + _EXTRA_SLOTS) * self.slot_bytes)
         try:
             for index in range(self.count):
                 proc = _Process(index, [sys.executable, "-c", boot], dict(os.environ))
                 self._procs.append(proc)
-                proc.send(("init", blob, self.threads))
+                proc.send(("init", self.threads))
                 for _ in range(blocks + _EXTRA_SLOTS):
                     proc.new_slot(self.slot_bytes)
         except BaseException:
             self.close()  # no half-started set: the next epoch starts a whole one
             raise
+
+    def _pickled_reader(self) -> bytes:
+        try:
+            return pickle.dumps(self._reader_now(), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise TypeError(f"processes= sends the reader to its decode processes, and it "
+                            f"cannot be pickled: {exc}") from exc
 
     def close(self) -> None:
         """End the processes and free their shared memory (idempotent); an epoch being read
@@ -299,8 +302,9 @@ class DecodeProcesses:
             self._cancel_epoch()
             if not self._procs:
                 self._start()
+            blob = self._pickled_reader()  # each epoch: options changed since (on_error...) apply
             for proc in self._procs:
-                proc.send(("epoch", epoch, proc.index, self.count, skip))
+                proc.send(("epoch", epoch, proc.index, self.count, skip, blob))
             self._owner, self._live = me, [True] * self.count
         turn = skip % self.count
         try:
@@ -449,8 +453,9 @@ class _SlotBuffers:
 class _DecodeSide:
     """The decode process: its reader, its slots, and the messages from the main process."""
 
-    def __init__(self, reader: ShardReader, channel: IO[bytes], commands: IO[bytes]) -> None:
-        self.reader = reader
+    def __init__(self, threads: int, channel: IO[bytes], commands: IO[bytes]) -> None:
+        self.threads = threads
+        self.reader: ShardReader  # each epoch's, sent with it
         self.channel = channel
         self.lock = threading.Lock()
         self.inbox: queue.Queue[Any] = queue.Queue()
@@ -520,8 +525,10 @@ class _DecodeSide:
                 self.handle(message)
             # a cancel that crossed this process's "end" on the way: nothing to stop
 
-    def run_epoch(self, epoch: int, worker: int, workers: int, skip: int) -> None:
+    def run_epoch(self, epoch: int, worker: int, workers: int, skip: int, blob: bytes) -> None:
         self.cancelled = False
+        self.reader = _process_reader(blob, self.threads)
+        self._sent = (0, 0, 0)
         try:
             batches = self.reader._worker_epoch_batches(
                 epoch, worker=worker, workers=workers, skip=skip, buffers=self.buffers)  # type: ignore[arg-type]
@@ -568,20 +575,26 @@ def _attach(name: str) -> shared_memory.SharedMemory:
     return shm
 
 
+def _process_reader(blob: bytes, threads: int) -> ShardReader:
+    """The main process's reader as this process reads with it: its threads, no processes
+    of its own, and a policy that counts only this process's skips (the main process adds
+    them to what it had)."""
+    reader: ShardReader = pickle.loads(blob)
+    reader.num_workers = threads
+    reader.processes = 0
+    reader.policy = _ProcessPolicy(on_error=reader.policy.on_error,
+                                   on_shard_error=reader.policy.on_shard_error)
+    return reader
+
+
 def worker_main() -> None:
     """Entry point of a decode process (started by DecodeProcesses)."""
     channel = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints go to stderr, not into the message pipe
     commands = os.fdopen(0, "rb")
-    kind, blob, threads = _recv(commands)
+    kind, threads = _recv(commands)
     assert kind == "init"
-    reader = pickle.loads(blob)
-    reader.num_workers = threads
-    reader.processes = 0
-    # count only this process's own skips (the main process adds them to what it had)
-    reader.policy = _ProcessPolicy(on_error=reader.policy.on_error,
-                                   on_shard_error=reader.policy.on_shard_error)
     try:
-        _DecodeSide(reader, channel, commands).serve()
+        _DecodeSide(threads, channel, commands).serve()
     except (BrokenPipeError, EOFError):  # the main process is gone: nobody to tell
         pass

@@ -167,24 +167,31 @@ def tar_members(
         if kind in (b"L", b"x") or (kind in _FILE_TYPES and (want is None or want(long_name or name))):
             # the member, then its padding: reading both and slicing would copy every image twice
             data = _read_exact(stream, size)
-            pad = _read_exact(stream, padded - size) if padded != size else b""
-            if len(data) < size or len(pad) < padded - size:
+            if len(data) < size:
                 raise ShardReadError(
                     f"truncated: member {long_name or name!r} needs {size} bytes, "
-                    f"only {len(data)} are there" if len(data) < size else
-                    f"truncated: member {long_name or name!r} lacks its padding",
+                    f"only {len(data)} are there",
                     shard=shard,
-                    offset=data_offset + len(data) + len(pad),
+                    offset=data_offset + len(data),
+                    key=split_member_name(long_name or name)[0],
                 )
+            pad = _read_exact(stream, padded - size) if padded != size else b""
+            member = long_name or name
             if kind in (b"L", b"x"):
                 start = offset if start is None else start
                 if kind == b"L":
                     long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
                 else:
                     long_name = _pax_path(data) or long_name
-            else:
-                yield Member(long_name or name, data, offset if start is None else start)
+            else:  # whole, even if the padding after it is cut: what came before stays readable
+                yield Member(member, data, offset if start is None else start)
                 long_name = start = None
+            if len(pad) < padded - size:
+                raise ShardReadError(
+                    f"truncated: the shard ends in the padding after member {member!r}",
+                    shard=shard,
+                    offset=data_offset + size + len(pad),
+                )
         else:
             got = _skip(stream, padded)
             if got < size:
@@ -199,15 +206,23 @@ def tar_members(
 
 
 def group_samples(members: Iterable[Member], *, shard: str) -> Iterator[Sample]:
-    """Group adjacent members that share a key into one sample dict (webdataset's rule)."""
+    """Group adjacent members that share a key into one sample dict (webdataset's rule).
+
+    A shard cut short inside a member of the next sample still gives the sample before it:
+    its members all came first (the error names the member's key)."""
     current: Sample | None = None
-    for member in members:
-        key, ext = split_member_name(member.name)
-        if current is None or current["__key__"] != key:
-            if current is not None:
-                yield current
-            current = {"__key__": key, "__shard__": shard, "__offset__": member.offset}
-        current[ext] = member.data
+    try:
+        for member in members:
+            key, ext = split_member_name(member.name)
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__shard__": shard, "__offset__": member.offset}
+            current[ext] = member.data
+    except ShardReadError as exc:
+        if current is not None and exc.key is not None and exc.key != current["__key__"]:
+            yield current
+        raise
     if current is not None:
         yield current
 

@@ -5,7 +5,8 @@ host (a lent GPU machine here) may not have them. This runs only what needs nump
 torch, if installed): the decode limit, ``ShardReader`` (float32 and uint8), and
 ``ShardIterableDataset`` under a ``DataLoader`` with worker processes, each contender in
 its own process, ``--repeat`` interleaved rounds; it prints each contender's ratio to the
-limit round by round. ``shardpack_processes`` is ``ShardReader(processes=--processes)``,
+limit round by round (CPU per image only where one process does all the work; peak RSS
+is the contender's own process). ``shardpack_processes`` is ``ShardReader(processes=--processes)``,
 ``shardpack_processes_per_core`` one process per core; ``decode_limit_processes`` is the
 limit decoded by one single-threaded process per core (the threaded limit shares one GIL,
 which holds it back on many cores when images are small).
@@ -84,7 +85,9 @@ def c_torch_loader(cfg: dict[str, Any]) -> dict[str, Any]:
                               batch_size=cfg["batch_size"], shuffle=True, seed=0,
                               decode_threads=max(1, benchmark.cores() // workers))
     loader = DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4)
-    return benchmark.time_epoch(loader, cfg.get("warmup", 3))
+    result = benchmark.time_epoch(loader, cfg.get("warmup", 3))
+    result["cpu_ms_per_image"] = None  # the workers' CPU is not this process's
+    return result
 
 
 def c_shardpack_processes_per_core(cfg: dict[str, Any]) -> dict[str, Any]:

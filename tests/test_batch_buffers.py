@@ -123,3 +123,47 @@ def test_enough_decoding_is_queued_to_keep_every_thread_busy(workers, batch_size
     assert max(pool.task_images) == chunk
     steady = pool.queued_behind[:10]  # before the epoch's tail drains
     assert len(steady) == 10 and min(steady) >= 3 * workers * chunk
+
+
+def test_failed_samples_do_not_keep_their_batch_arrays_alive():
+    """A decode error's traceback held the decode task's frames, and so the batch array:
+    every block with a failure then needed a new array, all alive until the cyclic
+    collector ran (with processes=, a new shared-memory slot each)."""
+    import gc
+    import io
+    import weakref
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from reader.batches import BatchOptions, decode_batches
+    from reader.decode import DecodeOptions
+    from reader.policy import ErrorPolicy
+
+    class Recording(BatchBuffers):
+        def __init__(self) -> None:
+            super().__init__(keep=4)
+            self.handed: list[weakref.ref] = []
+
+        def take(self, shape, dtype):
+            x = super().take(shape, dtype)
+            self.handed.append(weakref.ref(x.base))
+            return x
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="JPEG")
+    samples = [({"__key__": f"k{i}", "__shard__": "s",
+                 "jpg": b"\xff\xd8 bad" if i % 3 == 0 else buf.getvalue()}, 0) for i in range(300)]
+    buffers = Recording()
+    gc.disable()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            for _ in decode_batches(iter(samples), decode=DecodeOptions(image_size=(4, 4)),
+                                    batch=BatchOptions(batch_size=4, num_classes=1), pool=pool,
+                                    policy=ErrorPolicy(on_error="ignore"), workers=2,
+                                    buffers=buffers):
+                pass
+        alive = {id(ref()) for ref in buffers.handed if ref() is not None}
+    finally:
+        gc.enable()
+    assert len(buffers.handed) == 75 and len(alive) <= 4  # the pool's own, not one per block

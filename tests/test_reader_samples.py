@@ -50,15 +50,35 @@ def test_members_match_tarfile(fmt):
 
 def test_truncated_and_corrupted_shards_name_shard_and_offset():
     data = _tar([("k.jpg", b"x" * 2000), ("k.cls", b"0"), ("m.jpg", b"y" * 100), ("m.cls", b"1")])
-    with pytest.raises(ShardReadError, match=r"shard s1, byte offset 1200: truncated") as info:
+    with pytest.raises(ShardReadError, match=r"shard s1, sample k, byte offset 1200: truncated") as info:
         list(tar_members(io.BytesIO(data[:1200]), shard="s1"))
-    assert info.value.shard == "s1" and info.value.offset == 1200
+    assert info.value.shard == "s1" and info.value.offset == 1200 and info.value.key == "k"
     with pytest.raises(ShardReadError, match="end-of-archive"):
         list(tar_members(io.BytesIO(data[:3584]), shard="s1"))  # cut at a member boundary
     damaged = bytearray(data)
     damaged[3584 + 10] ^= 0xFF  # inside the third member's header (after 512 + 2048 + 512 + 512)
     with pytest.raises(ShardReadError, match="byte offset 3584: corrupted tar header"):
         list(tar_members(io.BytesIO(bytes(damaged)), shard="s1"))
+
+
+@pytest.mark.parametrize("cut, offset, words", [
+    (2560 + 1000, 2560 + 1000, "needs 2000 bytes"),  # inside m.jpg's data
+    (2560 + 2000, 2560 + 2000, "in the padding after member 'm.jpg'"),  # right after it
+    (2560 + 2020, 2560 + 2020, "in the padding after member 'm.jpg'"),  # inside its padding
+])
+def test_a_shard_cut_inside_the_next_sample_keeps_the_samples_before(tmp_path, cut, offset, words):
+    """k's members all come before m's: a shard cut anywhere in m keeps k (skip the rest),
+    and the error gives the exact byte where the shard ends."""
+    data = _tar([("k.jpg", b"x" * 500), ("k.cls", b"0"), ("m.jpg", b"y" * 2000), ("m.cls", b"1")])
+    assert data[2560:2564] == b"yyyy"  # headers and data of k.jpg, k.cls, then m.jpg's header
+    path = tmp_path / "cut.tar"
+    path.write_bytes(data[:cut])
+    with pytest.raises(ShardReadError, match=words) as info:
+        list(tar_members(io.BytesIO(data[:cut]), shard="s"))
+    assert info.value.offset == offset
+    policy = ErrorPolicy(on_shard_error="ignore")
+    kept = list(shard_samples(ShardRef(str(path), "cut.tar"), policy=policy))
+    assert [k["__key__"] for k in kept] == ["k"] and policy.skipped_shards == 1
 
 
 def test_damaged_shard_raises_or_is_skipped(id_shards, tmp_path):
