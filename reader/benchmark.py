@@ -303,15 +303,21 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def add_epoch_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of an epoch benchmark on a shard set (split, batch shape, rounds), the
+    same in ``shardpack bench`` and the scripts that measure beside it."""
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per contender (median shown)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="shardpack bench", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", nargs="?", help="shard folder or URL")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per contender (median shown)")
+    add_epoch_arguments(parser)
     parser.add_argument("--warmup", type=int, default=3, help="batches left out of images/s")
     parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
     parser.add_argument("--processes", type=int, default=0,

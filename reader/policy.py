@@ -17,6 +17,7 @@ __all__ = ["OnError", "ErrorPolicy"]
 
 OnError = Literal["raise", "warn", "ignore"]
 _CHOICES = ("raise", "warn", "ignore")
+MAX_MESSAGES = 100  # skip messages kept for a summary
 
 log = logging.getLogger("shardpack.reader")
 
@@ -47,12 +48,15 @@ class ErrorPolicy:
                 raise ValueError(f"{name} must be one of {_CHOICES}, got {getattr(self, name)!r}")
 
     def _skip(self, exc: Exception, how: OnError) -> None:
-        if len(self.messages) < 100:
+        if len(self.messages) < MAX_MESSAGES:
             self.messages.append(str(exc))
         if how == "warn":
-            warnings.warn(f"skipped: {exc}", RuntimeWarning, stacklevel=3)
+            self._warn(str(exc))
         else:
             log.debug("skipped: %s", exc)
+
+    def _warn(self, message: str) -> None:
+        warnings.warn(f"skipped: {message}", RuntimeWarning, stacklevel=4)
 
     def sample_failed(self, exc: SampleDecodeError) -> None:
         """Raise ``exc`` or count it as a skipped sample, as the policy says."""

@@ -10,7 +10,8 @@ How:
 - Each process is a fresh interpreter started with ``subprocess``: no fork of a process
   that holds TensorFlow's threads, and no re-import of the user's ``__main__`` (which
   ``multiprocessing``'s spawn does, and which breaks scripts without a main guard). It gets
-  the pickled reader once and reads one share of every epoch, batches ``w, w + N, ...``
+  the pickled reader with every epoch (so options changed since apply) and reads one share
+  of it, batches ``w, w + N, ...``
   (``ShardReader._worker_epoch_batches``: the split PyTorch's loader workers use), decoding
   on ``num_workers // N`` threads.
 - Batches are decoded straight into shared-memory slots that the main process made; the
@@ -47,7 +48,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from .batches import aligned_empty
-from .policy import ErrorPolicy, OnError
+from .policy import MAX_MESSAGES, ErrorPolicy
 
 if TYPE_CHECKING:
     from .shard_reader import ShardReader
@@ -266,8 +267,6 @@ class DecodeProcesses:
         reader = self._reader_now()
         root = str(Path(__file__).resolve().parent.parent)
         boot = f"import sys; sys.path.insert(0, {root!r}); from reader.processes import worker_main; worker_main()"
-        reader.shard_counts()  # manifest-less or a class subset: scan once, here
-        self._pickled_reader()
         _, blocks = in_flight_plan(self.threads, reader.batch_options.batch_size)
         _check_shared_memory(self.count * (blocks + _EXTRA_SLOTS) * self.slot_bytes)
         try:
@@ -282,8 +281,10 @@ class DecodeProcesses:
             raise
 
     def _pickled_reader(self) -> bytes:
+        reader = self._reader_now()
+        reader.shard_counts()  # manifest-less or a class subset: scanned once, here, and sent
         try:
-            return pickle.dumps(self._reader_now(), protocol=pickle.HIGHEST_PROTOCOL)
+            return pickle.dumps(reader, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             raise TypeError(f"processes= sends the reader to its decode processes, and it "
                             f"cannot be pickled: {exc}") from exc
@@ -300,9 +301,9 @@ class DecodeProcesses:
         me = object()
         with self._io:
             self._cancel_epoch()
+            blob = self._pickled_reader()  # each epoch: options changed since (on_error...) apply
             if not self._procs:
                 self._start()
-            blob = self._pickled_reader()  # each epoch: options changed since (on_error...) apply
             for proc in self._procs:
                 proc.send(("epoch", epoch, proc.index, self.count, skip, blob))
             self._owner, self._live = me, [True] * self.count
@@ -366,8 +367,9 @@ class DecodeProcesses:
         if len(proc.held) < _HELD_MAX:
             proc.held.add(sid)
         else:  # the caller keeps batches: a copy, and the slot goes straight back
-            x = aligned_empty(x.shape, x.dtype)
-            x[...] = proc.slots[sid].view(shape, np.dtype(dtype))
+            x, view = aligned_empty(x.shape, x.dtype), x
+            x[...] = view
+            del view
             proc.give_back(sid)
         return x if labels is None else (x, labels)
 
@@ -380,7 +382,7 @@ class DecodeProcesses:
         policy = reader.policy
         policy.skipped_samples += skips[0]
         policy.skipped_shards += skips[1]
-        policy.messages.extend(skips[2][: max(0, 100 - len(policy.messages))])
+        policy.messages.extend(skips[2][: max(0, MAX_MESSAGES - len(policy.messages))])
         for message in skips[3]:
             warnings.warn(f"skipped: {message}", RuntimeWarning, stacklevel=2)
 
@@ -557,11 +559,8 @@ class _ProcessPolicy(ErrorPolicy):
 
     owed: list[str] = field(default_factory=list)
 
-    def _skip(self, exc: Exception, how: OnError) -> None:
-        if len(self.messages) < 100:
-            self.messages.append(str(exc))
-        if how == "warn":
-            self.owed.append(str(exc))
+    def _warn(self, message: str) -> None:
+        self.owed.append(message)
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:

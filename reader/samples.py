@@ -165,18 +165,17 @@ def tar_members(
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
         data_offset = offset + BLOCK
         if kind in (b"L", b"x") or (kind in _FILE_TYPES and (want is None or want(long_name or name))):
+            member = long_name or name
             # the member, then its padding: reading both and slicing would copy every image twice
             data = _read_exact(stream, size)
             if len(data) < size:
                 raise ShardReadError(
-                    f"truncated: member {long_name or name!r} needs {size} bytes, "
-                    f"only {len(data)} are there",
+                    f"truncated: member {member!r} needs {size} bytes, only {len(data)} are there",
                     shard=shard,
                     offset=data_offset + len(data),
-                    key=split_member_name(long_name or name)[0],
+                    key=split_member_name(member)[0],
                 )
             pad = _read_exact(stream, padded - size) if padded != size else b""
-            member = long_name or name
             if kind in (b"L", b"x"):
                 start = offset if start is None else start
                 if kind == b"L":

@@ -446,6 +446,9 @@ class ShardReader:
         None when there is one rank (then every shard is read whole, no counts needed)."""
         if self.world_size == 1:
             return None
+        return self._rank_pieces(epoch)
+
+    def _rank_pieces(self, epoch: int) -> list[Piece]:
         counts = self.shard_counts()
         order = shard_order(len(counts), epoch=epoch, seed=self.seed, shuffle=self.shuffle)
         return rank_pieces(
@@ -475,11 +478,8 @@ class ShardReader:
         ``skip`` batches of the epoch (all workers') were consumed: one loader worker's or
         decode process's share (reader.distributed.worker_pieces). Taking one batch from
         each worker in turn, starting at worker ``skip % workers``, gives the epoch."""
-        counts = self.shard_counts()
-        order = shard_order(len(counts), epoch=epoch, seed=self.seed, shuffle=self.shuffle)
-        mine = rank_pieces(counts, order, rank=self.rank, world_size=self.world_size, uneven=self.uneven)
         mine = worker_pieces(
-            mine, worker=worker, num_workers=workers, batch_size=self.batch_options.batch_size,
+            self._rank_pieces(epoch), worker=worker, num_workers=workers, batch_size=self.batch_options.batch_size,
             drop_remainder=self.batch_options.drop_remainder,
         )
         return self._epoch_batches(

@@ -104,10 +104,7 @@ CONTENDERS = {"decode_limit": benchmark.c_decode_limit, "decode_limit_processes"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shards", nargs="*")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3)
+    benchmark.add_epoch_arguments(parser)
     parser.add_argument("--loader-workers", type=int, default=8, help="torch_loader's DataLoader workers")
     parser.add_argument("--processes", type=int, default=8, help="shardpack_processes' processes=")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated")

@@ -35,6 +35,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from reader import benchmark  # noqa: E402
+
 
 def _gpu_epoch(tensors: list[Any], size: tuple[int, int], batch: int, resize: bool) -> float:
     import torch
@@ -79,23 +81,21 @@ def _pixel_gap(blobs: list[bytes], size: tuple[int, int], sample: int = 64) -> f
 def measure(shards: str, split: str, size: tuple[int, int], batch: int, repeat: int) -> dict[str, Any]:
     import torch
 
-    from reader.benchmark import cores, decode_limit, fastest_limit_variant, split_image_bytes
-
-    blobs = split_image_bytes(shards, split)
+    blobs = benchmark.split_image_bytes(shards, split)
     jpegs = [b for b in blobs if b[:2] == b"\xff\xd8"]
     tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
-    variant = fastest_limit_variant(jpegs, size)
+    variant = benchmark.fastest_limit_variant(jpegs, size)
     _gpu_epoch(tensors[: 4 * batch], size, batch, resize=True)  # nvJPEG and kernels warm
     rates: dict[str, list[float]] = {"cpu_limit": [], "gpu_decode": [], "gpu_decode_resize": []}
     for _ in range(repeat):
-        seconds, _cpu = decode_limit(jpegs, size, variant=variant)
+        seconds, _cpu = benchmark.decode_limit(jpegs, size, variant=variant)
         rates["cpu_limit"].append(len(jpegs) / seconds)
         rates["gpu_decode"].append(len(jpegs) / _gpu_epoch(tensors, size, batch, resize=False))
         rates["gpu_decode_resize"].append(len(jpegs) / _gpu_epoch(tensors, size, batch, resize=True))
     medians = {k: statistics.median(v) for k, v in rates.items()}
     return {
         "shards": shards, "jpegs": len(jpegs), "other_images_left_out": len(blobs) - len(jpegs),
-        "mean_jpeg_bytes": sum(map(len, jpegs)) / max(1, len(jpegs)), "cpu_cores": cores(),
+        "mean_jpeg_bytes": sum(map(len, jpegs)) / max(1, len(jpegs)), "cpu_cores": benchmark.cores(),
         "cpu_limit_variant": variant, "gpu": torch.cuda.get_device_name(),
         "rates": rates, "medians": medians,
         "gpu_decode_resize_over_cpu_limit": medians["gpu_decode_resize"] / medians["cpu_limit"],
@@ -106,10 +106,7 @@ def measure(shards: str, split: str, size: tuple[int, int], batch: int, repeat: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shards", nargs="+")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3)
+    benchmark.add_epoch_arguments(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     size = (args.image_size, args.image_size)
