@@ -12,6 +12,7 @@ import functools
 import json
 import posixpath
 import re
+import zlib
 from typing import Any
 
 from .errors import FormatVersionError, ManifestError
@@ -24,6 +25,7 @@ __all__ = [
     "PIL_FORMAT_TO_EXT",
     "TAR_MTIME",
     "TAR_MODE",
+    "byte_sum",
     "shard_name",
     "sample_key",
     "split_member_name",
@@ -71,6 +73,26 @@ TAR_GID = 0
 TAR_UNAME = ""
 TAR_GNAME = ""
 
+
+
+def byte_sum(data: bytes | memoryview) -> int:
+    """The sum of ``data``'s bytes: a tar header's checksum (USTAR: the header's bytes, its
+    checksum field counted as spaces).
+
+    ``sum(header)`` walks 512 Python ints, ~4 µs; three headers per sample made it a third
+    of the reader's tar parsing, with the GIL held. Adler-32's first half is 1 + that sum
+    modulo 65,521, and no 256 bytes add up to that much, so 256-byte pieces give the exact
+    sum in C (~0.7 µs a header).
+    """
+    if len(data) <= _ADLER_PIECE:
+        return (zlib.adler32(data) & 0xFFFF) - 1
+    if len(data) <= 2 * _ADLER_PIECE:  # a tar header
+        return (zlib.adler32(data[:_ADLER_PIECE]) & 0xFFFF) + (zlib.adler32(data[_ADLER_PIECE:]) & 0xFFFF) - 2
+    return sum((zlib.adler32(data[i : i + _ADLER_PIECE]) & 0xFFFF) - 1
+               for i in range(0, len(data), _ADLER_PIECE))
+
+
+_ADLER_PIECE = 256  # 1 + 256 * 255 < 65,521: no wrap
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
 

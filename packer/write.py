@@ -26,6 +26,7 @@ from .format import (
     TAR_MTIME,
     TAR_UID,
     TAR_UNAME,
+    byte_sum,
     member_names,
 )
 from .plan import TAR_BLOCK, PlannedSample, PlannedShard, archive_bytes
@@ -227,7 +228,7 @@ def ustar_header(name: str, size: int) -> bytes:
             "long; shorten it"
         )
     head = encoded.ljust(100, b"\0") + _HEADER_HEAD + _octal(size, 12) + _octal(TAR_MTIME, 12)
-    checksum = sum(head) + sum(b"        ") + _TAIL_SUM
+    checksum = byte_sum(head) + sum(b"        ") + _TAIL_SUM
     return head + b"%06o\0 " % checksum + _HEADER_TAIL
 
 

@@ -17,6 +17,7 @@ from packer.format import (
     FORMAT_VERSION,
     IMAGE_MEMBER_EXTS,
     MANIFEST_NAME,
+    byte_sum,
     manifest_to_bytes,
     member_names,
     parse_manifest,
@@ -26,6 +27,15 @@ from packer.format import (
     split_member_name,
 )
 from packer.sizes import format_size, parse_size
+
+
+@given(st.one_of(st.binary(max_size=2000), st.integers(0, 2000).map(lambda n: b"\xff" * n)))
+def test_byte_sum_is_the_sum_of_the_bytes_for_any_length(data: bytes) -> None:
+    # the tar checksum shortcut (Adler-32 over 256-byte pieces) must never wrap, even when
+    # every byte is 255
+    assert byte_sum(data) == sum(data)
+    assert byte_sum(memoryview(data)) == sum(data)
+
 
 split_names = st.text(st.characters(codec="utf-8", exclude_characters="/\x00"), min_size=1, max_size=20)
 

@@ -81,6 +81,31 @@ def test_a_shard_cut_inside_the_next_sample_keeps_the_samples_before(tmp_path, c
     assert [k["__key__"] for k in kept] == ["k"] and policy.skipped_shards == 1
 
 
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_a_shard_cut_at_any_byte_yields_every_whole_member_and_names_where_it_ends(fmt):
+    """Small members are read together with their padding and the next header, large ones
+    alone: wherever the shard ends, every member whose data is whole comes out, and the
+    error's offset is that byte (or the start of the header it cuts)."""
+    members = [("a.jpg", bytes(range(256)) * 20), ("a.cls", b"1"), ("b" * 120 + ".json", b"{}" * 15),
+               ("c.jpg", b"c" * 4096), ("c.cls", b""), ("d.txt", b"d" * 511)]
+    data = _tar(members, fmt)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        infos = tar.getmembers()
+    ends = [(info.offset_data + info.size, info.name) for info in infos]
+    end_marker = infos[-1].offset_data + -(-infos[-1].size // 512) * 512
+    # a member's first header (a pax or GNU long-name one, when there is one) and its own
+    headers = {info.offset for info in infos} | {info.offset_data - 512 for info in infos} | {end_marker}
+    for cut in range(0, end_marker + 512):
+        got = []
+        with pytest.raises(ShardReadError) as error:
+            got.extend(m.name for m in tar_members(io.BytesIO(data[:cut]), shard="s"))
+        assert got == [name for end, name in ends if end <= cut], cut
+        in_header = cut // 512 * 512 in headers
+        assert error.value.offset == (cut // 512 * 512 if in_header else cut), cut
+    assert [m.name for m in tar_members(io.BytesIO(data[: end_marker + 512]), shard="s")] == \
+        [name for name, _ in members]
+
+
 def test_damaged_shard_raises_or_is_skipped(id_shards, tmp_path):
     shards, _ = id_shards
     bad = tmp_path / "bad.tar"
