@@ -22,7 +22,7 @@ import numpy as np
 from packer.errors import ClassNotFoundError, SampleDecodeError
 from packer.probe import allow_packed_pixels
 
-from .batches import BatchBuffers, BatchOptions, decode_batches
+from .batches import BatchBuffers, BatchOptions, decode_batches, default_decode_threads
 from .decode import DecodeOptions
 from .distributed import (
     DEFAULT_DISTRIBUTED_SEED,
@@ -97,8 +97,9 @@ class ShardReader:
         shuffle_buffer_bytes: also cap the buffer at this many compressed bytes (None: no
             cap; 10,000 ImageNet JPEGs are about 1.1 GB).
         interleave: shards read round robin at once when shuffling.
-        num_workers: decoding threads (default: the CPUs this process may use); with
-            ``processes``, all processes' threads together.
+        num_workers: decoding threads (default: the CPUs this process may use, at most 8
+            when the manifest says the images are small: ``batches.default_decode_threads``);
+            with ``processes``, all processes' threads together (default: the CPUs).
         processes: decode in this many processes (2 or more), each with its own GIL and
             ``num_workers // processes`` threads, for machines with many cores where one
             process's Python caps the rate (reader.processes; docs/READING.md). 0 (default):
@@ -194,10 +195,12 @@ class ShardReader:
         self.shuffle_buffer = int(shuffle_buffer)
         self.shuffle_buffer_bytes = shuffle_buffer_bytes
         self.interleave = max(1, int(interleave))
-        self.num_workers = num_workers or _default_workers()
         if int(processes) < 0 or int(processes) != processes:
             raise ValueError(f"processes must be a whole number >= 0, got {processes!r}")
         self.processes = int(processes) if processes > 1 else 0
+        self.num_workers = num_workers or (
+            _default_workers() if self.processes else
+            default_decode_threads(_default_workers(), self.source.mean_sample_bytes()))
         self._pool: DecodeProcesses | None = None
         self.policy = ErrorPolicy(on_error=on_error, on_shard_error=on_shard_error)
         self.decode_options = DecodeOptions(

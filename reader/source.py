@@ -67,6 +67,13 @@ class SplitSource:
     class_counts: dict[str, int]
     manifest: dict[str, Any] | None
 
+    def mean_sample_bytes(self) -> float | None:
+        """Shard bytes per sample (tar headers and metadata included), where the manifest
+        gives both; None for a manifest-less tar list or an empty split."""
+        known = [(s.nbytes, s.count) for s in self.shards if s.nbytes is not None and s.count]
+        samples = sum(count for _, count in known)
+        return sum(nbytes for nbytes, _ in known) / samples if samples else None
+
 
 def open_shard(
     url: str,

@@ -10,7 +10,8 @@ import pytest
 from conftest import ID_CLASSES, pixel_ids
 
 from packer.errors import ClassNotFoundError, ManifestError, SplitNotFoundError
-from reader import ShardReader
+from reader import ShardReader, shard_reader
+from reader.batches import default_decode_threads
 
 
 def _epoch_ids(reader: ShardReader) -> tuple[list[int], list[int]]:
@@ -158,3 +159,24 @@ def test_decoder_option_reaches_the_decoder(photo_shards):
     assert auto.shape == pillow.shape and np.abs(auto - pillow).mean() < 8  # same photos
     with pytest.raises(ValueError, match="decoder"):
         ShardReader(photo_shards, decoder="turbo", **opts)
+
+
+@pytest.mark.parametrize("cpus, mean_bytes, threads", [
+    (16, 16_000, 8), (16, 46_000, 16), (16, None, 16), (4, 16_000, 4), (1, 16_000, 1),
+])
+def test_default_decode_threads_by_image_size(cpus, mean_bytes, threads):
+    assert default_decode_threads(cpus, mean_bytes) == threads
+
+
+def test_a_reader_of_small_images_on_many_cores_decodes_on_8_threads(id_shards, monkeypatch):
+    """Small images on 16 CPUs: 8 threads by default (more wait for the GIL); a number the
+    caller gives, decode processes and manifest-less tars keep one thread per CPU."""
+    shards, _ = id_shards
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 16)
+    reader = ShardReader(shards, split="train", image_size=4)
+    assert reader.source.mean_sample_bytes() < 32 * 1024
+    assert reader.num_workers == 8
+    assert ShardReader(shards, split="train", image_size=4, num_workers=16).num_workers == 16
+    assert ShardReader(shards, split="train", image_size=4, processes=4).num_workers == 16
+    tars = sorted(str(p) for p in (shards / "train").glob("*.tar"))
+    assert ShardReader(tars, num_classes=3, image_size=4).num_workers == 16
