@@ -77,6 +77,7 @@ class ShardReadError(ShardpackError):
         shard: the shard's name or URL.
         offset: byte offset in the shard where reading failed, when known.
         key: the sample key being read, when known.
+        reason: the message without the shard, key and offset.
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class ShardReadError(ShardpackError):
         self.shard = shard
         self.offset = offset
         self.key = key
+        self.reason = message
         where = f"shard {shard}"
         if key is not None:
             where += f", sample {key}"

@@ -282,6 +282,7 @@ class ShardStream(io.RawIOBase):
         self._buf = memoryview(b"")
         self._pos = 0  # bytes handed to the consumer
         self._eof = False
+        self._error: Exception | None = None  # raised by every read after a short one
         self._stop = threading.Event()
         self._blocks: Iterator[bytes] | None = None
         self._queue: queue.Queue[Any] | None = None
@@ -437,6 +438,8 @@ class ShardStream(io.RawIOBase):
         return self._pos
 
     def readinto(self, b: Any) -> int:
+        if self._error is not None:
+            raise self._error
         target = memoryview(b).cast("B")
         if not self._buf and not self._next_block():
             return 0
@@ -449,12 +452,22 @@ class ShardStream(io.RawIOBase):
     def read(self, size: int | None = -1) -> bytes:
         if self.closed:
             raise ValueError("read from a closed shard stream")
+        if self._error is not None:
+            raise self._error
         if size is None or size < 0:
             return self.readall()
-        parts = []
+        parts: list[memoryview] = []
         wanted = size
         while wanted > 0:
-            if not self._buf and not self._next_block():
+            try:
+                if not self._buf and not self._next_block():
+                    break
+            except Exception as exc:
+                if not parts:
+                    raise
+                # the bytes before the failing block are returned; the error is raised by
+                # the next read (and every one after it), as a file's short read then EIO
+                self._error = exc
                 break
             part = self._buf[:wanted]
             self._buf = self._buf[len(part):]
@@ -464,6 +477,8 @@ class ShardStream(io.RawIOBase):
         return b"".join(parts)
 
     def readall(self) -> bytes:
+        if self._error is not None:
+            raise self._error
         parts = []
         while self._buf or self._next_block():
             parts.append(bytes(self._buf))

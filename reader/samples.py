@@ -173,13 +173,16 @@ def tar_members(
         header = None
         if kind in (b"L", b"x") or (kind in _FILE_TYPES and (want is None or want(long_name or name))):
             member = long_name or name
-            data, pad, header = _read_member(stream, size, padded)
+            data, pad, header, failed = _read_member(stream, size, padded)
             if len(data) < size:
+                key = split_member_name(member)[0]
+                if failed is not None:  # the stream's own error, naming the member's key
+                    raise _in_member(failed, key, shard, data_offset + len(data)) from failed
                 raise ShardReadError(
                     f"truncated: member {member!r} needs {size} bytes, only {len(data)} are there",
                     shard=shard,
                     offset=data_offset + len(data),
-                    key=split_member_name(member)[0],
+                    key=key,
                 )
             if kind in (b"L", b"x"):
                 start = offset if start is None else start
@@ -190,6 +193,8 @@ def tar_members(
             else:  # whole, even if the padding after it is cut: what came before stays readable
                 yield Member(member, data, offset if start is None else start)
                 long_name = start = None
+            if failed is not None:  # met reading ahead: raised where reading on would meet it
+                raise failed
             if pad < padded - size:
                 raise ShardReadError(
                     f"truncated: the shard ends in the padding after member {member!r}",
@@ -209,23 +214,52 @@ def tar_members(
         offset = data_offset + padded
 
 
-def _read_member(stream: IO[bytes], size: int, padded: int) -> tuple[bytes, int, bytes]:
-    """A member's data, how much of its padding was there, and the next header.
+def _read_member(
+    stream: IO[bytes], size: int, padded: int
+) -> tuple[bytes, int, bytes, Exception | None]:
+    """A member's data, how much of its padding was there, the next header, and the error
+    that stopped the reads short, if one did.
 
     Three reads per member (data, padding, next header) were a fifth of the tar parsing:
     the padding and the next header come in one read, and a small member (``.cls``,
     ``.json``) comes with both. A large one is read on its own: slicing it out of a bigger
-    read would copy every image twice.
+    read would copy every image twice. An error met while reading ahead (a remote or
+    checked stream failing in the next header) comes back instead of being raised, so the
+    caller still yields the whole member first, as a reader that had not read ahead would.
     """
     if padded <= _SMALL_MEMBER:
-        chunk = _read_exact(stream, padded + BLOCK)
+        chunk, failed = _read_upto(stream, padded + BLOCK)
         data = chunk[:size]
-        return data, max(0, min(len(chunk), padded) - size), chunk[padded:]
-    data = _read_exact(stream, size)
+        return data, max(0, min(len(chunk), padded) - size), chunk[padded:], failed
+    data, failed = _read_upto(stream, size)
     if len(data) < size:
-        return data, 0, b""
-    rest = _read_exact(stream, padded - size + BLOCK)
-    return data, min(len(rest), padded - size), rest[padded - size :]
+        return data, 0, b"", failed
+    rest, failed = _read_upto(stream, padded - size + BLOCK)
+    return data, min(len(rest), padded - size), rest[padded - size :], failed
+
+
+def _read_upto(stream: IO[bytes], n: int) -> tuple[bytes, Exception | None]:
+    """Up to ``n`` bytes (fewer at the end), and the error that ended the reading early."""
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        try:
+            chunk = stream.read(n - got)
+        except Exception as exc:  # an OSError, or a checked/remote stream's ShardReadError
+            return b"".join(parts), exc
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return (parts[0] if len(parts) == 1 else b"".join(parts)), None
+
+
+def _in_member(error: Exception, key: str, shard: str, offset: int) -> ShardReadError:
+    """A stream error met inside a member, with the member's key: the sample before it is
+    then whole and kept (group_samples)."""
+    if isinstance(error, ShardReadError):
+        return type(error)(error.reason, shard=error.shard, offset=error.offset, key=key)
+    return ShardReadError(f"read failed ({error})", shard=shard, offset=offset, key=key)
 
 
 _SMALL_MEMBER = 8 * BLOCK

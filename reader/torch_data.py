@@ -53,7 +53,8 @@ class ShardIterableDataset(IterableDataset):
         channels_last: NCHW tensors in channels-last memory (no copy) instead of
             contiguous NCHW.
         decode_threads: decoding threads in each loader worker (default: the CPUs this
-            process may use, divided among the workers).
+            process may use, divided among the workers; with one worker or none, as
+            ``ShardReader``'s ``num_workers``: at most 8 for small images).
         reader_options: ShardReader options (``image_size``, ``batch_size``, ``shuffle``,
             ``seed``, ``rank``, ``world_size``, ``uneven``, ``label_mode``, ...). Rank and
             world size are detected when the dataset is made, in the main process.

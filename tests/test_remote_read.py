@@ -8,6 +8,7 @@ message naming it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -170,6 +171,23 @@ def test_truncated_object_is_reported_not_hidden(uploaded):
         with open_shard_stream(f"s3://{bucket}/ds/{name}", storage_options=s3_options(endpoint),
                                expected_size=entry["bytes"], block_size=BLOCK, backoff=0.01) as s:
             s.read()
+
+
+def test_a_read_cut_short_by_a_failing_block_returns_the_bytes_before_it(tmp_path):
+    """Like a file's short read before EIO: the bytes that arrived are returned, and every
+    later read raises (a tar parser reading ahead must not lose the member before the cut)."""
+    whole = bytes(range(256)) * 64  # 16 KiB
+    path = tmp_path / "cut.tar"
+    path.write_bytes(whole[:10_000])
+    sha = hashlib.sha256(whole).hexdigest()  # a local shard with a checksum: a checked stream
+    with open_shard_stream(str(path), expected_size=len(whole), expected_sha256=sha, block_size=4096) as s:
+        assert s.read(6000) == whole[:6000]
+        assert s.read(8000) == whole[6000:10_000]  # the block after these is short: cut
+        for _ in range(2):
+            with pytest.raises(ShardReadError, match="truncated") as info:
+                s.read(100)
+            assert info.value.offset == 10_000
+        assert s.tell() == 10_000
 
 
 def test_prefetch_opens_the_next_shard_ahead():
