@@ -10,7 +10,9 @@ WebDataset shards: ustar/gnu/pax headers, GNU long names (``L``) and pax ``path`
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import os
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import IO, Any, NamedTuple
 
@@ -76,9 +78,9 @@ def _skip(stream: IO[bytes], n: int) -> int:
             end = stream.seek(n, 1)
         except (OSError, ValueError):  # claims to seek but cannot seek relative: read
             stream.seek(here)
-        else:
-            size = getattr(stream, "size", None)  # fsspec files seek past the end silently
-            return min(n, end - here, (size - here) if isinstance(size, int) else n)
+        else:  # files seek past their end silently: bound the skip by their size
+            size = _stream_size(stream)
+            return min(n, end - here, (size - here) if size is not None else n)
     got = 0
     while got < n:  # in chunks: a skip must not hold a whole large member in memory
         chunk = stream.read(min(n - got, 1 << 20))
@@ -86,6 +88,16 @@ def _skip(stream: IO[bytes], n: int) -> int:
             break
         got += len(chunk)
     return got
+
+
+def _stream_size(stream: IO[bytes]) -> int | None:
+    size = getattr(stream, "size", None)  # fsspec files
+    if isinstance(size, int):
+        return size
+    try:  # a local file
+        return os.fstat(stream.fileno()).st_size
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
 
 
 def _parse_number(field: bytes) -> int:

@@ -134,6 +134,17 @@ def test_a_cut_shard_keeps_every_sample_before_the_cut_on_every_stream(tmp_path,
         assert policy.skipped_shards == 1, cut
 
 
+def test_a_skipped_member_cut_short_in_a_file_is_named_where_the_file_ends(tmp_path):
+    """Members skipped by seeking (scan_shard skips images): a file seeks past its end
+    without complaint, so the skip is bounded by the file's size."""
+    data = _tar([("a.jpg", b"a" * 100_000), ("a.cls", b"0")])
+    path = tmp_path / "cut.tar"
+    path.write_bytes(data[:60_000])
+    with open(path, "rb") as f, pytest.raises(ShardReadError, match="member 'a.jpg' needs") as info:
+        list(tar_members(f, shard="s", want=lambda name: name.endswith(".cls")))
+    assert info.value.offset == 60_000
+
+
 def test_damaged_shard_raises_or_is_skipped(id_shards, tmp_path):
     shards, _ = id_shards
     bad = tmp_path / "bad.tar"
