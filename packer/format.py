@@ -74,7 +74,6 @@ TAR_UNAME = ""
 TAR_GNAME = ""
 
 
-
 def byte_sum(data: bytes | memoryview) -> int:
     """The sum of ``data``'s bytes: a tar header's checksum (USTAR: the header's bytes, its
     checksum field counted as spaces).
@@ -93,6 +92,7 @@ def byte_sum(data: bytes | memoryview) -> int:
 
 
 _ADLER_PIECE = 256  # 1 + 256 * 255 < 65,521: no wrap
+
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
 
