@@ -209,7 +209,7 @@ def c_shardpack_numpy(cfg: dict[str, Any]) -> dict[str, Any]:
     r = ShardReader(cfg["source"], split=cfg["split"], image_size=tuple(cfg["image_size"]),
                     batch_size=cfg["batch_size"], shuffle=True, seed=0,
                     storage_options=cfg.get("storage_options"), dtype=cfg.get("dtype", "float32"),
-                    processes=cfg.get("processes", 0))
+                    processes=cfg.get("processes", 0), num_workers=cfg.get("num_workers"))
     try:
         return _parent_only(time_epoch(r, cfg.get("warmup", 3)), cfg)
     finally:

@@ -14,7 +14,8 @@ which holds it back on many cores when images are small).
 Usage::
 
     python scripts/bench_cores.py SHARDS [SHARDS ...] [--split train] [--repeat 3]
-        [--loader-workers 8] [--processes 8] [--contenders a,b,...] [--out FILE.json]
+        [--loader-workers 8] [--processes 8] [--threads N] [--contenders a,b,...]
+        [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def c_shardpack_numpy_uint8(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def c_shardpack_processes(cfg: dict[str, Any]) -> dict[str, Any]:
-    return benchmark.c_shardpack_numpy(cfg)  # cfg["processes"]: --processes
+    return benchmark.c_shardpack_numpy(dict(cfg, num_workers=None))  # cfg["processes"]: --processes
 
 
 def c_torch_loader(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +92,7 @@ def c_torch_loader(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def c_shardpack_processes_per_core(cfg: dict[str, Any]) -> dict[str, Any]:
-    return benchmark.c_shardpack_numpy(dict(cfg, processes=benchmark.cores()))
+    return benchmark.c_shardpack_numpy(dict(cfg, processes=benchmark.cores(), num_workers=None))
 
 
 CONTENDERS = {"decode_limit": benchmark.c_decode_limit, "decode_limit_processes": c_decode_limit_processes,
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     benchmark.add_epoch_arguments(parser)
     parser.add_argument("--loader-workers", type=int, default=8, help="torch_loader's DataLoader workers")
     parser.add_argument("--processes", type=int, default=8, help="shardpack_processes' processes=")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="the ShardReader contenders' num_workers (default: the reader's "
+                             "own: every CPU, at most 8 on shards packed small)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated")
     parser.add_argument("--out", default=None)
     parser.add_argument("--contender", help=argparse.SUPPRESS)
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     for shards in args.shards:
         cfg = {"source": shards, "split": args.split, "image_size": size,
                "batch_size": args.batch_size, "loader_workers": args.loader_workers,
-               "processes": args.processes}
+               "processes": args.processes, "num_workers": args.threads}
         res = benchmark.run_rounds(names, cfg, args.repeat, module=[str(Path(__file__).resolve())])
         limit = res["decode_limit"].get("round_rates") or []
         for name in names:
