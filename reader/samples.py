@@ -55,21 +55,6 @@ class Member(NamedTuple):
     offset: int
 
 
-def _read_exact(stream: IO[bytes], n: int) -> bytes:
-    data = stream.read(n)
-    if len(data) == n or not data:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < n:
-        chunk = stream.read(n - got)
-        if not chunk:
-            break
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
-
-
 def _skip(stream: IO[bytes], n: int) -> int:
     """Skip ``n`` bytes; return how many were really there."""
     if n >= _SKIP_SEEK_MIN and getattr(stream, "seekable", lambda: False)():
@@ -157,7 +142,9 @@ def tar_members(
     header: bytes | None = None  # the next header, when it was read with the member before
     while True:
         if header is None:
-            header = _read_exact(stream, BLOCK)
+            header, failed = _read_upto(stream, BLOCK)
+            if failed is not None:
+                raise failed
         if len(header) < BLOCK:
             raise ShardReadError(
                 "truncated: the shard ends before the tar end-of-archive marker "
