@@ -75,8 +75,11 @@ class BatchOptions:
             )
 
 
-def decode_sample(sample: Sample, options: DecodeOptions, aug_seed: int | None) -> np.ndarray:
-    """Decode the image of one sample (runs on a worker thread).
+def decode_sample(
+    sample: Sample, options: DecodeOptions, aug_seed: int | None, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Decode the image of one sample (runs on a worker thread), into ``out`` if given
+    (see ``decode_image``).
 
     Raises:
         SampleDecodeError: no image member, or bytes Pillow cannot decode.
@@ -90,7 +93,7 @@ def decode_sample(sample: Sample, options: DecodeOptions, aug_seed: int | None) 
         )
     rng = random.Random(aug_seed) if aug_seed is not None else None
     try:
-        return decode_image(sample[ext], options, rng=rng)
+        return decode_image(sample[ext], options, rng=rng, out=out)
     except _DECODE_ERRORS as exc:
         raise SampleDecodeError(
             f"cannot decode .{ext} image ({exc})", key=sample["__key__"], shard=sample.get("__shard__")
@@ -166,23 +169,23 @@ def _decode_into(
 ) -> list[tuple[int, SampleDecodeError]]:
     """Decode ``samples`` into rows ``first, first + 1, ...`` of ``x`` (runs on a worker).
 
-    The uint8 -> float32 cast (and ``rescale``) happens here too, on the worker, so the
-    thread that assembles batches never touches pixels (a uint8 ``x`` takes them as they
-    are). Returns the failures as
-    ``(row, error)``; their rows are left as they were.
+    Each image is decoded straight into its row: the uint8 -> float32 cast (and
+    ``rescale``) happens here, on the worker, so the thread that assembles batches never
+    touches pixels, and a bilinear resize may be done in float32 (``decode.resize_into``).
+    Returns the failures as ``(row, error)``; their rows may be partly written (the batch
+    leaves them out).
     """
     failed = []
     scale = None if rescale is None else np.float32(rescale)
     for i, (sample, seed) in enumerate(zip(samples, seeds, strict=True)):
+        row = x[first + i]
         try:
-            arr = decode_sample(sample, options, seed)
+            decode_sample(sample, options, seed, out=row)
         except SampleDecodeError as exc:
             failed.append((first + i, _without_tracebacks(exc)))
             continue
-        if scale is None:
-            x[first + i] = arr
-        else:
-            np.multiply(arr, scale, out=x[first + i], casting="unsafe")
+        if scale is not None:
+            np.multiply(row, scale, out=row)
     return failed
 
 

@@ -111,7 +111,9 @@ class ShardReader:
             shard and byte offset), or "warn"/"ignore" to skip the rest of that shard.
         rescale: multiply pixel values by this (e.g. ``1 / 255``).
         dtype: "float32" (default, as Keras) or "uint8": the decoded pixels unconverted, a
-            quarter of the batch memory and of the copy to the GPU (normalise there).
+            quarter of the batch memory and of the copy to the GPU (normalise there). The
+            two differ by the rounding of a resize: float32 rows may hold a bilinear
+            resize's unrounded values, as ``tf.image.resize`` gives.
         random_flip: flip images horizontally at random (augmentation).
         random_crop: ``(min, max)`` area fraction of a random crop (augmentation).
         num_classes: number of classes for manifest-less tars (else found by a scan).

@@ -4,6 +4,7 @@ Why this exists: it is the evidence for decoding on threads (reader/batches.py).
 prints a table and writes JSON. Usage::
 
     python scripts/bench_decode.py [--images 600] [--image-size 224] [--workers N] [--out bench_out/decode.json]
+    python scripts/bench_decode.py --float-rows SHARDS [--images 400]   # reader.decode._FLOAT_RESIZE_MAX_AREA
 """
 
 from __future__ import annotations
@@ -60,13 +61,60 @@ def gil_probe(work, seconds: float = 0.3) -> float:
     return rate(work) / rate(lambda: time.sleep(seconds))
 
 
+def float_row_costs(blobs: list[bytes], size: int, thresholds: list[float]) -> dict[float, float]:
+    """ms per image of ``decode_image`` into a float32 batch row, for each value of the
+    float32-resize threshold (``reader.decode._FLOAT_RESIZE_MAX_AREA``; 0 = never).
+
+    Paired: each image is decoded under every threshold in turn, four times, and its best
+    time per threshold counts, so a slow moment on this shared machine hits all alike. Rows
+    cycle through 256 batch rows (150 MB), so each write lands in cold memory as in a reader.
+    """
+    import numpy as np
+
+    import reader.decode as decode
+
+    options = DecodeOptions(image_size=(size, size))
+    rows = np.zeros((256, size, size, 3), np.float32)
+    total = dict.fromkeys(thresholds, 0.0)
+    saved, k = decode._FLOAT_RESIZE_MAX_AREA, 0
+    try:
+        for data in blobs:
+            best = dict.fromkeys(thresholds, float("inf"))
+            for _ in range(4):
+                for threshold in thresholds:
+                    decode._FLOAT_RESIZE_MAX_AREA = threshold
+                    k += 1
+                    t = time.perf_counter()
+                    decode_image(data, options, out=rows[k % len(rows)])
+                    best[threshold] = min(best[threshold], time.perf_counter() - t)
+            for threshold in thresholds:
+                total[threshold] += best[threshold]
+    finally:
+        decode._FLOAT_RESIZE_MAX_AREA = saved
+    return {threshold: seconds / len(blobs) * 1e3 for threshold, seconds in total.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--out", default="bench_out/decode.json")
+    parser.add_argument("--float-rows", metavar="SHARDS",
+                        help="only time decode into float32 rows per float32-resize threshold, "
+                             "on the train split of these shards")
+    parser.add_argument("--thresholds", default="0,1.5,2,2.5,3,3.5")
     args = parser.parse_args()
+    if args.float_rows:
+        from reader.benchmark import split_image_bytes
+
+        blobs = split_image_bytes(args.float_rows, "train")[: args.images]
+        costs = float_row_costs(blobs, args.image_size, [float(t) for t in args.thresholds.split(",")])
+        print(f"{len(blobs)} images of {args.float_rows}, decoded into float32 rows of "
+              f"{args.image_size}x{args.image_size}; ms per image (best of 4, paired):")
+        for threshold, ms in costs.items():
+            print(f"  float32 resize up to {threshold:g}x the row's pixels: {ms:.4f}")
+        return
 
     rng = random.Random(0)
     classes = ["astronaut", "cat", "coffee", "rocket"]

@@ -108,8 +108,10 @@ def test_label_modes_and_drop_remainder(id_shards):
 
 
 def test_uint8_batches_hold_the_float32_pixels(photo_shards):
-    """dtype="uint8" skips the cast only: the same pixels, batch for batch, with the same
-    augmentation draws; rescale, which needs floats, is refused with it."""
+    """dtype="uint8" skips the cast: the same pixels up to the rounding of a resize (float32
+    rows may take a bilinear resize's unrounded values), batch for batch, with the same
+    augmentation draws (a flip or crop drawn differently moves pixels by far more);
+    rescale, which needs floats, is refused with it."""
     opts = dict(split="train", image_size=(32, 32), batch_size=16, seed=4, random_flip=True,
                 random_crop=(0.5, 1.0))
     floats = list(ShardReader(photo_shards, **opts))
@@ -117,7 +119,8 @@ def test_uint8_batches_hold_the_float32_pixels(photo_shards):
     assert len(ints) == len(floats) > 1
     for (xi, yi), (xf, yf) in zip(ints, floats, strict=True):
         assert xi.dtype == np.uint8 and xi.shape == xf.shape
-        np.testing.assert_array_equal(xi.astype(np.float32), xf)
+        np.testing.assert_allclose(xi.astype(np.float32), xf, rtol=0, atol=1.0)
+        assert np.abs(xi.astype(np.float32) - xf).mean() < 0.5
         np.testing.assert_array_equal(yi, yf)
     with pytest.raises(ValueError, match="rescale"):
         ShardReader(photo_shards, dtype="uint8", rescale=1 / 255, **opts)

@@ -114,3 +114,89 @@ def test_without_dct_scaling_jpegs_give_keras_pixels(interpolation):
     exact, scaled = off(dct_scaling=False), off()
     assert exact.max() <= 2 and exact.mean() < 0.2, (exact.max(), exact.mean())
     assert scaled.mean() > 4 * max(exact.mean(), 0.05)
+
+
+def _float_row(options: DecodeOptions) -> np.ndarray:
+    return np.full(options.shape, -1.0, dtype=np.float32)  # -1: a pixel left unwritten shows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("color_mode", ["rgb", "grayscale"])
+def test_float32_rows_get_tf_image_resize_values_unrounded(seed, color_mode):
+    """A bilinear resize into a float32 batch row is done in float32 when the image is at
+    most _FLOAT_RESIZE_MAX_AREA times the row: Keras' own float values (tf.image.resize
+    returns float32), not the uint8 resize's rounded ones, which are up to ~0.8 away."""
+    data, pixels = _png(seed)
+    h, w = pixels.shape[:2]
+    size = (int(h / 1.3), int(w / 1.25))  # 1.6x the row's pixels: the float32 path
+    options = DecodeOptions(image_size=size, color_mode=color_mode)
+    row = decode_image(data, options, out=_float_row(options))
+    source = pixels if color_mode == "rgb" else np.asarray(Image.fromarray(pixels).convert("L"))[:, :, None]
+    ref = tf.image.resize(source[None].astype(np.float32), size, antialias=False)[0].numpy()
+    assert row.shape == ref.shape and row.dtype == np.float32
+    assert np.abs(row - ref).max() < 0.02
+    rounded = decode_image(data, options).astype(np.float32)  # the uint8 result: rounded
+    assert np.abs(rounded - ref).max() > 0.4
+    assert np.abs(rounded - row).max() <= 1
+
+
+def test_float32_rows_of_a_crop_box_get_tf_values():
+    """A crop (here crop_to_aspect_ratio's centre square) goes through the float32 path too."""
+    data, pixels = _png(1)
+    h, w = pixels.shape[:2]
+    side = min(h, w)
+    size = (int(side / 1.2), int(side / 1.2))
+    options = DecodeOptions(image_size=size, crop_to_aspect_ratio=True)
+    row = decode_image(data, options, out=_float_row(options))
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = pixels[top : top + side, left : left + side]
+    ref = tf.image.resize(crop[None].astype(np.float32), size, antialias=False)[0].numpy()
+    assert np.abs(row - ref).max() < 0.02
+    assert np.abs(row - decode_image(data, options).astype(np.float32)).max() <= 1
+
+
+@pytest.mark.parametrize("case", ["large image", "strided row", "nearest", "exact size"])
+def test_rows_outside_the_float32_path_hold_the_uint8_pixels(case):
+    """Images much larger than the row (the cast would cost more than it saves), rows that
+    are not contiguous, other interpolations and images already at size: the uint8
+    pixels, cast, exactly."""
+    data, pixels = _png(2)
+    h, w = pixels.shape[:2]
+    size = {"large image": (h // 3, w // 3), "exact size": (h, w)}.get(case, (h - 7, w - 9))
+    options = DecodeOptions(image_size=size, interpolation="nearest" if case == "nearest" else "bilinear")
+    if case == "strided row":
+        row = np.full((size[0], size[1] * 2, 3), -1.0, np.float32)[:, ::2]
+    else:
+        row = _float_row(options)
+    out = decode_image(data, options, out=row)
+    assert out is row
+    np.testing.assert_array_equal(row, decode_image(data, options).astype(np.float32))
+
+
+def test_flip_into_a_row_flips_the_resized_image():
+    data, _ = _png(0)
+    options = DecodeOptions(image_size=(90, 80), random_flip=True)
+    flipped = 0
+    for seed in range(8):
+        row = decode_image(data, options, rng=random.Random(seed), out=_float_row(options))
+        plain = decode_image(data, options, rng=random.Random(seed)).astype(np.float32)
+        assert np.abs(row - plain).max() <= 1  # the same draw: flipped alike
+        unflipped = decode_image(data, DecodeOptions(image_size=(90, 80)), out=_float_row(options))
+        flipped += not np.allclose(row, unflipped)
+        if not np.allclose(row, unflipped):
+            np.testing.assert_allclose(row, unflipped[:, ::-1], atol=1e-4)
+    assert 0 < flipped < 8
+
+
+def test_float32_rows_of_a_random_crop_on_a_dct_scaled_jpeg():
+    """A random crop of a JPEG decoded at a reduced scale leaves a sub-pixel box: the
+    float32 warp samples the same region as the uint8 one."""
+    im = random_crop(random.Random(3), photo("astronaut"), 480)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90)
+    options = DecodeOptions(image_size=(100, 100), random_crop=(0.4, 0.9))
+    for seed in range(4):
+        row = decode_image(buf.getvalue(), options, rng=random.Random(seed), out=_float_row(options))
+        uint8 = decode_image(buf.getvalue(), options, rng=random.Random(seed)).astype(np.float32)
+        assert row.min() >= 0
+        assert np.abs(row - uint8).max() <= 1 and np.abs(row - uint8).mean() < 0.5
