@@ -50,6 +50,8 @@ class BatchOptions:
         rescale: multiply pixels by this (e.g. 1/255) after decoding, as ImageDataGenerator.
         dtype: "float32" (Keras') or "uint8": the decoded pixels as they are, a quarter of
             the memory and of the host-to-GPU copy, for models that normalise on the GPU.
+            The two differ by the rounding of a resize (float32 rows may hold a bilinear
+            resize's unrounded values: decode.resize_into).
     """
 
     batch_size: int = 32
