@@ -238,7 +238,7 @@ _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that exchange width and height
 # EXIF orientation -> the view of a decoded (h, w, c) array that shows it upright (the
-# arrays equal ImageOps.exif_transpose's; views, so nothing is copied here)
+# arrays equal ImageOps.exif_transpose's); without OpenCV only, see _upright
 _UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     2: lambda a: a[:, ::-1],
     3: lambda a: a[::-1, ::-1],
@@ -248,6 +248,33 @@ _UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
     8: lambda a: np.rot90(a, 1),
 }
+# the same with OpenCV, as new contiguous arrays (tested equal)
+_UPRIGHT_CV2: dict[int, Callable[[Any, np.ndarray], np.ndarray]] = {
+    2: lambda cv2, a: cv2.flip(a, 1),
+    3: lambda cv2, a: cv2.rotate(a, cv2.ROTATE_180),
+    4: lambda cv2, a: cv2.flip(a, 0),
+    5: lambda cv2, a: cv2.transpose(a),
+    6: lambda cv2, a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),
+    7: lambda cv2, a: cv2.flip(cv2.transpose(a), -1),
+    8: lambda cv2, a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE),
+}
+
+
+def _upright(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """The decoded (h, w, c) uint8 ``arr`` turned upright for its EXIF ``orientation``.
+
+    With OpenCV a new array, turned by cv2.flip/rotate/transpose. numpy's reversed or
+    transposed views cost nothing here but everything later: the resize or the cast into
+    the batch row then walks the pixels backwards or across rows, three bytes at a time
+    (a 470x480 JPEG to 224x224: 0.86 ms upright, 1.1-1.7 ms with orientations 2-8, measured).
+    """
+    cv2: Any = _opencv()
+    if cv2 and arr.shape[2] in (1, 3, 4):
+        turned = _UPRIGHT_CV2[orientation](cv2, arr)
+        return turned[:, :, None] if turned.ndim == 2 else turned
+    return _UPRIGHT[orientation](arr)
+
+
 # libjpeg-turbo's scaled IDCTs with SIMD code: decoding at 5/8..7/8 is slower than at 1/1
 _FAST_SCALES = (1 / 8, 1 / 4, 1 / 2, 1.0)
 # JPEG colour spaces simplejpeg turns into RGB/L exactly as Pillow would (not CMYK/YCCK,
@@ -461,7 +488,7 @@ def _load_simplejpeg(
     except ValueError:
         return None  # damaged or unusual: Pillow decides (and names the problem)
     if orientation in _UPRIGHT:
-        arr = _UPRIGHT[orientation](arr)
+        arr = _upright(arr, orientation)
     return arr, box
 
 

@@ -236,3 +236,18 @@ def test_mirrored_is_the_left_right_flip(channels, opencv, monkeypatch):
         out = decode.mirrored(view)
         assert out.shape == view.shape and out.flags.c_contiguous
         np.testing.assert_array_equal(out, view[:, ::-1])
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_upright_with_opencv_equals_the_numpy_views(channels, monkeypatch):
+    """EXIF orientations 2-8 are turned by cv2.flip/rotate/transpose into new arrays (the
+    resize and the cast then read them forwards); the pixels are those of the numpy views
+    that match ImageOps.exif_transpose (test_fast_paths.py checks all 8 against Pillow)."""
+    arr = np.random.default_rng(channels).integers(0, 256, (37, 53, channels), dtype=np.uint8)
+    for orientation in range(2, 9):
+        turned = decode._upright(arr, orientation)
+        assert turned.flags.c_contiguous
+        np.testing.assert_array_equal(turned, decode._UPRIGHT[orientation](arr))
+    monkeypatch.setattr(decode, "_cv2", False)
+    for orientation in range(2, 9):
+        np.testing.assert_array_equal(decode._upright(arr, orientation), decode._UPRIGHT[orientation](arr))
