@@ -243,7 +243,7 @@ class DecodeProcesses:
         self._reader = weakref.ref(reader)
         self._procs: list[_Process] = []
         options = reader.batch_options
-        shape = (options.batch_size, *reader.decode_options.shape)
+        shape = (options.batch_size, *options.image_shape(reader.decode_options.shape))
         self.slot_bytes = int(np.prod(shape)) * np.dtype(options.dtype).itemsize
         self._io = threading.RLock()
         self._owner: object | None = None  # the epoch now reading; _CLOSED after close()

@@ -114,6 +114,10 @@ class ShardReader:
             quarter of the batch memory and of the copy to the GPU (normalise there). The
             two differ by the rounding of a resize: float32 rows may hold a bilinear
             resize's unrounded values, as ``tf.image.resize`` gives.
+        data_format: "channels_last" (default: images ``(batch, height, width,
+            channels)``, as Keras) or "channels_first" (``(batch, channels, height,
+            width)``, as PyTorch): written so by the decode threads, image by image, with
+            no transpose of whole batches. Channels-first rows take the uint8 resize, cast.
         random_flip: flip images horizontally at random (augmentation).
         random_crop: ``(min, max)`` area fraction of a random crop (augmentation).
         num_classes: number of classes for manifest-less tars (else found by a scan).
@@ -165,6 +169,7 @@ class ShardReader:
         on_shard_error: OnError = "raise",
         rescale: float | None = None,
         dtype: str = "float32",
+        data_format: str = "channels_last",
         random_flip: bool = False,
         random_crop: tuple[float, float] | None = None,
         num_classes: int | None = None,
@@ -225,6 +230,7 @@ class ShardReader:
             drop_remainder=drop_remainder,
             rescale=rescale,
             dtype=dtype,
+            data_format=data_format,
         )
         self.epoch = 0  # the epoch the next iter() reads
         self.batches_yielded = 0  # batches yielded so far in the current epoch

@@ -27,8 +27,10 @@ __all__ = ["ShardIterableDataset"]
 
 
 def _to_torch(x: np.ndarray, channels_last: bool) -> torch.Tensor:
-    t = torch.from_numpy(x).permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last
-    return t if channels_last else t.contiguous()
+    """NCHW without a copy: the reader made (b, c, h, w) batches, or (b, h, w, c) ones to be
+    seen as NCHW in channels-last memory."""
+    t = torch.from_numpy(x)
+    return t.permute(0, 3, 1, 2) if channels_last else t
 
 
 class ShardIterableDataset(IterableDataset):
@@ -37,8 +39,9 @@ class ShardIterableDataset(IterableDataset):
     Images are float32 tensors of shape ``(batch, channels, height, width)``, as
     torchvision models expect, with values in [0, 255] (pass ``rescale=1/255`` for [0, 1],
     as ``ToTensor`` gives), or uint8 with ``dtype="uint8"`` (as torchvision's ``decode_jpeg``
-    and FFCV give: a quarter of the memory and of the copy to the GPU; normalise there). By default they are contiguous NCHW; ``channels_last=True``
-    returns the decoded NHWC memory without a copy as an NCHW tensor in
+    and FFCV give: a quarter of the memory and of the copy to the GPU; normalise there). By
+    default they are contiguous NCHW, written so by the decode threads (no transpose of
+    whole batches); ``channels_last=True`` returns NHWC memory as an NCHW tensor in
     ``torch.channels_last`` memory format (use with ``model.to(memory_format=
     torch.channels_last)``). Labels: int64 ``(batch,)`` for ``label_mode="int"`` (what
     ``CrossEntropyLoss`` wants), float32 for "categorical"/"binary"; no labels for None.
@@ -77,12 +80,16 @@ class ShardIterableDataset(IterableDataset):
         if reader_options.get("processes"):
             raise TypeError("processes= is ShardReader's; here the DataLoader's num_workers are "
                             "the processes")
+        if "data_format" in reader_options:
+            raise TypeError("the images are NCHW; channels_last=True picks their memory layout")
         if "num_workers" in reader_options:
             raise TypeError(
                 "num_workers is the DataLoader's option (processes); pass decode_threads= "
                 "for the decoding threads inside each of them"
             )
-        self.reader = ShardReader(source, split=split, num_workers=decode_threads, **reader_options)
+        self.reader = ShardReader(
+            source, split=split, num_workers=decode_threads,
+            data_format="channels_last" if channels_last else "channels_first", **reader_options)
         self.reader.shard_counts()  # manifest-less or a class subset: scan once, before workers
         self.channels_last = channels_last
         self.decode_threads = decode_threads

@@ -128,6 +128,38 @@ def test_uint8_batches_hold_the_float32_pixels(photo_shards):
         ShardReader(photo_shards, dtype="float16", **opts)
 
 
+@pytest.mark.parametrize("color_mode", ["rgb", "grayscale", "rgba"])
+@pytest.mark.parametrize("processes", [0, 2])
+def test_channels_first_batches_are_the_channels_last_ones_transposed(photo_shards, color_mode, processes):
+    """data_format="channels_first": (b, c, h, w) batches written plane by plane by the
+    decode threads (and decode processes): uint8 ones are exactly the channels-last ones
+    transposed; float32 ones are the uint8 resize cast (so within rounding of the
+    channels-last float32 rows, and times rescale)."""
+    opts = dict(split="train", image_size=(24, 20), batch_size=16, seed=4, random_flip=True,
+                color_mode=color_mode)
+    last = list(ShardReader(photo_shards, dtype="uint8", **opts))
+    first = list(ShardReader(photo_shards, dtype="uint8", data_format="channels_first", **opts))
+    channels = {"rgb": 3, "grayscale": 1, "rgba": 4}[color_mode]
+    assert len(first) == len(last) > 1
+    for (xf, yf), (xl, yl) in zip(first, last, strict=True):
+        assert xf.shape == (len(yl), channels, 24, 20) and xf.flags.c_contiguous
+        np.testing.assert_array_equal(xf, xl.transpose(0, 3, 1, 2))
+        np.testing.assert_array_equal(yf, yl)
+    if processes:  # their own order: the same images, as a multiset
+        unflipped = {**opts, "random_flip": False}
+        procs = ShardReader(photo_shards, dtype="uint8", data_format="channels_first",
+                            processes=processes, **unflipped)
+        threads = ShardReader(photo_shards, dtype="uint8", **unflipped)
+        images = sorted(img.transpose(1, 2, 0).tobytes() for x, _ in procs for img in x)
+        assert images == sorted(img.tobytes() for x, _ in threads for img in x)
+    floats = ShardReader(photo_shards, data_format="channels_first", rescale=0.5, **opts)
+    for (x, _), (xl, _) in zip(floats, last, strict=True):
+        assert x.dtype == np.float32
+        np.testing.assert_array_equal(x, xl.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(0.5))
+    with pytest.raises(ValueError, match="data_format"):
+        ShardReader(photo_shards, data_format="NCHW", **opts)
+
+
 def test_augmentations_are_seeded(photo_shards):
     opts = dict(split="train", image_size=(32, 32), batch_size=16, random_flip=True,
                 random_crop=(0.5, 1.0))

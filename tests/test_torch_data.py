@@ -82,6 +82,25 @@ def test_resume_with_workers(awkward_shards, k):
     assert _epoch(DataLoader(again, batch_size=None, num_workers=2)) == full[k:]
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_nchw_is_written_by_the_decode_threads(photo_shards, dtype):
+    """Contiguous NCHW tensors come from the reader as they are (its decode threads write
+    channel planes; no permute().contiguous() of whole batches): the channels-last
+    tensors' pixels, exactly for uint8, within the rounding of a resize for float32."""
+    opts = dict(split="train", image_size=(24, 20), batch_size=16, seed=2, dtype=dtype)
+    nchw = list(ShardIterableDataset(photo_shards, **opts))
+    last = list(ShardIterableDataset(photo_shards, channels_last=True, **opts))
+    assert len(nchw) == len(last) > 1
+    for (x, y), (xl, yl) in zip(nchw, last, strict=True):
+        assert x.shape == xl.shape == (len(y), 3, 24, 20) and x.is_contiguous()
+        assert xl.is_contiguous(memory_format=torch.channels_last)
+        diff = (x.float() - xl.float()).abs()
+        assert diff.max() <= (0 if dtype == "uint8" else 1)
+        assert torch.equal(y, yl)
+    with pytest.raises(TypeError, match="channels_last"):
+        ShardIterableDataset(photo_shards, data_format="channels_first", **opts)
+
+
 def test_num_workers_is_the_loaders(awkward_shards):
     with pytest.raises(TypeError, match="decode_threads"):
         ShardIterableDataset(awkward_shards, split="train", num_workers=2)
@@ -94,7 +113,7 @@ def test_shard_reader_processes_give_the_loader_workers_stream(awkward_shards):
     from reader import ShardReader
 
     opts = dict(image_size=8, batch_size=5, seed=4, random_flip=True)
-    ds = ShardIterableDataset(awkward_shards, **opts)
+    ds = ShardIterableDataset(awkward_shards, channels_last=True, **opts)  # the reader's layout
     want = [(x.permute(0, 2, 3, 1).numpy(), y.numpy()) for x, y in
             DataLoader(ds, batch_size=None, num_workers=2)]
     reader = ShardReader(awkward_shards, processes=2, **opts)
