@@ -392,14 +392,7 @@ class ShardReader:
         self._reading = epoch
         self.batches_yielded = skip
         skipped = self.policy.skipped_samples, self.policy.skipped_shards
-        batches: Iterator[Batch]
-        if self.processes:
-            if self._pool is None or not self._pool.alive:
-                self._pool = DecodeProcesses(self, self.processes)
-            batches = self._pool.epoch(epoch, skip)
-        else:
-            batches = self._epoch_batches(epoch, skip_batches=skip)
-        for batch in batches:
+        for batch in self._batches(epoch, skip):
             self.batches_yielded += 1
             yield batch
         self._reading = None
@@ -409,6 +402,15 @@ class ShardReader:
                 "epoch %d of %s: skipped %d undecodable samples and %d damaged shards",
                 epoch, self.split, *lost,
             )
+
+    def _batches(self, epoch: int, skip: int) -> Iterator[Batch]:
+        """Epoch ``epoch``'s batches after the first ``skip``: from the decode processes
+        (``processes=``) or from this process's decode threads."""
+        if not self.processes:
+            return self._epoch_batches(epoch, skip_batches=skip)
+        if self._pool is None or not self._pool.alive:
+            self._pool = DecodeProcesses(self, self.processes)
+        return self._pool.epoch(epoch, skip)
 
     def close(self) -> None:
         """End the decode processes (``processes=``) and free their shared memory; a later

@@ -46,6 +46,15 @@ class ShardIterableDataset(IterableDataset):
     torch.channels_last)``). Labels: int64 ``(batch,)`` for ``label_mode="int"`` (what
     ``CrossEntropyLoss`` wants), float32 for "categorical"/"binary"; no labels for None.
 
+    On many cores, ``processes=N`` with ``DataLoader(ds, batch_size=None, num_workers=0)``
+    decodes in N processes of shardpack's own (``ShardReader(processes=N)``), which write
+    into shared-memory batches that are reused once the tensor is freed: the same batches,
+    in the same order, as ``num_workers=N`` loader workers, without their cost of moving
+    every batch into fresh shared memory (torch's ``share_memory_``: 45 ms per float32
+    224x224 batch of 64 here, on each worker's one thread). Measured on 2 cores, shards
+    packed at 256, epochs after the first: 2,070-2,600 images/s against 850-1,010 with 2
+    loader workers.
+
     Epochs work like ``DistributedSampler``: call :meth:`set_epoch` at the start of every
     epoch so each gets a new order (with ``persistent_workers=True`` the workers move on to
     the next epoch by themselves after each pass).
@@ -64,6 +73,7 @@ class ShardIterableDataset(IterableDataset):
 
     Raises:
         TypeError: ``num_workers`` given (it is the DataLoader's; use ``decode_threads``).
+        RuntimeError: when iterated in a DataLoader worker with ``processes=`` set.
         ManifestError, SplitNotFoundError, ClassNotFoundError, ValueError: as ShardReader.
     """
 
@@ -77,9 +87,6 @@ class ShardIterableDataset(IterableDataset):
         **reader_options: Any,
     ) -> None:
         super().__init__()
-        if reader_options.get("processes"):
-            raise TypeError("processes= is ShardReader's; here the DataLoader's num_workers are "
-                            "the processes")
         if "data_format" in reader_options:
             raise TypeError("the images are NCHW; channels_last=True picks their memory layout")
         if "num_workers" in reader_options:
@@ -141,8 +148,12 @@ class ShardIterableDataset(IterableDataset):
         workers = 1 if info is None else info.num_workers
         worker = 0 if info is None else info.id
         reader = self.reader
+        if reader.processes and info is not None:
+            raise RuntimeError(
+                "ShardIterableDataset(processes=N) decodes in its own N processes: use it with "
+                "DataLoader(num_workers=0), or drop processes= and give the loader num_workers")
         if workers == 1:
-            batches = reader._epoch_batches(epoch, skip_batches=skip)
+            batches = reader._batches(epoch, skip)
         else:
             if self.decode_threads is None:
                 reader.num_workers = max(1, _default_workers() // workers)

@@ -106,23 +106,28 @@ def test_num_workers_is_the_loaders(awkward_shards):
         ShardIterableDataset(awkward_shards, split="train", num_workers=2)
 
 
-def test_shard_reader_processes_give_the_loader_workers_stream(awkward_shards):
-    """ShardReader(processes=2) in numpy is PyTorch's DataLoader with 2 workers, batch for batch."""
+def test_processes_give_the_loader_workers_stream(awkward_shards):
+    """ShardReader(processes=2) in numpy, and ShardIterableDataset(processes=2) in a loader
+    without workers, are PyTorch's DataLoader with 2 workers, batch for batch; processes=
+    inside loader workers is refused."""
     import numpy as np
 
     from reader import ShardReader
 
     opts = dict(image_size=8, batch_size=5, seed=4, random_flip=True)
-    ds = ShardIterableDataset(awkward_shards, channels_last=True, **opts)  # the reader's layout
-    want = [(x.permute(0, 2, 3, 1).numpy(), y.numpy()) for x, y in
-            DataLoader(ds, batch_size=None, num_workers=2)]
-    reader = ShardReader(awkward_shards, processes=2, **opts)
+    ds = ShardIterableDataset(awkward_shards, **opts)
+    want = [(x.numpy(), y.numpy()) for x, y in DataLoader(ds, batch_size=None, num_workers=2)]
+    reader = ShardReader(awkward_shards, processes=2, data_format="channels_first", **opts)
+    in_processes = ShardIterableDataset(awkward_shards, processes=2, **opts)
     try:
         got = [(x.copy(), y) for x, y in reader]
+        tensors = [(x.numpy().copy(), y.numpy()) for x, y in DataLoader(in_processes, batch_size=None)]
+        with pytest.raises(RuntimeError, match="num_workers=0"):
+            next(iter(DataLoader(in_processes, batch_size=None, num_workers=2)))
     finally:
         reader.close()
-    assert len(got) == len(want) == len(reader)
-    for (xg, yg), (xw, yw) in zip(got, want, strict=True):
+        in_processes.reader.close()
+    assert len(got) == len(tensors) == len(want) == len(reader)
+    for (xg, yg), (xt, yt), (xw, yw) in zip(got, tensors, want, strict=True):
         assert np.array_equal(xg, xw) and np.array_equal(yg, yw)
-    with pytest.raises(TypeError, match="processes"):
-        ShardIterableDataset(awkward_shards, processes=2, **opts)
+        assert np.array_equal(xt, xw) and np.array_equal(yt, yw)
