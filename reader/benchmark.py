@@ -230,6 +230,24 @@ def c_shardpack_tf(cfg: dict[str, Any]) -> dict[str, Any]:
         ds.shard_reader.close()
 
 
+def c_shardpack_torch(cfg: dict[str, Any]) -> dict[str, Any]:
+    """PyTorch's way: ``ShardIterableDataset`` (contiguous NCHW float32) in a
+    ``DataLoader(batch_size=None, num_workers=0)``, decoding on this process's threads (or
+    in ``processes=`` of shardpack's own)."""
+    from torch.utils.data import DataLoader
+
+    from .torch_data import ShardIterableDataset
+
+    ds = ShardIterableDataset(cfg["source"], split=cfg["split"], image_size=tuple(cfg["image_size"]),
+                              batch_size=cfg["batch_size"], shuffle=True, seed=0,
+                              storage_options=cfg.get("storage_options"),
+                              processes=cfg.get("processes", 0))
+    try:
+        return _parent_only(time_epoch(DataLoader(ds, batch_size=None), cfg.get("warmup", 3)), cfg)
+    finally:
+        ds.reader.close()
+
+
 CONTENDERS = {"decode_limit": c_decode_limit, "shardpack_numpy": c_shardpack_numpy,
               "shardpack_tf": c_shardpack_tf}
 

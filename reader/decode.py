@@ -64,7 +64,6 @@ __all__ = [
     "resize_array",
     "resize_into",
     "mirrored",
-    "into_planes",
     "jpeg_orientation",
     "to_color_mode",
 ]
@@ -140,12 +139,12 @@ def resize_array(
 
 # A float32 batch row takes a bilinear resize computed in float32 when the decoded image has
 # at most this many times the row's pixels. Its pixels are then tf.image.resize's own
-# unrounded float32 values (within 0.01, where the uint8 resize is up to 0.8 off), and OpenCV's
-# float32 resize costs less than its uint8 one plus the cast into the row: a little. On shards
-# packed at 256 px going to 224x224 (1.7x), the reader on 2 cores spent 0.78-0.81 against
-# 0.80-0.84 ms CPU per image, 5 paired runs; decode_image alone 0-3% less
-# (scripts/bench_decode.py --float-rows). Larger images cost more to cast than the resize
-# saves: on the original JPEGs break-even at 2-2.5x, 1-2% slower at 3x.
+# unrounded float32 values (within 0.01, where the uint8 resize is up to 0.8 off), at about
+# the cost of the uint8 resize plus the cast into the row. Measured on shards packed at 256 px
+# going to 224x224 (1.7x), paired: the reader on 2 cores spent 0.78-0.81 against 0.80-0.84 ms
+# CPU per image in 5 runs; decode_image alone 0-3% less (scripts/bench_decode.py
+# --float-rows), or 2-4% more with the variants' order shuffled per image. Larger images cost
+# more to cast than the resize saves: on the original JPEGs 1-2% slower at 3x.
 _FLOAT_RESIZE_MAX_AREA = 2.0
 
 
@@ -198,20 +197,6 @@ def mirrored(arr: np.ndarray) -> np.ndarray:
         flipped = cv2.flip(arr, 1)
         return flipped[:, :, None] if flipped.ndim == 2 else flipped
     return np.ascontiguousarray(arr[:, ::-1])
-
-
-def into_planes(image: np.ndarray, row: np.ndarray) -> None:
-    """Write the (h, w, c) uint8 ``image`` into the (c, h, w) ``row``, cast to its dtype.
-
-    OpenCV's ``split`` de-interleaves the channels with SIMD loads; numpy's strided
-    ``image[:, :, k]`` walks them three bytes apart. Either way the cast into the row is
-    the same one a channels-last row gets: measured, 0.165 against 0.145 ms per 224x224
-    image for the cast alone.
-    """
-    cv2: Any = _opencv() if image.shape[2] in (3, 4) else False
-    planes = cv2.split(np.ascontiguousarray(image)) if cv2 else [image[:, :, k] for k in range(image.shape[2])]
-    for plane, target in zip(planes, row, strict=True):
-        target[...] = plane
 
 
 def _nearest_rows_cols(

@@ -16,6 +16,8 @@ each runs --repeat times, interleaved round by round, and the table shows the me
   shardpack_numpy    reader.ShardReader
   shardpack_numpy_uint8  the same with dtype="uint8": no float32 cast, the limit's output
   shardpack_tf       reader.image_dataset_from_shards iterated as Keras would
+  shardpack_torch    reader.ShardIterableDataset (NCHW float32) in a DataLoader without
+                     loader workers (left out when torch is not installed)
   shardpack_tf_resized   the same on shards packed with `--resize 256 --quality 90` (this
                      script's --resize and --quality choose the size and quality)
   decode_limit_resized   the decode limit of those resized shards (what shardpack_tf_resized
@@ -46,6 +48,7 @@ JSON and a PNG bar chart; ``--update-readme`` puts the table and chart into READ
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import os
@@ -63,7 +66,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 READER_CONTENDERS = [
     "decode_limit", "keras_directory", "webdataset", "shardpack_numpy", "shardpack_numpy_uint8",
-    "shardpack_tf",
+    "shardpack_tf", "shardpack_torch",
     "shardpack_tf_resized", "decode_limit_resized",
 ]
 RESIZED_CONTENDERS = ["keras_directory", "shardpack_tf_resized", "decode_limit_resized"]
@@ -212,6 +215,12 @@ def c_shardpack_tf(cfg: dict[str, Any]) -> dict[str, Any]:
     return tf_epoch(dict(cfg, source=cfg["shards"]))
 
 
+def c_shardpack_torch(cfg: dict[str, Any]) -> dict[str, Any]:
+    from reader.benchmark import c_shardpack_torch as torch_epoch
+
+    return torch_epoch(dict(cfg, source=cfg["shards"]))
+
+
 def c_shardpack_tf_resized(cfg: dict[str, Any]) -> dict[str, Any]:
     from reader.benchmark import c_shardpack_tf as tf_epoch
 
@@ -345,6 +354,7 @@ def targets(resize: int | str = 256, quality: int = 90) -> list[tuple[str, str, 
         ('ShardReader(dtype="uint8") ÷ decode limit (both uint8)', "shardpack_numpy_uint8",
          "decode_limit", None),
         ("image_dataset_from_shards ÷ decode limit", "shardpack_tf", "decode_limit", 0.9),
+        ("ShardIterableDataset (PyTorch, NCHW) ÷ decode limit", "shardpack_torch", "decode_limit", None),
         (f"image_dataset_from_shards on `--resize {resize} --quality {quality}` shards ÷ "
          "Keras directory on the originals", "shardpack_tf_resized", "keras_directory", 3.0),
         ("the same ÷ the decode limit of the resized shards", "shardpack_tf_resized",
@@ -527,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     reader_names = (READER_CONTENDERS if "reader" in kinds
                     else RESIZED_CONTENDERS if "resized" in kinds else [])
+    if importlib.util.find_spec("torch") is None:
+        reader_names = [n for n in reader_names if n != "shardpack_torch"]
     if reader_names:
         print(f"reader contenders, {args.repeat} interleaved rounds ...", flush=True)
         results.update(run_rounds(reader_names, cfg, args.repeat, module=[__file__],

@@ -131,7 +131,7 @@ def test_uint8_batches_hold_the_float32_pixels(photo_shards):
 @pytest.mark.parametrize("color_mode", ["rgb", "grayscale", "rgba"])
 @pytest.mark.parametrize("processes", [0, 2])
 def test_channels_first_batches_are_the_channels_last_ones_transposed(photo_shards, color_mode, processes):
-    """data_format="channels_first": (b, c, h, w) batches written plane by plane by the
+    """data_format="channels_first": (b, c, h, w) batches transposed image by image by the
     decode threads (and decode processes): uint8 ones are exactly the channels-last ones
     transposed; float32 ones are the uint8 resize cast (so within rounding of the
     channels-last float32 rows, and times rescale)."""
