@@ -249,7 +249,7 @@ def c_shardpack_torch(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 CONTENDERS = {"decode_limit": c_decode_limit, "shardpack_numpy": c_shardpack_numpy,
-              "shardpack_tf": c_shardpack_tf}
+              "shardpack_tf": c_shardpack_tf, "shardpack_torch": c_shardpack_torch}
 
 
 def _child(name: str, cfg: dict[str, Any], contenders: dict[str, Any]) -> None:

@@ -159,8 +159,8 @@ def resize_into(
     bilinear resize into float32 is done in float32 by OpenCV when that is cheaper (see
     ``_FLOAT_RESIZE_MAX_AREA``): bilinear weights are a convex combination, so the values
     stay in [0, 255]. Everything else is ``resize_array``'s uint8 result, cast into ``out``.
-    The flip happens on the way in (the source and its box mirrored) or out (a view of the
-    uint8 result), never as a pass over ``out``: flipping a float32 row in place cost 0.6 ms
+    The flip happens on the way in (the source and its box mirrored) or on the uint8
+    result (``mirrored``), never as a pass over ``out``: flipping a float32 row in place cost 0.6 ms
     with numpy (an overlapping copy) and 0.12 ms with OpenCV, more than the resize.
     """
     height, width = out.shape[:2]

@@ -60,6 +60,7 @@ def preview(
         split=split,
         image_size=(tile_size, tile_size),
         pad_to_aspect_ratio=True,
+        data_format="channels_last",  # tiles are (h, w, c)
         batch_size=count,
         shuffle=shuffle,
         seed=seed,

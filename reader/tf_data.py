@@ -94,7 +94,7 @@ def image_dataset_from_shards(
         split: split to read.
         batch_size: samples per batch; None yields single images.
         data_format: "channels_last" or "channels_first" (images ``(batch, channels,
-            height, width)``, written so by the reader's decode threads); None follows
+            height, width)``, transposed by TensorFlow after the reader); None follows
             ``keras.config.image_data_format()``, as Keras does.
         verbose: print how many files and classes were found, as Keras does.
         reader_options: more ShardReader options (``shuffle_buffer``, ``num_workers``,
@@ -120,7 +120,6 @@ def image_dataset_from_shards(
         interpolation=interpolation,
         crop_to_aspect_ratio=crop_to_aspect_ratio,
         pad_to_aspect_ratio=pad_to_aspect_ratio,
-        data_format="channels_first" if _channels_first(data_format) else "channels_last",
         **reader_options,
     )
     if verbose:
@@ -128,8 +127,8 @@ def image_dataset_from_shards(
             f"Found {reader.samples} files in {len(reader.source.shards)} shards "
             f"belonging to {len(reader.class_names)} classes."
         )
-    image_shape = reader.batch_options.image_shape(reader.decode_options.shape)
-    x_spec = tf.TensorSpec((None, *image_shape), tf.as_dtype(reader.batch_options.dtype))
+    h, w, c = reader.decode_options.shape
+    x_spec = tf.TensorSpec((None, h, w, c), tf.as_dtype(reader.batch_options.dtype))
     y_specs = {
         "int": tf.TensorSpec((None,), tf.int32),
         "categorical": tf.TensorSpec((None, len(reader.class_names)), tf.float32),
@@ -147,6 +146,14 @@ def image_dataset_from_shards(
         ds = ds.unbatch().apply(tf.data.experimental.assert_cardinality(reader.rank_samples))
     else:
         ds = ds.apply(tf.data.experimental.assert_cardinality(len(reader)))
+    if _channels_first(data_format):
+        # TensorFlow's own transpose (threaded C++, off the GIL) keeps the reader's float32
+        # rows: Keras' unrounded pixels, which ShardReader(data_format=...) rounds
+        order = [2, 0, 1] if batch_size is None else [0, 3, 1, 2]
+        if label_mode is None:
+            ds = ds.map(lambda x: tf.transpose(x, order))
+        else:
+            ds = ds.map(lambda x, y: (tf.transpose(x, order), y))
     ds = ds.prefetch(tf.data.AUTOTUNE)
     if reader.world_size > 1:
         # The reader already gives this rank its own share of the split; a distribution

@@ -160,6 +160,14 @@ def test_channels_first_batches_are_the_channels_last_ones_transposed(photo_shar
         ShardReader(photo_shards, data_format="NCHW", **opts)
 
 
+def test_label_mode_is_checked(photo_shards):
+    """A misspelt label_mode, or "binary" with other than 2 classes, is refused up front."""
+    with pytest.raises(ValueError, match="label_mode must be one of"):
+        ShardReader(photo_shards, split="train", label_mode="Int")
+    with pytest.raises(ValueError, match="exactly 2 classes"):
+        ShardReader(photo_shards, split="train", label_mode="binary")  # 4 classes
+
+
 def test_augmentations_are_seeded(photo_shards):
     opts = dict(split="train", image_size=(32, 32), batch_size=16, random_flip=True,
                 random_crop=(0.5, 1.0))

@@ -193,20 +193,19 @@ def test_flip_into_a_float32_row_mirrors_the_source(random_crop):
     size = (400, 400) if random_crop is None else (100, 100)
     options = DecodeOptions(image_size=size, random_flip=True, random_crop=random_crop)
     plain = DecodeOptions(image_size=size, random_crop=random_crop)
-    flips = floats = 0
-    for seed in range(8):
+    flipped_floats = flips = 0
+    for seed in range(12):
         row = decode_image(data, options, rng=random.Random(seed), out=_float_row(options))
         uint8 = decode_image(data, options, rng=random.Random(seed)).astype(np.float32)
-        floats += _took_float_path(row)
         assert np.abs(row - uint8).max() <= 1 and np.abs(row - uint8).mean() < 0.5
-        if random_crop is None:  # (with a crop, plain's draws are the crop's alone)
-            unflipped = decode_image(data, plain).astype(np.float32)
-            flipped = not np.array_equal(uint8, unflipped)
-            flips += flipped
-            if flipped:
-                np.testing.assert_array_equal(uint8, unflipped[:, ::-1])
-    assert floats > 0
-    assert random_crop is not None or 0 < flips < 8
+        # the crop is drawn first, the flip after it: plain draws the same crop
+        unflipped = decode_image(data, plain, rng=random.Random(seed)).astype(np.float32)
+        flipped = not np.array_equal(uint8, unflipped)
+        flips += flipped
+        flipped_floats += flipped and _took_float_path(row)
+        if flipped:
+            np.testing.assert_array_equal(uint8, unflipped[:, ::-1])
+    assert 0 < flips < 12 and flipped_floats > 0
 
 
 def test_float32_rows_of_a_random_crop_on_a_dct_scaled_jpeg():

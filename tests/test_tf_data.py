@@ -105,3 +105,14 @@ def test_channels_first_as_keras(id_shards):
         keras.config.set_image_data_format("channels_last")
     with pytest.raises(ValueError, match="data_format"):
         image_dataset_from_shards(shards, data_format="nchw", **opts)
+
+
+def test_channels_first_keeps_keras_unrounded_pixels(photo_shards):
+    """On photos resized in float32 (values that are not whole numbers), channels_first is
+    exactly the channels-last batch transposed: Keras' pixels either way."""
+    opts = dict(split="train", image_size=(56, 60), batch_size=16, shuffle=False)
+    last = np.concatenate([x.numpy() for x, _ in image_dataset_from_shards(photo_shards, **opts)])
+    first = np.concatenate([x.numpy() for x, _ in image_dataset_from_shards(
+        photo_shards, data_format="channels_first", **opts)])
+    assert not np.array_equal(last, np.round(last))  # the float32 resize was taken
+    np.testing.assert_array_equal(first, last.transpose(0, 3, 1, 2))
