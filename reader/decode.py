@@ -160,8 +160,9 @@ def resize_into(
     ``_FLOAT_RESIZE_MAX_AREA``): bilinear weights are a convex combination, so the values
     stay in [0, 255]. Everything else is ``resize_array``'s uint8 result, cast into ``out``.
     The flip happens on the way in (the source and its box mirrored) or on the uint8
-    result (``mirrored``), never as a pass over ``out``: flipping a float32 row in place cost 0.6 ms
-    with numpy (an overlapping copy) and 0.12 ms with OpenCV, more than the resize.
+    result (``mirrored``), never as a pass over ``out``: flipping a float32 row in place
+    cost 0.6 ms with numpy (an overlapping copy) and 0.12 ms with OpenCV, more than the
+    resize.
     """
     height, width = out.shape[:2]
     cv2: Any = _opencv() if interpolation == "bilinear" and out.dtype == np.float32 else False
@@ -192,11 +193,7 @@ def mirrored(arr: np.ndarray) -> np.ndarray:
     three bytes at a time, 0.4 ms into a 224x224 float32 row and 0.8 ms for a 256x341 cast
     here, where ``cv2.flip`` takes 0.02-0.03 ms (measured; it was half the cost of a decode).
     """
-    cv2: Any = _opencv()
-    if cv2 and arr.shape[2] in (1, 3, 4):
-        flipped = cv2.flip(arr, 1)
-        return flipped[:, :, None] if flipped.ndim == 2 else flipped
-    return np.ascontiguousarray(arr[:, ::-1])
+    return np.ascontiguousarray(_upright(arr, _MIRRORED))  # a copy only without OpenCV
 
 
 def _nearest_rows_cols(
@@ -237,6 +234,7 @@ COLOR_MODES: dict[str, tuple[str, int]] = {
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that exchange width and height
+_MIRRORED = 2  # the EXIF orientation "mirrored left to right": random_flip's turn too
 # EXIF orientation -> the view of a decoded (h, w, c) array that shows it upright (the
 # arrays equal ImageOps.exif_transpose's); without OpenCV only, see _upright
 _UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {

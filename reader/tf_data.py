@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .batches import DATA_FORMATS
 from .shard_reader import ShardReader
 
 if TYPE_CHECKING:
@@ -173,6 +174,6 @@ def _channels_first(data_format: str | None) -> bool:
         except ImportError:
             return False
         data_format = keras.config.image_data_format()
-    if data_format not in ("channels_last", "channels_first"):
+    if data_format not in DATA_FORMATS:
         raise ValueError(f'data_format must be "channels_last" or "channels_first", got {data_format!r}')
     return data_format == "channels_first"

@@ -42,7 +42,8 @@ class ShardIterableDataset(IterableDataset):
     and FFCV give: a quarter of the memory and of the copy to the GPU; normalise there). By
     default they are contiguous NCHW, written so by the decode threads from the uint8 resize
     (no transpose of whole batches; whole-number values, within 0.8 of the channels-last
-    float32 rows, which may hold a bilinear resize's unrounded values); ``channels_last=True`` returns NHWC memory as an NCHW tensor in
+    float32 rows, which may hold a bilinear resize's unrounded values);
+    ``channels_last=True`` returns NHWC memory as an NCHW tensor in
     ``torch.channels_last`` memory format (use with ``model.to(memory_format=
     torch.channels_last)``). Labels: int64 ``(batch,)`` for ``label_mode="int"`` (what
     ``CrossEntropyLoss`` wants), float32 for "categorical"/"binary"; no labels for None.
