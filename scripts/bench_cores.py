@@ -3,7 +3,8 @@
 Why this exists: scripts/bench.py needs TensorFlow and Keras for its anchors; a many-core
 host (a lent GPU machine here) may not have them. This runs only what needs numpy (and
 torch, if installed): the decode limit, ``ShardReader`` (float32 and uint8), and
-``ShardIterableDataset`` under a ``DataLoader`` with worker processes, each contender in
+``ShardIterableDataset`` under a ``DataLoader`` with worker processes (``torch_loader``) or
+with shardpack's own decode processes and none (``torch_processes``), each contender in
 its own process, ``--repeat`` interleaved rounds; it prints each contender's ratio to the
 limit round by round (CPU per image only where one process does all the work; peak RSS
 is the contender's own process). ``shardpack_processes`` is ``ShardReader(processes=--processes)``,
@@ -91,6 +92,12 @@ def c_torch_loader(cfg: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def c_torch_processes(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``ShardIterableDataset(processes=--processes)`` in a ``DataLoader(num_workers=0)``:
+    shardpack's decode processes instead of the loader's workers (NCHW float32)."""
+    return benchmark.c_shardpack_torch(cfg)
+
+
 def c_shardpack_processes_per_core(cfg: dict[str, Any]) -> dict[str, Any]:
     return benchmark.c_shardpack_numpy(dict(cfg, processes=benchmark.cores(), num_workers=None))
 
@@ -99,7 +106,8 @@ CONTENDERS = {"decode_limit": benchmark.c_decode_limit, "decode_limit_processes"
               "shardpack_numpy": c_shardpack_numpy,
               "shardpack_processes_per_core": c_shardpack_processes_per_core,
               "shardpack_numpy_uint8": c_shardpack_numpy_uint8,
-              "shardpack_processes": c_shardpack_processes, "torch_loader": c_torch_loader}
+              "shardpack_processes": c_shardpack_processes, "torch_loader": c_torch_loader,
+              "torch_processes": c_torch_processes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch  # noqa: F401
     except ImportError:
-        names = [n for n in names if n != "torch_loader"]
+        names = [n for n in names if not n.startswith("torch_")]
     size = [args.image_size, args.image_size]
     print(f"{benchmark.cores()} cores, {os.cpu_count()} CPUs", flush=True)
     results = {}
