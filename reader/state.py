@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .shard_reader import ShardReader
 
-__all__ = ["STATE_VERSION", "shard_fingerprint", "make_state", "check_state", "save_state",
-           "load_state", "ShardReaderCheckpoint"]
+__all__ = ["STATE_VERSION", "shard_fingerprint", "reader_streams", "saved_streams", "check_streams",
+           "make_state", "check_state", "save_state", "load_state", "ShardReaderCheckpoint"]
 
 STATE_VERSION = 1
 
@@ -32,14 +32,58 @@ ShardReaderCheckpoint: type  # made on first access by __getattr__ below (import
 
 # Options that change which samples come in which order (a state from a reader with other
 # values cannot be resumed exactly). num_workers, rank and decode options do not.
+# "streams" is checked apart (see _check_streams): it matters only inside an epoch.
 _ORDER_FIELDS = ("split", "world_size", "shuffle", "batch_size", "drop_remainder", "uneven",
-                 "shuffle_buffer", "shuffle_buffer_bytes", "interleave", "classes", "processes")
+                 "shuffle_buffer", "shuffle_buffer_bytes", "interleave", "classes")
 
 
 def shard_fingerprint(reader: ShardReader) -> str:
     """A short hash of the split's shard list (names, sample counts and sizes)."""
     listing = [[ref.name, ref.count, ref.nbytes] for ref in reader.source.shards]
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def reader_streams(reader: ShardReader) -> int:
+    """How many batch streams the reader splits an epoch into and takes batches from in
+    turn: its decode processes (``processes=N``), else one. PyTorch's DataLoader workers
+    split it the same way (``ShardIterableDataset`` counts them), so a state saved under N
+    streams resumes exactly only under N, from processes or loader workers alike."""
+    return reader.processes or 1
+
+
+def saved_streams(state: dict[str, Any]) -> int | None:
+    """The streams a state was saved under; states of shardpack 0.2.0 recorded
+    ``processes`` instead (which was then the only way to get several)."""
+    if "streams" in state:
+        return int(state["streams"])
+    if "processes" in state:
+        return int(state["processes"]) or 1
+    return None
+
+
+def check_streams(saved: int | None, streams: int, batches: int) -> None:
+    """Refuse to resume ``batches`` into an epoch saved under ``saved`` batch streams with
+    another number: each stream is a share of the epoch, so the batches after the saved
+    position would differ, silently. At an epoch boundary (``batches == 0``) any number is
+    fine: nothing of the epoch was consumed.
+
+    Raises:
+        ValueError: naming both numbers and how to get the saved one back.
+    """
+    if saved is None or saved == streams or not batches:
+        return
+    raise ValueError(
+        f"the state was saved inside an epoch read as {saved} batch stream(s) "
+        f"({_streams_setting(saved)}) but this run reads it as {streams} "
+        f"({_streams_setting(streams)}): resume with {_streams_setting(saved)} to continue the "
+        "same epoch"
+    )
+
+
+def _streams_setting(streams: int) -> str:
+    if streams == 1:
+        return "processes=0 and, in PyTorch, a DataLoader with at most one worker"
+    return f"processes={streams}, or a PyTorch DataLoader with num_workers={streams}"
 
 
 def _order_fields(reader: ShardReader) -> dict[str, Any]:
@@ -54,12 +98,12 @@ def _order_fields(reader: ShardReader) -> dict[str, Any]:
         "shuffle_buffer_bytes": reader.shuffle_buffer_bytes,
         "interleave": reader.interleave,
         "classes": list(reader.class_names),
-        "processes": reader.processes,
     }
 
 
-def make_state(reader: ShardReader, *, epoch: int, batches: int) -> dict[str, Any]:
-    """The state of ``reader`` positioned after ``batches`` batches of ``epoch``.
+def make_state(reader: ShardReader, *, epoch: int, batches: int, streams: int | None = None) -> dict[str, Any]:
+    """The state of ``reader`` positioned after ``batches`` batches of ``epoch``, read as
+    ``streams`` batch streams (default: the reader's own, ``reader_streams``).
 
     After an epoch's last batch that is ``(epoch + 1, 0)``: a state saying "all of epoch
     e, nothing left" would have a resume ask for an epoch of no batches, which a dataset
@@ -73,15 +117,18 @@ def make_state(reader: ShardReader, *, epoch: int, batches: int) -> dict[str, An
         "seed": reader.seed,
         "rank": reader.rank,
         **_order_fields(reader),
+        "streams": reader_streams(reader) if streams is None else int(streams),
         "shards": shard_fingerprint(reader),
     }
 
 
-def check_state(reader: ShardReader, state: dict[str, Any]) -> tuple[int, int, int]:
+def check_state(reader: ShardReader, state: dict[str, Any], *, streams: bool = True) -> tuple[int, int, int]:
     """Validate ``state`` against ``reader``; return ``(epoch, batches, seed)``.
 
     ``rank`` may differ (every rank is at the same batch count, so one saved state serves
-    all ranks); anything that changes the stream may not.
+    all ranks); anything that changes the stream may not. ``streams=False`` leaves the
+    batch streams to the caller, who learns them only when the epoch is read (PyTorch's
+    loader workers).
 
     Raises:
         ValueError: not a shardpack reader state, another version, another shard list, or
@@ -111,7 +158,10 @@ def check_state(reader: ShardReader, state: dict[str, Any]) -> tuple[int, int, i
     if epoch < 0 or not 0 <= batches <= len(reader):
         raise ValueError(f"state position epoch={epoch}, batches={batches} is out of range "
                          f"(this reader has {len(reader)} batches per epoch)")
-    return (*_canonical(reader, epoch, batches), int(state["seed"]))
+    epoch, batches = _canonical(reader, epoch, batches)
+    if streams:
+        check_streams(saved_streams(state), reader_streams(reader), batches)
+    return epoch, batches, int(state["seed"])
 
 
 def _canonical(reader: ShardReader, epoch: int, batches: int) -> tuple[int, int]:

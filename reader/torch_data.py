@@ -13,6 +13,8 @@ each worker in turn -- yields exactly ``len(ds)`` batches per epoch on every ran
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.context
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -105,6 +107,11 @@ class ShardIterableDataset(IterableDataset):
         self.epoch = 0  # set by set_epoch
         self._passes = 0  # passes over this copy since set_epoch / load_state_dict
         self._resume_batches = 0
+        self._resume_streams: int | None = None  # the loaded state's, checked as a pass starts
+        # The DataLoader's worker count, for state_dict in this (the main) process, which
+        # never sees the loader: every pass writes it here, in the workers too (shared
+        # memory, which the workers inherit), so a state records how the epoch was split.
+        self._loader_workers: Any = multiprocessing.RawValue("i", 0)
 
     @property
     def class_names(self) -> list[str]:
@@ -124,10 +131,17 @@ class ShardIterableDataset(IterableDataset):
 
     def state_dict(self, batches: int) -> dict[str, Any]:
         """The position after the training loop consumed ``batches`` batches of the current
-        epoch (the loader reads ahead, so only the loop knows). JSON-able."""
+        epoch (the loader reads ahead, so only the loop knows). JSON-able.
+
+        It records the loader's ``num_workers`` of the last pass (the epoch is split among
+        them), so that resuming under another number is refused instead of giving other
+        batches; ``processes=N`` counts as N workers (the same stream).
+        """
         from .state import make_state
 
-        return make_state(self.reader, epoch=self.epoch + max(self._passes - 1, 0), batches=batches)
+        workers = self._loader_workers.value if self._loader_workers is not None else 0
+        return make_state(self.reader, epoch=self.epoch + max(self._passes - 1, 0), batches=batches,
+                          streams=workers or None)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at a position from :meth:`state_dict` (or ``ShardReader.state_dict``): the
@@ -136,11 +150,12 @@ class ShardIterableDataset(IterableDataset):
         Raises:
             ValueError: the state does not belong to this split / shard list / options.
         """
-        from .state import check_state
+        from .state import check_state, saved_streams
 
-        epoch, batches, seed = check_state(self.reader, state)
+        epoch, batches, seed = check_state(self.reader, state, streams=False)
         self.reader.seed = seed
         self.epoch, self._passes, self._resume_batches = epoch, 0, batches
+        self._resume_streams = saved_streams(state)
 
     def __iter__(self) -> Iterator[Any]:
         epoch = self.epoch + self._passes
@@ -154,6 +169,12 @@ class ShardIterableDataset(IterableDataset):
             raise RuntimeError(
                 "ShardIterableDataset(processes=N) decodes in its own N processes: use it with "
                 "DataLoader(num_workers=0), or drop processes= and give the loader num_workers")
+        if self._loader_workers is not None:
+            self._loader_workers.value = 0 if info is None else workers
+        if skip:
+            from .state import check_streams, reader_streams
+
+            check_streams(self._resume_streams, workers if info else reader_streams(reader), skip)
         if workers == 1:
             batches = reader._batches(epoch, skip)
         else:
@@ -169,6 +190,14 @@ class ShardIterableDataset(IterableDataset):
                 yield _to_torch(x, self.channels_last), torch.from_numpy(y)
             else:
                 yield _to_torch(batch, self.channels_last)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Loader workers started by spawn get the shared worker count; any other copy
+        (pickle, ``copy.deepcopy``) gets none, and its states record its own passes only."""
+        state = self.__dict__.copy()
+        if multiprocessing.context.get_spawning_popen() is None:
+            state["_loader_workers"] = None
+        return state
 
     def __repr__(self) -> str:
         return f"ShardIterableDataset({self.reader!r}, channels_last={self.channels_last})"

@@ -160,3 +160,22 @@ def test_keras_checkpoint_callback_and_resume_recipe(awkward_shards, tmp_path):
     m.fit(ds, epochs=3, initial_epoch=2, verbose=0, callbacks=[checkpoint])
     assert (load_state(path)["epoch"], load_state(path)["batches"]) == (3, 0)
     assert ds.shard_reader.epoch == 3
+
+
+def test_decode_processes_matter_inside_an_epoch_only(awkward_shards, uninterrupted):
+    """processes=N splits an epoch into N streams: a state saved inside an epoch under 2 is
+    refused by a reader with none (also a state of shardpack 0.2.0, which recorded
+    ``processes``), but one saved at an epoch boundary starts that epoch under any number."""
+    from reader.state import make_state
+
+    two = ShardReader(awkward_shards, seed=7, processes=2, **OPTIONS)  # never iterated
+    inside = make_state(two, epoch=0, batches=4)
+    assert inside["streams"] == 2
+    legacy = {k: v for k, v in inside.items() if k != "streams"} | {"processes": 2}
+    for state in (inside, legacy):
+        with pytest.raises(ValueError, match="2 batch stream.*processes=2"):
+            ShardReader(awkward_shards, **OPTIONS).load_state_dict(state)
+    boundary = make_state(two, epoch=0, batches=len(two))
+    one = ShardReader(awkward_shards, **OPTIONS)
+    one.load_state_dict(boundary)
+    assert _ids(one) == uninterrupted[1]

@@ -131,3 +131,72 @@ def test_processes_give_the_loader_workers_stream(awkward_shards):
     for (xg, yg), (xt, yt), (xw, yw) in zip(got, tensors, want, strict=True):
         assert np.array_equal(xg, xw) and np.array_equal(yg, yw)
         assert np.array_equal(xt, xw) and np.array_equal(yt, yw)
+
+
+def _resume_from(awkward_shards, state, loader_workers, **options):
+    again = ShardIterableDataset(awkward_shards, **OPTIONS, **options)
+    again.load_state_dict(state)
+    try:
+        return _epoch(DataLoader(again, batch_size=None, num_workers=loader_workers))
+    finally:
+        again.reader.close()
+
+
+def test_a_state_records_the_loader_workers_and_a_resume_under_others_is_refused(awkward_shards):
+    """The epoch is split among the loader's workers, so a state from 2 workers continues
+    the same epoch only with 2; with 0 or 3 the rest would be other batches: refused."""
+    ds = ShardIterableDataset(awkward_shards, seed=5, **OPTIONS)
+    full = _epoch(DataLoader(ds, batch_size=None, num_workers=2))
+    state = ds.state_dict(batches=5)
+    assert state["streams"] == 2
+    assert _resume_from(awkward_shards, state, 2) == full[5:]
+    for workers in (0, 3):
+        with pytest.raises(ValueError, match="num_workers=2"):
+            _resume_from(awkward_shards, state, workers)
+    # the main-process pass records one stream again
+    assert len(_epoch(DataLoader(ds, batch_size=None))) == len(ds)
+    assert ds.state_dict(batches=5)["streams"] == 1
+
+
+def test_processes_and_loader_workers_resume_each_other(awkward_shards):
+    """processes=2 without loader workers and 2 loader workers are one stream: a state of
+    either resumes under the other, batch for batch."""
+    opts = dict(seed=6)
+    in_processes = ShardIterableDataset(awkward_shards, processes=2, **OPTIONS, **opts)
+    try:
+        full = _epoch(DataLoader(in_processes, batch_size=None))
+        state = in_processes.state_dict(batches=4)
+    finally:
+        in_processes.reader.close()
+    assert state["streams"] == 2
+    assert _resume_from(awkward_shards, state, 2) == full[4:]
+    with pytest.raises(ValueError, match="processes=2"):
+        _resume_from(awkward_shards, state, 0)
+    workers = ShardIterableDataset(awkward_shards, **OPTIONS, **opts)
+    assert _epoch(DataLoader(workers, batch_size=None, num_workers=2)) == full
+    assert _resume_from(awkward_shards, workers.state_dict(batches=7), 0, processes=2) == full[7:]
+
+
+def test_an_epoch_boundary_resumes_under_any_workers(awkward_shards):
+    ds = ShardIterableDataset(awkward_shards, seed=7, **OPTIONS)
+    _epoch(DataLoader(ds, batch_size=None, num_workers=2))
+    state = ds.state_dict(batches=len(ds))  # the whole epoch: (1, 0)
+    assert (state["epoch"], state["batches"], state["streams"]) == (1, 0, 2)
+    ds.set_epoch(1)
+    want = _epoch(DataLoader(ds, batch_size=None, num_workers=3))
+    assert _resume_from(awkward_shards, state, 3) == want
+
+
+@pytest.mark.slow
+def test_spawned_loader_workers_are_recorded(awkward_shards):
+    """Workers started by spawn (forkserver: the default from Python 3.14) get the dataset
+    pickled; the worker count still reaches the main process's state."""
+    ds = ShardIterableDataset(awkward_shards, seed=8, **OPTIONS)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    assert len(_epoch(loader)) == len(ds)
+    assert ds.state_dict(batches=3)["streams"] == 2
+    import copy
+    import pickle
+
+    for other in (pickle.loads(pickle.dumps(ds)), copy.deepcopy(ds)):  # copies are not linked
+        assert other.state_dict(batches=3)["streams"] == 1
