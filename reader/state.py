@@ -52,13 +52,12 @@ def reader_streams(reader: ShardReader) -> int:
 
 
 def saved_streams(state: dict[str, Any]) -> int | None:
-    """The streams a state was saved under; states of shardpack 0.2.0 recorded
-    ``processes`` instead (which was then the only way to get several)."""
+    """The streams a state was saved under, None if unknown. States of shardpack 0.2.0
+    recorded ``processes`` instead: 2 or more is that many streams, but 0 is unknown (a
+    PyTorch dataset's state said 0 under any number of loader workers)."""
     if "streams" in state:
         return int(state["streams"])
-    if "processes" in state:
-        return int(state["processes"]) or 1
-    return None
+    return int(state.get("processes") or 0) or None
 
 
 def check_streams(saved: int | None, streams: int, batches: int) -> None:

@@ -109,8 +109,9 @@ class ShardIterableDataset(IterableDataset):
         self._resume_batches = 0
         self._resume_streams: int | None = None  # the loaded state's, checked as a pass starts
         # The DataLoader's worker count, for state_dict in this (the main) process, which
-        # never sees the loader: every pass writes it here, in the workers too (shared
-        # memory, which the workers inherit), so a state records how the epoch was split.
+        # never sees the loader: the workers' passes write it here (shared memory, which
+        # they inherit), so a state records how the epoch was split. 0: no worker has read
+        # since set_epoch / load_state_dict.
         self._loader_workers: Any = multiprocessing.RawValue("i", 0)
 
     @property
@@ -128,20 +129,23 @@ class ShardIterableDataset(IterableDataset):
             self._resume_batches = 0
         self.epoch = int(epoch)
         self._passes = 0
+        self._loader_workers.value = 0
 
     def state_dict(self, batches: int) -> dict[str, Any]:
         """The position after the training loop consumed ``batches`` batches of the current
         epoch (the loader reads ahead, so only the loop knows). JSON-able.
 
-        It records the loader's ``num_workers`` of the last pass (the epoch is split among
-        them), so that resuming under another number is refused instead of giving other
-        batches; ``processes=N`` counts as N workers (the same stream).
+        It records the loader's ``num_workers`` (the epoch is split among them), as its
+        workers reported it since :meth:`set_epoch` or :meth:`load_state_dict`, so that
+        resuming under another number is refused instead of giving other batches;
+        ``processes=N`` counts as N workers (the same stream). Saved again before any pass
+        after a load, it keeps the loaded state's number.
         """
         from .state import make_state
 
-        workers = self._loader_workers.value if self._loader_workers is not None else 0
+        streams = self._loader_workers.value or (self._resume_streams if not self._passes else None)
         return make_state(self.reader, epoch=self.epoch + max(self._passes - 1, 0), batches=batches,
-                          streams=workers or None)
+                          streams=streams)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at a position from :meth:`state_dict` (or ``ShardReader.state_dict``): the
@@ -156,6 +160,7 @@ class ShardIterableDataset(IterableDataset):
         self.reader.seed = seed
         self.epoch, self._passes, self._resume_batches = epoch, 0, batches
         self._resume_streams = saved_streams(state)
+        self._loader_workers.value = 0
 
     def __iter__(self) -> Iterator[Any]:
         epoch = self.epoch + self._passes
@@ -169,8 +174,8 @@ class ShardIterableDataset(IterableDataset):
             raise RuntimeError(
                 "ShardIterableDataset(processes=N) decodes in its own N processes: use it with "
                 "DataLoader(num_workers=0), or drop processes= and give the loader num_workers")
-        if self._loader_workers is not None:
-            self._loader_workers.value = 0 if info is None else workers
+        if info is not None:
+            self._loader_workers.value = workers
         if skip:
             from .state import check_streams, reader_streams
 
@@ -192,12 +197,18 @@ class ShardIterableDataset(IterableDataset):
                 yield _to_torch(batch, self.channels_last)
 
     def __getstate__(self) -> dict[str, Any]:
-        """Loader workers started by spawn get the shared worker count; any other copy
-        (pickle, ``copy.deepcopy``) gets none, and its states record its own passes only."""
+        """Loader workers started by spawn (or forkserver) share the worker count with the
+        dataset they were made from; any other copy (pickle, ``copy.deepcopy``: frameworks
+        that ship datasets so) gets a count of its own (__setstate__), for its own loader."""
         state = self.__dict__.copy()
         if multiprocessing.context.get_spawning_popen() is None:
-            state["_loader_workers"] = None
+            state["_loader_workers"] = state["_loader_workers"].value
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["_loader_workers"], int):
+            state["_loader_workers"] = multiprocessing.RawValue("i", state["_loader_workers"])
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return f"ShardIterableDataset({self.reader!r}, channels_last={self.channels_last})"

@@ -153,9 +153,25 @@ def test_a_state_records_the_loader_workers_and_a_resume_under_others_is_refused
     for workers in (0, 3):
         with pytest.raises(ValueError, match="num_workers=2"):
             _resume_from(awkward_shards, state, workers)
-    # the main-process pass records one stream again
+    next(iter(ds))  # a look at a batch in this process does not change what the workers said
+    assert ds.state_dict(batches=5)["streams"] == 2
+    ds.set_epoch(1)  # a new epoch read without loader workers is one stream
     assert len(_epoch(DataLoader(ds, batch_size=None))) == len(ds)
     assert ds.state_dict(batches=5)["streams"] == 1
+    # saved again after a resume, before any batch: still the loaded number
+    again = ShardIterableDataset(awkward_shards, **OPTIONS)
+    again.load_state_dict(state)
+    assert again.state_dict(batches=5)["streams"] == 2
+
+
+def test_a_state_of_shardpack_0_2_0_from_loader_workers_resumes(awkward_shards):
+    """0.2.0 wrote ``processes: 0`` for a dataset read by any number of loader workers:
+    unknown, so not held against the resume."""
+    ds = ShardIterableDataset(awkward_shards, seed=5, **OPTIONS)
+    full = _epoch(DataLoader(ds, batch_size=None, num_workers=2))
+    state = ds.state_dict(batches=5)
+    legacy = {k: v for k, v in state.items() if k != "streams"} | {"processes": 0}
+    assert _resume_from(awkward_shards, legacy, 2) == full[5:]
 
 
 def test_processes_and_loader_workers_resume_each_other(awkward_shards):
@@ -188,9 +204,10 @@ def test_an_epoch_boundary_resumes_under_any_workers(awkward_shards):
 
 
 @pytest.mark.slow
-def test_spawned_loader_workers_are_recorded(awkward_shards):
+def test_spawned_loader_workers_and_copies_are_recorded(awkward_shards):
     """Workers started by spawn (forkserver: the default from Python 3.14) get the dataset
-    pickled; the worker count still reaches the main process's state."""
+    pickled; the worker count still reaches the main process's state. A pickled or deep-
+    copied dataset counts its own loader's workers."""
     ds = ShardIterableDataset(awkward_shards, seed=8, **OPTIONS)
     loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
     assert len(_epoch(loader)) == len(ds)
@@ -198,5 +215,10 @@ def test_spawned_loader_workers_are_recorded(awkward_shards):
     import copy
     import pickle
 
-    for other in (pickle.loads(pickle.dumps(ds)), copy.deepcopy(ds)):  # copies are not linked
+    for other in (pickle.loads(pickle.dumps(ds)), copy.deepcopy(ds)):
+        assert other.state_dict(batches=3)["streams"] == 2  # a copy of what it knew
+        other.set_epoch(1)
         assert other.state_dict(batches=3)["streams"] == 1
+        assert len(_epoch(DataLoader(other, batch_size=None, num_workers=3))) == len(ds)
+        assert other.state_dict(batches=3)["streams"] == 3  # its own loader's workers
+        assert ds.state_dict(batches=3)["streams"] == 2
