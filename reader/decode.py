@@ -202,10 +202,23 @@ def _nearest_rows_cols(
     """Index arrays picking ``tf.image.resize``'s nearest pixels for ``size`` = (width, height)."""
     h, w = shape
     x0, y0, x1, y1 = box or (0.0, 0.0, float(w), float(h))
-    sx, sy = (x1 - x0) / size[0], (y1 - y0) / size[1]
-    xs = np.clip(np.floor(x0 + (np.arange(size[0]) + 0.5) * sx), 0, w - 1).astype(np.intp)
-    ys = np.clip(np.floor(y0 + (np.arange(size[1]) + 0.5) * sy), 0, h - 1).astype(np.intp)
+    xs = _nearest_sources(x0, x1, size[0], w)
+    ys = _nearest_sources(y0, y1, size[1], h)
     return ys[:, None], xs[None, :]
+
+
+def _nearest_sources(start: float, stop: float, out: int, limit: int) -> np.ndarray:
+    """TensorFlow's nearest source index of each output pixel along one axis, computed as
+    its kernel computes it, in float32: ``floor((i + 0.5) * (in / out))``. In float64 a
+    product that lands on a whole number (52.5 * 152/70 = 114) picks the next row, where
+    float32's 113.99999 picks the one TensorFlow picks."""
+    scale = np.float32(stop - start) / np.float32(out)
+    centres = (np.arange(out, dtype=np.float32) + np.float32(0.5)) * scale
+    if float(start).is_integer():  # Keras' own crops start on whole pixels
+        index = start + np.floor(centres)
+    else:
+        index = np.floor(np.float32(start) + centres)
+    return np.clip(index, 0, limit - 1).astype(np.intp)
 
 
 def _opencv_resample(

@@ -250,3 +250,23 @@ def test_upright_with_opencv_equals_the_numpy_views(channels, monkeypatch):
     monkeypatch.setattr(decode, "_cv2", False)
     for orientation in range(2, 9):
         np.testing.assert_array_equal(decode._upright(arr, orientation), decode._UPRIGHT[orientation](arr))
+
+
+def test_nearest_picks_tensorflows_pixels_where_the_position_is_a_whole_number():
+    """TensorFlow computes a nearest pixel's source in float32: where (i + 0.5) * in/out is
+    a whole number in exact arithmetic (52.5 * 152/70 = 114), float32 lands just below it
+    and picks the pixel before. Every row and column is told apart by its value."""
+    rng = random.Random(5)
+    sizes = [((152, 160), (70, 40))] + [
+        ((rng.randint(20, 250), rng.randint(20, 250)), (rng.randint(3, 120), rng.randint(3, 120)))
+        for _ in range(60)
+    ]
+    for (h, w), (oh, ow) in sizes:
+        pixels = np.zeros((h, w, 3), np.uint8)
+        pixels[..., 0] = np.arange(h)[:, None]
+        pixels[..., 1] = np.arange(w)[None, :]
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        ours = decode_image(buf.getvalue(), DecodeOptions(image_size=(oh, ow), interpolation="nearest"))
+        ref = tf.image.resize(pixels[None], (oh, ow), method="nearest", antialias=False)[0].numpy()
+        assert np.array_equal(ours, ref.astype(np.uint8)), ((h, w), (oh, ow))
