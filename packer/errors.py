@@ -135,5 +135,15 @@ class ClassNotFoundError(ShardpackError, ValueError):
         super().__init__(f"class names {self.names} not found; available classes: {self.available}")
 
 
+class EmptySplitError(ShardpackError, ValueError):
+    """The split holds no images (of the classes asked for): nothing to train or evaluate
+    on, refused as Keras' ``image_dataset_from_directory`` refuses a folder without images."""
+
+    def __init__(self, split: str, classes: list[str] | None = None) -> None:
+        self.split = split
+        which = f" of classes {classes}" if classes else ""
+        super().__init__(f"no images found in split {split!r}{which}")
+
+
 class UploadError(ShardpackError):
     """Uploading shards to object storage failed."""

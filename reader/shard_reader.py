@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from collections import Counter
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from packer.errors import ClassNotFoundError, SampleDecodeError
+from packer.errors import ClassNotFoundError, EmptySplitError, SampleDecodeError
 from packer.probe import allow_packed_pixels
 
 from .batches import BatchBuffers, BatchOptions, decode_batches, default_decode_threads
@@ -139,7 +140,8 @@ class ShardReader:
         ManifestError: no or invalid manifest at SOURCE.
         SplitNotFoundError: ``split`` is not in the manifest (lists the splits there are).
         ClassNotFoundError: a name in ``class_names`` is not a class (lists those there are).
-        ValueError: invalid option values.
+        ValueError: invalid option values (a class named twice in ``class_names`` too).
+        EmptySplitError: when iterated, the split has no images (of the selected classes).
     """
 
     def __init__(
@@ -247,11 +249,13 @@ class ShardReader:
         if available is not None:
             if class_names is None:
                 return list(available), None
+            _refuse_repeated(class_names)
             missing = [c for c in class_names if c not in available]
             if missing:
                 raise ClassNotFoundError(missing, list(available))
             return list(class_names), {available.index(c): i for i, c in enumerate(class_names)}
         if class_names is not None:
+            _refuse_repeated(class_names)
             return list(class_names), None
         if num_classes is not None:
             return [str(i) for i in range(num_classes)], None
@@ -285,6 +289,16 @@ class ShardReader:
                     label = self._remap[label]
                 out.append((path, -1 if label is None else label))
         return out
+
+    def require_samples(self) -> None:
+        """Refuse a split without images (of the selected classes): an epoch of nothing
+        would train on nothing without a word (Keras refuses such a folder too).
+
+        Raises:
+            EmptySplitError: ``samples`` is 0.
+        """
+        if self.samples == 0:
+            raise EmptySplitError(self.split, list(self.class_names) if self._remap is not None else None)
 
     @property
     def samples(self) -> int:
@@ -406,6 +420,7 @@ class ShardReader:
     def _batches(self, epoch: int, skip: int) -> Iterator[Batch]:
         """Epoch ``epoch``'s batches after the first ``skip``: from the decode processes
         (``processes=``) or from this process's decode threads."""
+        self.require_samples()
         if not self.processes:
             return self._epoch_batches(epoch, skip_batches=skip)
         if self._pool is None or not self._pool.alive:
@@ -580,3 +595,10 @@ def _only(
             rest.send(READ_THE_REST)
         except StopIteration:
             pass
+
+
+def _refuse_repeated(class_names: Sequence[str]) -> None:
+    """A class named twice would be counted twice and read once (labels would be off)."""
+    repeated = sorted(c for c, n in Counter(class_names).items() if n > 1)
+    if repeated:
+        raise ValueError(f"class_names names {repeated} more than once")

@@ -201,8 +201,11 @@ def _make_keras_callback() -> type:
 
         The position counts the batches *the model* has trained on (``tf.data`` reads
         ahead, so the reader itself is further on); a resumed reader's skipped batches
-        count too. When an epoch completes, ``(next epoch, 0)`` is saved. Resume recipe:
-        docs/READING.md.
+        count too. When an epoch completes, ``(next epoch, 0)`` is saved. With
+        ``fit(steps_per_epoch=...)`` below the reader's length, Keras goes on with the same
+        pass of the dataset in its next epoch (and cuts an epoch short where the pass
+        ends), so the count goes on across Keras epochs until the reader's epoch is done.
+        Resume recipe: docs/READING.md.
 
         Args:
             reader: the ShardReader behind the dataset (``ds.shard_reader``).
@@ -214,23 +217,26 @@ def _make_keras_callback() -> type:
                      every: int = 100) -> None:
             super().__init__()
             self.reader, self.path, self.every = reader, path, max(1, int(every))
-            self._epoch, self._offset, self._done = reader.epoch, 0, 0
+            self._epoch, self._offset, self._done, self._base = reader.epoch, 0, 0, 0
 
         def on_train_begin(self, logs: Any = None) -> None:
             # the epoch the dataset's next pass reads, and batches of it a resume skips
             self._epoch, self._offset = self.reader.epoch, self.reader._resume_batches
-
-        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             self._done = 0
 
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            # batches of the reader's pass that earlier Keras epochs of this fit trained on
+            # (0 unless steps_per_epoch left the pass unfinished)
+            self._base = self._done
+
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            self._done = batch + 1
+            self._done = self._base + batch + 1
             if self._done % self.every == 0:
                 self._save(self._epoch, self._offset + self._done)
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            if self._offset + self._done >= len(self.reader):  # not stopped part way
-                self._epoch, self._offset = self._epoch + 1, 0
+            if self._offset + self._done >= len(self.reader):  # the reader's pass is done
+                self._epoch, self._offset, self._done = self._epoch + 1, 0, 0
                 self._save(self._epoch, 0)
             else:
                 self._save(self._epoch, self._offset + self._done)

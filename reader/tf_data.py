@@ -65,6 +65,10 @@ def image_dataset_from_shards(
     pad_to_aspect_ratio: bool = False,
     data_format: str | None = None,
     verbose: bool = True,
+    labels: str | None = "inferred",
+    validation_split: float | None = None,
+    subset: str | None = None,
+    follow_links: bool = False,
     **reader_options: Any,
 ) -> tf.data.Dataset:
     """Return a ``tf.data.Dataset`` of one split, as ``keras.utils.image_dataset_from_directory`` would.
@@ -98,14 +102,27 @@ def image_dataset_from_shards(
             height, width)``, transposed by TensorFlow after the reader); None follows
             ``keras.config.image_data_format()``, as Keras does.
         verbose: print how many files and classes were found, as Keras does.
+        labels: Keras' "inferred" (the class folders', fixed at pack time) or None (no
+            labels, as ``label_mode=None``); explicit label lists are refused.
+        validation_split, subset, follow_links: Keras' directory options, which act when
+            packing here: ``shardpack pack --validation-split F`` writes "train" and
+            "validation" splits (read with ``split=``), ``--follow-links`` follows links.
+            Refused (with that advice) unless left at Keras' defaults.
         reader_options: more ShardReader options (``shuffle_buffer``, ``num_workers``,
             ``on_error``, ``storage_options``, ``drop_remainder``, ``rescale``, ...).
 
     Raises:
         ManifestError, SplitNotFoundError, ClassNotFoundError, ValueError: as ShardReader.
+        EmptySplitError: the split has no images (of the selected classes), as Keras
+            refuses a folder without images.
     """
     import tensorflow as tf
 
+    label_mode = _keras_labels(labels, label_mode)
+    _refuse_directory_options(validation_split, subset, follow_links)
+    if batch_size is None and reader_options.get("drop_remainder"):
+        raise ValueError("drop_remainder=True drops a short last batch; with batch_size=None "
+                         "the dataset yields single images and has none")
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     reader = ShardReader(
@@ -128,6 +145,7 @@ def image_dataset_from_shards(
             f"Found {reader.samples} files in {len(reader.source.shards)} shards "
             f"belonging to {len(reader.class_names)} classes."
         )
+    reader.require_samples()
     h, w, c = reader.decode_options.shape
     x_spec = tf.TensorSpec((None, h, w, c), tf.as_dtype(reader.batch_options.dtype))
     y_specs = {
@@ -177,3 +195,27 @@ def _channels_first(data_format: str | None) -> bool:
     if data_format not in DATA_FORMATS:
         raise ValueError(f'data_format must be "channels_last" or "channels_first", got {data_format!r}')
     return data_format == "channels_first"
+
+
+def _keras_labels(labels: Any, label_mode: str | None) -> str | None:
+    """Keras' ``labels``: "inferred" keeps ``label_mode``, None means no labels."""
+    if labels is None:
+        return None
+    if isinstance(labels, str) and labels == "inferred":
+        return label_mode
+    raise ValueError(
+        "labels are the class folders', fixed when packing: pass labels='inferred' (the "
+        "default) or None for images only; a list of labels cannot be given to shards"
+    )
+
+
+def _refuse_directory_options(validation_split: float | None, subset: str | None, follow_links: bool) -> None:
+    """Keras' directory options act at pack time here: say where, rather than ignore them."""
+    if validation_split is not None or subset is not None:
+        raise ValueError(
+            "validation_split/subset divide a folder when Keras reads it; shards are divided "
+            "when packed: `shardpack pack SRC OUT --validation-split 0.2` writes 'train' and "
+            "'validation' splits, read with split='train' and split='validation'"
+        )
+    if follow_links:
+        raise ValueError("follow_links acts when packing: `shardpack pack --follow-links`")

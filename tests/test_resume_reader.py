@@ -162,6 +162,33 @@ def test_keras_checkpoint_callback_and_resume_recipe(awkward_shards, tmp_path):
     assert ds.shard_reader.epoch == 3
 
 
+@pytest.mark.slow
+def test_keras_checkpoint_with_steps_per_epoch_counts_across_keras_epochs(awkward_shards, tmp_path):
+    """With steps_per_epoch below the reader's length Keras keeps reading the same pass in
+    its next epoch (and ends an epoch where the pass ends): the saved position is the
+    reader's, counted across Keras epochs, not the Keras epoch's own step."""
+    keras = pytest.importorskip("keras")
+    from reader import image_dataset_from_shards
+    from reader.state import ShardReaderCheckpoint
+
+    def fit(epochs: int) -> dict:
+        ds = image_dataset_from_shards(awkward_shards, split="train", image_size=(16, 16),
+                                       batch_size=50, seed=1, verbose=False, num_workers=1)
+        assert len(ds.shard_reader) == 21
+        m = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(3)])
+        m.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        path = tmp_path / f"reader{epochs}.json"
+        m.fit(ds, epochs=epochs, steps_per_epoch=3, verbose=0,
+              callbacks=[ShardReaderCheckpoint(ds.shard_reader, path, every=2)])
+        return load_state(path)
+
+    state = fit(2)
+    assert (state["epoch"], state["batches"]) == (0, 6)
+    state = fit(8)  # seven Keras epochs of 3 finish the reader's 21 batches, the eighth reads 3 more
+    assert (state["epoch"], state["batches"]) == (1, 3)
+
+
 def test_decode_processes_matter_inside_an_epoch_only(awkward_shards, uninterrupted):
     """processes=N splits an epoch into N streams: a state saved inside an epoch under 2 is
     refused by a reader with none (also a state of shardpack 0.2.0, which recorded

@@ -116,3 +116,44 @@ def test_channels_first_keeps_keras_unrounded_pixels(photo_shards):
         photo_shards, data_format="channels_first", **opts)])
     assert not np.array_equal(last, np.round(last))  # the float32 resize was taken
     np.testing.assert_array_equal(first, last.transpose(0, 3, 1, 2))
+
+
+def test_keras_directory_options_are_taken_or_refused_with_advice(id_shards):
+    """labels="inferred"/None are Keras' and work; a label list, validation_split/subset
+    and follow_links act at pack time here and are refused saying so; drop_remainder with
+    batch_size=None (no batches) is refused instead of losing samples."""
+    shards, _ = id_shards
+    opts = dict(split="test", image_size=4, verbose=False)
+    assert len(list(image_dataset_from_shards(shards, labels="inferred", **opts))[0]) == 2
+    images = image_dataset_from_shards(shards, labels=None, **opts)
+    assert tuple(next(iter(images)).shape) == (30, 4, 4, 3)
+    with pytest.raises(ValueError, match="labels='inferred'"):
+        image_dataset_from_shards(shards, labels=[0, 1, 2], **opts)
+    for bad in (dict(validation_split=0.2, subset="training"), dict(subset="both")):
+        with pytest.raises(ValueError, match="--validation-split"):
+            image_dataset_from_shards(shards, **bad, **opts)
+    with pytest.raises(ValueError, match="--follow-links"):
+        image_dataset_from_shards(shards, follow_links=True, **opts)
+    with pytest.raises(ValueError, match="batch_size=None"):
+        image_dataset_from_shards(shards, batch_size=None, drop_remainder=True, **opts)
+    one_by_one = image_dataset_from_shards(shards, batch_size=None, **opts)
+    assert int(one_by_one.cardinality()) == len(list(one_by_one)) == 30
+
+
+def test_an_empty_split_and_repeated_class_names_are_refused(tmp_path):
+    """Keras refuses a folder without images; a class named twice would be counted twice."""
+    from conftest import write_id_tree
+
+    from packer import pack
+    from packer.errors import EmptySplitError
+
+    write_id_tree(tmp_path / "src", {"train": 3})
+    (tmp_path / "src" / "test" / "circle").mkdir(parents=True)  # a split of empty folders
+    pack(tmp_path / "src", tmp_path / "shards", workers=1, quiet=True)
+    with pytest.raises(EmptySplitError, match="no images found in split 'test'"):
+        image_dataset_from_shards(tmp_path / "shards", split="test", verbose=False)
+    reader = ShardReader(tmp_path / "shards", split="test")
+    with pytest.raises(EmptySplitError):
+        next(iter(reader))
+    with pytest.raises(ValueError, match=r"\['circle'\] more than once"):
+        ShardReader(tmp_path / "shards", class_names=["circle", "square", "circle"])
