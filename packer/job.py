@@ -110,6 +110,8 @@ def pack(
         ValueError: invalid options.
     """
     out_str = os.fspath(out)
+    if workers is not None and int(workers) < 0:
+        raise ValueError(f"workers must be 0 or more (0: one per CPU), got {workers}")
     if "://" in out_str and not out_str.startswith("file://"):
         from .remote_out import pack_to_url
 
@@ -221,6 +223,10 @@ def normalize_options(
     """
     if int(max_count) < 1:
         raise ValueError(f"max_count must be at least 1, got {max_count}")
+    if int(max_pixels) < 1:
+        raise ValueError(f"max_pixels must be at least 1, got {max_pixels} (it would refuse every image)")
+    if not 1 <= int(quality) <= 100:  # checked with --resize too, but a wrong value is wrong without
+        raise ValueError(f"quality must be in 1..100, got {quality}")
     if validation_split is not None and not 0 <= float(validation_split) < 1:
         raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
     if validate not in VALIDATE_MODES:

@@ -87,7 +87,9 @@ def parse_resize(text: str | int | None, *, quality: int = 90) -> ResizeSpec | N
 
 
 def to_8bit(im: Image.Image) -> Image.Image:
-    """Bring 16/32-bit integer and float images into 0..255 ``L`` without clipping to white."""
+    """Bring 16/32-bit integer images into 0..255 ``L`` by scaling (not clipping to white).
+    Float (``F``) images are read as 0..255 values and clipped, as the reader reads them:
+    a float image scaled 0..1 comes out nearly black (no format says which scale it used)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return im.convert("I").point(lambda v: v * (1 / 256)).convert("L")
     if im.mode == "I":

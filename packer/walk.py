@@ -128,6 +128,32 @@ def _is_dir(entry: os.DirEntry[str], follow_links: bool) -> bool:
         return False
 
 
+def _unfollowed_folder(
+    result: WalkResult, entry: os.DirEntry[str], rel: str, ancestors: frozenset[tuple[int, int]],
+    kind: str = "",
+) -> bool:
+    """A symbolic link to a folder, left unfollowed without ``--follow-links``: whatever it
+    holds is not packed, so it gets a warning (summary, manifest, stderr), not only a line
+    among the ignored files. Symlinking split or class folders onto other disks is common.
+    A link back to a folder being walked (a cycle) loses nothing and gets none.
+    Returns whether ``entry`` was one."""
+    if not _is_dir(entry, True):
+        return False
+    try:
+        if _dir_identity(entry.path) in ancestors:
+            result.ignored.append((rel, "symlink cycle"))
+            return True
+    except OSError:
+        return False
+    what = f"{kind} folder" if kind else "folder"
+    result.ignored.append((rel, f"symbolic link to a {what}, not followed (pass --follow-links)"))
+    result.warnings.append(
+        f"{shown_path(rel)} is a symbolic link to a {what}: not followed, so the images in it "
+        "are not packed; pass --follow-links to pack them"
+    )
+    return True
+
+
 def _collect_class_files(
     result: WalkResult,
     *,
@@ -160,7 +186,7 @@ def _collect_class_files(
         if entry.is_symlink() and not follow_links:
             if looks_like_image_name(entry.name):
                 result.skipped.append((rel, "symbolic link not followed (pass --follow-links)"))
-            else:
+            elif not _unfollowed_folder(result, entry, rel, ancestors):
                 result.ignored.append((rel, "symbolic link not followed"))
             continue
         if _is_dir(entry, follow_links):
@@ -206,7 +232,8 @@ def _walk_classes(
             result.ignored.append((rel, "hidden or system file"))
             continue
         if entry.is_symlink() and not follow_links:
-            result.ignored.append((rel, "symbolic link not followed"))
+            if not _unfollowed_folder(result, entry, rel, ancestors, "class"):
+                result.ignored.append((rel, "symbolic link not followed"))
             continue
         if _is_dir(entry, follow_links):
             identity = _dir_identity(entry.path)
@@ -302,8 +329,12 @@ def walk_tree(
         return result
     for entry in _sorted_entries(src):
         rel = _rel_posix(entry.path, src)
-        if is_hidden(entry.name) or (entry.is_symlink() and not follow_links):
+        if is_hidden(entry.name):
             result.ignored.append((rel, "hidden, system file or symbolic link"))
+            continue
+        if entry.is_symlink() and not follow_links:
+            if not _unfollowed_folder(result, entry, rel, root_id, "split"):
+                result.ignored.append((rel, "hidden, system file or symbolic link"))
             continue
         if not _is_dir(entry, follow_links):
             if looks_like_image_name(entry.name) or _image_content(entry):

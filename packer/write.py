@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -191,13 +192,24 @@ def stored_bytes(sample: PlannedSample, resize: ResizeSpec | None, spool: str | 
 
 
 def stored_bytes_of(data: bytes, resize: ResizeSpec) -> bytes:
+    """Re-encode a source the probe already accepted (the spool had no copy: a duplicate's
+    entry was taken by its twin, or an earlier run's was damaged). The probe held these
+    very bytes (the stamps say so) to ``--max-pixels``, so Pillow's own bomb limit and
+    warning, lower than a raised ``--max-pixels``, must not refuse them here."""
     from PIL import Image
 
     from .transform import load_for_resize, transform_image
 
-    with Image.open(io.BytesIO(data)) as im:
-        load_for_resize(im, resize)
-        return transform_image(im, resize)[0]
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = None
+            with Image.open(io.BytesIO(data)) as im:
+                load_for_resize(im, resize)
+                return transform_image(im, resize)[0]
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def _octal(value: int, width: int) -> bytes:

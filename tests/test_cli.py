@@ -84,6 +84,10 @@ def test_flat_tree_without_validation_split(src, tmp_path, capsys):
     (["--validation-split", "1.5"], "validation_split"),
     (["--resize", "huge"], "--resize"),
     (["--layout", "splits", "--validation-split", "0.2"], "flat"),
+    (["--quality", "500"], "quality"),
+    (["--quality", "0"], "quality"),
+    (["--workers", "-1"], "workers"),
+    (["--max-pixels", "0"], "max_pixels"),
 ])
 def test_bad_options_exit_2(src, tmp_path, capsys, args, words):
     status, _, err = run(capsys, "pack", str(src), str(tmp_path / "out"), "--quiet", *args)

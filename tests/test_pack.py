@@ -431,3 +431,28 @@ def test_validation_split_on_a_split_tree_is_refused_not_labelled_by_split(tmp_p
     assert not (tmp_path / "out").exists()
     forced = pack(src, tmp_path / "forced", validation_split=0.2, layout="flat", workers=1, quiet=True)
     assert forced["classes"] == ["test", "train"]
+
+
+def test_resized_duplicates_above_pillows_limit_pack_under_a_raised_max_pixels(tmp_path, monkeypatch):
+    """Two copies of one large image with --resize: the spool keeps one re-encoded copy, so
+    the writer re-encodes the other itself. The probe let it through a raised --max-pixels;
+    the writer must not then refuse it by Pillow's own (lower) bomb limit. Pillow's limit
+    is lowered here so the images can stay small."""
+    import warnings
+
+    from PIL import Image as PILImage
+
+    make_example_tree(tmp_path / "one", counts={"train": 1}, seed=2, long_side=(400, 400))
+    photo = next(p for p in (tmp_path / "one").rglob("*.*") if p.suffix in (".jpg", ".png"))
+    for name in ("a", "b"):
+        dest = tmp_path / "src" / "train" / "big" / f"{name}{photo.suffix}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, dest)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # a 400 px photo is a "bomb" now
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        manifest = pack(tmp_path / "src", tmp_path / "out", workers=1, quiet=True, resize=64,
+                        max_pixels=10**8)
+    assert not [w for w in record if issubclass(w.category, PILImage.DecompressionBombWarning)]
+    assert manifest["splits"]["train"]["count"] == 2
+    assert PILImage.MAX_IMAGE_PIXELS == 1000  # put back

@@ -197,3 +197,30 @@ def test_class_names_that_differ_only_in_normalisation_or_case_are_warned_about(
     plain = tmp_path / "plain"
     (plain / "train" / "cat").mkdir(parents=True)
     assert walk_tree(plain).warnings == []
+
+
+def test_a_symlinked_folder_left_unfollowed_is_warned_about(tmp_path):
+    """Split and class folders linked in from another disk are common: without
+    --follow-links their images are not packed, which must be said, not only listed among
+    the ignored files; links back into the tree (cycles) lose nothing and are not."""
+    store = tmp_path / "store"
+    touch(store, "big_train/cat/1.jpg")
+    touch(store, "dogs/2.jpg")
+    touch(store, "more/3.jpg")
+    src = tmp_path / "src"
+    touch(src, "test/cat/4.jpg")
+    os.symlink(store / "big_train", src / "train")
+    os.symlink(store / "dogs", src / "test" / "dog")
+    os.symlink(store / "more", src / "test" / "cat" / "more")
+    os.symlink(".", src / "test" / "cat" / "self")
+    plain = walk_tree(src)
+    assert [c.rel_path for c in plain.candidates] == ["test/cat/4.jpg"]
+    warned = [w for w in plain.warnings if "not followed" in w]
+    assert len(warned) == 3 and all("--follow-links" in w for w in warned)
+    assert any(w.startswith("train is a symbolic link to a split folder") for w in warned)
+    assert any(w.startswith("test/dog is a symbolic link to a class folder") for w in warned)
+    assert ("test/cat/self", "symlink cycle") in plain.ignored
+    followed = walk_tree(src, follow_links=True)
+    assert sorted(c.rel_path for c in followed.candidates) == [
+        "test/cat/4.jpg", "test/cat/more/3.jpg", "test/dog/2.jpg", "train/cat/1.jpg"]
+    assert not [w for w in followed.warnings if "not followed" in w]
