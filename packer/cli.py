@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_endpoint(p)
     p.set_defaults(func=_cmd_upload)
 
-    p = sub.add_parser("bench", help="reader throughput against Keras/webdataset/decode-limit anchors",
-                       add_help=False)
+    p = sub.add_parser("bench", help="reader throughput (numpy, tf.data, PyTorch) against the "
+                       "decode limit of the same shards", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="see `shardpack bench --help`")
 
     p = sub.add_parser("preview", help="contact sheet of decoded samples with class names")
@@ -173,12 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shardpack`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
+    command = next((i for i, a in enumerate(argv) if a not in ("-v", "--verbose")), len(argv))
+    if argv[command : command + 1] == ["bench"]:
         # bench owns its options (reader.benchmark); argparse's REMAINDER would swallow
         # neither a leading ``--help`` nor options placed before SOURCE.
         from reader.benchmark import main as bench_main
 
-        return int(bench_main(argv[1:]) or 0)
+        logging.basicConfig(level=logging.INFO if command else logging.WARNING,
+                            format="%(levelname)s: %(message)s")
+        return int(bench_main(argv[command + 1 :]) or 0)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s")

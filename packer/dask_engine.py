@@ -92,11 +92,7 @@ def run_dask(
             try:
                 client = stack.enter_context(Client(scheduler, timeout=connect_timeout))
             except OSError as exc:
-                raise PackError(
-                    f"cannot reach the Dask scheduler at {scheduler} ({exc}); start one with "
-                    "`dask scheduler` (and `dask worker ADDRESS` on each machine), or leave "
-                    "out --scheduler to pack on a local cluster"
-                ) from exc
+                raise _unreachable(scheduler, exc) from exc
         window = max_in_flight or _default_window(client, workers)
 
         queue = iter(items)
@@ -164,7 +160,7 @@ def check_workers_see(
         with Client(scheduler, timeout=connect_timeout) as client:
             seen = client.run(_stat_keys, [paths[label] for label in labels])
     except OSError as exc:
-        raise PackError(f"cannot reach the Dask scheduler at {scheduler} ({exc})") from exc
+        raise _unreachable(scheduler, exc) from exc
     for worker, keys in sorted(seen.items()):
         for label, want, got in zip(labels, expected, keys, strict=True):
             if got != want:
@@ -235,3 +231,11 @@ def _require_distributed() -> None:
 def _default_window(client: Any, workers: int) -> int:
     threads = sum(client.nthreads().values())
     return max(MIN_IN_FLIGHT, IN_FLIGHT_PER_THREAD * max(threads, workers, 1))
+
+
+def _unreachable(scheduler: str, exc: OSError) -> PackError:
+    return PackError(
+        f"cannot reach the Dask scheduler at {scheduler} ({exc}); start one with "
+        "`dask scheduler` (and `dask worker ADDRESS` on each machine), or leave "
+        "out --scheduler to pack on a local cluster"
+    )

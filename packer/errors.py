@@ -16,6 +16,7 @@ __all__ = [
     "FormatVersionError",
     "ShardReadError",
     "ChecksumError",
+    "EmptySplitError",
     "SampleDecodeError",
     "SplitNotFoundError",
     "ClassNotFoundError",

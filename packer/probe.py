@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -151,14 +152,10 @@ def probe_bytes(
         fast = fast_jpeg_info(data) if data[:2] == b"\xff\xd8" else fast_png_info(data)
         if fast is not None:
             return _probe_fast(fast, data, source_sha, max_pixels, source_stamp)
-    pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            # Pillow refuses above twice its own limit at open; make that limit ours, so a
-            # raised --max-pixels really lets a large scan through (open reads only headers).
-            Image.MAX_IMAGE_PIXELS = max_pixels
-            im = Image.open(io.BytesIO(data))
+        # Pillow refuses above twice its own limit at open; make that limit ours, so a
+        # raised --max-pixels really lets a large scan through (open reads only headers).
+        im = open_with_pixel_limit(data, max_pixels)
     except Image.DecompressionBombError as exc:
         return Probe(
             False, True, f"decompression bomb refused: {exc} (raise --max-pixels to pack it)",
@@ -171,8 +168,6 @@ def probe_bytes(
         return Probe(False, False, "not an image Pillow can read", source_sha256=source_sha)
     except Exception as exc:  # Pillow raises many types on malformed headers
         return Probe(False, True, f"unreadable image header: {exc}", source_sha256=source_sha)
-    finally:
-        Image.MAX_IMAGE_PIXELS = pillow_limit
     with im:
         fmt = im.format or "?"
         ext = PIL_FORMAT_TO_EXT.get(fmt)
@@ -205,6 +200,24 @@ def probe_bytes(
     if resize is not None and keep_stored is not None:
         keep_stored.append(data)
     return Probe(True, True, "", ext, width, height, len(data), stored_sha, source_sha, source_stamp)
+
+
+# Pillow's bomb limit is one module attribute: threads that open images (a Dask worker with
+# several threads) take turns setting it, so none restores another's value.
+_PIXEL_LIMIT_LOCK = threading.Lock()
+
+
+def open_with_pixel_limit(data: bytes, max_pixels: int | None) -> Image.Image:
+    """``Image.open`` (headers only) with Pillow's decompression-bomb limit set to
+    ``max_pixels`` (None: none) and its warning silenced; the limit is checked at open."""
+    with _PIXEL_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        pillow_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
 def read_stamped(path: str) -> tuple[bytes, tuple[int, ...]]:

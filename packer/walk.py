@@ -129,22 +129,31 @@ def _is_dir(entry: os.DirEntry[str], follow_links: bool) -> bool:
 
 
 def _unfollowed_folder(
-    result: WalkResult, entry: os.DirEntry[str], rel: str, ancestors: frozenset[tuple[int, int]],
-    kind: str = "",
+    result: WalkResult, entry: os.DirEntry[str], rel: str, *, src: str,
+    ancestors: frozenset[tuple[int, int]], skip: frozenset[tuple[int, int]], kind: str = "",
 ) -> bool:
     """A symbolic link to a folder, left unfollowed without ``--follow-links``: whatever it
     holds is not packed, so it gets a warning (summary, manifest, stderr), not only a line
     among the ignored files. Symlinking split or class folders onto other disks is common.
-    A link back to a folder being walked (a cycle) loses nothing and gets none.
-    Returns whether ``entry`` was one."""
+    A link to a folder of the tree itself (a cycle, or ``validation -> train``) loses
+    nothing, and following it would pack its images twice: it is ignored without advice;
+    a link to OUT is left out unrecorded, as OUT is. Returns whether ``entry`` was one."""
     if not _is_dir(entry, True):
         return False
     try:
-        if _dir_identity(entry.path) in ancestors:
-            result.ignored.append((rel, "symlink cycle"))
-            return True
+        identity = _dir_identity(entry.path)
+        target = os.path.realpath(entry.path)
     except OSError:
         return False
+    if identity in skip:
+        return True
+    if identity in ancestors:
+        result.ignored.append((rel, "symlink cycle"))
+        return True
+    root = os.path.realpath(src)
+    if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
+        result.ignored.append((rel, "symbolic link to a folder of this tree, not followed"))
+        return True
     what = f"{kind} folder" if kind else "folder"
     result.ignored.append((rel, f"symbolic link to a {what}, not followed (pass --follow-links)"))
     result.warnings.append(
@@ -186,7 +195,7 @@ def _collect_class_files(
         if entry.is_symlink() and not follow_links:
             if looks_like_image_name(entry.name):
                 result.skipped.append((rel, "symbolic link not followed (pass --follow-links)"))
-            elif not _unfollowed_folder(result, entry, rel, ancestors):
+            elif not _unfollowed_folder(result, entry, rel, src=src, ancestors=ancestors, skip=skip):
                 result.ignored.append((rel, "symbolic link not followed"))
             continue
         if _is_dir(entry, follow_links):
@@ -232,7 +241,8 @@ def _walk_classes(
             result.ignored.append((rel, "hidden or system file"))
             continue
         if entry.is_symlink() and not follow_links:
-            if not _unfollowed_folder(result, entry, rel, ancestors, "class"):
+            if not _unfollowed_folder(result, entry, rel, src=src, ancestors=ancestors, skip=skip,
+                                      kind="class"):
                 result.ignored.append((rel, "symbolic link not followed"))
             continue
         if _is_dir(entry, follow_links):
@@ -333,7 +343,8 @@ def walk_tree(
             result.ignored.append((rel, "hidden, system file or symbolic link"))
             continue
         if entry.is_symlink() and not follow_links:
-            if not _unfollowed_folder(result, entry, rel, root_id, "split"):
+            if not _unfollowed_folder(result, entry, rel, src=src, ancestors=root_id, skip=skip,
+                                      kind="split"):
                 result.ignored.append((rel, "hidden, system file or symbolic link"))
             continue
         if not _is_dir(entry, follow_links):

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import os
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -196,20 +194,12 @@ def stored_bytes_of(data: bytes, resize: ResizeSpec) -> bytes:
     entry was taken by its twin, or an earlier run's was damaged). The probe held these
     very bytes (the stamps say so) to ``--max-pixels``, so Pillow's own bomb limit and
     warning, lower than a raised ``--max-pixels``, must not refuse them here."""
-    from PIL import Image
-
+    from .probe import open_with_pixel_limit
     from .transform import load_for_resize, transform_image
 
-    limit = Image.MAX_IMAGE_PIXELS
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = None
-            with Image.open(io.BytesIO(data)) as im:
-                load_for_resize(im, resize)
-                return transform_image(im, resize)[0]
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+    with open_with_pixel_limit(data, None) as im:
+        load_for_resize(im, resize)
+        return transform_image(im, resize)[0]
 
 
 def _octal(value: int, width: int) -> bytes:

@@ -1,7 +1,8 @@
 """``shardpack bench``: reader throughput on a shard set, next to the JPEG-decode limit.
 
-Three contenders read the same split of SOURCE, each in its own Python process (so each
-one's peak RSS is its own and TensorFlow is loaded only where it is used):
+Four contenders read the same split of SOURCE, each in its own Python process (so each
+one's peak RSS is its own and TensorFlow is loaded only where it is used); the Keras and
+webdataset anchors are ``scripts/bench.py``'s, which builds the data they need:
 
 - ``decode_limit``: the split's image bytes already in RAM, decoded and resized to the
   batch shape on every core with libjpeg-turbo's DCT scaling (simplejpeg when installed,
@@ -10,6 +11,8 @@ one's peak RSS is its own and TensorFlow is loaded only where it is used):
 - ``shardpack_numpy``: one epoch of :class:`reader.ShardReader` (float32 batches).
 - ``shardpack_tf``: one epoch of :func:`reader.image_dataset_from_shards`, iterated as
   Keras does (``for x, y in ds``).
+- ``shardpack_torch``: one epoch of :class:`reader.ShardIterableDataset` (NCHW float32) in a
+  ``DataLoader`` without loader workers.
 
 The machine may be shared, so every contender runs ``--repeat`` times, interleaved (one
 round of all, then the next), and the table shows the median; the load average is printed

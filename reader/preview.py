@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from packer.errors import EmptySplitError
+
 from .shard_reader import ShardReader
 
 __all__ = ["preview"]
@@ -67,7 +69,10 @@ def preview(
         shuffle_buffer=max(count * 8, 256),
         **reader_options,
     )
-    images, labels = next(iter(reader), (np.zeros((0, tile_size, tile_size, 3)), np.zeros(0)))
+    try:
+        images, labels = next(iter(reader), (np.zeros((0, tile_size, tile_size, 3)), np.zeros(0)))
+    except EmptySplitError:  # an empty split (or class subset) is shown as an empty sheet
+        images, labels = np.zeros((0, tile_size, tile_size, 3)), np.zeros(0)
     n = len(images)
     rows = max(1, -(-n // columns))
     cols = min(columns, max(n, 1))

@@ -359,7 +359,7 @@ class ShardStream(io.RawIOBase):
                         yield data
                     raise ShardReadError(
                         f"truncated: the object has {actual} bytes, the manifest says {size} "
-                        "(replaced or partly uploaded?); re-upload it",
+                        f"(replaced or partly uploaded?); {_remedy(self.url)}",
                         shard=self.url,
                         offset=actual,
                     )
@@ -372,7 +372,7 @@ class ShardStream(io.RawIOBase):
                     raise ChecksumError(
                         f"sha256 {sha.hexdigest()[:16]}... does not match the manifest's "
                         f"{self._sha256[:16]}...: the object is corrupted or was replaced; "  # type: ignore[index]
-                        "re-upload it (`shardpack upload` re-sends changed shards)",
+                        f"{_remedy(self.url)}",
                         shard=self.url,
                     )
                 if pos >= size and self._on_verified is not None:
@@ -677,3 +677,9 @@ def prefetch_shards(
         for stream in pending:
             stream.close()
 
+
+def _remedy(url: str) -> str:
+    """What to do about a damaged shard: upload again to object storage, pack again on disk."""
+    if "://" in url and not url.startswith("file://"):
+        return "re-upload it (`shardpack upload` re-sends changed shards)"
+    return "pack it again (re-running `shardpack pack` rewrites damaged shards)"

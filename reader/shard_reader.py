@@ -290,14 +290,19 @@ class ShardReader:
                 out.append((path, -1 if label is None else label))
         return out
 
-    def require_samples(self) -> None:
+    def require_samples(self, *, scan: bool = False) -> None:
         """Refuse a split without images (of the selected classes): an epoch of nothing
-        would train on nothing without a word (Keras refuses such a folder too).
+        would train on nothing without a word (Keras refuses such a folder too). Where the
+        count needs a scan of every shard (manifest-less tars, a class subset of a manifest
+        without class counts), only with ``scan=True``: an epoch must not read them twice.
 
         Raises:
             EmptySplitError: ``samples`` is 0.
         """
-        if self.samples == 0:
+        src = self.source
+        known = scan or self._index is not None or (
+            src.count is not None and (self._remap is None or bool(src.class_counts)))
+        if known and self.samples == 0:
             raise EmptySplitError(self.split, list(self.class_names) if self._remap is not None else None)
 
     @property

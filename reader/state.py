@@ -174,6 +174,7 @@ def save_state(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Write a state as JSON atomically (temp file + rename), so a crash leaves the old one."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)  # a checkpoint folder the job has not made yet
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".shardpack-state-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
@@ -201,10 +202,10 @@ def _make_keras_callback() -> type:
 
         The position counts the batches *the model* has trained on (``tf.data`` reads
         ahead, so the reader itself is further on); a resumed reader's skipped batches
-        count too. When an epoch completes, ``(next epoch, 0)`` is saved. With
-        ``fit(steps_per_epoch=...)`` below the reader's length, Keras goes on with the same
-        pass of the dataset in its next epoch (and cuts an epoch short where the pass
-        ends), so the count goes on across Keras epochs until the reader's epoch is done.
+        count too. When an epoch completes, ``(next epoch, 0)`` is saved. The count is the
+        reader's, not Keras' epoch's: with ``fit(steps_per_epoch=...)`` below the reader's
+        length Keras goes on with the same pass of the dataset in its next epoch, and with
+        ``ds.repeat()`` one Keras epoch may run from one pass into the next.
         Resume recipe: docs/READING.md.
 
         Args:
@@ -217,32 +218,33 @@ def _make_keras_callback() -> type:
                      every: int = 100) -> None:
             super().__init__()
             self.reader, self.path, self.every = reader, path, max(1, int(every))
-            self._epoch, self._offset, self._done, self._base = reader.epoch, 0, 0, 0
+            self._epoch, self._position, self._trained, self._in_keras_epoch = reader.epoch, 0, 0, 0
 
         def on_train_begin(self, logs: Any = None) -> None:
             # the epoch the dataset's next pass reads, and batches of it a resume skips
-            self._epoch, self._offset = self.reader.epoch, self.reader._resume_batches
-            self._done = 0
+            self._epoch, self._position = self.reader.epoch, self.reader._resume_batches
+            self._trained = 0
 
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-            # batches of the reader's pass that earlier Keras epochs of this fit trained on
-            # (0 unless steps_per_epoch left the pass unfinished)
-            self._base = self._done
+            self._in_keras_epoch = 0
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            self._done = self._base + batch + 1
-            if self._done % self.every == 0:
-                self._save(self._epoch, self._offset + self._done)
+            # ``batch``: the Keras epoch's step (the last of them with steps_per_execution)
+            step = batch + 1 - self._in_keras_epoch
+            self._in_keras_epoch = batch + 1
+            self._position += step
+            length = len(self.reader)
+            while length and self._position >= length:  # the reader's pass is done
+                self._epoch, self._position = self._epoch + 1, self._position - length
+            before, self._trained = self._trained, self._trained + step
+            if self._trained // self.every > before // self.every:
+                self._save()
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            if self._offset + self._done >= len(self.reader):  # the reader's pass is done
-                self._epoch, self._offset, self._done = self._epoch + 1, 0, 0
-                self._save(self._epoch, 0)
-            else:
-                self._save(self._epoch, self._offset + self._done)
+            self._save()
 
-        def _save(self, epoch: int, batches: int) -> None:
-            save_state(make_state(self.reader, epoch=epoch, batches=batches), self.path)
+        def _save(self) -> None:
+            save_state(make_state(self.reader, epoch=self._epoch, batches=self._position), self.path)
 
     return ShardReaderCheckpoint
 

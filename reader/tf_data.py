@@ -145,7 +145,7 @@ def image_dataset_from_shards(
             f"Found {reader.samples} files in {len(reader.source.shards)} shards "
             f"belonging to {len(reader.class_names)} classes."
         )
-    reader.require_samples()
+    reader.require_samples(scan=True)  # counted for the cardinality anyway
     h, w, c = reader.decode_options.shape
     x_spec = tf.TensorSpec((None, h, w, c), tf.as_dtype(reader.batch_options.dtype))
     y_specs = {
@@ -211,7 +211,7 @@ def _keras_labels(labels: Any, label_mode: str | None) -> str | None:
 
 def _refuse_directory_options(validation_split: float | None, subset: str | None, follow_links: bool) -> None:
     """Keras' directory options act at pack time here: say where, rather than ignore them."""
-    if validation_split is not None or subset is not None:
+    if validation_split or subset is not None:  # Keras takes 0 as no split too
         raise ValueError(
             "validation_split/subset divide a folder when Keras reads it; shards are divided "
             "when packed: `shardpack pack SRC OUT --validation-split 0.2` writes 'train' and "

@@ -176,6 +176,7 @@ class ShardIterableDataset(IterableDataset):
                 "DataLoader(num_workers=0), or drop processes= and give the loader num_workers")
         if info is not None:
             self._loader_workers.value = workers
+        reader.require_samples()
         if skip:
             from .state import check_streams, reader_streams
 

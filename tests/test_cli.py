@@ -105,9 +105,10 @@ def test_info_and_verify_without_manifest(tmp_path, capsys):
 def test_bench_owns_its_options_and_measures_a_shard_set(id_shards, capsys):
     """`shardpack bench --help` and options before SOURCE reach reader.benchmark's parser, and
     a real (small) run reports the reader next to the decode limit."""
-    with pytest.raises(SystemExit) as info:
-        main(["bench", "--help"])
-    assert info.value.code == 0 and "--image-size" in capsys.readouterr().out
+    for global_options in ([], ["-v"]):  # the global -v before the command too
+        with pytest.raises(SystemExit) as info:
+            main([*global_options, "bench", "--help"])
+        assert info.value.code == 0 and "--image-size" in capsys.readouterr().out
     assert main(["bench", "--split", "train", "--image-size", "16", "--batch-size", "8",
                  "--repeat", "1", "--only", "decode_limit,shardpack_numpy", str(id_shards[0])]) == 0
     out = capsys.readouterr().out

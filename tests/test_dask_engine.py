@@ -163,9 +163,14 @@ def test_killed_workers_are_survived(tree, local_pack, tmp_path, monkeypatch):
     assert _digests(out) == local_pack[1]
 
 
-def test_unreachable_scheduler_says_how_to_fix():
+def test_unreachable_scheduler_says_how_to_fix(tmp_path):
+    from packer.dask_engine import check_workers_see
+
     with pytest.raises(PackError, match="cannot reach the Dask scheduler.*leave out --scheduler"):
         list(run_dask(abs, [1], workers=1, scheduler="tcp://127.0.0.1:1", connect_timeout=1))
+    # the first contact of a pack with --scheduler: the paths check
+    with pytest.raises(PackError, match="cannot reach the Dask scheduler.*leave out --scheduler"):
+        check_workers_see("tcp://127.0.0.1:1", {"SRC": str(tmp_path)}, connect_timeout=1)
 
 
 @pytest.mark.slow

@@ -223,3 +223,16 @@ def test_a_reader_of_small_images_on_many_cores_decodes_on_8_threads(id_shards, 
     assert ShardReader(shards, split="train", image_size=4, processes=4).num_workers == 16
     tars = sorted(str(p) for p in (shards / "train").glob("*.tar"))
     assert ShardReader(tars, num_classes=3, image_size=4).num_workers == 16
+
+
+def test_manifest_less_tars_are_read_once_per_epoch(id_shards, monkeypatch):
+    """The empty-split check must not scan every tar before the epoch reads them anyway
+    (twice the I/O for streamed or remote tars): without a manifest, no count is known."""
+    shards, _ = id_shards
+    tars = sorted(str(p) for p in (shards / "train").glob("*.tar"))
+    scans = []
+    real_scan = shard_reader.scan_shard
+    monkeypatch.setattr(shard_reader, "scan_shard", lambda *a, **k: scans.append(1) or real_scan(*a, **k))
+    reader = ShardReader(tars, num_classes=3, image_size=4, batch_size=16)
+    assert sum(len(x) for x, _ in reader) == 210
+    assert scans == []

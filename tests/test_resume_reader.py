@@ -66,8 +66,8 @@ def test_state_between_epochs_points_at_the_next(awkward_shards, uninterrupted, 
     assert (r.state_dict()["epoch"], r.state_dict()["batches"]) == (0, 0)
     for _ in r:
         pass
-    save_state(r.state_dict(), tmp_path / "state.json")
-    state = load_state(tmp_path / "state.json")
+    save_state(r.state_dict(), tmp_path / "ckpt" / "state.json")  # the folder is made
+    state = load_state(tmp_path / "ckpt" / "state.json")
     assert (state["epoch"], state["batches"]) == (1, 0)
     again = ShardReader(awkward_shards, **OPTIONS)
     again.load_state_dict(state)
@@ -171,21 +171,26 @@ def test_keras_checkpoint_with_steps_per_epoch_counts_across_keras_epochs(awkwar
     from reader import image_dataset_from_shards
     from reader.state import ShardReaderCheckpoint
 
-    def fit(epochs: int) -> dict:
+    def fit(epochs: int, steps: int, repeat: bool = False) -> dict:
         ds = image_dataset_from_shards(awkward_shards, split="train", image_size=(16, 16),
                                        batch_size=50, seed=1, verbose=False, num_workers=1)
-        assert len(ds.shard_reader) == 21
+        reader = ds.shard_reader
+        assert len(reader) == 21
         m = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.GlobalAveragePooling2D(),
                               keras.layers.Dense(3)])
         m.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        path = tmp_path / f"reader{epochs}.json"
-        m.fit(ds, epochs=epochs, steps_per_epoch=3, verbose=0,
-              callbacks=[ShardReaderCheckpoint(ds.shard_reader, path, every=2)])
+        path = tmp_path / f"reader{epochs}_{steps}_{repeat}.json"
+        m.fit(ds.repeat() if repeat else ds, epochs=epochs, steps_per_epoch=steps, verbose=0,
+              callbacks=[ShardReaderCheckpoint(reader, path, every=2)])
         return load_state(path)
 
-    state = fit(2)
+    state = fit(2, 3)
     assert (state["epoch"], state["batches"]) == (0, 6)
-    state = fit(8)  # seven Keras epochs of 3 finish the reader's 21 batches, the eighth reads 3 more
+    state = fit(8, 3)  # seven Keras epochs of 3 finish the reader's 21 batches, the eighth reads 3 more
+    assert (state["epoch"], state["batches"]) == (1, 3)
+    state = fit(7, 4)  # Keras cuts its sixth epoch to 1 batch where the pass ends; 4 more
+    assert (state["epoch"], state["batches"]) == (1, 4)
+    state = fit(6, 4, repeat=True)  # 24 batches of one endless iterator: the pass turns over inside
     assert (state["epoch"], state["batches"]) == (1, 3)
 
 

@@ -155,5 +155,16 @@ def test_an_empty_split_and_repeated_class_names_are_refused(tmp_path):
     reader = ShardReader(tmp_path / "shards", split="test")
     with pytest.raises(EmptySplitError):
         next(iter(reader))
+    from reader.preview import preview  # a preview of nothing is an empty sheet
+
+    assert preview(tmp_path / "shards", split="test", out=tmp_path / "empty.png").exists()
+    torch = pytest.importorskip("torch")
+    from reader.torch_data import ShardIterableDataset
+
+    for workers in (0, 2):  # loader workers read the split too
+        loader = torch.utils.data.DataLoader(ShardIterableDataset(tmp_path / "shards", split="test"),
+                                             batch_size=None, num_workers=workers)
+        with pytest.raises(EmptySplitError):
+            next(iter(loader))
     with pytest.raises(ValueError, match=r"\['circle'\] more than once"):
         ShardReader(tmp_path / "shards", class_names=["circle", "square", "circle"])

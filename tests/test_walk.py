@@ -213,6 +213,7 @@ def test_a_symlinked_folder_left_unfollowed_is_warned_about(tmp_path):
     os.symlink(store / "dogs", src / "test" / "dog")
     os.symlink(store / "more", src / "test" / "cat" / "more")
     os.symlink(".", src / "test" / "cat" / "self")
+    os.symlink(src / "test", src / "validation")  # into the tree: following packs it twice
     plain = walk_tree(src)
     assert [c.rel_path for c in plain.candidates] == ["test/cat/4.jpg"]
     warned = [w for w in plain.warnings if "not followed" in w]
@@ -220,7 +221,14 @@ def test_a_symlinked_folder_left_unfollowed_is_warned_about(tmp_path):
     assert any(w.startswith("train is a symbolic link to a split folder") for w in warned)
     assert any(w.startswith("test/dog is a symbolic link to a class folder") for w in warned)
     assert ("test/cat/self", "symlink cycle") in plain.ignored
+    assert ("validation", "symbolic link to a folder of this tree, not followed") in plain.ignored
+    out = src / "test" / "out_link"  # a link to OUT inside SRC is left out unrecorded
+    os.symlink(tmp_path / "out", out)
+    (tmp_path / "out").mkdir()
+    again = walk_tree(src, exclude=tmp_path / "out")
+    assert again.warnings == plain.warnings and "test/out_link" not in dict(again.ignored)
+    out.unlink()
     followed = walk_tree(src, follow_links=True)
-    assert sorted(c.rel_path for c in followed.candidates) == [
+    assert sorted(c.rel_path for c in followed.candidates if not c.rel_path.startswith("validation")) == [
         "test/cat/4.jpg", "test/cat/more/3.jpg", "test/dog/2.jpg", "train/cat/1.jpg"]
     assert not [w for w in followed.warnings if "not followed" in w]
