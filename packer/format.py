@@ -109,6 +109,14 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}/{split}-{index:06d}.tar"
 
 
+_SHARD_NAME = re.compile(r"([^/]+)/\1-[0-9]{6,}\.tar")
+
+
+def is_shard_name(name: str) -> bool:
+    """Whether a path relative to the output root has the shape :func:`shard_name` gives."""
+    return _SHARD_NAME.fullmatch(name) is not None
+
+
 def sample_key(split: str, position: int) -> str:
     """Return the key of the sample at ``position`` in its split's packed order.
 

@@ -15,6 +15,8 @@ re-hashes the remote copy).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -105,39 +107,74 @@ def pack_to_url(
     except Exception as exc:  # the store cannot be reached: say so before packing anything
         raise UploadError(_message(url, exc, storage_options)) from None
 
-    pool = LocalPool(workers)
-    try:
+    remote_cluster = engine == "dask" and scheduler is not None
+    with contextlib.ExitStack() as stack:
+        pool = LocalPool(workers)
+        stack.callback(pool.close)
+        if engine == "dask" and scheduler is None:  # one cluster for every batch of the job
+            from .dask_engine import local_cluster
+
+            scheduler = stack.enter_context(local_cluster(workers))
         run = _engine_runner(engine, workers=workers, scheduler=scheduler, pool=pool)
+        check_workers = None
+        if remote_cluster:  # workers elsewhere must see SRC and the staging folder
+            from .dask_engine import check_workers_see
+
+            check_workers = functools.partial(check_workers_see, str(scheduler))
         return _pack_and_send(src, store, options, old_manifest, run=run, resize_spec=resize_spec,
                               staging_dir=staging_dir, batch=batch, upload_workers=upload_workers,
-                              quiet=quiet, storage_options=storage_options)
-    finally:
-        pool.close()
+                              quiet=quiet, storage_options=storage_options,
+                              check_workers=check_workers)
 
 
 def _pack_and_send(
     src: str | os.PathLike[str], store: RemoteStore, options: dict[str, Any],
     old_manifest: dict[str, Any] | None, *, run: Any, resize_spec: Any,
     staging_dir: str | os.PathLike[str] | None, batch: int, upload_workers: int, quiet: bool,
-    storage_options: dict[str, Any] | None,
+    storage_options: dict[str, Any] | None, check_workers: Any = None,
 ) -> dict[str, Any]:
-    """walk -> probe -> plan, then write + upload in batches, then the manifest."""
-    from .job import find_duplicates, make_plan, probe_all
-    from .manifest import build_manifest
+    """walk -> probe -> plan, then write + upload in batches, then the manifest.
+
+    ``check_workers``: called with the paths remote Dask workers must see as this machine
+    does (SRC and the staging folder, which must then be a shared one: ``staging_dir``).
+    """
     from .walk import walk_tree
 
-    url = store.url
     walked = walk_tree(src, layout=options["layout"], follow_links=options["follow_links"])
     for warning in walked.warnings:
         log.warning(warning)
+    own_staging = staging_dir is None
+    staging = tempfile.mkdtemp(prefix="shardpack-staging-") if staging_dir is None else os.fspath(staging_dir)
+    os.makedirs(staging, exist_ok=True)
+    try:
+        if check_workers is not None and walked.candidates:
+            marker = os.path.join(staging, ".shardpack-workers-check")
+            with open(marker, "w") as f:
+                f.write(marker)
+            check_workers({"SRC": walked.candidates[0].abs_path, "staging folder (staging_dir)": marker})
+            os.remove(marker)
+        return _plan_write_send(walked, store, options, old_manifest, run=run,
+                                resize_spec=resize_spec, staging=staging, batch=batch,
+                                upload_workers=upload_workers, quiet=quiet,
+                                storage_options=storage_options)
+    finally:
+        if own_staging:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _plan_write_send(
+    walked: Any, store: RemoteStore, options: dict[str, Any], old_manifest: dict[str, Any] | None,
+    *, run: Any, resize_spec: Any, staging: str, batch: int, upload_workers: int, quiet: bool,
+    storage_options: dict[str, Any] | None,
+) -> dict[str, Any]:
+    from .job import find_duplicates, make_plan, probe_all
+    from .manifest import build_manifest
+
+    url = store.url
     probes = probe_all(walked.candidates, run=run, validate=options["validate"],
                        max_pixels=options["max_pixels"], resize=resize_spec, quiet=quiet)
     plan, skipped, ignored = make_plan(walked, probes, options)
     duplicates = find_duplicates(plan)
-
-    own_staging = staging_dir is None
-    staging = tempfile.mkdtemp(prefix="shardpack-staging-") if staging_dir is None else os.fspath(staging_dir)
-    os.makedirs(staging, exist_ok=True)
     try:
         if old_manifest is not None:
             store.set_manifest_aside(json.dumps(old_manifest).encode())
@@ -146,7 +183,9 @@ def _pack_and_send(
         manifest = build_manifest(plan, results, skipped=skipped, ignored=ignored,
                                   duplicates=duplicates, warnings=walked.warnings)
         wanted = {s.name for s in plan.all_shards()}
-        for name in sorted(_old_shard_names(old_manifest) - wanted):
+        stale = _old_shard_names(old_manifest) - wanted
+        stale |= store.stray_shards(wanted | stale)  # a stopped run's, with no manifest
+        for name in sorted(stale):
             store.remove(name)  # shards the plan no longer names
         store.publish(MANIFEST_NAME, manifest_to_bytes(manifest))
         store.remove(REPLACED_NAME)
@@ -154,9 +193,6 @@ def _pack_and_send(
         raise UploadError(scrub_secrets(str(exc), storage_options)) from None
     except OSError as exc:
         raise UploadError(_message(url, exc, storage_options)) from None
-    finally:
-        if own_staging:
-            shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
@@ -167,7 +203,9 @@ def _message(url: str, exc: BaseException, storage_options: dict[str, Any] | Non
 
 def _check_remote(store: RemoteStore, options: dict[str, Any], *, overwrite: bool) -> dict[str, Any] | None:
     """Return the remote manifest, or the one a stopped run took down (if any); refuse one
-    made with other options."""
+    made with other options. A bucket that does not exist is an error now, not after the
+    whole probe."""
+    store.require_bucket()
     data = store.read_bytes(MANIFEST_NAME)
     if data is None:
         data = store.read_bytes(REPLACED_NAME)

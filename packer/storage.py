@@ -14,7 +14,8 @@ import fsspec
 from .errors import ManifestError
 from .format import MANIFEST_NAME, parse_manifest
 
-__all__ = ["storage_options_for", "join_url", "read_manifest", "open_binary", "is_url"]
+__all__ = ["storage_options_for", "one_retry_layer", "join_url", "read_manifest", "open_binary",
+           "is_url"]
 
 
 def is_url(source: str | os.PathLike[str]) -> bool:
@@ -33,6 +34,23 @@ def storage_options_for(
     return options
 
 
+def one_retry_layer(url: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """``options`` for ``url`` with botocore's retries off on S3, unless the caller set them.
+
+    s3fs retries each request (5 times, with backoff, SlowDown and timeouts included) and
+    botocore retried each of those up to 5 times more, under shardpack's own retries of a
+    shard read: one failing shard took 150 requests and 4 minutes, and an endpoint that
+    never answers held ``shardpack info`` for over 6 minutes. s3fs's layer is kept.
+    """
+    options = dict(options or {})
+    if not url.startswith(("s3://", "s3a://")):
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("retries", {"total_max_attempts": 1})
+    options["config_kwargs"] = config
+    return options
+
+
 def join_url(base: str | os.PathLike[str], name: str) -> str:
     """Join a shard-relative name onto a folder path or URL with ``/``."""
     base = os.fspath(base)
@@ -41,7 +59,7 @@ def join_url(base: str | os.PathLike[str], name: str) -> str:
 
 def open_binary(url: str, storage_options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
     """Open a path or URL for sequential binary reading (an fsspec OpenFile context)."""
-    return fsspec.open(url, "rb", **(storage_options or {}), **kwargs)
+    return fsspec.open(url, "rb", **one_retry_layer(url, storage_options), **kwargs)
 
 
 def read_manifest(
@@ -69,4 +87,8 @@ def read_manifest(
         ) from exc
     except OSError as exc:
         raise ManifestError(f"cannot read {url} ({exc})") from exc
+    except Exception as exc:  # a store's own errors (botocore: endpoint unreachable, ...)
+        if isinstance(exc, (ImportError, ValueError, TypeError)):
+            raise  # a missing fsspec backend or bad options: their own message is clearest
+        raise ManifestError(f"cannot read {url} ({type(exc).__name__}: {exc})") from exc
     return parse_manifest(data, where=url)

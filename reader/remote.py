@@ -43,6 +43,7 @@ import fsspec
 
 from packer.errors import ChecksumError, ShardReadError
 from packer.probe import file_stamp
+from packer.storage import one_retry_layer
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -538,7 +539,7 @@ def open_shard_stream(
     """
     url = os.fspath(url)
     try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(url, **one_retry_layer(url, storage_options))
     except (ImportError, ValueError, TypeError) as exc:
         raise ShardReadError(
             f"cannot open ({exc}); check the URL and storage options (s3:// needs s3fs)",

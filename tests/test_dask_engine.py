@@ -206,3 +206,34 @@ def test_check_workers_see_names_the_blind_worker(cluster, tree, tmp_path, monke
     image = str(tree / "train" / "cat" / "img_00000.jpg")
     with pytest.raises(PackError, match=r"worker tcp://127\.0\.0\.1:\d+ does not see OUT .*missing"):
         check_workers_see(cluster.scheduler_address, {"SRC": image, "OUT": str(marker)})
+
+
+def test_a_dask_pack_to_a_url_starts_one_cluster_for_the_whole_job(tree, local_pack, monkeypatch):
+    """Packing to a URL writes and uploads in batches; every batch used to start a
+    LocalCluster of its own (one per 4 shards here). The job holds one, and the shards
+    are the local pack's."""
+    import uuid
+
+    import fsspec
+
+    import packer.dask_engine as dask_engine
+
+    starts = []
+    real = dask_engine.local_cluster
+
+    def counted(workers):
+        starts.append(workers)
+        return real(workers)
+
+    monkeypatch.setattr(dask_engine, "local_cluster", counted)
+    url = f"memory://dask-{uuid.uuid4().hex}/ds"
+    from packer.remote_out import pack_to_url
+
+    manifest = pack_to_url(tree, url, engine="dask", workers=2, seed=7, max_count=MAX_COUNT,
+                           quiet=True, staging_shards=1)
+    shards = [e["name"] for split in manifest["splits"].values() for e in split["shards"]]
+    assert len(shards) > 2 and starts == [2]
+    fs, root = fsspec.core.url_to_fs(url)
+    digests = local_pack[1]
+    for name in shards:
+        assert hashlib.sha256(fs.cat_file(f"{root}/{name}")).hexdigest() == digests[name]

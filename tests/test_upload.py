@@ -423,3 +423,78 @@ def test_ctrl_c_stops_an_upload_after_the_shards_being_sent(s3, tmp_path):
     assert proc.returncode != 0
     assert len(puts) <= 8, f"{len(puts)} PUTs after Ctrl-C: it went on with queued shards"
     assert not any(p.endswith(MANIFEST_NAME) for p in puts)
+
+
+def test_pack_to_s3_fails_early_on_a_missing_bucket_and_removes_a_stopped_runs_strays(
+        s3, photo_shards, tmp_path):
+    """A bucket that does not exist is refused before anything is probed or written. A pack
+    stopped before its manifest went up leaves shards no manifest names; a re-run with
+    other options removes those (they carry shardpack's metadata), and nothing else."""
+    import packer.job as job
+    from packer import pack
+    from packer.errors import UploadError
+
+    endpoint, options, bucket = s3
+    src = photo_shards.parent / "src"
+    probed = []
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(UploadError, match="does not exist"):
+        patch.setattr(job, "probe_all", lambda *a, **k: probed.append(1))
+        pack(src, f"s3://{bucket}-missing/ds", storage_options=options, workers=1, quiet=True)
+    assert not probed
+
+    url = f"s3://{bucket}/ds"
+    fs = _fs(endpoint)
+    fs.pipe_file(f"{bucket}/ds/train/train-000099.tar", b"not ours")  # no shardpack metadata
+    real_publish = __import__("packer.uploader", fromlist=["RemoteStore"]).RemoteStore.publish
+
+    def stop_before_manifest(self, name, data):
+        if name == MANIFEST_NAME:
+            raise KeyboardInterrupt
+        return real_publish(self, name, data)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr("packer.uploader.RemoteStore.publish", stop_before_manifest)
+        pack(src, url, storage_options=options, seed=0, max_count=5, workers=1, quiet=True)
+    many = {p.split("/ds/", 1)[1] for p in fs.find(f"{bucket}/ds") if p.endswith(".tar")}
+    manifest = pack(src, url, storage_options=options, seed=0, max_count=40, workers=1, quiet=True,
+                    overwrite=True)
+    named = {e["name"] for split in manifest["splits"].values() for e in split["shards"]}
+    left = {p.split("/ds/", 1)[1] for p in fs.find(f"{bucket}/ds") if p.endswith(".tar")}
+    assert len(many) > len(named) + 1  # the stopped run left more shards than the new plan has
+    assert left == named | {"train/train-000099.tar"}
+
+
+def test_an_unreachable_endpoint_is_a_clear_error(s3, capsys):
+    """No traceback of the store's own exception types: a ManifestError naming the URL, and
+    exit status 2 from the CLI."""
+    from packer.cli import main
+    from packer.errors import ManifestError
+    from reader import ShardReader
+
+    _, _, bucket = s3
+    dead = "http://127.0.0.1:1"
+    with pytest.raises(ManifestError, match=f"cannot read s3://{bucket}/ds/manifest.json"):
+        ShardReader(f"s3://{bucket}/ds", storage_options=s3_options(dead))
+    assert main(["info", f"s3://{bucket}/ds", "--endpoint-url", dead]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_failing_shard_read_is_retried_by_one_layer_with_ours(s3, photo_shards):
+    """botocore's retries are off under shardpack's (s3fs keeps its own): a shard whose
+    every GET fails costs (our attempts) x (s3fs' 5), not 5 times more from botocore."""
+    from packer.errors import ShardReadError
+    from reader.remote import open_shard_stream
+
+    endpoint, _, bucket = s3
+    upload(photo_shards, f"s3://{bucket}/ds", endpoint_url=endpoint, quiet=True)
+    name = sorted(_shard_names(photo_shards))[0]
+    proxy = FaultProxy(endpoint, fault=lambda m, p, n: "503" if m == "GET" and p.endswith(".tar") else None).start()
+    try:
+        with pytest.raises(ShardReadError, match="attempts"):
+            with open_shard_stream(f"s3://{bucket}/ds/{name}", storage_options=s3_options(proxy.endpoint),
+                                   retries=1, backoff=0.01, readahead=False) as stream:
+                stream.read(100)
+    finally:
+        proxy.stop()
+    gets = [r for r in proxy.log if r.method == "GET" and r.path.endswith(".tar")]
+    assert 2 <= len(gets) <= 2 * 5
