@@ -208,7 +208,12 @@ def _check_shared_memory(nbytes: int) -> None:
         )
 
 
-def _shut_down(processes: list[_Process]) -> None:
+def _shut_down(processes: list[_Process], owner_pid: int) -> None:
+    if os.getpid() != owner_pid:
+        # a forked copy (os.fork, a DataLoader worker) letting go of the pool: the
+        # processes, pipes and shared memory are the parent's, still in use there
+        processes.clear()
+        return
     for proc in processes:
         try:
             proc.send(("stop",))
@@ -248,12 +253,14 @@ class DecodeProcesses:
         self._io = threading.RLock()
         self._owner: object | None = None  # the epoch now reading; _CLOSED after close()
         self._live: list[bool] = []
-        self._finalizer = weakref.finalize(self, _shut_down, self._procs)
+        self._pid = os.getpid()
+        self._finalizer = weakref.finalize(self, _shut_down, self._procs, self._pid)
 
     @property
     def alive(self) -> bool:
-        """False once closed (by ``close()`` or after a process died): start a new pool."""
-        return self._finalizer.alive
+        """False once closed (by ``close()`` or after a process died), or in a forked copy
+        of the process that made it (whose processes are the parent's): start a new pool."""
+        return self._finalizer.alive and os.getpid() == self._pid
 
     def _reader_now(self) -> ShardReader:
         reader = self._reader()
@@ -291,10 +298,16 @@ class DecodeProcesses:
 
     def close(self) -> None:
         """End the processes and free their shared memory (idempotent); an epoch being read
-        raises at its next step."""
+        raises at its next step. In a forked copy, only lets go of it."""
         with self._io:
             self._owner = _CLOSED
             self._finalizer()
+
+    def _close_on_interrupt(self) -> None:
+        """A message half sent or half read (Ctrl-C inside a pipe call) leaves the pipe out
+        of step with the process: end them all, so the next epoch starts a new set rather
+        than read a length out of the middle of a message (a hang) or an old epoch's end."""
+        self.close()
 
     def epoch(self, epoch: int, skip: int) -> Generator[Any, None, None]:
         """The batches of ``epoch`` after its first ``skip``, one process at a time in turn."""
@@ -304,8 +317,12 @@ class DecodeProcesses:
             blob = self._pickled_reader()  # each epoch: options changed since (on_error...) apply
             if not self._procs:
                 self._start()
-            for proc in self._procs:
-                proc.send(("epoch", epoch, proc.index, self.count, skip, blob))
+            try:
+                for proc in self._procs:
+                    proc.send(("epoch", epoch, proc.index, self.count, skip, blob))
+            except BaseException:
+                self._close_on_interrupt()
+                raise
             self._owner, self._live = me, [True] * self.count
         turn = skip % self.count
         try:
@@ -337,11 +354,14 @@ class DecodeProcesses:
         proc = self._procs[turn]
         try:
             message = self._next_message(proc)
+            if message[0] == "batch":
+                return self._batch(proc, *message[1:-1])
         except _ProcessDied:
             self.close()  # the others too: the next epoch starts a new set
             raise
-        if message[0] == "batch":
-            return self._batch(proc, *message[1:-1])
+        except BaseException:
+            self._close_on_interrupt()
+            raise
         self._live[turn] = False
         if message[0] == "error":
             raise message[1]
@@ -408,6 +428,9 @@ class DecodeProcesses:
                         break
         except (OSError, _ProcessDied):
             self.close()
+        except BaseException:  # interrupted while draining: what is left would start the next epoch
+            self._close_on_interrupt()
+            raise
 
 
 _DONE = object()

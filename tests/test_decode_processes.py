@@ -226,3 +226,66 @@ def test_holding_many_batches_uses_no_file_descriptor_each(id_shards):
             2 * [i for i, p in id_shards[1].items() if p.startswith("train/")])
     finally:
         reader.close()
+
+
+def _epoch_ids(reader) -> list[int]:
+    return sorted(n for x, _ in reader for n in pixel_ids(x))
+
+
+def test_ctrl_c_inside_a_pipe_read_or_the_drain_leaves_the_next_epoch_whole(id_shards, monkeypatch):
+    """Ctrl-C can land in the middle of reading a message from a process: the pipe is then
+    out of step (the drain of the cancelled epoch read a length from the middle of a
+    message and hung), or in the drain itself (the next epoch read the old one's end and
+    came out short, in silence). Either way the interrupt reaches the caller and the next
+    epoch is whole."""
+    import faulthandler
+
+    import reader.processes as processes
+
+    want = sorted(i for i, p in id_shards[1].items() if p.startswith("train/"))
+    real = processes._recv
+    for where in ("mid-message", "in the drain"):
+        reader = ShardReader(id_shards[0], split="train", image_size=4, batch_size=8, seed=3, processes=2)
+        calls = {"n": 0}
+
+        def interrupted(stream, where=where, calls=calls):
+            calls["n"] += 1
+            if where == "mid-message" and calls["n"] == 3:
+                stream.read(processes._LENGTH.size)  # the length is read, then Ctrl-C
+                raise KeyboardInterrupt
+            if where == "in the drain" and calls["n"] == 5:
+                raise KeyboardInterrupt  # at a message boundary, while the epoch is cancelled
+            return real(stream)
+
+        try:
+            # the bug hung in a blocking pipe read: end the run with tracebacks, not hang CI
+            faulthandler.dump_traceback_later(120, exit=True)
+            with monkeypatch.context() as patch:
+                patch.setattr(processes, "_recv", interrupted)
+                with pytest.raises(KeyboardInterrupt):
+                    for _ in reader:
+                        if where == "in the drain" and calls["n"] >= 3:
+                            raise KeyboardInterrupt  # the loop's own Ctrl-C, then one in the drain
+            assert _epoch_ids(reader) == want
+            assert _epoch_ids(reader) == want
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+            reader.close()
+
+
+def test_a_forked_copy_does_not_stop_the_parents_processes(id_shards):
+    """A child of os.fork (a DataLoader worker too) that drops or closes its copy of a
+    reader must leave the parent's decode processes and shared memory alone."""
+    reader = ShardReader(id_shards[0], split="train", image_size=4, batch_size=8, seed=3, processes=2)
+    try:
+        want = _epoch_ids(reader)
+        pid = os.fork()
+        if pid == 0:  # the child: let go of its copy, as garbage collection would
+            try:
+                reader.close()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert _epoch_ids(reader) == want
+    finally:
+        reader.close()
