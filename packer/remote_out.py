@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from typing import Any
 
 from .errors import OutputExistsError, UploadError
@@ -148,11 +149,13 @@ def _pack_and_send(
     os.makedirs(staging, exist_ok=True)
     try:
         if check_workers is not None and walked.candidates:
-            marker = os.path.join(staging, ".shardpack-workers-check")
+            marker = os.path.join(staging, f".shardpack-workers-check-{uuid.uuid4().hex}")
             with open(marker, "w") as f:
                 f.write(marker)
-            check_workers({"SRC": walked.candidates[0].abs_path, "staging folder (staging_dir)": marker})
-            os.remove(marker)
+            try:
+                check_workers({"SRC": walked.candidates[0].abs_path, "staging folder (staging_dir)": marker})
+            finally:
+                os.remove(marker)
         return _plan_write_send(walked, store, options, old_manifest, run=run,
                                 resize_spec=resize_spec, staging=staging, batch=batch,
                                 upload_workers=upload_workers, quiet=quiet,

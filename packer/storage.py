@@ -35,12 +35,14 @@ def storage_options_for(
 
 
 def one_retry_layer(url: str, options: dict[str, Any] | None) -> dict[str, Any]:
-    """``options`` for ``url`` with botocore's retries off on S3, unless the caller set them.
+    """``options`` for ``url`` with botocore's retries off on S3, unless the caller set them:
+    for reads that shardpack retries itself (reader.remote's shard stream).
 
     s3fs retries each request (5 times, with backoff, SlowDown and timeouts included) and
     botocore retried each of those up to 5 times more, under shardpack's own retries of a
-    shard read: one failing shard took 150 requests and 4 minutes, and an endpoint that
-    never answers held ``shardpack info`` for over 6 minutes. s3fs's layer is kept.
+    shard read: one failing shard took 150 requests and 4 minutes. s3fs's layer is kept.
+    Elsewhere (uploads, the manifest) botocore's retries stay: s3fs does not retry a 500 or
+    a 503 that is not SlowDown, and nothing of ours would.
     """
     options = dict(options or {})
     if not url.startswith(("s3://", "s3a://")):
@@ -59,7 +61,7 @@ def join_url(base: str | os.PathLike[str], name: str) -> str:
 
 def open_binary(url: str, storage_options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
     """Open a path or URL for sequential binary reading (an fsspec OpenFile context)."""
-    return fsspec.open(url, "rb", **one_retry_layer(url, storage_options), **kwargs)
+    return fsspec.open(url, "rb", **(storage_options or {}), **kwargs)
 
 
 def read_manifest(
@@ -88,7 +90,7 @@ def read_manifest(
     except OSError as exc:
         raise ManifestError(f"cannot read {url} ({exc})") from exc
     except Exception as exc:  # a store's own errors (botocore: endpoint unreachable, ...)
-        if isinstance(exc, (ImportError, ValueError, TypeError)):
-            raise  # a missing fsspec backend or bad options: their own message is clearest
+        if isinstance(exc, (ImportError, ValueError, TypeError, KeyError, AttributeError, NameError)):
+            raise  # a missing fsspec backend, bad options or a bug: their own message is clearest
         raise ManifestError(f"cannot read {url} ({type(exc).__name__}: {exc})") from exc
     return parse_manifest(data, where=url)

@@ -36,7 +36,7 @@ from fsspec.callbacks import Callback
 from .errors import ManifestError, UploadError
 from .format import MANIFEST_NAME, REPLACED_NAME, is_shard_name, parse_manifest
 from .progress import Progress as tqdm
-from .storage import one_retry_layer, storage_options_for
+from .storage import storage_options_for
 from .write import hash_file, hash_stream
 
 __all__ = ["upload", "send_shards", "ShardFile", "RemoteStore", "SHA256_METADATA_KEY", "scrub_secrets"]
@@ -94,7 +94,7 @@ class RemoteStore:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url.rstrip("/") if "://" in url else url
         self.storage_options = dict(storage_options or {})
-        self.fs, root = fsspec.core.url_to_fs(self.url, **one_retry_layer(self.url, self.storage_options))
+        self.fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         self.root = root.rstrip("/")
         protocols = _protocols(self.fs)
         self.has_metadata = any(p in ("s3", "s3a") for p in protocols)
@@ -155,17 +155,23 @@ class RemoteStore:
         self.fs.put_file(local_path, path, **kwargs)
 
     def require_bucket(self) -> None:
-        """Object stores with buckets (s3, gcs): the URL's bucket must exist. (Reading the
-        manifest says only "not found" for a missing bucket as for a missing manifest.)
+        """S3: the URL's bucket must exist. (Reading the manifest says only "not found" for a
+        missing bucket as for a missing manifest, and a pack would find out after probing.)
+        Only a definite "no such bucket" refuses: without the right to ask (a policy scoped
+        to a prefix), the writes will tell.
 
         Raises:
             FileNotFoundError: naming the bucket.
         """
-        if self.is_local or not any(p in ("s3", "s3a", "gs", "gcs") for p in _protocols(self.fs)):
-            return
         bucket = self.root.split("/", 1)[0]
-        if bucket and not self.fs.exists(bucket):
-            raise FileNotFoundError(f"bucket {bucket!r} does not exist (create it first)")
+        if not self.has_metadata or not bucket:
+            return
+        try:
+            self.fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"bucket {bucket!r} does not exist (create it first)") from None
+        except Exception as exc:  # no permission to ask, or the store does not answer it
+            log.debug("cannot check bucket %s: %s", bucket, exc)
 
     def stray_shards(self, named: set[str]) -> set[str]:
         """Shards a stopped pack left under the URL that no manifest names (``named``): shaped
@@ -174,14 +180,16 @@ class RemoteStore:
         ``backups/backups-000001.tar`` too, is not the pack's to remove."""
         if not self.has_metadata or not self.root:
             return set()
-        try:
-            found = self.fs.find(self.root)
-        except FileNotFoundError:
-            return set()
         prefix = f"{self.root}/"
-        names = {path[len(prefix):] for path in found if path.startswith(prefix)}
-        candidates = sorted(n for n in names - named if is_shard_name(n))
-        return {n for n in candidates if "fingerprint" in (self.remote_metadata(n) or {})}
+        try:  # one level of folders: not the whole bucket under a bare s3://bucket
+            found = self.fs.glob(f"{prefix}*/*.tar")
+            names = {path[len(prefix):] for path in found if path.startswith(prefix)}
+            candidates = sorted(n for n in names - named if is_shard_name(n))
+            return {n for n in candidates if "fingerprint" in (self.remote_metadata(n) or {})}
+        except Exception as exc:  # no right to list (a prefix-scoped policy): leave them
+            log.warning("cannot list %s for shards a stopped run left (%s); any stay there",
+                        self.url, exc)
+            return set()
 
     def read_bytes(self, name: str) -> bytes | None:
         try:

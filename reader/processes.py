@@ -214,22 +214,24 @@ def _shut_down(processes: list[_Process], owner_pid: int) -> None:
         # processes, pipes and shared memory are the parent's, still in use there
         processes.clear()
         return
-    for proc in processes:
-        try:
-            proc.send(("stop",))
-            proc.stdin.close()
-        except (OSError, ValueError):
-            pass
-    for proc in processes:
-        try:
-            proc.popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.popen.kill()
-            proc.popen.wait()
-        proc.stdout.close()
-        for slot in proc.slots.values():
-            slot.close(unlink=True)
-    processes.clear()
+    try:
+        for proc in processes:
+            try:
+                proc.send(("stop",))
+                proc.stdin.close()
+            except (OSError, ValueError):
+                pass
+    finally:  # a second Ctrl-C here still ends them all and frees their memory
+        for proc in processes:
+            try:
+                proc.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait()
+            proc.stdout.close()
+            for slot in proc.slots.values():
+                slot.close(unlink=True)
+        processes.clear()
 
 
 class DecodeProcesses:
@@ -298,7 +300,12 @@ class DecodeProcesses:
 
     def close(self) -> None:
         """End the processes and free their shared memory (idempotent); an epoch being read
-        raises at its next step. In a forked copy, only lets go of it."""
+        raises at its next step. In a forked copy, only lets go of it (without the lock: a
+        thread of the parent may have held it at the fork, and it is nobody's here)."""
+        if os.getpid() != self._pid:
+            self._owner = _CLOSED
+            self._finalizer()
+            return
         with self._io:
             self._owner = _CLOSED
             self._finalizer()

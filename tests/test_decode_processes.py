@@ -275,17 +275,39 @@ def test_ctrl_c_inside_a_pipe_read_or_the_drain_leaves_the_next_epoch_whole(id_s
 
 def test_a_forked_copy_does_not_stop_the_parents_processes(id_shards):
     """A child of os.fork (a DataLoader worker too) that drops or closes its copy of a
-    reader must leave the parent's decode processes and shared memory alone."""
+    reader must leave the parent's decode processes and shared memory alone, and must not
+    wait for the pool's lock, which a thread of the parent (tf.data's) may hold at the fork."""
+    import threading
+    import time
+
     reader = ShardReader(id_shards[0], split="train", image_size=4, batch_size=8, seed=3, processes=2)
     try:
         want = _epoch_ids(reader)
+        held, release = threading.Event(), threading.Event()
+
+        def hold_the_lock():
+            with reader._pool._io:
+                held.set()
+                release.wait()
+
+        holder = threading.Thread(target=hold_the_lock)
+        holder.start()
+        held.wait()
         pid = os.fork()
-        if pid == 0:  # the child: let go of its copy, as garbage collection would
+        if pid == 0:  # the child: let go of its copy
             try:
                 reader.close()
             finally:
                 os._exit(0)
-        os.waitpid(pid, 0)
+        release.set()
+        holder.join()
+        deadline = time.monotonic() + 30
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung in close()")
+            time.sleep(0.05)
         assert _epoch_ids(reader) == want
     finally:
         reader.close()

@@ -474,7 +474,8 @@ def test_an_unreachable_endpoint_is_a_clear_error(s3, capsys):
     _, _, bucket = s3
     dead = "http://127.0.0.1:1"
     with pytest.raises(ManifestError, match=f"cannot read s3://{bucket}/ds/manifest.json"):
-        ShardReader(f"s3://{bucket}/ds", storage_options=s3_options(dead))
+        ShardReader(f"s3://{bucket}/ds", storage_options=s3_options(
+            dead, config_kwargs={"retries": {"total_max_attempts": 1}}))  # quick to give up
     assert main(["info", f"s3://{bucket}/ds", "--endpoint-url", dead]) == 2
     assert "cannot read" in capsys.readouterr().err
 
@@ -498,3 +499,16 @@ def test_a_failing_shard_read_is_retried_by_one_layer_with_ours(s3, photo_shards
         proxy.stop()
     gets = [r for r in proxy.log if r.method == "GET" and r.path.endswith(".tar")]
     assert 2 <= len(gets) <= 2 * 5
+
+
+def test_an_upload_survives_a_server_error_on_a_put(s3, photo_shards):
+    """Uploads have no retry loop of shardpack's: botocore's retries must stay on for them
+    (s3fs does not retry a 500)."""
+    endpoint, _, bucket = s3
+    proxy = FaultProxy(endpoint, fault=lambda m, p, n: "500" if m == "PUT" and n == 1 else None).start()
+    try:
+        summary = upload(photo_shards, f"s3://{bucket}/ds", endpoint_url=proxy.endpoint, quiet=True)
+    finally:
+        proxy.stop()
+    assert summary["uploaded"] == len(_shard_names(photo_shards))
+    assert any(r.fault == "500" for r in proxy.log)
