@@ -32,7 +32,7 @@ ShardReaderCheckpoint: type  # made on first access by __getattr__ below (import
 
 # Options that change which samples come in which order (a state from a reader with other
 # values cannot be resumed exactly). num_workers, rank and decode options do not.
-# "streams" is checked apart (see _check_streams): it matters only inside an epoch.
+# "streams" is checked apart (see check_streams): it matters only inside an epoch.
 _ORDER_FIELDS = ("split", "world_size", "shuffle", "batch_size", "drop_remainder", "uneven",
                  "shuffle_buffer", "shuffle_buffer_bytes", "interleave", "classes")
 
