@@ -8,6 +8,7 @@ its files are probed (packer.planner), while later files are still being checked
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections import deque
@@ -132,30 +133,37 @@ def pack(
     workers = workers or default_workers()
     check_output(out_dir, options, overwrite=overwrite)
     with contextlib.ExitStack() as stack:
-        pool = LocalPool(workers)
-        stack.callback(pool.close)
+        pool, run, check_workers = job_engine(stack, engine, workers=workers, scheduler=scheduler)
         if engine == "local":
             pool.start()
-        remote = engine == "dask" and scheduler is not None
-        if engine == "dask" and scheduler is None:  # one cluster for every phase of the job
-            from .dask_engine import local_cluster
-
-            scheduler = stack.enter_context(local_cluster(workers))
         return _pack_with(
-            src, out_dir, options, resize_spec=resize_spec, quiet=quiet,
-            run=_engine_runner(engine, workers=workers, scheduler=scheduler, pool=pool),
+            src, out_dir, options, resize_spec=resize_spec, quiet=quiet, run=run,
             probe_chunk=PROBE_CHUNK_DASK if engine == "dask" else PROBE_CHUNK,
-            check_workers=(lambda paths: _check_dask_workers(scheduler, paths)) if remote else None,
-            sync_in_writer=engine != "local", durable=fsync,
+            check_workers=check_workers, sync_in_writer=engine != "local", durable=fsync,
             fed=_fed_runner(workers, pool) if engine == "local" else None,
         )
     raise AssertionError("unreachable")
 
 
-def _check_dask_workers(scheduler: str | None, paths: dict[str, str]) -> None:
-    from .dask_engine import check_workers_see
+def job_engine(
+    stack: contextlib.ExitStack, engine: str, *, workers: int, scheduler: str | None
+) -> tuple[LocalPool, Callable[..., Any], Callable[[dict[str, str]], None] | None]:
+    """What a whole pack job (to a folder or a URL) runs on, held by ``stack`` until it ends:
+    the local pool; with Dask and no scheduler, one LocalCluster for every phase and batch
+    (not one per call); with a scheduler, the check that its workers see the job's paths as
+    this machine does. Returns ``(pool, run, check_workers or None)``."""
+    pool = LocalPool(workers)
+    stack.callback(pool.close)
+    check_workers = None
+    if engine == "dask" and scheduler is None:
+        from .dask_engine import local_cluster
 
-    check_workers_see(str(scheduler), paths)
+        scheduler = stack.enter_context(local_cluster(workers))
+    elif engine == "dask":
+        from .dask_engine import check_workers_see
+
+        check_workers = functools.partial(check_workers_see, str(scheduler))
+    return pool, _engine_runner(engine, workers=workers, scheduler=scheduler, pool=pool), check_workers
 
 
 def _pack_with(

@@ -16,7 +16,6 @@ re-hashes the remote copy).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -70,8 +69,8 @@ def pack_to_url(
         UploadError: the store refused a request; re-running resumes.
         (and everything :func:`packer.pack` raises)
     """
-    from .engines import LocalPool, default_workers
-    from .job import _engine_runner, normalize_options
+    from .engines import default_workers
+    from .job import job_engine, normalize_options
     from .probe import DEFAULT_MAX_PIXELS, DEFAULT_VALIDATE
     from .transform import parse_resize
 
@@ -108,20 +107,8 @@ def pack_to_url(
     except Exception as exc:  # the store cannot be reached: say so before packing anything
         raise UploadError(_message(url, exc, storage_options)) from None
 
-    remote_cluster = engine == "dask" and scheduler is not None
     with contextlib.ExitStack() as stack:
-        pool = LocalPool(workers)
-        stack.callback(pool.close)
-        if engine == "dask" and scheduler is None:  # one cluster for every batch of the job
-            from .dask_engine import local_cluster
-
-            scheduler = stack.enter_context(local_cluster(workers))
-        run = _engine_runner(engine, workers=workers, scheduler=scheduler, pool=pool)
-        check_workers = None
-        if remote_cluster:  # workers elsewhere must see SRC and the staging folder
-            from .dask_engine import check_workers_see
-
-            check_workers = functools.partial(check_workers_see, str(scheduler))
+        _, run, check_workers = job_engine(stack, engine, workers=workers, scheduler=scheduler)
         return _pack_and_send(src, store, options, old_manifest, run=run, resize_spec=resize_spec,
                               staging_dir=staging_dir, batch=batch, upload_workers=upload_workers,
                               quiet=quiet, storage_options=storage_options,

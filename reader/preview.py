@@ -69,10 +69,11 @@ def preview(
         shuffle_buffer=max(count * 8, 256),
         **reader_options,
     )
+    nothing = (np.zeros((0, tile_size, tile_size, 3)), np.zeros(0))
     try:
-        images, labels = next(iter(reader), (np.zeros((0, tile_size, tile_size, 3)), np.zeros(0)))
+        images, labels = next(iter(reader), nothing)
     except EmptySplitError:  # an empty split (or class subset) is shown as an empty sheet
-        images, labels = np.zeros((0, tile_size, tile_size, 3)), np.zeros(0)
+        images, labels = nothing
     n = len(images)
     rows = max(1, -(-n // columns))
     cols = min(columns, max(n, 1))

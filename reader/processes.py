@@ -310,12 +310,6 @@ class DecodeProcesses:
             self._owner = _CLOSED
             self._finalizer()
 
-    def _close_on_interrupt(self) -> None:
-        """A message half sent or half read (Ctrl-C inside a pipe call) leaves the pipe out
-        of step with the process: end them all, so the next epoch starts a new set rather
-        than read a length out of the middle of a message (a hang) or an old epoch's end."""
-        self.close()
-
     def epoch(self, epoch: int, skip: int) -> Generator[Any, None, None]:
         """The batches of ``epoch`` after its first ``skip``, one process at a time in turn."""
         me = object()
@@ -327,8 +321,8 @@ class DecodeProcesses:
             try:
                 for proc in self._procs:
                     proc.send(("epoch", epoch, proc.index, self.count, skip, blob))
-            except BaseException:
-                self._close_on_interrupt()
+            except BaseException:  # a message half sent: see _step
+                self.close()
                 raise
             self._owner, self._live = me, [True] * self.count
         turn = skip % self.count
@@ -363,11 +357,11 @@ class DecodeProcesses:
             message = self._next_message(proc)
             if message[0] == "batch":
                 return self._batch(proc, *message[1:-1])
-        except _ProcessDied:
-            self.close()  # the others too: the next epoch starts a new set
-            raise
         except BaseException:
-            self._close_on_interrupt()
+            # A process died, or a message was half read or sent (Ctrl-C inside a pipe
+            # call) and the pipe is out of step: end them all, so the next epoch starts a
+            # new set rather than read a length out of the middle of a message (a hang).
+            self.close()
             raise
         self._live[turn] = False
         if message[0] == "error":
@@ -436,7 +430,7 @@ class DecodeProcesses:
         except (OSError, _ProcessDied):
             self.close()
         except BaseException:  # interrupted while draining: what is left would start the next epoch
-            self._close_on_interrupt()
+            self.close()
             raise
 
 

@@ -176,14 +176,14 @@ class ShardIterableDataset(IterableDataset):
                 "DataLoader(num_workers=0), or drop processes= and give the loader num_workers")
         if info is not None:
             self._loader_workers.value = workers
-        reader.require_samples()
         if skip:
             from .state import check_streams, reader_streams
 
             check_streams(self._resume_streams, workers if info else reader_streams(reader), skip)
         if workers == 1:
-            batches = reader._batches(epoch, skip)
+            batches = reader._batches(epoch, skip)  # refuses an empty split
         else:
+            reader.require_samples()
             if self.decode_threads is None:
                 reader.num_workers = max(1, _default_workers() // workers)
             # After a resume at batch k, the loader's worker 0 must make batch k: rotate.
