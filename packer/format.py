@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import posixpath
 import re
 import zlib
@@ -27,6 +28,8 @@ __all__ = [
     "TAR_MODE",
     "byte_sum",
     "shard_name",
+    "partial_name",
+    "split_name_problem",
     "sample_key",
     "split_member_name",
     "member_names",
@@ -102,6 +105,31 @@ def max_split_name_length() -> int:
     ``.`` and the longest member extension."""
     longest_ext = max(len(ext) for ext in (*IMAGE_MEMBER_EXTS, "json", "cls"))
     return 100 - len(sample_key("", 0)) - 1 - longest_ext
+
+
+_NAME_MAX_BYTES = 255  # a file name's limit on Linux, macOS and Windows file systems
+
+
+def split_name_problem(split: str) -> str | None:
+    """Why ``split`` cannot name a split, or None. Its characters are part of every member
+    name (USTAR's 100-byte field, one ASCII character each in the key), and its UTF-8 bytes
+    part of every shard's file name, which a file system caps at 255 bytes: 82 CJK
+    characters fit the first limit and not the second."""
+    if len(split) > max_split_name_length():
+        return (f"a split name may have at most {max_split_name_length()} characters (it is "
+                "part of every sample's tar member name)")
+    longest_file = len(os.path.basename(partial_name(shard_name(split, 0))).encode())
+    if longest_file > _NAME_MAX_BYTES:
+        limit = _NAME_MAX_BYTES - (longest_file - len(split.encode()))
+        return (f"a split name may have at most {limit} bytes in UTF-8 (it is part of every "
+                f"shard's file name); this one has {len(split.encode())}")
+    return None
+
+
+def partial_name(final_path: str) -> str:
+    """The name a file is written under until it is whole (then renamed to ``final_path``)."""
+    head, tail = os.path.split(final_path)
+    return os.path.join(head, f".{tail}.partial")
 
 
 def shard_name(split: str, index: int) -> str:

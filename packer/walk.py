@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import LayoutError
-from .format import IMAGE_EXTENSIONS, max_split_name_length
+from .format import IMAGE_EXTENSIONS, split_name_problem
 from .headers import starts_like_image
 
 __all__ = ["Candidate", "WalkResult", "walk_tree", "is_hidden", "is_utf8", "shown_path", "refuse_split_tree_read_as_flat",
@@ -363,12 +363,10 @@ def walk_tree(
             result, src=src, group=entry.name, folder=entry.path, follow_links=follow_links,
             ancestors=root_id | {identity}, skip=skip,
         )
-        if len(entry.name) > max_split_name_length() and any(  # a folder of notes: no members
+        problem = split_name_problem(entry.name)
+        if problem and any(  # a folder of notes: no members, no shards
                 c.by_name for c in islice(result.candidates, before, None)):
-            raise LayoutError(
-                f"split folder {rel!r}: a split name may have at most {max_split_name_length()} "
-                "characters (it is part of every sample's tar member name); shorten it"
-            )
+            raise LayoutError(f"split folder {rel!r}: {problem}; shorten it")
         if loose and not classes:
             raise LayoutError(
                 f"{rel}/ holds {loose} image files but no class folders. If {src} is a flat "

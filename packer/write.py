@@ -27,6 +27,7 @@ from .format import (
     TAR_UNAME,
     byte_sum,
     member_names,
+    partial_name,
 )
 from .plan import TAR_BLOCK, PlannedSample, PlannedShard, archive_bytes
 from .probe import file_stamp, read_stamped
@@ -153,11 +154,6 @@ _GATHER_BYTES = 1 << 20
 _GATHER_CHUNKS = 512  # well under IOV_MAX (1024 on Linux)
 _BEHIND_BYTES = 8 << 20
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
-
-
-def partial_name(final_path: str) -> str:
-    head, tail = os.path.split(final_path)
-    return os.path.join(head, f".{tail}.partial")
 
 
 def stored_bytes(sample: PlannedSample, resize: ResizeSpec | None, spool: str | None = None) -> bytes:

@@ -183,6 +183,26 @@ def test_a_split_name_too_long_for_tar_member_names_is_a_layout_error(tmp_path):
     assert walk_tree(tmp_path).classes[longest + "s"] == ["cat"]
 
 
+def test_a_split_name_too_long_in_bytes_for_shard_file_names_is_a_layout_error(tmp_path):
+    """82 CJK characters are within the member-name limit (one ASCII character each in the
+    key) but 246 UTF-8 bytes: the folder exists, yet ``.NAME-000000.tar.partial`` would be
+    over the file system's 255 bytes, which failed at write time after the whole probe."""
+    from packer.format import max_split_name_length, partial_name, shard_name
+
+    for name in ("猫" * 78, "猫" * 79):
+        assert len(name) < max_split_name_length()
+        (tmp_path / name / "cat").mkdir(parents=True)
+        (tmp_path / name / "cat" / "a.jpg").write_bytes(b"x")
+        partial = os.path.basename(partial_name(shard_name(name, 0)))
+        if len(partial.encode()) <= 255:
+            assert name in walk_tree(tmp_path).classes
+            (tmp_path / "out").mkdir(exist_ok=True)
+            (tmp_path / "out" / partial).write_bytes(b"")  # the file system takes it
+        else:
+            with pytest.raises(LayoutError, match=r"at most 235 bytes in UTF-8 .* this one has 237"):
+                walk_tree(tmp_path)
+
+
 def test_class_names_that_differ_only_in_normalisation_or_case_are_warned_about(tmp_path):
     composed, decomposed = "caf\u00e9", "cafe\u0301"
     for split, name in (("train", decomposed), ("test", composed), ("test", "Tea"), ("train", "tea")):
