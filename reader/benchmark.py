@@ -324,6 +324,23 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def advice(results: dict[str, dict[str, Any]], n_cores: int, processes: int) -> list[str]:
+    """What to try when a reader stays under 0.9x the decode limit: on many cores one
+    process's threads share a GIL with the tar reading and shuffling (README, "On 16
+    cores"), which decode processes do not; with few cores, nothing of ours helps."""
+    limit = results.get("decode_limit", {}).get("images_per_s")
+    slow = sorted(name for name, r in results.items()
+                  if name != "decode_limit" and limit and "images_per_s" in r
+                  and r["images_per_s"] < 0.9 * limit)
+    if not slow or processes or n_cores < 8:
+        return []
+    return [f"{', '.join(slow)} under 0.9x the decode limit on {n_cores} cores: one process's "
+            f"decode threads share its GIL. Try decode processes: `shardpack bench SOURCE "
+            f"--processes {n_cores // 2}` (ShardReader / image_dataset_from_shards / "
+            f"ShardIterableDataset(processes={n_cores // 2}); up to {n_cores} for shards packed "
+            "small; docs/READING.md)"]
+
+
 def add_epoch_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of an epoch benchmark on a shard set (split, batch shape, rounds), the
     same in ``shardpack bench`` and the scripts that measure beside it."""
@@ -367,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     print(f"\nload average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())} "
           f"on {cores()} cores (above the core count, every rate is shared with other work)")
+    for line in advice(results, cores(), args.processes):
+        print(line)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"config": cfg, "results": results, "load": os.getloadavg()}, f, indent=2)

@@ -41,3 +41,20 @@ def test_targets_pair_rates_by_round_and_count_the_rounds_met():
     assert resized.endswith("| 2.90, 3.10 | 3.00 | ≥ 3 | 1 of 2 |")
     # targets with no measured pair (the packer did not run) are left out, not shown as 0
     assert not any("pack" in k for k in rows)
+
+
+def test_bench_advises_decode_processes_only_where_they_help():
+    """Under 0.9x the limit on 8+ cores the advice names the slow readers and processes=
+    (half the cores); on fewer cores, with processes already on, or at the limit: none."""
+    from reader.benchmark import advice
+
+    results = {"decode_limit": median_result(_runs(10_000)),
+               "shardpack_numpy": median_result(_runs(6_000)),
+               "shardpack_tf": median_result(_runs(9_500)),
+               "shardpack_torch": {"error": "failed"}}
+    (line,) = advice(results, 16, 0)
+    assert line.startswith("shardpack_numpy under 0.9x") and "--processes 8" in line
+    assert advice(results, 4, 0) == []
+    assert advice(results, 16, 8) == []
+    results["shardpack_numpy"] = median_result(_runs(9_000))
+    assert advice(results, 16, 0) == []
