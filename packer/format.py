@@ -28,6 +28,8 @@ __all__ = [
     "TAR_MODE",
     "byte_sum",
     "shard_name",
+    "is_shard_name",
+    "named_shards",
     "partial_name",
     "split_name_problem",
     "sample_key",
@@ -137,12 +139,22 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}/{split}-{index:06d}.tar"
 
 
-_SHARD_NAME = re.compile(r"([^/]+)/\1-[0-9]{6,}\.tar")
+_SHARD_NAME = re.compile(r"(?!\.\.?/)([^/\\]+)/\1-[0-9]{6,}\.tar")
 
 
 def is_shard_name(name: str) -> bool:
-    """Whether a path relative to the output root has the shape :func:`shard_name` gives."""
+    """Whether a path relative to the output root has the shape :func:`shard_name` gives
+    (inside its split's folder: never ``..``)."""
     return _SHARD_NAME.fullmatch(name) is not None
+
+
+def named_shards(manifest: dict[str, Any] | None) -> set[str]:
+    """The shard names a manifest lists that have :func:`shard_name`'s shape: the only
+    names a re-pack or upload may delete when the new manifest drops them. Anything else
+    a manifest names (edited by hand, or written by something else) is left alone."""
+    return {entry["name"] for split in (manifest or {}).get("splits", {}).values()
+            for entry in split.get("shards", [])
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str) and is_shard_name(entry["name"])}
 
 
 def sample_key(split: str, position: int) -> str:
@@ -227,12 +239,13 @@ def parse_manifest(data: bytes | str | dict[str, Any], *, where: str = "manifest
     else:
         try:
             manifest = json.loads(data)
-        except ValueError as exc:
-            raise ManifestError(f"{where} is not valid JSON ({exc}); re-run `shardpack pack`") from exc
+        except (ValueError, RecursionError) as exc:
+            reason = exc if isinstance(exc, ValueError) else "nested too deep"
+            raise ManifestError(f"{where} is not valid JSON ({reason}); re-run `shardpack pack`") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ManifestError(f"{where} is not a shardpack manifest (no \"format\": \"{FORMAT_NAME}\")")
     version = manifest.get("version")
-    if not isinstance(version, int) or version < 1 or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1 or version > FORMAT_VERSION:
         raise FormatVersionError(version, FORMAT_VERSION)
     for field in ("classes", "splits"):
         if field not in manifest:
@@ -265,6 +278,7 @@ def _check_shape(manifest: dict[str, Any], where: str) -> None:
     splits = manifest["splits"]
     if not isinstance(splits, dict):
         raise bad("'splits' must be an object of split name -> split")
+    names: set[str] = set()
     for name, split in splits.items():
         if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
             raise bad(f"split {name!r} lacks a 'shards' list")
@@ -276,11 +290,43 @@ def _check_shape(manifest: dict[str, Any], where: str) -> None:
         for i, shard in enumerate(split["shards"]):
             if not isinstance(shard, dict) or not isinstance(shard.get("name"), str):
                 raise bad(f"split {name!r}: shard {i} has no 'name'")
+            if not _inside_root(shard["name"]):
+                raise bad(f"shard {shard['name']!r} is not a relative path inside the shard folder")
+            if shard["name"] in names:
+                raise bad(f"shard {shard['name']!r} is listed twice")
+            names.add(shard["name"])
             for field in ("count", "bytes"):
                 if field in shard and not whole(shard[field]):
                     raise bad(f"shard {shard['name']!r}: {field!r} must be a whole number")
             if "sha256" in shard and not isinstance(shard["sha256"], str):
                 raise bad(f"shard {shard['name']!r}: 'sha256' must be a hex string")
+        _check_counts(name, split, classes, bad)
+
+
+def _check_counts(name: str, split: dict[str, Any], classes: list[str], bad: Any) -> None:
+    """A split's counts agree with each other: its shards' counts add up to its count, and
+    its class counts name known classes and add up to it too. A reader trusts the count
+    for ``len()`` and the cardinality, and the class list for the labels."""
+    shard_counts = [shard.get("count") for shard in split["shards"]]
+    if "count" in split and None not in shard_counts and sum(shard_counts) != split["count"]:
+        raise bad(f"split {name!r}: its shards hold {sum(shard_counts)} samples, its 'count' says "
+                  f"{split['count']}")
+    class_counts = split.get("class_counts", {})
+    if class_counts and set(class_counts) != set(classes):  # a class subset is sized from it
+        raise bad(f"split {name!r}: 'class_counts' must list exactly the manifest's classes "
+                  f"(extra: {sorted(set(class_counts) - set(classes))}, "
+                  f"missing: {sorted(set(classes) - set(class_counts))})")
+    if class_counts and "count" in split and sum(class_counts.values()) != split["count"]:
+        raise bad(f"split {name!r}: 'class_counts' add up to {sum(class_counts.values())}, its "
+                  f"'count' says {split['count']}")
+    if not classes and (split.get("count") or any(shard_counts)):
+        raise bad(f"split {name!r} holds samples but 'classes' is empty")
+
+
+def _inside_root(name: str) -> bool:
+    """A shard name stays inside the folder or URL prefix it is joined to."""
+    parts = name.split("/")
+    return bool(name) and "\\" not in name and ":" not in parts[0] and all(p not in ("", ".", "..") for p in parts)
 
 
 def split_info(manifest: dict[str, Any], split: str) -> dict[str, Any]:

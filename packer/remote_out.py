@@ -25,7 +25,7 @@ import uuid
 from typing import Any
 
 from .errors import OutputExistsError, UploadError
-from .format import MANIFEST_NAME, REPLACED_NAME, manifest_to_bytes
+from .format import MANIFEST_NAME, REPLACED_NAME, manifest_to_bytes, named_shards
 from .plan import Plan, PlannedShard
 from .progress import Progress as tqdm
 from .uploader import SHA256_METADATA_KEY, RemoteStore, ShardFile, scrub_secrets, send_shards
@@ -173,7 +173,7 @@ def _plan_write_send(
         manifest = build_manifest(plan, results, skipped=skipped, ignored=ignored,
                                   duplicates=duplicates, warnings=walked.warnings)
         wanted = {s.name for s in plan.all_shards()}
-        stale = _old_shard_names(old_manifest) - wanted
+        stale = named_shards(old_manifest) - wanted
         stale |= store.stray_shards(wanted | stale)  # a stopped run's, with no manifest
         for name in sorted(stale):
             store.remove(name)  # shards the plan no longer names
@@ -213,15 +213,6 @@ def _check_remote(store: RemoteStore, options: dict[str, Any], *, overwrite: boo
             "pass --overwrite to replace it, or choose another URL"
         )
     return old if isinstance(old, dict) else {}
-
-
-def _old_shard_names(manifest: dict[str, Any] | None) -> set[str]:
-    names = set()
-    for split in (manifest or {}).get("splits", {}).values():
-        for entry in split.get("shards", []):
-            if isinstance(entry, dict) and "name" in entry:
-                names.add(entry["name"])
-    return names
 
 
 def _already_there(store: RemoteStore, shard: PlannedShard, fingerprint: str) -> ShardResult | None:

@@ -34,7 +34,7 @@ import fsspec
 from fsspec.callbacks import Callback
 
 from .errors import ManifestError, UploadError
-from .format import MANIFEST_NAME, REPLACED_NAME, is_shard_name, parse_manifest
+from .format import MANIFEST_NAME, REPLACED_NAME, is_shard_name, named_shards, parse_manifest
 from .progress import Progress as tqdm
 from .storage import storage_options_for
 from .write import hash_file, hash_stream
@@ -446,11 +446,7 @@ def _remove_unnamed_shards(store: RemoteStore, old_manifest: bytes | None, shard
         old = parse_manifest(old_manifest)
     except Exception:  # an unreadable old manifest names nothing we can trust to delete
         return 0
-    keep = {shard.name for shard in shards}
-    stale = sorted(
-        entry["name"] for split in old["splits"].values() for entry in split["shards"]
-        if entry["name"] not in keep
-    )
+    stale = sorted(named_shards(old) - {shard.name for shard in shards})
     for name in stale:
         store.remove(name)
     if stale:

@@ -110,6 +110,45 @@ def test_parse_manifest_checks_and_defaults():
         split_info(manifest, "test")
 
 
+def _with_train(**split):
+    shards = split.pop("shards", [{"name": "train/train-000000.tar", "count": 3}])
+    return {"format": "shardpack", "version": 1, "classes": ["a", "b"],
+            "splits": {"train": {"shards": shards, **split}}}
+
+
+@pytest.mark.parametrize("manifest, words", [
+    # a reader trusts these: len() and the cardinality from count, labels from classes
+    (_with_train(count=4), "its shards hold 3 samples, its 'count' says 4"),
+    (_with_train(count=3, class_counts={"a": 1, "b": 1}), "'class_counts' add up to 2"),
+    (_with_train(class_counts={"a": 3, "c": 0}), r"extra: \['c'\], missing: \['b'\]"),
+    ({**_with_train(), "classes": []}, "holds samples but 'classes' is empty"),
+    (_with_train(shards=[{"name": "train/train-000000.tar", "count": 1}] * 2), "listed twice"),
+    # names are joined to the source: none may leave it (an upload deletes dropped ones)
+    (_with_train(shards=[{"name": "../outside.tar", "count": 3}]), "not a relative path inside"),
+    (_with_train(shards=[{"name": "/etc/x.tar", "count": 3}]), "not a relative path inside"),
+    (_with_train(shards=[{"name": "train//x.tar", "count": 3}]), "not a relative path inside"),
+    (_with_train(shards=[{"name": "s3://b/x.tar", "count": 3}]), "not a relative path inside"),
+    (_with_train(shards=[{"name": "train\\..\\x.tar", "count": 3}]), "not a relative path inside"),
+    ({**_with_train(), "version": True}, "version"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deep"),
+])
+def test_a_manifest_that_contradicts_itself_is_refused(manifest, words):
+    with pytest.raises(ManifestError, match=words):
+        parse_manifest(manifest if isinstance(manifest, str) else json.dumps(manifest))
+
+
+def test_only_shard_shaped_names_inside_the_root_are_ones_a_repack_may_delete():
+    from packer.format import is_shard_name, named_shards
+
+    assert is_shard_name("train/train-000001.tar") and is_shard_name("a b/a b-1234567.tar")
+    for name in ("../..-000001.tar", "./.-000001.tar", "notes/precious.txt", "train/val-000001.tar",
+                 "x\\y/x\\y-000001.tar", "train/train-000001.tar.bak"):
+        assert not is_shard_name(name), name
+    manifest = {"splits": {"train": {"shards": [{"name": "train/train-000001.tar"},
+                                                {"name": "notes/precious.txt"}, {"count": 1}]}}}
+    assert named_shards(manifest) == {"train/train-000001.tar"}
+
+
 # ---- golden manifest -------------------------------------------------------------------
 
 GOLDEN_TREE = {  # rel path -> pixel colour of a 2x2 BMP

@@ -359,6 +359,31 @@ def test_pack_to_url_leaves_files_no_manifest_named_alone(photo_shards, tmp_path
         assert fs.cat_file(f"{root}/{name}") == b"not ours"
 
 
+def test_an_upload_deletes_nothing_but_shards_an_old_manifest_names(photo_shards, tmp_path):
+    """A destination's old manifest, edited or written by something else, may name any
+    file: only shard-shaped names inside the destination are removed when the new manifest
+    drops them (a `../outside.txt` entry deleted a file outside it)."""
+    dest = tmp_path / "up" / "dest"
+    upload(photo_shards, f"file://{dest}", quiet=True)
+    old = json.loads((dest / MANIFEST_NAME).read_text())
+    split = next(iter(old["splits"].values()))
+    split["shards"].append({"name": "notes/precious.txt", "count": 0})
+    split["shards"].append({"name": "train/train-999999.tar", "count": 0})
+    (dest / MANIFEST_NAME).write_text(json.dumps(old))
+    (dest / "notes").mkdir()
+    (dest / "notes" / "precious.txt").write_text("mine")
+    (dest / "train" / "train-999999.tar").write_bytes(b"stale")
+    summary = upload(photo_shards, f"file://{dest}", quiet=True)
+    assert (dest / "notes" / "precious.txt").read_text() == "mine"
+    assert not (dest / "train" / "train-999999.tar").exists() and summary["removed"] == 1
+    # a name leaving the destination makes the old manifest invalid: it names nothing to delete
+    old["splits"][next(iter(old["splits"]))]["shards"].append({"name": "../outside.txt", "count": 0})
+    (dest / MANIFEST_NAME).write_text(json.dumps(old))
+    (dest.parent / "outside.txt").write_text("mine")
+    assert upload(photo_shards, f"file://{dest}", quiet=True)["removed"] == 0
+    assert (dest.parent / "outside.txt").read_text() == "mine"
+
+
 def test_upload_after_a_stopped_upload_removes_the_shards_the_new_manifest_drops(
         photo_shards, tmp_path, monkeypatch):
     """An upload that stops after taking the old manifest down (here: its first shard PUT
