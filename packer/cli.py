@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import ShardpackError
+from .sizes import counted
 
 __all__ = ["main", "build_parser"]
 
@@ -56,9 +57,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                     progress=not args.quiet)
     for problem in report.problems:
         print(f"PROBLEM: {problem}", file=sys.stderr)
-    state = "OK" if report.ok else f"FAILED ({len(report.problems)} problems)"
+    state = "OK" if report.ok else f"FAILED ({counted(len(report.problems), 'problem')})"
     decoded = f", {report.images_decoded} images decoded" if args.deep else ""
-    print(f"verify {state}: {report.shards} shards, {report.samples} samples checked{decoded}")
+    print(f"verify {state}: {counted(report.shards, 'shard')}, {counted(report.samples, 'sample')} "
+          f"checked{decoded}")
     return 0 if report.ok else 1
 
 

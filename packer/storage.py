@@ -7,6 +7,7 @@ same SOURCE forms and the same ``--endpoint-url``.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import fsspec
@@ -15,11 +16,29 @@ from .errors import ManifestError
 from .format import MANIFEST_NAME, parse_manifest
 
 __all__ = ["storage_options_for", "one_retry_layer", "join_url", "read_manifest", "open_binary",
-           "is_url"]
+           "is_url", "refuse_mistyped_url"]
 
 
 def is_url(source: str | os.PathLike[str]) -> bool:
     return "://" in os.fspath(source)
+
+
+_MISTYPED_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/?(?!/)")
+
+
+def refuse_mistyped_url(location: str | os.PathLike[str]) -> None:
+    """Refuse ``s3:/bucket/x`` or ``s3:bucket``: without ``//`` it is a local path, and a pack
+    or upload would quietly make a folder named ``s3:`` in the working directory. (One
+    letter before the colon is a Windows drive, ``C:/data``.)"""
+    text = os.fspath(location)
+    match = _MISTYPED_URL.match(text)
+    if match and not is_url(text) and match.group(1).lower() in _KNOWN_SCHEMES:
+        raise ValueError(f"{text!r} looks like a mistyped URL: write {match.group(1)}://... "
+                         f"(or ./{text} for a local folder of that name)")
+
+
+_KNOWN_SCHEMES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "http", "https", "file",
+                  "memory", "hdfs", "webhdfs", "ftp", "sftp", "ssh", "oss", "r2"}
 
 
 def storage_options_for(
@@ -80,9 +99,17 @@ def read_manifest(
     """
     url = join_url(source, MANIFEST_NAME)
     try:
+        refuse_mistyped_url(source)
+    except ValueError as exc:
+        raise ManifestError(str(exc)) from None
+    _refuse_wrong_local_path(source)
+    try:
         with open_binary(url, storage_options) as f:
             data = f.read()
     except FileNotFoundError as exc:
+        cause = _connection_failure(exc)
+        if cause is not None:
+            raise ManifestError(f"cannot reach {url} ({type(cause).__name__}: {cause})") from exc
         raise ManifestError(
             f"no {MANIFEST_NAME} at {source}: is it a shardpack output? (`shardpack pack SRC OUT` "
             f"writes one; an interrupted pack has none until it finishes){hint}"
@@ -94,3 +121,34 @@ def read_manifest(
             raise  # a missing fsspec backend, bad options or a bug: their own message is clearest
         raise ManifestError(f"cannot read {url} ({type(exc).__name__}: {exc})") from exc
     return parse_manifest(data, where=url)
+
+
+def _refuse_wrong_local_path(source: str | os.PathLike[str]) -> None:
+    """Name the usual wrong local paths: none at all, a file (the manifest itself), or a
+    split's folder inside a shard folder."""
+    if is_url(source):
+        return
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise ManifestError(f"{path} does not exist")
+    if not os.path.isdir(path):
+        folder = os.path.dirname(os.path.abspath(path))
+        advice = f"pass its folder, {folder}" if os.path.basename(path) == MANIFEST_NAME else \
+            f"pass the folder that holds {MANIFEST_NAME}"
+        raise ManifestError(f"{path} is a file, not a shard folder: {advice}")
+    parent = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(os.path.abspath(path))
+    if not os.path.exists(os.path.join(path, MANIFEST_NAME)) and os.path.exists(os.path.join(parent, MANIFEST_NAME)):
+        raise ManifestError(f"{path} is a folder inside the shard folder {parent}: pass {parent} "
+                            f"(with split={name!r} / --split {name} if {name} is a split)")
+
+
+def _connection_failure(exc: BaseException) -> BaseException | None:
+    """The connection error behind a "not found" (fsspec's HTTP filesystem reports an
+    unreachable server as a missing file), or None for a real "not found"."""
+    seen = exc.__cause__ or exc.__context__
+    while seen is not None:
+        if isinstance(seen, OSError) and not isinstance(seen, FileNotFoundError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .sizes import format_size
+from .sizes import counted, format_size
 
 __all__ = ["pack_summary"]
 
@@ -16,7 +16,8 @@ def pack_summary(manifest: dict[str, Any], out: str) -> str:
     for name, split in manifest["splits"].items():
         size = sum(s["bytes"] for s in split["shards"])
         packed += split["count"]
-        lines.append(f"  {name}: {split['count']} images in {len(split['shards'])} shards ({format_size(size)})")
+        lines.append(f"  {name}: {counted(split['count'], 'image')} in {counted(len(split['shards']), 'shard')} "
+                     f"({format_size(size)})")
     skipped = manifest.get("skipped", [])
     head = (f"packed {packed} images of {len(manifest['classes'])} classes into {out}; "
             f"skipped {len(skipped)}; ignored {manifest.get('ignored', 0)} non-image files")
@@ -29,8 +30,8 @@ def pack_summary(manifest: dict[str, Any], out: str) -> str:
     across = dup.get("across_splits", [])
     within = dup.get("within_split", [])
     if across:
-        lines.append(f"  WARNING: {len(across)} images appear in more than one split (leakage), e.g. "
-                     + ", ".join(across[0]["paths"]))
+        lines.append(f"  WARNING: {counted(len(across), 'image')} in more than one split (leakage; the "
+                     "same bytes under several paths), e.g. one at " + ", ".join(across[0]["paths"]))
     if within:
         lines.append(f"  note: {len(within)} groups of identical images within a split")
     return "\n".join(lines)

@@ -36,7 +36,7 @@ from fsspec.callbacks import Callback
 from .errors import ManifestError, UploadError
 from .format import MANIFEST_NAME, REPLACED_NAME, is_shard_name, named_shards, parse_manifest
 from .progress import Progress as tqdm
-from .storage import storage_options_for
+from .storage import is_url, refuse_mistyped_url, storage_options_for
 from .write import hash_file, hash_stream
 
 __all__ = ["upload", "send_shards", "ShardFile", "RemoteStore", "SHA256_METADATA_KEY", "scrub_secrets"]
@@ -311,6 +311,8 @@ def upload(
             missing or different).
     """
     out_dir = os.fspath(out_dir)
+    refuse_mistyped_url(url)
+    _refuse_same_folder(out_dir, url)
     options = storage_options_for(url, endpoint_url=endpoint_url, storage_options=storage_options)
     manifest_path = os.path.join(out_dir, MANIFEST_NAME)
     try:
@@ -331,6 +333,14 @@ def upload(
     except Exception as exc:  # reaching the store at all failed (bad URL, no credentials)
         raise UploadError(_failure_message(url, exc, options)) from None
     return {"url": url, **summary}
+
+
+def _refuse_same_folder(out_dir: str, url: str) -> None:
+    """An upload onto its own folder would copy each shard onto itself (shutil refuses,
+    shard by shard, with an advice to re-run that cannot help)."""
+    local = url[len("file://"):] if url.startswith("file://") else None if is_url(url) else url
+    if local is not None and os.path.exists(local) and os.path.samefile(local, out_dir):
+        raise ValueError(f"{url} is {out_dir} itself: upload copies a pack to another place")
 
 
 def _failure_message(url: str, exc: BaseException, options: dict[str, Any]) -> str:

@@ -86,6 +86,13 @@ def test_parse_size_refuses(text):
         parse_size(text)
 
 
+def test_a_one_letter_unit_is_ambiguous_and_refused_with_both_spellings():
+    with pytest.raises(ValueError, match="256MB .* or 256MiB"):
+        parse_size("256M")
+    with pytest.raises(ValueError, match="1.5GB .* or 1.5GiB"):
+        parse_size("1.5g")
+
+
 def test_format_size():
     assert format_size(999) == "999 B"
     assert format_size(256_000_000) == "256.0 MB"
