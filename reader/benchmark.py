@@ -29,6 +29,7 @@ import argparse
 import io
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -36,6 +37,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from packer.errors import ShardpackError
 
 __all__ = ["CONTENDERS", "decode_limit", "run_contender", "time_epoch", "main"]
 
@@ -344,19 +347,43 @@ def advice(results: dict[str, dict[str, Any]], n_cores: int, processes: int) -> 
 def add_epoch_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of an epoch benchmark on a shard set (split, batch shape, rounds), the
     same in ``shardpack bench`` and the scripts that measure beside it."""
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per contender (median shown)")
+    parser.add_argument("--split", default="train", help="the split to read (default: train)")
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="square batch images of this side (default: 224)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per contender, the median shown (default: 3)")
+
+
+def _plain(doc: str) -> str:
+    """A docstring as ``--help`` prints it: without reST's double backquotes and roles."""
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", doc or "").replace("``", "")
+
+
+def _check_source(cfg: dict[str, Any]) -> str | None:
+    """Refuse what would fail in every contender (no manifest, no such split) before four
+    processes start, TensorFlow among them; warn about a split too small to time."""
+    from packer.format import split_info
+    from packer.storage import read_manifest
+
+    manifest = read_manifest(cfg["source"], cfg.get("storage_options"))
+    count = int(split_info(manifest, cfg["split"])["count"])
+    if count < (cfg["warmup"] + 2) * cfg["batch_size"]:
+        return (f"warning: split {cfg['split']!r} holds {count} images, under {cfg['warmup'] + 2} "
+                f"batches of {cfg['batch_size']}: images/s then includes the start-up (a "
+                "larger split, or a smaller --batch-size / --warmup, measures the steady state)")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="shardpack bench", description=__doc__,
+        prog="shardpack bench", description=_plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", nargs="?", help="shard folder or URL")
+    parser.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
     add_epoch_arguments(parser)
-    parser.add_argument("--warmup", type=int, default=3, help="batches left out of images/s")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="batches left out of images/s (default: 3)")
     parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
     parser.add_argument("--processes", type=int, default=0,
                         help="the readers' processes= (decode processes; 0: threads only)")
@@ -376,6 +403,17 @@ def main(argv: list[str] | None = None) -> int:
     source = args.source if "://" in args.source else os.path.abspath(args.source)
     cfg = {"source": source, "split": args.split, "image_size": [args.image_size] * 2,
            "batch_size": args.batch_size, "warmup": args.warmup, "processes": args.processes}
+    if args.endpoint_url:
+        from packer.storage import storage_options_for
+
+        cfg["storage_options"] = storage_options_for(source, endpoint_url=args.endpoint_url)
+    try:
+        warning = _check_source(cfg)
+    except (ShardpackError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"shardpack bench: {source} [{args.split}], {args.image_size}x{args.image_size} RGB, "
           f"batches of {args.batch_size}, {cores()} cores, load {os.getloadavg()[0]:.1f}; "
           f"median of {args.repeat} interleaved runs", flush=True)

@@ -102,6 +102,22 @@ def test_info_and_verify_without_manifest(tmp_path, capsys):
     assert status == 1 and "no manifest.json" in err
 
 
+def test_bench_refuses_a_bad_source_before_starting_contenders_and_warns_on_a_small_split(
+        id_shards, tmp_path, capsys):
+    for argv, words in (([str(tmp_path)], "no manifest.json"),
+                        ([str(id_shards[0]), "--split", "val"], "available splits")):
+        assert main(["bench", *argv]) == 2
+        out, err = capsys.readouterr()
+        assert words in err and "round 1" not in out  # no contender process was started
+    assert main(["bench", str(id_shards[0]), "--image-size", "16", "--batch-size", "64",
+                 "--repeat", "1", "--only", "decode_limit"]) == 0
+    assert "holds 210 images, under 5 batches of 64" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and ":class:" not in text and "(default: train)" in text
+
+
 def test_bench_owns_its_options_and_measures_a_shard_set(id_shards, capsys):
     """`shardpack bench --help` and options before SOURCE reach reader.benchmark's parser, and
     a real (small) run reports the reader next to the decode limit."""
