@@ -162,11 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preview", help="contact sheet of decoded samples with class names")
     p.add_argument("source", help="shard folder or URL")
-    p.add_argument("--split", default="train")
-    p.add_argument("--out", default="grid.png", help="PNG to write (default grid.png)")
-    p.add_argument("--count", type=int, default=32, help="samples to show (default 32)")
-    p.add_argument("--columns", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="train", help="the split to show (default: train)")
+    p.add_argument("--out", default="grid.png",
+                   help="image to write, its format from the extension (default: grid.png)")
+    p.add_argument("--count", type=int, default=32, help="samples to show (default: 32)")
+    p.add_argument("--columns", type=int, default=8, help="tiles per row (default: 8)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="which samples are drawn; another seed, others (default: 0)")
     _add_endpoint(p)
     p.set_defaults(func=_cmd_preview)
     return parser

@@ -26,3 +26,11 @@ def test_same_seed_same_sheet(photo_shards, tmp_path):
     a = preview(photo_shards, out=tmp_path / "a.png", count=4, seed=3, tile_size=32)
     b = preview(photo_shards, out=tmp_path / "b.png", count=4, seed=3, tile_size=32)
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_the_sheet_is_written_in_the_format_its_name_says(photo_shards, tmp_path):
+    """`--out grid.jpg` held PNG bytes: viewers that trust the name refused it."""
+    for name, kind in (("g.jpg", "JPEG"), ("g.JPEG", "JPEG"), ("g.webp", "WEBP"), ("grid", "PNG")):
+        out = preview(photo_shards, out=tmp_path / name, count=2, tile_size=16)
+        with Image.open(out) as im:
+            assert im.format == kind, name
