@@ -48,7 +48,35 @@ def info_text(manifest: dict[str, Any], source: str) -> str:
     )
     for group in across[:10]:
         lines.append(f"  across {'/'.join(group['splits'])}: {', '.join(group['paths'])}")
+    if manifest.get("options"):
+        lines.append(f"packed with: {_options_text(manifest['options'])}")
+    warnings = manifest.get("warnings") or []
+    if warnings:
+        lines.append(f"warnings ({len(warnings)}), as the pack gave them:")
+        lines += [f"  {w}" for w in warnings]
     return "\n".join(lines)
+
+
+def _options_text(options: dict[str, Any]) -> str:
+    """The pack options that decide what a reader gets, in the CLI's words: whether images
+    are the original bytes or resized (so resized shards are told from originals)."""
+    resize = options.get("resize")
+    if not resize:
+        stored = "original image bytes (no --resize)"
+    elif "short_side" in resize:
+        stored = f"--resize {resize['short_side']} (short side; JPEG quality {resize.get('quality')})"
+    else:
+        stored = (f"--resize {resize.get('width')}x{resize.get('height')} (exact size, squashed; "
+                  f"JPEG quality {resize.get('quality')})")
+    parts = [stored, f"seed {options.get('seed')}"]
+    if options.get("validation_split"):
+        parts.append(f"--validation-split {options['validation_split']}")
+    if options.get("max_count") is not None and options.get("max_size") is not None:
+        parts.append(f"shards of at most {options['max_count']:,} images / "
+                     f"{format_size(options['max_size'])}")
+    if options.get("validate"):
+        parts.append(f"--validate {options['validate']}")
+    return "; ".join(parts)
 
 
 @dataclass

@@ -95,6 +95,22 @@ def test_bad_options_exit_2(src, tmp_path, capsys, args, words):
     assert not (tmp_path / "out").exists()
 
 
+def test_info_tells_resized_shards_from_originals_and_repeats_the_packs_warnings(src, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(capsys, "pack", str(src), str(out), "--resize", "24", "--quality", "80", "--workers", "1",
+               "--quiet")[0] == 0
+    text = run(capsys, "info", str(out))[1]
+    assert "packed with: --resize 24 (short side; JPEG quality 80); seed 0" in text
+    assert "warnings" not in text
+    lookalikes = tmp_path / "lookalikes"
+    shutil.copytree(src, lookalikes)
+    shutil.copytree(lookalikes / "train" / "cat", lookalikes / "train" / "Cat")
+    assert run(capsys, "pack", str(lookalikes), str(tmp_path / "out2"), "--workers", "1", "--quiet")[0] == 0
+    text = run(capsys, "info", str(tmp_path / "out2"))[1]
+    assert "packed with: original image bytes (no --resize)" in text
+    assert "warnings (1), as the pack gave them:" in text and "'Cat'" in text
+
+
 def test_info_and_verify_without_manifest(tmp_path, capsys):
     status, _, err = run(capsys, "info", str(tmp_path))
     assert status == 2 and "no manifest.json" in err
