@@ -37,12 +37,13 @@ def preview(
     shuffle: bool = True,
     **reader_options: Any,
 ) -> Path:
-    """Write a PNG grid of ``count`` decoded samples of ``split`` with class-name captions.
+    """Write a grid image of ``count`` decoded samples of ``split`` with class-name captions.
 
     Args:
         source: shard folder or URL, or manifest-less tars (see ShardReader).
         split: split to show.
-        out: PNG file to write (parent folders are created).
+        out: image file to write, in the format its extension names (``.jpg``, ``.webp``,
+            ...; PNG for any other name); parent folders are created.
         count: samples to show (fewer if the split is smaller).
         columns: tiles per row.
         seed: which samples are shown (a shuffled draw; ``shuffle=False`` shows the first).
@@ -91,5 +92,5 @@ def preview(
         draw.text((x0, y0 + tile_size + 1), name[: tile_size // 6], fill="black", font=font)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path, format="PNG")
+    sheet.save(path, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
     return path
