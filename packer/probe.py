@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -116,6 +117,17 @@ def _bomb_reason(w: int, h: int, max_pixels: int) -> str:
     )
 
 
+def _pillow_bomb_reason(exc: Image.DecompressionBombError, data: bytes, max_pixels: int) -> str:
+    """Pillow's refusal (at twice the limit) in the words of our own check, so one file gets
+    one message whichever path probed it (with or without --resize)."""
+    fast = fast_jpeg_info(data) if data[:2] == b"\xff\xd8" else fast_png_info(data)
+    if fast is not None:
+        return _bomb_reason(fast.width, fast.height, max_pixels)
+    pixels = re.search(r"\((\d+) pixels\)", str(exc))
+    said = f"{int(pixels.group(1)):,} pixels" if pixels else str(exc)
+    return f"decompression bomb refused: {said} exceeds the limit of {max_pixels:,} (raise --max-pixels to pack it)"
+
+
 def _probe_fast(
     info: FastInfo, data: bytes, source_sha: str, max_pixels: int, stamp: tuple[int, ...] | None,
 ) -> Probe:
@@ -157,10 +169,7 @@ def probe_bytes(
         # raised --max-pixels really lets a large scan through (open reads only headers).
         im = open_with_pixel_limit(data, max_pixels)
     except Image.DecompressionBombError as exc:
-        return Probe(
-            False, True, f"decompression bomb refused: {exc} (raise --max-pixels to pack it)",
-            source_sha256=source_sha,
-        )
+        return Probe(False, True, _pillow_bomb_reason(exc, data, max_pixels), source_sha256=source_sha)
     except UnidentifiedImageError:
         kind = signature_kind(data)
         if kind is not None:  # an image by its signature, cut or damaged inside its headers

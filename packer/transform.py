@@ -119,6 +119,18 @@ def load_for_resize(im: Image.Image, spec: ResizeSpec) -> None:
     im.load()
 
 
+def _resized(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """LANCZOS-resize, colour and alpha each on its own: Pillow premultiplies RGBA by its
+    alpha, which turns the colour under fully transparent pixels black, while readers that
+    drop alpha (TensorFlow's rgb decode, ours) show the original's colour there; resized
+    shards would otherwise train on other pixels than the originals."""
+    if im.mode != "RGBA":
+        return im.resize(size, Image.Resampling.LANCZOS)
+    rgb = im.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+    rgb.putalpha(im.getchannel("A").resize(size, Image.Resampling.LANCZOS))
+    return rgb
+
+
 def transform_image(im: Image.Image, spec: ResizeSpec) -> tuple[bytes, str, int, int]:
     """Return (bytes, member extension, width, height) of the image as stored."""
     im = ImageOps.exif_transpose(to_8bit(im))
@@ -129,7 +141,7 @@ def transform_image(im: Image.Image, spec: ResizeSpec) -> tuple[bytes, str, int,
         im = im.convert("RGB")
     size = spec.stored_size(*im.size)
     if size is not None:
-        im = im.resize(size, Image.Resampling.LANCZOS)
+        im = _resized(im, size)
     buf = io.BytesIO()
     if has_alpha:
         im.save(buf, format="PNG", optimize=False)

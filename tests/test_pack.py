@@ -12,6 +12,7 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
@@ -133,6 +134,29 @@ def test_zoo_resized_odd_modes(tmp_path):
     assert exif["height"] > exif["width"]  # rotated upright: 20 wide, 40 high before resize
     with Image.open(io.BytesIO(samples["train/cat/gray16.png"]["jpg"])) as im:
         assert im.mode == "L" and 100 < max(im.getdata()) < 150  # scaled, not clipped to white
+
+
+def test_resize_keeps_the_colour_under_transparent_pixels(tmp_path):
+    """A reader in rgb mode drops alpha (TensorFlow's decode too): the colour under fully
+    transparent pixels is what it shows. Pillow's RGBA resize premultiplies and made it
+    black, so resized shards trained on other pixels than the originals."""
+    from reader import ShardReader
+
+    pixels = np.zeros((40, 60, 4), np.uint8)
+    pixels[:, :30] = (255, 0, 0, 0)  # transparent red
+    pixels[:, 30:] = (0, 0, 255, 255)  # opaque blue
+    (tmp_path / "src" / "train" / "a").mkdir(parents=True)
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "src" / "train" / "a" / "half.png")
+    images = {}
+    for name, resize in (("original", None), ("resized", 20)):
+        pack(tmp_path / "src", tmp_path / name, workers=1, quiet=True, resize=resize)
+        reader = ShardReader(tmp_path / name, split="train", image_size=(20, 30), batch_size=1,
+                             shuffle=False, dct_scaling=False)
+        images[name] = next(iter(reader))[0][0]
+    assert images["original"][:, :10].mean(axis=(0, 1)).round().tolist() == [255, 0, 0]
+    away_from_the_edge = np.r_[0:12, 18:30]  # LANCZOS and bilinear differ at the red/blue edge
+    diff = np.abs(images["resized"] - images["original"])[:, away_from_the_edge]
+    assert diff.max() <= 2
 
 
 def test_zoo_resized_to_an_exact_size(tmp_path):

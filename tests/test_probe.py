@@ -62,6 +62,18 @@ def test_max_pixels_is_the_limit():
     assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's global limit restored
 
 
+def test_a_bomb_gets_one_message_on_every_probe_path():
+    """With --resize (or --validate decode/header) Pillow refused a bomb over twice its limit
+    in its own words ("could be decompression bomb DOS attack", the limit doubled)."""
+    from packer.transform import ResizeSpec
+
+    for data in (png_bomb(50_000, 50_000), jpeg_bomb(50_000, 50_000)):
+        expected = probe_bytes(data).reason
+        assert expected.startswith("decompression bomb refused: 50000x50000 = 2,500,000,000 pixels")
+        for options in ({"resize": ResizeSpec(40)}, {"validate": "decode"}, {"validate": "header"}):
+            assert probe_bytes(data, **options).reason == expected, options
+
+
 def test_truncated_caught_by_decode_only():
     im = Image.effect_noise((160, 120), 60).convert("RGB")
     data = jpeg_bytes(im, quality=90)
