@@ -202,7 +202,7 @@ def probe_bytes(
         width, height = _upright_size(im, (w, h))
         if resize is not None:
             try:
-                data, ext, width, height = transform_image(im, resize)
+                data, ext, width, height = transform_image(im, resize, data)
             except Exception as exc:
                 return Probe(False, True, f"cannot resize: {exc}", source_sha256=source_sha)
     stored_sha = source_sha if resize is None else hashlib.sha256(data).hexdigest()

@@ -131,8 +131,14 @@ def _resized(im: Image.Image, size: tuple[int, int]) -> Image.Image:
     return rgb
 
 
-def transform_image(im: Image.Image, spec: ResizeSpec) -> tuple[bytes, str, int, int]:
-    """Return (bytes, member extension, width, height) of the image as stored."""
+def transform_image(im: Image.Image, spec: ResizeSpec, source: bytes | None = None) -> tuple[bytes, str, int, int]:
+    """Return (bytes, member extension, width, height) of the image as stored.
+
+    ``source``: the bytes ``im`` was opened from. A JPEG (grey or RGB) already at the stored
+    size is then stored as it came: re-encoding it would only lose quality (readers turn it
+    upright by its EXIF tag as they would the re-encoded one).
+    """
+    as_it_came = source is not None and im.format == "JPEG" and im.mode in ("L", "RGB")
     im = ImageOps.exif_transpose(to_8bit(im))
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
     if has_alpha:
@@ -140,6 +146,8 @@ def transform_image(im: Image.Image, spec: ResizeSpec) -> tuple[bytes, str, int,
     elif im.mode not in ("L", "RGB"):
         im = im.convert("RGB")
     size = spec.stored_size(*im.size)
+    if size is None and as_it_came:
+        return bytes(source or b""), "jpg", im.width, im.height
     if size is not None:
         im = _resized(im, size)
     buf = io.BytesIO()

@@ -195,7 +195,7 @@ def stored_bytes_of(data: bytes, resize: ResizeSpec) -> bytes:
 
     with open_with_pixel_limit(data, None) as im:
         load_for_resize(im, resize)
-        return transform_image(im, resize)[0]
+        return transform_image(im, resize, data)[0]
 
 
 def _octal(value: int, width: int) -> bytes:

@@ -159,6 +159,26 @@ def test_resize_keeps_the_colour_under_transparent_pixels(tmp_path):
     assert diff.max() <= 2
 
 
+def test_resize_stores_a_jpeg_already_at_the_size_as_it_came(tmp_path):
+    """Re-encoding a JPEG that needs no resize only loses quality: it is stored byte for
+    byte; a larger one, and a small PNG (stored as JPEG), are re-encoded."""
+    from packer.examples import photo
+
+    (tmp_path / "src" / "train" / "a").mkdir(parents=True)
+    small = photo("cat").resize((40, 30))
+    small.save(tmp_path / "src" / "train" / "a" / "small.jpg", quality=95)
+    small.save(tmp_path / "src" / "train" / "a" / "small.png")
+    small.resize((80, 60)).save(tmp_path / "src" / "train" / "a" / "large.jpg", quality=95)
+    for resize in (30, "40x30"):
+        manifest = pack(tmp_path / "src", tmp_path / f"out{resize}", workers=1, quiet=True, resize=resize)
+        stored = {json.loads(m["json"])["path"].rsplit("/", 1)[1]: m
+                  for rows in read_samples(tmp_path / f"out{resize}", manifest).values() for _, _, m in rows}
+        assert stored["small.jpg"]["jpg"] == (tmp_path / "src" / "train" / "a" / "small.jpg").read_bytes()
+        assert "jpg" in stored["small.png"] and "png" not in stored["small.png"]
+        with Image.open(io.BytesIO(stored["large.jpg"]["jpg"])) as im:
+            assert im.size == (40, 30)
+
+
 def test_zoo_resized_to_an_exact_size(tmp_path):
     """--resize 16x12 stores every image (odd modes, EXIF-turned, small ones enlarged) at
     exactly 16x12, and the manifest records the size."""
