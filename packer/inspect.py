@@ -183,7 +183,10 @@ def _verify_shard(
         return labels
     report.shards += 1
     report.samples += len(labels)
-    if hashing.sha.hexdigest() != entry.get("sha256"):
+    if "sha256" not in entry:
+        report.problems.append(f"{name}: the manifest gives no sha256, so the shard cannot be "
+                               "checked (readers read it unchecked); re-run `shardpack pack`")
+    elif hashing.sha.hexdigest() != entry["sha256"]:
         report.problems.append(f"{name}: sha256 differs from the manifest (corrupted or replaced)")
     if "bytes" in entry and hashing.count != entry["bytes"]:
         report.problems.append(f"{name}: {hashing.count} bytes, manifest says {entry['bytes']}")

@@ -114,6 +114,25 @@ def test_zoo_shards_read_by_webdataset_and_tar(zoo_packs):
                 key = image.split(".")[0]
                 assert (cls, meta) == (f"{key}.cls", f"{key}.json")
     assert len(keys) == len(set(keys))
+    # FORMAT.md's to_tuple spelling takes every image a pack may hold (the zoo has them all)
+    extensions = "jpg;png;webp;gif;bmp;tiff"
+    assert set(extensions.split(";")) >= {k.rsplit(".", 1)[-1] for k in keys_of_images(out, manifest)}
+    for info in manifest["splits"].values():
+        urls = [str(out / s["name"]) for s in info["shards"]]
+        pairs = list(wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple(extensions, "cls"))
+        assert len(pairs) == info["count"] and all(isinstance(im, Image.Image) for im, _ in pairs)
+    assert f'to_tuple("{extensions}", "cls")' in (Path(__file__).parent.parent / "docs" / "FORMAT.md").read_text()
+
+
+def keys_of_images(out: Path, manifest: dict) -> list[str]:
+    """Member names of every image in a pack (by tar listing)."""
+    names = []
+    for info in manifest["splits"].values():
+        for entry in info["shards"]:
+            listing = subprocess.run(["tar", "-tf", str(out / entry["name"])], check=True,
+                                     capture_output=True, text=True).stdout.split()
+            names += listing[::3]
+    return names
 
 
 def test_zoo_resized_odd_modes(tmp_path):

@@ -179,3 +179,11 @@ def test_a_malformed_manifest_is_a_clear_error_for_info_verify_and_the_reader(co
         read_manifest(copy)
     with pytest.raises(ManifestError):
         ShardReader(copy, split="test")
+
+
+def test_a_manifest_without_a_shards_sha256_says_so(copy):
+    """The reader reads such a shard unchecked; verify said 'sha256 differs' (misleading)."""
+    report = verify(str(_edited(copy, lambda m: m["splits"]["train"]["shards"][0].pop("sha256"))))
+    assert not report.ok
+    assert any("gives no sha256" in p for p in report.problems), report.problems
+    assert not any("differs" in p for p in report.problems)
