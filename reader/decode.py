@@ -49,6 +49,8 @@ from PIL import Image, ImageOps
 
 from packer.headers import ORIENTATION_TAG, jpeg_orientation
 
+from .checks import check_image_size
+
 try:  # optional: shardpack[fast]
     import simplejpeg
 except ImportError:  # pragma: no cover - exercised when the extra is not installed
@@ -325,11 +327,7 @@ class DecodeOptions:
     dct_scaling: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.image_size, int):
-            object.__setattr__(self, "image_size", (self.image_size, self.image_size))
-        if len(self.image_size) != 2 or min(self.image_size) < 1:
-            raise ValueError(f"image_size must be (height, width), got {self.image_size!r}")
-        object.__setattr__(self, "image_size", (int(self.image_size[0]), int(self.image_size[1])))
+        object.__setattr__(self, "image_size", check_image_size(self.image_size))
         if self.color_mode not in COLOR_MODES:
             raise ValueError(f"color_mode must be one of {sorted(COLOR_MODES)}, got {self.color_mode!r}")
         object.__setattr__(self, "interpolation", self.interpolation.lower())

@@ -24,6 +24,7 @@ from packer.errors import ClassNotFoundError, EmptySplitError, SampleDecodeError
 from packer.probe import allow_packed_pixels
 
 from .batches import BatchBuffers, BatchOptions, decode_batches, default_decode_threads
+from .checks import check_batch_size, check_image_size
 from .decode import DecodeOptions
 from .distributed import (
     DEFAULT_DISTRIBUTED_SEED,
@@ -74,8 +75,10 @@ class ShardReader:
             ``file://``), or manifest-less WebDataset tars: a list of paths/URLs or a brace
             pattern (``"data-{000000..000009}.tar"``).
         split: split to read (ignored for manifest-less tars).
-        image_size: ``(height, width)`` of the images, as Keras.
-        batch_size: samples per batch.
+        image_size: ``(height, width)`` of the images, or one int for both, as Keras
+            (whole numbers >= 1; a third entry is refused: ``color_mode`` sets channels).
+        batch_size: samples per batch, a whole number >= 1 (for single images use
+            ``image_dataset_from_shards(batch_size=None)``, or 1).
         label_mode: "int", "categorical", "binary" or None (yield ``x`` only), as Keras.
         class_names: read only these classes, labelled by their position in this list
             (Keras' subset semantics). For manifest-less tars: the names of labels 0..n-1.
@@ -182,6 +185,8 @@ class ShardReader:
         uneven: Uneven = "pad",
         input_context: Any = None,
     ) -> None:
+        # refused before any shard or manifest is read
+        image_size, batch_size = check_image_size(image_size), check_batch_size(batch_size)
         if (rank is None) != (world_size is None):
             raise ValueError("pass both rank= and world_size=, or neither (to detect them)")
         if rank is None or world_size is None:
@@ -213,7 +218,7 @@ class ShardReader:
         self._pool: DecodeProcesses | None = None
         self.policy = ErrorPolicy(on_error=on_error, on_shard_error=on_shard_error)
         self.decode_options = DecodeOptions(
-            image_size=image_size if not isinstance(image_size, int) else (image_size, image_size),
+            image_size=image_size,
             color_mode=color_mode,
             interpolation=interpolation,
             crop_to_aspect_ratio=crop_to_aspect_ratio,

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .batches import DATA_FORMATS
+from .checks import check_batch_size, check_image_size
 from .shard_reader import ShardReader
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ __all__ = ["image_dataset_from_shards", "restore_malloc_thresholds"]
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 << 20
 _TRIM_THRESHOLD = 2 * _MMAP_THRESHOLD_MAX
+_UNBATCHED_READ = 32  # the reader's batch size behind batch_size=None (then unbatched)
 
 
 def restore_malloc_thresholds() -> None:
@@ -97,7 +99,8 @@ def image_dataset_from_shards(
     Args:
         source: shard folder or URL, or manifest-less tars (see ShardReader).
         split: split to read.
-        batch_size: samples per batch; None yields single images.
+        batch_size: samples per batch, a whole number >= 1; None yields single images.
+        image_size: ``(height, width)`` or one int for both (whole numbers >= 1).
         data_format: "channels_last" or "channels_first" (images ``(batch, channels,
             height, width)``, transposed by TensorFlow after the reader); None follows
             ``keras.config.image_data_format()``, as Keras does.
@@ -112,7 +115,8 @@ def image_dataset_from_shards(
             ``on_error``, ``storage_options``, ``drop_remainder``, ``rescale``, ...).
 
     Raises:
-        ManifestError, SplitNotFoundError, ClassNotFoundError, ValueError: as ShardReader.
+        ManifestError, SplitNotFoundError, ClassNotFoundError, ValueError: as ShardReader
+            (also a ``batch_size`` or ``image_size`` that is not whole numbers >= 1).
         EmptySplitError: the split has no images (of the selected classes), as Keras
             refuses a folder without images.
     """
@@ -123,13 +127,12 @@ def image_dataset_from_shards(
     if batch_size is None and reader_options.get("drop_remainder"):
         raise ValueError("drop_remainder=True drops a short last batch; with batch_size=None "
                          "the dataset yields single images and has none")
-    if isinstance(image_size, int):
-        image_size = (image_size, image_size)
     reader = ShardReader(
         source,
         split=split,
-        image_size=(int(image_size[0]), int(image_size[1])),
-        batch_size=batch_size or 32,
+        image_size=check_image_size(image_size),
+        # None: single images, unbatched from the reader's batches of 32 (cheaper per image)
+        batch_size=_UNBATCHED_READ if batch_size is None else check_batch_size(batch_size),
         label_mode=label_mode,
         class_names=class_names,
         color_mode=color_mode,
@@ -219,3 +222,4 @@ def _refuse_directory_options(validation_split: float | None, subset: str | None
         )
     if follow_links:
         raise ValueError("follow_links acts when packing: `shardpack pack --follow-links`")
+
