@@ -71,6 +71,7 @@ def image_dataset_from_shards(
     validation_split: float | None = None,
     subset: str | None = None,
     follow_links: bool = False,
+    format: str = "tf",
     **reader_options: Any,
 ) -> tf.data.Dataset:
     """Return a ``tf.data.Dataset`` of one split, as ``keras.utils.image_dataset_from_directory`` would.
@@ -111,12 +112,15 @@ def image_dataset_from_shards(
             packing here: ``shardpack pack --validation-split F`` writes "train" and
             "validation" splits (read with ``split=``), ``--follow-links`` follows links.
             Refused (with that advice) unless left at Keras' defaults.
+        format: Keras' "tf" (a ``tf.data.Dataset``, the default); Keras' "grain" is
+            refused (use ``ShardReader`` or the PyTorch dataset for numpy batches).
         reader_options: more ShardReader options (``shuffle_buffer``, ``num_workers``,
             ``on_error``, ``storage_options``, ``drop_remainder``, ``rescale``, ...).
 
     Raises:
         ManifestError, SplitNotFoundError, ClassNotFoundError, ValueError: as ShardReader
-            (also a ``batch_size`` or ``image_size`` that is not whole numbers >= 1).
+            (also a ``batch_size`` or ``image_size`` that is not whole numbers >= 1, and a
+            ``format`` other than "tf").
         EmptySplitError: the split has no images (of the selected classes), as Keras
             refuses a folder without images.
     """
@@ -124,6 +128,7 @@ def image_dataset_from_shards(
 
     label_mode = _keras_labels(labels, label_mode)
     _refuse_directory_options(validation_split, subset, follow_links)
+    _refuse_format(format)
     if batch_size is None and reader_options.get("drop_remainder"):
         raise ValueError("drop_remainder=True drops a short last batch; with batch_size=None "
                          "the dataset yields single images and has none")
@@ -223,3 +228,12 @@ def _refuse_directory_options(validation_split: float | None, subset: str | None
     if follow_links:
         raise ValueError("follow_links acts when packing: `shardpack pack --follow-links`")
 
+
+def _refuse_format(format: str) -> None:
+    """Keras 3's ``format=``: "tf" is what this function returns; say so for the rest."""
+    if format != "tf":
+        raise ValueError(
+            f'format={format!r}: image_dataset_from_shards returns a tf.data.Dataset '
+            '(format="tf"); for Keras\' "grain" format read numpy batches with '
+            "reader.ShardReader (or reader.torch_data.ShardIterableDataset for PyTorch)"
+        )

@@ -186,3 +186,12 @@ def test_an_image_size_keras_refuses_is_refused(id_shards, image_size):
     with pytest.raises(ValueError, match="image_size"):
         ShardReader(id_shards[0], split="test", image_size=image_size)
 
+
+def test_keras_format_keyword(id_shards):
+    """Keras 3's format="tf" is what we return; "grain" is refused saying what to use."""
+    ds = image_dataset_from_shards(id_shards[0], split="test", image_size=4, verbose=False,
+                                   format="tf")
+    assert int(ds.cardinality()) == 1
+    with pytest.raises(ValueError, match="ShardReader"):
+        image_dataset_from_shards(id_shards[0], split="test", image_size=4, verbose=False,
+                                  format="grain")
