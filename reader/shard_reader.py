@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from packer.errors import ClassNotFoundError, EmptySplitError, SampleDecodeError
+from packer.errors import ClassNotFoundError, EmptySplitError, SampleDecodeError, ShardReadError
 from packer.probe import allow_packed_pixels
 
 from .batches import BatchBuffers, BatchOptions, decode_batches, default_decode_threads
@@ -286,14 +286,46 @@ class ShardReader:
     def _entries(self) -> list[tuple[str, int]]:
         """(path, our label) of every selected sample, in manifest (unshuffled) order."""
         out = []
-        for entries in self._scan():
-            for path, label, _name in entries:
+        for ref, entries in zip(self.source.shards, self._scan(), strict=True):
+            for path, label, _name in self._known_labels(ref.name, entries):
                 if self._remap is not None:
                     if label not in self._remap:
                         continue
                     label = self._remap[label]
                 out.append((path, -1 if label is None else label))
         return out
+
+    def _known_labels(
+        self, shard: str, entries: list[tuple[str, int | None, str | None]]
+    ) -> Iterator[tuple[str, int | None, str | None]]:
+        """A shard's scanned entries, cut short (or raising) at a label the manifest lacks."""
+        for entry in entries:
+            error = self._foreign_label(entry[1], shard=shard, key=entry[0])
+            if error is not None:
+                self.policy.shard_failed(error)
+                return
+            yield entry
+
+    def _foreign_label(
+        self, label: int | None, *, shard: str, key: str, offset: int | None = None
+    ) -> ShardReadError | None:
+        """The error for a label outside the manifest's classes, else None.
+
+        Such a shard was not written with this manifest (a decode failure it is not): every
+        label in it is suspect, and skipping those samples one by one would leave ``len()``
+        and the epoch disagreeing in silence. So it is a shard error, as a count mismatch is.
+        Manifest-less tars have no class list to hold labels to (``num_classes`` is checked
+        per sample in ``_select``).
+        """
+        classes = self.source.classes
+        if classes is None or label is None or 0 <= label < len(classes):
+            return None
+        return ShardReadError(
+            f"label {label} is outside the manifest's {len(classes)} classes (0..{len(classes) - 1}); "
+            "the shard and manifest do not belong together: re-pack, or upload the shards "
+            "with their own manifest (`shardpack verify SOURCE` lists every such shard)",
+            shard=shard, key=key, offset=offset,
+        )
 
     def require_samples(self, *, scan: bool = False) -> None:
         """Refuse a split without images (of the selected classes): an epoch of nothing
@@ -448,7 +480,10 @@ class ShardReader:
         return {k: v for k, v in self.__dict__.items() if k != "_pool"} | {"_pool": None}
 
     def _select(self, samples: Iterable[Sample]) -> Iterator[tuple[Sample, int]]:
-        """Keep the classes asked for, re-index labels, and keep only the image bytes."""
+        """Keep the classes asked for, re-index labels, and keep only the image bytes.
+
+        A label outside the manifest's classes ends the shard through ``on_shard_error``
+        (``_foreign_label``), before the class subset could drop it unseen."""
         need_label = self.batch_options.label_mode is not None
         for sample in samples:
             try:
@@ -456,6 +491,11 @@ class ShardReader:
             except SampleDecodeError as exc:
                 self.policy.sample_failed(exc)
                 continue
+            foreign = self._foreign_label(
+                label, shard=sample["__shard__"], key=sample["__key__"], offset=sample.get("__offset__"))
+            if foreign is not None:
+                self.policy.shard_failed(foreign)  # raises unless on_shard_error skips the shard
+                return
             if self._remap is not None:
                 if label not in self._remap:
                     continue
