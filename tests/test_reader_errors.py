@@ -129,6 +129,7 @@ def test_checksum_is_compared_when_the_last_read_block_holds_only_tar_padding(id
     for old in (shards / "test").glob("*.tar"):
         old.unlink()
     manifest["splits"]["test"]["count"] = 1
+    manifest["splits"]["test"]["class_counts"] = {"circle": 0, "square": 1, "triangle": 0}
     manifest["splits"]["test"]["shards"] = [{
         "name": "test/test-000000.tar", "count": 1, "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
