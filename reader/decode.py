@@ -12,8 +12,10 @@ Choices, made once here so every image is treated alike:
   stored), which is what ``tf.image.decode_image(channels=3)`` does for Keras; ``rgba``
   keeps it and gives opaque images an alpha of 255. Palette images with a transparent
   colour go through RGBA first, so the result is the palette colour either way.
-- **16-bit images** (``I;16``, ``I``) are scaled to 8 bits by dividing by 257, as
-  TensorFlow does; Pillow's own conversion would clip instead.
+- **16-bit images** (``I;16``, ``I``) keep their high byte (``value >> 8``), as
+  TensorFlow's ``decode_png`` to uint8 does (Keras' pixels equal it exactly; dividing by 257
+  put 60% of a ramp's pixels one level off); Pillow's own conversion would clip instead.
+  ``shardpack pack --resize`` stores them the same way (``packer.transform.to_8bit``).
 - **Animated images** give their first frame (Keras: ``expand_animations=False``).
 - **JPEG DCT scaling**: the decoder produces a reduced image directly (libjpeg-turbo's
   scaled IDCT) when that is still at least what the resize needs. With ``simplejpeg``
@@ -357,8 +359,8 @@ def to_color_mode(im: Image.Image, color_mode: str) -> Image.Image:
     """Convert a loaded image to the Keras colour mode ("grayscale", "rgb", "rgba")."""
     target = COLOR_MODES[color_mode][0]
     if im.mode in _SIXTEEN_BIT:
-        arr = np.asarray(im).astype(np.uint32) // 257
-        im = Image.fromarray(np.minimum(arr, 255).astype(np.uint8), "L")
+        high_byte = np.clip(np.asarray(im), 0, 65535).astype(np.uint16) >> 8  # TensorFlow's
+        im = Image.fromarray(high_byte.astype(np.uint8), "L")
     elif im.mode == "F":
         im = Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8), "L")
     if im.mode == target:
