@@ -11,7 +11,9 @@ Choices, made once here so every image is treated alike:
 - **Alpha is dropped** for ``rgb`` and ``grayscale`` (the colour channels are kept as
   stored), which is what ``tf.image.decode_image(channels=3)`` does for Keras; ``rgba``
   keeps it and gives opaque images an alpha of 255. Palette images with a transparent
-  colour go through RGBA first, so the result is the palette colour either way.
+  colour go through RGBA first; a PNG's transparent pixels keep their palette colour, as
+  with TensorFlow's PNG decoder, while a GIF's become black (0, 0, 0), as TensorFlow's GIF
+  decoder makes them (``_gif_transparent_black``).
 - **16-bit images** (``I;16``, ``I``) keep their high byte (``value >> 8``), as
   TensorFlow's ``decode_png`` to uint8 does (Keras' pixels equal it exactly; dividing by 257
   put 60% of a ramp's pixels one level off); Pillow's own conversion would clip instead.
@@ -518,8 +520,25 @@ def _load_pillow(
         im.draft("L" if options.color_mode == "grayscale" else "RGB", need)
     out = ImageOps.exif_transpose(im) if orientation != 1 else im
     out.load()
+    if im.format == "GIF":
+        _gif_transparent_black(out)
     arr = np.asarray(to_color_mode(out, options.color_mode))
     return (arr[:, :, None] if arr.ndim == 2 else arr), box
+
+
+def _gif_transparent_black(im: Image.Image) -> None:
+    """Make a loaded GIF frame's transparent palette entry black, in place.
+
+    TensorFlow's GIF decoder (and so Keras) writes (0, 0, 0) for transparent pixels,
+    whatever colour the palette holds there; Pillow keeps the palette colour.
+    """
+    index = im.info.get("transparency")
+    if im.mode != "P" or not isinstance(index, int):
+        return
+    palette = im.getpalette()
+    if palette is not None and 3 * index + 3 <= len(palette):
+        palette[3 * index : 3 * index + 3] = (0, 0, 0)
+        im.putpalette(palette)
 
 
 def _load_auto(
