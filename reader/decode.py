@@ -2,7 +2,8 @@
 Keras would load it.
 
 Everything the packer accepts is decoded (JPEG, PNG, WebP, GIF, BMP, TIFF, PNM), turned
-into the requested colour mode, rotated by its EXIF orientation, and resized with the
+into the requested colour mode, rotated by its EXIF orientation (Keras ignores EXIF: a
+photo stored rotated comes out upright here, up to 240/255 from Keras'), and resized with the
 requested interpolation, optionally keeping the aspect ratio (crop or pad, as Keras'
 ``crop_to_aspect_ratio`` / ``pad_to_aspect_ratio``).
 
@@ -24,6 +25,13 @@ Choices, made once here so every image is treated alike:
   installed (``pip install shardpack[fast]``) JPEGs are decoded by it at 1/8, 1/4, 1/2 or
   full scale (the scales with SIMD code; 5/8..7/8 are slower than 1/2) with libjpeg's fast
   integer IDCT, TensorFlow's default, so pixels are within a few 1/255 of Pillow's (tested).
+  Against Keras, which decodes at full size and samples it, the reduced decode averages:
+  shrinking 2x or more differs visibly (150x151 to 64x64 bilinear: up to 115/255, 8/255 on
+  average); ``dct_scaling=False`` gives Keras' pixels (bilinear within 0.75/255, nearest
+  equal). At 1/2..1/8 scale libjpeg-turbo rounds the decoded size up (301 columns at 1/8
+  give 38, of which 37.625 hold the picture); the resize takes the 38 as the whole
+  picture, so the far edge shifts by up to ~2.5 source pixels (sampling the true width
+  needs the affine warp, about 3x the cost of ``cv2.resize``).
   Without it, ``Image.draft`` scales by 1/2, 1/4 or 1/8. JPEGs simplejpeg cannot take
   (CMYK, 12-bit, damaged) go to Pillow, which decides.
 - **Resize like Keras**: with OpenCV installed (``shardpack[fast]``), ``bilinear``,
@@ -33,7 +41,9 @@ Choices, made once here so every image is treated alike:
   Pillow's filter on this machine. Bicubic is OpenCV's kernel (a = -0.75, TensorFlow's is
   -0.5): up to ~15/255 apart on sharp edges. Without OpenCV, and for the other
   interpolations, Pillow's (antialiased) filters are used; on RGBA they premultiply by
-  alpha, so the colour of nearly transparent pixels differs from Keras'. Pixels stay numpy
+  alpha, so the colour of nearly transparent pixels differs from Keras'. Measured against
+  Keras, the interpolations other than bilinear and nearest are up to 14-124/255 apart,
+  1-3/255 on average. Pixels stay numpy
   arrays from decoder to batch on the fast path.
 """
 
@@ -316,8 +326,9 @@ class DecodeOptions:
         decoder: "auto" (simplejpeg for JPEGs when installed, else Pillow), "pillow" or
             "simplejpeg" (see DECODERS).
         dct_scaling: decode JPEGs at the smallest 1/8, 1/4 or 1/2 scale the resize still
-            has pixels for (several times cheaper); False decodes at full size, as Keras
-            does, for its pixels exactly (within rounding).
+            has pixels for (several times cheaper, but visibly off Keras' pixels when
+            shrinking 2x or more: see the module notes); False decodes at full size, as
+            Keras does, for its pixels (bilinear within 0.75/255, nearest equal).
     """
 
     image_size: tuple[int, int] = (256, 256)
@@ -594,8 +605,11 @@ def decode_image(
     elif pixel_box != (0.0, 0.0, float(w), float(h)):
         # Crop first (resizing a box alone would blend in pixels from outside it) to the
         # whole pixels that hold the box; on a DCT-reduced image the box's edges fall inside
-        # pixels, and the rest is a sub-pixel box for resize, so the region is the same
-        # whatever the decode scale.
+        # pixels, and the rest is a sub-pixel box for resize. The box is a fraction of the
+        # decoded size, which libjpeg-turbo rounds up (W=301 at 1/8: 38 columns, 37.625 of
+        # picture), so on a reduced decode the region's far edge lies up to a fraction of a
+        # decoded pixel past the picture's: the picture shifts by up to ~2.5 source pixels
+        # there (as without a box; the module notes say why it is not corrected).
         x0, y0, x1, y1 = pixel_box
         ix0, iy0 = math.floor(x0 + 1e-6), math.floor(y0 + 1e-6)
         ix1, iy1 = math.ceil(x1 - 1e-6), math.ceil(y1 - 1e-6)

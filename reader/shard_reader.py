@@ -67,7 +67,8 @@ class ShardReader:
 
     Each ``iter(reader)`` is a new epoch (``reader.epoch`` counts them) with a new shuffle
     order; with ``shuffle=False`` every epoch is the manifest order exactly, so predictions
-    line up with :attr:`filenames` and :attr:`labels`. Shards are read sequentially, whole,
+    line up with :attr:`filenames` and :attr:`labels`. That order is the pack's seeded one,
+    not Keras' class-then-filename order. Shards are read sequentially, whole,
     one request per shard, never one seek per sample.
 
     Args:
@@ -88,14 +89,18 @@ class ShardReader:
             with ``world_size > 1``, uses the fixed ``DEFAULT_DISTRIBUTED_SEED`` (0) so that
             every rank agrees on the order.
         interpolation: Keras interpolation name ("bilinear", "nearest", "bicubic", "area",
-            "lanczos3", "lanczos5", "gaussian", "mitchellcubic").
+            "lanczos3", "lanczos5", "gaussian", "mitchellcubic"). Only "bilinear" and
+            "nearest" are TensorFlow's resize (with ``shardpack[fast]``); the others are
+            Pillow's or OpenCV's filters: up to 14-124/255 from Keras' pixels, 1-3 on average.
         crop_to_aspect_ratio: centre-crop to the target aspect ratio before resizing.
         pad_to_aspect_ratio: resize to fit and pad with zeros, keeping the aspect ratio.
         decoder: "auto" (simplejpeg for JPEGs when installed, else Pillow), or "pillow" for
             the reference path (Pillow for every image; JPEGs still DCT-scaled by draft).
         dct_scaling: decode JPEGs at a reduced DCT scale where the resize allows (default,
-            several times cheaper); False decodes at full size, as Keras does, for Keras'
-            pixels within rounding.
+            several times cheaper); the pixels then differ visibly from Keras' where a JPEG
+            is shrunk 2x or more (150x151 to 64x64: up to 115/255, 8/255 on average). False
+            decodes at full size, as Keras does, for Keras' pixels (bilinear within
+            0.75/255, nearest equal).
         drop_remainder: drop the last, smaller batch of each epoch.
         shuffle_buffer: samples held (still compressed) for shuffling.
         shuffle_buffer_bytes: also cap the buffer at this many compressed bytes (None: no

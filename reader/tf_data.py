@@ -84,7 +84,8 @@ def image_dataset_from_shards(
     list. The dataset has ``class_names`` and a known cardinality (batches per epoch from
     the manifest), so ``model.fit`` shows steps per epoch. Each pass over the dataset (each
     Keras epoch) is a new epoch with a new shuffle order; ``shuffle=False`` gives the
-    manifest order every time.
+    manifest order every time: the pack's seeded order, not Keras' class-then-filename
+    order (``ds.shard_reader.filenames`` and ``.labels`` list it).
 
     The cardinality counts every sample in the manifest: if samples are skipped because
     they fail to decode (``on_error="warn"``) and that removes a whole batch, TensorFlow
@@ -93,9 +94,14 @@ def image_dataset_from_shards(
 
     ``data_format`` follows Keras' ``keras.config.image_data_format()`` when None.
 
-    Unlike Keras, ``file_paths`` is not set (it needs a pass over every shard); use
-    ``ShardReader(..., shuffle=False).filenames``. The reader behind the dataset is
-    ``ds.shard_reader``.
+    Unlike Keras, ``file_paths`` is not set: the paths are in the shards, and listing them
+    reads every shard's small members once, which building the dataset must not cost; use
+    ``ds.shard_reader.filenames`` (in the ``shuffle=False`` order). The reader behind the
+    dataset is ``ds.shard_reader``.
+
+    Pixels differ from Keras' where shardpack does more or differently: EXIF orientation
+    is applied (Keras ignores it), JPEGs shrunk 2x or more are DCT-scaled (``dct_scaling``;
+    see ShardReader) and interpolations other than bilinear/nearest are not TensorFlow's.
 
     Args:
         source: shard folder or URL, or manifest-less tars (see ShardReader).
