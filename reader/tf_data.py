@@ -81,8 +81,9 @@ def image_dataset_from_shards(
     one-hot ``(batch, classes)`` for "categorical", float32 ``(batch, 1)`` for "binary";
     ``label_mode=None`` yields images only. ``class_names`` picks a subset of classes (and
     their order): samples of other classes are left out and labels are positions in this
-    list. The dataset has ``class_names`` and a known cardinality (batches per epoch from
-    the manifest), so ``model.fit`` shows steps per epoch. Each pass over the dataset (each
+    list. The dataset has ``class_names`` (None without labels, as Keras) and a known
+    cardinality (batches per epoch from the manifest), so ``model.fit`` shows steps per
+    epoch. Each pass over the dataset (each
     Keras epoch) is a new epoch with a new shuffle order; ``shuffle=False`` gives the
     manifest order every time: the pack's seeded order, not Keras' class-then-filename
     order (``ds.shard_reader.filenames`` and ``.labels`` list it).
@@ -194,7 +195,8 @@ def image_dataset_from_shards(
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         ds = ds.with_options(options)
-    ds.class_names = list(reader.class_names)
+    # Keras: no labels, no class names (the reader keeps them: ds.shard_reader.class_names)
+    ds.class_names = None if label_mode is None else list(reader.class_names)
     ds.shard_reader = reader
     return ds
 

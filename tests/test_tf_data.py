@@ -33,6 +33,8 @@ def test_specs_like_image_dataset_from_directory(id_shards):
     images = image_dataset_from_shards(shards, split="test", image_size=4, label_mode=None,
                                        batch_size=None)
     assert int(images.cardinality()) == 30 and tuple(next(iter(images)).shape) == (4, 4, 3)
+    assert images.class_names is None  # as Keras without labels
+    assert images.shard_reader.class_names == ID_CLASSES
 
 
 def test_uint8_dataset(id_shards):
