@@ -23,6 +23,7 @@ from PIL import Image
 
 from packer.errors import SampleDecodeError
 
+from .checks import check_batch_size
 from .decode import DecodeOptions, decode_image
 from .policy import ErrorPolicy
 from .samples import Sample, image_member
@@ -76,8 +77,7 @@ class BatchOptions:
             raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {self.data_format!r}")
         if self.dtype == "uint8" and self.rescale is not None:
             raise ValueError('rescale needs dtype="float32": uint8 pixels cannot be scaled')
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        object.__setattr__(self, "batch_size", check_batch_size(self.batch_size))
         if self.label_mode not in LABEL_MODES:
             raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}")
         if self.label_mode == "binary" and self.num_classes != 2:

@@ -2,7 +2,8 @@
 Keras would load it.
 
 Everything the packer accepts is decoded (JPEG, PNG, WebP, GIF, BMP, TIFF, PNM), turned
-into the requested colour mode, rotated by its EXIF orientation, and resized with the
+into the requested colour mode, rotated by its EXIF orientation (Keras ignores EXIF: a
+photo stored rotated comes out upright here, up to 240/255 from Keras'), and resized with the
 requested interpolation, optionally keeping the aspect ratio (crop or pad, as Keras'
 ``crop_to_aspect_ratio`` / ``pad_to_aspect_ratio``).
 
@@ -11,15 +12,26 @@ Choices, made once here so every image is treated alike:
 - **Alpha is dropped** for ``rgb`` and ``grayscale`` (the colour channels are kept as
   stored), which is what ``tf.image.decode_image(channels=3)`` does for Keras; ``rgba``
   keeps it and gives opaque images an alpha of 255. Palette images with a transparent
-  colour go through RGBA first, so the result is the palette colour either way.
-- **16-bit images** (``I;16``, ``I``) are scaled to 8 bits by dividing by 257, as
-  TensorFlow does; Pillow's own conversion would clip instead.
+  colour go through RGBA first; a PNG's transparent pixels keep their palette colour, as
+  with TensorFlow's PNG decoder, while a GIF's become black (0, 0, 0), as TensorFlow's GIF
+  decoder makes them (``_gif_transparent_black``).
+- **16-bit images** (``I;16``, ``I``) keep their high byte (``value >> 8``), as
+  TensorFlow's ``decode_png`` to uint8 does (Keras' pixels equal it exactly; dividing by 257
+  put 60% of a ramp's pixels one level off); Pillow's own conversion would clip instead.
+  ``shardpack pack --resize`` stores them the same way (``packer.transform.to_8bit``).
 - **Animated images** give their first frame (Keras: ``expand_animations=False``).
 - **JPEG DCT scaling**: the decoder produces a reduced image directly (libjpeg-turbo's
   scaled IDCT) when that is still at least what the resize needs. With ``simplejpeg``
   installed (``pip install shardpack[fast]``) JPEGs are decoded by it at 1/8, 1/4, 1/2 or
   full scale (the scales with SIMD code; 5/8..7/8 are slower than 1/2) with libjpeg's fast
   integer IDCT, TensorFlow's default, so pixels are within a few 1/255 of Pillow's (tested).
+  Against Keras, which decodes at full size and samples it, the reduced decode averages:
+  shrinking 2x or more differs visibly (150x151 to 64x64 bilinear: up to 115/255, 8/255 on
+  average); ``dct_scaling=False`` gives Keras' pixels (bilinear within 0.75/255, nearest
+  equal). At 1/2..1/8 scale libjpeg-turbo rounds the decoded size up (301 columns at 1/8
+  give 38, of which 37.625 hold the picture); the resize takes the 38 as the whole
+  picture, so the far edge shifts by up to ~2.5 source pixels (sampling the true width
+  needs the affine warp, about 3x the cost of ``cv2.resize``).
   Without it, ``Image.draft`` scales by 1/2, 1/4 or 1/8. JPEGs simplejpeg cannot take
   (CMYK, 12-bit, damaged) go to Pillow, which decides.
 - **Resize like Keras**: with OpenCV installed (``shardpack[fast]``), ``bilinear``,
@@ -29,7 +41,9 @@ Choices, made once here so every image is treated alike:
   Pillow's filter on this machine. Bicubic is OpenCV's kernel (a = -0.75, TensorFlow's is
   -0.5): up to ~15/255 apart on sharp edges. Without OpenCV, and for the other
   interpolations, Pillow's (antialiased) filters are used; on RGBA they premultiply by
-  alpha, so the colour of nearly transparent pixels differs from Keras'. Pixels stay numpy
+  alpha, so the colour of nearly transparent pixels differs from Keras'. Measured against
+  Keras, the interpolations other than bilinear and nearest are up to 14-124/255 apart,
+  1-3/255 on average. Pixels stay numpy
   arrays from decoder to batch on the fast path.
 """
 
@@ -48,6 +62,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from packer.headers import ORIENTATION_TAG, jpeg_orientation
+
+from .checks import check_image_size
 
 try:  # optional: shardpack[fast]
     import simplejpeg
@@ -310,8 +326,9 @@ class DecodeOptions:
         decoder: "auto" (simplejpeg for JPEGs when installed, else Pillow), "pillow" or
             "simplejpeg" (see DECODERS).
         dct_scaling: decode JPEGs at the smallest 1/8, 1/4 or 1/2 scale the resize still
-            has pixels for (several times cheaper); False decodes at full size, as Keras
-            does, for its pixels exactly (within rounding).
+            has pixels for (several times cheaper, but visibly off Keras' pixels when
+            shrinking 2x or more: see the module notes); False decodes at full size, as
+            Keras does, for its pixels (bilinear within 0.75/255, nearest equal).
     """
 
     image_size: tuple[int, int] = (256, 256)
@@ -325,11 +342,7 @@ class DecodeOptions:
     dct_scaling: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.image_size, int):
-            object.__setattr__(self, "image_size", (self.image_size, self.image_size))
-        if len(self.image_size) != 2 or min(self.image_size) < 1:
-            raise ValueError(f"image_size must be (height, width), got {self.image_size!r}")
-        object.__setattr__(self, "image_size", (int(self.image_size[0]), int(self.image_size[1])))
+        object.__setattr__(self, "image_size", check_image_size(self.image_size))
         if self.color_mode not in COLOR_MODES:
             raise ValueError(f"color_mode must be one of {sorted(COLOR_MODES)}, got {self.color_mode!r}")
         object.__setattr__(self, "interpolation", self.interpolation.lower())
@@ -359,8 +372,8 @@ def to_color_mode(im: Image.Image, color_mode: str) -> Image.Image:
     """Convert a loaded image to the Keras colour mode ("grayscale", "rgb", "rgba")."""
     target = COLOR_MODES[color_mode][0]
     if im.mode in _SIXTEEN_BIT:
-        arr = np.asarray(im).astype(np.uint32) // 257
-        im = Image.fromarray(np.minimum(arr, 255).astype(np.uint8), "L")
+        high_byte = np.clip(np.asarray(im), 0, 65535).astype(np.uint16) >> 8  # TensorFlow's
+        im = Image.fromarray(high_byte.astype(np.uint8), "L")
     elif im.mode == "F":
         im = Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8), "L")
     if im.mode == target:
@@ -518,8 +531,25 @@ def _load_pillow(
         im.draft("L" if options.color_mode == "grayscale" else "RGB", need)
     out = ImageOps.exif_transpose(im) if orientation != 1 else im
     out.load()
+    if im.format == "GIF":
+        _gif_transparent_black(out)
     arr = np.asarray(to_color_mode(out, options.color_mode))
     return (arr[:, :, None] if arr.ndim == 2 else arr), box
+
+
+def _gif_transparent_black(im: Image.Image) -> None:
+    """Make a loaded GIF frame's transparent palette entry black, in place.
+
+    TensorFlow's GIF decoder (and so Keras) writes (0, 0, 0) for transparent pixels,
+    whatever colour the palette holds there; Pillow keeps the palette colour.
+    """
+    index = im.info.get("transparency")
+    if im.mode != "P" or not isinstance(index, int):
+        return
+    palette = im.getpalette()
+    if palette is not None and 3 * index + 3 <= len(palette):
+        palette[3 * index : 3 * index + 3] = (0, 0, 0)
+        im.putpalette(palette)
 
 
 def _load_auto(
@@ -575,8 +605,11 @@ def decode_image(
     elif pixel_box != (0.0, 0.0, float(w), float(h)):
         # Crop first (resizing a box alone would blend in pixels from outside it) to the
         # whole pixels that hold the box; on a DCT-reduced image the box's edges fall inside
-        # pixels, and the rest is a sub-pixel box for resize, so the region is the same
-        # whatever the decode scale.
+        # pixels, and the rest is a sub-pixel box for resize. The box is a fraction of the
+        # decoded size, which libjpeg-turbo rounds up (W=301 at 1/8: 38 columns, 37.625 of
+        # picture), so on a reduced decode the region's far edge lies up to a fraction of a
+        # decoded pixel past the picture's: the picture shifts by up to ~2.5 source pixels
+        # there (as without a box; the module notes say why it is not corrected).
         x0, y0, x1, y1 = pixel_box
         ix0, iy0 = math.floor(x0 + 1e-6), math.floor(y0 + 1e-6)
         ix1, iy1 = math.ceil(x1 - 1e-6), math.ceil(y1 - 1e-6)

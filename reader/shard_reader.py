@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from packer.errors import ClassNotFoundError, EmptySplitError, SampleDecodeError
+from packer.errors import ClassNotFoundError, EmptySplitError, SampleDecodeError, ShardReadError
 from packer.probe import allow_packed_pixels
 
 from .batches import BatchBuffers, BatchOptions, decode_batches, default_decode_threads
+from .checks import check_batch_size, check_image_size
 from .decode import DecodeOptions
 from .distributed import (
     DEFAULT_DISTRIBUTED_SEED,
@@ -66,7 +67,8 @@ class ShardReader:
 
     Each ``iter(reader)`` is a new epoch (``reader.epoch`` counts them) with a new shuffle
     order; with ``shuffle=False`` every epoch is the manifest order exactly, so predictions
-    line up with :attr:`filenames` and :attr:`labels`. Shards are read sequentially, whole,
+    line up with :attr:`filenames` and :attr:`labels`. That order is the pack's seeded one,
+    not Keras' class-then-filename order. Shards are read sequentially, whole,
     one request per shard, never one seek per sample.
 
     Args:
@@ -74,8 +76,10 @@ class ShardReader:
             ``file://``), or manifest-less WebDataset tars: a list of paths/URLs or a brace
             pattern (``"data-{000000..000009}.tar"``).
         split: split to read (ignored for manifest-less tars).
-        image_size: ``(height, width)`` of the images, as Keras.
-        batch_size: samples per batch.
+        image_size: ``(height, width)`` of the images, or one int for both, as Keras
+            (whole numbers >= 1; a third entry is refused: ``color_mode`` sets channels).
+        batch_size: samples per batch, a whole number >= 1 (for single images use
+            ``image_dataset_from_shards(batch_size=None)``, or 1).
         label_mode: "int", "categorical", "binary" or None (yield ``x`` only), as Keras.
         class_names: read only these classes, labelled by their position in this list
             (Keras' subset semantics). For manifest-less tars: the names of labels 0..n-1.
@@ -85,14 +89,18 @@ class ShardReader:
             with ``world_size > 1``, uses the fixed ``DEFAULT_DISTRIBUTED_SEED`` (0) so that
             every rank agrees on the order.
         interpolation: Keras interpolation name ("bilinear", "nearest", "bicubic", "area",
-            "lanczos3", "lanczos5", "gaussian", "mitchellcubic").
+            "lanczos3", "lanczos5", "gaussian", "mitchellcubic"). Only "bilinear" and
+            "nearest" are TensorFlow's resize (with ``shardpack[fast]``); the others are
+            Pillow's or OpenCV's filters: up to 14-124/255 from Keras' pixels, 1-3 on average.
         crop_to_aspect_ratio: centre-crop to the target aspect ratio before resizing.
         pad_to_aspect_ratio: resize to fit and pad with zeros, keeping the aspect ratio.
         decoder: "auto" (simplejpeg for JPEGs when installed, else Pillow), or "pillow" for
             the reference path (Pillow for every image; JPEGs still DCT-scaled by draft).
         dct_scaling: decode JPEGs at a reduced DCT scale where the resize allows (default,
-            several times cheaper); False decodes at full size, as Keras does, for Keras'
-            pixels within rounding.
+            several times cheaper); the pixels then differ visibly from Keras' where a JPEG
+            is shrunk 2x or more (150x151 to 64x64: up to 115/255, 8/255 on average). False
+            decodes at full size, as Keras does, for Keras' pixels (bilinear within
+            0.75/255, nearest equal).
         drop_remainder: drop the last, smaller batch of each epoch.
         shuffle_buffer: samples held (still compressed) for shuffling.
         shuffle_buffer_bytes: also cap the buffer at this many compressed bytes (None: no
@@ -182,6 +190,8 @@ class ShardReader:
         uneven: Uneven = "pad",
         input_context: Any = None,
     ) -> None:
+        # refused before any shard or manifest is read
+        image_size, batch_size = check_image_size(image_size), check_batch_size(batch_size)
         if (rank is None) != (world_size is None):
             raise ValueError("pass both rank= and world_size=, or neither (to detect them)")
         if rank is None or world_size is None:
@@ -213,7 +223,7 @@ class ShardReader:
         self._pool: DecodeProcesses | None = None
         self.policy = ErrorPolicy(on_error=on_error, on_shard_error=on_shard_error)
         self.decode_options = DecodeOptions(
-            image_size=image_size if not isinstance(image_size, int) else (image_size, image_size),
+            image_size=image_size,
             color_mode=color_mode,
             interpolation=interpolation,
             crop_to_aspect_ratio=crop_to_aspect_ratio,
@@ -281,14 +291,46 @@ class ShardReader:
     def _entries(self) -> list[tuple[str, int]]:
         """(path, our label) of every selected sample, in manifest (unshuffled) order."""
         out = []
-        for entries in self._scan():
-            for path, label, _name in entries:
+        for ref, entries in zip(self.source.shards, self._scan(), strict=True):
+            for path, label, _name in self._known_labels(ref.name, entries):
                 if self._remap is not None:
                     if label not in self._remap:
                         continue
                     label = self._remap[label]
                 out.append((path, -1 if label is None else label))
         return out
+
+    def _known_labels(
+        self, shard: str, entries: list[tuple[str, int | None, str | None]]
+    ) -> Iterator[tuple[str, int | None, str | None]]:
+        """A shard's scanned entries, cut short (or raising) at a label the manifest lacks."""
+        for entry in entries:
+            error = self._foreign_label(entry[1], shard=shard, key=entry[0])
+            if error is not None:
+                self.policy.shard_failed(error)
+                return
+            yield entry
+
+    def _foreign_label(
+        self, label: int | None, *, shard: str, key: str, offset: int | None = None
+    ) -> ShardReadError | None:
+        """The error for a label outside the manifest's classes, else None.
+
+        Such a shard was not written with this manifest (a decode failure it is not): every
+        label in it is suspect, and skipping those samples one by one would leave ``len()``
+        and the epoch disagreeing in silence. So it is a shard error, as a count mismatch is.
+        Manifest-less tars have no class list to hold labels to (``num_classes`` is checked
+        per sample in ``_select``).
+        """
+        classes = self.source.classes
+        if classes is None or label is None or 0 <= label < len(classes):
+            return None
+        return ShardReadError(
+            f"label {label} is outside the manifest's {len(classes)} classes (0..{len(classes) - 1}); "
+            "the shard and manifest do not belong together: re-pack, or upload the shards "
+            "with their own manifest (`shardpack verify SOURCE` lists every such shard)",
+            shard=shard, key=key, offset=offset,
+        )
 
     def require_samples(self, *, scan: bool = False) -> None:
         """Refuse a split without images (of the selected classes): an epoch of nothing
@@ -443,7 +485,10 @@ class ShardReader:
         return {k: v for k, v in self.__dict__.items() if k != "_pool"} | {"_pool": None}
 
     def _select(self, samples: Iterable[Sample]) -> Iterator[tuple[Sample, int]]:
-        """Keep the classes asked for, re-index labels, and keep only the image bytes."""
+        """Keep the classes asked for, re-index labels, and keep only the image bytes.
+
+        A label outside the manifest's classes ends the shard through ``on_shard_error``
+        (``_foreign_label``), before the class subset could drop it unseen."""
         need_label = self.batch_options.label_mode is not None
         for sample in samples:
             try:
@@ -451,6 +496,11 @@ class ShardReader:
             except SampleDecodeError as exc:
                 self.policy.sample_failed(exc)
                 continue
+            foreign = self._foreign_label(
+                label, shard=sample["__shard__"], key=sample["__key__"], offset=sample.get("__offset__"))
+            if foreign is not None:
+                self.policy.shard_failed(foreign)  # raises unless on_shard_error skips the shard
+                return
             if self._remap is not None:
                 if label not in self._remap:
                     continue

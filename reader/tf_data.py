@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .batches import DATA_FORMATS
+from .checks import check_batch_size, check_image_size
 from .shard_reader import ShardReader
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ __all__ = ["image_dataset_from_shards", "restore_malloc_thresholds"]
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 << 20
 _TRIM_THRESHOLD = 2 * _MMAP_THRESHOLD_MAX
+_UNBATCHED_READ = 32  # the reader's batch size behind batch_size=None (then unbatched)
 
 
 def restore_malloc_thresholds() -> None:
@@ -69,6 +71,7 @@ def image_dataset_from_shards(
     validation_split: float | None = None,
     subset: str | None = None,
     follow_links: bool = False,
+    format: str = "tf",
     **reader_options: Any,
 ) -> tf.data.Dataset:
     """Return a ``tf.data.Dataset`` of one split, as ``keras.utils.image_dataset_from_directory`` would.
@@ -78,10 +81,12 @@ def image_dataset_from_shards(
     one-hot ``(batch, classes)`` for "categorical", float32 ``(batch, 1)`` for "binary";
     ``label_mode=None`` yields images only. ``class_names`` picks a subset of classes (and
     their order): samples of other classes are left out and labels are positions in this
-    list. The dataset has ``class_names`` and a known cardinality (batches per epoch from
-    the manifest), so ``model.fit`` shows steps per epoch. Each pass over the dataset (each
+    list. The dataset has ``class_names`` (None without labels, as Keras) and a known
+    cardinality (batches per epoch from the manifest), so ``model.fit`` shows steps per
+    epoch. Each pass over the dataset (each
     Keras epoch) is a new epoch with a new shuffle order; ``shuffle=False`` gives the
-    manifest order every time.
+    manifest order every time: the pack's seeded order, not Keras' class-then-filename
+    order (``ds.shard_reader.filenames`` and ``.labels`` list it).
 
     The cardinality counts every sample in the manifest: if samples are skipped because
     they fail to decode (``on_error="warn"``) and that removes a whole batch, TensorFlow
@@ -90,14 +95,20 @@ def image_dataset_from_shards(
 
     ``data_format`` follows Keras' ``keras.config.image_data_format()`` when None.
 
-    Unlike Keras, ``file_paths`` is not set (it needs a pass over every shard); use
-    ``ShardReader(..., shuffle=False).filenames``. The reader behind the dataset is
-    ``ds.shard_reader``.
+    Unlike Keras, ``file_paths`` is not set: the paths are in the shards, and listing them
+    reads every shard's small members once, which building the dataset must not cost; use
+    ``ds.shard_reader.filenames`` (in the ``shuffle=False`` order). The reader behind the
+    dataset is ``ds.shard_reader``.
+
+    Pixels differ from Keras' where shardpack does more or differently: EXIF orientation
+    is applied (Keras ignores it), JPEGs shrunk 2x or more are DCT-scaled (``dct_scaling``;
+    see ShardReader) and interpolations other than bilinear/nearest are not TensorFlow's.
 
     Args:
         source: shard folder or URL, or manifest-less tars (see ShardReader).
         split: split to read.
-        batch_size: samples per batch; None yields single images.
+        batch_size: samples per batch, a whole number >= 1; None yields single images.
+        image_size: ``(height, width)`` or one int for both (whole numbers >= 1).
         data_format: "channels_last" or "channels_first" (images ``(batch, channels,
             height, width)``, transposed by TensorFlow after the reader); None follows
             ``keras.config.image_data_format()``, as Keras does.
@@ -108,11 +119,15 @@ def image_dataset_from_shards(
             packing here: ``shardpack pack --validation-split F`` writes "train" and
             "validation" splits (read with ``split=``), ``--follow-links`` follows links.
             Refused (with that advice) unless left at Keras' defaults.
+        format: Keras' "tf" (a ``tf.data.Dataset``, the default); Keras' "grain" is
+            refused (use ``ShardReader`` or the PyTorch dataset for numpy batches).
         reader_options: more ShardReader options (``shuffle_buffer``, ``num_workers``,
             ``on_error``, ``storage_options``, ``drop_remainder``, ``rescale``, ...).
 
     Raises:
-        ManifestError, SplitNotFoundError, ClassNotFoundError, ValueError: as ShardReader.
+        ManifestError, SplitNotFoundError, ClassNotFoundError, ValueError: as ShardReader
+            (also a ``batch_size`` or ``image_size`` that is not whole numbers >= 1, and a
+            ``format`` other than "tf").
         EmptySplitError: the split has no images (of the selected classes), as Keras
             refuses a folder without images.
     """
@@ -120,16 +135,16 @@ def image_dataset_from_shards(
 
     label_mode = _keras_labels(labels, label_mode)
     _refuse_directory_options(validation_split, subset, follow_links)
+    _refuse_format(format)
     if batch_size is None and reader_options.get("drop_remainder"):
         raise ValueError("drop_remainder=True drops a short last batch; with batch_size=None "
                          "the dataset yields single images and has none")
-    if isinstance(image_size, int):
-        image_size = (image_size, image_size)
     reader = ShardReader(
         source,
         split=split,
-        image_size=(int(image_size[0]), int(image_size[1])),
-        batch_size=batch_size or 32,
+        image_size=check_image_size(image_size),
+        # None: single images, unbatched from the reader's batches of 32 (cheaper per image)
+        batch_size=_UNBATCHED_READ if batch_size is None else check_batch_size(batch_size),
         label_mode=label_mode,
         class_names=class_names,
         color_mode=color_mode,
@@ -180,7 +195,8 @@ def image_dataset_from_shards(
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         ds = ds.with_options(options)
-    ds.class_names = list(reader.class_names)
+    # Keras: no labels, no class names (the reader keeps them: ds.shard_reader.class_names)
+    ds.class_names = None if label_mode is None else list(reader.class_names)
     ds.shard_reader = reader
     return ds
 
@@ -219,3 +235,13 @@ def _refuse_directory_options(validation_split: float | None, subset: str | None
         )
     if follow_links:
         raise ValueError("follow_links acts when packing: `shardpack pack --follow-links`")
+
+
+def _refuse_format(format: str) -> None:
+    """Keras 3's ``format=``: "tf" is what this function returns; say so for the rest."""
+    if format != "tf":
+        raise ValueError(
+            f'format={format!r}: image_dataset_from_shards returns a tf.data.Dataset '
+            '(format="tf"); for Keras\' "grain" format read numpy batches with '
+            "reader.ShardReader (or reader.torch_data.ShardIterableDataset for PyTorch)"
+        )

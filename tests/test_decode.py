@@ -54,12 +54,35 @@ def test_palette_with_transparency():
     assert abs(int(gray.mean()) - round(0.299 * 10 + 0.587 * 200 + 0.114 * 10)) <= 1
 
 
-def test_sixteen_bit_grayscale_is_scaled_not_clipped():
-    arr = np.full((16, 16), 40000, dtype=np.uint16)
-    im = Image.fromarray(arr)  # mode I;16
-    out = _decode(_encode(im, "PNG"), mode="grayscale")
-    assert (out == 40000 // 257).all()
-    assert (_decode(_encode(im, "TIFF"))[..., 0] == 40000 // 257).all()
+def test_gif_transparent_pixels_are_black_as_tensorflow_makes_them():
+    """TensorFlow's GIF decoder gives (0, 0, 0) where the GIF is transparent, whatever the
+    palette holds there (a PNG keeps the palette colour, test above); shardpack gave the
+    palette colour."""
+    im = Image.new("P", (16, 16), 1)
+    im.paste(2, (0, 0, 8, 16))
+    im.putpalette([0, 0, 0, 10, 200, 10, 250, 40, 40] + [0] * 759)
+    data = _encode(im, "GIF", transparency=1)
+    for mode in ("rgb", "grayscale"):
+        out = _decode(data, size=(16, 16), mode=mode, interpolation="nearest")
+        assert (out[:, 8:] == 0).all()
+        assert (out[:, :8] > 0).all()  # the opaque colour is kept
+    rgb = _decode(data, size=(16, 16), interpolation="nearest")
+    assert (rgb[:, :8] == (250, 40, 40)).all()
+
+
+def test_sixteen_bit_grayscale_keeps_the_high_byte_as_tensorflow():
+    """Scaled, not clipped, and exactly as TensorFlow (Keras) does: the high byte. Dividing
+    by 257 put 7,078 of 11,700 pixels of a real 16-bit PNG one level off Keras'."""
+    from packer.transform import to_8bit
+
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    im = Image.fromarray(ramp)  # mode I;16
+    size = (256, 256)
+    out = _decode(_encode(im, "PNG"), size=size, mode="grayscale", interpolation="nearest")
+    np.testing.assert_array_equal(out[..., 0], ramp >> 8)
+    np.testing.assert_array_equal(_decode(_encode(im, "TIFF"), size=size, interpolation="nearest")[..., 0],
+                                  ramp >> 8)
+    np.testing.assert_array_equal(np.asarray(to_8bit(im)), ramp >> 8)  # the packer's --resize too
 
 
 @pytest.mark.parametrize("mode", ["LA", "RGBA"])

@@ -129,6 +129,7 @@ def test_checksum_is_compared_when_the_last_read_block_holds_only_tar_padding(id
     for old in (shards / "test").glob("*.tar"):
         old.unlink()
     manifest["splits"]["test"]["count"] = 1
+    manifest["splits"]["test"]["class_counts"] = {"circle": 0, "square": 1, "triangle": 0}
     manifest["splits"]["test"]["shards"] = [{
         "name": "test/test-000000.tar", "count": 1, "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -288,3 +289,40 @@ def test_a_damaged_shard_under_warn_does_not_stop_a_class_subset_on_ranks(one_bi
         assert len(reader) >= 1
     with pytest.raises(ChecksumError):
         len(ShardReader(copy, **options))
+
+
+@pytest.fixture()
+def shards_with_a_foreign_manifest(id_shards, tmp_path):
+    """id_shards' test split (3 classes, 30 samples in 2 shards) under a manifest that
+    lists only 2 classes: the shards hold label 2, which this manifest does not have."""
+    import json
+
+    shards = tmp_path / "copy"
+    shutil.copytree(id_shards[0], shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["classes"] = manifest["classes"][:2]
+    for info in manifest["splits"].values():
+        counts = info["class_counts"]
+        info["class_counts"] = {"circle": counts["circle"] + counts.pop("triangle"), "square": counts["square"]}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    return shards
+
+
+@pytest.mark.parametrize("options", [{}, {"class_names": ["square"]}, {"label_mode": None}])
+def test_a_label_outside_the_manifest_classes_is_a_shard_error(shards_with_a_foreign_manifest, options):
+    """Shards and manifest that do not belong together: under the default on_error="warn"
+    the foreign samples were skipped as undecodable, so len() and the epoch disagreed (and
+    a class subset dropped them unseen). It is the shard's error, as a count mismatch is."""
+    from packer.errors import ShardReadError
+
+    reader = ShardReader(shards_with_a_foreign_manifest, split="test", image_size=4, shuffle=False,
+                         **options)
+    with pytest.raises(ShardReadError, match=r"test-00000\d\.tar.*label 2 is outside the manifest's 2 classes"):
+        list(reader)
+    with pytest.raises(ShardReadError, match="label 2 is outside"):
+        reader.labels  # noqa: B018 - the property reads the shards
+    skipping = ShardReader(shards_with_a_foreign_manifest, split="test", image_size=4, shuffle=False,
+                           on_shard_error="warn", **options)
+    with pytest.warns(RuntimeWarning, match="label 2 is outside"):
+        list(skipping)
+    assert skipping.policy.skipped_shards >= 1 and skipping.policy.skipped_samples == 0

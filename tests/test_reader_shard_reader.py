@@ -236,3 +236,11 @@ def test_manifest_less_tars_are_read_once_per_epoch(id_shards, monkeypatch):
     reader = ShardReader(tars, num_classes=3, image_size=4, batch_size=16)
     assert sum(len(x) for x, _ in reader) == 210
     assert scans == []
+
+
+@pytest.mark.parametrize("batch_size", [None, 0, 2.5])
+def test_shard_reader_refuses_a_batch_size_that_is_not_a_whole_number(id_shards, batch_size):
+    """None used to fail with "'<' not supported between NoneType and int"."""
+    with pytest.raises(ValueError, match=r"batch_size.*whole number >= 1"):
+        ShardReader(id_shards[0], split="test", image_size=4, batch_size=batch_size)
+    assert len(ShardReader(id_shards[0], split="test", image_size=4, batch_size=4.0)) == 8

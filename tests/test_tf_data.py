@@ -33,6 +33,8 @@ def test_specs_like_image_dataset_from_directory(id_shards):
     images = image_dataset_from_shards(shards, split="test", image_size=4, label_mode=None,
                                        batch_size=None)
     assert int(images.cardinality()) == 30 and tuple(next(iter(images)).shape) == (4, 4, 3)
+    assert images.class_names is None  # as Keras without labels
+    assert images.shard_reader.class_names == ID_CLASSES
 
 
 def test_uint8_dataset(id_shards):
@@ -168,3 +170,30 @@ def test_an_empty_split_and_repeated_class_names_are_refused(tmp_path):
             next(iter(loader))
     with pytest.raises(ValueError, match=r"\['circle'\] more than once"):
         ShardReader(tmp_path / "shards", class_names=["circle", "square", "circle"])
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, "32", True])
+def test_a_batch_size_that_is_not_a_whole_number_is_refused_up_front(id_shards, batch_size):
+    """batch_size=0 used to mean 32 and 2.5 failed at the first batch inside TensorFlow."""
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
+        image_dataset_from_shards(id_shards[0], split="test", image_size=4, verbose=False,
+                                  batch_size=batch_size)
+
+
+@pytest.mark.parametrize("image_size", [(20, 20, 3), (20.7, 20), (0, 4), (4,), "20", (4, None)])
+def test_an_image_size_keras_refuses_is_refused(id_shards, image_size):
+    """(20, 20, 3) and (20.7, 20) used to give 20x20 batches without a word."""
+    with pytest.raises(ValueError, match="image_size"):
+        image_dataset_from_shards(id_shards[0], split="test", verbose=False, image_size=image_size)
+    with pytest.raises(ValueError, match="image_size"):
+        ShardReader(id_shards[0], split="test", image_size=image_size)
+
+
+def test_keras_format_keyword(id_shards):
+    """Keras 3's format="tf" is what we return; "grain" is refused saying what to use."""
+    ds = image_dataset_from_shards(id_shards[0], split="test", image_size=4, verbose=False,
+                                   format="tf")
+    assert int(ds.cardinality()) == 1
+    with pytest.raises(ValueError, match="ShardReader"):
+        image_dataset_from_shards(id_shards[0], split="test", image_size=4, verbose=False,
+                                  format="grain")
