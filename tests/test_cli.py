@@ -83,6 +83,7 @@ def test_flat_tree_without_validation_split(src, tmp_path, capsys):
     (["--max-count", "0"], "max_count"),
     (["--validation-split", "1.5"], "validation_split"),
     (["--resize", "huge"], "--resize"),
+    (["--resize", "0"], "--resize must be positive"),  # was taken for "no resize"
     (["--layout", "splits", "--validation-split", "0.2"], "flat"),
     (["--quality", "500"], "quality"),
     (["--quality", "0"], "quality"),
