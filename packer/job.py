@@ -37,6 +37,7 @@ log = logging.getLogger("shardpack")
 
 DEFAULT_MAX_COUNT = 10_000
 DEFAULT_MAX_SIZE = "256MB"
+DEFAULT_QUALITY = 90  # JPEG quality of images re-encoded by --resize
 PROBE_CHUNK = 64  # files per probe task: amortises process hand-off, keeps progress smooth
 PROBE_CHUNK_DASK = 1024  # a Dask task costs more: a million files stay ~1,000 tasks
 
@@ -50,7 +51,7 @@ def pack(
     workers: int | None = None,
     seed: int = 0,
     resize: int | str | None = None,
-    quality: int = 90,
+    quality: int | None = None,
     validation_split: float | None = None,
     layout: str = "auto",
     follow_links: bool = False,
@@ -77,7 +78,8 @@ def pack(
         seed: decides the order of samples in every split (and the validation split).
         resize: store images with their short side shrunk to this many pixels (re-encoded
             as JPEG at ``quality``; images with alpha as PNG); None keeps original bytes.
-        quality: JPEG quality for ``resize``.
+        quality: JPEG quality for ``resize`` (default 90); refused without ``resize``,
+            where nothing is re-encoded.
         validation_split: for a flat tree, the share of each class that goes to
             ``validation`` (the rest to ``train``).
         layout: ``"splits"``, ``"flat"``, or ``"auto"`` (flat exactly when a
@@ -90,6 +92,7 @@ def pack(
         max_pixels: images with more pixels are refused as decompression bombs.
         engine: ``"local"`` (process pool) or ``"dask"``.
         scheduler: Dask scheduler address (``tcp://host:8786``); default a local cluster.
+            Refused unless ``engine="dask"``.
         overwrite: replace an OUT made with other options.
         quiet: no progress bars.
         fsync: flush every shard, the journal's header and the manifest to disk before
@@ -113,6 +116,8 @@ def pack(
     out_str = os.fspath(out)
     if workers is not None and int(workers) < 0:
         raise ValueError(f"workers must be 0 or more (0: one per CPU), got {workers}")
+    refuse_unused_options(resize=resize, quality=quality, engine=engine, scheduler=scheduler)
+    quality = DEFAULT_QUALITY if quality is None else quality
     if "://" in out_str and not out_str.startswith("file://"):
         from .remote_out import pack_to_url
 
@@ -143,6 +148,29 @@ def pack(
             fed=_fed_runner(workers, pool) if engine == "local" else None,
         )
     raise AssertionError("unreachable")
+
+
+def refuse_unused_options(
+    *, resize: int | str | None, quality: int | None, engine: str, scheduler: str | None
+) -> None:
+    """Refuse an option that the rest of the command would ignore: ``quality`` without
+    ``resize`` (only re-encoded images have a JPEG quality; the originals are stored as
+    they are) and ``scheduler`` without the Dask engine (the pack would run locally). A
+    user who passed one expects it to act; packing without saying so hides the mistake.
+
+    Raises:
+        ValueError: naming the option and what to do.
+    """
+    if quality is not None and parse_resize(resize) is None:
+        raise ValueError(
+            f"--quality {quality} applies only to images re-encoded by --resize; without "
+            "--resize the original bytes are stored. Add --resize N (or WxH), or drop --quality"
+        )
+    if scheduler is not None and engine != "dask":
+        raise ValueError(
+            f"--scheduler {scheduler} is a Dask scheduler, but the engine is {engine!r}: the "
+            "pack would run on local processes. Add --engine dask, or drop --scheduler"
+        )
 
 
 def job_engine(

@@ -87,6 +87,9 @@ def test_flat_tree_without_validation_split(src, tmp_path, capsys):
     (["--layout", "splits", "--validation-split", "0.2"], "flat"),
     (["--quality", "500"], "quality"),
     (["--quality", "0"], "quality"),
+    (["--resize", "64", "--quality", "0"], "quality must be in 1..100"),
+    (["--quality", "90"], "--quality 90 applies only to images re-encoded by --resize"),
+    (["--scheduler", "tcp://127.0.0.1:1"], "Add --engine dask, or drop --scheduler"),
     (["--workers", "-1"], "workers"),
     (["--max-pixels", "0"], "max_pixels"),
 ])
