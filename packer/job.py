@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .engines import LocalPool, default_workers, get_engine, run_local_fed
+from .errors import PackError
 from .format import MANIFEST_NAME
 from .manifest import build_manifest, write_manifest_atomically
 from .plan import Plan, find_duplicates
@@ -109,6 +110,7 @@ def pack(
 
     Raises:
         LayoutError: the tree cannot be labelled without guessing.
+        PackError: OUT is SRC or holds it (see ``refuse_out_over_src``).
         OutputExistsError: OUT holds something else and ``overwrite`` is False.
         PackError: OUT cannot be written (disk full, permissions) or inputs changed mid-run.
         ValueError: invalid options.
@@ -129,6 +131,7 @@ def pack(
             overwrite=overwrite, quiet=quiet,
         )
     out_dir = out_str.removeprefix("file://")
+    refuse_out_over_src(src, out_dir)
     options = normalize_options(
         max_count=max_count, max_size=max_size, seed=seed, resize=resize, quality=quality,
         validation_split=validation_split, layout=layout, follow_links=follow_links,
@@ -148,6 +151,49 @@ def pack(
             fed=_fed_runner(workers, pool) if engine == "local" else None,
         )
     raise AssertionError("unreachable")
+
+
+def refuse_out_over_src(src: str | os.PathLike[str], out_dir: str) -> None:
+    """Refuse an OUT that is SRC itself or a folder SRC lies in (compared by identity, so
+    symbolic links and other spellings of one folder count).
+
+    Either way the shards (and, on a re-pack, the clean-up of old ones) would go among the
+    source images: ``pack data data --overwrite`` wrote shards into the tree it packed, and
+    its next walk would read them back. OUT inside SRC is fine: the walk leaves it out.
+
+    Raises:
+        PackError: saying which folder to choose instead.
+    """
+    try:
+        out_id = _identity(out_dir)
+    except OSError:
+        return  # OUT does not exist yet: SRC cannot be in it
+    folder = os.path.realpath(src)
+    while True:
+        try:
+            if _identity(folder) == out_id:
+                break
+        except OSError:
+            return  # SRC is missing: the walk says so
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return
+        folder = parent
+    if folder == os.path.realpath(src):
+        raise PackError(
+            f"SRC and OUT are the same folder ({os.fspath(src)}): the shards would be written "
+            "among the images. Choose another OUT, e.g. a new folder beside SRC (or inside it: "
+            "the walk leaves OUT out)"
+        )
+    raise PackError(
+        f"SRC {os.fspath(src)} lies inside OUT {out_dir}: the shards would be written among the "
+        "source folders. Choose an OUT that does not hold SRC, e.g. a new folder beside it"
+    )
+
+
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def refuse_unused_options(

@@ -120,3 +120,22 @@ def test_bench_owns_its_options_and_measures_a_shard_set(id_shards, capsys):
     assert main(["bench", "--image-size", "16", "--batch-size", "8", "--repeat", "1",
                  "--only", "shardpack_numpy", "--processes", "2", str(id_shards[0])]) == 0
     assert "error" not in capsys.readouterr().out
+
+
+def test_out_that_is_src_or_holds_it_is_refused(src, tmp_path, capsys):
+    """`pack data data --overwrite` wrote shards among the images it packed; OUT must be
+    neither SRC (under any spelling) nor a folder SRC lies in. Nothing is written."""
+    tree = tmp_path / "data"
+    shutil.copytree(src, tree)
+    before = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*"))
+    (tmp_path / "alias").symlink_to(tree)
+    for out in (tree, tmp_path / "alias", Path(f"{tree}/train/..")):
+        for extra in ([], ["--overwrite"]):
+            status, _, err = run(capsys, "pack", str(tree), str(out), "--workers", "1", "--quiet", *extra)
+            assert status == 2 and "SRC and OUT are the same folder" in err and "Traceback" not in err
+    status, _, err = run(capsys, "pack", str(tree), str(tmp_path), "--workers", "1", "--quiet", "--overwrite")
+    assert status == 2 and f"SRC {tree} lies inside OUT" in err
+    assert sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*")) == before
+    assert not (tmp_path / "train").exists() and not (tmp_path / MANIFEST_NAME).exists()
+    status, _, _ = run(capsys, "pack", str(tree), str(tree / "shards"), "--workers", "1", "--quiet")
+    assert status == 0  # OUT inside SRC stays legitimate
