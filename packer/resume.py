@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .errors import OutputExistsError
-from .format import MANIFEST_NAME
+from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
 from .spool import SPOOL_NAME
 from .write import ShardResult, hash_file
 
@@ -63,10 +63,17 @@ def check_output(out_dir: str, options: dict[str, Any], *, overwrite: bool) -> N
     if not [name for name in os.listdir(out_dir) if name not in ours]:
         return
     manifest = _read_manifest(out_dir)
+    _refuse_unknown_manifest(out_dir, manifest)
     journal = _read_json_lines(os.path.join(out_dir, JOURNAL_NAME))
     previous = (manifest or {}).get("options") or (journal[0].get("options") if journal else None)
     if previous is None and os.path.exists(os.path.join(out_dir, JOURNAL_NAME)):
         return  # an empty or torn journal (an older version killed as it began): ours
+    if previous is None and os.path.exists(os.path.join(out_dir, MANIFEST_NAME)) and manifest is None:
+        raise OutputExistsError(
+            f"{os.path.join(out_dir, MANIFEST_NAME)} is unreadable (not valid JSON: damaged, or "
+            "cut short), so the shards beside it cannot be checked for a resume; pass "
+            "--overwrite to pack OUT again from scratch, or choose another OUT"
+        )
     if previous is None:
         raise OutputExistsError(
             f"{out_dir} is not empty and holds no shardpack output; choose an empty folder "
@@ -77,6 +84,22 @@ def check_output(out_dir: str, options: dict[str, Any], *, overwrite: bool) -> N
         raise OutputExistsError(
             f"{out_dir} holds a pack made with different options ({', '.join(changed)}); "
             "pass --overwrite to replace it, or choose another OUT"
+        )
+
+
+def _refuse_unknown_manifest(out_dir: str, manifest: Any) -> None:
+    """A shardpack manifest of a format version this code does not write (a newer
+    shardpack's) must not be replaced silently by one of this version: readers of the newer
+    format would lose what it added. Raises OutputExistsError naming the version."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        return
+    version = manifest.get("version")
+    if version != FORMAT_VERSION:
+        raise OutputExistsError(
+            f"{out_dir} holds a shardpack pack of format version {version!r}; this shardpack "
+            f"writes version {FORMAT_VERSION} and would replace it. Pack with the shardpack that "
+            f"made it, pass --overwrite to replace it with version {FORMAT_VERSION}, or choose "
+            "another OUT"
         )
 
 

@@ -361,3 +361,33 @@ def test_a_resize_spool_left_by_a_stopped_run_is_not_published(src, tmp_path, mo
     assert (out / SPOOL_NAME).exists()
     pack(src, out, overwrite=True, **OPTS)
     assert not (out / SPOOL_NAME).exists()
+
+
+def test_unreadable_manifest_says_so(src, clean, tmp_path):
+    """A manifest that is not JSON: the refusal says it is unreadable and how to go on
+    (it said OUT held no shardpack output, beside a folder full of shards)."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(clean[0], out)
+    (out / MANIFEST_NAME).write_text('{"format": "shardpack", "vers')
+    with pytest.raises(OutputExistsError, match=r"manifest.json is unreadable.*--overwrite") as info:
+        pack(src, out, **OPTS)
+    assert "no shardpack output" not in str(info.value)
+    assert _shas(pack(src, out, **OPTS, overwrite=True)) == _shas(clean[1])
+
+
+def test_newer_format_version_is_not_replaced_silently(src, clean, tmp_path):
+    """A manifest of format version 2 (a newer shardpack's) was overwritten as version 1
+    by a re-run of the same command; it is refused, naming the version, unless --overwrite."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(clean[0], out)
+    newer = {**json.loads((out / MANIFEST_NAME).read_text()), "version": 2}
+    (out / MANIFEST_NAME).write_text(json.dumps(newer))
+    before = (out / MANIFEST_NAME).read_bytes()
+    with pytest.raises(OutputExistsError, match="format version 2.*--overwrite"):
+        pack(src, out, **OPTS)
+    assert (out / MANIFEST_NAME).read_bytes() == before
+    assert pack(src, out, **OPTS, overwrite=True)["version"] == 1
