@@ -84,7 +84,7 @@ def test_resume_after_sigkill_matches_clean_run(src, clean, tmp_path):
     assert sorted(p.relative_to(out).as_posix() for p in _shards(out)) == sorted(n for n, _ in _shas(clean_manifest))
 
 
-def test_corrupted_and_stale_leftovers(src, clean, tmp_path):
+def test_corrupted_and_stale_leftovers(src, clean, tmp_path, caplog):
     clean_out, clean_manifest = clean
     out = tmp_path / "out"
     subprocess.run(["cp", "-a", str(clean_out), str(out)], check=True)
@@ -92,8 +92,8 @@ def test_corrupted_and_stale_leftovers(src, clean, tmp_path):
     data = bytearray(victim.read_bytes())
     data[700] ^= 0xFF  # inside the first image
     victim.write_bytes(bytes(data))
-    stale = out / "train" / "train-000999.tar"
-    stale.write_bytes(b"\0" * 10240)
+    stale = out / "train" / "train-000999.tar"  # a shard no record names: known by its headers
+    stale.write_bytes((out / "train" / "train-000000.tar").read_bytes())
     partial = out / "train" / ".train-000004.tar.partial"
     partial.write_bytes(b"half a shard")
     untouched = out / "test" / "test-000000.tar"
@@ -105,6 +105,55 @@ def test_corrupted_and_stale_leftovers(src, clean, tmp_path):
     assert not stale.exists() and not partial.exists()
     assert untouched.stat().st_mtime_ns == mtime
     assert verify(str(out)).ok
+    assert "train/train-000999.tar" in caplog.text  # a removal is never silent
+
+
+def _user_tar(path: Path, tmp_path: Path) -> bytes:
+    """A user's own tar (``tar cf`` of a text file) at ``path``; returns its bytes."""
+    (tmp_path / "afile.txt").write_text("my notes\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "cf", str(path), "-C", str(tmp_path), "afile.txt"], check=True)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_repack_removes_only_shardpack_files(src, clean, tmp_path, overwrite):
+    """A re-pack deleted every ``*-NNNNNN.tar`` in any folder of OUT and every empty folder:
+    a user's archive/imagenet-000001.tar, a plain tar at an unused shard name, logs/. Only
+    shards an earlier run recorded (or wrote, by their headers) go; the user's files stay."""
+    out = tmp_path / "out"
+    subprocess.run(["cp", "-a", str(clean[0]), str(out)], check=True)
+    mine = {rel: _user_tar(out / rel, tmp_path)
+            for rel in ("archive/imagenet-000001.tar", "train/train-000900.tar", "test/.test-000009.tar")}
+    (out / "logs").mkdir()
+    options = {**OPTS, "max_count": 10} if overwrite else OPTS
+    manifest = pack(src, out, **options, overwrite=overwrite)
+    for rel, data in mine.items():
+        assert (out / rel).read_bytes() == data, rel
+    assert (out / "logs").is_dir()
+    shards = {n for n, _ in _shas(manifest)}
+    assert {p.relative_to(out).as_posix() for p in _shards(out)} == shards | set(mine)
+    assert verify(str(out)).ok
+
+
+def test_a_split_folder_is_removed_only_when_the_removal_empties_it(src, clean, tmp_path):
+    """A split the new tree no longer has: its shards go, and its folder with them; a
+    folder holding a user's file, and an empty folder, stay."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(clean[0], out)
+    smaller = tmp_path / "src"
+    shutil.copytree(src, smaller)
+    shutil.rmtree(smaller / "test")
+    (out / "empty").mkdir()
+    pack(smaller, out, **OPTS, overwrite=True)
+    assert not (out / "test").exists() and (out / "empty").is_dir()
+    shutil.copytree(clean[0] / "test", out / "test")
+    (out / "test" / "README").write_text("mine")
+    pack(src, out, **OPTS, overwrite=True)
+    pack(smaller, out, **OPTS, overwrite=True)
+    assert sorted(p.name for p in (out / "test").iterdir()) == ["README"]
 
 
 def test_different_options_refused_unless_overwrite(src, clean, tmp_path):
