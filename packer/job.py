@@ -18,6 +18,7 @@ from typing import Any
 from .engines import LocalPool, default_workers, get_engine, run_local_fed
 from .errors import PackError
 from .format import MANIFEST_NAME
+from .lock import out_lock
 from .manifest import build_manifest, write_manifest_atomically
 from .plan import Plan, find_duplicates
 from .planner import Planner
@@ -112,6 +113,7 @@ def pack(
         LayoutError: the tree cannot be labelled without guessing.
         PackError: OUT is SRC or holds it (see ``refuse_out_over_src``).
         OutputExistsError: OUT holds something else and ``overwrite`` is False.
+        OutputLockedError: another pack is writing into OUT (``packer.lock``).
         PackError: OUT cannot be written (disk full, permissions) or inputs changed mid-run.
         ValueError: invalid options.
     """
@@ -139,8 +141,9 @@ def pack(
     )
     resize_spec = parse_resize(resize, quality=quality)
     workers = workers or default_workers()
-    check_output(out_dir, options, overwrite=overwrite)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(out_lock(out_dir))  # until the manifest is published
+        check_output(out_dir, options, overwrite=overwrite)
         pool, run, check_workers = job_engine(stack, engine, workers=workers, scheduler=scheduler)
         if engine == "local":
             pool.start()

@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import OutputExistsError, PackError
 from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, is_shard_name, sample_key
+from .lock import LOCK_NAME
 from .plan import TAR_BLOCK
 from .spool import SPOOL_NAME
 from .write import ShardResult, hash_file, ustar_header
@@ -60,7 +61,7 @@ def check_output(out_dir: str, options: dict[str, Any], *, overwrite: bool) -> N
     """
     if overwrite or not os.path.isdir(out_dir):
         return
-    ours = (".shardpack-workers-check", SPOOL_NAME, JOURNAL_TEMP_NAME)
+    ours = (".shardpack-workers-check", SPOOL_NAME, JOURNAL_TEMP_NAME, LOCK_NAME)
     if not [name for name in os.listdir(out_dir) if name not in ours]:
         return
     manifest = _read_manifest(out_dir)

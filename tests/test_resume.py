@@ -440,3 +440,52 @@ def test_newer_format_version_is_not_replaced_silently(src, clean, tmp_path):
         pack(src, out, **OPTS)
     assert (out / MANIFEST_NAME).read_bytes() == before
     assert pack(src, out, **OPTS, overwrite=True)["version"] == 1
+
+
+_HOLD_THE_LOCK = textwrap.dedent("""
+    import sys
+    from packer.lock import out_lock
+    with out_lock(sys.argv[1]):
+        print("locked", flush=True)
+        sys.stdin.read()
+""")
+
+
+def _holder(out: Path) -> subprocess.Popen:
+    """Another process holding OUT's lock (as a running pack does) until its stdin closes."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_THE_LOCK, str(out)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+    return proc
+
+
+def test_a_second_pack_into_the_same_out_is_refused(src, clean, tmp_path):
+    """Two packs into one OUT both exited 0 with a manifest that did not match the shards:
+    while one holds OUT, another is refused at once (exit 2 on the CLI, the holder's pid
+    named) and touches nothing; afterwards the same command packs."""
+    from packer.errors import OutputLockedError
+
+    out = tmp_path / "out"
+    holder = _holder(out)
+    try:
+        with pytest.raises(OutputLockedError, match=f"another shardpack process \\(pid {holder.pid}\\)"):
+            pack(src, out, **OPTS)
+        refused = subprocess.run([SHARDPACK, "pack", str(src), str(out), *CLI_OPTS], capture_output=True,
+                                 text=True, timeout=60)
+        assert refused.returncode == 2 and "being packed by another" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert sorted(p.name for p in out.iterdir()) == [".shardpack.lock"]
+    finally:
+        holder.communicate("")
+    assert _shas(pack(src, out, **OPTS)) == _shas(clean[1])
+    assert not (out / ".shardpack.lock").exists()
+
+
+def test_a_killed_holder_leaves_no_stale_lock(src, clean, tmp_path):
+    """The lock goes with its process, however it ends: no file to delete by hand."""
+    out = tmp_path / "out"
+    holder = _holder(out)
+    holder.kill()
+    holder.wait()
+    assert (out / ".shardpack.lock").exists()  # the file stays; the lock does not
+    assert _shas(pack(src, out, **OPTS)) == _shas(clean[1])
