@@ -18,7 +18,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from .errors import OutputExistsError, PackError
-from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, is_shard_name, sample_key
+from .format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    JOURNAL_NAME,
+    MANIFEST_NAME,
+    is_shard_name,
+    sample_key,
+)
 from .lock import LOCK_NAME
 from .plan import TAR_BLOCK
 from .spool import SPOOL_NAME
@@ -27,7 +34,6 @@ from .write import ShardResult, hash_file, ustar_header
 __all__ = ["JOURNAL_NAME", "Journal", "check_output", "previous_results", "keepable", "remove_stale",
            "written_by_shardpack"]
 
-JOURNAL_NAME = ".shardpack-journal.jsonl"
 JOURNAL_TEMP_NAME = f"{JOURNAL_NAME}.partial"
 
 
