@@ -13,6 +13,7 @@ __all__ = [
     "LayoutError",
     "OutputExistsError",
     "OutputLockedError",
+    "EmptyPackError",
     "ManifestError",
     "FormatVersionError",
     "ShardReadError",
@@ -72,6 +73,12 @@ class OutputLockedError(PackError):
             f"{out} is being packed by another shardpack process{who}; wait until it ends, or "
             "choose another OUT (the lock goes with that process, however it ends)"
         )
+
+
+class EmptyPackError(PackError):
+    """Not one image of the source could be packed: refused (nothing written), as Keras'
+    ``image_dataset_from_directory`` refuses a directory without images, rather than
+    publishing a manifest every reader then refuses."""
 
 
 class ManifestError(ShardpackError):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .engines import LocalPool, default_workers, get_engine, run_local_fed
-from .errors import PackError
+from .errors import EmptyPackError, PackError
 from .format import MANIFEST_NAME
 from .lock import out_lock
 from .manifest import build_manifest, write_manifest_atomically
@@ -267,22 +267,30 @@ def _pack_with(
         # they would be skipped); one that does not mount OUT would write shards elsewhere.
         check_workers({"SRC": walked.candidates[0].abs_path, "OUT": _out_marker(out_dir)})
     spool = spool_path(out_dir) if resize_spec is not None else None
-    if fed is not None:
-        plan, skipped, ignored, results = probe_and_write(
-            walked, out_dir, options, fed=fed, chunk=probe_chunk, resize=resize_spec, quiet=quiet,
-            durable=durable, sync_in_writer=sync_in_writer, spool=spool)
-    else:
-        probes = probe_all(
-            walked.candidates, run=run, validate=validate, max_pixels=max_pixels,
-            resize=resize_spec, quiet=quiet, chunk=probe_chunk, spool=spool,
-        )
-        plan, skipped, ignored = make_plan(walked, probes, options)
-        results = write_plan(plan, out_dir, run=run, resize=resize_spec, quiet=quiet,
-                             durable=durable, sync_in_writer=sync_in_writer, spool=spool)
+    try:
+        if fed is not None:
+            plan, skipped, ignored, results = probe_and_write(
+                walked, out_dir, options, fed=fed, chunk=probe_chunk, resize=resize_spec,
+                quiet=quiet, durable=durable, sync_in_writer=sync_in_writer, spool=spool)
+        else:
+            probes = probe_all(
+                walked.candidates, run=run, validate=validate, max_pixels=max_pixels,
+                resize=resize_spec, quiet=quiet, chunk=probe_chunk, spool=spool,
+            )
+            plan, skipped, ignored = make_plan(walked, probes, options)
+            refuse_no_images(plan, skipped, ignored)
+            results = write_plan(plan, out_dir, run=run, resize=resize_spec, quiet=quiet,
+                                 durable=durable, sync_in_writer=sync_in_writer, spool=spool)
+    except EmptyPackError:
+        spool_remove(spool_path(out_dir))  # refused: OUT is left as it was
+        raise
     spool_remove(spool_path(out_dir))  # this run's, or one an interrupted --resize run left
+    empty = empty_split_warnings(plan)
+    for warning in empty:
+        log.warning(warning)
     manifest = build_manifest(
         plan, results, skipped=skipped, ignored=ignored, duplicates=find_duplicates(plan),
-        warnings=walked.warnings,
+        warnings=walked.warnings + empty,
     )
     with os_errors_as_pack_error(os.path.join(out_dir, MANIFEST_NAME)):
         write_manifest_atomically(out_dir, manifest, durable=durable)
@@ -290,6 +298,34 @@ def _pack_with(
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out_dir, ".shardpack-workers-check"))
     return manifest
+
+
+def refuse_no_images(plan: Plan, skipped: list[tuple[str, str]], ignored: list[tuple[str, str]]) -> None:
+    """Refuse a pack in which not one image could be packed, before OUT changes: its
+    manifest would only make every reader fail later (``EmptySplitError``), far from the
+    cause. Keras refuses such a directory at once ("No images found").
+
+    Raises:
+        EmptyPackError: saying what was found instead.
+    """
+    if any(shard.samples for shards in plan.shards.values() for shard in shards):
+        return
+    found = f"{len(plan.shards)} split(s) and {len(plan.classes)} class folder name(s)"
+    why = (f"; {len(skipped)} image-like files were skipped, e.g. {skipped[0][0]}: {skipped[0][1]}"
+           if skipped else "")
+    raise EmptyPackError(
+        f"no images found to pack: {found}, {len(ignored)} non-image files ignored{why}. "
+        "Nothing was written. Expected image files (.jpg, .png, ...) in SRC/{split}/{class}/ "
+        "(or SRC/{class}/ with --validation-split)"
+    )
+
+
+def empty_split_warnings(plan: Plan) -> list[str]:
+    """A split without images packs (the others are usable), with a warning: readers
+    refuse it (``EmptySplitError``), as Keras refuses a folder without images."""
+    return [f"split {split!r} holds no images (its class folders are empty or all their files "
+            "were skipped): readers refuse it"
+            for split, shards in sorted(plan.shards.items()) if not any(s.samples for s in shards)]
 
 
 def normalize_options(
@@ -469,5 +505,7 @@ def probe_and_write(
                     if (ready := session.add(shard)) is not None:
                         writes.append(ready)
             bar.update(len(probes))
+        plan, skipped, ignored = planner.finish()
+        refuse_no_images(plan, skipped, ignored)  # before close: it would take OUT's manifest down
         results = session.close()
-    return (*planner.finish(), results)
+    return plan, skipped, ignored, results
