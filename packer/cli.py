@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order in every split (default 0)")
     p.add_argument("--resize", default=None, help="store images re-encoded: N shrinks the short side to N pixels; "
                    "WxH (e.g. 224x224) stores every image at exactly that size, squashed")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality with --resize (default 90)")
+    p.add_argument("--quality", type=int, default=None,
+                   help="JPEG quality of images re-encoded by --resize (default 90; needs --resize)")
     p.add_argument("--validation-split", type=float, default=None,
                    help="flat SRC/{class}/ tree: share of each class put in 'validation'")
     p.add_argument("--layout", choices=["auto", "splits", "flat"], default="auto",
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse images with more pixels as decompression bombs (default %(default)s)")
     p.add_argument("--engine", choices=["local", "dask"], default="local", help="local processes or a Dask cluster")
-    p.add_argument("--scheduler", default=None, help="Dask scheduler address (tcp://host:8786); default: a local cluster")
+    p.add_argument("--scheduler", default=None, help="Dask scheduler address (tcp://host:8786), with --engine dask; default: a local cluster")
     p.add_argument("--overwrite", action="store_true", help="replace an OUT made with other options")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--no-fsync", action="store_true",

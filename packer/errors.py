@@ -12,6 +12,8 @@ __all__ = [
     "PackError",
     "LayoutError",
     "OutputExistsError",
+    "OutputLockedError",
+    "EmptyPackError",
     "ManifestError",
     "FormatVersionError",
     "ShardReadError",
@@ -53,6 +55,30 @@ class LayoutError(PackError):
 
 class OutputExistsError(PackError):
     """OUT already holds shards made with different options; pass ``overwrite=True``."""
+
+
+class OutputLockedError(PackError):
+    """Another pack is writing into OUT (it holds ``OUT/.shardpack.lock``).
+
+    Attributes:
+        out: the output folder.
+        pid: the holder's process id, when it could be read.
+    """
+
+    def __init__(self, out: str, pid: int | None) -> None:
+        self.out = out
+        self.pid = pid
+        who = f" (pid {pid})" if pid is not None else ""
+        super().__init__(
+            f"{out} is being packed by another shardpack process{who}; wait until it ends, or "
+            "choose another OUT (the lock goes with that process, however it ends)"
+        )
+
+
+class EmptyPackError(PackError):
+    """Not one image of the source could be packed: refused (nothing written), as Keras'
+    ``image_dataset_from_directory`` refuses a directory without images, rather than
+    publishing a manifest every reader then refuses."""
 
 
 class ManifestError(ShardpackError):

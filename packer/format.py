@@ -49,6 +49,9 @@ MANIFEST_NAME = "manifest.json"
 # The manifest a pack to a URL or an upload took down while it replaces shards, kept until
 # the new one is published (so a stopped run still tells the next which shards it named).
 REPLACED_NAME = ".shardpack-replaced-manifest.json"
+# A pack's record of finished shards while it runs (packer.resume); with the manifest, the
+# mark of a folder that holds shardpack output (the walk leaves such folders out).
+JOURNAL_NAME = ".shardpack-journal.jsonl"
 
 # File name extensions that make a file "image-like" (any case). Files with other names are
 # still checked by content, so a JPEG called `photo.dat` is packed, not lost.

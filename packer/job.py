@@ -16,7 +16,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .engines import LocalPool, default_workers, get_engine, run_local_fed
+from .errors import EmptyPackError, PackError
 from .format import MANIFEST_NAME
+from .lock import out_lock
 from .manifest import build_manifest, write_manifest_atomically
 from .plan import Plan, find_duplicates
 from .planner import Planner
@@ -37,6 +39,7 @@ log = logging.getLogger("shardpack")
 
 DEFAULT_MAX_COUNT = 10_000
 DEFAULT_MAX_SIZE = "256MB"
+DEFAULT_QUALITY = 90  # JPEG quality of images re-encoded by --resize
 PROBE_CHUNK = 64  # files per probe task: amortises process hand-off, keeps progress smooth
 PROBE_CHUNK_DASK = 1024  # a Dask task costs more: a million files stay ~1,000 tasks
 
@@ -50,7 +53,7 @@ def pack(
     workers: int | None = None,
     seed: int = 0,
     resize: int | str | None = None,
-    quality: int = 90,
+    quality: int | None = None,
     validation_split: float | None = None,
     layout: str = "auto",
     follow_links: bool = False,
@@ -77,7 +80,8 @@ def pack(
         seed: decides the order of samples in every split (and the validation split).
         resize: store images with their short side shrunk to this many pixels (re-encoded
             as JPEG at ``quality``; images with alpha as PNG); None keeps original bytes.
-        quality: JPEG quality for ``resize``.
+        quality: JPEG quality for ``resize`` (default 90); refused without ``resize``,
+            where nothing is re-encoded.
         validation_split: for a flat tree, the share of each class that goes to
             ``validation`` (the rest to ``train``).
         layout: ``"splits"``, ``"flat"``, or ``"auto"`` (flat exactly when a
@@ -90,6 +94,7 @@ def pack(
         max_pixels: images with more pixels are refused as decompression bombs.
         engine: ``"local"`` (process pool) or ``"dask"``.
         scheduler: Dask scheduler address (``tcp://host:8786``); default a local cluster.
+            Refused unless ``engine="dask"``.
         overwrite: replace an OUT made with other options.
         quiet: no progress bars.
         fsync: flush every shard, the journal's header and the manifest to disk before
@@ -106,13 +111,17 @@ def pack(
 
     Raises:
         LayoutError: the tree cannot be labelled without guessing.
+        PackError: OUT is SRC or holds it (see ``refuse_out_over_src``).
         OutputExistsError: OUT holds something else and ``overwrite`` is False.
+        OutputLockedError: another pack is writing into OUT (``packer.lock``).
         PackError: OUT cannot be written (disk full, permissions) or inputs changed mid-run.
         ValueError: invalid options.
     """
     out_str = os.fspath(out)
     if workers is not None and int(workers) < 0:
         raise ValueError(f"workers must be 0 or more (0: one per CPU), got {workers}")
+    refuse_unused_options(resize=resize, quality=quality, engine=engine, scheduler=scheduler)
+    quality = DEFAULT_QUALITY if quality is None else quality
     if "://" in out_str and not out_str.startswith("file://"):
         from .remote_out import pack_to_url
 
@@ -124,6 +133,7 @@ def pack(
             overwrite=overwrite, quiet=quiet,
         )
     out_dir = out_str.removeprefix("file://")
+    refuse_out_over_src(src, out_dir)
     options = normalize_options(
         max_count=max_count, max_size=max_size, seed=seed, resize=resize, quality=quality,
         validation_split=validation_split, layout=layout, follow_links=follow_links,
@@ -131,8 +141,9 @@ def pack(
     )
     resize_spec = parse_resize(resize, quality=quality)
     workers = workers or default_workers()
-    check_output(out_dir, options, overwrite=overwrite)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(out_lock(out_dir))  # until the manifest is published
+        check_output(out_dir, options, overwrite=overwrite)
         pool, run, check_workers = job_engine(stack, engine, workers=workers, scheduler=scheduler)
         if engine == "local":
             pool.start()
@@ -143,6 +154,72 @@ def pack(
             fed=_fed_runner(workers, pool) if engine == "local" else None,
         )
     raise AssertionError("unreachable")
+
+
+def refuse_out_over_src(src: str | os.PathLike[str], out_dir: str) -> None:
+    """Refuse an OUT that is SRC itself or a folder SRC lies in (compared by identity, so
+    symbolic links and other spellings of one folder count).
+
+    Either way the shards (and, on a re-pack, the clean-up of old ones) would go among the
+    source images: ``pack data data --overwrite`` wrote shards into the tree it packed, and
+    its next walk would read them back. OUT inside SRC is fine: the walk leaves it out.
+
+    Raises:
+        PackError: saying which folder to choose instead.
+    """
+    try:
+        out_id = _identity(out_dir)
+    except OSError:
+        return  # OUT does not exist yet: SRC cannot be in it
+    folder = os.path.realpath(src)
+    while True:
+        try:
+            if _identity(folder) == out_id:
+                break
+        except OSError:
+            return  # SRC is missing: the walk says so
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return
+        folder = parent
+    if folder == os.path.realpath(src):
+        raise PackError(
+            f"SRC and OUT are the same folder ({os.fspath(src)}): the shards would be written "
+            "among the images. Choose another OUT, e.g. a new folder beside SRC (or inside it: "
+            "the walk leaves OUT out)"
+        )
+    raise PackError(
+        f"SRC {os.fspath(src)} lies inside OUT {out_dir}: the shards would be written among the "
+        "source folders. Choose an OUT that does not hold SRC, e.g. a new folder beside it"
+    )
+
+
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def refuse_unused_options(
+    *, resize: int | str | None, quality: int | None, engine: str, scheduler: str | None
+) -> None:
+    """Refuse an option that the rest of the command would ignore: ``quality`` without
+    ``resize`` (only re-encoded images have a JPEG quality; the originals are stored as
+    they are) and ``scheduler`` without the Dask engine (the pack would run locally). A
+    user who passed one expects it to act; packing without saying so hides the mistake.
+
+    Raises:
+        ValueError: naming the option and what to do.
+    """
+    if quality is not None and parse_resize(resize) is None:
+        raise ValueError(
+            f"--quality {quality} applies only to images re-encoded by --resize; without "
+            "--resize the original bytes are stored. Add --resize N (or WxH), or drop --quality"
+        )
+    if scheduler is not None and engine != "dask":
+        raise ValueError(
+            f"--scheduler {scheduler} is a Dask scheduler, but the engine is {engine!r}: the "
+            "pack would run on local processes. Add --engine dask, or drop --scheduler"
+        )
 
 
 def job_engine(
@@ -190,22 +267,30 @@ def _pack_with(
         # they would be skipped); one that does not mount OUT would write shards elsewhere.
         check_workers({"SRC": walked.candidates[0].abs_path, "OUT": _out_marker(out_dir)})
     spool = spool_path(out_dir) if resize_spec is not None else None
-    if fed is not None:
-        plan, skipped, ignored, results = probe_and_write(
-            walked, out_dir, options, fed=fed, chunk=probe_chunk, resize=resize_spec, quiet=quiet,
-            durable=durable, sync_in_writer=sync_in_writer, spool=spool)
-    else:
-        probes = probe_all(
-            walked.candidates, run=run, validate=validate, max_pixels=max_pixels,
-            resize=resize_spec, quiet=quiet, chunk=probe_chunk, spool=spool,
-        )
-        plan, skipped, ignored = make_plan(walked, probes, options)
-        results = write_plan(plan, out_dir, run=run, resize=resize_spec, quiet=quiet,
-                             durable=durable, sync_in_writer=sync_in_writer, spool=spool)
+    try:
+        if fed is not None:
+            plan, skipped, ignored, results = probe_and_write(
+                walked, out_dir, options, fed=fed, chunk=probe_chunk, resize=resize_spec,
+                quiet=quiet, durable=durable, sync_in_writer=sync_in_writer, spool=spool)
+        else:
+            probes = probe_all(
+                walked.candidates, run=run, validate=validate, max_pixels=max_pixels,
+                resize=resize_spec, quiet=quiet, chunk=probe_chunk, spool=spool,
+            )
+            plan, skipped, ignored = make_plan(walked, probes, options)
+            refuse_no_images(plan, skipped, ignored)
+            results = write_plan(plan, out_dir, run=run, resize=resize_spec, quiet=quiet,
+                                 durable=durable, sync_in_writer=sync_in_writer, spool=spool)
+    except EmptyPackError:
+        spool_remove(spool_path(out_dir))  # refused: OUT is left as it was
+        raise
     spool_remove(spool_path(out_dir))  # this run's, or one an interrupted --resize run left
+    empty = empty_split_warnings(plan)
+    for warning in empty:
+        log.warning(warning)
     manifest = build_manifest(
         plan, results, skipped=skipped, ignored=ignored, duplicates=find_duplicates(plan),
-        warnings=walked.warnings,
+        warnings=walked.warnings + empty,
     )
     with os_errors_as_pack_error(os.path.join(out_dir, MANIFEST_NAME)):
         write_manifest_atomically(out_dir, manifest, durable=durable)
@@ -213,6 +298,34 @@ def _pack_with(
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out_dir, ".shardpack-workers-check"))
     return manifest
+
+
+def refuse_no_images(plan: Plan, skipped: list[tuple[str, str]], ignored: list[tuple[str, str]]) -> None:
+    """Refuse a pack in which not one image could be packed, before OUT changes: its
+    manifest would only make every reader fail later (``EmptySplitError``), far from the
+    cause. Keras refuses such a directory at once ("No images found").
+
+    Raises:
+        EmptyPackError: saying what was found instead.
+    """
+    if any(shard.samples for shards in plan.shards.values() for shard in shards):
+        return
+    found = f"{len(plan.shards)} split(s) and {len(plan.classes)} class folder name(s)"
+    why = (f"; {len(skipped)} image-like files were skipped, e.g. {skipped[0][0]}: {skipped[0][1]}"
+           if skipped else "")
+    raise EmptyPackError(
+        f"no images found to pack: {found}, {len(ignored)} non-image files ignored{why}. "
+        "Nothing was written. Expected image files (.jpg, .png, ...) in SRC/{split}/{class}/ "
+        "(or SRC/{class}/ with --validation-split)"
+    )
+
+
+def empty_split_warnings(plan: Plan) -> list[str]:
+    """A split without images packs (the others are usable), with a warning: readers
+    refuse it (``EmptySplitError``), as Keras refuses a folder without images."""
+    return [f"split {split!r} holds no images (its class folders are empty or all their files "
+            "were skipped): readers refuse it"
+            for split, shards in sorted(plan.shards.items()) if not any(s.samples for s in shards)]
 
 
 def normalize_options(
@@ -392,5 +505,7 @@ def probe_and_write(
                     if (ready := session.add(shard)) is not None:
                         writes.append(ready)
             bar.update(len(probes))
+        plan, skipped, ignored = planner.finish()
+        refuse_no_images(plan, skipped, ignored)  # before close: it would take OUT's manifest down
         results = session.close()
-    return (*planner.finish(), results)
+    return plan, skipped, ignored, results

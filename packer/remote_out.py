@@ -157,13 +157,14 @@ def _plan_write_send(
     *, run: Any, resize_spec: Any, staging: str, batch: int, upload_workers: int, quiet: bool,
     storage_options: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    from .job import find_duplicates, make_plan, probe_all
+    from .job import empty_split_warnings, find_duplicates, make_plan, probe_all, refuse_no_images
     from .manifest import build_manifest
 
     url = store.url
     probes = probe_all(walked.candidates, run=run, validate=options["validate"],
                        max_pixels=options["max_pixels"], resize=resize_spec, quiet=quiet)
     plan, skipped, ignored = make_plan(walked, probes, options)
+    refuse_no_images(plan, skipped, ignored)  # before the store changes
     duplicates = find_duplicates(plan)
     try:
         if old_manifest is not None:
@@ -171,7 +172,8 @@ def _plan_write_send(
         results = _write_and_send(plan, store, staging, run=run, resize=resize_spec, batch=batch,
                                   upload_workers=upload_workers, quiet=quiet)
         manifest = build_manifest(plan, results, skipped=skipped, ignored=ignored,
-                                  duplicates=duplicates, warnings=walked.warnings)
+                                  duplicates=duplicates,
+                                  warnings=walked.warnings + empty_split_warnings(plan))
         wanted = {s.name for s in plan.all_shards()}
         stale = named_shards(old_manifest) - wanted
         stale |= store.stray_shards(wanted | stale)  # a stopped run's, with no manifest

@@ -5,7 +5,8 @@
   were recorded in the journal or a previous manifest, and the file on disk still hashes
   to that sha256. Anything else is rewritten.
 * Shards the plan no longer names, and ``.partial`` leftovers, are removed before the
-  manifest is published.
+  manifest is published: only files that are shardpack's (``remove_stale``), never a
+  user's file that merely looks like a shard.
 * An OUT made with different options is refused unless ``overwrite=True``.
 """
 
@@ -13,20 +14,27 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import OutputExistsError
-from .format import MANIFEST_NAME
+from .errors import OutputExistsError, PackError
+from .format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    JOURNAL_NAME,
+    MANIFEST_NAME,
+    is_shard_name,
+    sample_key,
+)
+from .lock import LOCK_NAME
+from .plan import TAR_BLOCK
 from .spool import SPOOL_NAME
-from .write import ShardResult, hash_file
+from .write import ShardResult, hash_file, ustar_header
 
-__all__ = ["JOURNAL_NAME", "Journal", "check_output", "previous_results", "keepable", "remove_stale"]
+__all__ = ["JOURNAL_NAME", "Journal", "check_output", "previous_results", "keepable", "remove_stale",
+           "written_by_shardpack"]
 
-JOURNAL_NAME = ".shardpack-journal.jsonl"
 JOURNAL_TEMP_NAME = f"{JOURNAL_NAME}.partial"
-_SHARD_FILE = re.compile(r"^(?:\..+\.partial|.+-\d{6}\.tar)$")
 
 
 def _read_json_lines(path: str) -> list[dict[str, Any]]:
@@ -59,14 +67,21 @@ def check_output(out_dir: str, options: dict[str, Any], *, overwrite: bool) -> N
     """
     if overwrite or not os.path.isdir(out_dir):
         return
-    ours = (".shardpack-workers-check", SPOOL_NAME, JOURNAL_TEMP_NAME)
+    ours = (".shardpack-workers-check", SPOOL_NAME, JOURNAL_TEMP_NAME, LOCK_NAME)
     if not [name for name in os.listdir(out_dir) if name not in ours]:
         return
     manifest = _read_manifest(out_dir)
+    _refuse_unknown_manifest(out_dir, manifest)
     journal = _read_json_lines(os.path.join(out_dir, JOURNAL_NAME))
     previous = (manifest or {}).get("options") or (journal[0].get("options") if journal else None)
     if previous is None and os.path.exists(os.path.join(out_dir, JOURNAL_NAME)):
         return  # an empty or torn journal (an older version killed as it began): ours
+    if previous is None and os.path.exists(os.path.join(out_dir, MANIFEST_NAME)) and manifest is None:
+        raise OutputExistsError(
+            f"{os.path.join(out_dir, MANIFEST_NAME)} is unreadable (not valid JSON: damaged, or "
+            "cut short), so the shards beside it cannot be checked for a resume; pass "
+            "--overwrite to pack OUT again from scratch, or choose another OUT"
+        )
     if previous is None:
         raise OutputExistsError(
             f"{out_dir} is not empty and holds no shardpack output; choose an empty folder "
@@ -80,16 +95,40 @@ def check_output(out_dir: str, options: dict[str, Any], *, overwrite: bool) -> N
         )
 
 
+def _refuse_unknown_manifest(out_dir: str, manifest: Any) -> None:
+    """A shardpack manifest of a format version this code does not write (a newer
+    shardpack's) must not be replaced silently by one of this version: readers of the newer
+    format would lose what it added. Raises OutputExistsError naming the version."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        return
+    version = manifest.get("version")
+    if version != FORMAT_VERSION:
+        raise OutputExistsError(
+            f"{out_dir} holds a shardpack pack of format version {version!r}; this shardpack "
+            f"writes version {FORMAT_VERSION} and would replace it. Pack with the shardpack that "
+            f"made it, pass --overwrite to replace it with version {FORMAT_VERSION}, or choose "
+            "another OUT"
+        )
+
+
 def previous_results(out_dir: str) -> dict[str, dict[str, Any]]:
     """Shard records from an earlier run: the journal (crashed run) and the manifest."""
     records: dict[str, dict[str, Any]] = {}
-    manifest = _read_manifest(out_dir) or {}
-    for split in manifest.get("splits", {}).values():
-        for entry in split.get("shards", []):
-            records[entry["name"]] = entry
+    manifest = _read_manifest(out_dir)
+    splits = manifest.get("splits") if isinstance(manifest, dict) else None
+    for split in splits.values() if isinstance(splits, dict) else ():
+        for entry in split.get("shards", []) if isinstance(split, dict) else ():
+            _add_record(records, entry)
     for entry in _read_json_lines(os.path.join(out_dir, JOURNAL_NAME))[1:]:
-        records[entry["name"]] = entry
+        _add_record(records, entry)
     return records
+
+
+def _add_record(records: dict[str, dict[str, Any]], entry: Any) -> None:
+    """Keep a shard record by name; one without a name (another format version's, edited
+    by hand) is no hint and is passed over rather than failing the pack."""
+    if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+        records[entry["name"]] = entry
 
 
 def keepable(out_dir: str, name: str, fingerprint: str, record: dict[str, Any] | None) -> ShardResult | None:
@@ -155,19 +194,62 @@ class Journal:
             pass
 
 
-def remove_stale(out_dir: str, keep: set[str]) -> list[str]:
-    """Delete shard files and ``.partial`` leftovers the plan does not name; return them."""
+def remove_stale(out_dir: str, keep: set[str], *, known: Iterable[str] = ()) -> list[str]:
+    """Delete shardpack's shard files that the plan does not name; return them.
+
+    Only files that are ours go: a ``{split}/{split}-NNNNNN.tar`` that an earlier manifest
+    or journal of this OUT named (``known``) or whose first tar header is exactly one
+    shardpack writes (fixed mode, owner, mtime, a sample key of that split), and
+    ``.{split}-NNNNNN.tar.partial`` leftovers. A user's ``archive/x-000001.tar`` or a plain
+    tar at a shard's name stays (any file of that shape in any folder used to be deleted),
+    and only split folders that this removal emptied are removed (an empty ``logs/`` used
+    to go too).
+    """
+    known = set(known)
     removed = []
     for entry in sorted(os.scandir(out_dir), key=lambda e: e.name):
         if not entry.is_dir(follow_symlinks=False):
             if entry.name == f".{MANIFEST_NAME}.partial":
                 os.remove(entry.path)
             continue
+        emptied = False
         for child in sorted(os.scandir(entry.path), key=lambda e: e.name):
             rel = f"{entry.name}/{child.name}"
-            if child.is_file(follow_symlinks=False) and _SHARD_FILE.match(child.name) and rel not in keep:
+            if rel in keep or not child.is_file(follow_symlinks=False):
+                continue
+            if _is_partial_shard(rel) or (is_shard_name(rel) and (
+                    rel in known or written_by_shardpack(child.path, entry.name))):
                 os.remove(child.path)
                 removed.append(rel)
-        if not os.listdir(entry.path):
+                emptied = True
+        if emptied and not os.listdir(entry.path):
             os.rmdir(entry.path)
     return removed
+
+
+def _is_partial_shard(rel: str) -> bool:
+    """``split/.split-NNNNNN.tar.partial``: a shard a stopped run was writing."""
+    folder, _, name = rel.partition("/")
+    return name.startswith(".") and name.endswith(".partial") and is_shard_name(
+        f"{folder}/{name[1:].removesuffix('.partial')}")
+
+
+def written_by_shardpack(path: str, split: str) -> bool:
+    """Whether the file starts with the tar header shardpack's writer gives the first
+    member of a ``split`` shard: byte for byte ``ustar_header`` of its own name and size,
+    so mode 0644, uid/gid 0, empty user and group names, mtime 0, USTAR magic, and a name
+    that is one of ``split``'s sample keys. ``tar cf`` never writes that (it records the
+    user and the time), so a user's tar is never taken for a leftover shard."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(TAR_BLOCK)
+    except OSError:
+        return False
+    if len(head) < TAR_BLOCK or not head.startswith(sample_key(split, 0)[:-9].encode()):
+        return False
+    try:
+        name = head[:100].rstrip(b"\0").decode("ascii")
+        size = int(head[124:136].rstrip(b"\0 ") or b"0", 8)
+        return head == ustar_header(name, size)
+    except (ValueError, PackError):
+        return False

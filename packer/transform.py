@@ -62,12 +62,14 @@ class ResizeSpec:
 
 def parse_resize(text: str | int | None, *, quality: int = 90) -> ResizeSpec | None:
     """Parse ``--resize``: ``256`` (short side in pixels), ``224x224`` (exact WIDTHxHEIGHT)
-    or None/``""``/``0`` for none.
+    or None/``""``/``"none"`` for none. ``0`` is refused like any other size that is not
+    positive: taking it for "no resize" packed the originals of someone who asked for
+    smaller images, and said nothing.
 
     Raises:
         ValueError: not a positive pixel count or size, or quality outside 1..100.
     """
-    if text in (None, "", 0, "0", "none"):
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("", "none")):
         return None
     if not 1 <= quality <= 100:
         raise ValueError(f"--quality must be in 1..100, got {quality}")

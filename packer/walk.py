@@ -15,6 +15,7 @@ rather than packing nothing (or, worse, using class names as split names silentl
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -25,10 +26,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import LayoutError
-from .format import IMAGE_EXTENSIONS, split_name_problem
+from .format import FORMAT_NAME, IMAGE_EXTENSIONS, JOURNAL_NAME, MANIFEST_NAME, split_name_problem
 from .headers import starts_like_image
 
 __all__ = ["Candidate", "WalkResult", "walk_tree", "is_hidden", "is_utf8", "shown_path", "refuse_split_tree_read_as_flat",
+           "shardpack_output_mark",
            "IGNORED_NAMES"]
 
 log = logging.getLogger(__name__)
@@ -163,6 +165,34 @@ def _unfollowed_folder(
     return True
 
 
+def shardpack_output_mark(folder: str) -> str | None:
+    """The file that shows ``folder`` holds a shardpack output (a ``manifest.json`` of
+    format ``shardpack``, or a pack's journal), or None."""
+    if os.path.isfile(os.path.join(folder, JOURNAL_NAME)):
+        return JOURNAL_NAME
+    try:
+        with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return None
+    return MANIFEST_NAME if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME else None
+
+
+def _earlier_output(result: WalkResult, folder: str, rel: str) -> bool:
+    """Leave out a folder holding shardpack output, with a warning naming it. An earlier
+    pack's OUT inside SRC (``pack d3 d3/shards``, then ``pack d3 o5``) was read as a split
+    ``shards`` whose classes ``train``, ``test``... widened every split's class map; the
+    current OUT is left out already, unrecorded (``walk_tree``'s ``exclude``)."""
+    mark = shardpack_output_mark(folder)
+    if mark is None:
+        return False
+    result.warnings.append(
+        f"{shown_path(rel)}/ holds shardpack output ({mark}): left out of the walk, not packed; "
+        "move it out of SRC if it is not meant to be there"
+    )
+    return True
+
+
 def _collect_class_files(
     result: WalkResult,
     *,
@@ -200,7 +230,7 @@ def _collect_class_files(
             continue
         if _is_dir(entry, follow_links):
             identity = _dir_identity(entry.path)
-            if identity in skip:
+            if identity in skip or _earlier_output(result, entry.path, rel):
                 continue
             if identity in ancestors:
                 result.warnings.append(f"symlink cycle at {rel}: not descended again")
@@ -247,7 +277,7 @@ def _walk_classes(
             continue
         if _is_dir(entry, follow_links):
             identity = _dir_identity(entry.path)
-            if identity in skip:
+            if identity in skip or _earlier_output(result, entry.path, rel):
                 continue
             if identity in ancestors:
                 result.ignored.append((rel, "symlink cycle"))
@@ -314,7 +344,8 @@ def walk_tree(
 
     ``exclude``: a folder left out wherever it appears, unrecorded (the pack's OUT, when it
     lies inside SRC: a re-run must neither take the shards for a split of the input nor
-    give another manifest than the first run, when OUT was not there yet).
+    give another manifest than the first run, when OUT was not there yet). Any other
+    folder holding shardpack output (an earlier pack's OUT) is left out with a warning.
 
     Raises:
         LayoutError: ``src`` is not a folder, or the layout cannot be read without guessing.
@@ -355,7 +386,7 @@ def walk_tree(
                 result.ignored.append((rel, "outside any split folder"))
             continue
         identity = _dir_identity(entry.path)
-        if identity in skip:
+        if identity in skip or _earlier_output(result, entry.path, rel):
             continue
         _require_utf8(entry.name, rel, "split")
         before = len(result.candidates)

@@ -114,9 +114,9 @@ class WriteSession:
         for future in self._syncing:
             future.result()
         self._open()  # the old manifest may name shards that are about to be removed
-        removed = remove_stale(self.out_dir, keep=set(self.results))
-        if removed:
-            log.info("removed %d shard files the plan no longer names", len(removed))
+        known = set(self._previous)
+        removed = remove_stale(self.out_dir, keep=set(self.results), known=known)
+        _report_removed(removed, known)
         return self.results
 
     def _open(self) -> None:
@@ -169,6 +169,22 @@ def os_errors_as_pack_error(path: str) -> Iterator[None]:
         yield
     except OSError as exc:
         raise PackError(_os_error_message(exc, path)) from exc
+
+
+def _report_removed(removed: list[str], known: set[str]) -> None:
+    """One log line for the shard files an earlier run of this OUT recorded (expected after
+    fewer shards or other options), a warning for those found by their tar headers only
+    (shards copied in by hand, or of a run whose records are lost): deleting files is never
+    silent."""
+    for level, names, what in (
+        (logging.INFO, [n for n in removed if n in known], "of the earlier pack"),
+        (logging.WARNING, [n for n in removed if n not in known],
+         "that shardpack wrote (by their tar headers) but this OUT's records did not name"),
+    ):
+        if names:
+            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+            log.log(level, "removed %d shard files %s that this plan does not name: %s%s",
+                    len(names), what, ", ".join(names[:5]), more)
 
 
 def _unpublish_manifest(out_dir: str) -> None:

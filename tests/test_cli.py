@@ -83,9 +83,13 @@ def test_flat_tree_without_validation_split(src, tmp_path, capsys):
     (["--max-count", "0"], "max_count"),
     (["--validation-split", "1.5"], "validation_split"),
     (["--resize", "huge"], "--resize"),
+    (["--resize", "0"], "--resize must be positive"),  # was taken for "no resize"
     (["--layout", "splits", "--validation-split", "0.2"], "flat"),
     (["--quality", "500"], "quality"),
     (["--quality", "0"], "quality"),
+    (["--resize", "64", "--quality", "0"], "quality must be in 1..100"),
+    (["--quality", "90"], "--quality 90 applies only to images re-encoded by --resize"),
+    (["--scheduler", "tcp://127.0.0.1:1"], "Add --engine dask, or drop --scheduler"),
     (["--workers", "-1"], "workers"),
     (["--max-pixels", "0"], "max_pixels"),
 ])
@@ -148,3 +152,51 @@ def test_bench_owns_its_options_and_measures_a_shard_set(id_shards, capsys):
     assert main(["bench", "--image-size", "16", "--batch-size", "8", "--repeat", "1",
                  "--only", "shardpack_numpy", "--processes", "2", str(id_shards[0])]) == 0
     assert "error" not in capsys.readouterr().out
+
+
+def test_out_that_is_src_or_holds_it_is_refused(src, tmp_path, capsys):
+    """`pack data data --overwrite` wrote shards among the images it packed; OUT must be
+    neither SRC (under any spelling) nor a folder SRC lies in. Nothing is written."""
+    tree = tmp_path / "data"
+    shutil.copytree(src, tree)
+    before = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*"))
+    (tmp_path / "alias").symlink_to(tree)
+    for out in (tree, tmp_path / "alias", Path(f"{tree}/train/..")):
+        for extra in ([], ["--overwrite"]):
+            status, _, err = run(capsys, "pack", str(tree), str(out), "--workers", "1", "--quiet", *extra)
+            assert status == 2 and "SRC and OUT are the same folder" in err and "Traceback" not in err
+    status, _, err = run(capsys, "pack", str(tree), str(tmp_path), "--workers", "1", "--quiet", "--overwrite")
+    assert status == 2 and f"SRC {tree} lies inside OUT" in err
+    assert sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*")) == before
+    assert not (tmp_path / "train").exists() and not (tmp_path / MANIFEST_NAME).exists()
+    status, _, _ = run(capsys, "pack", str(tree), str(tree / "shards"), "--workers", "1", "--quiet")
+    assert status == 0  # OUT inside SRC stays legitimate
+
+
+def test_a_tree_without_images_is_refused_and_writes_nothing(tmp_path, capsys, caplog):
+    """Class folders but no images packed "0 images" (exit 0) and readers failed later; now
+    the pack is refused (exit 2) and OUT is neither created nor, if it held a pack, changed.
+    A tree where only some splits are empty still packs, with a warning."""
+    from conftest import write_id_tree
+
+    src = tmp_path / "src"
+    for rel in ("train/cat", "train/dog", "test/cat"):
+        (src / rel).mkdir(parents=True)
+    (src / "train" / "cat" / "notes.txt").write_text("no image")
+    (src / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    status, _, err = run(capsys, "pack", str(src), str(tmp_path / "out"), "--workers", "1", "--quiet")
+    assert status == 2 and "no images found to pack" in err and "train/dog/broken.jpg" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    good = tmp_path / "good"
+    write_id_tree(good, {"train": 2})
+    assert run(capsys, "pack", str(good), str(tmp_path / "old"), "--workers", "1", "--quiet")[0] == 0
+    published = (tmp_path / "old" / MANIFEST_NAME).read_bytes()
+    status, _, err = run(capsys, "pack", str(src), str(tmp_path / "old"), "--workers", "1", "--quiet",
+                         "--overwrite")
+    assert status == 2 and (tmp_path / "old" / MANIFEST_NAME).read_bytes() == published
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == [MANIFEST_NAME, "train"]
+    write_id_tree(src, {"train": 2})
+    status, text, err = run(capsys, "pack", str(src), str(tmp_path / "out"), "--workers", "1", "--quiet")
+    assert status == 0 and "test: 0 images" in text and "split 'test' holds no images" in caplog.text
+    assert "split 'test' holds no images" in " ".join(
+        json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["warnings"])

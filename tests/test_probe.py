@@ -106,13 +106,13 @@ def test_resize_never_enlarges_and_keeps_exif_upright():
 
 
 def test_parse_resize():
-    assert parse_resize(None) is None and parse_resize("0") is None
+    assert parse_resize(None) is None and parse_resize("none") is None and parse_resize("") is None
     assert parse_resize("256") == ResizeSpec(256, 90)
     assert parse_resize("short:128px", quality=80) == ResizeSpec(128, 80)
     assert parse_resize("224x160", quality=75) == ResizeSpec(quality=75, size=(224, 160))
     assert parse_resize("224X224px").as_dict() == {"width": 224, "height": 224, "quality": 90}
     assert ResizeSpec(256).as_dict() == {"short_side": 256, "quality": 90}  # as before
-    for bad in ("big", "-3", "224x", "0x5", "1x2x3", "x"):
+    for bad in ("big", "-3", "0", 0, "224x", "0x5", "1x2x3", "x"):
         with pytest.raises(ValueError, match="--resize"):
             parse_resize(bad)
     with pytest.raises(ValueError, match="quality"):

@@ -84,7 +84,7 @@ def test_resume_after_sigkill_matches_clean_run(src, clean, tmp_path):
     assert sorted(p.relative_to(out).as_posix() for p in _shards(out)) == sorted(n for n, _ in _shas(clean_manifest))
 
 
-def test_corrupted_and_stale_leftovers(src, clean, tmp_path):
+def test_corrupted_and_stale_leftovers(src, clean, tmp_path, caplog):
     clean_out, clean_manifest = clean
     out = tmp_path / "out"
     subprocess.run(["cp", "-a", str(clean_out), str(out)], check=True)
@@ -92,8 +92,8 @@ def test_corrupted_and_stale_leftovers(src, clean, tmp_path):
     data = bytearray(victim.read_bytes())
     data[700] ^= 0xFF  # inside the first image
     victim.write_bytes(bytes(data))
-    stale = out / "train" / "train-000999.tar"
-    stale.write_bytes(b"\0" * 10240)
+    stale = out / "train" / "train-000999.tar"  # a shard no record names: known by its headers
+    stale.write_bytes((out / "train" / "train-000000.tar").read_bytes())
     partial = out / "train" / ".train-000004.tar.partial"
     partial.write_bytes(b"half a shard")
     untouched = out / "test" / "test-000000.tar"
@@ -105,6 +105,55 @@ def test_corrupted_and_stale_leftovers(src, clean, tmp_path):
     assert not stale.exists() and not partial.exists()
     assert untouched.stat().st_mtime_ns == mtime
     assert verify(str(out)).ok
+    assert "train/train-000999.tar" in caplog.text  # a removal is never silent
+
+
+def _user_tar(path: Path, tmp_path: Path) -> bytes:
+    """A user's own tar (``tar cf`` of a text file) at ``path``; returns its bytes."""
+    (tmp_path / "afile.txt").write_text("my notes\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "cf", str(path), "-C", str(tmp_path), "afile.txt"], check=True)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_repack_removes_only_shardpack_files(src, clean, tmp_path, overwrite):
+    """A re-pack deleted every ``*-NNNNNN.tar`` in any folder of OUT and every empty folder:
+    a user's archive/imagenet-000001.tar, a plain tar at an unused shard name, logs/. Only
+    shards an earlier run recorded (or wrote, by their headers) go; the user's files stay."""
+    out = tmp_path / "out"
+    subprocess.run(["cp", "-a", str(clean[0]), str(out)], check=True)
+    mine = {rel: _user_tar(out / rel, tmp_path)
+            for rel in ("archive/imagenet-000001.tar", "train/train-000900.tar", "test/.test-000009.tar")}
+    (out / "logs").mkdir()
+    options = {**OPTS, "max_count": 10} if overwrite else OPTS
+    manifest = pack(src, out, **options, overwrite=overwrite)
+    for rel, data in mine.items():
+        assert (out / rel).read_bytes() == data, rel
+    assert (out / "logs").is_dir()
+    shards = {n for n, _ in _shas(manifest)}
+    assert {p.relative_to(out).as_posix() for p in _shards(out)} == shards | set(mine)
+    assert verify(str(out)).ok
+
+
+def test_a_split_folder_is_removed_only_when_the_removal_empties_it(src, clean, tmp_path):
+    """A split the new tree no longer has: its shards go, and its folder with them; a
+    folder holding a user's file, and an empty folder, stay."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(clean[0], out)
+    smaller = tmp_path / "src"
+    shutil.copytree(src, smaller)
+    shutil.rmtree(smaller / "test")
+    (out / "empty").mkdir()
+    pack(smaller, out, **OPTS, overwrite=True)
+    assert not (out / "test").exists() and (out / "empty").is_dir()
+    shutil.copytree(clean[0] / "test", out / "test")
+    (out / "test" / "README").write_text("mine")
+    pack(src, out, **OPTS, overwrite=True)
+    pack(smaller, out, **OPTS, overwrite=True)
+    assert sorted(p.name for p in (out / "test").iterdir()) == ["README"]
 
 
 def test_different_options_refused_unless_overwrite(src, clean, tmp_path):
@@ -361,3 +410,82 @@ def test_a_resize_spool_left_by_a_stopped_run_is_not_published(src, tmp_path, mo
     assert (out / SPOOL_NAME).exists()
     pack(src, out, overwrite=True, **OPTS)
     assert not (out / SPOOL_NAME).exists()
+
+
+def test_unreadable_manifest_says_so(src, clean, tmp_path):
+    """A manifest that is not JSON: the refusal says it is unreadable and how to go on
+    (it said OUT held no shardpack output, beside a folder full of shards)."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(clean[0], out)
+    (out / MANIFEST_NAME).write_text('{"format": "shardpack", "vers')
+    with pytest.raises(OutputExistsError, match=r"manifest.json is unreadable.*--overwrite") as info:
+        pack(src, out, **OPTS)
+    assert "no shardpack output" not in str(info.value)
+    assert _shas(pack(src, out, **OPTS, overwrite=True)) == _shas(clean[1])
+
+
+def test_newer_format_version_is_not_replaced_silently(src, clean, tmp_path):
+    """A manifest of format version 2 (a newer shardpack's) was overwritten as version 1
+    by a re-run of the same command; it is refused, naming the version, unless --overwrite."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(clean[0], out)
+    newer = {**json.loads((out / MANIFEST_NAME).read_text()), "version": 2}
+    (out / MANIFEST_NAME).write_text(json.dumps(newer))
+    before = (out / MANIFEST_NAME).read_bytes()
+    with pytest.raises(OutputExistsError, match="format version 2.*--overwrite"):
+        pack(src, out, **OPTS)
+    assert (out / MANIFEST_NAME).read_bytes() == before
+    assert pack(src, out, **OPTS, overwrite=True)["version"] == 1
+
+
+_HOLD_THE_LOCK = textwrap.dedent("""
+    import sys
+    from packer.lock import out_lock
+    with out_lock(sys.argv[1]):
+        print("locked", flush=True)
+        sys.stdin.read()
+""")
+
+
+def _holder(out: Path) -> subprocess.Popen:
+    """Another process holding OUT's lock (as a running pack does) until its stdin closes."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_THE_LOCK, str(out)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+    return proc
+
+
+def test_a_second_pack_into_the_same_out_is_refused(src, clean, tmp_path):
+    """Two packs into one OUT both exited 0 with a manifest that did not match the shards:
+    while one holds OUT, another is refused at once (exit 2 on the CLI, the holder's pid
+    named) and touches nothing; afterwards the same command packs."""
+    from packer.errors import OutputLockedError
+
+    out = tmp_path / "out"
+    holder = _holder(out)
+    try:
+        with pytest.raises(OutputLockedError, match=f"another shardpack process \\(pid {holder.pid}\\)"):
+            pack(src, out, **OPTS)
+        refused = subprocess.run([SHARDPACK, "pack", str(src), str(out), *CLI_OPTS], capture_output=True,
+                                 text=True, timeout=60)
+        assert refused.returncode == 2 and "being packed by another" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert sorted(p.name for p in out.iterdir()) == [".shardpack.lock"]
+    finally:
+        holder.communicate("")
+    assert _shas(pack(src, out, **OPTS)) == _shas(clean[1])
+    assert not (out / ".shardpack.lock").exists()
+
+
+def test_a_killed_holder_leaves_no_stale_lock(src, clean, tmp_path):
+    """The lock goes with its process, however it ends: no file to delete by hand."""
+    out = tmp_path / "out"
+    holder = _holder(out)
+    holder.kill()
+    holder.wait()
+    assert (out / ".shardpack.lock").exists()  # the file stays; the lock does not
+    assert _shas(pack(src, out, **OPTS)) == _shas(clean[1])

@@ -252,3 +252,30 @@ def test_a_symlinked_folder_left_unfollowed_is_warned_about(tmp_path):
     assert sorted(c.rel_path for c in followed.candidates if not c.rel_path.startswith("validation")) == [
         "test/cat/4.jpg", "test/cat/more/3.jpg", "test/dog/2.jpg", "train/cat/1.jpg"]
     assert not [w for w in followed.warnings if "not followed" in w]
+
+
+def test_an_earlier_pack_inside_src_is_left_out_with_a_warning(tmp_path):
+    """`pack d3 d3/shards` then `pack d3 o5`: the first OUT was packed as a split "shards"
+    with classes test/train, widening the class map. A folder holding a shardpack manifest
+    or a pack's journal, at any level, is left out and named in a warning."""
+    from conftest import write_id_tree
+
+    from packer import pack
+
+    src = tmp_path / "d3"
+    write_id_tree(src, {"train": 3, "test": 2})
+    first = pack(src, src / "shards", workers=1, quiet=True)
+    stopped = src / "train" / "circle" / "old_out"  # a stopped pack's OUT: a journal only
+    touch(stopped, ".shardpack-journal.jsonl", b'{"options": {}}\n')
+    touch(stopped, "train/keep.png", (src / "train" / "circle" / "img_0000.png").read_bytes())
+    second = pack(src, tmp_path / "o5", workers=1, quiet=True)
+    assert second["classes"] == first["classes"] == ["circle", "square", "triangle"]
+    assert sorted(second["splits"]) == ["test", "train"]
+    assert second["splits"]["train"]["count"] == first["splits"]["train"]["count"]
+    warned = [w for w in second["warnings"] if "holds shardpack output" in w]
+    assert len(warned) == 2
+    assert warned[0].startswith("shards/ holds shardpack output (manifest.json)")
+    assert warned[1].startswith("train/circle/old_out/ holds shardpack output (.shardpack-journal.jsonl)")
+    (src / "notes").mkdir()  # a manifest.json that is not shardpack's leaves its folder walked
+    touch(src, "notes/c/manifest.json", b'{"format": "other"}')
+    assert "notes" in walk_tree(src, exclude=src / "shards").classes
