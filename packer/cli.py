@@ -69,8 +69,19 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
     summary = upload(args.out, args.url, endpoint_url=args.endpoint_url, workers=args.workers,
                      quiet=args.quiet, force=args.force)
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2) if args.json else _upload_text(summary))
     return 0
+
+
+def _upload_text(summary: dict[str, Any]) -> str:
+    """One line, as pack and verify print: what was sent, what was already there."""
+    from .sizes import format_size
+
+    text = (f"uploaded {counted(summary['uploaded'], 'shard')} ({format_size(summary['bytes'])}) to "
+            f"{summary['url']}; {summary['skipped']} already there ({format_size(summary['bytes_skipped'])})")
+    if summary.get("removed"):
+        text += f"; removed {counted(summary['removed'], 'shard')} the manifest no longer names"
+    return text + f"; manifest {summary['manifest']}"
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
@@ -102,8 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"shardpack {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # -v after the command too (``shardpack info OUT -v``); SUPPRESS keeps the global one's value
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log more detail")
 
-    p = sub.add_parser("pack", help="pack SRC/{split}/{class}/* into shards under OUT")
+    p = sub.add_parser("pack", parents=[verbose], help="pack SRC/{split}/{class}/* into shards under OUT")
     p.add_argument("src", help="image tree: SRC/{split}/{class}/... (or SRC/{class}/... with --validation-split)")
     p.add_argument("out", help="output folder, or an object-store URL (s3://bucket/prefix)")
     p.add_argument("--max-count", type=int, default=DEFAULT_MAX_COUNT, help="most samples per shard (default %(default)s)")
@@ -133,35 +148,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not wait for shards and manifest to reach the disk (faster; for "
                         "scratch packs: after a power cut, re-run the pack)")
     _add_endpoint(p)
-    p.set_defaults(func=_cmd_pack)
+    p.set_defaults(func=_cmd_pack, command_parser=p)
 
-    p = sub.add_parser("info", help="splits, classes, counts, shards, skipped files")
+    p = sub.add_parser("info", parents=[verbose], help="splits, classes, counts, shards, skipped files")
     p.add_argument("source", help="shard folder or URL")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     _add_endpoint(p)
-    p.set_defaults(func=_cmd_info)
+    p.set_defaults(func=_cmd_info, command_parser=p)
 
-    p = sub.add_parser("verify", help="re-hash every shard and check every sample against the manifest")
+    p = sub.add_parser("verify", parents=[verbose], help="re-hash every shard and check every sample against the manifest")
     p.add_argument("source", help="shard folder or URL")
     p.add_argument("--deep", action="store_true", help="also decode every image")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_endpoint(p)
-    p.set_defaults(func=_cmd_verify)
+    p.set_defaults(func=_cmd_verify, command_parser=p)
 
-    p = sub.add_parser("upload", help="upload OUT's shards, then its manifest, to a URL")
+    p = sub.add_parser("upload", parents=[verbose], help="upload OUT's shards, then its manifest, to a URL")
     p.add_argument("out", help="local shard folder")
     p.add_argument("url", help="destination, e.g. s3://bucket/prefix")
     p.add_argument("--workers", type=int, default=8, help="parallel uploads (default 8)")
     p.add_argument("--force", action="store_true", help="re-send shards even when already there")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_endpoint(p)
-    p.set_defaults(func=_cmd_upload)
+    p.set_defaults(func=_cmd_upload, command_parser=p)
 
     p = sub.add_parser("bench", help="reader throughput (numpy, tf.data, PyTorch) against the "
                        "decode limit of the same shards", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="see `shardpack bench --help`")
 
-    p = sub.add_parser("preview", help="contact sheet of decoded samples with class names")
+    p = sub.add_parser("preview", parents=[verbose], help="contact sheet of decoded samples with class names")
     p.add_argument("source", help="shard folder or URL")
     p.add_argument("--split", default="train", help="the split to show (default: train)")
     p.add_argument("--out", default="grid.png",
@@ -171,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="which samples are drawn; another seed, others (default: 0)")
     _add_endpoint(p)
-    p.set_defaults(func=_cmd_preview)
+    p.set_defaults(func=_cmd_preview, command_parser=p)
     return parser
 
 
@@ -187,7 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO if command else logging.WARNING,
                             format="%(levelname)s: %(message)s")
         return int(bench_main(argv[command + 1 :]) or 0)
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # the command's own usage, not the top level's, names the options it takes
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s")
     try:

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from packer.sizes import counted
+
 from .batches import DATA_FORMATS
 from .checks import check_batch_size, check_image_size
 from .shard_reader import ShardReader
@@ -157,8 +159,8 @@ def image_dataset_from_shards(
     )
     if verbose:
         print(
-            f"Found {reader.samples} files in {len(reader.source.shards)} shards "
-            f"belonging to {len(reader.class_names)} classes."
+            f"Found {counted(reader.samples, 'file')} in {counted(len(reader.source.shards), 'shard')} "
+            f"belonging to {counted(len(reader.class_names), 'class')}."
         )
     reader.require_samples(scan=True)  # counted for the cardinality anyway
     h, w, c = reader.decode_options.shape

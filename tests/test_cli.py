@@ -115,6 +115,18 @@ def test_info_tells_resized_shards_from_originals_and_repeats_the_packs_warnings
     assert "warnings (1), as the pack gave them:" in text and "'Cat'" in text
 
 
+def test_a_mistyped_option_shows_the_commands_usage_and_v_goes_after_it_too(capsys):
+    from packer.cli import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        main(["info", "shards", "--jsn"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "usage: shardpack info" in err and "--jsn" in err
+    for argv, verbose in ((["info", "x"], False), (["info", "x", "-v"], True), (["-v", "info", "x"], True),
+                          (["pack", "a", "b", "--verbose"], True)):
+        assert build_parser().parse_known_args(argv)[0].verbose is verbose, argv
+
+
 def test_info_and_verify_without_manifest(tmp_path, capsys):
     status, _, err = run(capsys, "info", str(tmp_path))
     assert status == 2 and "no manifest.json" in err

@@ -199,7 +199,13 @@ def test_cli_upload_with_endpoint_url(s3, photo_shards, capsys):
     assert code in (0, None)
     out = capsys.readouterr().out
     assert SECRET not in out
-    assert json.loads(out)["uploaded"] == len(_shard_names(photo_shards))
+    n = len(_shard_names(photo_shards))
+    assert out.startswith(f"uploaded {n} shards (") and "; 0 already there" in out
+    assert out.rstrip().endswith("manifest uploaded")
+    assert main(["upload", str(photo_shards), f"s3://{bucket}/cli", "--endpoint-url", endpoint, "--quiet",
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["uploaded"] == 0 and summary["skipped"] == n and summary["manifest"] == "unchanged"
 
 
 def test_pack_to_s3_url_stages_in_batches_and_resumes(s3, photo_shards, tmp_path):
