@@ -139,7 +139,10 @@ def _unfollowed_folder(
     among the ignored files. Symlinking split or class folders onto other disks is common.
     A link to a folder of the tree itself (a cycle, or ``validation -> train``) loses
     nothing, and following it would pack its images twice: it is ignored without advice;
-    a link to OUT is left out unrecorded, as OUT is. Returns whether ``entry`` was one."""
+    a link to OUT is left out unrecorded, as OUT is. Returns whether ``entry`` was one
+    (or a broken link, which ``_broken_link`` reports)."""
+    if _broken_link(result, entry, rel):
+        return True
     if not _is_dir(entry, True):
         return False
     try:
@@ -162,6 +165,22 @@ def _unfollowed_folder(
         f"{shown_path(rel)} is a symbolic link to a {what}: not followed, so the images in it "
         "are not packed; pass --follow-links to pack them"
     )
+    return True
+
+
+def _broken_link(result: WalkResult, entry: os.DirEntry[str], rel: str) -> bool:
+    """A symbolic link whose target is gone (a class folder linked from an unmounted disk):
+    nothing can be packed from it, which deserves a warning naming the target, not only a
+    line among the ignored files. Returns whether ``entry`` is one."""
+    if not entry.is_symlink() or os.path.exists(entry.path):
+        return False
+    try:
+        target = os.readlink(entry.path)
+    except OSError:
+        target = "?"
+    result.ignored.append((rel, f"broken symbolic link (to {target})"))
+    result.warnings.append(f"{shown_path(rel)} is a symbolic link to {target}, which does not "
+                           "exist: nothing is packed from it")
     return True
 
 
@@ -247,7 +266,7 @@ def _collect_class_files(
         except OSError as exc:  # dangling symlink, permission
             if looks_like_image_name(entry.name):
                 result.skipped.append((rel, f"cannot stat: {exc.strerror or exc}"))
-            else:
+            elif not _broken_link(result, entry, rel):
                 result.ignored.append((rel, "unreadable"))
             continue
         if not regular:
@@ -274,6 +293,8 @@ def _walk_classes(
             if not _unfollowed_folder(result, entry, rel, src=src, ancestors=ancestors, skip=skip,
                                       kind="class"):
                 result.ignored.append((rel, "symbolic link not followed"))
+            continue
+        if _broken_link(result, entry, rel):
             continue
         if _is_dir(entry, follow_links):
             identity = _dir_identity(entry.path)
@@ -377,6 +398,8 @@ def walk_tree(
             if not _unfollowed_folder(result, entry, rel, src=src, ancestors=root_id, skip=skip,
                                       kind="split"):
                 result.ignored.append((rel, "hidden, system file or symbolic link"))
+            continue
+        if _broken_link(result, entry, rel):
             continue
         if not _is_dir(entry, follow_links):
             if looks_like_image_name(entry.name) or _image_content(entry):

@@ -254,6 +254,24 @@ def test_a_symlinked_folder_left_unfollowed_is_warned_about(tmp_path):
     assert not [w for w in followed.warnings if "not followed" in w]
 
 
+def test_a_broken_symbolic_link_is_warned_about_naming_its_target(tmp_path):
+    """A class or split folder linked from a disk that is not mounted: nothing of it can be
+    packed, which was only a line among the ignored files."""
+    src = tmp_path / "src"
+    touch(src, "train/cat/1.jpg")
+    os.symlink(tmp_path / "gone" / "dogs", src / "train" / "dog")
+    os.symlink(tmp_path / "gone" / "more", src / "train" / "cat" / "more")
+    os.symlink(tmp_path / "gone" / "test", src / "test")
+    os.symlink(tmp_path / "gone" / "x.jpg", src / "train" / "cat" / "x.jpg")
+    for follow in (False, True):
+        walked = walk_tree(src, follow_links=follow)
+        broken = sorted(w for w in walked.warnings if "which does not exist" in w)
+        assert [w.split(" ")[0] for w in broken] == ["test", "train/cat/more", "train/dog"], follow
+        assert f"to {tmp_path / 'gone' / 'dogs'}," in broken[2]
+        assert walked.classes["train"] == ["cat"]
+        assert "train/cat/x.jpg" in dict(walked.skipped)  # an image by its name: skipped, counted
+
+
 def test_an_earlier_pack_inside_src_is_left_out_with_a_warning(tmp_path):
     """`pack d3 d3/shards` then `pack d3 o5`: the first OUT was packed as a split "shards"
     with classes test/train, widening the class map. A folder holding a shardpack manifest
