@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import warnings
 from collections import Counter
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -233,6 +234,7 @@ class ShardReader:
             decoder=decoder,
             dct_scaling=dct_scaling,
         )
+        _warn_about_squashed_shards(self.source.manifest, self.decode_options)
         self._index: list[list[tuple[str, int | None, str | None]]] | None = None
         self.class_names, self._remap = self._resolve_classes(class_names, num_classes)
         self.batch_options = BatchOptions(
@@ -657,3 +659,24 @@ def _refuse_repeated(class_names: Sequence[str]) -> None:
     repeated = sorted(c for c, n in Counter(class_names).items() if n > 1)
     if repeated:
         raise ValueError(f"class_names names {repeated} more than once")
+
+
+def _warn_about_squashed_shards(manifest: dict[str, Any] | None, options: DecodeOptions) -> None:
+    """Shards packed with ``--resize WxH`` hold every image squashed to W x H: the original
+    aspect ratio is gone. Reading them at another aspect ratio (squashed again, or cropped
+    or padded to it) acts on the squashed picture, which nobody expects in silence."""
+    resize = ((manifest or {}).get("options") or {}).get("resize") or {}
+    if "width" not in resize or "height" not in resize:
+        return
+    height, width = options.image_size
+    stored = resize["width"] / resize["height"]
+    if abs(width / height - stored) <= 0.01 * stored:
+        return  # the packed aspect, at any scale: nothing is lost again
+    how = ("cropped to it" if options.crop_to_aspect_ratio else
+           "padded to it" if options.pad_to_aspect_ratio else "squashed again")
+    warnings.warn(
+        f"these shards hold every image squashed to {resize['width']}x{resize['height']} at pack "
+        f"time (--resize {resize['width']}x{resize['height']}); read at image_size "
+        f"{options.image_size}, another aspect ratio, each is {how} from the squashed picture, "
+        "not from the original's aspect; pack with --resize N (short side) to keep it",
+        stacklevel=3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -244,3 +245,27 @@ def test_shard_reader_refuses_a_batch_size_that_is_not_a_whole_number(id_shards,
     with pytest.raises(ValueError, match=r"batch_size.*whole number >= 1"):
         ShardReader(id_shards[0], split="test", image_size=4, batch_size=batch_size)
     assert len(ShardReader(id_shards[0], split="test", image_size=4, batch_size=4.0)) == 8
+
+
+def test_reading_squashed_shards_at_another_aspect_or_with_crop_warns(tmp_path):
+    """`--resize 16x8` shards hold every image squashed: reading at another aspect ratio
+    (squashed again, cropped or padded to it) acts on the squashed picture, which is said;
+    the packed aspect at any scale loses nothing more and is not."""
+    import warnings as py_warnings
+
+    from conftest import write_id_tree
+
+    from packer import pack
+
+    write_id_tree(tmp_path / "src", {"train": 2}, size=20)
+    pack(tmp_path / "src", tmp_path / "out", workers=1, quiet=True, resize="16x8")
+    for options in ({"image_size": (8, 16)}, {"image_size": (4, 8), "crop_to_aspect_ratio": True}):
+        with py_warnings.catch_warnings():
+            py_warnings.simplefilter("error")
+            ShardReader(tmp_path / "out", split="train", **options)
+    for options, words in (({"image_size": (16, 16)}, "image_size (16, 16), another aspect ratio, each "
+                                                      "is squashed again"),
+                           ({"image_size": 8, "crop_to_aspect_ratio": True}, "cropped to it"),
+                           ({"image_size": (16, 8), "pad_to_aspect_ratio": True}, "padded to it")):
+        with pytest.warns(UserWarning, match=rf"squashed to 16x8 .*{re.escape(words)}"):
+            ShardReader(tmp_path / "out", split="train", **options)
