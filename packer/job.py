@@ -25,7 +25,7 @@ from .planner import Planner
 from .probe import DEFAULT_MAX_PIXELS, DEFAULT_VALIDATE, VALIDATE_MODES, Probe, probe_file
 from .progress import Progress as tqdm
 from .resume import Journal, check_output
-from .sizes import parse_size
+from .sizes import counted, format_size, parse_size
 from .spool import remove as spool_remove
 from .spool import spool_path
 from .transform import ResizeSpec, parse_resize
@@ -285,12 +285,12 @@ def _pack_with(
         spool_remove(spool_path(out_dir))  # refused: OUT is left as it was
         raise
     spool_remove(spool_path(out_dir))  # this run's, or one an interrupted --resize run left
-    empty = empty_split_warnings(plan)
-    for warning in empty:
+    noticed = plan_warnings(plan)
+    for warning in noticed:
         log.warning(warning)
     manifest = build_manifest(
         plan, results, skipped=skipped, ignored=ignored, duplicates=find_duplicates(plan),
-        warnings=walked.warnings + empty,
+        warnings=walked.warnings + noticed,
     )
     with os_errors_as_pack_error(os.path.join(out_dir, MANIFEST_NAME)):
         write_manifest_atomically(out_dir, manifest, durable=durable)
@@ -320,12 +320,22 @@ def refuse_no_images(plan: Plan, skipped: list[tuple[str, str]], ignored: list[t
     )
 
 
-def empty_split_warnings(plan: Plan) -> list[str]:
-    """A split without images packs (the others are usable), with a warning: readers
-    refuse it (``EmptySplitError``), as Keras refuses a folder without images."""
-    return [f"split {split!r} holds no images (its class folders are empty or all their files "
-            "were skipped): readers refuse it"
-            for split, shards in sorted(plan.shards.items()) if not any(s.samples for s in shards)]
+def plan_warnings(plan: Plan) -> list[str]:
+    """What the plan does that the options did not ask for. A split without images packs
+    (the others are usable), with a warning: readers refuse it (``EmptySplitError``), as
+    Keras refuses a folder without images. A sample bigger than ``max_size`` goes alone
+    into a shard over the limit (``--max-size 1KB``: every shard over it), which is said."""
+    warnings = [f"split {split!r} holds no images (its class folders are empty or all their "
+                "files were skipped): readers refuse it"
+                for split, shards in sorted(plan.shards.items()) if not any(s.samples for s in shards)]
+    max_size = int(plan.options.get("max_size") or 0)
+    over = [shard for shard in plan.all_shards() if max_size and shard.planned_bytes > max_size]
+    if over:
+        warnings.append(
+            f"{counted(len(over), 'shard')} {'exceeds' if len(over) == 1 else 'exceed'} --max-size "
+            f"{format_size(max_size)}, each holding "
+            f"one image bigger than that (e.g. {over[0].samples[0].rel_path}): raise --max-size")
+    return warnings
 
 
 def normalize_options(

@@ -157,7 +157,7 @@ def _plan_write_send(
     *, run: Any, resize_spec: Any, staging: str, batch: int, upload_workers: int, quiet: bool,
     storage_options: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    from .job import empty_split_warnings, find_duplicates, make_plan, probe_all, refuse_no_images
+    from .job import find_duplicates, make_plan, plan_warnings, probe_all, refuse_no_images
     from .manifest import build_manifest
 
     url = store.url
@@ -173,7 +173,7 @@ def _plan_write_send(
                                   upload_workers=upload_workers, quiet=quiet)
         manifest = build_manifest(plan, results, skipped=skipped, ignored=ignored,
                                   duplicates=duplicates,
-                                  warnings=walked.warnings + empty_split_warnings(plan))
+                                  warnings=walked.warnings + plan_warnings(plan))
         wanted = {s.name for s in plan.all_shards()}
         stale = named_shards(old_manifest) - wanted
         stale |= store.stray_shards(wanted | stale)  # a stopped run's, with no manifest

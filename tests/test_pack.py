@@ -258,6 +258,8 @@ def test_max_size_respected_exactly(photo_src, tmp_path):
                 assert entry["count"] == 1
                 alone += 1
     assert alone == 1  # the big PNG, on its own
+    (over,) = [w for w in manifest["warnings"] if "--max-size" in w]
+    assert over.startswith("1 shard exceeds --max-size 30.0 KB") and "train/cat/big.png" in over
     sizes = [s["bytes"] for s in manifest["splits"]["train"]["shards"]]
     assert max(sizes) > limit and sorted(sizes)[-2] > limit // 2  # shards are filled, not tiny
 
