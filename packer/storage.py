@@ -13,7 +13,7 @@ from typing import Any
 import fsspec
 
 from .errors import ManifestError
-from .format import MANIFEST_NAME, parse_manifest
+from .format import JOURNAL_NAME, MANIFEST_NAME, parse_manifest
 
 __all__ = ["storage_options_for", "one_retry_layer", "join_url", "read_manifest", "open_binary",
            "is_url", "refuse_mistyped_url"]
@@ -110,6 +110,12 @@ def read_manifest(
         cause = _connection_failure(exc)
         if cause is not None:
             raise ManifestError(f"cannot reach {url} ({type(cause).__name__}: {cause})") from exc
+        if not is_url(source) and os.path.exists(os.path.join(source, JOURNAL_NAME)):
+            raise ManifestError(
+                f"no {MANIFEST_NAME} at {source} yet: a pack is writing it, or was stopped (its "
+                "journal is there). The manifest appears when the pack finishes; re-run a "
+                "stopped pack with the same command to finish it"
+            ) from exc
         raise ManifestError(
             f"no {MANIFEST_NAME} at {source}: is it a shardpack output? (`shardpack pack SRC OUT` "
             f"writes one; an interrupted pack has none until it finishes){hint}"

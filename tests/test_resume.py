@@ -14,7 +14,7 @@ import pytest
 from zoo import SMALL
 
 from packer import pack
-from packer.errors import OutputExistsError, PackError
+from packer.errors import ManifestError, OutputExistsError, PackError
 from packer.examples import make_example_tree
 from packer.format import MANIFEST_NAME
 from packer.inspect import verify
@@ -71,6 +71,10 @@ def test_resume_after_sigkill_matches_clean_run(src, clean, tmp_path):
     journal = [json.loads(line) for line in (out / JOURNAL_NAME).read_text().splitlines() if line.strip()][1:]
     finished = {entry["name"]: (out / entry["name"]).stat().st_mtime_ns for entry in journal}
     assert finished, "the killed run recorded no finished shard"
+    from reader import ShardReader  # a reader of the stopped pack is told why there is no manifest
+
+    with pytest.raises(ManifestError, match="a pack is writing it, or was stopped"):
+        ShardReader(out, split="train")
     assert len(finished) < len(_shas(clean_manifest))
 
     done = subprocess.run([SHARDPACK, "pack", str(src), str(out), *CLI_OPTS], capture_output=True, text=True)
