@@ -460,11 +460,12 @@ class ShardReader:
             yield batch
         self._reading = None
         lost = (self.policy.skipped_samples - skipped[0], self.policy.skipped_shards - skipped[1])
-        if any(lost):
-            log.warning(
-                "epoch %d of %s: skipped %d undecodable samples and %d damaged shards",
-                epoch, self.split, *lost,
-            )
+        if any(lost):  # "ignore" is silent: only "warn" makes this a warning
+            loud = (lost[0] and self.policy.on_error == "warn") or (
+                lost[1] and self.policy.on_shard_error == "warn")
+            log.log(logging.WARNING if loud else logging.DEBUG,
+                    "epoch %d of %s: skipped %d undecodable samples and %d damaged shards",
+                    epoch, self.split, *lost)
 
     def _batches(self, epoch: int, skip: int) -> Iterator[Batch]:
         """Epoch ``epoch``'s batches after the first ``skip``: from the decode processes

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .shard_reader import ShardReader
 
-__all__ = ["STATE_VERSION", "shard_fingerprint", "reader_streams", "saved_streams", "check_streams",
+__all__ = ["STATE_VERSION", "shard_fingerprint", "content_fingerprint", "reader_streams", "saved_streams", "check_streams",
            "make_state", "check_state", "save_state", "load_state", "ShardReaderCheckpoint"]
 
 STATE_VERSION = 1
@@ -41,6 +41,16 @@ def shard_fingerprint(reader: ShardReader) -> str:
     """A short hash of the split's shard list (names, sample counts and sizes)."""
     listing = [[ref.name, ref.count, ref.nbytes] for ref in reader.source.shards]
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def content_fingerprint(reader: ShardReader) -> str | None:
+    """A short hash of the split's shards' sha256s, None where the manifest lacks them.
+    Names, counts and sizes alone do not tell a re-pack (another seed: the same images in
+    another order) from the original: tar sizes are rounded to 10,240-byte records."""
+    hashes = [ref.sha256 for ref in reader.source.shards]
+    if not hashes or None in hashes:
+        return None
+    return hashlib.sha256(json.dumps(hashes).encode()).hexdigest()[:16]
 
 
 def reader_streams(reader: ShardReader) -> int:
@@ -118,6 +128,7 @@ def make_state(reader: ShardReader, *, epoch: int, batches: int, streams: int | 
         **_order_fields(reader),
         "streams": reader_streams(reader) if streams is None else int(streams),
         "shards": shard_fingerprint(reader),
+        "shard_hashes": content_fingerprint(reader),
     }
 
 
@@ -140,19 +151,21 @@ def check_state(reader: ShardReader, state: dict[str, Any], *, streams: bool = T
             f"reader state version {state.get('version')!r} is not supported "
             f"(this shardpack reads version {STATE_VERSION})"
         )
-    if state.get("shards") != shard_fingerprint(reader):
-        raise ValueError(
-            f"the state was saved for another list of shards of split {state.get('split')!r} "
-            "(shards re-packed, or another source): it cannot be resumed exactly; start the "
-            "epoch over with reader.set_epoch(epoch)"
-        )
     mine = _order_fields(reader)
-    for field in _ORDER_FIELDS:
+    for field in _ORDER_FIELDS:  # first: a different split or option is the likelier mistake
         if field in state and state[field] != mine[field]:
             raise ValueError(
                 f"the state was saved with {field}={state[field]!r} but this reader has "
                 f"{field}={mine[field]!r}; create the reader with the same value to resume"
             )
+    # states of shardpack 0.2.x have no shard_hashes: they are held to the listing only
+    if state.get("shards") != shard_fingerprint(reader) or (
+            state.get("shard_hashes") is not None and state["shard_hashes"] != content_fingerprint(reader)):
+        raise ValueError(
+            f"the state was saved for other shards of split {state.get('split')!r} (re-packed, "
+            "or another source): it cannot be resumed exactly; start the epoch over with "
+            "reader.set_epoch(epoch)"
+        )
     epoch, batches = int(state["epoch"]), int(state["batches"])
     if epoch < 0 or not 0 <= batches <= len(reader):
         raise ValueError(f"state position epoch={epoch}, batches={batches} is out of range "

@@ -35,6 +35,11 @@ def _to_torch(x: np.ndarray, channels_last: bool) -> torch.Tensor:
     return t.permute(0, 3, 1, 2) if channels_last else t
 
 
+# slots of ShardIterableDataset._control
+_GENERATION, _EPOCH, _SKIP, _SEED, _STREAMS, _READ = range(6)
+_NO_SEED = -(2**63)
+
+
 class ShardIterableDataset(IterableDataset):
     """Iterate over one split as batches of torch tensors, epoch by epoch.
 
@@ -61,7 +66,8 @@ class ShardIterableDataset(IterableDataset):
 
     Epochs work like ``DistributedSampler``: call :meth:`set_epoch` at the start of every
     epoch so each gets a new order (with ``persistent_workers=True`` the workers move on to
-    the next epoch by themselves after each pass).
+    the next epoch by themselves after each pass, and still follow a :meth:`set_epoch` or
+    :meth:`load_state_dict` made after they started).
 
     Args:
         source: shard folder or URL, or manifest-less tars (see ShardReader).
@@ -113,6 +119,13 @@ class ShardIterableDataset(IterableDataset):
         # they inherit), so a state records how the epoch was split. 0: no worker has read
         # since set_epoch / load_state_dict.
         self._loader_workers: Any = multiprocessing.RawValue("i", 0)
+        # What set_epoch / load_state_dict decided, for persistent loader workers, whose
+        # copies were made before and never see this process's attributes: generation,
+        # epoch, resume batches, seed, resume streams (0: unknown); and the epoch the
+        # workers last read (-1: none since), for state_dict. Shared as _loader_workers is.
+        self._control: Any = multiprocessing.RawArray("q", 6)
+        self._control[_READ] = -1
+        self._seen = 0  # the generation this copy follows
 
     @property
     def class_names(self) -> list[str]:
@@ -130,6 +143,29 @@ class ShardIterableDataset(IterableDataset):
         self.epoch = int(epoch)
         self._passes = 0
         self._loader_workers.value = 0
+        self._publish()
+
+    def _publish(self) -> None:
+        """Hand this process's position to loader workers made before it was set
+        (``persistent_workers=True``): they adopt it as their next pass starts."""
+        control = self._control
+        control[_GENERATION] += 1
+        control[_EPOCH], control[_SKIP] = self.epoch, self._resume_batches
+        seed = self.reader.seed
+        control[_SEED] = seed if -(2**63) < seed < 2**63 else _NO_SEED  # else: the copies' own
+        control[_STREAMS] = self._resume_streams or 0
+        control[_READ] = -1
+        self._seen = control[_GENERATION]
+
+    def _adopt_published(self) -> None:
+        """In a loader worker: take a position published since this copy was made."""
+        control = self._control
+        if control[_GENERATION] != self._seen:
+            self._seen = control[_GENERATION]
+            self.epoch, self._passes, self._resume_batches = control[_EPOCH], 0, control[_SKIP]
+            if control[_SEED] != _NO_SEED:
+                self.reader.seed = control[_SEED]
+            self._resume_streams = control[_STREAMS] or None
 
     def state_dict(self, batches: int) -> dict[str, Any]:
         """The position after the training loop consumed ``batches`` batches of the current
@@ -144,8 +180,9 @@ class ShardIterableDataset(IterableDataset):
         from .state import make_state
 
         streams = self._loader_workers.value or (self._resume_streams if not self._passes else None)
-        return make_state(self.reader, epoch=self.epoch + max(self._passes - 1, 0), batches=batches,
-                          streams=streams)
+        read = self._control[_READ]  # persistent workers move on without this process
+        epoch = read if self._loader_workers.value and read >= 0 else self.epoch + max(self._passes - 1, 0)
+        return make_state(self.reader, epoch=epoch, batches=batches, streams=streams)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at a position from :meth:`state_dict` (or ``ShardReader.state_dict``): the
@@ -161,8 +198,10 @@ class ShardIterableDataset(IterableDataset):
         self.epoch, self._passes, self._resume_batches = epoch, 0, batches
         self._resume_streams = saved_streams(state)
         self._loader_workers.value = 0
+        self._publish()
 
     def __iter__(self) -> Iterator[Any]:
+        self._adopt_published()
         epoch = self.epoch + self._passes
         skip = self._resume_batches if self._passes == 0 else 0
         self._passes += 1
@@ -176,6 +215,7 @@ class ShardIterableDataset(IterableDataset):
                 "DataLoader(num_workers=0), or drop processes= and give the loader num_workers")
         if info is not None:
             self._loader_workers.value = workers
+            self._control[_READ] = epoch
         if skip:
             from .state import check_streams, reader_streams
 
@@ -204,11 +244,13 @@ class ShardIterableDataset(IterableDataset):
         state = self.__dict__.copy()
         if multiprocessing.context.get_spawning_popen() is None:
             state["_loader_workers"] = state["_loader_workers"].value
+            state["_control"] = list(state["_control"])
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if isinstance(state["_loader_workers"], int):
             state["_loader_workers"] = multiprocessing.RawValue("i", state["_loader_workers"])
+            state["_control"] = multiprocessing.RawArray("q", state["_control"])
         self.__dict__.update(state)
 
     def __repr__(self) -> str:

@@ -43,6 +43,23 @@ def test_broken_sample_is_skipped_with_a_warning_and_counted(shards_with_a_broke
     assert reader.policy.skipped_samples == 1
 
 
+def test_ignore_is_silent_and_warn_says_so_at_the_end_of_the_epoch(shards_with_a_broken_image, caplog):
+    """on_error="ignore" skips silently (still counted); the end-of-epoch count was logged
+    as a warning under "ignore" too."""
+    import warnings as py_warnings
+
+    for on_error, loud in (("ignore", False), ("warn", True)):
+        caplog.clear()
+        reader = ShardReader(shards_with_a_broken_image, num_classes=2, image_size=4, batch_size=8,
+                             shuffle=False, on_error=on_error)
+        with py_warnings.catch_warnings():
+            py_warnings.simplefilter("ignore" if loud else "error")
+            list(reader)
+        assert reader.policy.skipped_samples == 1
+        at_warning = [r for r in caplog.records if r.levelname == "WARNING" and "skipped 1" in r.getMessage()]
+        assert bool(at_warning) is loud, on_error
+
+
 def test_broken_sample_raises_when_asked(shards_with_a_broken_image):
     reader = ShardReader(shards_with_a_broken_image, num_classes=2, image_size=4, on_error="raise")
     with pytest.raises(SampleDecodeError, match="k0013") as info:

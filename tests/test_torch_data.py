@@ -82,6 +82,33 @@ def test_resume_with_workers(awkward_shards, k):
     assert _epoch(DataLoader(again, batch_size=None, num_workers=2)) == full[k:]
 
 
+def test_persistent_workers_follow_set_epoch_and_state_dict_follows_them(awkward_shards):
+    """Persistent loader workers keep their copies of the dataset: they moved on by
+    themselves (state_dict then said epoch 0 during epoch 1, and a resume replayed epoch 0)
+    and never saw a later set_epoch or load_state_dict."""
+    def epoch_of(epoch: int) -> list[list[int]]:  # what a fresh loader reads for that epoch
+        ds = ShardIterableDataset(awkward_shards, seed=5, **OPTIONS)
+        ds.set_epoch(epoch)
+        return _epoch(DataLoader(ds, batch_size=None, num_workers=2))
+
+    ds = ShardIterableDataset(awkward_shards, seed=5, **OPTIONS)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    assert _epoch(loader) == epoch_of(0)
+    second = _epoch(loader)  # no set_epoch: the workers move on to epoch 1
+    assert second == epoch_of(1)
+    state = ds.state_dict(batches=3)
+    assert (state["epoch"], state["batches"]) == (1, 3)
+    ds.set_epoch(5)  # after the workers started: they follow it
+    assert _epoch(loader) == epoch_of(5)
+    ds.load_state_dict(state)  # and a resume
+    assert _epoch(loader) == second[3:]
+    other = ShardIterableDataset(awkward_shards, seed=7, **OPTIONS)  # a state of another seed:
+    other.set_epoch(2)
+    full = _epoch(DataLoader(other, batch_size=None, num_workers=2))
+    ds.load_state_dict(other.state_dict(batches=4))  # the workers take its seed too
+    assert _epoch(loader) == full[4:]
+
+
 @pytest.mark.parametrize("dtype", ["uint8", "float32"])
 def test_nchw_is_written_by_the_decode_threads(photo_shards, dtype):
     """Contiguous NCHW tensors come from the reader as they are (its decode threads write
