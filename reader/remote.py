@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "open_shard_stream",
     "prefetch_shards",
+    "OpenAhead",
     "ShardStream",
     "ShardCache",
     "is_transient",
@@ -677,6 +678,45 @@ def prefetch_shards(
     finally:
         for stream in pending:
             stream.close()
+
+
+class OpenAhead:
+    """Open an epoch's shard streams one step ahead of the reader.
+
+    An epoch's shard pieces start in order (``shuffle.interleave`` takes them so); when
+    piece ``i`` starts, piece ``i + 1`` is opened too, and a remote stream starts fetching
+    as it opens (its read-ahead thread), so the next shard's first blocks are there when
+    it starts instead of one time-to-first-byte stall per shard. An error of an early open
+    is raised when its piece starts, in that piece (and so under its shard's policy). Runs
+    on the thread that iterates the epoch; :meth:`close` closes what was never started.
+    """
+
+    def __init__(self, open_piece: Callable[[int], IO[bytes]], pieces: int, depth: int = 1) -> None:
+        self._open_piece = open_piece
+        self._pieces = pieces
+        self._depth = depth
+        self._opened: dict[int, IO[bytes] | BaseException] = {}
+
+    def open(self, piece: int) -> IO[bytes]:
+        """The stream of ``piece``, opened now or earlier; the next ones start opening."""
+        for ahead in range(piece + 1, min(piece + 1 + self._depth, self._pieces)):
+            if ahead not in self._opened:
+                try:
+                    self._opened[ahead] = self._open_piece(ahead)
+                except Exception as exc:  # its own piece raises it, under its policy
+                    self._opened[ahead] = exc
+        got = self._opened.pop(piece, None)
+        if got is None:
+            return self._open_piece(piece)
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    def close(self) -> None:
+        for got in self._opened.values():
+            if not isinstance(got, BaseException):
+                got.close()
+        self._opened.clear()
 
 
 def _remedy(url: str) -> str:

@@ -298,8 +298,12 @@ def shard_samples(
     policy: ErrorPolicy,
     storage_options: dict[str, Any] | None = None,
     cache_dir: str | None = None,
+    opened: Callable[[], IO[bytes]] | None = None,
 ) -> Generator[Sample, Any, None]:
     """Open one shard, stream its samples, and check the count against the manifest.
+
+    ``opened``: gives the shard's stream, already opened ahead (reader.remote.OpenAhead);
+    by default :func:`open_ref` opens it as the first sample is asked for.
 
     Errors are handed to ``policy``: with ``on_shard_error="raise"`` a ShardReadError
     naming the shard and byte offset propagates; otherwise the shard is cut short there.
@@ -307,7 +311,7 @@ def shard_samples(
     """
     count = 0
     try:
-        with _checked_shard(ref, storage_options, cache_dir) as stream:
+        with _checked_shard(ref, storage_options, cache_dir, opened) as stream:
             for sample in group_samples(tar_members(stream, shard=ref.name), shard=ref.name):
                 count += 1
                 if (yield sample) is READ_THE_REST:
@@ -327,19 +331,23 @@ def shard_samples(
 
 @contextlib.contextmanager
 def _checked_shard(
-    ref: ShardRef, storage_options: dict[str, Any] | None, cache_dir: str | None
+    ref: ShardRef, storage_options: dict[str, Any] | None, cache_dir: str | None,
+    opened: Callable[[], IO[bytes]] | None = None,
 ) -> Iterator[IO[bytes]]:
     """One shard opened for a whole read checked against the manifest's size and sha256
     (and kept in ``cache_dir``); an OSError while it is read becomes a ShardReadError
     naming the shard and the byte offset."""
-    with open_shard(
-        ref.url, expected_size=ref.nbytes, expected_sha256=ref.sha256, cache_dir=cache_dir,
-        **(storage_options or {}),
-    ) as stream:
+    with (opened() if opened is not None else open_ref(ref, storage_options, cache_dir)) as stream:
         try:
             yield stream
         except OSError as exc:
             raise ShardReadError(f"read failed ({exc})", shard=ref.name, offset=_tell(stream)) from exc
+
+
+def open_ref(ref: ShardRef, storage_options: dict[str, Any] | None, cache_dir: str | None) -> IO[bytes]:
+    """Open a shard of the manifest for a whole read, checked against its size and sha256."""
+    return open_shard(ref.url, expected_size=ref.nbytes, expected_sha256=ref.sha256,
+                      cache_dir=cache_dir, **(storage_options or {}))
 
 
 def _read_to_end(stream: IO[bytes]) -> None:

@@ -9,15 +9,16 @@ thread pool -> batches. How ranks and workers split an epoch is in :mod:`reader.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
 import warnings
 from collections import Counter
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -41,7 +42,8 @@ from .distributed import (
 )
 from .policy import ErrorPolicy, OnError
 from .processes import DecodeProcesses
-from .samples import READ_THE_REST, Sample, sample_label, scan_shard, shard_samples
+from .remote import OpenAhead
+from .samples import READ_THE_REST, Sample, open_ref, sample_label, scan_shard, shard_samples
 from .shuffle import DEFAULT_BUFFER, epoch_rng, interleave, shard_order, shuffle_buffer
 from .source import SplitSource, resolve_source
 
@@ -542,15 +544,18 @@ class ShardReader:
         )
 
     def _piece_samples(
-        self, shard: int, start: int, stop: int | None, check_rest: bool = True
+        self, shard: int, start: int, stop: int | None, check_rest: bool = True,
+        opened: Callable[[], IO[bytes]] | None = None,
     ) -> Iterator[tuple[Sample, int]]:
         """Samples ``start:stop`` of one shard (after the class subset), labelled.
 
         ``check_rest``: read the rest of a shard this piece ends inside, so its checksum is
-        compared (False where this rank reads that shard in another piece anyway)."""
+        compared (False where this rank reads that shard in another piece anyway).
+        ``opened``: gives the shard's stream opened ahead (``_opener``)."""
         ref = self.source.shards[shard]
         raw = shard_samples(
             ref, policy=self.policy, storage_options=self.storage_options, cache_dir=self.cache_dir,
+            opened=opened,
         )
         labelled = self._select(raw)
         if start == 0 and (stop is None or stop == ref.count and self._remap is None):
@@ -600,8 +605,29 @@ class ShardReader:
         else:
             parts = [(p.shard, p.start, p.stop) for p in pieces]
         first_of_shard = {shard: i for i, (shard, _, _) in reversed(list(enumerate(parts)))}
-        streams = (self._piece_samples(*part, check_rest=first_of_shard[part[0]] == i)
+        ahead = self._opener(parts)
+        streams = (self._piece_samples(*part, check_rest=first_of_shard[part[0]] == i,
+                                       opened=functools.partial(ahead.open, i) if ahead else None)
                    for i, part in enumerate(parts))
+        try:
+            yield from self._decoded(self._shuffled(streams, epoch, stream), epoch, stream,
+                                     skip_batches, buffers)
+        finally:
+            if ahead is not None:
+                ahead.close()
+
+    def _opener(self, parts: Sequence[tuple[int, int, int | None]]) -> OpenAhead | None:
+        """Remote shards are opened a piece ahead (reader.remote.OpenAhead); local files
+        start at once from the page cache or disk, and open when they start."""
+        if not any(_is_remote(ref.url) for ref in self.source.shards):
+            return None
+        refs = [self.source.shards[shard] for shard, _, _ in parts]
+        return OpenAhead(lambda i: open_ref(refs[i], self.storage_options, self.cache_dir), len(refs))
+
+    def _shuffled(
+        self, streams: Iterator[Iterator[tuple[Sample, int]]], epoch: int, stream: str
+    ) -> Iterator[tuple[Sample, int]]:
+        """The pieces' samples interleaved, then through the shuffle buffer."""
         labelled = interleave(streams, cycle_length=self.interleave if self.shuffle else 1)
         if self.shuffle:
             labelled = shuffle_buffer(
@@ -609,6 +635,14 @@ class ShardReader:
                 size=self.shuffle_buffer, max_bytes=self.shuffle_buffer_bytes,
                 nbytes=_image_bytes,
             )
+        return labelled
+
+    def _decoded(
+        self, labelled: Iterator[tuple[Sample, int]], epoch: int, stream: str, skip_batches: int,
+        buffers: BatchBuffers | None,
+    ) -> Iterator[Batch]:
+        """Drop the samples of batches a resume skips (still compressed), then decode the
+        rest into batches on the decode threads."""
         augment = self.decode_options.random_flip or self.decode_options.random_crop is not None
         aug_rng = epoch_rng(self.seed, epoch, "augment" + stream) if augment else None
         if skip_batches:
@@ -681,3 +715,7 @@ def _warn_about_squashed_shards(manifest: dict[str, Any] | None, options: Decode
         f"{options.image_size}, another aspect ratio, each is {how} from the squashed picture, "
         "not from the original's aspect; pack with --resize N (short side) to keep it",
         stacklevel=3)
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")

@@ -532,3 +532,53 @@ def test_cache_hits_hash_nothing_and_copies_follow_the_umask(uploaded, tmp_path,
     for _ in range(3):
         assert _read_cached(url, entry, endpoint, cache_dir) == (shards / name).read_bytes()
     assert hashes == []
+
+
+def test_the_next_remote_shard_is_opened_before_the_current_one_is_read(id_shards, monkeypatch):
+    """Each remote shard waited for its first byte only when it started (one stall per
+    shard, ~0.3 s each behind a slow store): the next one now opens, and so starts
+    fetching, as the current one starts; the samples are the same."""
+    import uuid
+
+    import reader.shard_reader as shard_reader_module
+    from packer.uploader import upload
+    from reader import ShardReader
+
+    url = f"memory://ahead-{uuid.uuid4().hex}/ds"
+    upload(id_shards[0], url, quiet=True)
+    events = []
+
+    class Recorded:
+        def __init__(self, stream, name):
+            self._stream, self._name, self._read = stream, name, False
+
+        def read(self, *args):
+            if not self._read:
+                self._read = True
+                events.append(("read", self._name))
+            return self._stream.read(*args)
+
+        def __getattr__(self, attr):
+            return getattr(self._stream, attr)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._stream.close()
+
+    real_open = shard_reader_module.open_ref
+
+    def recording_open(ref, *args):
+        events.append(("open", ref.name))
+        return Recorded(real_open(ref, *args), ref.name)
+
+    monkeypatch.setattr(shard_reader_module, "open_ref", recording_open)
+    options = dict(split="train", image_size=4, batch_size=16, shuffle=False)
+    remote = [y.tolist() for _, y in ShardReader(url, **options)]
+    assert remote == [y.tolist() for _, y in ShardReader(id_shards[0], **options)]
+    names = [name for kind, name in events if kind == "read"]
+    assert len(names) == 14 and len(set(names)) == 14  # every train shard, in order, once
+    for current, following in zip(names, names[1:], strict=False):
+        assert events.index(("open", following)) < events.index(("read", current)), (current, following)
+    assert [kind for kind, _ in events].count("open") == 14  # none opened twice, none left over
