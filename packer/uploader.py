@@ -256,7 +256,7 @@ def _manifest_shards(manifest: dict[str, Any], out_dir: str) -> list[ShardFile]:
     for split in sorted(manifest["splits"]):
         for entry in manifest["splits"][split]["shards"]:
             shards.append(ShardFile(entry["name"], os.path.join(out_dir, entry["name"]),
-                                 entry["sha256"], int(entry["bytes"])))
+                                 entry["sha256"], int(entry["bytes"]), entry.get("fingerprint")))
     return shards
 
 
@@ -371,8 +371,7 @@ def send_shards(
     lock = threading.Lock()
     unpublished = threading.Event()
     current = store.read_bytes(MANIFEST_NAME) if manifest_bytes is not None else None
-    aside = (store.read_bytes(REPLACED_NAME)
-             if manifest_bytes is not None and current is None else None)
+    aside = store.read_bytes(REPLACED_NAME) if manifest_bytes is not None else None
     old_manifest = current if current is not None else aside
     stats = {"uploaded": 0, "skipped": 0, "bytes": 0, "bytes_skipped": 0, "removed": 0}
     total = sum(s.bytes for s in shards)
@@ -449,14 +448,16 @@ def send_shards(
 
 def _remove_unnamed_shards(store: RemoteStore, old_manifest: bytes | None, shards: list[ShardFile]) -> int:
     """Delete the shards an earlier remote manifest named and the new one does not (a
-    smaller re-pack), before the new manifest is published; return how many."""
-    if old_manifest is None:
-        return 0
-    try:
-        old = parse_manifest(old_manifest)
-    except Exception:  # an unreadable old manifest names nothing we can trust to delete
-        return 0
-    stale = sorted(named_shards(old) - {shard.name for shard in shards})
+    smaller re-pack), and those a stopped upload of another pack left that no manifest
+    names (``RemoteStore.stray_shards``), before the new manifest is published; return how
+    many."""
+    try:  # an unreadable old manifest names nothing we can trust to delete
+        old = parse_manifest(old_manifest) if old_manifest is not None else None
+    except Exception:
+        old = None
+    keep = {shard.name for shard in shards}
+    dropped = named_shards(old) - keep
+    stale = sorted(dropped | store.stray_shards(keep | dropped))
     for name in stale:
         store.remove(name)
     if stale:

@@ -418,6 +418,40 @@ def test_upload_after_a_stopped_upload_removes_the_shards_the_new_manifest_drops
     assert summary["removed"] == len(set(_shard_names(bigger)) - set(_shard_names(smaller))) > 0
 
 
+def test_a_stopped_upload_of_a_bigger_pack_leaves_no_orphans_and_no_aside_manifest(
+        s3, proxy, photo_shards, tmp_path):
+    """Upload a pack, stop the upload of a bigger one (a PUT fails), upload the first again:
+    the bigger one's shards no manifest names stayed for good (upload wrote no fingerprint
+    and swept no strays), and an aside manifest left by a failed DELETE stayed on every run."""
+    from packer import pack
+
+    endpoint, _, bucket = s3
+    smaller, bigger = tmp_path / "smaller", tmp_path / "bigger"
+    pack(photo_shards.parent / "src", smaller, seed=0, max_count=10_000, workers=1, quiet=True)
+    pack(photo_shards.parent / "src", bigger, seed=0, max_count=10, workers=1, quiet=True)
+    url = f"s3://{bucket}/orphans"
+    once = {"config_kwargs": {"retries": {"total_max_attempts": 1}}}  # fail fast
+    upload(smaller, url, endpoint_url=proxy.endpoint, quiet=True)
+    last = _shard_names(bigger)[-1]
+    proxy.fault = lambda method, path, n: "500" if method == "PUT" and path.endswith(last) else None
+    with pytest.raises(UploadError):
+        upload(bigger, url, endpoint_url=proxy.endpoint, quiet=True, workers=1, storage_options=once)
+    proxy.fault = None
+    fs = _fs(endpoint)
+    summary = upload(smaller, url, endpoint_url=proxy.endpoint, quiet=True)
+    there = {p.split("/orphans/", 1)[1] for p in fs.find(f"{bucket}/orphans")}
+    assert there == set(_shard_names(smaller)) | {MANIFEST_NAME}
+    assert summary["removed"] == len(set(_shard_names(bigger)) - set(_shard_names(smaller)) - {last}) > 0
+    # a DELETE of the manifest that keeps failing leaves the aside copy; the next run removes it
+    proxy.fault = lambda method, path, n: "500" if method == "DELETE" and path.endswith(MANIFEST_NAME) else None
+    with pytest.raises(UploadError):
+        upload(bigger, url, endpoint_url=proxy.endpoint, quiet=True, workers=1, storage_options=once)
+    proxy.fault = None
+    assert _fs(endpoint).exists(f"{bucket}/orphans/{REPLACED_NAME}")  # a fresh listing
+    assert upload(smaller, url, endpoint_url=proxy.endpoint, quiet=True)["manifest"] == "unchanged"
+    assert not _fs(endpoint).exists(f"{bucket}/orphans/{REPLACED_NAME}")
+
+
 def test_ctrl_c_stops_an_upload_after_the_shards_being_sent(s3, tmp_path):
     """SIGINT to `shardpack upload` ends it after the PUTs in flight (a few), not after
     every queued shard, and publishes no manifest."""
