@@ -110,6 +110,7 @@ def read_manifest(
         cause = _connection_failure(exc)
         if cause is not None:
             raise ManifestError(f"cannot reach {url} ({type(cause).__name__}: {cause})") from exc
+        _refuse_missing_bucket(os.fspath(source), storage_options)
         if not is_url(source) and os.path.exists(os.path.join(source, JOURNAL_NAME)):
             raise ManifestError(
                 f"no {MANIFEST_NAME} at {source} yet: a pack is writing it, or was stopped (its "
@@ -158,3 +159,15 @@ def _connection_failure(exc: BaseException) -> BaseException | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _refuse_missing_bucket(source: str, storage_options: dict[str, Any] | None) -> None:
+    """On S3 a missing bucket reads as a missing manifest: name the bucket instead."""
+    if not source.startswith(("s3://", "s3a://")):
+        return
+    from .uploader import RemoteStore
+
+    try:
+        RemoteStore(source, dict(storage_options or {})).require_bucket()
+    except FileNotFoundError as exc:
+        raise ManifestError(f"cannot read {source}: {exc}") from None

@@ -327,6 +327,12 @@ def upload(
     shards = _manifest_shards(manifest, out_dir)
     try:
         store = RemoteStore(url, options)
+        store.require_bucket()  # at once, not as every shard's failure with "re-run to resume"
+    except FileNotFoundError as exc:
+        raise UploadError(f"cannot upload to {url}: {exc}") from None
+    except Exception as exc:  # reaching the store at all failed (bad URL, no credentials)
+        raise UploadError(_failure_message(url, exc, options)) from None
+    try:
         summary = send_shards(store, shards, manifest_bytes, workers=workers, quiet=quiet, force=force)
     except UploadError as exc:
         raise UploadError(scrub_secrets(str(exc), options)) from None

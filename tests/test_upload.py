@@ -545,6 +545,19 @@ def test_an_unreachable_endpoint_is_a_clear_error(s3, capsys):
     assert "cannot read" in capsys.readouterr().err
 
 
+def test_a_missing_bucket_is_named_by_info_verify_and_upload(s3, photo_shards, capsys):
+    """A missing bucket read as "no manifest.json ... is it a shardpack output?" and made
+    every shard of an upload fail with "re-run to resume"."""
+    from packer.cli import main
+
+    endpoint, _, _ = s3
+    url = "s3://no-such-bucket-here/ds"
+    for argv in (["info", url], ["verify", url, "--quiet"], ["upload", str(photo_shards), url, "--quiet"]):
+        assert main([*argv, "--endpoint-url", endpoint]) != 0
+        err = capsys.readouterr().err
+        assert "bucket 'no-such-bucket-here' does not exist" in err and "re-run" not in err, argv
+
+
 def test_a_failing_shard_read_is_retried_by_one_layer_with_ours(s3, photo_shards):
     """botocore's retries are off under shardpack's (s3fs keeps its own): a shard whose
     every GET fails costs (our attempts) x (s3fs' 5), not 5 times more from botocore."""
