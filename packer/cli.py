@@ -7,10 +7,13 @@ is an argument of that function.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .errors import ShardpackError
@@ -209,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s")
     try:
-        return args.func(args)
+        with _terminate_as_interrupt():
+            return args.func(args)
     except ShardpackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -219,6 +223,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what cluster schedulers and ``kill`` send) stops a command as Ctrl-C does:
+    its clean-up runs (worker processes, a pack to a URL's staging folder) instead of the
+    process vanishing with them left behind. The caller's handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,11 @@ def _pack_and_send(
     for warning in walked.warnings:
         log.warning(warning)
     own_staging = staging_dir is None
-    staging = tempfile.mkdtemp(prefix="shardpack-staging-") if staging_dir is None else os.fspath(staging_dir)
+    if staging_dir is None:
+        remove_dead_runs_staging()
+        staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}-")
+    else:
+        staging = os.fspath(staging_dir)
     os.makedirs(staging, exist_ok=True)
     try:
         if check_workers is not None and walked.candidates:
@@ -150,6 +154,36 @@ def _pack_and_send(
     finally:
         if own_staging:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+_STAGING_PREFIX = "shardpack-staging-"
+
+
+def remove_dead_runs_staging() -> list[str]:
+    """Remove the temporary staging folders of runs that were killed (SIGKILL, a node's OOM
+    killer): each holds up to ``staging_shards`` shards, and every re-run made a new one.
+    A folder is named by its run's pid; only folders whose process is gone are removed."""
+    removed = []
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        pid = name[len(_STAGING_PREFIX):].split("-", 1)[0]
+        if not name.startswith(_STAGING_PREFIX) or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        removed.append(name)
+    if removed:
+        log.info("removed %d staging folders of killed runs", len(removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 def _plan_write_send(

@@ -490,6 +490,51 @@ def test_ctrl_c_stops_an_upload_after_the_shards_being_sent(s3, tmp_path):
     assert not any(p.endswith(MANIFEST_NAME) for p in puts)
 
 
+def test_sigterm_stops_a_pack_to_s3_with_its_clean_up_and_killed_runs_staging_goes(
+        s3, photo_shards, tmp_path, monkeypatch):
+    """A scheduler's SIGTERM ended `shardpack pack SRC s3://...` without its clean-up, and
+    a SIGKILL cannot have one: each left a staging folder of up to 4 shards in /tmp, and
+    each re-run made a new one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from packer.remote_out import remove_dead_runs_staging
+
+    endpoint, _, bucket = s3
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    slow = FaultProxy(endpoint, latency=0.2).start()
+    try:
+        cmd = [sys.executable, "-m", "packer.cli", "pack", str(photo_shards.parent / "src"),
+               f"s3://{bucket}/term", "--endpoint-url", slow.endpoint, "--max-count", "5",
+               "--workers", "1", "--quiet"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "TMPDIR": str(temp)})
+        deadline = time.monotonic() + 60
+        while not slow.requests("PUT") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(temp.glob(f"shardpack-staging-{proc.pid}-*")), "no staging folder seen"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        slow.stop()
+    assert proc.returncode == 130 and b"re-run the same command to resume" in err
+    assert not list(temp.glob("shardpack-staging-*"))
+    # a killed run's folder (its pid gone) is removed by the next run; a live run's stays
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead, alive = temp / f"shardpack-staging-{done.stdout.strip()}-ab", temp / f"shardpack-staging-{os.getpid()}-cd"
+    for folder in (dead, alive):
+        (folder / "train").mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    assert remove_dead_runs_staging() == [dead.name]
+    assert alive.exists() and not dead.exists()
+
+
 def test_pack_to_s3_fails_early_on_a_missing_bucket_and_removes_a_stopped_runs_strays(
         s3, photo_shards, tmp_path):
     """A bucket that does not exist is refused before anything is probed or written. A pack
