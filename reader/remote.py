@@ -136,8 +136,8 @@ class ShardCache:
     def lookup(self, key: str) -> str | None:
         """Path of a cached shard (marked as just used), or None."""
         path = self.path(key)
-        try:
-            os.utime(path)
+        try:  # the LRU clock is the access time: the modification time tells a copy changed
+            os.utime(path, ns=(time.time_ns(), os.stat(path).st_mtime_ns))
         except FileNotFoundError:
             return None
         return path
@@ -158,7 +158,7 @@ class ShardCache:
             except FileNotFoundError:
                 continue
             if entry.name.endswith(".tar"):
-                entries.append((st.st_mtime, entry.path, st.st_size))
+                entries.append((max(st.st_atime, st.st_mtime), entry.path, st.st_size))
             elif st.st_mtime < stale_before:
                 _remove_quietly(entry.path)
             else:
@@ -636,9 +636,11 @@ def _local_identity(st: os.stat_result, path: str, sha256: str) -> _LocalIdentit
 
 
 def _cache_identity(st: os.stat_result, path: str, sha256: str) -> _LocalIdentity:
-    """A cached copy's identity leaves its times out: every hit touches it (the LRU
-    clock), and a copy only ever appears by rename, so a new one has a new inode."""
-    return (os.path.realpath(path), (st.st_dev, st.st_ino, st.st_size), sha256)
+    """A cached copy's identity: its file and modification time. Every hit sets its access
+    time only (the LRU clock), so a copy written in place since it was hashed (a scribbling
+    process, a restored backup) has another mtime and is hashed again; its ctime, which
+    each hit changes, is left out."""
+    return (os.path.realpath(path), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), sha256)
 
 
 def _remember_verified(

@@ -299,6 +299,7 @@ def shard_samples(
     storage_options: dict[str, Any] | None = None,
     cache_dir: str | None = None,
     opened: Callable[[], IO[bytes]] | None = None,
+    cache_max_bytes: int | None = None,
 ) -> Generator[Sample, Any, None]:
     """Open one shard, stream its samples, and check the count against the manifest.
 
@@ -311,7 +312,7 @@ def shard_samples(
     """
     count = 0
     try:
-        with _checked_shard(ref, storage_options, cache_dir, opened) as stream:
+        with _checked_shard(ref, storage_options, cache_dir, opened, cache_max_bytes) as stream:
             for sample in group_samples(tar_members(stream, shard=ref.name), shard=ref.name):
                 count += 1
                 if (yield sample) is READ_THE_REST:
@@ -332,22 +333,26 @@ def shard_samples(
 @contextlib.contextmanager
 def _checked_shard(
     ref: ShardRef, storage_options: dict[str, Any] | None, cache_dir: str | None,
-    opened: Callable[[], IO[bytes]] | None = None,
+    opened: Callable[[], IO[bytes]] | None = None, cache_max_bytes: int | None = None,
 ) -> Iterator[IO[bytes]]:
     """One shard opened for a whole read checked against the manifest's size and sha256
     (and kept in ``cache_dir``); an OSError while it is read becomes a ShardReadError
     naming the shard and the byte offset."""
-    with (opened() if opened is not None else open_ref(ref, storage_options, cache_dir)) as stream:
+    with (opened() if opened is not None else
+          open_ref(ref, storage_options, cache_dir, cache_max_bytes)) as stream:
         try:
             yield stream
         except OSError as exc:
             raise ShardReadError(f"read failed ({exc})", shard=ref.name, offset=_tell(stream)) from exc
 
 
-def open_ref(ref: ShardRef, storage_options: dict[str, Any] | None, cache_dir: str | None) -> IO[bytes]:
+def open_ref(
+    ref: ShardRef, storage_options: dict[str, Any] | None, cache_dir: str | None,
+    cache_max_bytes: int | None = None,
+) -> IO[bytes]:
     """Open a shard of the manifest for a whole read, checked against its size and sha256."""
     return open_shard(ref.url, expected_size=ref.nbytes, expected_sha256=ref.sha256,
-                      cache_dir=cache_dir, **(storage_options or {}))
+                      cache_dir=cache_dir, cache_max_bytes=cache_max_bytes, **(storage_options or {}))
 
 
 def _read_to_end(stream: IO[bytes]) -> None:
@@ -402,7 +407,7 @@ def sample_label(sample: Sample) -> int | None:
 
 def scan_shard(
     ref: ShardRef, *, storage_options: dict[str, Any] | None = None, cache_dir: str | None = None,
-    policy: ErrorPolicy | None = None,
+    policy: ErrorPolicy | None = None, cache_max_bytes: int | None = None,
 ) -> list[tuple[str, int | None, str | None]]:
     """List ``(path, label, class name)`` of every sample in one shard, in shard order.
 
@@ -427,7 +432,7 @@ def scan_shard(
 
     out: list[tuple[str, int | None, str | None]] = []
     try:
-        with _checked_shard(ref, storage_options, cache_dir) as stream:
+        with _checked_shard(ref, storage_options, cache_dir, cache_max_bytes=cache_max_bytes) as stream:
             members = tar_members(stream, shard=ref.name, want=want)
             for sample in group_samples(members, shard=ref.name):
                 meta = _json_object(sample.get("json"))

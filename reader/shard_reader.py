@@ -24,6 +24,7 @@ import numpy as np
 
 from packer.errors import ClassNotFoundError, EmptySplitError, SampleDecodeError, ShardReadError
 from packer.probe import allow_packed_pixels
+from packer.sizes import parse_size
 
 from .batches import BatchBuffers, BatchOptions, decode_batches, default_decode_threads
 from .checks import check_batch_size, check_image_size
@@ -136,6 +137,8 @@ class ShardReader:
         storage_options: passed to fsspec for every file (credentials, endpoint, ...).
         cache_dir: keep remote shards in this local folder (keyed by URL + sha256), so later
             epochs read them from disk; local shards are never copied.
+        cache_max_bytes: bound ``cache_dir`` (bytes, or a size such as "50GB"): least
+            recently used shards are evicted beyond it (None: no bound).
         rank, world_size: this process's rank and the number of ranks. Ranks read disjoint
             shards where the counts allow and every rank yields ``len(reader)`` batches
             (docs/READING.md). None (both): found from a ``tf.distribute.InputContext``,
@@ -188,6 +191,7 @@ class ShardReader:
         num_classes: int | None = None,
         storage_options: dict[str, Any] | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        cache_max_bytes: int | str | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         uneven: Uneven = "pad",
@@ -204,6 +208,7 @@ class ShardReader:
         self.rank, self.world_size, self.uneven = int(rank), int(world_size), uneven
         self.storage_options = dict(storage_options or {})
         self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
+        self.cache_max_bytes = None if cache_max_bytes is None else parse_size(cache_max_bytes)
         self.source: SplitSource = resolve_source(
             source if isinstance(source, (str, list, tuple)) else os.fspath(source),  # type: ignore[arg-type]
             split=split,
@@ -287,7 +292,7 @@ class ShardReader:
         if self._index is None:
             self._index = [
                 scan_shard(ref, storage_options=self.storage_options, cache_dir=self.cache_dir,
-                           policy=self.policy)
+                           policy=self.policy, cache_max_bytes=self.cache_max_bytes)
                 for ref in self.source.shards
             ]
         return self._index
@@ -555,7 +560,7 @@ class ShardReader:
         ref = self.source.shards[shard]
         raw = shard_samples(
             ref, policy=self.policy, storage_options=self.storage_options, cache_dir=self.cache_dir,
-            opened=opened,
+            opened=opened, cache_max_bytes=self.cache_max_bytes,
         )
         labelled = self._select(raw)
         if start == 0 and (stop is None or stop == ref.count and self._remap is None):
@@ -622,7 +627,8 @@ class ShardReader:
         if not any(_is_remote(ref.url) for ref in self.source.shards):
             return None
         refs = [self.source.shards[shard] for shard, _, _ in parts]
-        return OpenAhead(lambda i: open_ref(refs[i], self.storage_options, self.cache_dir), len(refs))
+        return OpenAhead(lambda i: open_ref(refs[i], self.storage_options, self.cache_dir,
+                                            self.cache_max_bytes), len(refs))
 
     def _shuffled(
         self, streams: Iterator[Iterator[tuple[Sample, int]]], epoch: int, stream: str

@@ -81,6 +81,7 @@ def open_shard(
     expected_size: int | None = None,
     expected_sha256: str | None = None,
     cache_dir: str | None = None,
+    cache_max_bytes: int | None = None,
     **storage_options: Any,
 ) -> IO[bytes]:
     """Open one shard for a sequential, whole-shard read and return a binary stream.
@@ -90,7 +91,8 @@ def open_shard(
     :func:`reader.remote.open_shard_stream` (large ranged reads, retries that resume at the
     failed byte offset, read-ahead in a background thread). With the manifest's size and
     checksum, a remote shard costs no extra HEAD request and is verified as it streams
-    (ChecksumError at its end); ``cache_dir`` keeps remote shards on local disk.
+    (ChecksumError at its end); ``cache_dir`` keeps remote shards on local disk (at most
+    ``cache_max_bytes`` of them, least recently used evicted).
 
     Raises:
         ShardReadError: the shard cannot be opened or read (missing, no permission, network
@@ -100,7 +102,7 @@ def open_shard(
 
     return open_shard_stream(
         url, storage_options=storage_options, expected_size=expected_size,
-        expected_sha256=expected_sha256, cache_dir=cache_dir,
+        expected_sha256=expected_sha256, cache_dir=cache_dir, cache_max_bytes=cache_max_bytes,
     )
 
 

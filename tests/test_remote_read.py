@@ -384,8 +384,10 @@ def _tar_gets(proxy):
 
 def test_a_damaged_cached_copy_is_fetched_again_not_served(uploaded, tmp_path):
     """The cache names a copy by its sha256, but a disk can rot: the copy is hashed once per
-    process (a copy this process wrote counts as hashed), and one that no longer matches is
-    deleted and fetched again."""
+    process (a copy this process wrote counts as hashed) and again when its modification
+    time changes (a hit sets only its access time, the LRU clock; a copy written in place
+    was trusted by inode and size), and one that no longer matches is deleted and fetched
+    again."""
     endpoint, bucket, shards, _ = uploaded
     name, entry = sorted(_entries(shards).items())[0]
     url, cache_dir = f"s3://{bucket}/ds/{name}", tmp_path / "cache"
@@ -399,8 +401,12 @@ def test_a_damaged_cached_copy_is_fetched_again_not_served(uploaded, tmp_path):
         (copy,) = cache_dir.glob("*.tar")
         damaged = bytearray(copy.read_bytes())
         damaged[600] ^= 0x01
+        copy.write_bytes(bytes(damaged))  # in place: same inode and size, a new mtime
+        assert _read_cached(url, entry, proxy.endpoint, cache_dir) == good  # this process too
+        assert _tar_gets(proxy) > fetched
+        fetched = _tar_gets(proxy)
         copy.write_bytes(bytes(damaged))
-        # the next process (this one trusts the copy it hashed, by inode and size)
+        # the next process
         script = textwrap.dedent(f"""
             import sys
             sys.path.insert(0, {str(Path(__file__).parent)!r})
@@ -582,3 +588,25 @@ def test_the_next_remote_shard_is_opened_before_the_current_one_is_read(id_shard
     for current, following in zip(names, names[1:], strict=False):
         assert events.index(("open", following)) < events.index(("read", current)), (current, following)
     assert [kind for kind, _ in events].count("open") == 14  # none opened twice, none left over
+
+
+def test_a_readers_cache_is_bounded_by_cache_max_bytes(id_shards, tmp_path):
+    """cache_max_bytes reached open_shard_stream only: a reader's cache_dir grew without a
+    bound. Now the reader takes it (bytes or a size), and an epoch leaves the cache within it."""
+    import uuid
+
+    from packer.uploader import upload
+    from reader import ShardReader
+
+    url = f"memory://bounded-{uuid.uuid4().hex}/ds"
+    upload(id_shards[0], url, quiet=True)
+    manifest = json.loads((id_shards[0] / "manifest.json").read_text())
+    sizes = [s["bytes"] for s in manifest["splits"]["train"]["shards"]]
+    bound = 3 * max(sizes)
+    for limit in (bound, f"{bound}B"):
+        cache = tmp_path / f"cache-{limit}"
+        reader = ShardReader(url, split="train", image_size=4, batch_size=16, cache_dir=cache,
+                             cache_max_bytes=limit)
+        assert sum(1 for _ in reader) == len(reader)
+        kept = [p.stat().st_size for p in cache.glob("*.tar")]
+        assert 0 < len(kept) < len(sizes) and sum(kept) <= bound
