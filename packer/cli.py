@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -29,9 +30,11 @@ def _storage(args: argparse.Namespace, source: str) -> dict[str, Any]:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    from .job import pack
+    from .job import pack, refuse_unused_options
     from .summary import pack_summary
 
+    refuse_unused_options(resize=args.resize, quality=args.quality, engine=args.engine,
+                          scheduler=args.scheduler, typed=True)
     manifest = pack(
         args.src, args.out, max_count=args.max_count, max_size=args.max_size,
         workers=args.workers, seed=args.seed, resize=args.resize, quality=args.quality,
@@ -238,6 +241,17 @@ def _terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def _default_sigterm_in_child() -> None:
+    """Worker processes forked meanwhile (the pack's pool) end on SIGTERM as before: the
+    pool sends it to the others when one dies, and each printed a KeyboardInterrupt."""
+    if signal.getsignal(signal.SIGTERM) is signal.default_int_handler:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_default_sigterm_in_child)
 
 
 if __name__ == "__main__":

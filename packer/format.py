@@ -123,6 +123,9 @@ def split_name_problem(split: str) -> str | None:
     if len(split) > max_split_name_length():
         return (f"a split name may have at most {max_split_name_length()} characters (it is "
                 "part of every sample's tar member name)")
+    if "\\" in split or _DRIVE.match(split):
+        return ("a split name may not hold a backslash nor start with a letter and a colon "
+                "(a path separator and a drive on Windows)")
     longest_file = len(os.path.basename(partial_name(shard_name(split, 0))).encode())
     if longest_file > _NAME_MAX_BYTES:
         limit = _NAME_MAX_BYTES - (longest_file - len(split.encode()))
@@ -155,8 +158,10 @@ def named_shards(manifest: dict[str, Any] | None) -> set[str]:
     """The shard names a manifest lists that have :func:`shard_name`'s shape: the only
     names a re-pack or upload may delete when the new manifest drops them. Anything else
     a manifest names (edited by hand, or written by something else) is left alone."""
-    return {entry["name"] for split in (manifest or {}).get("splits", {}).values()
-            for entry in split.get("shards", [])
+    splits = manifest.get("splits") if isinstance(manifest, dict) else None
+    shards = [split.get("shards") for split in splits.values() if isinstance(split, dict)] \
+        if isinstance(splits, dict) else []
+    return {entry["name"] for listed in shards if isinstance(listed, list) for entry in listed
             if isinstance(entry, dict) and isinstance(entry.get("name"), str) and is_shard_name(entry["name"])}
 
 
@@ -327,9 +332,16 @@ def _check_counts(name: str, split: dict[str, Any], classes: list[str], bad: Any
 
 
 def _inside_root(name: str) -> bool:
-    """A shard name stays inside the folder or URL prefix it is joined to."""
+    """A shard name stays inside the folder or URL prefix it is joined to: relative, no
+    ``.``/``..`` or empty part, no URL (``s3://``) or drive (``C:``) of its own, and no
+    backslash (a separator on Windows; split names cannot hold one). A colon elsewhere is
+    fine: ``train:2024`` is a split a pack may have written."""
     parts = name.split("/")
-    return bool(name) and "\\" not in name and ":" not in parts[0] and all(p not in ("", ".", "..") for p in parts)
+    return (bool(name) and "\\" not in name and "://" not in name
+            and _DRIVE.match(name) is None and all(p not in ("", ".", "..") for p in parts))
+
+
+_DRIVE = re.compile(r"[A-Za-z]:")
 
 
 def split_info(manifest: dict[str, Any], split: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from .engines import LocalPool, default_workers, get_engine, run_local_fed
@@ -147,12 +148,18 @@ def pack(
         pool, run, check_workers = job_engine(stack, engine, workers=workers, scheduler=scheduler)
         if engine == "local":
             pool.start()
-        return _pack_with(
-            src, out_dir, options, resize_spec=resize_spec, quiet=quiet, run=run,
-            probe_chunk=PROBE_CHUNK_DASK if engine == "dask" else PROBE_CHUNK,
-            check_workers=check_workers, sync_in_writer=engine != "local", durable=fsync,
-            fed=_fed_runner(workers, pool) if engine == "local" else None,
-        )
+        try:
+            return _pack_with(
+                src, out_dir, options, resize_spec=resize_spec, quiet=quiet, run=run,
+                probe_chunk=PROBE_CHUNK_DASK if engine == "dask" else PROBE_CHUNK,
+                check_workers=check_workers, sync_in_writer=engine != "local", durable=fsync,
+                fed=_fed_runner(workers, pool) if engine == "local" else None,
+            )
+        except BrokenProcessPool as exc:
+            raise PackError(
+                "a worker process of the pack died (killed, or out of memory: fewer --workers "
+                "use less); re-run the same command to resume"
+            ) from exc
     raise AssertionError("unreachable")
 
 
@@ -200,17 +207,20 @@ def _identity(path: str) -> tuple[int, int]:
 
 
 def refuse_unused_options(
-    *, resize: int | str | None, quality: int | None, engine: str, scheduler: str | None
+    *, resize: int | str | None, quality: int | None, engine: str, scheduler: str | None,
+    typed: bool = False,
 ) -> None:
     """Refuse an option that the rest of the command would ignore: ``quality`` without
     ``resize`` (only re-encoded images have a JPEG quality; the originals are stored as
     they are) and ``scheduler`` without the Dask engine (the pack would run locally). A
     user who passed one expects it to act; packing without saying so hides the mistake.
+    ``pack(quality=90)``, the old default, is let through for code that always passes it;
+    ``typed`` (the command line, where the user typed it) refuses any quality.
 
     Raises:
         ValueError: naming the option and what to do.
     """
-    if quality is not None and parse_resize(resize) is None:
+    if quality is not None and (typed or quality != DEFAULT_QUALITY) and parse_resize(resize) is None:
         raise ValueError(
             f"--quality {quality} applies only to images re-encoded by --resize; without "
             "--resize the original bytes are stored. Add --resize N (or WxH), or drop --quality"

@@ -23,12 +23,60 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_NAME", "out_lock"]
+__all__ = ["LOCK_NAME", "out_lock", "hold", "release", "held_by_another"]
 
 log = logging.getLogger("shardpack")
 
 LOCK_NAME = ".shardpack.lock"
 _TRIES = 20  # a holder that ends between our open and our flock removes the file: try again
+_HELD: set[int] = set()  # the lock descriptors this process holds
+
+
+def _close_held_in_child() -> None:
+    """A forked child (a pack's worker process) gets copies of the parent's descriptors, and
+    an flock belongs to the open file, not the process: a worker outliving its killed
+    parent kept OUT locked, and every re-run was refused. Children close their copies."""
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
+
+def hold(path: str) -> int | None:
+    """Create ``path`` and hold an exclusive lock on it; None where that is not possible
+    (another process holds it, no fcntl, a file system without locks)."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    _HELD.add(fd)
+    return fd
+
+
+def release(fd: int | None) -> None:
+    if fd is not None:
+        _HELD.discard(fd)
+        os.close(fd)
+
+
+def held_by_another(path: str) -> bool:
+    """Whether a live process (of any PID namespace on this machine) holds ``path``'s lock;
+    False for a missing file, or where locks cannot be asked."""
+    if fcntl is None or not os.path.exists(path):
+        return False
+    fd = hold(path)
+    if fd is None:
+        return True
+    release(fd)
+    return False
 
 
 @contextlib.contextmanager
@@ -48,7 +96,7 @@ def out_lock(out_dir: str) -> Iterator[None]:
         if fd is not None:
             with contextlib.suppress(OSError):  # removed while held: no one can take it meanwhile
                 os.remove(os.path.join(out_dir, LOCK_NAME))
-            os.close(fd)
+            release(fd)
         if created:
             with contextlib.suppress(OSError):  # only if empty
                 os.rmdir(out_dir)
@@ -76,6 +124,7 @@ def _acquire(out_dir: str) -> int | None:
             return fd
         if _still_named(fd, path):
             _write_pid(fd)
+            _HELD.add(fd)
             return fd
         os.close(fd)  # we locked a file its holder removed as it ended: lock the new one
     raise PackError(f"cannot lock {path}: it keeps being replaced; is another program removing it?")

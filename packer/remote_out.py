@@ -24,10 +24,12 @@ import tempfile
 import uuid
 from typing import Any
 
+from . import lock
 from .errors import OutputExistsError, UploadError
 from .format import MANIFEST_NAME, REPLACED_NAME, manifest_to_bytes, named_shards
 from .plan import Plan, PlannedShard
 from .progress import Progress as tqdm
+from .resume import refuse_other_format_version
 from .uploader import SHA256_METADATA_KEY, RemoteStore, ShardFile, scrub_secrets, send_shards
 from .write import ShardResult, remove_quietly
 
@@ -132,9 +134,11 @@ def _pack_and_send(
     for warning in walked.warnings:
         log.warning(warning)
     own_staging = staging_dir is None
+    alive = None
     if staging_dir is None:
         remove_dead_runs_staging()
-        staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}-")
+        staging = tempfile.mkdtemp(prefix=_STAGING_PREFIX)
+        alive = lock.hold(os.path.join(staging, _STAGING_LOCK))  # while this run lives
     else:
         staging = os.fspath(staging_dir)
     os.makedirs(staging, exist_ok=True)
@@ -153,37 +157,31 @@ def _pack_and_send(
                                 storage_options=storage_options)
     finally:
         if own_staging:
+            lock.release(alive)
             shutil.rmtree(staging, ignore_errors=True)
 
 
 _STAGING_PREFIX = "shardpack-staging-"
+_STAGING_LOCK = ".shardpack-staging.lock"  # held by the run that stages there
 
 
 def remove_dead_runs_staging() -> list[str]:
     """Remove the temporary staging folders of runs that were killed (SIGKILL, a node's OOM
     killer): each holds up to ``staging_shards`` shards, and every re-run made a new one.
-    A folder is named by its run's pid; only folders whose process is gone are removed."""
+    Each run holds a lock on a file in its folder, which the system drops with the process;
+    a folder whose lock can be taken is a dead run's (a pid would not tell, across the PID
+    namespaces of containers sharing /tmp). Folders without that file are left alone."""
     removed = []
     root = tempfile.gettempdir()
-    for name in os.listdir(root):
-        pid = name[len(_STAGING_PREFIX):].split("-", 1)[0]
-        if not name.startswith(_STAGING_PREFIX) or not pid.isdigit() or _alive(int(pid)):
+    for name in sorted(os.listdir(root)):
+        marker = os.path.join(root, name, _STAGING_LOCK)
+        if not name.startswith(_STAGING_PREFIX) or not os.path.exists(marker) or lock.held_by_another(marker):
             continue
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         removed.append(name)
     if removed:
         log.info("removed %d staging folders of killed runs", len(removed))
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
 
 
 def _plan_write_send(
@@ -241,6 +239,8 @@ def _check_remote(store: RemoteStore, options: dict[str, Any], *, overwrite: boo
         old = json.loads(data)
     except ValueError:
         old = {}
+    if not overwrite:
+        refuse_other_format_version(store.url, old)
     previous = old.get("options") if isinstance(old, dict) else None
     if previous is not None and previous != options and not overwrite:
         changed = sorted(k for k in set(previous) | set(options) if previous.get(k) != options.get(k))

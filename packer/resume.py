@@ -32,6 +32,7 @@ from .spool import SPOOL_NAME
 from .write import ShardResult, hash_file, ustar_header
 
 __all__ = ["JOURNAL_NAME", "Journal", "check_output", "previous_results", "keepable", "remove_stale",
+           "refuse_other_format_version",
            "written_by_shardpack"]
 
 JOURNAL_TEMP_NAME = f"{JOURNAL_NAME}.partial"
@@ -71,7 +72,7 @@ def check_output(out_dir: str, options: dict[str, Any], *, overwrite: bool) -> N
     if not [name for name in os.listdir(out_dir) if name not in ours]:
         return
     manifest = _read_manifest(out_dir)
-    _refuse_unknown_manifest(out_dir, manifest)
+    refuse_other_format_version(out_dir, manifest)
     journal = _read_json_lines(os.path.join(out_dir, JOURNAL_NAME))
     previous = (manifest or {}).get("options") or (journal[0].get("options") if journal else None)
     if previous is None and os.path.exists(os.path.join(out_dir, JOURNAL_NAME)):
@@ -95,7 +96,7 @@ def check_output(out_dir: str, options: dict[str, Any], *, overwrite: bool) -> N
         )
 
 
-def _refuse_unknown_manifest(out_dir: str, manifest: Any) -> None:
+def refuse_other_format_version(out_dir: str, manifest: Any) -> None:
     """A shardpack manifest of a format version this code does not write (a newer
     shardpack's) must not be replaced silently by one of this version: readers of the newer
     format would lose what it added. Raises OutputExistsError naming the version."""

@@ -140,6 +140,8 @@ class ShardCache:
             os.utime(path, ns=(time.time_ns(), os.stat(path).st_mtime_ns))
         except FileNotFoundError:
             return None
+        except PermissionError:  # another user's copy in a shared cache: only its owner may
+            pass  # set times; the hit stands, unrecorded by the LRU clock
         return path
 
     def writer(self, key: str, sha256: str | None = None) -> _CacheWriter:

@@ -144,6 +144,25 @@ def test_a_manifest_that_contradicts_itself_is_refused(manifest, words):
         parse_manifest(manifest if isinstance(manifest, str) else json.dumps(manifest))
 
 
+def test_every_split_name_the_walk_takes_gives_shard_names_a_reader_takes(tmp_path):
+    """`train:2024` packed, then info, verify and every reader refused the manifest (a colon
+    was taken for a drive or URL); a backslash or a drive-like start is refused at the walk."""
+    from packer.errors import LayoutError
+    from packer.format import split_name_problem
+    from packer.walk import walk_tree
+
+    for split in ("train:2024", "val.1", "a b", "xy:z", "ab:c"):
+        assert split_name_problem(split) is None
+        parse_manifest(json.dumps(_with_train(shards=[{"name": shard_name(split, 0), "count": 3}])))
+    for split in ("a\\b", "c:x", "C:"):
+        assert split_name_problem(split) is not None
+        (tmp_path / split / "cat").mkdir(parents=True)
+        (tmp_path / split / "cat" / "a.jpg").write_bytes(b"x")
+        with pytest.raises(LayoutError, match="backslash nor start with a letter and a colon"):
+            walk_tree(tmp_path)
+        (tmp_path / split / "cat" / "a.jpg").unlink()
+
+
 def test_only_shard_shaped_names_inside_the_root_are_ones_a_repack_may_delete():
     from packer.format import is_shard_name, named_shards
 

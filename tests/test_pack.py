@@ -521,3 +521,46 @@ def test_resized_duplicates_above_pillows_limit_pack_under_a_raised_max_pixels(t
     assert not [w for w in record if issubclass(w.category, PILImage.DecompressionBombWarning)]
     assert manifest["splits"]["train"]["count"] == 2
     assert PILImage.MAX_IMAGE_PIXELS == 1000  # put back
+
+
+def test_the_old_default_quality_passes_through_pack_without_resize(tmp_path):
+    """Code that always passes quality=90 (the default before `--quality` needed `--resize`)
+    still packs; another quality without resize is refused, as on the command line."""
+    from conftest import write_id_tree
+
+    write_id_tree(tmp_path / "src", {"train": 1})
+    assert pack(tmp_path / "src", tmp_path / "out", quality=90, workers=1, quiet=True)["options"]["resize"] is None
+    with pytest.raises(ValueError, match="--quality 80 applies only to images re-encoded"):
+        pack(tmp_path / "src", tmp_path / "out2", quality=80, workers=1, quiet=True)
+
+
+def test_a_worker_process_that_dies_is_a_pack_error_that_says_to_re_run(tmp_path):
+    """A pool worker killed mid-pack (the OOM killer) ended the pack in a BrokenProcessPool
+    traceback; it is a PackError saying what happened and that a re-run resumes. (In a
+    fresh process: its workers are forked, and so die as the patched probe says.)"""
+    import sys
+    import textwrap
+
+    from conftest import write_id_tree
+
+    write_id_tree(tmp_path / "src", {"train": 30})
+    script = textwrap.dedent(f"""
+        import os
+        import packer.probe as probe
+        from packer import pack
+        from packer.errors import PackError
+        parent, real = os.getpid(), probe.probe_bytes
+        def dies_in_a_worker(data, **kwargs):
+            if os.getpid() != parent:
+                os._exit(9)  # as SIGKILL leaves it: no clean-up, no result
+            return real(data, **kwargs)
+        probe.probe_bytes = dies_in_a_worker
+        try:
+            pack({str(tmp_path / "src")!r}, {str(tmp_path / "out")!r}, workers=2, quiet=True)
+        except PackError as exc:
+            print("PackError:", exc)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "PackError: a worker process of the pack died" in done.stdout, done.stderr[-2000:]
+    assert "re-run the same command to resume" in done.stdout
+    assert pack(tmp_path / "src", tmp_path / "out", workers=2, quiet=True)["splits"]["train"]["count"] == 90

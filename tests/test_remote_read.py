@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -610,3 +611,25 @@ def test_a_readers_cache_is_bounded_by_cache_max_bytes(id_shards, tmp_path):
         assert sum(1 for _ in reader) == len(reader)
         kept = [p.stat().st_size for p in cache.glob("*.tar")]
         assert 0 < len(kept) < len(sizes) and sum(kept) <= bound
+
+
+def test_a_hit_on_another_users_copy_in_a_shared_cache_is_served(tmp_path, monkeypatch):
+    """Only a file's owner may set its times explicitly (EPERM for the others, root aside):
+    a shared cache's hit on another user's copy raised PermissionError out of the reader.
+    The kernel's refusal is stood in for here; the hit must be served, untouched."""
+    import reader.remote as remote
+
+    cache = ShardCache(tmp_path / "shared")
+    copy = tmp_path / "shared" / "k.tar"
+    copy.write_bytes(b"x")
+    before = copy.stat().st_mtime_ns
+    real_utime = os.utime
+
+    def as_another_user(path, times=None, *, ns=None, **kwargs):
+        if times is not None or ns is not None:
+            raise PermissionError(1, "Operation not permitted", path)
+        return real_utime(path, **kwargs)
+
+    monkeypatch.setattr(remote.os, "utime", as_another_user)
+    assert cache.lookup("k") == str(copy)
+    assert copy.stat().st_mtime_ns == before

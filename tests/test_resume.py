@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -483,6 +484,39 @@ def test_a_second_pack_into_the_same_out_is_refused(src, clean, tmp_path):
         holder.communicate("")
     assert _shas(pack(src, out, **OPTS)) == _shas(clean[1])
     assert not (out / ".shardpack.lock").exists()
+
+
+_HOLD_AND_FORK = textwrap.dedent("""
+    import os, sys, time
+    from packer.lock import out_lock
+    with out_lock(sys.argv[1]):
+        child = os.fork()
+        if child == 0:  # a worker process, forked while the pack holds the lock
+            time.sleep(60)
+            os._exit(0)
+        print(child, flush=True)
+        sys.stdin.read()
+""")
+
+
+def test_a_killed_pack_whose_workers_live_on_leaves_no_stale_lock(src, clean, tmp_path):
+    """flock belongs to the open file: worker processes forked by the pack got a copy of
+    the lock's descriptor, and outliving their SIGKILLed parent, kept OUT locked."""
+    from packer.lock import out_lock
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_AND_FORK, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
+    worker = int(holder.stdout.readline())
+    holder.kill()
+    holder.wait()
+    try:
+        os.kill(worker, 0)  # the worker lives on
+        with out_lock(str(out)):  # and OUT is free
+            pass
+    finally:
+        os.kill(worker, signal.SIGKILL)
 
 
 def test_a_killed_holder_leaves_no_stale_lock(src, clean, tmp_path):

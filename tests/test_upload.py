@@ -349,6 +349,25 @@ def test_pack_to_url_after_a_stopped_run_removes_the_shards_the_plan_dropped(pho
     assert "test" not in manifest["splits"]
 
 
+def test_pack_to_url_refuses_a_newer_format_and_survives_a_foreign_manifest(photo_shards, tmp_path):
+    """A remote manifest of a newer format version was replaced silently (a local OUT's is
+    refused); a manifest.json of another shape (splits a list) crashed with a traceback."""
+    import uuid
+
+    from packer import pack
+    from packer.errors import OutputExistsError
+
+    url = f"memory://foreign-{uuid.uuid4().hex}/ds"
+    fs, root = fsspec.core.url_to_fs(url)
+    src = photo_shards.parent / "src"
+    manifest = pack(src, url, seed=0, max_count=40, workers=1, quiet=True)
+    fs.pipe_file(f"{root}/{MANIFEST_NAME}", json.dumps({**manifest, "version": 2}).encode())
+    with pytest.raises(OutputExistsError, match="format version 2"):
+        pack(src, url, seed=0, max_count=40, workers=1, quiet=True)
+    fs.pipe_file(f"{root}/{MANIFEST_NAME}", json.dumps({"format": "other", "splits": []}).encode())
+    assert pack(src, url, seed=0, max_count=40, workers=1, quiet=True)["splits"] == manifest["splits"]
+
+
 def test_pack_to_url_leaves_files_no_manifest_named_alone(photo_shards, tmp_path):
     """Only shards a manifest named are deleted: other .tar files under the destination
     (someone's backups/backups-000001.tar) are not the pack's to remove."""
@@ -517,22 +536,28 @@ def test_sigterm_stops_a_pack_to_s3_with_its_clean_up_and_killed_runs_staging_go
         deadline = time.monotonic() + 60
         while not slow.requests("PUT") and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert list(temp.glob(f"shardpack-staging-{proc.pid}-*")), "no staging folder seen"
+        assert list(temp.glob("shardpack-staging-*")), "no staging folder seen"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
         slow.stop()
     assert proc.returncode == 130 and b"re-run the same command to resume" in err
     assert not list(temp.glob("shardpack-staging-*"))
-    # a killed run's folder (its pid gone) is removed by the next run; a live run's stays
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    dead, alive = temp / f"shardpack-staging-{done.stdout.strip()}-ab", temp / f"shardpack-staging-{os.getpid()}-cd"
-    for folder in (dead, alive):
+    # a killed run's folder (its lock free) is removed by the next run; a live run's stays,
+    # and so does a folder without the lock file (not known to be a run's)
+    from packer import lock
+
+    dead, alive, unknown = (temp / f"shardpack-staging-{name}" for name in ("ab", "cd", "ef"))
+    for folder in (dead, alive, unknown):
         (folder / "train").mkdir(parents=True)
-    monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    assert remove_dead_runs_staging() == [dead.name]
-    assert alive.exists() and not dead.exists()
+    (dead / ".shardpack-staging.lock").touch()
+    held = lock.hold(str(alive / ".shardpack-staging.lock"))
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(temp))
+        assert remove_dead_runs_staging() == [dead.name]
+    finally:
+        lock.release(held)
+    assert alive.exists() and unknown.exists() and not dead.exists()
 
 
 def test_pack_to_s3_fails_early_on_a_missing_bucket_and_removes_a_stopped_runs_strays(
