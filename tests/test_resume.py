@@ -490,11 +490,10 @@ _HOLD_AND_FORK = textwrap.dedent("""
     import os, sys, time
     from packer.lock import out_lock
     with out_lock(sys.argv[1]):
-        child = os.fork()
-        if child == 0:  # a worker process, forked while the pack holds the lock
+        if os.fork() == 0:  # a worker process, forked while the pack holds the lock
+            print(os.getpid(), flush=True)  # running: its fork handlers have run
             time.sleep(60)
             os._exit(0)
-        print(child, flush=True)
         sys.stdin.read()
 """)
 
