@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, TypeVar
@@ -44,6 +45,46 @@ def _start_method() -> str:
 _THREADED_MODULES = ("tensorflow", "torch", "jax", "distributed")
 
 
+def exit_with_parent(pack: int, every: float = 0.5) -> None:
+    """In a pool worker: end when the pack's process ``pack`` is gone. A SIGKILLed pack (the
+    OOM killer) left its workers alive for good, holding the caller's output pipes open (a
+    ``subprocess.run(capture_output=True)`` of the pack never returned) and free to finish
+    a task into OUT while a re-run writes there. A forked worker sees its parent change; one
+    started by a forkserver (which outlives the pack) checks the pack's pid."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent and _alive(pack):
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="shardpack-parent-watch", daemon=True).start()
+
+
+_PROC = os.path.isdir("/proc/self")  # Linux; macOS has no /proc
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs. A killed process stays a zombie until its parent reaps it, and
+    a parent reading the pack's output to its end reaps it only after that end, which the
+    workers hold: on Linux a zombie counts as gone."""
+    if _PROC:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return f.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+        except FileNotFoundError:
+            return False
+        except OSError:
+            pass  # ask the kernel
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's (a reused pid)
+        return True
+    return True
+
+
 class LocalPool:
     """A process pool started on first use and reused by every phase of one pack job
     (starting workers costs more than probing a thousand files)."""
@@ -61,7 +102,8 @@ class LocalPool:
             # a tenth of a 3,000-image pack): the structure check reads JPEG and PNG without
             # Pillow, and a child that meets another format loads them itself.
             context = multiprocessing.get_context(self._method)
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
+                                             initializer=exit_with_parent, initargs=(os.getpid(),))
         return self._pool
 
     def start(self) -> None:

@@ -168,6 +168,24 @@ def _unfollowed_folder(
     return True
 
 
+def _unlisted(result: WalkResult, rel: str, exc: OSError) -> None:
+    """A folder that cannot be listed (no permission): its files cannot be packed, nor even
+    named. It is listed in ``skipped`` as a folder, with a warning, so the summary and the
+    manifest account for it: a class's images vanished with only a log line before."""
+    reason = exc.strerror or str(exc)
+    result.skipped.append((rel, f"folder cannot be listed ({reason}): none of its files is packed"))
+    result.warnings.append(f"cannot list {shown_path(rel)} ({reason}): none of its files is packed")
+
+
+def _identity_or_none(result: WalkResult, path: str, rel: str) -> tuple[int, int] | None:
+    """A folder's identity, or None (recorded as ignored) when it vanished during the walk."""
+    try:
+        return _dir_identity(path)
+    except OSError as exc:
+        result.ignored.append((rel, f"vanished during the walk ({exc.strerror or exc})"))
+        return None
+
+
 def _broken_link(result: WalkResult, entry: os.DirEntry[str], rel: str) -> bool:
     """A symbolic link whose target is gone (a class folder linked from an unmounted disk):
     nothing can be packed from it, which deserves a warning naming the target, not only a
@@ -187,14 +205,18 @@ def _broken_link(result: WalkResult, entry: os.DirEntry[str], rel: str) -> bool:
 def shardpack_output_mark(folder: str) -> str | None:
     """The file that shows ``folder`` holds a shardpack output (a ``manifest.json`` of
     format ``shardpack``, or a pack's journal), or None."""
-    if os.path.isfile(os.path.join(folder, JOURNAL_NAME)):
-        return JOURNAL_NAME
+    for mark in (JOURNAL_NAME, _LOCK_NAME, _SPOOL_NAME):  # a pack's own, before its manifest
+        if os.path.lexists(os.path.join(folder, mark)):
+            return mark
     try:
         with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
             manifest = json.load(f)
     except (OSError, ValueError, RecursionError):
         return None
     return MANIFEST_NAME if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME else None
+
+
+_LOCK_NAME, _SPOOL_NAME = ".shardpack.lock", ".shardpack-spool"  # packer.lock, packer.spool
 
 
 def _earlier_output(result: WalkResult, folder: str, rel: str) -> bool:
@@ -228,7 +250,7 @@ def _collect_class_files(
     try:
         entries = _sorted_entries(folder)
     except OSError as exc:
-        result.warnings.append(f"cannot list {_rel_posix(folder, src)}: {exc.strerror or exc}")
+        _unlisted(result, _rel_posix(folder, src), exc)
         return
     prefix = _rel_posix(folder, src) + "/"  # once per folder: relpath per file was a tenth of the walk
     for entry in entries:
@@ -248,8 +270,8 @@ def _collect_class_files(
                 result.ignored.append((rel, "symbolic link not followed"))
             continue
         if _is_dir(entry, follow_links):
-            identity = _dir_identity(entry.path)
-            if identity in skip or _earlier_output(result, entry.path, rel):
+            identity = _identity_or_none(result, entry.path, rel)
+            if identity is None or identity in skip or _earlier_output(result, entry.path, rel):
                 continue
             if identity in ancestors:
                 result.warnings.append(f"symlink cycle at {rel}: not descended again")
@@ -284,7 +306,12 @@ def _walk_classes(
     """Walk ``folder/{class}/**``; return class names and count of loose image files."""
     classes: list[str] = []
     loose_images = 0
-    for entry in _sorted_entries(folder):
+    try:
+        entries = _sorted_entries(folder)
+    except OSError as exc:
+        _unlisted(result, _rel_posix(folder, src), exc)
+        return classes, loose_images
+    for entry in entries:
         rel = _rel_posix(entry.path, src)
         if is_hidden(entry.name):
             result.ignored.append((rel, "hidden or system file"))
@@ -297,8 +324,8 @@ def _walk_classes(
         if _broken_link(result, entry, rel):
             continue
         if _is_dir(entry, follow_links):
-            identity = _dir_identity(entry.path)
-            if identity in skip or _earlier_output(result, entry.path, rel):
+            identity = _identity_or_none(result, entry.path, rel)
+            if identity is None or identity in skip or _earlier_output(result, entry.path, rel):
                 continue
             if identity in ancestors:
                 result.ignored.append((rel, "symlink cycle"))
@@ -389,7 +416,11 @@ def walk_tree(
         result.classes[""] = classes
         result.warnings += lookalike_class_warnings(result.classes)
         return result
-    for entry in _sorted_entries(src):
+    try:
+        top = _sorted_entries(src)
+    except OSError as exc:
+        raise LayoutError(f"cannot list {src}: {exc.strerror or exc}; check its permissions") from exc
+    for entry in top:
         rel = _rel_posix(entry.path, src)
         if is_hidden(entry.name):
             result.ignored.append((rel, "hidden, system file or symbolic link"))
@@ -408,8 +439,8 @@ def walk_tree(
             else:
                 result.ignored.append((rel, "outside any split folder"))
             continue
-        identity = _dir_identity(entry.path)
-        if identity in skip or _earlier_output(result, entry.path, rel):
+        identity = _identity_or_none(result, entry.path, rel)
+        if identity is None or identity in skip or _earlier_output(result, entry.path, rel):
             continue
         _require_utf8(entry.name, rel, "split")
         before = len(result.candidates)
@@ -431,7 +462,23 @@ def walk_tree(
     if not result.classes:
         raise LayoutError(f"no split folders under {src}: expected {src}/{{split}}/{{class}}/...")
     result.warnings += lookalike_class_warnings(result.classes)
+    result.warnings += lookalike_warnings(list(result.classes), "split")
     return result
+
+
+def lookalike_warnings(names: list[str], kind: str) -> list[str]:
+    """Folders whose names differ only in case or Unicode normalisation: one warning per
+    group (see ``lookalike_class_warnings``)."""
+    groups: dict[str, set[str]] = {}
+    for name in names:
+        groups.setdefault(unicodedata.normalize("NFC", name).casefold(), set()).add(name)
+    return [
+        f"{kind} folders {', '.join(repr(n) for n in sorted(group))} differ only in case or "
+        f"Unicode normalisation: they are packed as different {kind}{'es' if kind.endswith('s') else 's'}; "
+        "rename them to one "
+        f"name if they are one {kind}"
+        for group in (groups[key] for key in sorted(groups)) if len(group) > 1
+    ]
 
 
 def lookalike_class_warnings(classes: dict[str, list[str]]) -> list[str]:
@@ -439,13 +486,4 @@ def lookalike_class_warnings(classes: dict[str, list[str]]) -> list[str]:
     composed, as Linux keeps it, and decomposed, as macOS writes it) become two classes, as
     in Keras; each such group gets a warning, in the manifest too, since it is most
     likely one class split in two across splits or copies."""
-    groups: dict[str, set[str]] = {}
-    for names in classes.values():
-        for name in names:
-            groups.setdefault(unicodedata.normalize("NFC", name).casefold(), set()).add(name)
-    return [
-        f"class folders {', '.join(repr(n) for n in sorted(group))} differ only in case or "
-        "Unicode normalisation: they are packed as different classes; rename them to one "
-        "name if they are one class"
-        for group in (groups[key] for key in sorted(groups)) if len(group) > 1
-    ]
+    return lookalike_warnings(sorted({name for names in classes.values() for name in names}), "class")

@@ -564,3 +564,39 @@ def test_a_worker_process_that_dies_is_a_pack_error_that_says_to_re_run(tmp_path
     assert "PackError: a worker process of the pack died" in done.stdout, done.stderr[-2000:]
     assert "re-run the same command to resume" in done.stdout
     assert pack(tmp_path / "src", tmp_path / "out", workers=2, quiet=True)["splits"]["train"]["count"] == 90
+
+
+@pytest.mark.parametrize("start", ["fork", "forkserver"])
+def test_pool_workers_end_when_the_pack_is_killed(tmp_path, start):
+    """A SIGKILLed pack (the OOM killer) left its pool workers alive for good: they held the
+    caller's output pipes open and could still write into OUT beside a re-run. (A process
+    running other threads starts its workers from a forkserver, which outlives the pack.)"""
+    import os
+    import sys
+    import textwrap
+    import time
+
+    script = textwrap.dedent(f"""
+        import os, threading, time
+        if {start == "forkserver"}:
+            threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+        from packer.engines import LocalPool
+        pool = LocalPool(2)
+        assert pool._method == {start!r}
+        pool.start()
+        pids = set()
+        while len(pids) < 2:
+            pids.add(pool.executor().submit(os.getpid).result())
+        print(*sorted(pids), flush=True)
+        os.kill(os.getpid(), 9)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    workers = [int(pid) for pid in done.stdout.split()]
+    assert len(workers) == 2, done.stderr
+    deadline = time.monotonic() + 10
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in alive if os.path.exists(f"/proc/{pid}") and
+                 open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+    assert not alive, f"workers {alive} outlived the killed pack"

@@ -297,3 +297,67 @@ def test_an_earlier_pack_inside_src_is_left_out_with_a_warning(tmp_path):
     (src / "notes").mkdir()  # a manifest.json that is not shardpack's leaves its folder walked
     touch(src, "notes/c/manifest.json", b'{"format": "other"}')
     assert "notes" in walk_tree(src, exclude=src / "shards").classes
+
+
+def test_folders_that_cannot_be_listed_are_accounted_for_not_a_traceback(tmp_path, monkeypatch):
+    """An unreadable split folder ended the pack in a PermissionError traceback, and an
+    unreadable class folder's images vanished with exit 0 and one log line. (Root reads
+    any folder, so the refusal is stood in for, at the listing.)"""
+    import packer.walk as walk
+
+    for rel in ("train/cat/a.jpg", "train/dog/b.jpg", "test/cat/c.jpg", "val/cat/d.jpg"):
+        touch(tmp_path, rel)
+    real = walk._sorted_entries
+    refused = {str(tmp_path / "train" / "dog"), str(tmp_path / "test")}
+
+    def listing(folder):
+        if str(folder) in refused:
+            raise PermissionError(13, "Permission denied", str(folder))
+        return real(folder)
+
+    monkeypatch.setattr(walk, "_sorted_entries", listing)
+    walked = walk_tree(tmp_path)
+    assert sorted(c.rel_path for c in walked.candidates) == ["train/cat/a.jpg", "val/cat/d.jpg"]
+    skipped = dict(walked.skipped)
+    for rel in ("train/dog", "test"):
+        assert skipped[rel] == "folder cannot be listed (Permission denied): none of its files is packed"
+        assert any(w.startswith(f"cannot list {rel} (Permission denied)") for w in walked.warnings)
+    refused.add(str(tmp_path))
+    with pytest.raises(LayoutError, match="cannot list .*Permission denied.*check its permissions"):
+        walk_tree(tmp_path)
+
+
+def test_a_folder_that_vanishes_during_the_walk_is_ignored_not_a_traceback(tmp_path, monkeypatch):
+    import packer.walk as walk
+
+    touch(tmp_path, "train/cat/a.jpg")
+    touch(tmp_path, "train/gone/b.jpg")
+    real = walk._dir_identity
+
+    def identity(path):
+        if str(path).endswith("gone"):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real(path)
+
+    monkeypatch.setattr(walk, "_dir_identity", identity)
+    walked = walk_tree(tmp_path)
+    assert [c.rel_path for c in walked.candidates] == ["train/cat/a.jpg"]
+    assert dict(walked.ignored)["train/gone"].startswith("vanished during the walk")
+
+
+def test_a_killed_packs_out_inside_src_and_lookalike_split_names_are_warned_about(tmp_path):
+    """A pack SIGKILLed before its journal existed leaves OUT with only its lock or spool:
+    that folder became an empty split of the next pack. Split folders differing only in
+    Unicode normalisation got no warning (class folders did)."""
+    touch(tmp_path, "train/cat/a.jpg")
+    for mark in (".shardpack.lock", ".shardpack-spool"):
+        (tmp_path / f"out{mark}").mkdir()
+        (tmp_path / f"out{mark}" / mark).write_text("")
+    composed, decomposed = "t\u00e9st", "te\u0301st"
+    touch(tmp_path, f"{composed}/cat/b.jpg")
+    touch(tmp_path, f"{decomposed}/cat/c.jpg")
+    walked = walk_tree(tmp_path)
+    assert sorted(walked.classes) == sorted(["train", composed, decomposed])
+    assert sum("holds shardpack output" in w for w in walked.warnings) == 2
+    (split_warning,) = [w for w in walked.warnings if w.startswith("split folders")]
+    assert "differ only in case or Unicode normalisation" in split_warning
