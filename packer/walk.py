@@ -472,10 +472,10 @@ def lookalike_warnings(names: list[str], kind: str) -> list[str]:
     groups: dict[str, set[str]] = {}
     for name in names:
         groups.setdefault(unicodedata.normalize("NFC", name).casefold(), set()).add(name)
+    kinds = f"{kind}es" if kind.endswith("s") else f"{kind}s"
     return [
         f"{kind} folders {', '.join(repr(n) for n in sorted(group))} differ only in case or "
-        f"Unicode normalisation: they are packed as different {kind}{'es' if kind.endswith('s') else 's'}; "
-        "rename them to one "
+        f"Unicode normalisation: they are packed as different {kinds}; rename them to one "
         f"name if they are one {kind}"
         for group in (groups[key] for key in sorted(groups)) if len(group) > 1
     ]
