@@ -175,13 +175,13 @@ def refuse_out_over_src(src: str | os.PathLike[str], out_dir: str) -> None:
         PackError: saying which folder to choose instead.
     """
     try:
-        out_id = _identity(out_dir)
+        out_stat = os.stat(out_dir)
     except OSError:
         return  # OUT does not exist yet: SRC cannot be in it
     folder = os.path.realpath(src)
     while True:
         try:
-            if _identity(folder) == out_id:
+            if os.path.samestat(os.stat(folder), out_stat):
                 break
         except OSError:
             return  # SRC is missing: the walk says so
@@ -199,11 +199,6 @@ def refuse_out_over_src(src: str | os.PathLike[str], out_dir: str) -> None:
         f"SRC {os.fspath(src)} lies inside OUT {out_dir}: the shards would be written among the "
         "source folders. Choose an OUT that does not hold SRC, e.g. a new folder beside it"
     )
-
-
-def _identity(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
 
 
 def refuse_unused_options(

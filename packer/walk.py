@@ -28,6 +28,8 @@ from typing import NamedTuple
 from .errors import LayoutError
 from .format import FORMAT_NAME, IMAGE_EXTENSIONS, JOURNAL_NAME, MANIFEST_NAME, split_name_problem
 from .headers import starts_like_image
+from .lock import LOCK_NAME
+from .spool import SPOOL_NAME
 
 __all__ = ["Candidate", "WalkResult", "walk_tree", "is_hidden", "is_utf8", "shown_path", "refuse_split_tree_read_as_flat",
            "shardpack_output_mark",
@@ -168,6 +170,24 @@ def _unfollowed_folder(
     return True
 
 
+def _set_aside(
+    result: WalkResult, entry: os.DirEntry[str], rel: str, *, src: str,
+    ancestors: frozenset[tuple[int, int]], skip: frozenset[tuple[int, int]], follow_links: bool,
+    kind: str, hidden: str, unfollowed: str,
+) -> bool:
+    """Record an entry of a split or class level that is not walked: a hidden one (reason
+    ``hidden``), a symbolic link left unfollowed (``_unfollowed_folder``, else reason
+    ``unfollowed``), a broken link. Returns whether ``entry`` was one."""
+    if is_hidden(entry.name):
+        result.ignored.append((rel, hidden))
+        return True
+    if entry.is_symlink() and not follow_links:
+        if not _unfollowed_folder(result, entry, rel, src=src, ancestors=ancestors, skip=skip, kind=kind):
+            result.ignored.append((rel, unfollowed))
+        return True
+    return _broken_link(result, entry, rel)
+
+
 def _unlisted(result: WalkResult, rel: str, exc: OSError) -> None:
     """A folder that cannot be listed (no permission): its files cannot be packed, nor even
     named. It is listed in ``skipped`` as a folder, with a warning, so the summary and the
@@ -205,7 +225,7 @@ def _broken_link(result: WalkResult, entry: os.DirEntry[str], rel: str) -> bool:
 def shardpack_output_mark(folder: str) -> str | None:
     """The file that shows ``folder`` holds a shardpack output (a ``manifest.json`` of
     format ``shardpack``, or a pack's journal), or None."""
-    for mark in (JOURNAL_NAME, _LOCK_NAME, _SPOOL_NAME):  # a pack's own, before its manifest
+    for mark in (JOURNAL_NAME, LOCK_NAME, SPOOL_NAME):  # a pack's own, before its manifest
         if os.path.lexists(os.path.join(folder, mark)):
             return mark
     try:
@@ -214,9 +234,6 @@ def shardpack_output_mark(folder: str) -> str | None:
     except (OSError, ValueError, RecursionError):
         return None
     return MANIFEST_NAME if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME else None
-
-
-_LOCK_NAME, _SPOOL_NAME = ".shardpack.lock", ".shardpack-spool"  # packer.lock, packer.spool
 
 
 def _earlier_output(result: WalkResult, folder: str, rel: str) -> bool:
@@ -313,15 +330,8 @@ def _walk_classes(
         return classes, loose_images
     for entry in entries:
         rel = _rel_posix(entry.path, src)
-        if is_hidden(entry.name):
-            result.ignored.append((rel, "hidden or system file"))
-            continue
-        if entry.is_symlink() and not follow_links:
-            if not _unfollowed_folder(result, entry, rel, src=src, ancestors=ancestors, skip=skip,
-                                      kind="class"):
-                result.ignored.append((rel, "symbolic link not followed"))
-            continue
-        if _broken_link(result, entry, rel):
+        if _set_aside(result, entry, rel, src=src, ancestors=ancestors, skip=skip, follow_links=follow_links,
+                      kind="class", hidden="hidden or system file", unfollowed="symbolic link not followed"):
             continue
         if _is_dir(entry, follow_links):
             identity = _identity_or_none(result, entry.path, rel)
@@ -422,15 +432,9 @@ def walk_tree(
         raise LayoutError(f"cannot list {src}: {exc.strerror or exc}; check its permissions") from exc
     for entry in top:
         rel = _rel_posix(entry.path, src)
-        if is_hidden(entry.name):
-            result.ignored.append((rel, "hidden, system file or symbolic link"))
-            continue
-        if entry.is_symlink() and not follow_links:
-            if not _unfollowed_folder(result, entry, rel, src=src, ancestors=root_id, skip=skip,
-                                      kind="split"):
-                result.ignored.append((rel, "hidden, system file or symbolic link"))
-            continue
-        if _broken_link(result, entry, rel):
+        if _set_aside(result, entry, rel, src=src, ancestors=root_id, skip=skip, follow_links=follow_links,
+                      kind="split", hidden="hidden, system file or symbolic link",
+                      unfollowed="hidden, system file or symbolic link"):
             continue
         if not _is_dir(entry, follow_links):
             if looks_like_image_name(entry.name) or _image_content(entry):
