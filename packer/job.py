@@ -29,6 +29,7 @@ from .resume import Journal, check_output
 from .sizes import counted, format_size, parse_size
 from .spool import remove as spool_remove
 from .spool import spool_path
+from .storage import is_remote
 from .transform import ResizeSpec, parse_resize
 from .walk import Candidate, WalkResult, refuse_split_tree_read_as_flat, walk_tree
 from .write import ShardResult
@@ -123,7 +124,7 @@ def pack(
         raise ValueError(f"workers must be 0 or more (0: one per CPU), got {workers}")
     refuse_unused_options(resize=resize, quality=quality, engine=engine, scheduler=scheduler)
     quality = DEFAULT_QUALITY if quality is None else quality
-    if "://" in out_str and not out_str.startswith("file://"):
+    if is_remote(out_str):
         from .remote_out import pack_to_url
 
         return pack_to_url(

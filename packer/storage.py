@@ -16,11 +16,16 @@ from .errors import ManifestError
 from .format import JOURNAL_NAME, MANIFEST_NAME, parse_manifest
 
 __all__ = ["storage_options_for", "one_retry_layer", "join_url", "read_manifest", "open_binary",
-           "is_url", "refuse_mistyped_url"]
+           "is_url", "is_remote", "refuse_mistyped_url"]
 
 
 def is_url(source: str | os.PathLike[str]) -> bool:
     return "://" in os.fspath(source)
+
+
+def is_remote(source: str | os.PathLike[str]) -> bool:
+    """A URL of a store, not a local path (``file://`` is one)."""
+    return is_url(source) and not os.fspath(source).startswith("file://")
 
 
 _MISTYPED_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/?(?!/)")

@@ -43,7 +43,7 @@ import fsspec
 
 from packer.errors import ChecksumError, ShardReadError
 from packer.probe import file_stamp
-from packer.storage import one_retry_layer
+from packer.storage import is_remote, one_retry_layer
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -725,6 +725,6 @@ class OpenAhead:
 
 def _remedy(url: str) -> str:
     """What to do about a damaged shard: upload again to object storage, pack again on disk."""
-    if "://" in url and not url.startswith("file://"):
+    if is_remote(url):
         return "re-upload it (`shardpack upload` re-sends changed shards)"
     return "pack it again (re-running `shardpack pack` rewrites damaged shards)"

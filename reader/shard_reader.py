@@ -25,6 +25,7 @@ import numpy as np
 from packer.errors import ClassNotFoundError, EmptySplitError, SampleDecodeError, ShardReadError
 from packer.probe import allow_packed_pixels
 from packer.sizes import parse_size
+from packer.storage import is_remote
 
 from .batches import BatchBuffers, BatchOptions, decode_batches, default_decode_threads
 from .checks import check_batch_size, check_image_size
@@ -313,27 +314,28 @@ class ShardReader:
         self, shard: str, entries: list[tuple[str, int | None, str | None]]
     ) -> Iterator[tuple[str, int | None, str | None]]:
         """A shard's scanned entries, cut short (or raising) at a label the manifest lacks."""
+        classes = self._manifest_classes()
         for entry in entries:
-            error = self._foreign_label(entry[1], shard=shard, key=entry[0])
-            if error is not None:
-                self.policy.shard_failed(error)
+            if _outside(entry[1], classes):
+                self.policy.shard_failed(self._foreign_label(entry[1], shard=shard, key=entry[0]))
                 return
             yield entry
 
+    def _manifest_classes(self) -> int | None:
+        """How many classes the manifest has; None for manifest-less tars, which have no
+        class list to hold labels to (``num_classes`` is checked per sample in ``_select``)."""
+        return None if self.source.classes is None else len(self.source.classes)
+
     def _foreign_label(
         self, label: int | None, *, shard: str, key: str, offset: int | None = None
-    ) -> ShardReadError | None:
-        """The error for a label outside the manifest's classes, else None.
+    ) -> ShardReadError:
+        """The error for a label outside the manifest's classes.
 
         Such a shard was not written with this manifest (a decode failure it is not): every
         label in it is suspect, and skipping those samples one by one would leave ``len()``
         and the epoch disagreeing in silence. So it is a shard error, as a count mismatch is.
-        Manifest-less tars have no class list to hold labels to (``num_classes`` is checked
-        per sample in ``_select``).
         """
-        classes = self.source.classes
-        if classes is None or label is None or 0 <= label < len(classes):
-            return None
+        classes = self.source.classes or ()
         return ShardReadError(
             f"label {label} is outside the manifest's {len(classes)} classes (0..{len(classes) - 1}); "
             "the shard and manifest do not belong together: re-pack, or upload the shards "
@@ -500,16 +502,16 @@ class ShardReader:
         A label outside the manifest's classes ends the shard through ``on_shard_error``
         (``_foreign_label``), before the class subset could drop it unseen."""
         need_label = self.batch_options.label_mode is not None
+        classes = self._manifest_classes()
         for sample in samples:
             try:
                 label = sample_label(sample)
             except SampleDecodeError as exc:
                 self.policy.sample_failed(exc)
                 continue
-            foreign = self._foreign_label(
-                label, shard=sample["__shard__"], key=sample["__key__"], offset=sample.get("__offset__"))
-            if foreign is not None:
-                self.policy.shard_failed(foreign)  # raises unless on_shard_error skips the shard
+            if _outside(label, classes):  # raises unless on_shard_error skips the shard
+                self.policy.shard_failed(self._foreign_label(
+                    label, shard=sample["__shard__"], key=sample["__key__"], offset=sample.get("__offset__")))
                 return
             if self._remap is not None:
                 if label not in self._remap:
@@ -624,7 +626,7 @@ class ShardReader:
     def _opener(self, parts: Sequence[tuple[int, int, int | None]]) -> OpenAhead | None:
         """Remote shards are opened a piece ahead (reader.remote.OpenAhead); local files
         start at once from the page cache or disk, and open when they start."""
-        if not any(_is_remote(ref.url) for ref in self.source.shards):
+        if not any(is_remote(ref.url) for ref in self.source.shards):
             return None
         refs = [self.source.shards[shard] for shard, _, _ in parts]
         return OpenAhead(lambda i: open_ref(refs[i], self.storage_options, self.cache_dir,
@@ -695,6 +697,11 @@ def _only(
             pass
 
 
+def _outside(label: int | None, classes: int | None) -> bool:
+    """A label that is not an index into the manifest's ``classes`` (None: no manifest)."""
+    return classes is not None and label is not None and not 0 <= label < classes
+
+
 def _refuse_repeated(class_names: Sequence[str]) -> None:
     """A class named twice would be counted twice and read once (labels would be off)."""
     repeated = sorted(c for c, n in Counter(class_names).items() if n > 1)
@@ -721,7 +728,3 @@ def _warn_about_squashed_shards(manifest: dict[str, Any] | None, options: Decode
         f"{options.image_size}, another aspect ratio, each is {how} from the squashed picture, "
         "not from the original's aspect; pack with --resize N (short side) to keep it",
         stacklevel=3)
-
-
-def _is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
