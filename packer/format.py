@@ -14,6 +14,7 @@ import os
 import posixpath
 import re
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 from .errors import FormatVersionError, ManifestError
@@ -30,6 +31,7 @@ __all__ = [
     "shard_name",
     "is_shard_name",
     "named_shards",
+    "shard_entries",
     "partial_name",
     "split_name_problem",
     "sample_key",
@@ -158,11 +160,19 @@ def named_shards(manifest: dict[str, Any] | None) -> set[str]:
     """The shard names a manifest lists that have :func:`shard_name`'s shape: the only
     names a re-pack or upload may delete when the new manifest drops them. Anything else
     a manifest names (edited by hand, or written by something else) is left alone."""
+    return {entry["name"] for entry in shard_entries(manifest) if is_shard_name(entry["name"])}
+
+
+def shard_entries(manifest: Any) -> Iterator[dict[str, Any]]:
+    """Every shard entry with a name in a manifest not yet checked (an old OUT's, a remote
+    one, another version's or a hand-edited one): what does not have the expected shape is
+    passed over, not a KeyError or AttributeError in the pack that reads it."""
     splits = manifest.get("splits") if isinstance(manifest, dict) else None
-    shards = [split.get("shards") for split in splits.values() if isinstance(split, dict)] \
-        if isinstance(splits, dict) else []
-    return {entry["name"] for listed in shards if isinstance(listed, list) for entry in listed
-            if isinstance(entry, dict) and isinstance(entry.get("name"), str) and is_shard_name(entry["name"])}
+    for split in splits.values() if isinstance(splits, dict) else ():
+        listed = split.get("shards") if isinstance(split, dict) else None
+        for entry in listed if isinstance(listed, list) else ():
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                yield entry
 
 
 def sample_key(split: str, position: int) -> str:

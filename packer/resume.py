@@ -25,6 +25,7 @@ from .format import (
     MANIFEST_NAME,
     is_shard_name,
     sample_key,
+    shard_entries,
 )
 from .lock import LOCK_NAME
 from .plan import TAR_BLOCK
@@ -115,21 +116,12 @@ def refuse_other_format_version(out_dir: str, manifest: Any) -> None:
 def previous_results(out_dir: str) -> dict[str, dict[str, Any]]:
     """Shard records from an earlier run: the journal (crashed run) and the manifest."""
     records: dict[str, dict[str, Any]] = {}
-    manifest = _read_manifest(out_dir)
-    splits = manifest.get("splits") if isinstance(manifest, dict) else None
-    for split in splits.values() if isinstance(splits, dict) else ():
-        for entry in split.get("shards", []) if isinstance(split, dict) else ():
-            _add_record(records, entry)
-    for entry in _read_json_lines(os.path.join(out_dir, JOURNAL_NAME))[1:]:
-        _add_record(records, entry)
-    return records
-
-
-def _add_record(records: dict[str, dict[str, Any]], entry: Any) -> None:
-    """Keep a shard record by name; one without a name (another format version's, edited
-    by hand) is no hint and is passed over rather than failing the pack."""
-    if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+    for entry in shard_entries(_read_manifest(out_dir)):
         records[entry["name"]] = entry
+    for entry in _read_json_lines(os.path.join(out_dir, JOURNAL_NAME))[1:]:
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):  # a torn or foreign line: no hint
+            records[entry["name"]] = entry
+    return records
 
 
 def keepable(out_dir: str, name: str, fingerprint: str, record: dict[str, Any] | None) -> ShardResult | None:
