@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .errors import ShardpackError
-from .sizes import counted
+from .sizes import counted, format_size
 
 __all__ = ["main", "build_parser"]
 
@@ -81,8 +81,6 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
 def _upload_text(summary: dict[str, Any]) -> str:
     """One line, as pack and verify print: what was sent, what was already there."""
-    from .sizes import format_size
-
     text = (f"uploaded {counted(summary['uploaded'], 'shard')} ({format_size(summary['bytes'])}) to "
             f"{summary['url']}; {summary['skipped']} already there ({format_size(summary['bytes_skipped'])})")
     if summary.get("removed"):

@@ -36,7 +36,7 @@ def _to_torch(x: np.ndarray, channels_last: bool) -> torch.Tensor:
 
 
 # slots of ShardIterableDataset._control
-_GENERATION, _EPOCH, _SKIP, _SEED, _STREAMS, _READ = range(6)
+_GENERATION, _EPOCH, _SKIP, _SEED, _STREAMS, _READ, _WORKERS = range(7)
 _NO_SEED = -(2**63)
 
 
@@ -114,16 +114,13 @@ class ShardIterableDataset(IterableDataset):
         self._passes = 0  # passes over this copy since set_epoch / load_state_dict
         self._resume_batches = 0
         self._resume_streams: int | None = None  # the loaded state's, checked as a pass starts
-        # The DataLoader's worker count, for state_dict in this (the main) process, which
-        # never sees the loader: the workers' passes write it here (shared memory, which
-        # they inherit), so a state records how the epoch was split. 0: no worker has read
-        # since set_epoch / load_state_dict.
-        self._loader_workers: Any = multiprocessing.RawValue("i", 0)
-        # What set_epoch / load_state_dict decided, for persistent loader workers, whose
-        # copies were made before and never see this process's attributes: generation,
-        # epoch, resume batches, seed, resume streams (0: unknown); and the epoch the
-        # workers last read (-1: none since), for state_dict. Shared as _loader_workers is.
-        self._control: Any = multiprocessing.RawArray("q", 6)
+        # Shared memory the loader workers inherit, between this (the main) process, which
+        # never sees the loader, and them. Written here by set_epoch / load_state_dict, for
+        # persistent workers whose copies were made before: generation, epoch, resume
+        # batches, seed, resume streams (0: unknown). Written by the workers' passes, for
+        # state_dict: the epoch they last read (-1: none since) and the DataLoader's worker
+        # count (0: none since), so a state records how the epoch was split.
+        self._control: Any = multiprocessing.RawArray("q", 7)
         self._control[_READ] = -1
         self._seen = 0  # the generation this copy follows
 
@@ -142,7 +139,6 @@ class ShardIterableDataset(IterableDataset):
             self._resume_batches = 0
         self.epoch = int(epoch)
         self._passes = 0
-        self._loader_workers.value = 0
         self._publish()
 
     def _publish(self) -> None:
@@ -154,7 +150,7 @@ class ShardIterableDataset(IterableDataset):
         seed = self.reader.seed
         control[_SEED] = seed if -(2**63) < seed < 2**63 else _NO_SEED  # else: the copies' own
         control[_STREAMS] = self._resume_streams or 0
-        control[_READ] = -1
+        control[_READ], control[_WORKERS] = -1, 0
         self._seen = control[_GENERATION]
 
     def _adopt_published(self) -> None:
@@ -179,9 +175,10 @@ class ShardIterableDataset(IterableDataset):
         """
         from .state import make_state
 
-        streams = self._loader_workers.value or (self._resume_streams if not self._passes else None)
-        read = self._control[_READ]  # persistent workers move on without this process
-        epoch = read if self._loader_workers.value and read >= 0 else self.epoch + max(self._passes - 1, 0)
+        workers, read = self._control[_WORKERS], self._control[_READ]
+        streams = workers or (self._resume_streams if not self._passes else None)
+        # persistent workers move on without this process
+        epoch = read if workers and read >= 0 else self.epoch + max(self._passes - 1, 0)
         return make_state(self.reader, epoch=epoch, batches=batches, streams=streams)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -197,7 +194,6 @@ class ShardIterableDataset(IterableDataset):
         self.reader.seed = seed
         self.epoch, self._passes, self._resume_batches = epoch, 0, batches
         self._resume_streams = saved_streams(state)
-        self._loader_workers.value = 0
         self._publish()
 
     def __iter__(self) -> Iterator[Any]:
@@ -214,8 +210,7 @@ class ShardIterableDataset(IterableDataset):
                 "ShardIterableDataset(processes=N) decodes in its own N processes: use it with "
                 "DataLoader(num_workers=0), or drop processes= and give the loader num_workers")
         if info is not None:
-            self._loader_workers.value = workers
-            self._control[_READ] = epoch
+            self._control[_WORKERS], self._control[_READ] = workers, epoch
         if skip:
             from .state import check_streams, reader_streams
 
@@ -238,18 +233,16 @@ class ShardIterableDataset(IterableDataset):
                 yield _to_torch(batch, self.channels_last)
 
     def __getstate__(self) -> dict[str, Any]:
-        """Loader workers started by spawn (or forkserver) share the worker count with the
-        dataset they were made from; any other copy (pickle, ``copy.deepcopy``: frameworks
-        that ship datasets so) gets a count of its own (__setstate__), for its own loader."""
+        """Loader workers started by spawn (or forkserver) share ``_control`` with the dataset
+        they were made from; any other copy (pickle, ``copy.deepcopy``: frameworks that ship
+        datasets so) gets one of its own (__setstate__), for its own loader."""
         state = self.__dict__.copy()
         if multiprocessing.context.get_spawning_popen() is None:
-            state["_loader_workers"] = state["_loader_workers"].value
             state["_control"] = list(state["_control"])
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if isinstance(state["_loader_workers"], int):
-            state["_loader_workers"] = multiprocessing.RawValue("i", state["_loader_workers"])
+        if isinstance(state["_control"], list):
             state["_control"] = multiprocessing.RawArray("q", state["_control"])
         self.__dict__.update(state)
 
