@@ -117,10 +117,16 @@ def _bomb_reason(w: int, h: int, max_pixels: int) -> str:
     )
 
 
+def _fast_info(data: bytes) -> FastInfo | None:
+    """A JPEG's or PNG's size and completeness from its markers, without Pillow (None for
+    other formats, or where the fast parse cannot tell)."""
+    return fast_jpeg_info(data) if data[:2] == b"\xff\xd8" else fast_png_info(data)
+
+
 def _pillow_bomb_reason(exc: Image.DecompressionBombError, data: bytes, max_pixels: int) -> str:
     """Pillow's refusal (at twice the limit) in the words of our own check, so one file gets
     one message whichever path probed it (with or without --resize)."""
-    fast = fast_jpeg_info(data) if data[:2] == b"\xff\xd8" else fast_png_info(data)
+    fast = _fast_info(data)
     if fast is not None:
         return _bomb_reason(fast.width, fast.height, max_pixels)
     pixels = re.search(r"\((\d+) pixels\)", str(exc))
@@ -161,7 +167,7 @@ def probe_bytes(
         # no content says "image": only a name that does makes it a skipped image
         return Probe(False, False, "empty file (0 bytes)", source_sha256=source_sha)
     if validate == "structure" and resize is None:
-        fast = fast_jpeg_info(data) if data[:2] == b"\xff\xd8" else fast_png_info(data)
+        fast = _fast_info(data)
         if fast is not None:
             return _probe_fast(fast, data, source_sha, max_pixels, source_stamp)
     try:
