@@ -65,9 +65,15 @@ def tiff_orientation(tiff: bytes, *, absent: int = 1) -> int | None:
     return absent
 
 
-def _segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+def _segments(data: bytes, only: frozenset[int] | None = None) -> Iterator[tuple[int, int, int]]:
     """Yield (marker, offset, length) of each marker segment up to and including the first
-    start-of-scan; stop quietly at anything malformed (the caller then asks Pillow)."""
+    start-of-scan (of only the markers in ``only``, when given); stop quietly at anything
+    malformed (the caller then asks Pillow).
+
+    ``only`` keeps the walk in this loop: the reader asks every image for its APP1 segments
+    alone, and most images have none, so nothing is yielded (a yield per segment made the
+    orientation check 6.5 µs of the reader's per-image Python; now about half that).
+    """
     pos, n = 2, len(data)
     unpack = _MARKER_HEAD.unpack_from
     while pos + 4 <= n:
@@ -82,13 +88,15 @@ def _segments(data: bytes) -> Iterator[tuple[int, int, int]]:
             continue
         if length < 2 or pos + 2 + length > n:
             return
-        yield marker, pos, length
+        if only is None or marker in only:
+            yield marker, pos, length
         if marker == 0xDA:
             return
         pos += 2 + length
 
 
 _MARKER_HEAD = struct.Struct(">BBH")  # FF, marker, segment length (when it has one)
+_APP1 = frozenset({0xE1})  # where EXIF and XMP live
 
 
 class _OrientationScan:
@@ -126,11 +134,11 @@ def jpeg_orientation(data: bytes) -> int | None:
     (Pillow then reads ``tiff:Orientation`` from the XMP), or an unreadable EXIF block.
     Costs a few microseconds: it walks the segment headers up to the first scan.
     """
-    scan = _OrientationScan()
-    for marker, pos, length in _segments(data):
-        if marker == 0xE1:
-            scan.add(data, pos, length)
-    return scan.result()
+    scan = None
+    for _, pos, length in _segments(data, _APP1):
+        scan = scan or _OrientationScan()
+        scan.add(data, pos, length)
+    return 1 if scan is None else scan.result()
 
 
 def fast_jpeg_info(data: bytes) -> FastInfo | None:

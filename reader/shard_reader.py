@@ -64,7 +64,12 @@ def _default_workers() -> int:
 
 
 def _image_bytes(item: tuple[Sample, int]) -> int:
-    return sum(len(v) for k, v in item[0].items() if not k.startswith("__"))
+    """The bytes a labelled sample holds in the shuffle buffer (its members' data)."""
+    total = 0
+    for key, value in item[0].items():  # a loop: half a generator expression's cost here
+        if not key.startswith("__"):
+            total += len(value)
+    return total
 
 
 class ShardReader:
@@ -534,7 +539,10 @@ class ShardReader:
                     )
                 )
                 continue
-            yield {k: v for k, v in sample.items() if k not in ("cls", "json")}, label
+            # the labels are read: only the image goes on (the sample is this reader's own)
+            sample.pop("cls", None)
+            sample.pop("json", None)
+            yield sample, label
 
     def epoch_pieces(self, epoch: int) -> list[Piece] | None:
         """This rank's pieces of shards in ``epoch`` (reader.distributed), in reading order;

@@ -109,16 +109,21 @@ def shuffle_buffer(
         yield from items
         return
     buffer: list[T] = []
+    sizes: list[int] = []  # nbytes of each buffered item, measured once
     held = 0
     for item in items:
         if len(buffer) < size and (max_bytes is None or held < max_bytes):
             buffer.append(item)
-            held += nbytes(item) if nbytes is not None else 0
+            if nbytes is not None:
+                sizes.append(nbytes(item))
+                held += sizes[-1]
             continue
         j = rng.randrange(len(buffer))
         buffer[j], item = item, buffer[j]
         if nbytes is not None:
-            held += nbytes(buffer[j]) - nbytes(item)
+            new_size = nbytes(buffer[j])
+            held += new_size - sizes[j]
+            sizes[j] = new_size
         yield item
     rng.shuffle(buffer)
     yield from buffer
