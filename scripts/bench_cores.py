@@ -15,7 +15,8 @@ which holds it back on many cores when images are small).
 Usage::
 
     python scripts/bench_cores.py SHARDS [SHARDS ...] [--split train] [--repeat 3]
-        [--loader-workers 8] [--processes 8] [--threads N] [--contenders a,b,...]
+        [--loader-workers 8] [--processes 8] [--threads N] [--switch-interval 0.0005]
+        [--contenders a,b,...]
         [--out FILE.json]
 """
 
@@ -73,6 +74,15 @@ def c_shardpack_numpy_uint8(cfg: dict[str, Any]) -> dict[str, Any]:
     return c_shardpack_numpy(dict(cfg, dtype="uint8"))
 
 
+def c_shardpack_numpy_switch(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``shardpack_numpy`` with the interpreter's GIL switch interval at ``--switch-interval``
+    (default 5 ms). A test of one explanation for threads staying under the limit on many
+    cores while the GIL is held only a third of the time: a decode thread back from
+    libjpeg-turbo waits for the GIL while the thread parsing the tars holds it."""
+    sys.setswitchinterval(cfg["switch_interval"])
+    return c_shardpack_numpy(cfg)
+
+
 def c_shardpack_processes(cfg: dict[str, Any]) -> dict[str, Any]:
     return benchmark.c_shardpack_numpy(dict(cfg, num_workers=None))  # cfg["processes"]: --processes
 
@@ -103,7 +113,7 @@ def c_shardpack_processes_per_core(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 CONTENDERS = {"decode_limit": benchmark.c_decode_limit, "decode_limit_processes": c_decode_limit_processes,
-              "shardpack_numpy": c_shardpack_numpy,
+              "shardpack_numpy": c_shardpack_numpy, "shardpack_numpy_switch": c_shardpack_numpy_switch,
               "shardpack_processes_per_core": c_shardpack_processes_per_core,
               "shardpack_numpy_uint8": c_shardpack_numpy_uint8,
               "shardpack_processes": c_shardpack_processes, "torch_loader": c_torch_loader,
@@ -119,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="the ShardReader contenders' num_workers (default: the reader's "
                              "own: every CPU, at most 8 on shards packed small)")
+    parser.add_argument("--switch-interval", type=float, default=0.0005,
+                        help="shardpack_numpy_switch's sys.setswitchinterval, seconds")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated")
     parser.add_argument("--out", default=None)
     parser.add_argument("--contender", help=argparse.SUPPRESS)
@@ -138,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     for shards in args.shards:
         cfg = {"source": shards, "split": args.split, "image_size": size,
                "batch_size": args.batch_size, "loader_workers": args.loader_workers,
-               "processes": args.processes, "num_workers": args.threads}
+               "processes": args.processes, "num_workers": args.threads,
+               "switch_interval": args.switch_interval}
         res = benchmark.run_rounds(names, cfg, args.repeat, module=[str(Path(__file__).resolve())])
         limit = res["decode_limit"].get("round_rates") or []
         for name in names:
