@@ -16,10 +16,10 @@ A shard is read front to back exactly once, so the stream here is built for that
 * **Optional local cache** (``cache_dir``): whole shards, keyed by URL + sha256, written
   atomically, evicted least-recently-used beyond ``cache_max_bytes``.
 
-Local files are opened directly (the OS already reads ahead), except the first time a
-checksum is asked for in this process: then they stream through the hashing reader once,
-and later epochs open them directly while their stamp (inode, size, mtime, ctime) stays
-the same.
+Local files are opened directly (the OS already reads ahead); the first time a checksum is
+asked for in this process they are read through a hash on a background thread
+(reader.local), and later epochs open them directly while their stamp (inode, size,
+mtime, ctime) stays the same.
 """
 
 from __future__ import annotations
@@ -41,9 +41,11 @@ from typing import IO, Any
 
 import fsspec
 
-from packer.errors import ChecksumError, ShardReadError
+from packer.errors import ShardReadError
 from packer.probe import file_stamp
-from packer.storage import is_remote, one_retry_layer
+from packer.storage import one_retry_layer
+
+from .local import HashedLocalFile, checksum_mismatch, remedy
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -363,7 +365,7 @@ class ShardStream(io.RawIOBase):
                         yield data
                     raise ShardReadError(
                         f"truncated: the object has {actual} bytes, the manifest says {size} "
-                        f"(replaced or partly uploaded?); {_remedy(self.url)}",
+                        f"(replaced or partly uploaded?); {remedy(self.url)}",
                         shard=self.url,
                         offset=actual,
                     )
@@ -373,12 +375,7 @@ class ShardStream(io.RawIOBase):
             if sha is not None:
                 sha.update(data)
                 if pos >= size and sha.hexdigest() != self._sha256:
-                    raise ChecksumError(
-                        f"sha256 {sha.hexdigest()[:16]}... does not match the manifest's "
-                        f"{self._sha256[:16]}...: the object is corrupted or was replaced; "  # type: ignore[index]
-                        f"{_remedy(self.url)}",
-                        shard=self.url,
-                    )
+                    raise checksum_mismatch(self.url, sha.hexdigest(), str(self._sha256))
                 if pos >= size and self._on_verified is not None:
                     self._on_verified()
             if self._cache is not None:
@@ -552,10 +549,8 @@ def open_shard_stream(
     on_verified = None
     cache = None
     if "file" in protocols:  # never copied to the cache: it would only be a second copy
-        f, on_verified = _open_local(url, path, expected_sha256)
-        if f is not None:
-            return f
-    elif cache_dir is not None:
+        return _open_local(url, path, expected_sha256, expected_size)
+    if cache_dir is not None:
         cache = ShardCache(cache_dir, cache_max_bytes)
         key = ShardCache.key(url, expected_sha256, expected_size)
         if (hit := cache.lookup(key)) is not None and _cached_copy_is_good(hit, expected_sha256):
@@ -588,11 +583,10 @@ _VERIFIED_LOCAL: set[_LocalIdentity] = set()
 _VERIFIED_LOCAL_MAX = 1_000_000
 
 
-def _open_local(
-    url: str, path: str, sha256: str | None
-) -> tuple[IO[bytes] | None, Callable[[], None] | None]:
-    """A local shard opened directly, when there is nothing to verify or it was verified
-    in this process; else (None, the callback that remembers it once its hash matched)."""
+def _open_local(url: str, path: str, sha256: str | None, size: int | None) -> IO[bytes]:
+    """A local shard opened directly when there is nothing to verify or it was verified in
+    this process; else read through its hash once (reader.local), and remembered when the
+    hash matched."""
     try:
         f = open(path, "rb")
     except FileNotFoundError as exc:
@@ -600,12 +594,14 @@ def _open_local(
     except OSError as exc:
         raise ShardReadError(f"cannot open ({exc})", shard=url) from exc
     if sha256 is None:
-        return f, None
-    identity = _local_identity(os.fstat(f.fileno()), path, sha256)
+        return f
+    st = os.fstat(f.fileno())
+    identity = _local_identity(st, path, sha256)
     if identity in _VERIFIED_LOCAL:
-        return f, None
-    f.close()
-    return None, functools.partial(_remember_verified, identity, path)
+        return f
+    return HashedLocalFile(  # type: ignore[return-value]  # a readable binary stream
+        f, url, size=st.st_size if size is None else size, sha256=sha256,
+        on_verified=functools.partial(_remember_verified, identity, path))
 
 
 def _cached_copy_is_good(path: str, sha256: str | None) -> bool:
@@ -721,10 +717,3 @@ class OpenAhead:
             if not isinstance(got, BaseException):
                 got.close()
         self._opened.clear()
-
-
-def _remedy(url: str) -> str:
-    """What to do about a damaged shard: upload again to object storage, pack again on disk."""
-    if is_remote(url):
-        return "re-upload it (`shardpack upload` re-sends changed shards)"
-    return "pack it again (re-running `shardpack pack` rewrites damaged shards)"
