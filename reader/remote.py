@@ -457,6 +457,11 @@ class ShardStream(io.RawIOBase):
             raise self._error
         if size is None or size < 0:
             return self.readall()
+        buf = self._buf
+        if 0 < size <= len(buf):  # the usual read: inside the current block, one copy
+            self._buf = buf[size:]
+            self._pos += size
+            return buf[:size].tobytes()
         parts: list[memoryview] = []
         wanted = size
         while wanted > 0:
