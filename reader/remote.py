@@ -269,10 +269,8 @@ class ShardStream(io.RawIOBase):
         readahead: bool,
         block_size: int,
         cache_writer: _CacheWriter | None = None,
-        on_verified: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
-        self._on_verified = on_verified
         self.url = url
         self._fs = fs
         self._path = path
@@ -376,8 +374,6 @@ class ShardStream(io.RawIOBase):
                 sha.update(data)
                 if pos >= size and sha.hexdigest() != self._sha256:
                     raise checksum_mismatch(self.url, sha.hexdigest(), str(self._sha256))
-                if pos >= size and self._on_verified is not None:
-                    self._on_verified()
             if self._cache is not None:
                 self._cache.write(data)
             yield data
@@ -551,7 +547,6 @@ def open_shard_stream(
             shard=url,
         ) from exc
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    on_verified = None
     cache = None
     if "file" in protocols:  # never copied to the cache: it would only be a second copy
         return _open_local(url, path, expected_sha256, expected_size)
@@ -574,7 +569,6 @@ def open_shard_stream(
         readahead=readahead,
         block_size=block_size,
         cache_writer=cache.writer(key, expected_sha256) if cache is not None else None,
-        on_verified=on_verified,
     )
 
 

@@ -222,7 +222,9 @@ def _member_cut(
 ) -> ShardReadError:
     """The error for a member whose data the stream ended (or failed) inside."""
     if failed is not None:  # the stream's own error, naming the member's key
-        return _in_member(failed, split_member_name(member)[0], shard, data_offset + got)
+        error = _in_member(failed, split_member_name(member)[0], shard, data_offset + got)
+        error.__cause__ = failed
+        return error
     return ShardReadError(
         f"truncated: member {member!r} needs {size} bytes, only {got} are there",
         shard=shard,
