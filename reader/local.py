@@ -6,7 +6,9 @@ then the file went through the remote reader's 8 MiB blocks: every member was co
 of a block, and every read ran a Python loop, on the thread that parses the tars and
 shares the GIL with every decode thread. Here a read is the file's own: a large one lands
 in its own ``bytes`` with the GIL released, and a background thread hashes what was read,
-about a megabyte at a time, with the GIL released too.
+about a megabyte at a time, with the GIL released too. The last 8 MiB are held back until
+the hash matched, as the remote reader's last block is: a damaged shard under 8 MiB gives
+no sample at all.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ __all__ = ["HashedLocalFile", "checksum_mismatch", "remedy"]
 # loop takes the GIL), few bytes held (at most _QUEUED + 1 batches wait to be hashed).
 _BATCH_BYTES = 1 << 20
 _QUEUED = 8
+# Withheld until the hash matched, as the remote reader withholds its last block.
+_TAIL_BYTES = 8 << 20
 
 
 def remedy(url: str) -> str:
@@ -48,10 +52,13 @@ def checksum_mismatch(url: str, got: str, expected: str) -> ChecksumError:
 class HashedLocalFile(io.RawIOBase):
     """A local shard read front to back while a background thread hashes it.
 
-    Reads stop at the manifest's ``size``. The sha256 is compared when the last byte is
-    read: a mismatch raises :class:`ChecksumError` from that read instead of returning its
-    bytes (so the last samples are not delivered); a match calls ``on_verified``. A file
-    shorter than ``size`` gives its last bytes, then a ``truncated`` error on the next read.
+    Reads stop at the manifest's ``size``. As the remote reader withholds its last block,
+    the last ``_TAIL_BYTES`` (the whole of a smaller shard) are read at once and handed out
+    only after the sha256 matched: a mismatch raises :class:`ChecksumError` instead, so the
+    samples there are never delivered (the reader stops parsing at the end-of-archive
+    marker, so without this it would have handed out every sample before the comparison).
+    A match calls ``on_verified``. A file shorter than ``size`` gives its bytes, then a
+    ``truncated`` error on the next read.
     """
 
     def __init__(
@@ -62,17 +69,22 @@ class HashedLocalFile(io.RawIOBase):
         self._f = f
         self.url = url
         self._size = size
+        self._tail_start = max(0, size - _TAIL_BYTES)
+        self._tail: memoryview | None = None  # the checked last bytes, once read
+        self._tail_error: Exception | None = None  # raised once the tail is handed out
         self._sha256 = sha256
         self._on_verified = on_verified
         self._pos = 0
         self._error: Exception | None = None  # raised by every read after a short one
-        self._compared = False
         self._hash = hashlib.sha256()
         self._batch: list[bytes] = []
         self._batch_bytes = 0
         self._queue: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=_QUEUED)
+        # the thread holds the queue and the hash, not the stream: a stream dropped
+        # without close() is collected, and closing it ends the thread
         self._thread: threading.Thread | None = threading.Thread(
-            target=self._hash_batches, name=f"shard-hash {url}", daemon=True)
+            target=_hash_batches, args=(self._queue, self._hash), name=f"shard-hash {url}",
+            daemon=True)
         self._thread.start()
 
     @property
@@ -94,33 +106,29 @@ class HashedLocalFile(io.RawIOBase):
             raise ValueError("read from a closed shard stream")
         if self._error is not None:
             raise self._error
-        left = self._size - self._pos
-        n = left if size is None or size < 0 else min(size, left)
-        if n <= 0:
-            self._compare()
+        if size is None or size < 0:
+            return b"".join(iter(lambda: self.read(_TAIL_BYTES), b""))
+        if size == 0:
             return b""
+        if self._pos >= self._tail_start:
+            return self._read_tail(size)
+        n = min(size, self._tail_start - self._pos)
         data = self._f.read(n)
         self._pos += len(data)
         if len(data) < n:
-            self._error = ShardReadError(
-                f"truncated: the file has {self._pos} bytes, the manifest says {self._size} "
-                f"(replaced, or still being written?); {remedy(self.url)}",
-                shard=self.url,
-                offset=self._pos,
-            )
+            self._error = self._truncated()
             if not data:
                 raise self._error
         self._batch.append(data)
         self._batch_bytes += len(data)
         if self._batch_bytes >= _BATCH_BYTES:
             self._hand_over()
-        if self._pos >= self._size:
-            self._compare()
         return data
 
     def readinto(self, b: Any) -> int:
-        data = self.read(len(memoryview(b).cast("B")))
-        memoryview(b).cast("B")[: len(data)] = data
+        target = memoryview(b).cast("B")
+        data = self.read(len(target))
+        target[: len(data)] = data
         return len(data)
 
     def readall(self) -> bytes:
@@ -133,27 +141,28 @@ class HashedLocalFile(io.RawIOBase):
         self._f.close()
         super().close()
 
-    def _hash_batches(self) -> None:
-        update = self._hash.update
-        while (batch := self._queue.get()) is not None:
-            for data in batch:
-                update(data)
+    def _read_tail(self, size: int) -> bytes:
+        """The next bytes of the checked tail (read and checked first, once)."""
+        if self._tail is None:
+            self._tail = memoryview(self._check_tail())
+        part = self._tail[:size]
+        self._tail = self._tail[len(part):]
+        self._pos += len(part)
+        if not part and self._tail_error is not None:
+            self._error = self._tail_error
+            raise self._error
+        return part.tobytes()
 
-    def _hand_over(self) -> None:
-        self._queue.put(self._batch)
-        self._batch, self._batch_bytes = [], 0
-
-    def _stop_hashing(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-
-    def _compare(self) -> None:
-        """Hash what is left, wait for the thread, and compare (once)."""
-        if self._compared:
-            return
-        self._compared = True
+    def _check_tail(self) -> bytes:
+        """Read the rest of the shard, wait for the hash, and compare; the rest's bytes when
+        they may be handed out (a cut file's, before its truncation error)."""
+        want = self._size - self._pos
+        data = self._f.read(want)
+        if len(data) < want:  # the file ends early: it cannot match; what is there stays readable
+            self._tail_error = self._truncated(self._pos + len(data))
+            self._stop_hashing()
+            return data
+        self._batch.append(data)
         self._hand_over()
         self._stop_hashing()
         got = self._hash.hexdigest()
@@ -162,3 +171,33 @@ class HashedLocalFile(io.RawIOBase):
             raise self._error
         if self._on_verified is not None:
             self._on_verified()
+        return data
+
+    def _truncated(self, end: int | None = None) -> ShardReadError:
+        end = self._pos if end is None else end
+        return ShardReadError(
+            f"truncated: the file has {end} bytes, the manifest says {self._size} "
+            f"(replaced, or still being written?); {remedy(self.url)}",
+            shard=self.url,
+            offset=end,
+        )
+
+    def _hand_over(self) -> None:
+        if self._batch:
+            self._queue.put(self._batch)
+            self._batch, self._batch_bytes = [], 0
+
+    def _stop_hashing(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+
+def _hash_batches(batches: queue.Queue[list[bytes] | None], digest: Any) -> None:
+    """The hashing thread: ``digest.update`` each batch's bytes in order (the GIL is
+    released for all but the smallest), until None."""
+    update = digest.update
+    while (batch := batches.get()) is not None:
+        for data in batch:
+            update(data)

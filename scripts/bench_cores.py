@@ -75,8 +75,8 @@ def c_shardpack_numpy_uint8(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def c_shardpack_numpy_switch(cfg: dict[str, Any]) -> dict[str, Any]:
-    """``shardpack_numpy`` with the interpreter's GIL switch interval at ``--switch-interval``
-    (default 5 ms). A test of one explanation for threads staying under the limit on many
+    """``shardpack_numpy`` with the interpreter's GIL switch interval set to
+    ``--switch-interval`` (Python's own is 5 ms; the option's default 0.5 ms). A test of one explanation for threads staying under the limit on many
     cores while the GIL is held only a third of the time: a decode thread back from
     libjpeg-turbo waits for the GIL while the thread parsing the tars holds it."""
     sys.setswitchinterval(cfg["switch_interval"])
