@@ -47,6 +47,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
+from packer.errors import ShardReadError
+
 from .batches import aligned_empty
 from .policy import MAX_MESSAGES, ErrorPolicy
 
@@ -158,17 +160,22 @@ class _Process:
         self.returned = 0  # slots given to the process so far (new, or given back)
 
     def send(self, message: Any) -> None:
-        _send(self.stdin, self.lock, message)
+        try:
+            _send(self.stdin, self.lock, message)
+        except OSError:  # a broken pipe: the process is gone
+            raise self._died() from None
 
     def recv(self) -> Any:
         try:
             return _recv(self.stdout)
         except (EOFError, OSError):
-            code = self.popen.wait()
-            raise _ProcessDied(
-                f"shardpack decode process {self.index} exited (code {code}) in the middle of "
-                "an epoch: killed, out of memory, or crashed (its error is above in stderr)"
-            ) from None
+            raise self._died() from None
+
+    def _died(self) -> _ProcessDied:
+        code = self.popen.wait()
+        return _ProcessDied(
+            f"shardpack decode process {self.index} exited (code {code}) in the middle of "
+            "an epoch: killed, out of memory, or crashed (its error is above in stderr)")
 
     def new_slot(self, nbytes: int) -> None:
         _check_shared_memory(nbytes)
@@ -219,7 +226,7 @@ def _shut_down(processes: list[_Process], owner_pid: int) -> None:
             try:
                 proc.send(("stop",))
                 proc.stdin.close()
-            except (OSError, ValueError):
+            except (OSError, ValueError, _ProcessDied):
                 pass
     finally:  # a second Ctrl-C here still ends them all and frees their memory
         for proc in processes:
@@ -255,6 +262,7 @@ class DecodeProcesses:
         self._io = threading.RLock()
         self._owner: object | None = None  # the epoch now reading; _CLOSED after close()
         self._live: list[bool] = []
+        self._failed_shards: set[str] = set()  # shards this epoch skipped, counted once
         self._pid = os.getpid()
         self._finalizer = weakref.finalize(self, _shut_down, self._procs, self._pid)
 
@@ -316,8 +324,13 @@ class DecodeProcesses:
         with self._io:
             self._cancel_epoch()
             blob = self._pickled_reader()  # each epoch: options changed since (on_error...) apply
+            if any(proc.popen.poll() is not None for proc in self._procs):
+                # one ended since the last epoch (the OOM killer while the caller validated
+                # or saved a checkpoint): no epoch loses anything, so a new set starts
+                _shut_down(self._procs, self._pid)
             if not self._procs:
                 self._start()
+            self._failed_shards = set()
             try:
                 for proc in self._procs:
                     proc.send(("epoch", epoch, proc.index, self.count, skip, blob))
@@ -394,7 +407,7 @@ class DecodeProcesses:
             proc.give_back(sid)
         return x if labels is None else (x, labels)
 
-    def _count_skips(self, skips: tuple[int, int, list[str], list[str]]) -> None:
+    def _count_skips(self, skips: tuple[int, list[ShardReadError], list[str], list[str]]) -> None:
         """Add a process's skips to the reader's policy, and give its warnings here, where
         the caller's warning filters (and ``pytest.warns``) are."""
         reader = self._reader()
@@ -402,10 +415,14 @@ class DecodeProcesses:
             return
         policy = reader.policy
         policy.skipped_samples += skips[0]
-        policy.skipped_shards += skips[1]
         policy.messages.extend(skips[2][: max(0, MAX_MESSAGES - len(policy.messages))])
         for message in skips[3]:
             warnings.warn(f"skipped: {message}", RuntimeWarning, stacklevel=2)
+        for exc in skips[1]:  # a shard split between processes fails in each: once here
+            shard = getattr(exc, "shard", None) or str(exc)
+            if shard not in self._failed_shards:
+                self._failed_shards.add(shard)
+                policy.shard_failed(exc)
 
     def _cancel_epoch(self) -> None:
         """Stop the epoch being read (if any) in the processes still reading it, and take
@@ -490,7 +507,7 @@ class _DecodeSide:
         self.returned = 0  # slots the main process gave (new, or given back) so far
         self.cancelled = False
         self.buffers = _SlotBuffers(self)
-        self._sent = (0, 0, 0)
+        self._sent = (0, 0)
         threading.Thread(target=self._listen, args=(commands,), daemon=True).start()
 
     def _listen(self, commands: IO[bytes]) -> None:
@@ -505,16 +522,17 @@ class _DecodeSide:
     def send(self, message: Any) -> None:
         _send(self.channel, self.lock, message)
 
-    def skips(self) -> tuple[int, int, list[str], list[str]]:
-        """What the policy skipped since the last message (the main process adds it up),
-        and the warnings it owes."""
+    def skips(self) -> tuple[int, list[ShardReadError], list[str], list[str]]:
+        """What the policy skipped since the last message (the main process adds it up):
+        samples skipped, shards cut short (the errors, which the main process counts once
+        per shard), sample messages, and the warnings it owes."""
         policy = self.reader.policy
         assert isinstance(policy, _ProcessPolicy)
-        samples, shards, messages = self._sent
-        self._sent = (policy.skipped_samples, policy.skipped_shards, len(policy.messages))
+        samples, messages = self._sent
+        self._sent = (policy.skipped_samples, len(policy.messages))
         owed, policy.owed = policy.owed, []
-        return (policy.skipped_samples - samples, policy.skipped_shards - shards,
-                policy.messages[messages:], owed)
+        failed, policy.failed_shards = policy.failed_shards, []
+        return (policy.skipped_samples - samples, failed, policy.messages[messages:], owed)
 
     def handle(self, message: tuple[Any, ...]) -> None:
         """Take one slot message; a cancel or stop ends the epoch being read."""
@@ -554,7 +572,7 @@ class _DecodeSide:
     def run_epoch(self, epoch: int, worker: int, workers: int, skip: int, blob: bytes) -> None:
         self.cancelled = False
         self.reader = _process_reader(blob, self.threads)
-        self._sent = (0, 0, 0)
+        self._sent = (0, 0)
         try:
             batches = self.reader._worker_epoch_batches(
                 epoch, worker=worker, workers=workers, skip=skip, buffers=self.buffers)  # type: ignore[arg-type]
@@ -582,9 +600,17 @@ class _ProcessPolicy(ErrorPolicy):
     owes its warnings to the main process instead of printing them on its own stderr."""
 
     owed: list[str] = field(default_factory=list)
+    failed_shards: list[ShardReadError] = field(default_factory=list)
 
     def _warn(self, message: str) -> None:
         self.owed.append(message)
+
+    def shard_failed(self, exc: ShardReadError) -> None:
+        """Raise, or hand the error to the main process, which counts and reports each
+        shard once (a shard split between processes fails in each of them)."""
+        if self.on_shard_error == "raise":
+            raise exc
+        self.failed_shards.append(_portable(exc))  # type: ignore[arg-type]  # as sent
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:

@@ -24,7 +24,7 @@ import numpy as np
 
 from packer.errors import ClassNotFoundError, EmptySplitError, SampleDecodeError, ShardReadError
 from packer.probe import allow_packed_pixels
-from packer.sizes import parse_size
+from packer.sizes import counted, parse_size
 from packer.storage import is_remote
 
 from .batches import BatchBuffers, BatchOptions, decode_batches, default_decode_threads
@@ -411,14 +411,30 @@ class ShardReader:
 
         Costs one pass over every shard of the split the first time (only the small
         ``.json``/``.cls`` members are read; image bytes are skipped by seeking where the
-        storage allows it), then it is cached.
+        storage allows it), then it is cached. With ``processes=``, an epoch's batches come
+        in another order (a warning says so).
         """
+        self._warn_if_batches_differ_in_order()
         return [path for path, _ in self._entries()]
 
     @property
     def labels(self) -> np.ndarray:
-        """Class index (int32) of every sample in manifest order; same cost as filenames."""
+        """Class index (int32) of every sample in manifest order; same cost as filenames.
+        With ``processes=``, an epoch's batches come in another order (a warning says so)."""
+        self._warn_if_batches_differ_in_order()
         return np.asarray([label for _, label in self._entries()], dtype=np.int32)
+
+    def _warn_if_batches_differ_in_order(self) -> None:
+        """``filenames``/``labels`` are in manifest order, which ``shuffle=False`` batches
+        follow only without decode processes: each process reads its own run of the split
+        and batches are taken from each in turn, so predictions lined up against these
+        would be wrong in silence."""
+        if self.processes and not self.shuffle:
+            warnings.warn(
+                f"with processes={self.processes}, the batches of an epoch do not come in the "
+                "manifest order of filenames/labels (each process reads its own part of the "
+                "split, and batches are taken from each in turn); to line predictions up with "
+                "them, read with processes=0", RuntimeWarning, stacklevel=3)
 
     # ---- iteration ------------------------------------------------------------------
 
@@ -478,8 +494,8 @@ class ShardReader:
             loud = (lost[0] and self.policy.on_error == "warn") or (
                 lost[1] and self.policy.on_shard_error == "warn")
             log.log(logging.WARNING if loud else logging.DEBUG,
-                    "epoch %d of %s: skipped %d undecodable samples and %d damaged shards",
-                    epoch, self.split, *lost)
+                    "epoch %d of %s: skipped %s and %s", epoch, self.split,
+                    counted(lost[0], "undecodable sample"), counted(lost[1], "damaged shard"))
 
     def _batches(self, epoch: int, skip: int) -> Iterator[Batch]:
         """Epoch ``epoch``'s batches after the first ``skip``: from the decode processes

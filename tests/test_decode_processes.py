@@ -311,3 +311,68 @@ def test_a_forked_copy_does_not_stop_the_parents_processes(id_shards):
         assert _epoch_ids(reader) == want
     finally:
         reader.close()
+
+
+def test_a_process_killed_between_epochs_is_replaced_and_one_killed_mid_epoch_is_named(id_shards):
+    """The OOM killer may strike while the caller validates or saves a checkpoint: the next
+    epoch then starts a new set (nothing of an epoch is lost). Killed mid-epoch, the error
+    names the process whichever pipe call meets it first (a send gave a bare BrokenPipeError)."""
+    import time
+
+    reader = ShardReader(id_shards[0], split="train", image_size=4, batch_size=2, processes=2)
+    try:
+        assert sum(len(x) for x, _ in reader) == 210
+        os.kill(reader._pool._procs[1].popen.pid, signal.SIGKILL)
+        time.sleep(0.3)
+        assert sum(len(x) for x, _ in reader) == 210
+        it = iter(reader)
+        next(it)
+        os.kill(reader._pool._procs[1].popen.pid, signal.SIGKILL)
+        time.sleep(0.3)  # dead before the main process next writes to it
+        with pytest.raises(RuntimeError, match="decode process 1 exited"):
+            for _ in it:
+                pass
+    finally:
+        reader.close()
+
+
+def test_a_damaged_shard_read_by_two_processes_is_counted_and_reported_once(id_shards, tmp_path):
+    import shutil
+    import warnings
+
+    shards = tmp_path / "copy"
+    shutil.copytree(id_shards[0], shards)
+    # 210 samples in shards of 16, batches of 5: process 0 reads samples 0-104, process 1
+    # the rest, so shard 6 (samples 96-111) is read in part by each
+    sorted((shards / "train").glob("*.tar"))[6].unlink()
+    counts = {}
+    for processes in (0, 2):
+        reader = ShardReader(shards, split="train", image_size=4, batch_size=5, processes=processes,
+                             on_shard_error="warn", shuffle=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            samples = sum(len(y) for _, y in reader)
+        reader.close()
+        counts[processes] = (samples, reader.policy.skipped_shards, len(reader.policy.messages),
+                             sum("not found" in str(w.message) for w in caught))
+    assert counts[2] == counts[0] and counts[0][1:] == (1, 1, 1)
+
+
+def test_labels_and_filenames_warn_that_batches_with_processes_come_in_another_order(id_shards):
+    import warnings
+
+    reader = ShardReader(id_shards[0], split="test", image_size=4, batch_size=4, shuffle=False,
+                         processes=2)
+    try:
+        got = np.concatenate([y for _, y in reader])
+        with pytest.warns(RuntimeWarning, match="processes=2, the batches of an epoch do not come"):
+            labels = reader.labels
+        assert sorted(got) == sorted(labels) and not np.array_equal(got, labels)
+        with pytest.warns(RuntimeWarning, match="read with processes=0"):
+            reader.filenames  # noqa: B018
+    finally:
+        reader.close()
+    in_order = ShardReader(id_shards[0], split="test", image_size=4, batch_size=4, shuffle=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning without processes: the orders agree
+        assert np.array_equal(np.concatenate([y for _, y in in_order]), in_order.labels)
