@@ -14,8 +14,9 @@ How:
   of it, batches ``w, w + N, ...``
   (``ShardReader._worker_epoch_batches``: the split PyTorch's loader workers use), decoding
   on ``num_workers // N`` threads.
-- Batches are decoded straight into shared-memory slots that the main process made; the
-  pipe carries only the slot number, the labels and the skip counts. The main process
+- Batches are decoded straight into shared-memory slots that the main process made; a
+  pipe of its own (not stdout, where an interpreter's start-up may print) carries only the
+  slot number, the labels and the skip counts. The main process
   yields a view of the slot and gives the slot back once nothing holds the batch (the
   ``BatchBuffers`` rule), so kept batches are never overwritten; a process short of free
   slots is given a new one, and once a caller holds ``_HELD_MAX`` of a process's batches,
@@ -23,7 +24,8 @@ How:
 - The main process takes one batch from each process in turn, as PyTorch's loader does, so
   an epoch is the stream of ``ShardIterableDataset`` under a ``DataLoader`` with N workers.
 - An error in a process (``on_error="raise"``, a damaged shard) is raised by ``next()`` in
-  the main process at that process's turn; a process that dies is reported as such.
+  the main process at that process's turn; a process that dies is reported as such, and
+  one found dead when an epoch starts is replaced (nothing of an epoch was lost).
   Leaving an epoch early cancels it in every process. The processes serve every epoch and
   end with ``ShardReader.close()``, when the reader is garbage-collected, or at exit.
 """
@@ -150,10 +152,21 @@ class _Process:
 
     def __init__(self, index: int, command: list[str], env: dict[str, str]) -> None:
         self.index = index
-        self.popen = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      env=env, start_new_session=True)
-        assert self.popen.stdin is not None and self.popen.stdout is not None
-        self.stdin, self.stdout = self.popen.stdin, self.popen.stdout
+        # Messages come back on a pipe of their own, whose descriptor the command's {fd}
+        # names: on stdout, anything printed as the interpreter starts (a sitecustomize, an
+        # import-time banner) was read as a message length (a hang, or a MemoryError).
+        read_end, write_end = os.pipe()
+        try:
+            self.popen = subprocess.Popen(
+                [part.replace("{fd}", str(write_end)) for part in command], stdin=subprocess.PIPE,
+                env=env, start_new_session=True, pass_fds=(write_end,))
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        assert self.popen.stdin is not None
+        self.stdin, self.stdout = self.popen.stdin, os.fdopen(read_end, "rb")
         self.lock = threading.Lock()
         self.slots: dict[int, _Slot] = {}
         self.held: set[int] = set()  # slots whose batch the main process handed out
@@ -283,7 +296,8 @@ class DecodeProcesses:
 
         reader = self._reader_now()
         root = str(Path(__file__).resolve().parent.parent)
-        boot = f"import sys; sys.path.insert(0, {root!r}); from reader.processes import worker_main; worker_main()"
+        boot = (f"import sys; sys.path.insert(0, {root!r}); from reader.processes import worker_main; "
+                "worker_main({fd})")
         _, blocks = in_flight_plan(self.threads, reader.batch_options.batch_size)
         _check_shared_memory(self.count * (blocks + _EXTRA_SLOTS) * self.slot_bytes)
         try:
@@ -636,10 +650,11 @@ def _process_reader(blob: bytes, threads: int) -> ShardReader:
     return reader
 
 
-def worker_main() -> None:
-    """Entry point of a decode process (started by DecodeProcesses)."""
-    channel = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # stray prints go to stderr, not into the message pipe
+def worker_main(fd: int) -> None:
+    """Entry point of a decode process (started by DecodeProcesses): messages go out on
+    ``fd``, a pipe of their own."""
+    channel = os.fdopen(fd, "wb")
+    os.dup2(2, 1)  # its prints go to stderr, beside its errors, not into the caller's stdout
     commands = os.fdopen(0, "rb")
     kind, threads = _recv(commands)
     assert kind == "init"

@@ -376,3 +376,24 @@ def test_labels_and_filenames_warn_that_batches_with_processes_come_in_another_o
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning without processes: the orders agree
         assert np.array_equal(np.concatenate([y for _, y in in_order]), in_order.labels)
+
+
+def test_a_banner_printed_as_a_decode_process_starts_does_not_jam_its_messages(id_shards, tmp_path):
+    """Anything printed to stdout as the interpreter starts (a sitecustomize, an import-time
+    banner) came into the message pipe and was read as a message length: a hang."""
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text('print("hello from sitecustomize " * 20)\n')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = (f"import sys; sys.path.insert(0, {root!r})\n"
+              "from reader import ShardReader\n"
+              f"r = ShardReader({str(id_shards[0])!r}, split='train', image_size=4, batch_size=5, processes=2)\n"
+              "print('samples', sum(len(y) for _, y in r))\n"
+              "r.close()\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "samples 210" in done.stdout
