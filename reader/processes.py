@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import signal
 import struct
 import subprocess
 import sys
@@ -186,6 +187,11 @@ class _Process:
 
     def _died(self) -> _ProcessDied:
         code = self.popen.wait()
+        if code == -signal.SIGBUS:  # a write into a shared-memory slot /dev/shm had no room for
+            return _ProcessDied(
+                f"shardpack decode process {self.index} ran out of shared memory (/dev/shm is "
+                "full; SIGBUS) in the middle of an epoch: give the container more (docker run "
+                '--shm-size=2g), or use fewer processes, a smaller batch_size or dtype="uint8"')
         return _ProcessDied(
             f"shardpack decode process {self.index} exited (code {code}) in the middle of "
             "an epoch: killed, out of memory, or crashed (its error is above in stderr)")

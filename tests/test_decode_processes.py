@@ -397,3 +397,21 @@ def test_a_banner_printed_as_a_decode_process_starts_does_not_jam_its_messages(i
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "samples 210" in done.stdout
+
+
+def test_a_process_ended_by_sigbus_is_said_to_have_run_out_of_shared_memory(id_shards):
+    """A write into a shared-memory slot that /dev/shm has no room for is a SIGBUS: the
+    error says so, and what to do, instead of "killed, out of memory, or crashed"."""
+    import time
+
+    reader = ShardReader(id_shards[0], split="train", image_size=4, batch_size=2, processes=2)
+    try:
+        it = iter(reader)
+        next(it)
+        os.kill(reader._pool._procs[1].popen.pid, signal.SIGBUS)
+        time.sleep(0.3)
+        with pytest.raises(RuntimeError, match=r"decode process 1 ran out of shared memory \(/dev/shm"):
+            for _ in it:
+                pass
+    finally:
+        reader.close()
