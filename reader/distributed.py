@@ -28,6 +28,8 @@ Data-loader workers (:func:`worker_pieces`) split their rank's stream again: the
 batches are numbered, worker ``w`` of ``K`` owns batches ``w, w + K, ...`` and reads a
 contiguous run of the rank's samples of the matching size, so a ``DataLoader`` that takes a
 batch from each worker in turn yields exactly the rank's batch count, whatever ``K`` is.
+Without shuffling (``strided``) worker ``w`` reads those batches' own samples instead, so
+the batches come in the rank's order (what ``filenames`` and ``labels`` list).
 """
 
 from __future__ import annotations
@@ -176,18 +178,25 @@ def worker_pieces(
     num_workers: int,
     batch_size: int,
     drop_remainder: bool,
+    strided: bool = False,
 ) -> list[Piece]:
     """Return worker ``worker``'s share of a rank's pieces (module docstring).
 
-    Worker ``w`` owns the rank's batches ``w, w + num_workers, ...``; it reads a contiguous
-    run of the rank's samples holding exactly those batches' samples (workers before it take
-    the runs before). A loader taking one batch from each worker in turn therefore yields
-    ``batch_count(rank samples)`` batches, and only the owner of the last batch makes a
-    short one.
+    Worker ``w`` owns the rank's batches ``w, w + num_workers, ...``. By default it reads a
+    contiguous run of the rank's samples holding exactly those batches' samples (workers
+    before it take the runs before). ``strided``: it reads those batches' own samples
+    instead (batch ``b`` holds samples ``b * batch_size ...``), so a loader taking one batch
+    from each worker in turn yields the rank's samples in their order; for ``shuffle=False``,
+    whose batches must line up with ``filenames`` and ``labels``. Either way a loader taking
+    one batch from each worker in turn yields ``batch_count(rank samples)`` batches, and only
+    the owner of the last batch makes a short one.
     """
     check_rank(worker, num_workers)
     total = sum(len(p) for p in pieces)
     batches = batch_count(total, batch_size, drop_remainder)
+    if strided:
+        return [piece for b in range(worker, batches, num_workers)
+                for piece in take_range(pieces, b * batch_size, min(total, (b + 1) * batch_size))]
 
     def samples_of(w: int) -> int:
         owned = range(w, batches, num_workers)

@@ -22,7 +22,8 @@ How:
   slots is given a new one, and once a caller holds ``_HELD_MAX`` of a process's batches,
   further ones are handed out as copies.
 - The main process takes one batch from each process in turn, as PyTorch's loader does, so
-  an epoch is the stream of ``ShardIterableDataset`` under a ``DataLoader`` with N workers.
+  an epoch is the stream of ``ShardIterableDataset`` under a ``DataLoader`` with N workers
+  (with ``shuffle=False``, the manifest order: see ``distributed.worker_pieces``).
 - An error in a process (``on_error="raise"``, a damaged shard) is raised by ``next()`` in
   the main process at that process's turn; a process that dies is reported as such, and
   one found dead when an epoch starts is replaced (nothing of an epoch was lost).

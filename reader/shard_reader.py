@@ -123,7 +123,8 @@ class ShardReader:
             ``num_workers // processes`` threads, for machines with many cores where one
             process's Python caps the rate (reader.processes; docs/READING.md). 0 (default):
             decode on threads in this process. An epoch is then split as PyTorch's loader
-            workers split it, so the order differs from ``processes=0``. ``close()`` ends them.
+            workers split it, so a shuffled order differs from ``processes=0`` (with
+            ``shuffle=False`` it is the manifest order all the same). ``close()`` ends them.
         on_error: a sample that cannot be decoded: "warn" (skip, count, warn), "ignore"
             (skip and count) or "raise" (SampleDecodeError).
         on_shard_error: a shard that cannot be read: "raise" (ShardReadError naming the
@@ -411,30 +412,14 @@ class ShardReader:
 
         Costs one pass over every shard of the split the first time (only the small
         ``.json``/``.cls`` members are read; image bytes are skipped by seeking where the
-        storage allows it), then it is cached. With ``processes=``, an epoch's batches come
-        in another order (a warning says so).
+        storage allows it), then it is cached.
         """
-        self._warn_if_batches_differ_in_order()
         return [path for path, _ in self._entries()]
 
     @property
     def labels(self) -> np.ndarray:
-        """Class index (int32) of every sample in manifest order; same cost as filenames.
-        With ``processes=``, an epoch's batches come in another order (a warning says so)."""
-        self._warn_if_batches_differ_in_order()
+        """Class index (int32) of every sample in manifest order; same cost as filenames."""
         return np.asarray([label for _, label in self._entries()], dtype=np.int32)
-
-    def _warn_if_batches_differ_in_order(self) -> None:
-        """``filenames``/``labels`` are in manifest order, which ``shuffle=False`` batches
-        follow only without decode processes: each process reads its own run of the split
-        and batches are taken from each in turn, so predictions lined up against these
-        would be wrong in silence."""
-        if self.processes and not self.shuffle:
-            warnings.warn(
-                f"with processes={self.processes}, the batches of an epoch do not come in the "
-                "manifest order of filenames/labels (each process reads its own part of the "
-                "split, and batches are taken from each in turn); to line predictions up with "
-                "them, read with processes=0", RuntimeWarning, stacklevel=3)
 
     # ---- iteration ------------------------------------------------------------------
 
@@ -575,10 +560,11 @@ class ShardReader:
         )
 
     def _piece_samples(
-        self, shard: int, start: int, stop: int | None, check_rest: bool = True,
+        self, shard: int, ranges: Sequence[tuple[int, int | None]], check_rest: bool = True,
         opened: Callable[[], IO[bytes]] | None = None,
     ) -> Iterator[tuple[Sample, int]]:
-        """Samples ``start:stop`` of one shard (after the class subset), labelled.
+        """Samples ``start:stop`` of one shard for each ``(start, stop)`` of ``ranges``
+        (ascending; after the class subset), labelled, in one pass over the shard.
 
         ``check_rest``: read the rest of a shard this piece ends inside, so its checksum is
         compared (False where this rank reads that shard in another piece anyway).
@@ -589,9 +575,11 @@ class ShardReader:
             opened=opened, cache_max_bytes=self.cache_max_bytes,
         )
         labelled = self._select(raw)
-        if start == 0 and (stop is None or stop == ref.count and self._remap is None):
-            return labelled  # the whole shard
-        return _only(labelled, start, stop, rest=raw if check_rest else None)
+        whole = len(ranges) == 1 and ranges[0][0] == 0 and (
+            ranges[0][1] is None or ranges[0][1] == ref.count and self._remap is None)
+        if whole:
+            return labelled
+        return _only(labelled, ranges, rest=raw if check_rest else None)
 
     def _worker_epoch_batches(
         self, epoch: int, *, worker: int, workers: int, skip: int, buffers: BatchBuffers | None = None,
@@ -602,7 +590,7 @@ class ShardReader:
         each worker in turn, starting at worker ``skip % workers``, gives the epoch."""
         mine = worker_pieces(
             self._rank_pieces(epoch), worker=worker, num_workers=workers, batch_size=self.batch_options.batch_size,
-            drop_remainder=self.batch_options.drop_remainder,
+            drop_remainder=self.batch_options.drop_remainder, strided=not self.shuffle,
         )
         return self._epoch_batches(
             epoch, pieces=mine, skip_batches=len(range(worker, skip, workers)),
@@ -632,14 +620,14 @@ class ShardReader:
             pieces = self.epoch_pieces(epoch)
         if pieces is None:
             order = shard_order(len(self.source.shards), epoch=epoch, seed=self.seed, shuffle=self.shuffle)
-            parts: list[tuple[int, int, int | None]] = [(s, 0, None) for s in order]
+            parts: list[tuple[int, list[tuple[int, int | None]]]] = [(s, [(0, None)]) for s in order]
         else:
-            parts = [(p.shard, p.start, p.stop) for p in pieces]
-        first_of_shard = {shard: i for i, (shard, _, _) in reversed(list(enumerate(parts)))}
-        ahead = self._opener(parts)
-        streams = (self._piece_samples(*part, check_rest=first_of_shard[part[0]] == i,
+            parts = _by_shard(pieces)
+        first_of_shard = {shard: i for i, (shard, _) in reversed(list(enumerate(parts)))}
+        ahead = self._opener([shard for shard, _ in parts])
+        streams = (self._piece_samples(shard, ranges, check_rest=first_of_shard[shard] == i,
                                        opened=functools.partial(ahead.open, i) if ahead else None)
-                   for i, part in enumerate(parts))
+                   for i, (shard, ranges) in enumerate(parts))
         try:
             yield from self._decoded(self._shuffled(streams, epoch, stream), epoch, stream,
                                      skip_batches, buffers)
@@ -647,12 +635,12 @@ class ShardReader:
             if ahead is not None:
                 ahead.close()
 
-    def _opener(self, parts: Sequence[tuple[int, int, int | None]]) -> OpenAhead | None:
+    def _opener(self, shards: Sequence[int]) -> OpenAhead | None:
         """Remote shards are opened a piece ahead (reader.remote.OpenAhead); local files
         start at once from the page cache or disk, and open when they start."""
         if not any(is_remote(ref.url) for ref in self.source.shards):
             return None
-        refs = [self.source.shards[shard] for shard, _, _ in parts]
+        refs = [self.source.shards[shard] for shard in shards]
         return OpenAhead(lambda i: open_ref(refs[i], self.storage_options, self.cache_dir,
                                             self.cache_max_bytes), len(refs))
 
@@ -696,24 +684,43 @@ class ShardReader:
         )
 
 
+def _by_shard(pieces: Sequence[Piece]) -> list[tuple[int, list[tuple[int, int | None]]]]:
+    """``pieces`` as ``(shard, ranges)``, consecutive pieces of one shard joined, so a
+    decode process's every other batch of a shard (``shuffle=False``) is one read of it."""
+    out: list[tuple[int, list[tuple[int, int | None]]]] = []
+    for p in pieces:
+        if out and out[-1][0] == p.shard and (last := out[-1][1][-1])[1] is not None and last[1] <= p.start:
+            out[-1][1].append((p.start, p.stop))
+        else:
+            out.append((p.shard, [(p.start, p.stop)]))
+    return out
+
+
 def _only(
-    labelled: Iterator[tuple[Sample, int]], start: int, stop: int | None,
+    labelled: Iterator[tuple[Sample, int]], ranges: Sequence[tuple[int, int | None]],
     *, rest: Generator[Sample, Any, None] | None,
 ) -> Iterator[tuple[Sample, int]]:
-    """Yield ``labelled[start:stop]``; then have the shard's generator ``rest`` read the
-    shard's remaining bytes when its stream compares a checksum (samples.READ_THE_REST).
+    """Yield ``labelled[start:stop]`` for each ascending ``(start, stop)`` of ``ranges``;
+    then have the shard's generator ``rest`` read the shard's remaining bytes when its
+    stream compares a checksum (samples.READ_THE_REST).
 
     A piece of a shard (another rank or loader worker reads the rest) is still checked as a
     whole shard is; the rest costs reading, never parsing or decoding, and nothing at all
     for a shard already verified in this process.
     """
-    if stop is not None and start >= stop:
+    wanted = [(start, stop) for start, stop in ranges if stop is None or start < stop]
+    if not wanted:
         return
+    k = 0
+    start, stop = wanted[0]
     for i, item in enumerate(labelled):
         if i >= start:
             yield item
         if stop is not None and i + 1 >= stop:
-            break
+            k += 1
+            if k == len(wanted):
+                break
+            start, stop = wanted[k]
     if rest is not None:
         try:
             rest.send(READ_THE_REST)

@@ -117,6 +117,27 @@ def test_workers_split_a_rank_into_whole_batches(workers, drop_remainder):
     assert take_range(pieces, 0, 263) == pieces
 
 
+@pytest.mark.parametrize("drop_remainder", [False, True])
+@pytest.mark.parametrize("workers", [1, 2, 3, 5])
+def test_strided_workers_give_the_ranks_order_batch_by_batch(workers, drop_remainder):
+    """strided (shuffle=False): worker w decodes batches w, w + K, ... of the rank's own
+    order, so a loader taking one batch from each in turn yields that order exactly."""
+    pieces = [Piece(4, 0, 150), Piece(1, 20, 121), Piece(6, 0, 12)]  # 263 samples
+    size = 16
+    shares = [_samples(worker_pieces(pieces, worker=w, num_workers=workers, batch_size=size,
+                                     drop_remainder=drop_remainder, strided=True))
+              for w in range(workers)]
+    contiguous = [sum(len(p) for p in worker_pieces(pieces, worker=w, num_workers=workers,
+                                                    batch_size=size, drop_remainder=drop_remainder))
+                  for w in range(workers)]
+    assert [len(s) for s in shares] == contiguous  # the same counts as the contiguous split
+    batches = [share[i : i + size] for share in shares for i in range(0, len(share), size)]
+    in_turn = [b for k in range(max(len(s) for s in shares) // size + 1) for b in
+               (share[k * size : (k + 1) * size] for share in shares) if b]
+    used = batch_count(263, size, drop_remainder) * size if drop_remainder else 263
+    assert [x for b in in_turn for x in b] == _samples(pieces)[:used] and len(batches) == len(in_turn)
+
+
 # ---- real shards, real reads ----------------------------------------------------------
 
 

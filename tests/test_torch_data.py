@@ -249,3 +249,13 @@ def test_spawned_loader_workers_and_copies_are_recorded(awkward_shards):
         assert len(_epoch(DataLoader(other, batch_size=None, num_workers=3))) == len(ds)
         assert other.state_dict(batches=3)["streams"] == 3  # its own loader's workers
         assert ds.state_dict(batches=3)["streams"] == 2
+
+
+def test_shuffle_false_through_loader_workers_follows_the_readers_labels(id_shards):
+    """Loader workers decode the batches w, w + K, ... of the manifest order with
+    shuffle=False, so the loader's batches line up with ``reader.labels`` (predictions)."""
+    import torch
+
+    ds = ShardIterableDataset(id_shards[0], split="test", image_size=4, batch_size=4, shuffle=False)
+    labels = torch.cat([y for _, y in DataLoader(ds, batch_size=None, num_workers=3)])
+    assert labels.tolist() == ds.reader.labels.tolist()
