@@ -129,7 +129,14 @@ def make_state(reader: ShardReader, *, epoch: int, batches: int, streams: int | 
         "streams": reader_streams(reader) if streams is None else int(streams),
         "shards": shard_fingerprint(reader),
         "shard_hashes": content_fingerprint(reader),
+        "unshuffled_split": UNSHUFFLED_SPLIT,
     }
+
+
+# How an unshuffled epoch is split among batch streams: 2 since each stream decodes the
+# batches w, w + N, ... of the manifest order (distributed.worker_pieces ``strided``);
+# before (no field), each read a contiguous run.
+UNSHUFFLED_SPLIT = 2
 
 
 def check_state(reader: ShardReader, state: dict[str, Any], *, streams: bool = True) -> tuple[int, int, int]:
@@ -173,6 +180,12 @@ def check_state(reader: ShardReader, state: dict[str, Any], *, streams: bool = T
     epoch, batches = _canonical(reader, epoch, batches)
     if streams:
         check_streams(saved_streams(state), reader_streams(reader), batches)
+    saved = saved_streams(state) or 1
+    if batches and saved > 1 and not reader.shuffle and state.get("unshuffled_split") != UNSHUFFLED_SPLIT:
+        raise ValueError(
+            f"the state was saved inside an unshuffled epoch read as {saved} batch streams by an "
+            "earlier shardpack, which split such an epoch among them in another way: the rest "
+            "of that epoch cannot be resumed exactly; start it over with reader.set_epoch(epoch)")
     return epoch, batches, int(state["seed"])
 
 

@@ -413,3 +413,31 @@ def test_a_process_ended_by_sigbus_is_said_to_have_run_out_of_shared_memory(id_s
                 pass
     finally:
         reader.close()
+
+
+def test_an_unshuffled_state_from_the_old_split_is_refused_inside_its_epoch(id_shards):
+    """States saved inside an unshuffled epoch read as several streams by shardpack before
+    the strided split would resume into other samples: refused (at an epoch boundary, and
+    shuffled, nothing changed and they load)."""
+    opts = dict(split="test", image_size=4, batch_size=4, shuffle=False, processes=2)
+    reader = ShardReader(id_shards[0], **opts)
+    try:
+        it = iter(reader)
+        next(it), next(it)
+        state = reader.state_dict()
+        it.close()
+        old = {k: v for k, v in state.items() if k != "unshuffled_split"}
+        with pytest.raises(ValueError, match="earlier shardpack, which split such an epoch"):
+            ShardReader(id_shards[0], **opts).load_state_dict(old)
+        ShardReader(id_shards[0], **opts).load_state_dict(state)  # the new split: fine
+        ShardReader(id_shards[0], **opts).load_state_dict(dict(old, epoch=1, batches=0))  # a boundary
+        shuffled = dict(opts, shuffle=True)
+        r = ShardReader(id_shards[0], **shuffled)
+        it = iter(r)
+        next(it)
+        s = {k: v for k, v in r.state_dict().items() if k != "unshuffled_split"}
+        it.close()
+        r.close()
+        ShardReader(id_shards[0], **shuffled).load_state_dict(s)
+    finally:
+        reader.close()
