@@ -23,7 +23,7 @@ from typing import IO, Any
 from packer.errors import ChecksumError, ShardReadError
 from packer.storage import is_remote
 
-__all__ = ["HashedLocalFile", "checksum_mismatch", "remedy"]
+__all__ = ["ForwardStream", "HashedLocalFile", "checksum_mismatch", "remedy"]
 
 # Bytes handed to the hashing thread at once: few hand-overs (each wakes the thread, whose
 # loop takes the GIL), few bytes held (at most _QUEUED + 1 batches wait to be hashed).
@@ -49,7 +49,32 @@ def checksum_mismatch(url: str, got: str, expected: str) -> ChecksumError:
     )
 
 
-class HashedLocalFile(io.RawIOBase):
+class ForwardStream(io.RawIOBase):
+    """What the reader's checked shard streams share (this module's and
+    ``reader.remote.ShardStream``): read front to back only, never seekable, a position,
+    and an error that, once met, every later read raises."""
+
+    _pos = 0  # bytes handed to the consumer
+    _error: Exception | None = None  # raised by every read after a short or failed one
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False  # every byte must pass through the checks
+
+    def tell(self) -> int:
+        return self._pos
+
+    def _check_readable(self) -> None:
+        """Raise what a read may not go past: the stream closed, or an earlier error."""
+        if self.closed:
+            raise ValueError("read from a closed shard stream")
+        if self._error is not None:
+            raise self._error
+
+
+class HashedLocalFile(ForwardStream):
     """A local shard read front to back while a background thread hashes it.
 
     Reads stop at the manifest's ``size``. As the remote reader withholds its last block,
@@ -74,8 +99,6 @@ class HashedLocalFile(io.RawIOBase):
         self._tail_error: Exception | None = None  # raised once the tail is handed out
         self._sha256 = sha256
         self._on_verified = on_verified
-        self._pos = 0
-        self._error: Exception | None = None  # raised by every read after a short one
         self._hash = hashlib.sha256()
         self._batch: list[bytes] = []
         self._batch_bytes = 0
@@ -92,20 +115,8 @@ class HashedLocalFile(io.RawIOBase):
         """Reading to the end compares a checksum (samples.READ_THE_REST relies on it)."""
         return True
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False  # every byte must pass through the hash
-
-    def tell(self) -> int:
-        return self._pos
-
     def read(self, size: int | None = -1) -> bytes:
-        if self.closed:
-            raise ValueError("read from a closed shard stream")
-        if self._error is not None:
-            raise self._error
+        self._check_readable()
         if size is None or size < 0:
             return b"".join(iter(lambda: self.read(_TAIL_BYTES), b""))
         if size == 0:

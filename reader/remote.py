@@ -29,7 +29,6 @@ import collections
 import contextlib
 import functools
 import hashlib
-import io
 import os
 import queue
 import random
@@ -45,7 +44,7 @@ from packer.errors import ShardReadError
 from packer.probe import file_stamp
 from packer.storage import one_retry_layer
 
-from .local import HashedLocalFile, checksum_mismatch, remedy
+from .local import ForwardStream, HashedLocalFile, checksum_mismatch, remedy
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -244,7 +243,7 @@ def _remove_quietly(path: str) -> None:
 _EOF = object()
 
 
-class ShardStream(io.RawIOBase):
+class ShardStream(ForwardStream):
     """A read-only, forward-only byte stream over one remote shard.
 
     Fetches ``[offset, offset + block_size)`` ranges in order (in a background thread when
@@ -284,9 +283,7 @@ class ShardStream(io.RawIOBase):
         self.retried = 0
         self.requests = 0
         self._buf = memoryview(b"")
-        self._pos = 0  # bytes handed to the consumer
         self._eof = False
-        self._error: Exception | None = None  # raised by every read after a short one
         self._stop = threading.Event()
         self._blocks: Iterator[bytes] | None = None
         self._queue: queue.Queue[Any] | None = None
@@ -425,15 +422,6 @@ class ShardStream(io.RawIOBase):
         """Whether reading to the end compares a checksum (a plain file does not)."""
         return self._sha256 is not None
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def tell(self) -> int:
-        return self._pos
-
     def readinto(self, b: Any) -> int:
         if self._error is not None:
             raise self._error
@@ -447,10 +435,7 @@ class ShardStream(io.RawIOBase):
         return n
 
     def read(self, size: int | None = -1) -> bytes:
-        if self.closed:
-            raise ValueError("read from a closed shard stream")
-        if self._error is not None:
-            raise self._error
+        self._check_readable()
         if size is None or size < 0:
             return self.readall()
         buf = self._buf
