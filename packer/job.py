@@ -32,7 +32,7 @@ from .spool import spool_path
 from .storage import is_remote
 from .transform import ResizeSpec, parse_resize
 from .walk import Candidate, WalkResult, refuse_split_tree_read_as_flat, walk_tree
-from .write import ShardResult
+from .write import ShardResult, hash_file
 from .write_session import WriteSession, os_errors_as_pack_error, write_task
 
 __all__ = ["pack", "DEFAULT_MAX_COUNT", "DEFAULT_MAX_SIZE"]
@@ -295,7 +295,7 @@ def _pack_with(
     for warning in noticed:
         log.warning(warning)
     manifest = build_manifest(
-        plan, results, skipped=skipped, ignored=ignored, duplicates=find_duplicates(plan),
+        plan, results, skipped=skipped, ignored=ignored, duplicates=find_duplicates(plan, source_sha256),
         warnings=walked.warnings + noticed,
     )
     with os_errors_as_pack_error(os.path.join(out_dir, MANIFEST_NAME)):
@@ -304,6 +304,15 @@ def _pack_with(
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out_dir, ".shardpack-workers-check"))
     return manifest
+
+
+def source_sha256(path: str) -> str | None:
+    """sha256 of a source file, or None when it cannot be read any more (for
+    ``find_duplicates``: a file gone since its probe is no longer part of a report)."""
+    try:
+        return hash_file(path)[0]
+    except OSError:
+        return None
 
 
 def refuse_no_images(plan: Plan, skipped: list[tuple[str, str]], ignored: list[tuple[str, str]]) -> None:

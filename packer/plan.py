@@ -12,6 +12,7 @@ import json
 import math
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,8 +53,8 @@ class PlannedSample:
     width: int
     height: int
     size: int  # stored image bytes
-    sha256: str  # of the stored image bytes
-    source_sha256: str
+    digest: str  # of the stored image bytes (packer.digest)
+    source_digest: str
     source_stamp: tuple[int, ...] | None = None  # probe.read_stamped's stamp
     # computed once, in __post_init__: planning, fingerprinting and writing all use them
     _json: bytes = field(init=False, repr=False, compare=False, default=b"")
@@ -73,7 +74,7 @@ class PlannedSample:
         # the slots' default state); the writer recomputes the JSON member
         return PlannedSample, (self.key, self.rel_path, self.abs_path, self.ext, self.label,
                                self.class_name, self.width, self.height, self.size,
-                               self.sha256, self.source_sha256, self.source_stamp)
+                               self.digest, self.source_digest, self.source_stamp)
 
     def json_bytes(self) -> bytes:
         """The ``.json`` member."""
@@ -113,9 +114,9 @@ class PlannedShard:
 
 
 def _fingerprint_line(s: PlannedSample) -> str:
-    """``json.dumps([key, ext, label, sha256, json member])``, formatted directly (the same
+    """``json.dumps([key, ext, label, digest, json member])``, formatted directly (the same
     text, a test pins it): once per sample, it was a third of the planning time."""
-    return (f"[{_ascii(s.key)}, {_ascii(s.ext)}, {int(s.label)}, {_ascii(s.sha256)}, "
+    return (f"[{_ascii(s.key)}, {_ascii(s.ext)}, {int(s.label)}, {_ascii(s.digest)}, "
             f"{_ascii(s.json_bytes().decode())}]")
 
 
@@ -230,17 +231,25 @@ def cut_shards(
     return shards + [last] if last is not None else shards
 
 
-def find_duplicates(plan: Plan) -> dict[str, list[dict[str, Any]]]:
+def find_duplicates(
+    plan: Plan, sha256_of: Callable[[str], str | None]
+) -> dict[str, list[dict[str, Any]]]:
     """Exact duplicate images (same source bytes) within a split and across splits.
 
     The same photo in train and test is a silent evaluation bug no loader warns about.
+    Samples are grouped by their probe's content digest; each group is then confirmed,
+    and named, by the sha256 of its source files: ``sha256_of(abs_path)``, None when a file
+    cannot be read any more (it is left out). Only the files of a group are read again.
     """
-    where: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    where: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
     for split, shards in plan.shards.items():
         for shard in shards:
             for sample in shard.samples:
-                where[sample.source_sha256].append((split, sample.rel_path))
-    groups = [(sorted(places), sha) for sha, places in where.items() if len(places) > 1]
+                where[sample.source_digest].append((split, sample.rel_path, sample.abs_path))
+    groups = []
+    for candidates in where.values():
+        if len(candidates) > 1:
+            groups += _same_sha256(candidates, sha256_of)
     within, across = [], []
     for places, sha in sorted(groups, key=lambda group: group[0][0][1]):  # by first path
         splits = sorted({split for split, _ in places})
@@ -251,6 +260,18 @@ def find_duplicates(plan: Plan) -> dict[str, list[dict[str, Any]]]:
         if len(splits) > 1:
             across.append({"splits": splits, "sha256": sha, "paths": [p for _, p in places]})
     return {"within_split": within, "across_splits": across}
+
+
+def _same_sha256(
+    candidates: list[tuple[str, str, str]], sha256_of: Callable[[str], str | None]
+) -> list[tuple[list[tuple[str, str]], str]]:
+    """The (sorted (split, rel_path) places, sha256) groups of two or more equal files."""
+    by_sha: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for split, rel_path, abs_path in candidates:
+        sha = sha256_of(abs_path)
+        if sha is not None:
+            by_sha[sha].append((split, rel_path))
+    return [(sorted(places), sha) for sha, places in by_sha.items() if len(places) > 1]
 
 
 def planned_sample(candidate: Any, probe: Any, *, split: str, position: int, label: int) -> PlannedSample:
@@ -265,8 +286,8 @@ def planned_sample(candidate: Any, probe: Any, *, split: str, position: int, lab
         width=probe.width,
         height=probe.height,
         size=probe.size,
-        sha256=probe.sha256,
-        source_sha256=probe.source_sha256,
+        digest=probe.digest,
+        source_digest=probe.source_digest,
         source_stamp=probe.source_stamp,
     )
 

@@ -3,7 +3,7 @@
 The probe is the packer's gatekeeper: it recognises images by content (not by name), refuses
 what a training job would choke on (empty, truncated, corrupt, unsupported, decompression
 bombs), and records the facts the plan needs (real format, size after EXIF orientation,
-stored byte count, sha256). Three levels of checking:
+stored byte count, content digest). Three levels of checking:
 
 * ``"structure"`` (default): plain JPEGs and PNGs are checked by ``packer.headers`` without
   Pillow — header fields, declared size, and an end marker after the last scan (catches
@@ -16,7 +16,6 @@ stored byte count, sha256). Three levels of checking:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -27,6 +26,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from .digest import content_digest
 from .format import PIL_FORMAT_TO_EXT
 from .headers import FastInfo, fast_jpeg_info, fast_png_info, signature_kind
 from .spool import put as spool_put
@@ -73,8 +73,8 @@ class Probe:
     width: int = 0
     height: int = 0
     size: int = 0  # bytes stored in the shard
-    sha256: str = ""  # of the stored bytes
-    source_sha256: str = ""  # of the source file (duplicate detection)
+    digest: str = ""  # of the stored bytes (packer.digest)
+    source_digest: str = ""  # of the source file (duplicate detection)
     # the source file's identity and times as read (see read_stamped): the writer re-reads
     # the file and compares this instead of hashing it again (a tenth of pack time)
     source_stamp: tuple[int, ...] | None = None
@@ -83,7 +83,7 @@ class Probe:
         # back from worker processes as the constructor's arguments (cheaper than the
         # slots' default state)
         return Probe, (self.ok, self.is_image, self.reason, self.ext, self.width, self.height,
-                       self.size, self.sha256, self.source_sha256, self.source_stamp)
+                       self.size, self.digest, self.source_digest, self.source_stamp)
 
 
 def _upright_size(im: Image.Image, opened: tuple[int, int]) -> tuple[int, int]:
@@ -135,17 +135,17 @@ def _pillow_bomb_reason(exc: Image.DecompressionBombError, data: bytes, max_pixe
 
 
 def _probe_fast(
-    info: FastInfo, data: bytes, source_sha: str, max_pixels: int, stamp: tuple[int, ...] | None,
+    info: FastInfo, data: bytes, source_digest: str, max_pixels: int, stamp: tuple[int, ...] | None,
 ) -> Probe:
     if info.width * info.height > max_pixels:
-        return Probe(False, True, _bomb_reason(info.width, info.height, max_pixels), source_sha256=source_sha)
+        return Probe(False, True, _bomb_reason(info.width, info.height, max_pixels), source_digest=source_digest)
     if not info.complete:
         name = "JPEG (no end-of-image marker after the last scan)" if info.ext == "jpg" else "PNG (no IEND chunk)"
-        return Probe(False, True, f"truncated {name}", source_sha256=source_sha)
+        return Probe(False, True, f"truncated {name}", source_digest=source_digest)
     w, h = info.width, info.height
     if info.orientation in _ROTATED_ORIENTATIONS:
         w, h = h, w
-    return Probe(True, True, "", info.ext, w, h, len(data), source_sha, source_sha, stamp)
+    return Probe(True, True, "", info.ext, w, h, len(data), source_digest, source_digest, stamp)
 
 
 def probe_bytes(
@@ -162,37 +162,37 @@ def probe_bytes(
     ``keep_stored``: with ``resize``, the re-encoded bytes are appended to this list.
     ``source_stamp``: recorded in a good probe (see read_stamped).
     """
-    source_sha = hashlib.sha256(data).hexdigest()
+    source_digest = content_digest(data)
     if not data:
         # no content says "image": only a name that does makes it a skipped image
-        return Probe(False, False, "empty file (0 bytes)", source_sha256=source_sha)
+        return Probe(False, False, "empty file (0 bytes)", source_digest=source_digest)
     if validate == "structure" and resize is None:
         fast = _fast_info(data)
         if fast is not None:
-            return _probe_fast(fast, data, source_sha, max_pixels, source_stamp)
+            return _probe_fast(fast, data, source_digest, max_pixels, source_stamp)
     try:
         # Pillow refuses above twice its own limit at open; make that limit ours, so a
         # raised --max-pixels really lets a large scan through (open reads only headers).
         im = open_with_pixel_limit(data, max_pixels)
     except Image.DecompressionBombError as exc:
-        return Probe(False, True, _pillow_bomb_reason(exc, data, max_pixels), source_sha256=source_sha)
+        return Probe(False, True, _pillow_bomb_reason(exc, data, max_pixels), source_digest=source_digest)
     except UnidentifiedImageError:
         kind = signature_kind(data)
         if kind is not None:  # an image by its signature, cut or damaged inside its headers
-            return Probe(False, True, f"truncated or corrupt {kind} header", source_sha256=source_sha)
-        return Probe(False, False, "not an image Pillow can read", source_sha256=source_sha)
+            return Probe(False, True, f"truncated or corrupt {kind} header", source_digest=source_digest)
+        return Probe(False, False, "not an image Pillow can read", source_digest=source_digest)
     except Exception as exc:  # Pillow raises many types on malformed headers
-        return Probe(False, True, f"unreadable image header: {exc}", source_sha256=source_sha)
+        return Probe(False, True, f"unreadable image header: {exc}", source_digest=source_digest)
     with im:
         fmt = im.format or "?"
         ext = PIL_FORMAT_TO_EXT.get(fmt)
         if ext is None:
-            return Probe(False, True, f"unsupported image format {fmt}", source_sha256=source_sha)
+            return Probe(False, True, f"unsupported image format {fmt}", source_digest=source_digest)
         w, h = im.size
         if w <= 0 or h <= 0:
-            return Probe(False, True, f"image declares size {w}x{h}", source_sha256=source_sha)
+            return Probe(False, True, f"image declares size {w}x{h}", source_digest=source_digest)
         if w * h > max_pixels:
-            return Probe(False, True, _bomb_reason(w, h, max_pixels), source_sha256=source_sha)
+            return Probe(False, True, _bomb_reason(w, h, max_pixels), source_digest=source_digest)
         try:
             if validate != "header" or resize is not None:
                 with warnings.catch_warnings():
@@ -204,17 +204,17 @@ def probe_bytes(
                 reason = f"truncated {fmt} ({reason})"
             else:
                 reason = f"corrupt {fmt} data ({reason})"
-            return Probe(False, True, reason, source_sha256=source_sha)
+            return Probe(False, True, reason, source_digest=source_digest)
         width, height = _upright_size(im, (w, h))
         if resize is not None:
             try:
                 data, ext, width, height = transform_image(im, resize, data)
             except Exception as exc:
-                return Probe(False, True, f"cannot resize: {exc}", source_sha256=source_sha)
-    stored_sha = source_sha if resize is None else hashlib.sha256(data).hexdigest()
+                return Probe(False, True, f"cannot resize: {exc}", source_digest=source_digest)
+    stored_digest = source_digest if resize is None else content_digest(data)
     if resize is not None and keep_stored is not None:
         keep_stored.append(data)
-    return Probe(True, True, "", ext, width, height, len(data), stored_sha, source_sha, source_stamp)
+    return Probe(True, True, "", ext, width, height, len(data), stored_digest, source_digest, source_stamp)
 
 
 # Pillow's bomb limit is one module attribute: threads that open images (a Dask worker with
@@ -306,5 +306,5 @@ def probe_file(
     probe = probe_bytes(data, validate=validate, max_pixels=max_pixels, resize=resize,
                         keep_stored=stored if spool is not None else None, source_stamp=stamp)
     if probe.ok and stored and spool is not None:
-        spool_put(spool, stored[0], probe.sha256, probe.ext)
+        spool_put(spool, stored[0], probe.digest, probe.ext)
     return probe

@@ -189,7 +189,14 @@ def _plan_write_send(
     *, run: Any, resize_spec: Any, staging: str, batch: int, upload_workers: int, quiet: bool,
     storage_options: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    from .job import find_duplicates, make_plan, plan_warnings, probe_all, refuse_no_images
+    from .job import (
+        find_duplicates,
+        make_plan,
+        plan_warnings,
+        probe_all,
+        refuse_no_images,
+        source_sha256,
+    )
     from .manifest import build_manifest
 
     url = store.url
@@ -197,7 +204,7 @@ def _plan_write_send(
                        max_pixels=options["max_pixels"], resize=resize_spec, quiet=quiet)
     plan, skipped, ignored = make_plan(walked, probes, options)
     refuse_no_images(plan, skipped, ignored)  # before the store changes
-    duplicates = find_duplicates(plan)
+    duplicates = find_duplicates(plan, source_sha256)
     try:
         if old_manifest is not None:
             store.set_manifest_aside(json.dumps(old_manifest).encode())

@@ -167,7 +167,7 @@ def stored_bytes(sample: PlannedSample, resize: ResizeSpec | None, spool: str | 
     Raises:
         PackError: the source file changed (or vanished) since it was probed.
     """
-    spooled = spool_take(spool, sample.sha256, sample.ext) if resize is not None and spool else None
+    spooled = spool_take(spool, sample.digest, sample.ext) if resize is not None and spool else None
     try:
         if spooled is not None:
             stamp = file_stamp(os.stat(sample.abs_path))

@@ -290,6 +290,9 @@ def test_duplicates_within_and_across_splits(photo_src, tmp_path):
     assert [d["paths"] for d in dup["across_splits"]] == [["test/cat/leak.jpg", "train/cat/img_00003.jpg"]]
     assert dup["across_splits"][0]["splits"] == ["test", "train"]
     assert [d["paths"] for d in dup["within_split"]] == [["train/coffee/copy.jpg", "train/coffee/img_00001.jpg"]]
+    # each group is named by its files' sha256 (the probes compare a cheaper digest)
+    assert dup["across_splits"][0]["sha256"] == hashlib.sha256((src / "test/cat/leak.jpg").read_bytes()).hexdigest()
+    assert dup["within_split"][0]["sha256"] == hashlib.sha256((src / "train/coffee/copy.jpg").read_bytes()).hexdigest()
     summary = pack_summary(manifest, str(tmp_path / "out"))
     assert "WARNING" in summary and "leak.jpg" in summary
     assert "1 groups of identical images within a split" in summary

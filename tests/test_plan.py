@@ -24,11 +24,12 @@ from packer.plan import (
 from packer.write import ustar_header
 
 
-def sample(i: int, size: int, *, label: int = 0, path: str | None = None, sha: str = "") -> PlannedSample:
+def sample(i: int, size: int, *, label: int = 0, path: str | None = None, digest: str = "") -> PlannedSample:
+    rel_path = path or f"train/c/{i}.jpg"
     return PlannedSample(
-        key=f"train_{i:09d}", rel_path=path or f"train/c/{i}.jpg", abs_path="/nonexistent",
+        key=f"train_{i:09d}", rel_path=rel_path, abs_path=f"/nonexistent/{rel_path}",
         ext="jpg", label=label, class_name="c", width=1, height=1, size=size,
-        sha256=f"{i:064x}", source_sha256=sha or f"{i:064x}",
+        digest=f"{i:032x}", source_digest=digest or f"{i:032x}",
     )
 
 
@@ -118,13 +119,33 @@ def test_split_flat_pool_is_stratified_and_seeded():
 def test_find_duplicates():
     plan = Plan(classes=["c"])
     plan.shards["train"] = [PlannedShard("train", 0, (
-        sample(0, 1, path="train/c/a.jpg", sha="aa"), sample(1, 1, path="train/c/b.jpg", sha="aa"),
-        sample(2, 1, path="train/c/x.jpg", sha="bb"), sample(3, 1, path="train/c/y.jpg", sha="cc")))]
-    plan.shards["test"] = [PlannedShard("test", 0, (sample(4, 1, path="test/c/x2.jpg", sha="bb"),))]
-    dup = find_duplicates(plan)
-    assert dup["within_split"] == [{"split": "train", "sha256": "aa", "paths": ["train/c/a.jpg", "train/c/b.jpg"]}]
-    assert dup["across_splits"] == [{"splits": ["test", "train"], "sha256": "bb",
+        sample(0, 1, path="train/c/a.jpg", digest="aa"), sample(1, 1, path="train/c/b.jpg", digest="aa"),
+        sample(2, 1, path="train/c/x.jpg", digest="bb"), sample(3, 1, path="train/c/y.jpg", digest="cc")))]
+    plan.shards["test"] = [PlannedShard("test", 0, (sample(4, 1, path="test/c/x2.jpg", digest="bb"),))]
+    read = []
+
+    def sha256_of(abs_path):
+        read.append(abs_path)
+        return {"a": "s-a", "b": "s-a", "x": "s-x", "x2": "s-x"}[abs_path.rsplit("/", 1)[1][:-4]]
+
+    dup = find_duplicates(plan, sha256_of)
+    assert dup["within_split"] == [{"split": "train", "sha256": "s-a", "paths": ["train/c/a.jpg", "train/c/b.jpg"]}]
+    assert dup["across_splits"] == [{"splits": ["test", "train"], "sha256": "s-x",
                                      "paths": ["test/c/x2.jpg", "train/c/x.jpg"]}]
+    assert "/nonexistent/train/c/y.jpg" not in read  # a unique digest is never read again
+
+
+def test_find_duplicates_confirms_digest_groups_by_sha256():
+    """Equal digests are only candidates: the report names files whose sha256 agree, and
+    leaves out a file that cannot be read any more."""
+    plan = Plan(classes=["c"])
+    plan.shards["train"] = [PlannedShard("train", 0, tuple(
+        sample(i, 1, path=f"train/c/{name}.jpg", digest="dd") for i, name in enumerate("abcde")))]
+    shas = {"a": "s1", "b": "s2", "c": "s1", "d": None, "e": "s3"}
+    dup = find_duplicates(plan, lambda abs_path: shas[abs_path.rsplit("/", 1)[1][:-4]])
+    assert dup == {"within_split": [{"split": "train", "sha256": "s1",
+                                     "paths": ["train/c/a.jpg", "train/c/c.jpg"]}],
+                   "across_splits": []}
 
 
 def test_fingerprint_depends_on_content_and_options():
@@ -146,7 +167,7 @@ def test_fingerprint_line_is_json_dumps(path, class_name, label, ext):
     from packer.plan import _fingerprint_line
 
     s = PlannedSample(key="train_000000001", rel_path=path, abs_path="/x", ext=ext, label=label,
-                      class_name=class_name, width=3, height=4, size=10, sha256="ab" * 32,
-                      source_sha256="ab" * 32)
-    assert _fingerprint_line(s) == json.dumps([s.key, s.ext, s.label, s.sha256, s.json_bytes().decode()])
+                      class_name=class_name, width=3, height=4, size=10, digest="ab" * 16,
+                      source_digest="ab" * 16)
+    assert _fingerprint_line(s) == json.dumps([s.key, s.ext, s.label, s.digest, s.json_bytes().decode()])
     assert s.tar_bytes() == sum(-(-n // 512) * 512 + 512 for n in (10, len(str(label)), len(s.json_bytes())))

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from zoo import exif_rotated_jpeg, image_bytes, jpeg_bomb, jpeg_bytes, png_bomb
 
+from packer.digest import content_digest
 from packer.probe import probe_bytes, probe_file
 from packer.transform import ResizeSpec, parse_resize
 
@@ -21,7 +22,7 @@ def test_recognised_by_content_not_name(tmp_path):
     (tmp_path / "photo.dat").write_bytes(png)
     probe = probe_file(str(tmp_path / "photo.dat"))
     assert (probe.ok, probe.ext, probe.width, probe.height, probe.size) == (True, "png", 5, 3, len(png))
-    assert probe.sha256 == probe.source_sha256
+    assert probe.digest == probe.source_digest == content_digest(png)
 
 
 @pytest.mark.parametrize("data, is_image, words", [
@@ -97,7 +98,7 @@ def test_resize_odd_modes(mode, fmt, ext):
     data = image_bytes(Image.new(mode, (80, 40)), fmt)
     probe = probe_bytes(data, resize=ResizeSpec(20))
     assert probe.ok and probe.ext == ext and (probe.width, probe.height) == (40, 20)
-    assert probe.sha256 != probe.source_sha256
+    assert probe.digest != probe.source_digest == content_digest(data)
 
 
 def test_resize_never_enlarges_and_keeps_exif_upright():
