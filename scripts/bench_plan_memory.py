@@ -3,20 +3,16 @@
 The driver (``pack()``'s process, on any engine) holds every walked ``Candidate``, every
 ``Probe`` and the whole ``Plan`` (one ``PlannedSample`` per image) until the manifest is
 written. This script synthesises an ImageNet-like listing (1000 classes, ImageNet-style
-paths, realistic sizes and unique content digests) of N files, runs the real planning code on it
-(``make_plan``, ``find_duplicates``, shard fingerprints), and reports resident memory per
-file after each stage and at the peak. No files are touched.
+paths, realistic sizes and unique content digests) of N files, runs the real planning code
+on it (``make_plan``, ``find_duplicates``, shard fingerprints), and reports resident memory
+per file after each stage and at the peak. No files are touched.
 
-    python scripts/bench_plan_memory.py --files 1000000 [--slots] [--json out.json]
-
-``--slots`` re-declares the three per-file dataclasses with ``slots=True`` (same fields,
-same methods) to show what that one-line change per class would save.
+    python scripts/bench_plan_memory.py --files 1000000 [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -42,19 +38,6 @@ def rss() -> int:
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
-
-def use_slotted_classes() -> None:
-    """Swap in ``@dataclass(frozen=True, slots=True)`` twins of the per-file classes."""
-    for module, name in ((walk, "Candidate"), (probe, "Probe"), (plan, "PlannedSample")):
-        cls = getattr(module, name)
-        body = {
-            k: v for k, v in vars(cls).items()
-            if not k.startswith("__") or k in ("__annotations__", "__doc__", "__module__")
-        }
-        slotted = dataclasses.dataclass(frozen=True, slots=True)(type(name, (), body))
-        for where in (module, job, plan):
-            if hasattr(where, name):
-                setattr(where, name, slotted)
 
 
 def synthesize_walk(n: int, classes: int = 1000) -> walk.WalkResult:
@@ -109,7 +92,6 @@ def measure_walk(n: int, classes: int = 100) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=1_000_000)
-    parser.add_argument("--slots", action="store_true")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument(
         "--walk-files", type=int, default=0,
@@ -118,8 +100,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.walk_files:
         return measure_walk(args.walk_files)
-    if args.slots:
-        use_slotted_classes()
     options = job.normalize_options(
         max_count=job.DEFAULT_MAX_COUNT, max_size=job.DEFAULT_MAX_SIZE, seed=0, resize=None,
         quality=90, validation_split=None, layout="splits", follow_links=False,
@@ -142,7 +122,6 @@ def main(argv: list[str] | None = None) -> dict:
     del duplicates, fingerprints
     figures = {
         "files": n,
-        "slots": args.slots,
         "python": sys.version.split()[0],
         "candidate_bytes_per_file": round((after_walk - base) / n),
         "probe_bytes_per_file": round((after_listing - after_walk) / n),
