@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 from collections import deque
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from .digest import content_digest
 from .engines import LocalPool, default_workers, get_engine, run_local_fed
 from .errors import EmptyPackError, PackError
 from .format import MANIFEST_NAME
@@ -23,7 +25,14 @@ from .lock import out_lock
 from .manifest import build_manifest, write_manifest_atomically
 from .plan import Plan, find_duplicates
 from .planner import Planner
-from .probe import DEFAULT_MAX_PIXELS, DEFAULT_VALIDATE, VALIDATE_MODES, Probe, probe_file
+from .probe import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_VALIDATE,
+    VALIDATE_MODES,
+    Probe,
+    probe_file,
+    read_stamped,
+)
 from .progress import Progress as tqdm
 from .resume import Journal, check_output
 from .sizes import counted, format_size, parse_size
@@ -32,7 +41,7 @@ from .spool import spool_path
 from .storage import is_remote
 from .transform import ResizeSpec, parse_resize
 from .walk import Candidate, WalkResult, refuse_split_tree_read_as_flat, walk_tree
-from .write import ShardResult, hash_file
+from .write import ShardResult
 from .write_session import WriteSession, os_errors_as_pack_error, write_task
 
 __all__ = ["pack", "DEFAULT_MAX_COUNT", "DEFAULT_MAX_SIZE"]
@@ -306,13 +315,14 @@ def _pack_with(
     return manifest
 
 
-def source_sha256(path: str) -> str | None:
-    """sha256 of a source file, or None when it cannot be read any more (for
-    ``find_duplicates``: a file gone since its probe is no longer part of a report)."""
+def source_sha256(path: str, digest: str) -> str | None:
+    """sha256 of a source file that still holds the bytes packed from it (their content
+    digest is ``digest``); None when it changed or cannot be read (``find_duplicates``)."""
     try:
-        return hash_file(path)[0]
+        data, _ = read_stamped(path)
     except OSError:
         return None
+    return hashlib.sha256(data).hexdigest() if content_digest(data) == digest else None
 
 
 def refuse_no_images(plan: Plan, skipped: list[tuple[str, str]], ignored: list[tuple[str, str]]) -> None:

@@ -232,24 +232,27 @@ def cut_shards(
 
 
 def find_duplicates(
-    plan: Plan, sha256_of: Callable[[str], str | None]
+    plan: Plan, sha256_of: Callable[[str, str], str | None]
 ) -> dict[str, list[dict[str, Any]]]:
     """Exact duplicate images (same source bytes) within a split and across splits.
 
     The same photo in train and test is a silent evaluation bug no loader warns about.
-    Samples are grouped by their probe's content digest; each group is then confirmed,
-    and named, by the sha256 of its source files: ``sha256_of(abs_path)``, None when a file
-    cannot be read any more (it is left out). Only the files of a group are read again.
+    Samples are grouped by their probe's content digest (128 bits: equal digests are equal
+    bytes, see packer.digest), so a group is what the shards hold even if a source changed
+    since. Each group is named by the sha256 of its bytes, from its first file that still
+    holds them: ``sha256_of(abs_path, digest)`` is None for a file changed or gone since
+    its probe, and the name is None when no file of the group is left as it was packed.
+    Typically one file per group is read again.
     """
     where: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
     for split, shards in plan.shards.items():
         for shard in shards:
             for sample in shard.samples:
                 where[sample.source_digest].append((split, sample.rel_path, sample.abs_path))
-    groups = []
-    for candidates in where.values():
-        if len(candidates) > 1:
-            groups += _same_sha256(candidates, sha256_of)
+    groups = [
+        (sorted((split, rel) for split, rel, _ in members), _group_sha256(digest, members, sha256_of))
+        for digest, members in where.items() if len(members) > 1
+    ]
     within, across = [], []
     for places, sha in sorted(groups, key=lambda group: group[0][0][1]):  # by first path
         splits = sorted({split for split, _ in places})
@@ -262,16 +265,15 @@ def find_duplicates(
     return {"within_split": within, "across_splits": across}
 
 
-def _same_sha256(
-    candidates: list[tuple[str, str, str]], sha256_of: Callable[[str], str | None]
-) -> list[tuple[list[tuple[str, str]], str]]:
-    """The (sorted (split, rel_path) places, sha256) groups of two or more equal files."""
-    by_sha: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for split, rel_path, abs_path in candidates:
-        sha = sha256_of(abs_path)
-        if sha is not None:
-            by_sha[sha].append((split, rel_path))
-    return [(sorted(places), sha) for sha, places in by_sha.items() if len(places) > 1]
+def _group_sha256(
+    digest: str, members: list[tuple[str, str, str]], sha256_of: Callable[[str, str], str | None]
+) -> str | None:
+    """sha256 of a duplicate group's bytes, from the first (by path) of its files that still
+    holds them; None if none does."""
+    for _, _, abs_path in sorted(members):
+        if (sha := sha256_of(abs_path, digest)) is not None:
+            return sha
+    return None
 
 
 def planned_sample(candidate: Any, probe: Any, *, split: str, position: int, label: int) -> PlannedSample:

@@ -154,6 +154,32 @@ class RemoteStore:
             kwargs["callback"] = callback
         self.fs.put_file(local_path, path, **kwargs)
 
+    def record_fingerprint(self, name: str, *, sha256: str, fingerprint: str) -> None:
+        """Make the object at ``name`` (already holding the bytes whose sha256 is ``sha256``)
+        carry ``fingerprint``: an S3 copy onto itself with new metadata, server-side.
+
+        A shard whose bytes are already there is not sent again; without this, one whose
+        plan fingerprint changed while its bytes did not (a new shardpack version) would
+        keep the old fingerprint, and every later pack to the URL would pack it again to
+        find it identical. A store that refuses (S3 copies a single object of at most
+        5 GB) only costs the next run that repacking: the pack goes on.
+        """
+        if not self.has_metadata:
+            return
+        path = self.path(name)
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self.fs.call_s3(
+                "copy_object", CopySource={"Bucket": bucket, "Key": key}, Bucket=bucket, Key=key,
+                Metadata={"fingerprint": fingerprint, SHA256_METADATA_KEY: sha256},
+                MetadataDirective="REPLACE", ContentType="application/x-tar",
+            )
+        except Exception as exc:  # any refusal: see the docstring
+            log.warning("could not record the fingerprint of %s (%s): the next run packs it again",
+                        self.display(name), exc)
+        finally:
+            self.fs.invalidate_cache(path)
+
     def require_bucket(self) -> None:
         """S3: the URL's bucket must exist. (Reading the manifest says only "not found" for a
         missing bucket as for a missing manifest, and a pack would find out after probing.)
@@ -355,6 +381,15 @@ def _failure_message(url: str, exc: BaseException, options: dict[str, Any]) -> s
             "then re-run (shards already there are skipped)")
 
 
+def _refresh_fingerprint(store: RemoteStore, shard: ShardFile) -> None:
+    """Give an identical shard already at the destination this plan's fingerprint, if its
+    own differs (see ``RemoteStore.record_fingerprint``)."""
+    if not shard.fingerprint or not store.has_metadata:
+        return
+    if (store.remote_metadata(shard.name) or {}).get("fingerprint") != shard.fingerprint:
+        store.record_fingerprint(shard.name, sha256=shard.sha256, fingerprint=shard.fingerprint)
+
+
 def send_shards(
     store: RemoteStore,
     shards: list[ShardFile],
@@ -398,6 +433,7 @@ def send_shards(
         try:
             there = None if force else store.remote_sha256(shard.name, local_size=shard.bytes)
             if there == shard.sha256:
+                _refresh_fingerprint(store, shard)
                 with lock:
                     stats["skipped"] += 1
                     stats["bytes_skipped"] += shard.bytes

@@ -3,6 +3,7 @@ duplicate detection; and that the planned tar size is the real tar size."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from collections import Counter
@@ -124,28 +125,50 @@ def test_find_duplicates():
     plan.shards["test"] = [PlannedShard("test", 0, (sample(4, 1, path="test/c/x2.jpg", digest="bb"),))]
     read = []
 
-    def sha256_of(abs_path):
+    def sha256_of(abs_path, digest):
         read.append(abs_path)
-        return {"a": "s-a", "b": "s-a", "x": "s-x", "x2": "s-x"}[abs_path.rsplit("/", 1)[1][:-4]]
+        return f"sha-of-{digest}"
 
     dup = find_duplicates(plan, sha256_of)
-    assert dup["within_split"] == [{"split": "train", "sha256": "s-a", "paths": ["train/c/a.jpg", "train/c/b.jpg"]}]
-    assert dup["across_splits"] == [{"splits": ["test", "train"], "sha256": "s-x",
+    assert dup["within_split"] == [{"split": "train", "sha256": "sha-of-aa", "paths": ["train/c/a.jpg", "train/c/b.jpg"]}]
+    assert dup["across_splits"] == [{"splits": ["test", "train"], "sha256": "sha-of-bb",
                                      "paths": ["test/c/x2.jpg", "train/c/x.jpg"]}]
-    assert "/nonexistent/train/c/y.jpg" not in read  # a unique digest is never read again
+    # one file per group is read again (the first by split and path); never a unique one
+    assert sorted(read) == ["/nonexistent/test/c/x2.jpg", "/nonexistent/train/c/a.jpg"]
 
 
-def test_find_duplicates_confirms_digest_groups_by_sha256():
-    """Equal digests are only candidates: the report names files whose sha256 agree, and
-    leaves out a file that cannot be read any more."""
+def test_find_duplicates_reports_what_was_packed_when_sources_change_afterwards():
+    """A group is its samples' digests, i.e. what the shards hold: a file changed or gone
+    since it was packed stays in its group, which is named by a file still as packed (or
+    None when none is)."""
     plan = Plan(classes=["c"])
-    plan.shards["train"] = [PlannedShard("train", 0, tuple(
-        sample(i, 1, path=f"train/c/{name}.jpg", digest="dd") for i, name in enumerate("abcde")))]
-    shas = {"a": "s1", "b": "s2", "c": "s1", "d": None, "e": "s3"}
-    dup = find_duplicates(plan, lambda abs_path: shas[abs_path.rsplit("/", 1)[1][:-4]])
-    assert dup == {"within_split": [{"split": "train", "sha256": "s1",
-                                     "paths": ["train/c/a.jpg", "train/c/c.jpg"]}],
-                   "across_splits": []}
+    plan.shards["train"] = [PlannedShard("train", 0, (
+        *(sample(i, 1, path=f"train/c/{name}.jpg", digest="dd") for i, name in enumerate("abc")),
+        sample(3, 1, path="train/c/p.jpg", digest="ee"), sample(4, 1, path="train/c/q.jpg", digest="ee")))]
+    plan.shards["test"] = [PlannedShard("test", 0, (sample(5, 1, path="test/c/z.jpg", digest="dd"),))]
+    as_packed = {"c": "s-dd"}  # a and b changed or vanished after their shard was written
+
+    dup = find_duplicates(plan, lambda abs_path, digest: as_packed.get(abs_path.rsplit("/", 1)[1][:-4]))
+    assert dup == {
+        "within_split": [{"split": "train", "sha256": "s-dd", "paths": ["train/c/a.jpg", "train/c/b.jpg", "train/c/c.jpg"]},
+                         {"split": "train", "sha256": None, "paths": ["train/c/p.jpg", "train/c/q.jpg"]}],
+        "across_splits": [{"splits": ["test", "train"], "sha256": "s-dd",
+                           "paths": ["test/c/z.jpg", "train/c/a.jpg", "train/c/b.jpg", "train/c/c.jpg"]}],
+    }
+
+
+def test_source_sha256_only_of_a_file_still_as_packed(tmp_path):
+    from packer.digest import content_digest
+    from packer.job import source_sha256
+
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"packed bytes")
+    digest = content_digest(b"packed bytes")
+    assert source_sha256(str(path), digest) == hashlib.sha256(b"packed bytes").hexdigest()
+    path.write_bytes(b"edited later")
+    assert source_sha256(str(path), digest) is None
+    path.unlink()
+    assert source_sha256(str(path), digest) is None
 
 
 def test_fingerprint_depends_on_content_and_options():

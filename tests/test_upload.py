@@ -242,6 +242,44 @@ def test_pack_to_s3_url_stages_in_batches_and_resumes(s3, photo_shards, tmp_path
     assert not fs.exists(f"{bucket}/packed/{REPLACED_NAME}")
 
 
+def test_pack_to_s3_over_shards_with_another_fingerprint_records_the_new_one_once(s3, photo_shards):
+    """Shards whose bytes are already there under another plan fingerprint (a pack by an
+    earlier shardpack, whose fingerprints hashed sources differently) are not sent again, and
+    get this plan's fingerprint: the next run then finds them, instead of packing every shard
+    again on every run to find it identical."""
+    from packer import pack
+
+    endpoint, options, bucket = s3
+    src = photo_shards.parent / "src"
+    url = f"s3://{bucket}/refingerprinted"
+    first = pack(src, url, storage_options=options, seed=0, max_count=40, workers=1, quiet=True)
+    fs = _fs(endpoint)
+    names = [e["name"] for split in first["splits"].values() for e in split["shards"]]
+    for name in names:  # as an earlier version left them: same bytes, other fingerprint
+        path = f"{bucket}/refingerprinted/{name}"
+        meta = fs.metadata(path)
+        fs.call_s3("copy_object", CopySource={"Bucket": bucket, "Key": f"refingerprinted/{name}"},
+                   Bucket=bucket, Key=f"refingerprinted/{name}", MetadataDirective="REPLACE",
+                   Metadata={**meta, "fingerprint": "0" * 64})
+        fs.invalidate_cache(path)
+    pack(src, url, storage_options=options, seed=0, max_count=40, workers=1, quiet=True)
+    fingerprints = {e["name"]: e["fingerprint"] for split in first["splits"].values() for e in split["shards"]}
+    fs = _fs(endpoint)
+    for name in names:
+        meta = fs.metadata(f"{bucket}/refingerprinted/{name}")
+        assert meta["fingerprint"] == fingerprints[name]
+        assert meta["sha256"] == _sha_of(photo_shards, name)
+        assert fs.cat_file(f"{bucket}/refingerprinted/{name}") == (photo_shards / name).read_bytes()
+    proxy = FaultProxy(endpoint).start()
+    try:
+        pack(src, url, storage_options=s3_options(proxy.endpoint), seed=0, max_count=40, workers=1,
+             quiet=True)
+    finally:
+        proxy.stop()
+    assert [r.path for r in proxy.requests("PUT")] == [
+        f"/{bucket}/refingerprinted/{REPLACED_NAME}", f"/{bucket}/refingerprinted/{MANIFEST_NAME}"]
+
+
 def test_cli_pack_to_s3_then_info_and_verify_read_it(s3, photo_shards, capsys):
     from packer.cli import main
 
