@@ -250,6 +250,9 @@ class ShardReader:
         )
         _warn_about_squashed_shards(self.source.manifest, self.decode_options)
         self._index: list[list[tuple[str, int | None, str | None]]] | None = None
+        # what the scan says of the counts, kept apart from the scan itself (see __getstate__)
+        self._scanned_counts: list[int] | None = None
+        self._scanned_samples: int | None = None
         self.class_names, self._remap = self._resolve_classes(class_names, num_classes)
         self.batch_options = BatchOptions(
             batch_size=batch_size,
@@ -359,7 +362,7 @@ class ShardReader:
             EmptySplitError: ``samples`` is 0.
         """
         src = self.source
-        known = scan or self._index is not None or (
+        known = scan or self._index is not None or self._scanned_samples is not None or (
             src.count is not None and (self._remap is None or bool(src.class_counts)))
         if known and self.samples == 0:
             raise EmptySplitError(self.split, list(self.class_names) if self._remap is not None else None)
@@ -372,7 +375,9 @@ class ShardReader:
             return src.count
         if src.count is not None and src.class_counts:
             return sum(src.class_counts.get(c, 0) for c in self.class_names)
-        return len(self._entries())
+        if self._scanned_samples is None:
+            self._scanned_samples = len(self._entries())
+        return self._scanned_samples
 
     def shard_counts(self) -> list[int]:
         """Samples (of the selected classes) in each shard, manifest order.
@@ -383,13 +388,15 @@ class ShardReader:
         refs = self.source.shards
         if self._remap is None and all(ref.count is not None for ref in refs):
             return [int(ref.count) for ref in refs]  # type: ignore[arg-type]
-        counts = []
-        for entries in self._scan():
-            if self._remap is None:
-                counts.append(len(entries))
-            else:
-                counts.append(sum(1 for _p, label, _n in entries if label in self._remap))
-        return counts
+        if self._scanned_counts is None:
+            counts = []
+            for entries in self._scan():
+                if self._remap is None:
+                    counts.append(len(entries))
+                else:
+                    counts.append(sum(1 for _p, label, _n in entries if label in self._remap))
+            self._scanned_counts = counts
+        return list(self._scanned_counts)
 
     @property
     def rank_samples(self) -> int:
@@ -500,7 +507,31 @@ class ShardReader:
             self._pool = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_pool"} | {"_pool": None}
+        """What a copy (a decode process, a loader worker) gets: no process pool, and no
+        scan of the shards' small members once the counts it gave are kept.
+
+        The scan (``labels``/``filenames``, manifest-less or class-subset counts) holds a
+        path, a label and a class name per sample: at ImageNet size (1.28 M samples,
+        ImageNet-style paths; measured) 64 MB pickled, sent to every decode process each
+        epoch and unpickled there into 250 MB of objects that nothing in a copy reads. A
+        copy needs only the counts.
+        """
+        if self._index is not None:
+            self.shard_counts()  # kept from the scan at hand (no I/O, no side effect)
+        state = {k: v for k, v in self.__dict__.items() if k != "_pool"} | {"_pool": None}
+        if self._index is not None and self._counts_without_scan():
+            state["_index"] = None
+        return state
+
+    def _counts_without_scan(self) -> bool:
+        """Whether ``samples`` and ``shard_counts()`` are known without the scan (from the
+        manifest, or kept from the scan when it was read)."""
+        src = self.source
+        samples_known = self._scanned_samples is not None or (
+            src.count is not None and (self._remap is None or bool(src.class_counts)))
+        counts_known = self._scanned_counts is not None or (
+            self._remap is None and all(ref.count is not None for ref in src.shards))
+        return samples_known and counts_known
 
     def _select(self, samples: Iterable[Sample]) -> Iterator[tuple[Sample, int]]:
         """Keep the classes asked for, re-index labels, and keep only the image bytes.

@@ -269,3 +269,32 @@ def test_reading_squashed_shards_at_another_aspect_or_with_crop_warns(tmp_path):
                            ({"image_size": (16, 8), "pad_to_aspect_ratio": True}, "padded to it")):
         with pytest.warns(UserWarning, match=rf"squashed to 16x8 .*{re.escape(words)}"):
             ShardReader(tmp_path / "out", split="train", **options)
+
+
+@pytest.mark.parametrize("how", ["manifest", "class subset", "manifest-less"])
+def test_a_copy_for_decode_processes_carries_the_scans_counts_not_the_scan(id_shards, monkeypatch, how):
+    """A reader whose small members were scanned (``labels``, or counts a manifest lacks) is
+    pickled to every decode process each epoch: the copy gets the counts, not a path, label
+    and class per sample (54 MB at ImageNet size), and reads the same epoch without
+    scanning the shards again."""
+    import pickle
+
+    shards, _ = id_shards
+    if how == "manifest-less":
+        source, options = sorted(str(p) for p in (shards / "train").glob("*.tar")), {"num_classes": 3}
+    else:
+        source, options = shards, {"class_names": ["triangle", "circle"]} if how == "class subset" else {}
+    reader = ShardReader(source, shuffle=False, **options, **_read())
+    unscanned = len(pickle.dumps(reader))
+    labels = reader.labels  # the scan
+    reader.require_samples(scan=True)  # as an epoch does before it starts its processes
+    copy = pickle.loads(pickle.dumps(reader))
+    assert len(pickle.dumps(reader)) < unscanned + 500  # 140-210 samples: ~6-9 KB more with the scan
+    scans = []
+    real_scan = shard_reader.scan_shard
+    monkeypatch.setattr(shard_reader, "scan_shard", lambda *a, **k: scans.append(1) or real_scan(*a, **k))
+    assert (len(copy), copy.samples, copy.shard_counts()) == (len(reader), reader.samples, reader.shard_counts())
+    got = [(pixel_ids(x), y.tolist()) for x, y in copy]
+    assert scans == []
+    assert [label for _, y in got for label in y] == labels.tolist()
+    assert got == [(pixel_ids(x), y.tolist()) for x, y in reader]
