@@ -154,15 +154,17 @@ class RemoteStore:
             kwargs["callback"] = callback
         self.fs.put_file(local_path, path, **kwargs)
 
-    def record_fingerprint(self, name: str, *, sha256: str, fingerprint: str) -> None:
-        """Make the object at ``name`` (already holding the bytes whose sha256 is ``sha256``)
-        carry ``fingerprint``: an S3 copy onto itself with new metadata, server-side.
+    def record_fingerprint(self, name: str, metadata: dict[str, str], fingerprint: str) -> None:
+        """Make the object at ``name``, whose user ``metadata`` is given, carry
+        ``fingerprint``: an S3 copy onto itself with the new metadata, server-side.
 
         A shard whose bytes are already there is not sent again; without this, one whose
         plan fingerprint changed while its bytes did not (a new shardpack version) would
         keep the old fingerprint, and every later pack to the URL would pack it again to
-        find it identical. A store that refuses (S3 copies a single object of at most
-        5 GB) only costs the next run that repacking: the pack goes on.
+        find it identical. The copy is what a new upload of the shard would be: the same
+        ``s3_additional_kwargs`` (ACL, storage class) apply, an ACL or storage class set on
+        the object since is not kept, and a versioned bucket keeps the old version. A store
+        that refuses only costs a later pack that repacking: the upload goes on.
         """
         if not self.has_metadata:
             return
@@ -171,12 +173,12 @@ class RemoteStore:
         try:
             self.fs.call_s3(
                 "copy_object", CopySource={"Bucket": bucket, "Key": key}, Bucket=bucket, Key=key,
-                Metadata={"fingerprint": fingerprint, SHA256_METADATA_KEY: sha256},
+                Metadata={**metadata, "fingerprint": fingerprint},
                 MetadataDirective="REPLACE", ContentType="application/x-tar",
             )
         except Exception as exc:  # any refusal: see the docstring
-            log.warning("could not record the fingerprint of %s (%s): the next run packs it again",
-                        self.display(name), exc)
+            log.warning("could not record the new fingerprint of %s (%s): a later pack to "
+                        "this URL packs it again to find it unchanged", self.display(name), exc)
         finally:
             self.fs.invalidate_cache(path)
 
@@ -381,13 +383,20 @@ def _failure_message(url: str, exc: BaseException, options: dict[str, Any]) -> s
             "then re-run (shards already there are skipped)")
 
 
-def _refresh_fingerprint(store: RemoteStore, shard: ShardFile) -> None:
+def _refresh_fingerprint(store: RemoteStore, shard: ShardFile, metadata: dict[str, str]) -> None:
     """Give an identical shard already at the destination this plan's fingerprint, if its
-    own differs (see ``RemoteStore.record_fingerprint``)."""
-    if not shard.fingerprint or not store.has_metadata:
+    own (in its ``metadata``) differs; see ``RemoteStore.record_fingerprint``. Not above
+    5 GiB, the most S3 copies in one request: such a shard is packed again by a later
+    pack to the URL, as before."""
+    if not shard.fingerprint or metadata.get("fingerprint") == shard.fingerprint:
         return
-    if (store.remote_metadata(shard.name) or {}).get("fingerprint") != shard.fingerprint:
-        store.record_fingerprint(shard.name, sha256=shard.sha256, fingerprint=shard.fingerprint)
+    if shard.bytes > _MAX_SINGLE_COPY:
+        log.info("%s: over 5 GiB, its new fingerprint is not recorded", store.display(shard.name))
+        return
+    store.record_fingerprint(shard.name, metadata, shard.fingerprint)
+
+
+_MAX_SINGLE_COPY = 5 << 30
 
 
 def send_shards(
@@ -431,9 +440,17 @@ def send_shards(
     def send(shard: ShardFile) -> None:
         _check_local(shard)
         try:
-            there = None if force else store.remote_sha256(shard.name, local_size=shard.bytes)
+            meta: dict[str, str] | None = None
+            if force:
+                there = None
+            elif store.has_metadata:  # S3: one HEAD gives the sha256 and the fingerprint
+                meta = store.remote_metadata(shard.name)
+                there = (meta or {}).get(SHA256_METADATA_KEY)
+            else:
+                there = store.remote_sha256(shard.name, local_size=shard.bytes)
             if there == shard.sha256:
-                _refresh_fingerprint(store, shard)
+                if meta is not None:
+                    _refresh_fingerprint(store, shard, meta)
                 with lock:
                     stats["skipped"] += 1
                     stats["bytes_skipped"] += shard.bytes

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import fsspec
 import pytest
@@ -260,7 +261,7 @@ def test_pack_to_s3_over_shards_with_another_fingerprint_records_the_new_one_onc
         meta = fs.metadata(path)
         fs.call_s3("copy_object", CopySource={"Bucket": bucket, "Key": f"refingerprinted/{name}"},
                    Bucket=bucket, Key=f"refingerprinted/{name}", MetadataDirective="REPLACE",
-                   Metadata={**meta, "fingerprint": "0" * 64})
+                   Metadata={**meta, "fingerprint": "0" * 64, "owner": "team-a"})
         fs.invalidate_cache(path)
     pack(src, url, storage_options=options, seed=0, max_count=40, workers=1, quiet=True)
     fingerprints = {e["name"]: e["fingerprint"] for split in first["splits"].values() for e in split["shards"]}
@@ -269,6 +270,7 @@ def test_pack_to_s3_over_shards_with_another_fingerprint_records_the_new_one_onc
         meta = fs.metadata(f"{bucket}/refingerprinted/{name}")
         assert meta["fingerprint"] == fingerprints[name]
         assert meta["sha256"] == _sha_of(photo_shards, name)
+        assert meta["owner"] == "team-a"  # the object's other metadata is kept
         assert fs.cat_file(f"{bucket}/refingerprinted/{name}") == (photo_shards / name).read_bytes()
     proxy = FaultProxy(endpoint).start()
     try:
@@ -278,6 +280,15 @@ def test_pack_to_s3_over_shards_with_another_fingerprint_records_the_new_one_onc
         proxy.stop()
     assert [r.path for r in proxy.requests("PUT")] == [
         f"/{bucket}/refingerprinted/{REPLACED_NAME}", f"/{bucket}/refingerprinted/{MANIFEST_NAME}"]
+    # an upload of the same shards finds each with one HEAD, and sends none
+    proxy = FaultProxy(endpoint).start()
+    try:
+        summary = upload(photo_shards, url, endpoint_url=proxy.endpoint, workers=2, quiet=True)
+    finally:
+        proxy.stop()
+    assert summary["skipped"] == len(names) and summary["uploaded"] == 0
+    heads = Counter(r.path for r in proxy.requests("HEAD"))
+    assert all(heads[f"/{bucket}/refingerprinted/{name}"] == 1 for name in names), heads
 
 
 def test_cli_pack_to_s3_then_info_and_verify_read_it(s3, photo_shards, capsys):
