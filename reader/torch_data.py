@@ -107,7 +107,11 @@ class ShardIterableDataset(IterableDataset):
         self.reader = ShardReader(
             source, split=split, num_workers=decode_threads,
             data_format="channels_last" if channels_last else "channels_first", **reader_options)
-        self.reader.shard_counts()  # manifest-less or a class subset: scan once, before workers
+        # manifest-less or a class subset: scan once, before workers, and keep the counts
+        # (a spawned worker's copy then gets them instead of the scan: ShardReader.__getstate__);
+        # an empty split is refused now, as image_dataset_from_shards does
+        self.reader.shard_counts()
+        self.reader.require_samples(scan=True)
         self.channels_last = channels_last
         self.decode_threads = decode_threads
         self.epoch = 0  # set by set_epoch

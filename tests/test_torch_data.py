@@ -259,3 +259,20 @@ def test_shuffle_false_through_loader_workers_follows_the_readers_labels(id_shar
     ds = ShardIterableDataset(id_shards[0], split="test", image_size=4, batch_size=4, shuffle=False)
     labels = torch.cat([y for _, y in DataLoader(ds, batch_size=None, num_workers=3)])
     assert labels.tolist() == ds.reader.labels.tolist()
+
+
+def test_spawned_loader_workers_get_the_counts_of_a_scan_not_the_scan(id_shards):
+    """Manifest-less tars are scanned once, when the dataset is made; a spawned loader
+    worker's pickled copy carries the counts, not a path, label and class per sample."""
+    import pickle
+
+    tars = sorted(str(p) for p in (id_shards[0] / "train").glob("*.tar"))
+    ds = ShardIterableDataset(tars, num_classes=3, image_size=4, batch_size=16, shuffle=False)
+    ds.reader.labels  # noqa: B018 - the scan itself stays in this process
+    # the copy is the options and counts (~2.5 KB); the scan of 210 samples would add ~9 KB
+    assert len(pickle.dumps(ds)) < 5000
+    copy = pickle.loads(pickle.dumps(ds))
+    assert len(copy) == len(ds) == 14
+    loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    labels = [y for _, y in loader]
+    assert len(labels) == 14 and sum(len(y) for y in labels) == 210
