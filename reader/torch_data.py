@@ -108,10 +108,9 @@ class ShardIterableDataset(IterableDataset):
             source, split=split, num_workers=decode_threads,
             data_format="channels_last" if channels_last else "channels_first", **reader_options)
         # manifest-less or a class subset: scan once, before workers, and keep the counts
-        # (a spawned worker's copy then gets them instead of the scan: ShardReader.__getstate__);
-        # an empty split is refused now, as image_dataset_from_shards does
+        # (a spawned worker's copy then gets them instead of the scan: ShardReader.__getstate__)
         self.reader.shard_counts()
-        self.reader.require_samples(scan=True)
+        self.reader.samples  # noqa: B018 - counted now (an empty split is refused when read)
         self.channels_last = channels_last
         self.decode_threads = decode_threads
         self.epoch = 0  # set by set_epoch
