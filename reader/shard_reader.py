@@ -361,9 +361,8 @@ class ShardReader:
         Raises:
             EmptySplitError: ``samples`` is 0.
         """
-        src = self.source
-        known = scan or self._index is not None or self._scanned_samples is not None or (
-            src.count is not None and (self._remap is None or bool(src.class_counts)))
+        known = (scan or self._index is not None or self._scanned_samples is not None
+                 or self._manifest_gives_samples())
         if known and self.samples == 0:
             raise EmptySplitError(self.split, list(self.class_names) if self._remap is not None else None)
 
@@ -371,9 +370,10 @@ class ShardReader:
     def samples(self) -> int:
         """Samples per epoch (from the manifest; manifest-less shards are scanned once)."""
         src = self.source
-        if src.count is not None and self._remap is None:
-            return src.count
-        if src.count is not None and src.class_counts:
+        if self._manifest_gives_samples():
+            assert src.count is not None
+            if self._remap is None:
+                return src.count
             return sum(src.class_counts.get(c, 0) for c in self.class_names)
         if self._scanned_samples is None:
             self._scanned_samples = len(self._entries())
@@ -385,9 +385,8 @@ class ShardReader:
         From the manifest when it has per-shard counts and no class subset is asked for;
         otherwise from the one-time scan of the small members (see :attr:`filenames`).
         """
-        refs = self.source.shards
-        if self._remap is None and all(ref.count is not None for ref in refs):
-            return [int(ref.count) for ref in refs]  # type: ignore[arg-type]
+        if self._manifest_gives_counts():
+            return [int(ref.count) for ref in self.source.shards]  # type: ignore[arg-type]
         if self._scanned_counts is None:
             counts = []
             for entries in self._scan():
@@ -526,12 +525,18 @@ class ShardReader:
     def _counts_without_scan(self) -> bool:
         """Whether ``samples`` and ``shard_counts()`` are known without the scan (from the
         manifest, or kept from the scan when it was read)."""
+        return ((self._scanned_samples is not None or self._manifest_gives_samples())
+                and (self._scanned_counts is not None or self._manifest_gives_counts()))
+
+    def _manifest_gives_samples(self) -> bool:
+        """Whether ``samples`` comes from the manifest alone: its split count, or its
+        class counts for a class subset."""
         src = self.source
-        samples_known = self._scanned_samples is not None or (
-            src.count is not None and (self._remap is None or bool(src.class_counts)))
-        counts_known = self._scanned_counts is not None or (
-            self._remap is None and all(ref.count is not None for ref in src.shards))
-        return samples_known and counts_known
+        return src.count is not None and (self._remap is None or bool(src.class_counts))
+
+    def _manifest_gives_counts(self) -> bool:
+        """Whether ``shard_counts()`` comes from the manifest alone (no class subset)."""
+        return self._remap is None and all(ref.count is not None for ref in self.source.shards)
 
     def _select(self, samples: Iterable[Sample]) -> Iterator[tuple[Sample, int]]:
         """Keep the classes asked for, re-index labels, and keep only the image bytes.
