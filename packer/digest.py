@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import xxhash
 
-__all__ = ["content_digest", "DIGEST_HEX_CHARS"]
-
-DIGEST_HEX_CHARS = 32
+__all__ = ["content_digest"]
 
 
 def content_digest(data: bytes | bytearray | memoryview) -> str:

@@ -7,9 +7,9 @@ now leaves the re-encoded bytes in ``OUT/.shardpack-spool/`` under their content
 (packer.digest), and the writer takes them from there after checking it, falling back to
 re-encoding when an entry is missing or damaged. The spool is removed when the shards are
 written; a run that stops early leaves it for the next run, which may reuse what it holds
-(entries are checked by digest, so a stale one is never used). The writer removes each entry as it takes it, so
-the spool shrinks as the shards grow: at no point does a pack hold much more than one
-output's worth of bytes in OUT, as without the spool.
+(entries are checked by digest, so a stale one is never used). The writer removes each
+entry as it takes it, so the spool shrinks as the shards grow: at no point does a pack hold
+much more than one output's worth of bytes in OUT, as without the spool.
 """
 
 from __future__ import annotations

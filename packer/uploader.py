@@ -114,12 +114,9 @@ class RemoteStore:
         bytes are re-hashed, but only when the size matches (a different size proves a
         different shard; an equal size proves nothing).
         """
-        path = self.path(name)
         if self.has_metadata:
-            try:
-                return self.fs.metadata(path).get(SHA256_METADATA_KEY)
-            except FileNotFoundError:
-                return None
+            return (self.remote_metadata(name) or {}).get(SHA256_METADATA_KEY)
+        path = self.path(name)
         try:
             if self.fs.size(path) != local_size:
                 return None
