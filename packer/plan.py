@@ -249,10 +249,12 @@ def find_duplicates(
         for shard in shards:
             for sample in shard.samples:
                 where[sample.source_digest].append((split, sample.rel_path, sample.abs_path))
-    groups = [
-        (sorted((split, rel) for split, rel, _ in members), _group_sha256(digest, members, sha256_of))
-        for digest, members in where.items() if len(members) > 1
-    ]
+    groups = []
+    for digest, members in where.items():
+        if len(members) > 1:
+            members.sort()  # by split, then path
+            places = [(split, rel) for split, rel, _ in members]
+            groups.append((places, _group_sha256(digest, members, sha256_of)))
     within, across = [], []
     for places, sha in sorted(groups, key=lambda group: group[0][0][1]):  # by first path
         splits = sorted({split for split, _ in places})
@@ -268,9 +270,9 @@ def find_duplicates(
 def _group_sha256(
     digest: str, members: list[tuple[str, str, str]], sha256_of: Callable[[str, str], str | None]
 ) -> str | None:
-    """sha256 of a duplicate group's bytes, from the first (by path) of its files that still
+    """sha256 of a duplicate group's bytes, from the first of its (sorted) files that still
     holds them; None if none does."""
-    for _, _, abs_path in sorted(members):
+    for _, _, abs_path in members:
         if (sha := sha256_of(abs_path, digest)) is not None:
             return sha
     return None
