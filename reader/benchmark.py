@@ -40,7 +40,7 @@ from typing import Any
 
 from packer.errors import ShardpackError
 
-__all__ = ["CONTENDERS", "decode_limit", "run_contender", "time_epoch", "warm_memory", "main"]
+__all__ = ["CONTENDERS", "decode_limit", "run_contender", "time_epoch", "main"]
 
 _CHUNK = 16  # images per task of the decode-limit pool: no per-image scheduling cost
 
@@ -54,73 +54,6 @@ def cores() -> int:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-_WARM_CHUNK = 256 << 20  # bytes mapped at a time by warm_memory
-
-
-def available_memory_bytes() -> int:
-    """What the kernel says can be allocated without swapping (``MemAvailable``); 0 where
-    /proc/meminfo is not there (not Linux), which leaves warm_memory with nothing to do."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def warm_memory(gigabytes: float) -> tuple[float, float]:
-    """Write once to up to ``gigabytes`` of fresh memory (at most half of what is available),
-    then give it back. Returns (GB touched, seconds taken).
-
-    Why: on a freshly started virtual machine, the first write to each page of guest memory
-    also faults in the host. Measured on one here: 20 GB took 60 s (3 ms per MB), and a
-    180 MB array written in a new process took 453 ms, against 28 ms once the machine's
-    memory had been touched. Whichever contender first meets such pages pays for them, so
-    rates depended on running order and on how much fresh memory each contender allocates.
-    The freed pages go back to the kernel's free lists, where the contenders' allocations
-    find them. On a machine whose memory is already backed this costs the zeroing, about
-    a second per few GB.
-    """
-    import mmap
-
-    import numpy as np
-
-    limit = min(gigabytes * 2**30, available_memory_bytes() / 2)
-    maps: list[mmap.mmap] = []
-    start = time.perf_counter()
-    try:
-        while (len(maps) + 1) * _WARM_CHUNK <= limit:
-            m = mmap.mmap(-1, _WARM_CHUNK)
-            maps.append(m)
-            pages = np.frombuffer(m, np.uint8)
-            pages[::mmap.PAGESIZE] = 1  # one write per page: the kernel backs all of it
-            del pages  # the mapping cannot close while an array exports it
-    finally:
-        touched = len(maps) * _WARM_CHUNK / 2**30
-        for m in maps:
-            m.close()
-    return touched, time.perf_counter() - start
-
-
-def add_warm_memory_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--warm-memory", type=float, default=8, metavar="GB",
-                        help="first write once to this much memory (at most half of what is "
-                             "available; 0: none), so no contender pays for a fresh virtual "
-                             "machine's first touch of its pages (default: 8)")
-
-
-def warm_memory_line(gigabytes: float) -> str:
-    """Warm the memory (see warm_memory) and say what it cost, for the benchmark's log."""
-    touched, seconds = warm_memory(gigabytes)
-    if not touched:
-        return "memory: not warmed"
-    return (f"memory: wrote to {touched:.2f} GB once in {seconds:.1f} s ({seconds / touched:.2f} s "
-            "per GB; seconds per GB mean this machine's first touch of a page is slow, and "
-            "the contenders would have paid it)")
 
 
 def split_image_bytes(source: str, split: str, storage_options: dict[str, Any] | None = None) -> list[bytes]:
@@ -449,7 +382,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", nargs="?", help="shard folder or URL")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
     add_epoch_arguments(parser)
-    add_warm_memory_argument(parser)
     parser.add_argument("--warmup", type=int, default=3,
                         help="batches left out of images/s (default: 3)")
     parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
@@ -485,7 +417,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shardpack bench: {source} [{args.split}], {args.image_size}x{args.image_size} RGB, "
           f"batches of {args.batch_size}, {cores()} cores, load {os.getloadavg()[0]:.1f}; "
           f"median of {args.repeat} interleaved runs", flush=True)
-    print(warm_memory_line(args.warm_memory), flush=True)
     results = run_rounds(names, cfg, args.repeat, log=lambda m: print(m, flush=True))
     print()
     print(format_table(results))

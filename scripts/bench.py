@@ -498,9 +498,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling", type=int, nargs="*", default=[],
                         help="also pack this many small images each (e.g. 1000 100000)")
     parser.add_argument("--update-readme", action="store_true", help="write table and chart into README.md")
-    from reader.benchmark import add_warm_memory_argument, warm_memory
-
-    add_warm_memory_argument(parser)
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -510,8 +507,6 @@ def main(argv: list[str] | None = None) -> int:
         _child(args.contender, json.loads(args.config))
         return 0
 
-    touched, warm_s = warm_memory(args.warm_memory)
-    print(f"memory: wrote to {touched:.2f} GB once in {warm_s:.1f} s", flush=True)
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     (work / "scratch").mkdir(exist_ok=True)
@@ -558,8 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     n_train = sum(1 for p in (src / args.split).rglob("*") if p.is_file())
     header = (f"Machine: {machine_line()}. Data: {n_train} ImageNet-like images in `{args.split}` "
               f"(long side 300–1400 px, JPEG q75–95, ~3% PNG), {args.image_size}x{args.image_size} "
-              f"RGB batches of {args.batch_size}, warm page cache, {touched:.0f} GB of memory written "
-              f"once before any contender, one epoch after 3 warm-up batches; "
+              f"RGB batches of {args.batch_size}, warm page cache, one epoch after 3 warm-up batches; "
               f"resized shards packed with `--resize {args.resize} --quality {args.quality}`; "
               f"every rate is the median of {args.repeat} interleaved runs. Load average "
               f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (the machine is shared: "
@@ -581,7 +575,6 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + markdown)
     (work / "bench.json").write_text(json.dumps(
         {"machine": machine_line(), "config": cfg, "results": results, "scaling": scaling,
-         "memory_warmup": {"gb": touched, "seconds": warm_s},
          "load": {"before": load_before, "after": load_after}}, indent=2))
     (work / "bench.md").write_text(markdown + "\n")
     if reader_names:

@@ -124,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shards", nargs="*")
     benchmark.add_epoch_arguments(parser)
-    benchmark.add_warm_memory_argument(parser)
     parser.add_argument("--loader-workers", type=int, default=8, help="torch_loader's DataLoader workers")
     parser.add_argument("--processes", type=int, default=8, help="shardpack_processes' processes=")
     parser.add_argument("--threads", type=int, default=None,
@@ -147,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in names if not n.startswith("torch_")]
     size = [args.image_size, args.image_size]
     print(f"{benchmark.cores()} cores, {os.cpu_count()} CPUs", flush=True)
-    print(benchmark.warm_memory_line(args.warm_memory), flush=True)
     results = {}
     for shards in args.shards:
         cfg = {"source": shards, "split": args.split, "image_size": size,

@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
-
 from reader.benchmark import median_result
 
 BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
@@ -60,28 +58,3 @@ def test_bench_advises_decode_processes_only_where_they_help():
     assert advice(results, 16, 8) == []
     results["shardpack_numpy"] = median_result(_runs(9_000))
     assert advice(results, 16, 0) == []
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-
-def test_warm_memory_writes_at_most_half_of_what_is_available_and_gives_it_back(monkeypatch):
-    """Benchmarks first write once to fresh memory (a new VM's first touch of a page is slow
-    and would fall on whichever contender met it first); that memory must not stay with
-    the benchmark, and it takes no more than half of what the kernel says is available."""
-    from reader import benchmark
-
-    if not benchmark.available_memory_bytes():
-        pytest.skip("no /proc/meminfo: warm_memory does nothing here by design")
-    before = _rss_bytes()
-    touched, seconds = benchmark.warm_memory(0.5)
-    assert touched == 0.5 and seconds > 0
-    assert _rss_bytes() - before < 64 << 20  # the 512 MB went back to the kernel
-    chunk = benchmark._WARM_CHUNK
-    monkeypatch.setattr(benchmark, "available_memory_bytes", lambda: 3 * chunk)
-    assert benchmark.warm_memory(8)[0] * 2**30 == chunk  # 1.5 chunks allowed: one written
-    monkeypatch.setattr(benchmark, "available_memory_bytes", lambda: 0)
-    assert benchmark.warm_memory(8)[0] == 0
-    assert benchmark.warm_memory_line(8) == "memory: not warmed"

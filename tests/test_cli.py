@@ -142,7 +142,7 @@ def test_bench_refuses_a_bad_source_before_starting_contenders_and_warns_on_a_sm
         out, err = capsys.readouterr()
         assert words in err and "round 1" not in out  # no contender process was started
     assert main(["bench", str(id_shards[0]), "--image-size", "16", "--batch-size", "64",
-                 "--repeat", "1", "--only", "decode_limit", "--warm-memory", "0"]) == 0
+                 "--repeat", "1", "--only", "decode_limit"]) == 0
     assert "holds 210 images, under 5 batches of 64" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
@@ -158,15 +158,12 @@ def test_bench_owns_its_options_and_measures_a_shard_set(id_shards, capsys):
             main([*global_options, "bench", "--help"])
         assert info.value.code == 0 and "--image-size" in capsys.readouterr().out
     assert main(["bench", "--split", "train", "--image-size", "16", "--batch-size", "8",
-                 "--repeat", "1", "--only", "decode_limit,shardpack_numpy", "--warm-memory", "0.25",
-                 str(id_shards[0])]) == 0
+                 "--repeat", "1", "--only", "decode_limit,shardpack_numpy", str(id_shards[0])]) == 0
     out = capsys.readouterr().out
     assert "decode_limit" in out and "shardpack_numpy" in out and "error" not in out
-    assert "memory: wrote to 0.25 GB once" in out
-    assert main(["bench", "--image-size", "16", "--batch-size", "8", "--repeat", "1", "--warm-memory",
-                 "0", "--only", "shardpack_numpy", "--processes", "2", str(id_shards[0])]) == 0
-    out = capsys.readouterr().out
-    assert "error" not in out and "memory: not warmed" in out
+    assert main(["bench", "--image-size", "16", "--batch-size", "8", "--repeat", "1",
+                 "--only", "shardpack_numpy", "--processes", "2", str(id_shards[0])]) == 0
+    assert "error" not in capsys.readouterr().out
 
 
 def test_out_that_is_src_or_holds_it_is_refused(src, tmp_path, capsys):
