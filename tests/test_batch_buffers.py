@@ -29,6 +29,10 @@ def test_pool_reuses_only_unreferenced_memory():
     assert pool.take((4, 2), dtype).ctypes.data != address  # a view still holds it
     del view
     assert pool.take((4, 2), dtype).ctypes.data == address  # now it is free again
+    short = pool.take((3, 2), dtype)  # the epoch's short last batch: no fresh memory
+    assert short.ctypes.data == address and short.shape == (3, 2)
+    del short
+    assert pool.take((5, 2), dtype).ctypes.data != address  # a larger one does not fit
 
 
 def test_kept_numpy_batches_and_views_are_never_overwritten(id_shards):
