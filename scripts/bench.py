@@ -438,13 +438,20 @@ def draw_chart(results: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def machine_line() -> str:
+    """Cores and CPU, with what tells CPUs of one brand name apart (model number, AVX-512):
+    the anchors' ratios differ between them (TensorFlow's decode and resize against
+    libjpeg-turbo and OpenCV: README, "Speed")."""
     cpu = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu = info.get("model name", cpu)
+        if "model" in info:
+            cpu += f", model {info['model']}"
+        if "avx512f" in info.get("flags", "").split():
+            cpu += ", AVX-512"
+    except (OSError, ValueError):
         pass
     return f"{cores()} cores ({cpu}), Python {platform.python_version()}, {platform.system()}"
 
