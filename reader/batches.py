@@ -159,8 +159,8 @@ class BatchBuffers:
 
     def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """An array of ``shape``: the start of an unused owner at least that large (the
-        epoch's short last batch too: a fresh 19 MB cost it 30 ms of page faults on a VM
-        here), else a new one."""
+        epoch's short last batch too: fresh memory must be faulted in, up to 2.5 ms per MB
+        on a VM here), else a new one."""
         need = int(np.prod(shape)) * dtype.itemsize + _ALIGN
         for i in range(len(self._owners)):
             # 2 references when unused: the list's, and getrefcount's argument
