@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import sys
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future
@@ -156,20 +157,30 @@ class BatchBuffers:
     def __init__(self, keep: int) -> None:
         self.keep = keep
         self._owners: list[np.ndarray] = []
+        # a reader keeps its pool across epochs, and two iterations of it may run at once
+        # (two threads, or two tf.data iterators): an owner must go to one of them only
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_decoding(cls, workers: int, batch_size: int) -> BatchBuffers:
+        """A pool large enough for ``decode_batches`` on ``workers`` threads: the blocks in
+        flight, the caller's batch and a prefetch queue (TensorFlow's)."""
+        return cls(keep=in_flight_plan(workers, batch_size)[1] + 4)
 
     def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """An array of ``shape``: the start of an unused owner at least that large (the
         epoch's short last batch too: fresh memory must be faulted in, up to 2.5 ms per MB
         on a VM here), else a new one."""
         need = int(np.prod(shape)) * dtype.itemsize + _ALIGN
-        for i in range(len(self._owners)):
-            # 2 references when unused: the list's, and getrefcount's argument
-            if sys.getrefcount(self._owners[i]) == 2 and self._owners[i].nbytes >= need:
-                return _aligned_view(self._owners[i], shape, dtype)
-        raw = _raw_for(shape, dtype)
-        if len(self._owners) < self.keep:
-            self._owners.append(raw)
-        return _aligned_view(raw, shape, dtype)
+        with self._lock:
+            for owner in self._owners:
+                # 3 references when unused: the list's, the loop's, getrefcount's argument
+                if sys.getrefcount(owner) == 3 and owner.nbytes >= need:
+                    return _aligned_view(owner, shape, dtype)
+            raw = _raw_for(shape, dtype)
+            if len(self._owners) < self.keep:
+                self._owners.append(raw)
+            return _aligned_view(raw, shape, dtype)
 
 
 def _labels(labels: list[int], options: BatchOptions) -> np.ndarray:
@@ -318,8 +329,8 @@ def decode_batches(
     in_flight: deque[_Block] = deque()
     image_shape = batch.image_shape(decode.shape)
     carry = _Carry(size, image_shape, dtype)
-    if buffers is None:  # enough for the blocks in flight, the caller's batch and a prefetch queue
-        buffers = BatchBuffers(keep=blocks_ahead + 4)
+    if buffers is None:
+        buffers = BatchBuffers.for_decoding(workers, size)
 
     def out(x: np.ndarray, labels: list[int]) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         return x if batch.label_mode is None else (x, _labels(labels, batch))

@@ -171,3 +171,55 @@ def test_failed_samples_do_not_keep_their_batch_arrays_alive():
     finally:
         gc.enable()
     assert len(buffers.handed) == 75 and len(alive) <= 4  # the pool's own, not one per block
+
+
+def test_batch_memory_is_kept_across_epochs_but_never_under_a_kept_batch(id_shards):
+    """A reader decodes each epoch into the batch arrays of the one before (fresh 38 MB
+    arrays are pages to fault in every epoch); batches a caller kept from an earlier epoch
+    still hold their own pixels after later epochs."""
+    reader = ShardReader(id_shards[0], split="train", image_size=4, batch_size=8, seed=3)
+    list(reader)  # nothing kept: the arrays go back each time
+    owners = [id(o) for o in reader._buffers._owners]
+    list(reader)
+    assert [id(o) for o in reader._buffers._owners] == owners  # no fresh array
+    kept = [x for x, _ in reader]
+    for _ in range(2):
+        list(reader)
+    assert sorted(n for x in kept for n in pixel_ids(x)) == _all_ids(id_shards)
+    reader.close()  # lets go of them; the next epoch starts afresh
+    assert reader._buffers is None
+    assert sorted(n for x, _ in reader for n in pixel_ids(x)) == _all_ids(id_shards)
+
+
+def test_copies_of_a_reader_do_not_carry_its_batch_arrays(id_shards):
+    import pickle
+
+    reader = ShardReader(id_shards[0], split="train", image_size=64, batch_size=8, seed=3)
+    list(reader)  # 8 x 64 x 64 x 3 float32 arrays kept: ~100 KB each
+    assert reader._buffers is not None
+    assert len(pickle.dumps(reader)) < 50_000
+    assert pickle.loads(pickle.dumps(reader))._buffers is None
+
+
+def test_two_threads_reading_one_reader_never_share_a_batch_array(id_shards):
+    """Two iterations of one reader at once (two threads, two tf.data iterators) take
+    batch arrays from the same kept pool: each array must go to one of them only."""
+    import threading
+
+    reader = ShardReader(id_shards[0], split="train", image_size=4, batch_size=2, seed=3,
+                         shuffle=False)
+    list(reader)  # the pool now holds arrays
+    results: list[list[int]] = [[], []]
+
+    def read(slot: int) -> None:
+        for _ in range(3):
+            got = [x for x, _ in reader]  # kept: no array may be handed to the other thread
+            results[slot].extend(n for x in got for n in pixel_ids(x))
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for ids in results:
+        assert sorted(ids) == sorted(_all_ids(id_shards) * 3)
