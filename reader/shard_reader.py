@@ -238,6 +238,7 @@ class ShardReader:
         self._pool: DecodeProcesses | None = None
         # this process's batch arrays, kept from epoch to epoch (see _batch_buffers)
         self._buffers: BatchBuffers | None = None
+        self._buffers_pid = 0
         self.policy = ErrorPolicy(on_error=on_error, on_shard_error=on_shard_error)
         self.decode_options = DecodeOptions(
             image_size=image_size,
@@ -725,10 +726,13 @@ class ShardReader:
         memory back to its host (measured here), a few per cent of a short epoch (a
         validation split read every epoch). Decode processes keep their shared-memory
         slots across epochs likewise. Arrays a caller still holds are never reused, and
-        ``close()`` lets go of them; copies of the reader start without them.
+        ``close()`` lets go of them; copies of the reader start without them, and so does
+        a forked process (a loader worker): its copy of the pool's lock may have been held
+        by another thread when the fork happened.
         """
-        if self._buffers is None:
+        if self._buffers is None or self._buffers_pid != os.getpid():
             self._buffers = BatchBuffers.for_decoding(self.num_workers, self.batch_options.batch_size)
+            self._buffers_pid = os.getpid()
         return self._buffers
 
     def __repr__(self) -> str:
