@@ -238,7 +238,7 @@ class ShardReader:
         self._pool: DecodeProcesses | None = None
         # this process's batch arrays, kept from epoch to epoch (see _batch_buffers)
         self._buffers: BatchBuffers | None = None
-        self._buffers_pid = 0
+        self._buffers_key: tuple[int, int, int] | None = None  # (pid, threads, batch size)
         self.policy = ErrorPolicy(on_error=on_error, on_shard_error=on_shard_error)
         self.decode_options = DecodeOptions(
             image_size=image_size,
@@ -728,11 +728,14 @@ class ShardReader:
         slots across epochs likewise. Arrays a caller still holds are never reused, and
         ``close()`` lets go of them; copies of the reader start without them, and so does
         a forked process (a loader worker): its copy of the pool's lock may have been held
-        by another thread when the fork happened.
+        by another thread when the fork happened. A change of decode threads or batch size
+        starts a new pool (it is sized for them); a changed batch shape replaces unused
+        arrays too small for it (``BatchBuffers.take``).
         """
-        if self._buffers is None or self._buffers_pid != os.getpid():
+        key = (os.getpid(), self.num_workers, self.batch_options.batch_size)
+        if self._buffers is None or self._buffers_key != key:
             self._buffers = BatchBuffers.for_decoding(self.num_workers, self.batch_options.batch_size)
-            self._buffers_pid = os.getpid()
+            self._buffers_key = key
         return self._buffers
 
     def __repr__(self) -> str:

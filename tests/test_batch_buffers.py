@@ -35,6 +35,23 @@ def test_pool_reuses_only_unreferenced_memory():
     assert pool.take((5, 2), dtype).ctypes.data != address  # a larger one does not fit
 
 
+def test_a_larger_batch_shape_replaces_unused_owners_too_small_for_it():
+    """A reader whose batches grow (another image size, float32 after uint8) keeps the
+    larger arrays, in place of unused smaller ones, instead of taking fresh memory for
+    every batch while the pool stays full of arrays too small to use."""
+    pool = BatchBuffers(keep=2)
+    dtype = np.dtype(np.float32)
+    small = [pool.take((2, 2), dtype) for _ in range(2)]  # the pool is full of small owners
+    del small
+    big = pool.take((8, 2), dtype)
+    held = pool.take((8, 2), dtype)  # the other small owner is replaced too
+    assert sorted(o.nbytes for o in pool._owners) == [8 * 2 * 4 + 64] * 2
+    address = big.ctypes.data
+    del big
+    assert pool.take((8, 2), dtype).ctypes.data == address  # and reused
+    del held
+
+
 def test_kept_numpy_batches_and_views_are_never_overwritten(id_shards):
     reader = ShardReader(id_shards[0], split="train", image_size=4, batch_size=8, seed=3)
     kept = [x for x, _ in reader]  # whole batches
