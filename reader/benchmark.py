@@ -124,8 +124,9 @@ def decode_limit(
     The array is written once before the clock starts: the first write to fresh memory
     faults its pages in, which is no part of decoding, and which a reader recycling a few
     batch arrays pays once. On a virtual machine that hands freed memory back to its host
-    it cost 0.15-0.38 ms per 224x224 image (a 180 MB array: 169-453 ms, 26 ms once
-    written), as much as decoding a 256 px JPEG.
+    it cost up to 0.38 ms per 224x224 image (a 180 MB array written in a new process:
+    72-453 ms, 26 ms right after the same memory had been written), as much as decoding a
+    256 px JPEG.
     """
     import numpy as np
 
