@@ -180,12 +180,20 @@ class BatchBuffers:
                     if self._owners[i].nbytes >= need:
                         return _aligned_view(self._owners[i], shape, dtype)
                     too_small = i
-            raw = _raw_for(shape, dtype)
+            raw = self._new_owner(need)
             if len(self._owners) < self.keep:
                 self._owners.append(raw)
             elif too_small is not None:
+                self._dropped(self._owners[too_small])
                 self._owners[too_small] = raw
             return _aligned_view(raw, shape, dtype)
+
+    def _new_owner(self, nbytes: int) -> np.ndarray:
+        """A new memory-owning byte array (shared memory in ``SharedBatchBuffers``)."""
+        return np.empty(nbytes, dtype=np.uint8)
+
+    def _dropped(self, owner: np.ndarray) -> None:
+        """``owner`` (unused) leaves the pool: nothing to do for process memory."""
 
 
 def _references_of_an_unused_owner() -> int:

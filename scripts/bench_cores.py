@@ -112,7 +112,25 @@ def c_shardpack_processes_per_core(cfg: dict[str, Any]) -> dict[str, Any]:
     return benchmark.c_shardpack_numpy(dict(cfg, processes=benchmark.cores(), num_workers=None))
 
 
-CONTENDERS = {"decode_limit": benchmark.c_decode_limit, "decode_limit_processes": c_decode_limit_processes,
+def c_shardpack_ordered(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The threads' epoch, decoded by ``--ordered`` single-threaded processes
+    (``scripts/ordered_decode.py``, a prototype)."""
+    from ordered_decode import OrderedReader
+
+    r = OrderedReader(cfg["source"], split=cfg["split"], image_size=tuple(cfg["image_size"]),
+                      batch_size=cfg["batch_size"], shuffle=True, seed=0, decode_processes=cfg["ordered"])
+    try:
+        return benchmark._parent_only(benchmark.time_epoch(r, cfg.get("warmup", 3)), cfg)
+    finally:
+        r.close()
+
+
+def c_shardpack_ordered_2(cfg: dict[str, Any]) -> dict[str, Any]:
+    return c_shardpack_ordered(dict(cfg, ordered=cfg["ordered2"]))
+
+
+CONTENDERS = {"shardpack_ordered": c_shardpack_ordered, "shardpack_ordered_2": c_shardpack_ordered_2,
+              "decode_limit": benchmark.c_decode_limit, "decode_limit_processes": c_decode_limit_processes,
               "shardpack_numpy": c_shardpack_numpy, "shardpack_numpy_switch": c_shardpack_numpy_switch,
               "shardpack_processes_per_core": c_shardpack_processes_per_core,
               "shardpack_numpy_uint8": c_shardpack_numpy_uint8,
@@ -129,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="the ShardReader contenders' num_workers (default: the reader's "
                              "own: every CPU, at most 8 on shards packed small)")
+    parser.add_argument("--ordered", type=int, default=8, help="shardpack_ordered's decode processes")
+    parser.add_argument("--ordered2", type=int, default=15, help="shardpack_ordered_2's decode processes")
     parser.add_argument("--switch-interval", type=float, default=0.0005,
                         help="shardpack_numpy_switch's sys.setswitchinterval, seconds")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated")
@@ -151,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = {"source": shards, "split": args.split, "image_size": size,
                "batch_size": args.batch_size, "loader_workers": args.loader_workers,
                "processes": args.processes, "num_workers": args.threads,
+               "ordered": args.ordered, "ordered2": args.ordered2,
                "switch_interval": args.switch_interval}
         res = benchmark.run_rounds(names, cfg, args.repeat, module=[str(Path(__file__).resolve())])
         limit = res["decode_limit"].get("round_rates") or []

@@ -1,0 +1,422 @@
+"""Prototype, for the benchmark only: the threads' epoch, with only the decoding moved out.
+
+Not part of the reader's API. ``scripts/bench_cores.py --contenders shardpack_ordered``
+runs it; README ("On 16 cores") has what it measured and why it stayed a prototype.
+
+The idea: on many cores one process's decode threads stop at 0.5-0.7x the decode limit
+(every image costs Python time under one GIL). ``processes=`` (reader.processes) gets past
+that by giving each process a share of the epoch to read and decode, so its shuffled
+order depends on how many there are. Here the main process reads, shuffles and batches the
+samples exactly as for its own threads -- the same epoch, batch for batch and pixel for
+pixel, whatever the number of processes -- and only each decode task (a chunk of a batch's
+compressed samples) goes to one of ``count`` single-threaded decode processes, which decode
+it straight into the batch's shared memory.
+
+What it showed on 16 cores (2026-11-26): on shards packed at 224x224 it matched
+``processes=8`` (1.06-1.72x the threaded limit against 1.11-1.91x), on the original JPEGs
+it did no better than threads (0.52-0.78x against 0.53-0.67x; ``processes=8`` 1.08-1.32x).
+The main process then handles every compressed byte (read, sha256, pickle, pipe) and caps
+the rate near 5,000 images/s there; the step left to try is decode processes reading their
+samples' bytes from the shards themselves, by offset.
+
+How:
+- ``SharedBatchBuffers`` is ``BatchBuffers`` with shared-memory owners, so a batch the
+  caller holds is never overwritten, and a block is reused once nobody holds it.
+- ``DecodePool`` is an ``Executor`` for ``batches.decode_batches``: ``submit`` queues the
+  task (the block's name and offset, the rows, the compressed samples); a process is sent
+  the next one when it answers, at most ``_DEPTH`` ahead; one thread reads the answers.
+  (A thread per task, each waiting on its process's pipe, made the main process's GIL the
+  wall again: 0.49-0.59x on the originals.)
+- Decode processes are fresh interpreters (``processes._Process``). A process that dies
+  fails the tasks it held, and ``OrderedReader`` starts a new pool for the next epoch.
+"""
+
+from __future__ import annotations
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+import os
+import pickle
+import queue
+import selectors
+import sys
+import threading
+import weakref
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from multiprocessing import shared_memory
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from reader import ShardReader  # noqa: E402
+from reader.batches import BatchBuffers, _decode_into, decode_batches, in_flight_plan  # noqa: E402
+from reader.processes import (  # noqa: E402
+    _LENGTH,
+    _attach,
+    _check_shared_memory,
+    _portable,
+    _Process,
+    _ProcessDied,
+    _recv,
+    _send,
+)
+
+__all__ = ["DecodePool", "OrderedReader", "SharedBatchBuffers", "serve"]
+
+# blocks a decode process keeps mapped: the main process's pool holds a few (BatchBuffers'
+# keep), so this is only ever reached after blocks were replaced
+_MAPPED_MAX = 16
+
+
+def _let_go(shm: shared_memory.SharedMemory) -> None:
+    """Remove the block's name and close it here; arrays over it keep the mapping (through
+    their memoryview) until the last of them goes."""
+    try:
+        shm.unlink()
+    except FileNotFoundError:
+        pass
+    shm._buf = shm._mmap = None  # type: ignore[attr-defined]  # close() would unmap them
+    shm.close()
+
+
+def _let_go_all(blocks: dict[int, shared_memory.SharedMemory], owner_pid: int) -> None:
+    if os.getpid() == owner_pid:  # a forked copy's blocks are the parent's
+        for shm in blocks.values():
+            _let_go(shm)
+    blocks.clear()
+
+
+class SharedBatchBuffers(BatchBuffers):
+    """``BatchBuffers`` whose arrays are shared memory that decode processes write into."""
+
+    def __init__(self, keep: int) -> None:
+        super().__init__(keep)
+        self._blocks: dict[int, shared_memory.SharedMemory] = {}  # owner address -> block
+        self._finalizer = weakref.finalize(self, _let_go_all, self._blocks, os.getpid())
+
+    def _new_owner(self, nbytes: int) -> np.ndarray:
+        _check_shared_memory(nbytes)
+        shm = shared_memory.SharedMemory(create=True, size=nbytes)
+        owner = np.ndarray((nbytes,), dtype=np.uint8, buffer=shm.buf)
+        self._blocks[owner.ctypes.data] = shm
+        return owner
+
+    def _dropped(self, owner: np.ndarray) -> None:
+        shm = self._blocks.pop(owner.ctypes.data, None)
+        if shm is not None:
+            _let_go(shm)
+
+    def locate(self, x: np.ndarray) -> tuple[str, int]:
+        """The name of the block ``x`` is in, and ``x``'s byte offset in it."""
+        owner = x.base
+        if not isinstance(owner, np.ndarray) or owner.ctypes.data not in self._blocks:
+            raise ValueError("not an array of this pool's shared memory")
+        return self._blocks[owner.ctypes.data].name, x.ctypes.data - owner.ctypes.data
+
+    def close(self) -> None:
+        """Remove every block's name (batches still held keep their memory until they go)."""
+        self._finalizer()
+
+
+# tasks sent to a decode process before it answers: the one it decodes and the next, so
+# that it never waits for the main process between two
+_DEPTH = 2
+
+
+def _send_pickled(proc: _Process, data: bytes) -> None:
+    """``processes._send`` of a message pickled already (outside the pool's lock)."""
+    try:
+        with proc.lock:
+            proc.stdin.write(_LENGTH.pack(len(data)))
+            proc.stdin.write(data)
+            proc.stdin.flush()
+    except OSError:  # a broken pipe: the process is gone
+        raise proc._died() from None
+
+
+def _complete_messages(data: bytearray) -> Iterator[Any]:
+    """The whole messages at the start of ``data`` (``processes._send``'s framing), taken
+    out of it; a partial one stays for the next read."""
+    while len(data) >= _LENGTH.size:
+        (size,) = _LENGTH.unpack_from(data)
+        if len(data) < _LENGTH.size + size:
+            return
+        message = pickle.loads(data[_LENGTH.size : _LENGTH.size + size])
+        del data[: _LENGTH.size + size]
+        yield message
+
+
+# a task's compressed samples (8 ImageNet-size JPEGs are about 400 KB) in one write, where
+# a pipe holds 64 KB by default: each further 64 KB waited for the process to read
+_PIPE_BYTES = 1 << 20
+
+
+def _widen_pipe(fd: int) -> None:
+    """Let the pipe hold ``_PIPE_BYTES`` (Linux; the system's cap, 1 MB by default, or as
+    much as it allows; elsewhere as it is)."""
+    setsize = getattr(fcntl, "F_SETPIPE_SZ", None) if fcntl is not None else None
+    if setsize is None:
+        return
+    for size in (_PIPE_BYTES, _PIPE_BYTES // 4):
+        try:
+            fcntl.fcntl(fd, setsize, size)
+            return
+        except OSError:
+            continue
+
+
+def _stop(processes: list[_Process], owner_pid: int) -> None:
+    if os.getpid() != owner_pid:
+        processes.clear()
+        return
+    for proc in processes:
+        try:
+            _send(proc.stdin, proc.lock, ("stop",))
+            proc.stdin.close()
+        except (OSError, ValueError):
+            pass
+    for proc in processes:
+        try:
+            proc.popen.wait(timeout=5)
+        except Exception:
+            proc.popen.kill()
+            proc.popen.wait()
+    processes.clear()
+
+
+@dataclass
+class _Worker:
+    """A decode process and the tasks it was sent, in the order it answers them (each
+    with its array, so the block stays busy until the process is done writing)."""
+
+    proc: _Process
+    pending: deque[tuple[Future[Any], np.ndarray]] = field(default_factory=deque)
+    dead: BaseException | None = None
+
+
+class DecodePool(Executor):
+    """``count`` decode processes behind an ``Executor`` that ``decode_batches`` submits its
+    ``_decode_into`` tasks to (module docstring).
+
+    ``submit`` sends the task at once, from the caller's thread, to the process with the
+    fewest tasks; one thread here reads every process's answers and completes the
+    futures. Two threads in all: a thread per task waiting on its pipe made the main
+    process's GIL the wall again (measured on 16 cores).
+    """
+
+    def __init__(self, count: int, buffers: SharedBatchBuffers) -> None:
+        self.count = int(count)
+        self.buffers = buffers
+        self._workers: list[_Worker] = []
+        procs: list[_Process] = []
+        self._pid = os.getpid()
+        self._finalizer = weakref.finalize(self, _stop, procs, self._pid)
+        self._lock = threading.Lock()
+        self._queue: deque[tuple[Future[Any], np.ndarray, bytes]] = deque()
+        here = str(Path(__file__).resolve().parent)
+        boot = f"import sys; sys.path.insert(0, {here!r}); from ordered_decode import serve; serve({{fd}})"
+        try:
+            for index in range(self.count):
+                procs.append(_Process(index, [sys.executable, "-c", boot], dict(os.environ)))
+                _widen_pipe(procs[-1].stdin.fileno())
+                self._workers.append(_Worker(procs[-1]))
+        except BaseException:
+            self._finalizer()
+            raise
+        self._collector = threading.Thread(target=self._collect, name="shardpack-decode-pool", daemon=True)
+        self._collector.start()
+
+    @property
+    def alive(self) -> bool:
+        """False once closed, after a process ended, or in a forked copy."""
+        return (self._finalizer.alive and os.getpid() == self._pid
+                and all(w.dead is None and w.proc.popen.poll() is None for w in self._workers))
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        if fn is not _decode_into or kwargs:
+            raise TypeError("DecodePool runs batches._decode_into tasks only")
+        x, first, samples, seeds, options, rescale, channels_first = args
+        name, offset = self.buffers.locate(x)
+        task = pickle.dumps(("decode", name, offset, x.shape, x.dtype.str, first, samples, seeds,
+                             options, rescale, channels_first, Image.MAX_IMAGE_PIXELS),
+                            protocol=pickle.HIGHEST_PROTOCOL)
+        future: Future[Any] = Future()
+        with self._lock:
+            self._queue.append((future, x, task))
+            self._dispatch()
+        return future
+
+    def _dispatch(self) -> None:
+        """Send queued tasks to processes with fewer than ``_DEPTH`` (under ``_lock``, so
+        each process gets its tasks in the order of its ``pending``). A process is sent
+        a task when it finishes one, not a share of the block up front: images differ in
+        size, and a process behind a large one would hold up the block while others idle."""
+        while self._queue:
+            worker = min(self._workers, key=lambda w: (w.dead is not None, len(w.pending)))
+            if worker.dead is not None:  # every process is gone
+                for future, _, _ in self._queue:
+                    if future.set_running_or_notify_cancel():
+                        future.set_exception(worker.dead)
+                self._queue.clear()
+                return
+            if len(worker.pending) >= _DEPTH:
+                return
+            future, x, task = self._queue.popleft()
+            if future.cancelled():  # its epoch was left
+                continue
+            worker.pending.append((future, x))
+            try:
+                _send_pickled(worker.proc, task)
+            except BaseException as exc:  # dead, or a message half sent: out of step for good
+                self._fail(worker, exc if isinstance(exc, _ProcessDied) else None)
+                if not isinstance(exc, (_ProcessDied, OSError)):
+                    raise
+
+    def _fail(self, worker: _Worker, exc: BaseException | None) -> None:
+        """The process is gone (or out of step): end it, fail what it was sent, and send
+        the queue to the others (under ``_lock``)."""
+        worker.proc.popen.kill()
+        if worker.dead is None:
+            worker.dead = exc or worker.proc._died()
+        pending, worker.pending = worker.pending, deque()
+        for future, _ in pending:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(worker.dead)
+
+    def _collect(self) -> None:
+        """Read every process's answers (this thread only) and complete their futures.
+
+        Straight from the pipes' descriptors: a buffered reader may take two answers in
+        one read, and the second would wait unseen by ``select`` for one that never comes.
+        """
+        with selectors.DefaultSelector() as selector:
+            for worker in self._workers:
+                selector.register(worker.proc.stdout.fileno(), selectors.EVENT_READ, (worker, bytearray()))
+            while selector.get_map():
+                for key, _ in selector.select():
+                    worker, data = key.data
+                    chunk = os.read(key.fd, 1 << 16)
+                    if not chunk:
+                        selector.unregister(key.fd)
+                        worker.proc.stdout.close()
+                        with self._lock:
+                            self._fail(worker, None)
+                            self._dispatch()
+                        continue
+                    data += chunk
+                    for reply in _complete_messages(data):
+                        self._answer(worker, reply)
+
+    def _answer(self, worker: _Worker, reply: tuple[Any, ...]) -> None:
+        with self._lock:
+            future, _ = worker.pending.popleft()
+            self._dispatch()
+        if future.set_running_or_notify_cancel():
+            if reply[0] == "error":
+                future.set_exception(reply[1])
+            else:
+                future.set_result(reply[1])
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """End the decode processes (idempotent); their answer thread ends with them."""
+        self._finalizer()
+        if wait and threading.current_thread() is not self._collector:
+            self._collector.join(timeout=10)
+
+
+# ---------------------------------------------------------------- the decode process's side
+
+
+def _task_array(blocks: OrderedDict[str, shared_memory.SharedMemory], name: str, offset: int,
+                shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    shm = blocks.get(name)
+    if shm is None:
+        shm = blocks[name] = _attach(name)
+        while len(blocks) > _MAPPED_MAX:
+            blocks.popitem(last=False)[1].close()
+    blocks.move_to_end(name)
+    return np.ndarray(shape, dtype=np.dtype(dtype), buffer=shm.buf, offset=offset)
+
+
+def _listen(commands: IO[bytes], inbox: queue.SimpleQueue[Any]) -> None:
+    """Take the main process's messages as they come, so that its writes never wait for
+    a decode to end (a task's compressed samples are far more than a pipe holds)."""
+    while True:
+        try:
+            inbox.put(_recv(commands))
+        except (EOFError, OSError):
+            inbox.put(("stop",))
+            return
+
+
+def _serve(channel: IO[bytes], commands: IO[bytes]) -> None:
+    blocks: OrderedDict[str, shared_memory.SharedMemory] = OrderedDict()
+    lock = threading.Lock()
+    inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    threading.Thread(target=_listen, args=(commands, inbox), daemon=True).start()
+    while True:
+        message = inbox.get()
+        if message[0] == "stop":
+            return
+        _, name, offset, shape, dtype, first, samples, seeds, options, rescale, cf, max_pixels = message
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            x = _task_array(blocks, name, offset, shape, dtype)
+            reply: tuple[Any, ...] = ("done", _decode_into(x, first, samples, seeds, options, rescale, cf))
+            del x
+        except Exception as exc:
+            reply = ("error", _portable(exc))
+        del message, samples
+        _send(channel, lock, reply)
+
+
+def serve(fd: int) -> None:
+    """Entry point of a decode process (started by DecodePool): tasks come on stdin,
+    replies go out on ``fd``."""
+    channel = os.fdopen(fd, "wb")
+    os.dup2(2, 1)  # its prints go to stderr, not into the caller's stdout
+    try:
+        _serve(channel, os.fdopen(0, "rb"))
+    except (BrokenPipeError, EOFError):  # the main process is gone
+        pass
+
+
+class OrderedReader(ShardReader):
+    """``ShardReader`` whose decode tasks go to ``decode_processes`` processes of a
+    ``DecodePool`` (kept across epochs; ``close()`` ends them)."""
+
+    def __init__(self, *args: Any, decode_processes: int = 2, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.decode_processes = int(decode_processes)
+        self._ordered: tuple[SharedBatchBuffers, DecodePool] | None = None
+
+    def _decoded(self, labelled: Any, epoch: int, stream: str, skip_batches: int, buffers: Any) -> Any:
+        # tasks of at least 4 images: the pool's cost per task is the main process's
+        workers = min(8, self.decode_processes)
+        if self._ordered is None or not self._ordered[1].alive:
+            shared = SharedBatchBuffers(in_flight_plan(workers, self.batch_options.batch_size)[1] + 4)
+            self._ordered = (shared, DecodePool(self.decode_processes, shared))
+        shared, pool = self._ordered
+        if skip_batches or self.decode_options.random_flip or self.decode_options.random_crop:
+            raise NotImplementedError("the prototype reads whole epochs without augmentation")
+        yield from decode_batches(labelled, decode=self.decode_options, batch=self.batch_options,
+                                  pool=pool, policy=self.policy, workers=workers, buffers=shared)
+
+    def close(self) -> None:
+        if self._ordered is not None:
+            self._ordered[1].shutdown()
+            self._ordered[0].close()
+            self._ordered = None
+        super().close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return super().__getstate__() | {"_ordered": None}
