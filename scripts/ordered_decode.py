@@ -12,12 +12,12 @@ pixel, whatever the number of processes -- and only each decode task (a chunk of
 compressed samples) goes to one of ``count`` single-threaded decode processes, which decode
 it straight into the batch's shared memory.
 
-What it showed on 16 cores (2026-11-26): on shards packed at 224x224 it matched
-``processes=8`` (1.06-1.72x the threaded limit against 1.11-1.91x), on the original JPEGs
-it did no better than threads (0.52-0.78x against 0.53-0.67x; ``processes=8`` 1.08-1.32x).
-The main process then handles every compressed byte (read, sha256, pickle, pipe) and caps
-the rate near 5,000 images/s there; the step left to try is decode processes reading their
-samples' bytes from the shards themselves, by offset.
+What it showed on 16 cores (2026-11-26, README "On 16 cores"): on shards packed at
+224x224, 15 processes matched ``processes=8`` (1.06-1.72x the threaded limit against
+0.76-1.91x); on the original JPEGs it did no better than threads (0.49-0.78x against
+0.51-0.74x; ``processes=8`` 0.83-1.47x), whichever of three ways it handed out the tasks.
+The main process handles every compressed byte (read, pickle, pipe); the step left to try
+is decode processes reading their samples' bytes from the shards themselves, by offset.
 
 How:
 - ``SharedBatchBuffers`` is ``BatchBuffers`` with shared-memory owners, so a batch the
@@ -25,8 +25,6 @@ How:
 - ``DecodePool`` is an ``Executor`` for ``batches.decode_batches``: ``submit`` queues the
   task (the block's name and offset, the rows, the compressed samples); a process is sent
   the next one when it answers, at most ``_DEPTH`` ahead; one thread reads the answers.
-  (A thread per task, each waiting on its process's pipe, made the main process's GIL the
-  wall again: 0.49-0.59x on the originals.)
 - Decode processes are fresh interpreters (``processes._Process``). A process that dies
   fails the tasks it held, and ``OrderedReader`` starts a new pool for the next epoch.
 """
@@ -207,10 +205,9 @@ class DecodePool(Executor):
     """``count`` decode processes behind an ``Executor`` that ``decode_batches`` submits its
     ``_decode_into`` tasks to (module docstring).
 
-    ``submit`` sends the task at once, from the caller's thread, to the process with the
-    fewest tasks; one thread here reads every process's answers and completes the
-    futures. Two threads in all: a thread per task waiting on its pipe made the main
-    process's GIL the wall again (measured on 16 cores).
+    ``submit`` queues the task and ``_dispatch`` sends queued tasks to processes with
+    fewer than ``_DEPTH`` (from the caller's thread, or from the one thread here that
+    reads every process's answers and completes the futures).
     """
 
     def __init__(self, count: int, buffers: SharedBatchBuffers) -> None:
