@@ -399,7 +399,9 @@ class OrderedReader(ShardReader):
     def _decoded(self, labelled: Any, epoch: int, stream: str, skip_batches: int, buffers: Any) -> Any:
         # tasks of at least 4 images: the pool's cost per task is the main process's
         workers = min(8, self.decode_processes)
-        if self._ordered is None or not self._ordered[1].alive:
+        if self._ordered is not None and not self._ordered[1].alive:
+            self.close()  # a process died: end the others and free the blocks
+        if self._ordered is None:
             shared = SharedBatchBuffers(in_flight_plan(workers, self.batch_options.batch_size)[1] + 4)
             self._ordered = (shared, DecodePool(self.decode_processes, shared))
         shared, pool = self._ordered

@@ -68,16 +68,19 @@ def test_the_same_epochs_as_threads_with_a_broken_sample_skipped_alike(ordered, 
         pooled.close()
 
 
-def test_a_killed_decode_process_is_reported_and_the_next_epoch_starts_a_new_pool(ordered, photo_shards):
+def test_a_killed_decode_process_is_named_or_routed_around_and_the_next_epoch_starts_a_new_pool(ordered, photo_shards):
     reader = ordered.OrderedReader(photo_shards, split="train", image_size=32, batch_size=8, seed=0,
                                    decode_processes=2)
     try:
         it = iter(reader)
-        next(it)
+        seen = len(next(it)[1])
         os.kill(reader._ordered[1]._workers[1].proc.popen.pid, signal.SIGKILL)
-        with pytest.raises(RuntimeError, match="decode process 1 exited"):
-            for _ in it:
-                pass
+        try:
+            seen += sum(len(y) for _, y in it)
+        except RuntimeError as exc:  # it held a task: the epoch fails, naming it
+            assert "decode process 1 exited" in str(exc)
+        else:  # it held none when it died: the other process decoded the rest, nothing lost
+            assert seen == 320
         assert sum(len(y) for _, y in reader) == 320  # 4 classes x 80
     finally:
         reader.close()
