@@ -5,7 +5,7 @@ Pipeline: walk -> probe -> plan -> write -> manifest -> upload. Imports no Tenso
 
 from __future__ import annotations
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = ["pack", "upload", "__version__"]
 

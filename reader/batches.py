@@ -15,7 +15,7 @@ import random
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
@@ -317,11 +317,13 @@ def _without_tracebacks(exc: SampleDecodeError) -> SampleDecodeError:
 
 @dataclass
 class _Block:
-    """One batch worth of samples being decoded: its array, labels and chunk futures."""
+    """One batch worth of samples being decoded: its array, labels, chunk futures, and the
+    stream index of its first sample."""
 
     x: np.ndarray
     labels: list[int]
     futures: list[Future[list[tuple[int, SampleDecodeError]]]]
+    start: int
 
 
 def decode_batches(
@@ -334,6 +336,7 @@ def decode_batches(
     workers: int,
     aug_rng: random.Random | None = None,
     buffers: BatchBuffers | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
     """Decode ``(sample, label)`` pairs on ``pool`` and yield batches ``(x, y)`` (or ``x``).
 
@@ -349,6 +352,10 @@ def decode_batches(
     ``x`` is float32 in [0, 255] (times ``rescale`` if set), or uint8 as ``batch.dtype``
     says, shape (b, h, w, c) or (b, c, h, w) as ``batch.data_format`` says, 64-byte aligned (see ``aligned_empty``); ``y`` as
     ``batch.label_mode`` says.
+
+    ``on_batch``, if given, is called just before each batch is yielded with the samples
+    that failed before that batch's end: a resume then skips ``batches * batch_size`` plus
+    that many samples of the stream, and sees the batches that came next (reader.state).
     """
     size = batch.batch_size
     dtype = np.dtype(batch.dtype)
@@ -356,20 +363,31 @@ def decode_batches(
     in_flight: deque[_Block] = deque()
     image_shape = batch.image_shape(decode.shape)
     carry = _Carry(size, image_shape, dtype)
+    taken = 0  # samples taken from the stream so far
+    rows_out = 0  # rows of the batches yielded so far
     if buffers is None:
         buffers = BatchBuffers.for_decoding(workers, size)
 
     def out(x: np.ndarray, labels: list[int]) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         return x if batch.label_mode is None else (x, _labels(labels, batch))
 
+    def yielded(rows: int, end: int) -> None:
+        """A batch of ``rows`` rows whose last sample is the stream's ``end - 1``."""
+        nonlocal rows_out
+        rows_out += rows
+        if on_batch is not None:
+            on_batch(end - rows_out)
+
     def submit(block_samples: list[Sample], labels: list[int], seeds: list[int | None]) -> None:
+        nonlocal taken
         x = buffers.take((len(block_samples), *image_shape), dtype)
         futures = [
             pool.submit(_decode_into, x, i, block_samples[i : i + chunk], seeds[i : i + chunk],
                         decode, batch.rescale, batch.channels_first)
             for i in range(0, len(block_samples), chunk)
         ]
-        in_flight.append(_Block(x, labels, futures))
+        in_flight.append(_Block(x, labels, futures, taken))
+        taken += len(block_samples)
 
     def collect() -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
         block = in_flight.popleft()
@@ -377,16 +395,20 @@ def decode_batches(
         for _, exc in failed:
             policy.sample_failed(exc)
         x, labels = block.x, block.labels
+        ends = range(block.start + 1, block.start + len(labels) + 1)  # each row's end in the stream
         if failed:
             keep = np.ones(len(labels), dtype=bool)
             keep[[row for row, _ in failed]] = False
             x, labels = x[keep], [label for label, k in zip(labels, keep, strict=True) if k]
+            ends = [end for end, k in zip(ends, keep, strict=True) if k]  # type: ignore[assignment]
         if not carry.labels and not failed and (len(labels) == size or not batch.drop_remainder):
             # the common case: the block is the batch, no copy (a short block is the
             # epoch's last, kept as it is unless drop_remainder)
+            yielded(len(labels), ends[-1])
             yield out(x, labels)
         else:
-            for full_x, full_labels in carry.add(x, labels):
+            for full_x, full_labels, end in carry.add(x, labels, list(ends)):
+                yielded(len(full_labels), end)
                 yield out(full_x, full_labels)
 
     try:
@@ -411,6 +433,7 @@ def decode_batches(
             for future in block.futures:
                 future.cancel()
     if carry.labels and not batch.drop_remainder:
+        yielded(len(carry.labels), carry.ends[-1])
         yield out(carry.x[: len(carry.labels)], carry.labels)
 
 
@@ -421,15 +444,18 @@ class _Carry:
         self.size, self.shape, self.dtype = size, shape, dtype
         self.x = aligned_empty((size, *shape), dtype)
         self.labels: list[int] = []
+        self.ends: list[int] = []  # each row's end in the sample stream (its index + 1)
 
-    def add(self, x: np.ndarray, labels: list[int]) -> Iterator[tuple[np.ndarray, list[int]]]:
+    def add(self, x: np.ndarray, labels: list[int], ends: list[int]) -> Iterator[tuple[np.ndarray, list[int], int]]:
+        """Full batches ``(x, labels, end)``: ``end`` is the stream index just past the last row."""
         start = 0
         while start < len(labels):
             n = min(self.size - len(self.labels), len(labels) - start)
             self.x[len(self.labels) : len(self.labels) + n] = x[start : start + n]
             self.labels.extend(labels[start : start + n])
+            self.ends.extend(ends[start : start + n])
             start += n
             if len(self.labels) == self.size:
-                full, full_labels = self.x, self.labels
-                self.x, self.labels = aligned_empty((self.size, *self.shape), self.dtype), []
-                yield full, full_labels
+                full, full_labels, end = self.x, self.labels, self.ends[-1]
+                self.x, self.labels, self.ends = aligned_empty((self.size, *self.shape), self.dtype), [], []
+                yield full, full_labels, end

@@ -339,8 +339,11 @@ class DecodeProcesses:
             self._owner = _CLOSED
             self._finalizer()
 
-    def epoch(self, epoch: int, skip: int) -> Generator[Any, None, None]:
-        """The batches of ``epoch`` after its first ``skip``, one process at a time in turn."""
+    def epoch(self, epoch: int, skip: int, extras: list[int] | None = None) -> Generator[Any, None, None]:
+        """The batches of ``epoch`` after its first ``skip``, one process at a time in turn;
+        ``extras[w]``: process ``w``'s samples that failed before the resume point."""
+        extras = list(extras or [])
+        extras += [0] * (self.count - len(extras))
         me = object()
         with self._io:
             self._cancel_epoch()
@@ -354,7 +357,7 @@ class DecodeProcesses:
             self._failed_shards = set()
             try:
                 for proc in self._procs:
-                    proc.send(("epoch", epoch, proc.index, self.count, skip, blob))
+                    proc.send(("epoch", epoch, proc.index, self.count, skip, blob, extras[proc.index]))
             except BaseException:  # a message half sent: see _step
                 self.close()
                 raise
@@ -415,7 +418,11 @@ class DecodeProcesses:
             if not proc.give_back_unused():
                 proc.new_slot(self.slot_bytes)
 
-    def _batch(self, proc: _Process, sid: int, shape: tuple[int, ...], dtype: str, labels: Any) -> Any:
+    def _batch(self, proc: _Process, sid: int, shape: tuple[int, ...], dtype: str, labels: Any,
+               failed: int) -> Any:
+        reader = self._reader()
+        if reader is not None:  # before the batch is yielded: see ShardReader._note_extra
+            reader._note_extra(proc.index, failed)
         for other in self._procs:
             other.give_back_unused()
         x = proc.slots[sid].view(shape, np.dtype(dtype))
@@ -528,6 +535,7 @@ class _DecodeSide:
         self.returned = 0  # slots the main process gave (new, or given back) so far
         self.cancelled = False
         self.buffers = _SlotBuffers(self)
+        self.failed = 0  # samples of this epoch's stream that failed before the last batch's end
         self._sent = (0, 0)
         threading.Thread(target=self._listen, args=(commands,), daemon=True).start()
 
@@ -590,13 +598,19 @@ class _DecodeSide:
                 self.handle(message)
             # a cancel that crossed this process's "end" on the way: nothing to stop
 
-    def run_epoch(self, epoch: int, worker: int, workers: int, skip: int, blob: bytes) -> None:
+    def run_epoch(self, epoch: int, worker: int, workers: int, skip: int, blob: bytes, extra: int) -> None:
         self.cancelled = False
         self.reader = _process_reader(blob, self.threads)
         self._sent = (0, 0)
+        self.failed = extra
+
+        def note(failed: int) -> None:
+            self.failed = failed
+
         try:
             batches = self.reader._worker_epoch_batches(
-                epoch, worker=worker, workers=workers, skip=skip, buffers=self.buffers)  # type: ignore[arg-type]
+                epoch, worker=worker, workers=workers, skip=skip, buffers=self.buffers,  # type: ignore[arg-type]
+                skip_extra=extra, on_extra=note)
             for batch in batches:
                 self.handle_pending()
                 x, labels = batch if isinstance(batch, tuple) else (batch, None)
@@ -606,7 +620,7 @@ class _DecodeSide:
                     assert sid is not None
                     self.slots[sid].view(x.shape, x.dtype)[...] = x
                 self.handed.add(sid)
-                self.send(("batch", sid, x.shape, x.dtype.str, labels, self.skips()))
+                self.send(("batch", sid, x.shape, x.dtype.str, labels, self.failed, self.skips()))
                 del batch, x, labels  # the slot is free here again once the main process says so
             self.send(("end", self.skips()))
         except _Cancelled:

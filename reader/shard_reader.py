@@ -270,6 +270,11 @@ class ShardReader:
         self.batches_yielded = 0  # batches yielded so far in the current epoch
         self._reading: int | None = None  # the epoch an unfinished iter() is reading
         self._resume_batches = 0  # batches of self.epoch a loaded state says were consumed
+        # per batch stream, the samples that failed before that position (see _note_extra)
+        self._resume_extras: list[int] = []
+        # epoch -> [(batch, stream, failed samples of that stream before the batch's end)]
+        # for the batches where that count changed; the last two epochs read
+        self._extras_log: dict[int, list[tuple[int, int, int]]] = {}
 
     # ---- classes, counts and the lazily scanned index -------------------------------
 
@@ -436,7 +441,7 @@ class ShardReader:
         """Make the next ``iter()`` read epoch ``epoch`` (from its start, unless a state
         loaded with :meth:`load_state_dict` is positioned inside that same epoch)."""
         if int(epoch) != self.epoch:
-            self._resume_batches = 0
+            self._resume_batches, self._resume_extras = 0, []
         self.epoch = int(epoch)
 
     def state_dict(self) -> dict[str, Any]:
@@ -465,21 +470,25 @@ class ShardReader:
             ValueError: the state belongs to another split, shard list, world size or
                 order-shaping option (the message names it).
         """
-        from .state import check_state
+        from .state import check_state, saved_extras
 
         epoch, batches, seed = check_state(self, state)
         self.seed = seed
         self.epoch = epoch
         self._resume_batches = batches
+        # failures are a rank's own: another rank's state resumes this one by whole batches
+        self._resume_extras = saved_extras(state) if batches and state.get("rank") == self.rank else []
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch, skip = self.epoch, self._resume_batches
+        epoch, skip, extras = self.epoch, self._resume_batches, self._resume_extras
         self.epoch += 1
-        self._resume_batches = 0
+        self._resume_batches, self._resume_extras = 0, []
         self._reading = epoch
         self.batches_yielded = skip
+        self._extras_log = {e: log for e, log in self._extras_log.items() if e == epoch - 1}
+        self._extras_log[epoch] = [(skip - 1, stream, n) for stream, n in enumerate(extras) if n and skip]
         skipped = self.policy.skipped_samples, self.policy.skipped_shards
-        for batch in self._batches(epoch, skip):
+        for batch in self._batches(epoch, skip, extras, record=True):
             self.batches_yielded += 1
             yield batch
         self._reading = None
@@ -491,15 +500,43 @@ class ShardReader:
                     "epoch %d of %s: skipped %s and %s", epoch, self.split,
                     counted(lost[0], "undecodable sample"), counted(lost[1], "damaged shard"))
 
-    def _batches(self, epoch: int, skip: int) -> Iterator[Batch]:
+    def _batches(self, epoch: int, skip: int, extras: Sequence[int] = (), record: bool = False) -> Iterator[Batch]:
         """Epoch ``epoch``'s batches after the first ``skip``: from the decode processes
-        (``processes=``) or from this process's decode threads."""
+        (``processes=``) or from this process's decode threads. ``extras``: per batch
+        stream, the samples that failed before the resume point (a state's); ``record``:
+        log each stream's failed samples per batch (``__iter__``, which counts them)."""
         self.require_samples()
         if not self.processes:
-            return self._epoch_batches(epoch, skip_batches=skip)
+            return self._epoch_batches(epoch, skip_batches=skip, skip_extra=extras[0] if extras else 0,
+                                       on_extra=functools.partial(self._note_extra, 0) if record else None)
         if self._pool is None or not self._pool.alive:
             self._pool = DecodeProcesses(self, self.processes)
-        return self._pool.epoch(epoch, skip)
+        return self._pool.epoch(epoch, skip, list(extras))
+
+    def _note_extra(self, stream: int, failed: int) -> None:
+        """Stream ``stream``'s batch about to be yielded (the ``batches_yielded``-th of the
+        epoch being read) ends after ``failed`` samples that failed to decode: what a
+        resume after it must skip besides whole batches. Logged only where it changes."""
+        log = self._extras_log.get(self._reading) if self._reading is not None else None
+        if log is None:
+            return
+        last = next((n for _, s, n in reversed(log) if s == stream), 0)
+        if failed != last:
+            log.append((self.batches_yielded, stream, failed))
+
+    def _failed_before(self, epoch: int, batches: int, streams: int) -> list[int]:
+        """Per batch stream, the samples that failed before the end of batch ``batches - 1``
+        of ``epoch`` (zeros when nothing failed, or the epoch was not read here)."""
+        extras = [0] * streams
+        log = self._extras_log.get(epoch)
+        if log is None:
+            if epoch == self.epoch and batches == self._resume_batches:  # loaded, not read yet
+                extras[: len(self._resume_extras)] = self._resume_extras[:streams]
+            return extras
+        for batch, stream, failed in log:
+            if batch < batches and stream < streams:
+                extras[stream] = failed
+        return extras
 
     def close(self) -> None:
         """End the decode processes (``processes=``) and free their shared memory, and let
@@ -623,6 +660,7 @@ class ShardReader:
 
     def _worker_epoch_batches(
         self, epoch: int, *, worker: int, workers: int, skip: int, buffers: BatchBuffers | None = None,
+        skip_extra: int = 0, on_extra: Callable[[int], None] | None = None,
     ) -> Iterator[Batch]:
         """Batches ``worker, worker + workers, ...`` of this rank's ``epoch``, after the first
         ``skip`` batches of the epoch (all workers') were consumed: one loader worker's or
@@ -634,7 +672,7 @@ class ShardReader:
         )
         return self._epoch_batches(
             epoch, pieces=mine, skip_batches=len(range(worker, skip, workers)),
-            stream=f"/worker{worker}of{workers}", buffers=buffers,
+            stream=f"/worker{worker}of{workers}", buffers=buffers, skip_extra=skip_extra, on_extra=on_extra,
         )
 
     def _epoch_batches(
@@ -645,6 +683,8 @@ class ShardReader:
         skip_batches: int = 0,
         stream: str = "",
         buffers: BatchBuffers | None = None,
+        skip_extra: int = 0,
+        on_extra: Callable[[int], None] | None = None,
     ) -> Iterator[Batch]:
         """The pipeline of one epoch, stage by stage.
 
@@ -670,7 +710,7 @@ class ShardReader:
                    for i, (shard, ranges) in enumerate(parts))
         try:
             yield from self._decoded(self._shuffled(streams, epoch, stream), epoch, stream,
-                                     skip_batches, buffers)
+                                     skip_batches, buffers, skip_extra, on_extra)
         finally:
             if ahead is not None:
                 ahead.close()
@@ -699,14 +739,16 @@ class ShardReader:
 
     def _decoded(
         self, labelled: Iterator[tuple[Sample, int]], epoch: int, stream: str, skip_batches: int,
-        buffers: BatchBuffers | None,
+        buffers: BatchBuffers | None, skip_extra: int = 0, on_extra: Callable[[int], None] | None = None,
     ) -> Iterator[Batch]:
         """Drop the samples of batches a resume skips (still compressed), then decode the
-        rest into batches on the decode threads."""
+        rest into batches on the decode threads. ``skip_extra``: samples that failed
+        before the resume point, skipped too; ``on_extra`` hears, before each batch, how
+        many of the stream's samples failed before its end (``decode_batches``)."""
         augment = self.decode_options.random_flip or self.decode_options.random_crop is not None
         aug_rng = epoch_rng(self.seed, epoch, "augment" + stream) if augment else None
         if skip_batches:
-            skip = skip_batches * self.batch_options.batch_size
+            skip = skip_batches * self.batch_options.batch_size + skip_extra
             labelled = islice(labelled, skip, None)  # compressed samples: nothing decoded
             if aug_rng is not None:
                 for _ in range(skip):  # the skipped samples' draws (one each, as decode_batches)
@@ -716,6 +758,7 @@ class ShardReader:
                 labelled, decode=self.decode_options, batch=self.batch_options, pool=pool,
                 policy=self.policy, workers=self.num_workers, aug_rng=aug_rng,
                 buffers=buffers if buffers is not None else self._batch_buffers(),
+                on_batch=None if on_extra is None else lambda failed: on_extra(failed + skip_extra),
             )
 
     def _batch_buffers(self) -> BatchBuffers:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .shard_reader import ShardReader
 
 __all__ = ["STATE_VERSION", "shard_fingerprint", "content_fingerprint", "reader_streams", "saved_streams", "check_streams",
-           "make_state", "check_state", "save_state", "load_state", "ShardReaderCheckpoint"]
+           "make_state", "check_state", "saved_extras", "save_state", "load_state", "ShardReaderCheckpoint"]
 
 STATE_VERSION = 1
 
@@ -119,6 +119,8 @@ def make_state(reader: ShardReader, *, epoch: int, batches: int, streams: int | 
     of fixed cardinality (and ``fit(steps_per_epoch=0)``) refuses.
     """
     epoch, batches = _canonical(reader, int(epoch), int(batches))
+    streams = reader_streams(reader) if streams is None else int(streams)
+    extras = reader._failed_before(epoch, batches, streams) if batches else []
     return {
         "version": STATE_VERSION,
         "epoch": epoch,
@@ -126,11 +128,30 @@ def make_state(reader: ShardReader, *, epoch: int, batches: int, streams: int | 
         "seed": reader.seed,
         "rank": reader.rank,
         **_order_fields(reader),
-        "streams": reader_streams(reader) if streams is None else int(streams),
+        "streams": streams,
         "shards": shard_fingerprint(reader),
         "shard_hashes": content_fingerprint(reader),
         "unshuffled_split": UNSHUFFLED_SPLIT,
+        # only where a sample failed: states without it (and those of shardpack < 0.4)
+        # resume as if none had
+        **({"failed_before": extras} if any(extras) else {}),
     }
+
+
+def saved_extras(state: dict[str, Any]) -> list[int]:
+    """Per batch stream, the samples that failed to decode before the state's position
+    (``failed_before``; empty when none did): a resume skips them besides whole batches, so
+    that it sees the batches that came next. Without them every failed sample before the
+    position shifted the rest of the epoch by one sample. They are the saving rank's own:
+    another rank resuming from the same state skips whole batches only.
+
+    Raises:
+        ValueError: the field is not a list of whole numbers >= 0.
+    """
+    extras = state.get("failed_before", [])
+    if not isinstance(extras, list) or not all(isinstance(n, int) and n >= 0 for n in extras):
+        raise ValueError(f"failed_before must be a list of whole numbers >= 0, got {extras!r}")
+    return list(extras)
 
 
 # How an unshuffled epoch is split among batch streams: 2 since each stream decodes the
@@ -173,6 +194,7 @@ def check_state(reader: ShardReader, state: dict[str, Any], *, streams: bool = T
             "or another source): it cannot be resumed exactly; start the epoch over with "
             "reader.set_epoch(epoch)"
         )
+    saved_extras(state)  # refused here if malformed
     epoch, batches = int(state["epoch"]), int(state["batches"])
     if epoch < 0 or not 0 <= batches <= len(reader):
         raise ValueError(f"state position epoch={epoch}, batches={batches} is out of range "

@@ -259,6 +259,9 @@ def test_a_forked_process_starts_its_own_batch_arrays(id_shards):
         pid = os.fork()
         if pid == 0:  # the child: read an epoch, report, leave without cleanup
             try:
+                import faulthandler  # if it hangs, every thread's stack goes into the report
+
+                faulthandler.dump_traceback_later(45, exit=False)
                 ids = sorted(n for x, _ in reader for n in pixel_ids(x))
                 ok = ids == _all_ids(id_shards) and reader._buffers is not parent_pool
                 os.write(write, b"1" if ok else b"0")

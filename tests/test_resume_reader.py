@@ -236,3 +236,113 @@ def test_decode_processes_matter_inside_an_epoch_only(awkward_shards, uninterrup
     one = ShardReader(awkward_shards, **OPTIONS)
     one.load_state_dict(boundary)
     assert _ids(one) == uninterrupted[1]
+
+
+# ---- resume after samples that failed to decode --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def failing_shards(tmp_path_factory):
+    """400 id-coded 16x16 PNGs in 5 tars (manifest-less, 3 classes); 9 of them broken,
+    several in the first batches, two side by side."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    tmp = tmp_path_factory.mktemp("failing")
+    broken = {3, 11, 12, 40, 97, 150, 151, 260, 333}
+    with wds.ShardWriter(str(tmp / "f-%06d.tar"), maxcount=80, verbose=0) as sink:
+        for n in range(400):
+            buf = io.BytesIO()
+            Image.new("RGB", (16, 16), (n % 256, n // 256, 0)).save(buf, format="PNG")
+            sink.write({"__key__": f"s{n:04d}", "png": b"\x89PNG broken" if n in broken else buf.getvalue(),
+                        "cls": n % 3})
+    return str(tmp / "f-{000000..000004}.tar")
+
+
+FAILING = dict(num_classes=3, image_size=16, batch_size=16, shuffle_buffer=64, on_error="ignore",
+               num_workers=2, seed=3)
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+@pytest.mark.parametrize("shuffle,k", [(False, 1), (False, 7), (True, 3), (True, 9), (True, 16)])
+def test_resume_after_failed_samples_sees_the_batches_that_came_next(failing_shards, processes, shuffle, k):
+    """Samples that failed before the saved position are skipped besides the whole batches:
+    without that, each one shifted the rest of the epoch by one sample (a sample seen twice)."""
+    r = ShardReader(failing_shards, processes=processes, shuffle=shuffle, **FAILING)
+    try:
+        uninterrupted = _ids(r)
+        assert r.policy.skipped_samples == 9 and sum(map(len, uninterrupted)) == 391
+        r.set_epoch(0)
+        it = iter(r)
+        for _ in range(k):
+            next(it)
+        state = json.loads(json.dumps(r.state_dict()))
+        del it
+    finally:
+        r.close()
+    assert state["batches"] == k
+    if not shuffle or k == 16:  # samples 3, 11 and 12 come first, or most have failed by then
+        assert any(state["failed_before"])
+    restarted = ShardReader(failing_shards, processes=processes, shuffle=shuffle, **FAILING)
+    try:
+        restarted.load_state_dict(state)
+        assert _ids(restarted) == uninterrupted[k:]
+    finally:
+        restarted.close()
+
+
+def test_failed_before_is_kept_until_the_epoch_is_read_and_validated(failing_shards):
+    r = ShardReader(failing_shards, **FAILING)
+    it = iter(r)
+    for _ in range(5):
+        next(it)
+    state = r.state_dict()
+    loaded = ShardReader(failing_shards, **FAILING)
+    loaded.load_state_dict(state)
+    assert loaded.state_dict() == state  # saved again before reading: the same position
+    loaded.set_epoch(1)  # another epoch: the position, failures included, is dropped
+    assert "failed_before" not in loaded.state_dict()
+    whole = ShardReader(failing_shards, **FAILING)
+    whole.set_epoch(1)
+    assert _ids(loaded) == _ids(whole)
+    for bad in ([-1], "2", [1.5]):
+        with pytest.raises(ValueError, match="failed_before"):
+            ShardReader(failing_shards, **FAILING).load_state_dict(state | {"failed_before": bad})
+
+
+def test_a_state_counted_behind_the_reader_names_the_failures_before_its_own_position(failing_shards):
+    """tf.data reads ahead, so ShardReaderCheckpoint saves positions the reader passed long
+    ago, even after it finished the epoch and began the next: the failed samples counted
+    are those before that position, not before the reader's."""
+    from reader.state import make_state
+
+    ahead = ShardReader(failing_shards, **FAILING)
+    list(ahead)  # all of epoch 0
+    next(iter(ahead))  # and the start of epoch 1
+    for k in (2, 9, 20):
+        behind = ShardReader(failing_shards, **FAILING)
+        it = iter(behind)
+        for _ in range(k):
+            next(it)
+        assert make_state(ahead, epoch=0, batches=k) == behind.state_dict()
+
+
+def test_failed_samples_are_the_saving_ranks_own(failing_shards):
+    """Each rank reads its own samples: rank 1 resumes exactly from its own state, and a
+    state another rank saved moves it by whole batches only (as every rank did before)."""
+    options = dict(FAILING, rank=1, world_size=2, shuffle=False)
+    whole = _ids(ShardReader(failing_shards, **options))
+    r = ShardReader(failing_shards, **options)
+    it = iter(r)
+    for _ in range(4):
+        next(it)
+    state = r.state_dict()
+    assert any(state["failed_before"])
+    own = ShardReader(failing_shards, **options)
+    own.load_state_dict(state)
+    assert _ids(own) == whole[4:]
+    other = ShardReader(failing_shards, **options)
+    other.load_state_dict(state | {"rank": 0})
+    assert "failed_before" not in other.state_dict()
