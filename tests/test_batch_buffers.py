@@ -242,39 +242,46 @@ def test_two_threads_reading_one_reader_never_share_a_batch_array(id_shards):
         assert sorted(ids) == sorted(_all_ids(id_shards) * 3)
 
 
+_FORK_SCRIPT = r"""
+import os, signal, sys, time
+from reader import ShardReader
+
+reader = ShardReader(sys.argv[1], split="train", image_size=4, batch_size=8, seed=3, shuffle=False)
+want = sorted(int(y) for _, ys in reader for y in ys)
+parent_pool = reader._buffers
+parent_pool._lock.acquire()  # as if another thread were inside take() at the fork
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:  # the child: read an epoch, report, leave without cleanup
+    try:
+        got = sorted(int(y) for _, ys in reader for y in ys)
+        os.write(write, b"1" if got == want and reader._buffers is not parent_pool else b"0")
+    finally:
+        os._exit(0)
+os.close(write)
+deadline = time.monotonic() + 60
+while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+    time.sleep(0.05)
+if done[0] == 0:
+    os.kill(pid, signal.SIGKILL)
+    print("hung")
+else:
+    print("ok" if os.read(read, 1) == b"1" and done[1] == 0 else "wrong")
+"""
+
+
 def test_a_forked_process_starts_its_own_batch_arrays(id_shards):
     """A loader worker forked from a process that read the reader gets its own pool: the
-    parent's (and its lock, which another thread may have held at the fork) stays behind."""
-    import os
-    import signal
-    import time
+    parent's (and its lock, which another thread may have held at the fork) stays behind.
 
-    reader = ShardReader(id_shards[0], split="train", image_size=4, batch_size=8, seed=3,
-                         shuffle=False)
-    list(reader)
-    parent_pool = reader._buffers
-    parent_pool._lock.acquire()  # as if another thread were inside take() at the fork
-    try:
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: read an epoch, report, leave without cleanup
-            try:
-                import faulthandler  # if it hangs, every thread's stack goes into the report
+    In a fresh interpreter: forked from pytest's own process, the child inherited whatever
+    locks other tests' leftover decode threads held at that instant (once OpenCV's, inside a
+    resize: the child hung in its own resize, a hazard of any fork of a threaded process)."""
+    import subprocess
+    import sys
 
-                faulthandler.dump_traceback_later(45, exit=False)
-                ids = sorted(n for x, _ in reader for n in pixel_ids(x))
-                ok = ids == _all_ids(id_shards) and reader._buffers is not parent_pool
-                os.write(write, b"1" if ok else b"0")
-            finally:
-                os._exit(0)
-        os.close(write)
-        deadline = time.monotonic() + 60
-        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if done[0] == 0:  # stuck on the parent's lock: the bug this test is for
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked process hung on the parent's batch pool")
-        assert os.read(read, 1) == b"1" and done[1] == 0
-    finally:
-        parent_pool._lock.release()
+    done = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, str(id_shards[0])],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    # "hung": the child waited on the parent's batch pool, the bug this test is for
+    assert done.stdout.strip() == "ok", done.stdout + done.stderr
