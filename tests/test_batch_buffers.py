@@ -275,8 +275,9 @@ def test_a_forked_process_starts_its_own_batch_arrays(id_shards):
     parent's (and its lock, which another thread may have held at the fork) stays behind.
 
     In a fresh interpreter: forked from pytest's own process, the child inherited whatever
-    locks other tests' leftover decode threads held at that instant (once OpenCV's, inside a
-    resize: the child hung in its own resize, a hazard of any fork of a threaded process)."""
+    locks other tests' leftover decode threads held at that instant, a hazard of any fork of
+    a threaded process (caught once: the child's decode threads stuck in OpenCV's resize and
+    Pillow's PNG load, its main thread waiting for a new thread to start)."""
     import subprocess
     import sys
 
