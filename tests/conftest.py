@@ -17,6 +17,29 @@ settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+def write_jpeg_tars(folder: Path, *, count: int, classes: int, broken: set[int], per_tar: int,
+                    max_side: int, seed: int) -> str:
+    """``count`` JPEGs of random sizes (20 to ``max_side`` px) and colours written straight
+    into webdataset tars of ``per_tar`` samples (no manifest), keys ``s0000...``, class
+    ``n % classes``; the samples in ``broken`` hold bytes no decoder reads. Returns the
+    brace pattern of the tars."""
+    import io
+    import random
+
+    import webdataset as wds
+
+    rng = random.Random(seed)
+    with wds.ShardWriter(str(folder / "b-%06d.tar"), maxcount=per_tar, verbose=0) as sink:
+        for n in range(count):
+            im = Image.new("RGB", (rng.randint(20, max_side), rng.randint(20, max_side)),
+                           tuple(rng.randrange(256) for _ in range(3)))
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=90)
+            sink.write({"__key__": f"s{n:04d}", "jpg": b"\xff\xd8 broken" if n in broken else buf.getvalue(),
+                        "cls": n % classes})
+    return str(folder / f"b-{{000000..{(count - 1) // per_tar:06d}}}.tar")
+
+
 # ---- reader fixtures (issue #3) ----------------------------------------------------------
 
 # Images whose pixels say who they are: every pixel of sample n (n counted over the whole

@@ -4,16 +4,12 @@ overwritten, and errors, early exits, resumes and dead processes behave."""
 
 from __future__ import annotations
 
-import io
 import os
-import random
 import signal
 
 import numpy as np
 import pytest
-import webdataset as wds
-from conftest import pixel_ids
-from PIL import Image
+from conftest import pixel_ids, write_jpeg_tars
 
 from packer.errors import SampleDecodeError
 from reader import ShardReader
@@ -41,17 +37,8 @@ def _same(got: list, want: list) -> None:
 @pytest.fixture(scope="module")
 def broken_shards(tmp_path_factory):
     """60 samples in 4 tars, JPEGs of several sizes, one broken (key s0023)."""
-    rng = random.Random(5)
-    tmp = tmp_path_factory.mktemp("broken")
-    with wds.ShardWriter(str(tmp / "b-%06d.tar"), maxcount=15, verbose=0) as sink:
-        for i in range(60):
-            im = Image.new("RGB", (rng.randint(20, 90), rng.randint(20, 90)),
-                           tuple(rng.randrange(256) for _ in range(3)))
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=90)
-            data = b"\xff\xd8 broken" if i == 23 else buf.getvalue()
-            sink.write({"__key__": f"s{i:04d}", "jpg": data, "cls": i % 4})
-    return str(tmp / "b-{000000..000003}.tar")
+    return write_jpeg_tars(tmp_path_factory.mktemp("broken"), count=60, classes=4, broken={23},
+                           per_tar=15, max_side=90, seed=5)
 
 
 OPTS = dict(num_classes=4, image_size=(24, 20), batch_size=7, seed=11, random_flip=True,

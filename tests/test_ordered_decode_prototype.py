@@ -5,17 +5,14 @@ kept batches never overwritten, a killed process reported, and close() frees eve
 from __future__ import annotations
 
 import importlib.util
-import io
 import os
-import random
 import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
-from PIL import Image
+from conftest import write_jpeg_tars
 
 from reader import ShardReader
 
@@ -36,18 +33,8 @@ def ordered():
 @pytest.fixture(scope="module")
 def mixed_shards(tmp_path_factory):
     """50 samples in 4 tars, JPEGs of several sizes, one broken (key s0017)."""
-    rng = random.Random(3)
-    tmp = tmp_path_factory.mktemp("ordered")
-    with wds.ShardWriter(str(tmp / "o-%06d.tar"), maxcount=13, verbose=0) as sink:
-        for i in range(50):
-            im = Image.new("RGB", (rng.randint(20, 120), rng.randint(20, 120)),
-                           tuple(rng.randrange(256) for _ in range(3)))
-            im.paste((i * 5 % 256, 0, 0), (0, 0, 6, 6))
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=90)
-            sink.write({"__key__": f"s{i:04d}", "jpg": b"\xff\xd8 broken" if i == 17 else buf.getvalue(),
-                        "cls": i % 3})
-    return str(tmp / "o-{000000..000003}.tar")
+    return write_jpeg_tars(tmp_path_factory.mktemp("ordered"), count=50, classes=3, broken={17},
+                           per_tar=13, max_side=120, seed=3)
 
 
 OPTS = dict(num_classes=3, image_size=(28, 24), batch_size=6, seed=4, on_error="ignore")
