@@ -184,16 +184,13 @@ class BatchBuffers:
             if len(self._owners) < self.keep:
                 self._owners.append(raw)
             elif too_small is not None:
-                self._dropped(self._owners[too_small])
                 self._owners[too_small] = raw
             return _aligned_view(raw, shape, dtype)
 
     def _new_owner(self, nbytes: int) -> np.ndarray:
-        """A new memory-owning byte array (shared memory in ``SharedBatchBuffers``)."""
+        """A new memory-owning byte array (a subclass may take it elsewhere: shared memory
+        in the benchmark's ``scripts/ordered_decode.py``)."""
         return np.empty(nbytes, dtype=np.uint8)
-
-    def _dropped(self, owner: np.ndarray) -> None:
-        """``owner`` (unused) leaves the pool: nothing to do for process memory."""
 
 
 def _references_of_an_unused_owner() -> int:

@@ -55,6 +55,7 @@ from packer.errors import ShardReadError
 
 from .batches import aligned_empty
 from .policy import MAX_MESSAGES, ErrorPolicy
+from .state import StreamPosition
 
 if TYPE_CHECKING:
     from .shard_reader import ShardReader
@@ -339,11 +340,12 @@ class DecodeProcesses:
             self._owner = _CLOSED
             self._finalizer()
 
-    def epoch(self, epoch: int, skip: int, extras: list[int] | None = None) -> Generator[Any, None, None]:
+    def epoch(self, epoch: int, skip: int, start: StreamPosition | None = None) -> Generator[Any, None, None]:
         """The batches of ``epoch`` after its first ``skip``, one process at a time in turn;
-        ``extras[w]``: process ``w``'s samples that failed before the resume point."""
-        extras = list(extras or [])
-        extras += [0] * (self.count - len(extras))
+        ``start``: where each process's stream stood there (its batches and failed samples,
+        and whose turn it is), when failed samples made the turns uneven."""
+        if start is None or len(start.counts) != self.count:
+            start = StreamPosition.round_robin(skip, self.count)
         me = object()
         with self._io:
             self._cancel_epoch()
@@ -357,12 +359,13 @@ class DecodeProcesses:
             self._failed_shards = set()
             try:
                 for proc in self._procs:
-                    proc.send(("epoch", epoch, proc.index, self.count, skip, blob, extras[proc.index]))
+                    proc.send(("epoch", epoch, proc.index, self.count, skip, blob,
+                               start.counts[proc.index], start.failed[proc.index]))
             except BaseException:  # a message half sent: see _step
                 self.close()
                 raise
             self._owner, self._live = me, [True] * self.count
-        turn = skip % self.count
+        turn = start.next
         try:
             while True:
                 with self._io:
@@ -421,8 +424,8 @@ class DecodeProcesses:
     def _batch(self, proc: _Process, sid: int, shape: tuple[int, ...], dtype: str, labels: Any,
                failed: int) -> Any:
         reader = self._reader()
-        if reader is not None:  # before the batch is yielded: see ShardReader._note_extra
-            reader._note_extra(proc.index, failed)
+        if reader is not None:  # before the batch is yielded: see ShardReader._note_batch
+            reader._note_batch(proc.index, failed)
         for other in self._procs:
             other.give_back_unused()
         x = proc.slots[sid].view(shape, np.dtype(dtype))
@@ -598,7 +601,8 @@ class _DecodeSide:
                 self.handle(message)
             # a cancel that crossed this process's "end" on the way: nothing to stop
 
-    def run_epoch(self, epoch: int, worker: int, workers: int, skip: int, blob: bytes, extra: int) -> None:
+    def run_epoch(self, epoch: int, worker: int, workers: int, skip: int, blob: bytes, own_skip: int,
+                  extra: int) -> None:
         self.cancelled = False
         self.reader = _process_reader(blob, self.threads)
         self._sent = (0, 0)
@@ -610,7 +614,7 @@ class _DecodeSide:
         try:
             batches = self.reader._worker_epoch_batches(
                 epoch, worker=worker, workers=workers, skip=skip, buffers=self.buffers,  # type: ignore[arg-type]
-                skip_extra=extra, on_extra=note)
+                own_skip=own_skip, skip_extra=extra, on_extra=note)
             for batch in batches:
                 self.handle_pending()
                 x, labels = batch if isinstance(batch, tuple) else (batch, None)

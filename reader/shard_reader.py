@@ -48,6 +48,7 @@ from .remote import OpenAhead
 from .samples import READ_THE_REST, Sample, open_ref, sample_label, scan_shard, shard_samples
 from .shuffle import DEFAULT_BUFFER, epoch_rng, interleave, shard_order, shuffle_buffer
 from .source import SplitSource, resolve_source
+from .state import StreamLog, StreamPosition, reader_streams
 
 __all__ = ["ShardReader"]
 
@@ -270,11 +271,10 @@ class ShardReader:
         self.batches_yielded = 0  # batches yielded so far in the current epoch
         self._reading: int | None = None  # the epoch an unfinished iter() is reading
         self._resume_batches = 0  # batches of self.epoch a loaded state says were consumed
-        # per batch stream, the samples that failed before that position (see _note_extra)
-        self._resume_extras: list[int] = []
-        # epoch -> [(batch, stream, failed samples of that stream before the batch's end)]
-        # for the batches where that count changed; the last two epochs read
-        self._extras_log: dict[int, list[tuple[int, int, int]]] = {}
+        # the loaded state's batch streams (failed samples, turns) when they are this rank's
+        self._resume_position: StreamPosition | None = None
+        # the last two epochs read: which stream made each batch, after how many failures
+        self._stream_logs: dict[int, StreamLog] = {}
 
     # ---- classes, counts and the lazily scanned index -------------------------------
 
@@ -441,7 +441,7 @@ class ShardReader:
         """Make the next ``iter()`` read epoch ``epoch`` (from its start, unless a state
         loaded with :meth:`load_state_dict` is positioned inside that same epoch)."""
         if int(epoch) != self.epoch:
-            self._resume_batches, self._resume_extras = 0, []
+            self._resume_batches, self._resume_position = 0, None
         self.epoch = int(epoch)
 
     def state_dict(self) -> dict[str, Any]:
@@ -470,25 +470,29 @@ class ShardReader:
             ValueError: the state belongs to another split, shard list, world size or
                 order-shaping option (the message names it).
         """
-        from .state import check_state, saved_extras
+        from .state import check_state, saved_position
 
         epoch, batches, seed = check_state(self, state)
         self.seed = seed
         self.epoch = epoch
         self._resume_batches = batches
-        # failures are a rank's own: another rank's state resumes this one by whole batches
-        self._resume_extras = saved_extras(state) if batches and state.get("rank") == self.rank else []
+        # failures (and the turns they shifted) are a rank's own: another rank's state
+        # resumes this one by whole batches, in turn
+        own = batches and state.get("rank") == self.rank
+        self._resume_position = saved_position(state, batches, reader_streams(self)) if own else None
+        self._reading, self._stream_logs = None, {}  # what was read before says nothing now
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch, skip, extras = self.epoch, self._resume_batches, self._resume_extras
+        epoch, skip = self.epoch, self._resume_batches
+        start = self._resume_position or StreamPosition.round_robin(skip, reader_streams(self))
         self.epoch += 1
-        self._resume_batches, self._resume_extras = 0, []
+        self._resume_batches, self._resume_position = 0, None
         self._reading = epoch
         self.batches_yielded = skip
-        self._extras_log = {e: log for e, log in self._extras_log.items() if e == epoch - 1}
-        self._extras_log[epoch] = [(skip - 1, stream, n) for stream, n in enumerate(extras) if n and skip]
+        self._stream_logs = {e: log for e, log in self._stream_logs.items() if e == epoch - 1}
+        self._stream_logs[epoch] = StreamLog(start)
         skipped = self.policy.skipped_samples, self.policy.skipped_shards
-        for batch in self._batches(epoch, skip, extras, record=True):
+        for batch in self._batches(epoch, skip, start, record=True):
             self.batches_yielded += 1
             yield batch
         self._reading = None
@@ -500,43 +504,40 @@ class ShardReader:
                     "epoch %d of %s: skipped %s and %s", epoch, self.split,
                     counted(lost[0], "undecodable sample"), counted(lost[1], "damaged shard"))
 
-    def _batches(self, epoch: int, skip: int, extras: Sequence[int] = (), record: bool = False) -> Iterator[Batch]:
+    def _batches(self, epoch: int, skip: int, start: StreamPosition | None = None,
+                 record: bool = False) -> Iterator[Batch]:
         """Epoch ``epoch``'s batches after the first ``skip``: from the decode processes
-        (``processes=``) or from this process's decode threads. ``extras``: per batch
-        stream, the samples that failed before the resume point (a state's); ``record``:
-        log each stream's failed samples per batch (``__iter__``, which counts them)."""
+        (``processes=``) or from this process's decode threads. ``start``: where each batch
+        stream stands at ``skip`` (a loaded state's; else the turns of an epoch where
+        nothing failed); ``record``: log which stream makes each batch, after how many
+        failed samples (``__iter__``, which counts the batches)."""
         self.require_samples()
         if not self.processes:
-            return self._epoch_batches(epoch, skip_batches=skip, skip_extra=extras[0] if extras else 0,
-                                       on_extra=functools.partial(self._note_extra, 0) if record else None)
+            return self._epoch_batches(epoch, skip_batches=skip, skip_extra=start.failed[0] if start else 0,
+                                       on_extra=functools.partial(self._note_batch, 0) if record else None)
         if self._pool is None or not self._pool.alive:
             self._pool = DecodeProcesses(self, self.processes)
-        return self._pool.epoch(epoch, skip, list(extras))
+        return self._pool.epoch(epoch, skip, start)
 
-    def _note_extra(self, stream: int, failed: int) -> None:
-        """Stream ``stream``'s batch about to be yielded (the ``batches_yielded``-th of the
-        epoch being read) ends after ``failed`` samples that failed to decode: what a
-        resume after it must skip besides whole batches. Logged only where it changes."""
-        log = self._extras_log.get(self._reading) if self._reading is not None else None
-        if log is None:
-            return
-        last = next((n for _, s, n in reversed(log) if s == stream), 0)
-        if failed != last:
-            log.append((self.batches_yielded, stream, failed))
+    def _note_batch(self, stream: int, failed: int) -> None:
+        """The batch about to be yielded (the ``batches_yielded``-th of the epoch being
+        read) comes from ``stream``, which had ``failed`` samples fail to decode by then:
+        what a resume after it must skip besides whole batches (reader.state.StreamLog)."""
+        log = self._stream_logs.get(self._reading) if self._reading is not None else None
+        if log is not None:
+            log.note(self.batches_yielded, stream, failed)
 
-    def _failed_before(self, epoch: int, batches: int, streams: int) -> list[int]:
-        """Per batch stream, the samples that failed before the end of batch ``batches - 1``
-        of ``epoch`` (zeros when nothing failed, or the epoch was not read here)."""
-        extras = [0] * streams
-        log = self._extras_log.get(epoch)
-        if log is None:
-            if epoch == self.epoch and batches == self._resume_batches:  # loaded, not read yet
-                extras[: len(self._resume_extras)] = self._resume_extras[:streams]
-            return extras
-        for batch, stream, failed in log:
-            if batch < batches and stream < streams:
-                extras[stream] = failed
-        return extras
+    def _position(self, epoch: int, batches: int, streams: int) -> StreamPosition:
+        """Where the batch streams of ``epoch`` stood after ``batches`` batches, as read
+        here (or as loaded, before the epoch is read); else as if nothing had failed."""
+        log = self._stream_logs.get(epoch)
+        if log is not None and log.start.batches <= batches and len(log.start.counts) == streams:
+            return log.at(batches)
+        loaded = self._resume_position
+        if (loaded is not None and epoch == self.epoch and batches == self._resume_batches
+                and len(loaded.counts) == streams):
+            return loaded
+        return StreamPosition.round_robin(batches, streams)
 
     def close(self) -> None:
         """End the decode processes (``processes=``) and free their shared memory, and let
@@ -660,18 +661,21 @@ class ShardReader:
 
     def _worker_epoch_batches(
         self, epoch: int, *, worker: int, workers: int, skip: int, buffers: BatchBuffers | None = None,
-        skip_extra: int = 0, on_extra: Callable[[int], None] | None = None,
+        own_skip: int | None = None, skip_extra: int = 0, on_extra: Callable[[int], None] | None = None,
     ) -> Iterator[Batch]:
         """Batches ``worker, worker + workers, ...`` of this rank's ``epoch``, after the first
         ``skip`` batches of the epoch (all workers') were consumed: one loader worker's or
         decode process's share (reader.distributed.worker_pieces). Taking one batch from
-        each worker in turn, starting at worker ``skip % workers``, gives the epoch."""
+        each worker in turn, starting at worker ``skip % workers``, gives the epoch.
+        ``own_skip``: this worker's batches already consumed, where failed samples made
+        the turns uneven (reader.state.StreamPosition); ``skip_extra``/``on_extra``: see
+        ``_decoded``."""
         mine = worker_pieces(
             self._rank_pieces(epoch), worker=worker, num_workers=workers, batch_size=self.batch_options.batch_size,
             drop_remainder=self.batch_options.drop_remainder, strided=not self.shuffle,
         )
         return self._epoch_batches(
-            epoch, pieces=mine, skip_batches=len(range(worker, skip, workers)),
+            epoch, pieces=mine, skip_batches=len(range(worker, skip, workers)) if own_skip is None else own_skip,
             stream=f"/worker{worker}of{workers}", buffers=buffers, skip_extra=skip_extra, on_extra=on_extra,
         )
 

@@ -18,13 +18,15 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
+from dataclasses import field as _field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .shard_reader import ShardReader
 
 __all__ = ["STATE_VERSION", "shard_fingerprint", "content_fingerprint", "reader_streams", "saved_streams", "check_streams",
-           "make_state", "check_state", "saved_extras", "save_state", "load_state", "ShardReaderCheckpoint"]
+           "make_state", "check_state", "saved_extras", "saved_position", "StreamPosition", "StreamLog", "save_state", "load_state", "ShardReaderCheckpoint"]
 
 STATE_VERSION = 1
 
@@ -120,7 +122,7 @@ def make_state(reader: ShardReader, *, epoch: int, batches: int, streams: int | 
     """
     epoch, batches = _canonical(reader, int(epoch), int(batches))
     streams = reader_streams(reader) if streams is None else int(streams)
-    extras = reader._failed_before(epoch, batches, streams) if batches else []
+    position = reader._position(epoch, batches, streams) if batches else None
     return {
         "version": STATE_VERSION,
         "epoch": epoch,
@@ -132,10 +134,21 @@ def make_state(reader: ShardReader, *, epoch: int, batches: int, streams: int | 
         "shards": shard_fingerprint(reader),
         "shard_hashes": content_fingerprint(reader),
         "unshuffled_split": UNSHUFFLED_SPLIT,
-        # only where a sample failed: states without it (and those of shardpack < 0.4)
+        # only where a sample failed: states without them (and those of shardpack < 0.4)
         # resume as if none had
-        **({"failed_before": extras} if any(extras) else {}),
+        **_position_fields(position),
     }
+
+
+def _position_fields(position: StreamPosition | None) -> dict[str, Any]:
+    if position is None:
+        return {}
+    fields: dict[str, Any] = {}
+    if any(position.failed):
+        fields["failed_before"] = position.failed
+    if not position.is_round_robin():
+        fields["stream_batches"], fields["next_stream"] = position.counts, position.next
+    return fields
 
 
 def saved_extras(state: dict[str, Any]) -> list[int]:
@@ -149,7 +162,7 @@ def saved_extras(state: dict[str, Any]) -> list[int]:
         ValueError: the field is not a list of whole numbers >= 0.
     """
     extras = state.get("failed_before", [])
-    if not isinstance(extras, list) or not all(isinstance(n, int) and n >= 0 for n in extras):
+    if not isinstance(extras, list) or not _whole(extras):
         raise ValueError(f"failed_before must be a list of whole numbers >= 0, got {extras!r}")
     return list(extras)
 
@@ -158,6 +171,101 @@ def saved_extras(state: dict[str, Any]) -> list[int]:
 # batches w, w + N, ... of the manifest order (distributed.worker_pieces ``strided``);
 # before (no field), each read a contiguous run.
 UNSHUFFLED_SPLIT = 2
+
+
+@dataclass
+class StreamPosition:
+    """Where each batch stream of an epoch stands after its first ``batches`` batches.
+
+    ``counts[w]``: batches stream ``w`` made; ``next``: the stream asked for the next batch;
+    ``failed[w]``: stream ``w``'s samples that failed to decode before its last batch's end.
+    Streams take turns (``processes=N``: the decode processes; one stream otherwise), so
+    without failures the counts and turn follow from ``batches`` (``round_robin``). A
+    stream that lost a batch to failed samples ends early, and the turns after it shift:
+    then a resume needs them as they were.
+    """
+
+    batches: int
+    counts: list[int]
+    next: int
+    failed: list[int]
+
+    @classmethod
+    def round_robin(cls, batches: int, streams: int) -> StreamPosition:
+        return cls(batches, [len(range(w, batches, streams)) for w in range(streams)],
+                   batches % streams, [0] * streams)
+
+    def is_round_robin(self) -> bool:
+        rr = StreamPosition.round_robin(self.batches, len(self.counts))
+        return self.counts == rr.counts and self.next == rr.next
+
+
+@dataclass
+class StreamLog:
+    """The batch streams of one epoch as it is read: which stream made each batch, and
+    each stream's failed samples where they changed (``ShardReader`` keeps one per epoch,
+    for states saved behind the reader, as tf.data's read-ahead makes)."""
+
+    start: StreamPosition  # where the reading began (a resume's position, or the epoch's start)
+    order: list[int] = _field(default_factory=list)  # the stream of each batch since
+    changes: list[tuple[int, int, int]] = _field(default_factory=list)  # (batch, stream, failed)
+
+    def note(self, batch: int, stream: int, failed: int) -> None:
+        """Batch ``batch`` of the epoch came from ``stream``, after ``failed`` of its samples failed."""
+        if len(self.start.counts) > 1:
+            self.order.append(stream)
+        last = self.start.failed[stream]
+        for _, s, n in reversed(self.changes):
+            if s == stream:
+                last = n
+                break
+        if failed != last:
+            self.changes.append((batch, stream, failed))
+
+    def at(self, batches: int) -> StreamPosition:
+        """The position after the first ``batches`` batches (at least ``start.batches``)."""
+        begin = self.start
+        counts, failed, nxt = list(begin.counts), list(begin.failed), begin.next
+        taken = self.order[: batches - begin.batches]
+        for stream in taken:
+            counts[stream] += 1
+        if taken:
+            nxt = (taken[-1] + 1) % len(counts)
+        elif len(counts) == 1:
+            counts = [batches]
+        for batch, stream, n in self.changes:
+            if batch < batches:
+                failed[stream] = n
+        return StreamPosition(batches, counts, nxt, failed)
+
+
+def saved_position(state: dict[str, Any], batches: int, streams: int) -> StreamPosition:
+    """The position of ``state`` (``batches`` in, under ``streams`` batch streams): its
+    ``failed_before``, ``stream_batches`` and ``next_stream`` where it has them (the
+    saving rank's own), else the turns of an epoch where nothing failed.
+
+    Raises:
+        ValueError: a field is malformed or does not fit ``batches`` and ``streams``.
+    """
+    position = StreamPosition.round_robin(batches, streams)
+    failed = saved_extras(state)
+    if failed:
+        if len(failed) != streams:
+            raise ValueError(f"failed_before has {len(failed)} entries for {streams} batch stream(s)")
+        position.failed = failed
+    if "stream_batches" in state or "next_stream" in state:
+        counts, nxt = state.get("stream_batches"), state.get("next_stream")
+        if (not isinstance(counts, list) or len(counts) != streams or not _whole(counts)
+                or sum(counts) != batches or not isinstance(nxt, int) or not _whole([nxt])
+                or nxt >= streams):
+            raise ValueError(f"stream_batches {counts!r} and next_stream {nxt!r} do not fit "
+                             f"{batches} batches in {streams} batch stream(s)")
+        position.counts, position.next = list(counts), nxt
+    return position
+
+
+def _whole(values: list[Any]) -> bool:
+    return all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in values)
 
 
 def check_state(reader: ShardReader, state: dict[str, Any], *, streams: bool = True) -> tuple[int, int, int]:
@@ -194,11 +302,11 @@ def check_state(reader: ShardReader, state: dict[str, Any], *, streams: bool = T
             "or another source): it cannot be resumed exactly; start the epoch over with "
             "reader.set_epoch(epoch)"
         )
-    saved_extras(state)  # refused here if malformed
     epoch, batches = int(state["epoch"]), int(state["batches"])
     if epoch < 0 or not 0 <= batches <= len(reader):
         raise ValueError(f"state position epoch={epoch}, batches={batches} is out of range "
                          f"(this reader has {len(reader)} batches per epoch)")
+    saved_position(state, int(state["batches"]), saved_streams(state) or 1)  # refused here if malformed
     epoch, batches = _canonical(reader, epoch, batches)
     if streams:
         check_streams(saved_streams(state), reader_streams(reader), batches)

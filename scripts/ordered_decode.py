@@ -93,6 +93,14 @@ def _let_go_all(blocks: dict[int, shared_memory.SharedMemory], owner_pid: int) -
     blocks.clear()
 
 
+def _owner_gone(blocks: dict[int, shared_memory.SharedMemory], address: int, owner_pid: int) -> None:
+    """The last array over a block went: let the block go (kept by the pool or made for
+    one batch while all kept ones were held)."""
+    shm = blocks.pop(address, None)
+    if shm is not None and os.getpid() == owner_pid:
+        _let_go(shm)
+
+
 class SharedBatchBuffers(BatchBuffers):
     """``BatchBuffers`` whose arrays are shared memory that decode processes write into."""
 
@@ -106,12 +114,8 @@ class SharedBatchBuffers(BatchBuffers):
         shm = shared_memory.SharedMemory(create=True, size=nbytes)
         owner = np.ndarray((nbytes,), dtype=np.uint8, buffer=shm.buf)
         self._blocks[owner.ctypes.data] = shm
+        weakref.finalize(owner, _owner_gone, self._blocks, owner.ctypes.data, os.getpid())
         return owner
-
-    def _dropped(self, owner: np.ndarray) -> None:
-        shm = self._blocks.pop(owner.ctypes.data, None)
-        if shm is not None:
-            _let_go(shm)
 
     def locate(self, x: np.ndarray) -> tuple[str, int]:
         """The name of the block ``x`` is in, and ``x``'s byte offset in it."""
@@ -282,6 +286,7 @@ class DecodePool(Executor):
         """The process is gone (or out of step): end it, fail what it was sent, and send
         the queue to the others (under ``_lock``)."""
         worker.proc.popen.kill()
+        worker.proc.popen.wait()  # no longer writing into any block
         if worker.dead is None:
             worker.dead = exc or worker.proc._died()
         pending, worker.pending = worker.pending, deque()
@@ -290,11 +295,21 @@ class DecodePool(Executor):
                 future.set_exception(worker.dead)
 
     def _collect(self) -> None:
-        """Read every process's answers (this thread only) and complete their futures.
+        """Read every process's answers (this thread only) and complete their futures; if
+        this thread fails, fail every task and process rather than leave them waiting."""
+        try:
+            self._read_answers()
+        except BaseException as exc:
+            error = RuntimeError(f"the decode pool's answer thread failed: {exc!r}")
+            with self._lock:
+                for worker in self._workers:
+                    self._fail(worker, error)
+                self._dispatch()  # fails the queue: every process is dead now
+            raise
 
-        Straight from the pipes' descriptors: a buffered reader may take two answers in
-        one read, and the second would wait unseen by ``select`` for one that never comes.
-        """
+    def _read_answers(self) -> None:
+        """Straight from the pipes' descriptors: a buffered reader may take two answers in
+        one read, and the second would wait unseen by ``select`` for one that never comes."""
         with selectors.DefaultSelector() as selector:
             for worker in self._workers:
                 selector.register(worker.proc.stdout.fileno(), selectors.EVENT_READ, (worker, bytearray()))
@@ -315,6 +330,8 @@ class DecodePool(Executor):
 
     def _answer(self, worker: _Worker, reply: tuple[Any, ...]) -> None:
         with self._lock:
+            if worker.dead is not None or not worker.pending:
+                return  # its tasks were failed when it was found dead (a send to it broke)
             future, _ = worker.pending.popleft()
             self._dispatch()
         if future.set_running_or_notify_cancel():

@@ -241,24 +241,33 @@ def test_decode_processes_matter_inside_an_epoch_only(awkward_shards, uninterrup
 # ---- resume after samples that failed to decode --------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def failing_shards(tmp_path_factory):
-    """400 id-coded 16x16 PNGs in 5 tars (manifest-less, 3 classes); 9 of them broken,
-    several in the first batches, two side by side."""
+def _id_tars(folder, count: int, broken: set[int], per_tar: int) -> str:
+    """``count`` id-coded 16x16 PNGs in tars (manifest-less, 3 classes); ``broken`` unreadable."""
     import io
 
     import webdataset as wds
     from PIL import Image
 
-    tmp = tmp_path_factory.mktemp("failing")
-    broken = {3, 11, 12, 40, 97, 150, 151, 260, 333}
-    with wds.ShardWriter(str(tmp / "f-%06d.tar"), maxcount=80, verbose=0) as sink:
-        for n in range(400):
+    with wds.ShardWriter(str(folder / "f-%06d.tar"), maxcount=per_tar, verbose=0) as sink:
+        for n in range(count):
             buf = io.BytesIO()
             Image.new("RGB", (16, 16), (n % 256, n // 256, 0)).save(buf, format="PNG")
             sink.write({"__key__": f"s{n:04d}", "png": b"\x89PNG broken" if n in broken else buf.getvalue(),
                         "cls": n % 3})
-    return str(tmp / "f-{000000..000004}.tar")
+    return str(folder / f"f-{{000000..{(count - 1) // per_tar:06d}}}.tar")
+
+
+@pytest.fixture(scope="module")
+def failing_shards(tmp_path_factory):
+    """400 samples in 5 tars, 9 of them broken: several in the first batches, two side by side."""
+    return _id_tars(tmp_path_factory.mktemp("failing"), 400, {3, 11, 12, 40, 97, 150, 151, 260, 333}, 80)
+
+
+@pytest.fixture(scope="module")
+def blocky_shards(tmp_path_factory):
+    """120 samples in 3 tars with two runs of broken ones, longer than a batch of 4: a
+    decode process loses whole batches and ends before its turns do."""
+    return _id_tars(tmp_path_factory.mktemp("blocky"), 120, set(range(20, 30)) | set(range(70, 76)), 40)
 
 
 FAILING = dict(num_classes=3, image_size=16, batch_size=16, shuffle_buffer=64, on_error="ignore",
@@ -346,3 +355,29 @@ def test_failed_samples_are_the_saving_ranks_own(failing_shards):
     other = ShardReader(failing_shards, **options)
     other.load_state_dict(state | {"rank": 0})
     assert "failed_before" not in other.state_dict()
+
+
+@pytest.mark.parametrize("processes,shuffle", [(2, False), (3, False), (3, True)])
+def test_resume_where_failed_samples_made_the_turns_of_decode_processes_uneven(blocky_shards, processes, shuffle):
+    """A process whose stream lost batches ends early and the turns after it shift: the
+    state records each stream's batches and whose turn is next (only then), and a resume
+    sees the batches that came next, not some of them twice."""
+    options = dict(FAILING, batch_size=4, processes=processes, shuffle=shuffle)
+    r = ShardReader(blocky_shards, **options)
+    try:
+        whole, states = [], []
+        for x, _ in r:
+            whole.append(sample_ids(x))
+            states.append(json.loads(json.dumps(r.state_dict())))
+    finally:
+        r.close()
+    assert len(whole) < len(r)  # 104 samples left: batches lost, not just shortened
+    uneven = [k for k, state in enumerate(states, start=1) if "stream_batches" in state]
+    assert uneven or processes == 2  # two processes here lose as many batches each
+    for k in sorted({1, 5, len(whole) - 1, *uneven[:1], *uneven[-1:]}):
+        restarted = ShardReader(blocky_shards, **options)
+        try:
+            restarted.load_state_dict(states[k - 1])
+            assert _ids(restarted) == whole[k:], k
+        finally:
+            restarted.close()
