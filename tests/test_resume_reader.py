@@ -381,3 +381,19 @@ def test_resume_where_failed_samples_made_the_turns_of_decode_processes_uneven(b
             assert _ids(restarted) == whole[k:], k
         finally:
             restarted.close()
+
+
+def test_a_loaded_state_is_what_state_dict_gives_until_the_epoch_is_read(failing_shards):
+    """What this reader read before (the same epoch under another seed, or an epoch left
+    early) says nothing about a loaded position."""
+    saver = ShardReader(failing_shards, **FAILING)
+    it = iter(saver)
+    for _ in range(12):
+        next(it)
+    state = saver.state_dict()
+    reader = ShardReader(failing_shards, **dict(FAILING, seed=99))
+    list(reader)  # all of epoch 0, another order
+    left = iter(reader)
+    next(left)  # epoch 1, left early
+    reader.load_state_dict(state)
+    assert reader.state_dict() == state
