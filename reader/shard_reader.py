@@ -483,10 +483,17 @@ class ShardReader:
         self._reading, self._stream_logs = None, {}  # what was read before says nothing now
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch, skip = self.epoch, self._resume_batches
-        start = self._resume_position or StreamPosition.round_robin(skip, reader_streams(self))
+        epoch, skip, start = self.epoch, self._resume_batches, self._resume_position
         self.epoch += 1
         self._resume_batches, self._resume_position = 0, None
+        yield from self._read_epoch(epoch, skip, start)
+
+    def _read_epoch(self, epoch: int, skip: int, start: StreamPosition | None) -> Iterator[Batch]:
+        """Epoch ``epoch``'s batches after the first ``skip`` (from ``start``, a loaded
+        state's position), counted as they go: ``batches_yielded``, and the log of which
+        stream made each batch after how many failed samples, for states (``__iter__``, and
+        ``ShardIterableDataset`` without loader workers)."""
+        start = start or StreamPosition.round_robin(skip, reader_streams(self))
         self._reading = epoch
         self.batches_yielded = skip
         self._stream_logs = {e: log for e, log in self._stream_logs.items() if e == epoch - 1}

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .shard_reader import ShardReader, _default_workers
+from .state import StreamPosition
 
 __all__ = ["ShardIterableDataset"]
 
@@ -117,6 +118,9 @@ class ShardIterableDataset(IterableDataset):
         self._passes = 0  # passes over this copy since set_epoch / load_state_dict
         self._resume_batches = 0
         self._resume_streams: int | None = None  # the loaded state's, checked as a pass starts
+        # the loaded state's batch streams (failed samples, turns), for a pass without
+        # loader workers: with them, a resume skips whole batches
+        self._resume_position: StreamPosition | None = None
         # Shared memory the loader workers inherit, between this (the main) process, which
         # never sees the loader, and them. Written here by set_epoch / load_state_dict, for
         # persistent workers whose copies were made before: generation, epoch, resume
@@ -139,7 +143,7 @@ class ShardIterableDataset(IterableDataset):
         """Read epoch ``epoch`` in the next pass (as ``DistributedSampler.set_epoch``); a
         position loaded with :meth:`load_state_dict` inside that same epoch is kept."""
         if int(epoch) != self.epoch or self._passes:
-            self._resume_batches = 0
+            self._resume_batches, self._resume_position = 0, None
         self.epoch = int(epoch)
         self._passes = 0
         self._publish()
@@ -191,12 +195,15 @@ class ShardIterableDataset(IterableDataset):
         Raises:
             ValueError: the state does not belong to this split / shard list / options.
         """
-        from .state import check_state, saved_streams
+        from .state import check_state, saved_position, saved_streams
 
         epoch, batches, seed = check_state(self.reader, state, streams=False)
         self.reader.seed = seed
         self.epoch, self._passes, self._resume_batches = epoch, 0, batches
         self._resume_streams = saved_streams(state)
+        own = batches and state.get("rank") == self.reader.rank
+        self._resume_position = saved_position(state, batches, self._resume_streams or 1) if own else None
+        self.reader._reading, self.reader._stream_logs = None, {}  # earlier passes say nothing now
         self._publish()
 
     def __iter__(self) -> Iterator[Any]:
@@ -218,8 +225,9 @@ class ShardIterableDataset(IterableDataset):
             from .state import check_streams, reader_streams
 
             check_streams(self._resume_streams, workers if info else reader_streams(reader), skip)
-        if workers == 1:
-            batches = reader._batches(epoch, skip)  # refuses an empty split
+        if workers == 1:  # counted by the reader: a state knows failed samples and turns
+            start = self._resume_position if skip else None
+            batches = reader._read_epoch(epoch, skip, start)  # refuses an empty split
         else:
             reader.require_samples()
             if self.decode_threads is None:

@@ -40,6 +40,23 @@ def write_jpeg_tars(folder: Path, *, count: int, classes: int, broken: set[int],
     return str(folder / f"b-{{000000..{(count - 1) // per_tar:06d}}}.tar")
 
 
+def write_id_tars(folder: Path, count: int, broken: set[int], per_tar: int) -> str:
+    """``count`` 16x16 PNGs coded as ``sample_ids`` reads them, written straight into
+    webdataset tars of ``per_tar`` (no manifest, 3 classes: ``n % 3``); the samples in
+    ``broken`` hold bytes no decoder reads. Returns the brace pattern of the tars."""
+    import io
+
+    import webdataset as wds
+
+    with wds.ShardWriter(str(folder / "f-%06d.tar"), maxcount=per_tar, verbose=0) as sink:
+        for n in range(count):
+            buf = io.BytesIO()
+            Image.new("RGB", (16, 16), (n % 256, n // 256, 0)).save(buf, format="PNG")
+            sink.write({"__key__": f"s{n:04d}", "png": b"\x89PNG broken" if n in broken else buf.getvalue(),
+                        "cls": n % 3})
+    return str(folder / f"f-{{000000..{(count - 1) // per_tar:06d}}}.tar")
+
+
 # ---- reader fixtures (issue #3) ----------------------------------------------------------
 
 # Images whose pixels say who they are: every pixel of sample n (n counted over the whole

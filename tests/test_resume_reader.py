@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import sample_ids
+from conftest import sample_ids, write_id_tars
 
 from reader import ShardReader
 from reader.state import load_state, save_state
@@ -241,33 +241,17 @@ def test_decode_processes_matter_inside_an_epoch_only(awkward_shards, uninterrup
 # ---- resume after samples that failed to decode --------------------------------------------
 
 
-def _id_tars(folder, count: int, broken: set[int], per_tar: int) -> str:
-    """``count`` id-coded 16x16 PNGs in tars (manifest-less, 3 classes); ``broken`` unreadable."""
-    import io
-
-    import webdataset as wds
-    from PIL import Image
-
-    with wds.ShardWriter(str(folder / "f-%06d.tar"), maxcount=per_tar, verbose=0) as sink:
-        for n in range(count):
-            buf = io.BytesIO()
-            Image.new("RGB", (16, 16), (n % 256, n // 256, 0)).save(buf, format="PNG")
-            sink.write({"__key__": f"s{n:04d}", "png": b"\x89PNG broken" if n in broken else buf.getvalue(),
-                        "cls": n % 3})
-    return str(folder / f"f-{{000000..{(count - 1) // per_tar:06d}}}.tar")
-
-
 @pytest.fixture(scope="module")
 def failing_shards(tmp_path_factory):
     """400 samples in 5 tars, 9 of them broken: several in the first batches, two side by side."""
-    return _id_tars(tmp_path_factory.mktemp("failing"), 400, {3, 11, 12, 40, 97, 150, 151, 260, 333}, 80)
+    return write_id_tars(tmp_path_factory.mktemp("failing"), 400, {3, 11, 12, 40, 97, 150, 151, 260, 333}, 80)
 
 
 @pytest.fixture(scope="module")
 def blocky_shards(tmp_path_factory):
     """120 samples in 3 tars with two runs of broken ones, longer than a batch of 4: a
     decode process loses whole batches and ends before its turns do."""
-    return _id_tars(tmp_path_factory.mktemp("blocky"), 120, set(range(20, 30)) | set(range(70, 76)), 40)
+    return write_id_tars(tmp_path_factory.mktemp("blocky"), 120, set(range(20, 30)) | set(range(70, 76)), 40)
 
 
 FAILING = dict(num_classes=3, image_size=16, batch_size=16, shuffle_buffer=64, on_error="ignore",

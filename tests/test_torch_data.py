@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from conftest import sample_ids
+from conftest import sample_ids, write_id_tars
 
 torch = pytest.importorskip("torch")
 from torch.utils.data import DataLoader  # noqa: E402
@@ -276,3 +276,26 @@ def test_spawned_loader_workers_get_the_counts_of_a_scan_not_the_scan(id_shards)
     loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
     labels = [y for _, y in loader]
     assert len(labels) == 14 and sum(len(y) for y in labels) == 210
+
+
+@pytest.mark.parametrize("processes", [0, 3])
+def test_without_loader_workers_a_resume_after_failed_samples_is_exact(tmp_path, processes):
+    """Without loader workers the reader counts the batches: failed samples before the
+    position (and, with processes=, the turns they shifted) are in the state."""
+    tars = write_id_tars(tmp_path, 120, set(range(20, 30)) | {3, 71, 72}, 40)
+    opts = dict(num_classes=3, image_size=16, batch_size=4, shuffle_buffer=32, on_error="ignore",
+                decode_threads=2, seed=4, processes=processes)
+    ds = ShardIterableDataset(tars, **opts)
+    try:
+        full = _epoch(DataLoader(ds, batch_size=None))
+        states = {k: ds.state_dict(batches=k) for k in (2, 9, len(full) - 2)}
+    finally:
+        ds.reader.close()
+    assert states[len(full) - 2].get("failed_before")  # by then most have failed
+    for k, state in states.items():
+        again = ShardIterableDataset(tars, **opts)
+        try:
+            again.load_state_dict(state)
+            assert _epoch(DataLoader(again, batch_size=None)) == full[k:], k
+        finally:
+            again.reader.close()
