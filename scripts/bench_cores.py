@@ -18,6 +18,11 @@ Usage::
         [--loader-workers 8] [--processes 8] [--threads N] [--switch-interval 0.0005]
         [--contenders a,b,...]
         [--out FILE.json]
+    python scripts/bench_cores.py --build 6000 --work DIR ...   # no SHARDS: make them
+
+``--build N`` makes N ImageNet-like images in DIR (``scripts/bench.py``'s generator, one
+process per core) and packs them twice, as they are and ``--resize 224x224 --quality 90``,
+then measures both: README's "On 16 cores" runs 8-11 in one command.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py's image generator
 
 from reader import benchmark  # noqa: E402
 
@@ -138,6 +144,35 @@ CONTENDERS = {"shardpack_ordered": c_shardpack_ordered, "shardpack_ordered_2": c
               "torch_processes": c_torch_processes}
 
 
+def _build_part(args: tuple[str, int, int]) -> None:
+    from bench import make_imagenet_like_tree
+
+    root, images, seed = args
+    make_imagenet_like_tree(Path(root), images=images, classes=8, seed=seed)
+
+
+def build_shards(work: Path, images: int) -> list[str]:
+    """Make ``images`` ImageNet-like images under ``work`` (one part per core, file names
+    kept apart) and pack them as they are and at 224x224; the two shard folders."""
+    import multiprocessing
+
+    from packer import pack
+
+    tree, parts = work / "tree", max(1, min(benchmark.cores(), 16))
+    if not tree.exists():
+        with multiprocessing.get_context("spawn").Pool(parts) as pool:
+            pool.map(_build_part, [(str(work / f"part{k}"), images // parts, k) for k in range(parts)])
+        for k in range(parts):
+            for f in sorted((work / f"part{k}").rglob("*.*")):
+                dest = tree / f.parent.relative_to(work / f"part{k}") / f"p{k:02d}_{f.name}"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                f.replace(dest)
+    pack(tree, work / "shards", quiet=True, max_size="64MB", overwrite=True)
+    pack(tree, work / "shards_224x224", quiet=True, max_size="64MB", resize="224x224", quality=90,
+         overwrite=True)
+    return [str(work / "shards"), str(work / "shards_224x224")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shards", nargs="*")
@@ -152,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--switch-interval", type=float, default=0.0005,
                         help="shardpack_numpy_switch's sys.setswitchinterval, seconds")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated")
+    parser.add_argument("--build", type=int, default=0, metavar="N",
+                        help="without SHARDS: make N images in --work and pack them (see above)")
+    parser.add_argument("--work", default="bench_cores_work", help="--build's folder")
     parser.add_argument("--out", default=None)
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -164,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch  # noqa: F401
     except ImportError:
         names = [n for n in names if not n.startswith("torch_")]
+    if not args.shards:
+        if not args.build:
+            parser.error("give SHARDS, or --build N to make them")
+        args.shards = build_shards(Path(args.work).resolve(), args.build)
     size = [args.image_size, args.image_size]
     print(f"{benchmark.cores()} cores, {os.cpu_count()} CPUs", flush=True)
     results = {}
