@@ -112,9 +112,12 @@ def _order_fields(reader: ShardReader) -> dict[str, Any]:
     }
 
 
-def make_state(reader: ShardReader, *, epoch: int, batches: int, streams: int | None = None) -> dict[str, Any]:
+def make_state(reader: ShardReader, *, epoch: int, batches: int, streams: int | None = None,
+               position: StreamPosition | None = None) -> dict[str, Any]:
     """The state of ``reader`` positioned after ``batches`` batches of ``epoch``, read as
-    ``streams`` batch streams (default: the reader's own, ``reader_streams``).
+    ``streams`` batch streams (default: the reader's own, ``reader_streams``). Where each
+    stream stood (failed samples, turns) comes from ``position`` when the caller holds it
+    (a dataset's loaded state, not read yet), else from what the reader logged.
 
     After an epoch's last batch that is ``(epoch + 1, 0)``: a state saying "all of epoch
     e, nothing left" would have a resume ask for an epoch of no batches, which a dataset
@@ -122,7 +125,10 @@ def make_state(reader: ShardReader, *, epoch: int, batches: int, streams: int | 
     """
     epoch, batches = _canonical(reader, int(epoch), int(batches))
     streams = reader_streams(reader) if streams is None else int(streams)
-    position = reader._position(epoch, batches, streams) if batches else None
+    if not batches:
+        position = None
+    elif position is None or position.batches != batches or len(position.counts) != streams:
+        position = reader._position(epoch, batches, streams)
     return {
         "version": STATE_VERSION,
         "epoch": epoch,

@@ -186,7 +186,8 @@ class ShardIterableDataset(IterableDataset):
         streams = workers or (self._resume_streams if not self._passes else None)
         # persistent workers move on without this process
         epoch = read if workers and read >= 0 else self.epoch + max(self._passes - 1, 0)
-        return make_state(self.reader, epoch=epoch, batches=batches, streams=streams)
+        loaded = self._resume_position if not self._passes and not workers else None  # not read yet
+        return make_state(self.reader, epoch=epoch, batches=batches, streams=streams, position=loaded)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at a position from :meth:`state_dict` (or ``ShardReader.state_dict``): the

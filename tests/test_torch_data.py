@@ -296,6 +296,7 @@ def test_without_loader_workers_a_resume_after_failed_samples_is_exact(tmp_path,
         again = ShardIterableDataset(tars, **opts)
         try:
             again.load_state_dict(state)
+            assert again.state_dict(batches=k) == state  # saved again before reading
             assert _epoch(DataLoader(again, batch_size=None)) == full[k:], k
         finally:
             again.reader.close()
