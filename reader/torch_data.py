@@ -226,8 +226,13 @@ class ShardIterableDataset(IterableDataset):
             from .state import check_streams, reader_streams
 
             check_streams(self._resume_streams, workers if info else reader_streams(reader), skip)
-        if workers == 1:  # counted by the reader: a state knows failed samples and turns
-            start = self._resume_position if skip else None
+        if workers == 1:
+            # Without loader workers the reader counts the batches, and a state knows the
+            # failed samples and turns. A loader worker's copy may hold a position older
+            # than the one published since (persistent workers): whole batches there.
+            start = self._resume_position if skip and info is None else None
+            if start is not None and start.batches != skip:
+                start = None
             batches = reader._read_epoch(epoch, skip, start)  # refuses an empty split
         else:
             reader.require_samples()
