@@ -493,7 +493,8 @@ class ShardReader:
         state's position), counted as they go: ``batches_yielded``, and the log of which
         stream made each batch after how many failed samples, for states (``__iter__``, and
         ``ShardIterableDataset`` without loader workers)."""
-        start = start or StreamPosition.round_robin(skip, reader_streams(self))
+        if start is None or len(start.counts) != reader_streams(self):  # e.g. a legacy state's 1-stream guess
+            start = StreamPosition.round_robin(skip, reader_streams(self))
         self._reading = epoch
         self.batches_yielded = skip
         self._stream_logs = {e: log for e, log in self._stream_logs.items() if e == epoch - 1}

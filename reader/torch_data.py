@@ -169,6 +169,7 @@ class ShardIterableDataset(IterableDataset):
             if control[_SEED] != _NO_SEED:
                 self.reader.seed = control[_SEED]
             self._resume_streams = control[_STREAMS] or None
+            self._resume_position = None  # not published: the copy's is another state's
 
     def state_dict(self, batches: int) -> dict[str, Any]:
         """The position after the training loop consumed ``batches`` batches of the current
@@ -227,10 +228,9 @@ class ShardIterableDataset(IterableDataset):
 
             check_streams(self._resume_streams, workers if info else reader_streams(reader), skip)
         if workers == 1:
-            # Without loader workers the reader counts the batches, and a state knows the
-            # failed samples and turns. A loader worker's copy may hold a position older
-            # than the one published since (persistent workers): whole batches there.
-            start = self._resume_position if skip and info is None else None
+            # the loaded state's failed samples and turns (a persistent worker's copy drops
+            # them when it adopts a position published since: _adopt_published)
+            start = self._resume_position if skip else None
             if start is not None and start.batches != skip:
                 start = None
             batches = reader._read_epoch(epoch, skip, start)  # refuses an empty split
@@ -239,8 +239,17 @@ class ShardIterableDataset(IterableDataset):
             if self.decode_threads is None:
                 reader.num_workers = max(1, _default_workers() // workers)
             # After a resume at batch k, the loader's worker 0 must make batch k: rotate.
-            batches = reader._worker_epoch_batches(
-                epoch, worker=(worker + skip) % workers, workers=workers, skip=skip)
+            # the loaded state's turns and failed samples, where they are this epoch's:
+            # loader worker w plays the stream w places after the one whose turn is next
+            at = self._resume_position if skip else None
+            if at is not None and at.batches == skip and len(at.counts) == workers:
+                stream = (worker + at.next) % workers  # loader worker 0 makes the next batch
+                batches = reader._worker_epoch_batches(
+                    epoch, worker=stream, workers=workers, skip=skip, own_skip=at.counts[stream],
+                    skip_extra=at.failed[stream])
+            else:
+                batches = reader._worker_epoch_batches(
+                    epoch, worker=(worker + skip) % workers, workers=workers, skip=skip)
         for batch in batches:
             if isinstance(batch, tuple):
                 x, y = batch

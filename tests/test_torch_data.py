@@ -300,3 +300,31 @@ def test_without_loader_workers_a_resume_after_failed_samples_is_exact(tmp_path,
             assert _epoch(DataLoader(again, batch_size=None)) == full[k:], k
         finally:
             again.reader.close()
+
+
+def test_loader_workers_resume_a_worker_less_state_after_failed_samples(tmp_path):
+    """A state of processes=3 without loader workers (failed samples, shifted turns) resumes
+    under 3 loader workers batch for batch: they take the same turns; and a state of
+    shardpack 0.2 (no streams) resumes under processes=2 without workers."""
+    tars = write_id_tars(tmp_path, 120, set(range(20, 30)) | set(range(70, 76)), 40)
+    opts = dict(num_classes=3, image_size=16, batch_size=4, shuffle_buffer=32, on_error="ignore",
+                decode_threads=1, seed=4)
+    ds = ShardIterableDataset(tars, processes=3, **opts)
+    try:
+        full = _epoch(DataLoader(ds, batch_size=None))
+        states = {k: ds.state_dict(batches=k) for k in range(1, len(full))}
+    finally:
+        ds.reader.close()
+    assert any("stream_batches" in state for state in states.values())
+    for k in (3, len(full) - 4, len(full) - 1):
+        again = ShardIterableDataset(tars, **opts)
+        again.load_state_dict(states[k])
+        assert _epoch(DataLoader(again, batch_size=None, num_workers=3)) == full[k:], k
+    legacy = {key: v for key, v in states[5].items()
+              if key not in ("streams", "failed_before", "stream_batches", "next_stream")} | {"processes": 0}
+    old = ShardIterableDataset(tars, processes=2, **opts)
+    try:
+        old.load_state_dict(legacy)
+        assert len(_epoch(DataLoader(old, batch_size=None))) > 0  # no IndexError
+    finally:
+        old.reader.close()
