@@ -118,8 +118,8 @@ class ShardIterableDataset(IterableDataset):
         self._passes = 0  # passes over this copy since set_epoch / load_state_dict
         self._resume_batches = 0
         self._resume_streams: int | None = None  # the loaded state's, checked as a pass starts
-        # the loaded state's batch streams (failed samples, turns), for a pass without
-        # loader workers: with them, a resume skips whole batches
+        # the loaded state's batch streams (failed samples, turns): the pass that resumes
+        # it starts there, without loader workers or with as many as the state's streams
         self._resume_position: StreamPosition | None = None
         # Shared memory the loader workers inherit, between this (the main) process, which
         # never sees the loader, and them. Written here by set_epoch / load_state_dict, for
