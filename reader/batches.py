@@ -15,7 +15,7 @@ import random
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
@@ -392,12 +392,12 @@ def decode_batches(
         for _, exc in failed:
             policy.sample_failed(exc)
         x, labels = block.x, block.labels
-        ends = range(block.start + 1, block.start + len(labels) + 1)  # each row's end in the stream
+        ends: Sequence[int] = range(block.start + 1, block.start + len(labels) + 1)  # each row's end in the stream
         if failed:
             keep = np.ones(len(labels), dtype=bool)
             keep[[row for row, _ in failed]] = False
             x, labels = x[keep], [label for label, k in zip(labels, keep, strict=True) if k]
-            ends = [end for end, k in zip(ends, keep, strict=True) if k]  # type: ignore[assignment]
+            ends = [end for end, k in zip(ends, keep, strict=True) if k]
         if not carry.labels and not failed and (len(labels) == size or not batch.drop_remainder):
             # the common case: the block is the batch, no copy (a short block is the
             # epoch's last, kept as it is unless drop_remainder)

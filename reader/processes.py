@@ -344,8 +344,7 @@ class DecodeProcesses:
         """The batches of ``epoch`` after its first ``skip``, one process at a time in turn;
         ``start``: where each process's stream stood there (its batches and failed samples,
         and whose turn it is), when failed samples made the turns uneven."""
-        if start is None or len(start.counts) != self.count:
-            start = StreamPosition.round_robin(skip, self.count)
+        start = StreamPosition.at_or_round_robin(start, skip, self.count)
         me = object()
         with self._io:
             self._cancel_epoch()

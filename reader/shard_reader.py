@@ -470,17 +470,18 @@ class ShardReader:
             ValueError: the state belongs to another split, shard list, world size or
                 order-shaping option (the message names it).
         """
-        from .state import check_state, saved_position
+        from .state import check_state, own_position
 
         epoch, batches, seed = check_state(self, state)
         self.seed = seed
         self.epoch = epoch
         self._resume_batches = batches
-        # failures (and the turns they shifted) are a rank's own: another rank's state
-        # resumes this one by whole batches, in turn
-        own = batches and state.get("rank") == self.rank
-        self._resume_position = saved_position(state, batches, reader_streams(self)) if own else None
-        self._reading, self._stream_logs = None, {}  # what was read before says nothing now
+        self._resume_position = own_position(self, state, batches, reader_streams(self))
+        self._forget_reading()
+
+    def _forget_reading(self) -> None:
+        """What this reader read before says nothing about a position loaded now."""
+        self._reading, self._stream_logs = None, {}
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, skip, start = self.epoch, self._resume_batches, self._resume_position
@@ -493,8 +494,7 @@ class ShardReader:
         state's position), counted as they go: ``batches_yielded``, and the log of which
         stream made each batch after how many failed samples, for states (``__iter__``, and
         ``ShardIterableDataset`` without loader workers)."""
-        if start is None or len(start.counts) != reader_streams(self):  # e.g. a legacy state's 1-stream guess
-            start = StreamPosition.round_robin(skip, reader_streams(self))
+        start = StreamPosition.at_or_round_robin(start, skip, reader_streams(self))
         self._reading = epoch
         self.batches_yielded = skip
         self._stream_logs = {e: log for e, log in self._stream_logs.items() if e == epoch - 1}
@@ -542,8 +542,7 @@ class ShardReader:
         if log is not None and log.start.batches <= batches and len(log.start.counts) == streams:
             return log.at(batches)
         loaded = self._resume_position
-        if (loaded is not None and epoch == self.epoch and batches == self._resume_batches
-                and len(loaded.counts) == streams):
+        if loaded is not None and epoch == self.epoch and loaded.fits(batches, streams):
             return loaded
         return StreamPosition.round_robin(batches, streams)
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .shard_reader import ShardReader
 
 __all__ = ["STATE_VERSION", "shard_fingerprint", "content_fingerprint", "reader_streams", "saved_streams", "check_streams",
-           "make_state", "check_state", "saved_extras", "saved_position", "StreamPosition", "StreamLog", "save_state", "load_state", "ShardReaderCheckpoint"]
+           "make_state", "check_state", "saved_extras", "saved_position", "own_position", "StreamPosition", "StreamLog", "save_state", "load_state", "ShardReaderCheckpoint"]
 
 STATE_VERSION = 1
 
@@ -127,7 +127,7 @@ def make_state(reader: ShardReader, *, epoch: int, batches: int, streams: int | 
     streams = reader_streams(reader) if streams is None else int(streams)
     if not batches:
         position = None
-    elif position is None or position.batches != batches or len(position.counts) != streams:
+    elif position is None or not position.fits(batches, streams):
         position = reader._position(epoch, batches, streams)
     return {
         "version": STATE_VERSION,
@@ -205,6 +205,16 @@ class StreamPosition:
         rr = StreamPosition.round_robin(self.batches, len(self.counts))
         return self.counts == rr.counts and self.next == rr.next
 
+    def fits(self, batches: int, streams: int) -> bool:
+        """Whether this is a position ``batches`` into an epoch read as ``streams`` streams."""
+        return self.batches == batches and len(self.counts) == streams
+
+    @classmethod
+    def at_or_round_robin(cls, start: StreamPosition | None, batches: int, streams: int) -> StreamPosition:
+        """``start`` where it fits ``batches`` and ``streams`` (a loaded state's), else the
+        turns of an epoch where nothing failed (a state of another reading, or none)."""
+        return start if start is not None and start.fits(batches, streams) else cls.round_robin(batches, streams)
+
 
 @dataclass
 class StreamLog:
@@ -215,17 +225,16 @@ class StreamLog:
     start: StreamPosition  # where the reading began (a resume's position, or the epoch's start)
     order: list[int] = _field(default_factory=list)  # the stream of each batch since
     changes: list[tuple[int, int, int]] = _field(default_factory=list)  # (batch, stream, failed)
+    _last: list[int] = _field(init=False, repr=False)  # each stream's latest failed count
+
+    def __post_init__(self) -> None:
+        self._last = list(self.start.failed)
 
     def note(self, batch: int, stream: int, failed: int) -> None:
         """Batch ``batch`` of the epoch came from ``stream``, after ``failed`` of its samples failed."""
-        if len(self.start.counts) > 1:
-            self.order.append(stream)
-        last = self.start.failed[stream]
-        for _, s, n in reversed(self.changes):
-            if s == stream:
-                last = n
-                break
-        if failed != last:
+        self.order.append(stream)
+        if failed != self._last[stream]:
+            self._last[stream] = failed
             self.changes.append((batch, stream, failed))
 
     def at(self, batches: int) -> StreamPosition:
@@ -237,8 +246,6 @@ class StreamLog:
             counts[stream] += 1
         if taken:
             nxt = (taken[-1] + 1) % len(counts)
-        elif len(counts) == 1:
-            counts = [batches]
         for batch, stream, n in self.changes:
             if batch < batches:
                 failed[stream] = n
@@ -268,6 +275,16 @@ def saved_position(state: dict[str, Any], batches: int, streams: int) -> StreamP
                              f"{batches} batches in {streams} batch stream(s)")
         position.counts, position.next = list(counts), nxt
     return position
+
+
+def own_position(reader: ShardReader, state: dict[str, Any], batches: int, streams: int) -> StreamPosition | None:
+    """``state``'s position for ``reader`` to resume from ``batches`` in, under ``streams``
+    streams: None at an epoch's start, or when another rank saved it (failed samples, and
+    the turns they shifted, are a rank's own: that rank's state resumes this one by whole
+    batches, in turn)."""
+    if not batches or state.get("rank") != reader.rank:
+        return None
+    return saved_position(state, batches, streams)
 
 
 def _whole(values: list[Any]) -> bool:
@@ -312,7 +329,7 @@ def check_state(reader: ShardReader, state: dict[str, Any], *, streams: bool = T
     if epoch < 0 or not 0 <= batches <= len(reader):
         raise ValueError(f"state position epoch={epoch}, batches={batches} is out of range "
                          f"(this reader has {len(reader)} batches per epoch)")
-    saved_position(state, int(state["batches"]), saved_streams(state) or 1)  # refused here if malformed
+    saved_position(state, batches, saved_streams(state) or 1)  # refused here if malformed
     epoch, batches = _canonical(reader, epoch, batches)
     if streams:
         check_streams(saved_streams(state), reader_streams(reader), batches)

@@ -197,15 +197,14 @@ class ShardIterableDataset(IterableDataset):
         Raises:
             ValueError: the state does not belong to this split / shard list / options.
         """
-        from .state import check_state, saved_position, saved_streams
+        from .state import check_state, own_position, saved_streams
 
         epoch, batches, seed = check_state(self.reader, state, streams=False)
         self.reader.seed = seed
         self.epoch, self._passes, self._resume_batches = epoch, 0, batches
         self._resume_streams = saved_streams(state)
-        own = batches and state.get("rank") == self.reader.rank
-        self._resume_position = saved_position(state, batches, self._resume_streams or 1) if own else None
-        self.reader._reading, self.reader._stream_logs = None, {}  # earlier passes say nothing now
+        self._resume_position = own_position(self.reader, state, batches, self._resume_streams or 1)
+        self.reader._forget_reading()
         self._publish()
 
     def __iter__(self) -> Iterator[Any]:
@@ -231,25 +230,20 @@ class ShardIterableDataset(IterableDataset):
             # the loaded state's failed samples and turns (a persistent worker's copy drops
             # them when it adopts a position published since: _adopt_published)
             start = self._resume_position if skip else None
-            if start is not None and start.batches != skip:
-                start = None
             batches = reader._read_epoch(epoch, skip, start)  # refuses an empty split
         else:
             reader.require_samples()
             if self.decode_threads is None:
                 reader.num_workers = max(1, _default_workers() // workers)
-            # After a resume at batch k, the loader's worker 0 must make batch k: rotate.
-            # the loaded state's turns and failed samples, where they are this epoch's:
-            # loader worker w plays the stream w places after the one whose turn is next
-            at = self._resume_position if skip else None
-            if at is not None and at.batches == skip and len(at.counts) == workers:
-                stream = (worker + at.next) % workers  # loader worker 0 makes the next batch
-                batches = reader._worker_epoch_batches(
-                    epoch, worker=stream, workers=workers, skip=skip, own_skip=at.counts[stream],
-                    skip_extra=at.failed[stream])
-            else:
-                batches = reader._worker_epoch_batches(
-                    epoch, worker=(worker + skip) % workers, workers=workers, skip=skip)
+            # After a resume at batch k, the loader's worker 0 must make batch k: loader
+            # worker w plays the stream w places after the one whose turn is next, from
+            # that stream's own batches and failed samples (the loaded state's, where it
+            # fits; else the turns of an epoch where nothing failed)
+            at = StreamPosition.at_or_round_robin(self._resume_position if skip else None, skip, workers)
+            stream = (worker + at.next) % workers
+            batches = reader._worker_epoch_batches(
+                epoch, worker=stream, workers=workers, skip=skip, own_skip=at.counts[stream],
+                skip_extra=at.failed[stream])
         for batch in batches:
             if isinstance(batch, tuple):
                 x, y = batch
