@@ -135,13 +135,13 @@ def c_shardpack_ordered_2(cfg: dict[str, Any]) -> dict[str, Any]:
     return c_shardpack_ordered(dict(cfg, ordered=cfg["ordered2"]))
 
 
-CONTENDERS = {"shardpack_ordered": c_shardpack_ordered, "shardpack_ordered_2": c_shardpack_ordered_2,
-              "decode_limit": benchmark.c_decode_limit, "decode_limit_processes": c_decode_limit_processes,
+CONTENDERS = {"decode_limit": benchmark.c_decode_limit, "decode_limit_processes": c_decode_limit_processes,
               "shardpack_numpy": c_shardpack_numpy, "shardpack_numpy_switch": c_shardpack_numpy_switch,
               "shardpack_processes_per_core": c_shardpack_processes_per_core,
               "shardpack_numpy_uint8": c_shardpack_numpy_uint8,
               "shardpack_processes": c_shardpack_processes, "torch_loader": c_torch_loader,
-              "torch_processes": c_torch_processes}
+              "torch_processes": c_torch_processes,
+              "shardpack_ordered": c_shardpack_ordered, "shardpack_ordered_2": c_shardpack_ordered_2}
 
 
 def _build_part(args: tuple[str, int, int]) -> None:
