@@ -17,7 +17,8 @@ from typing import Literal
 
 __all__ = [
     "FastInfo", "fast_jpeg_info", "fast_png_info", "jpeg_orientation", "tiff_orientation",
-    "signature_kind", "starts_like_image", "ORIENTATION_TAG", "PNG_SIGNATURE",
+    "signature_kind", "starts_like_image", "ORIENTATION_TAG", "PNG_SIGNATURE", "png_header",
+    "png_is_plain",
 ]
 
 _SOF_PLAIN = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressive (Huffman)
@@ -201,14 +202,68 @@ def starts_like_image(head: bytes) -> bool:
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 
 
-def fast_png_info(data: bytes) -> FastInfo | None:
-    """Size of a PNG and whether its ``IEND`` chunk is there; None for PNGs with an eXIf
-    chunk (orientation needs Pillow) or a malformed header."""
+def png_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """A PNG's (width, height, bit depth, colour type) from a valid ``IHDR``; None when the
+    bytes are not a PNG or its header is one no decoder takes (Pillow then decides)."""
     if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
         return None
     width, height, depth, colour, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, 16)
     if (width == 0 or height == 0 or depth not in _PNG_DEPTHS.get(colour, ()) or compression
-            or filtering or interlace > 1 or b"eXIf" in data):
+            or filtering or interlace > 1):
+        return None
+    return width, height, depth, colour
+
+
+def fast_png_info(data: bytes) -> FastInfo | None:
+    """Size of a PNG and whether its ``IEND`` chunk is there; None for PNGs with an eXIf
+    chunk (orientation needs Pillow) or a malformed header."""
+    header = png_header(data)
+    if header is None or b"eXIf" in data:
         return None  # Pillow decides (it refuses a header no decoder takes)
+    width, height = header[:2]
     complete = data.rfind(b"IEND") > 33
     return FastInfo("png", width, height, 1, complete)
+
+
+# chunks that make a PNG's pixels more than its IDAT data: an EXIF orientation (eXIf, or a
+# text chunk holding EXIF or XMP, which Pillow also reads it from) or an animation
+_PNG_ORIENTING = frozenset({b"eXIf", b"acTL"})
+_PNG_TEXT = frozenset({b"tEXt", b"zTXt", b"iTXt"})
+_PNG_EXIF_KEYWORDS = frozenset({b"XML:com.adobe.xmp", b"Raw profile type exif"})
+
+
+def png_is_plain(data: bytes) -> bool:
+    """True when a PNG's chunks are well formed up to ``IEND`` and none of them orients
+    (EXIF, XMP) or animates the image: its pixels are then the IDAT data alone, which any
+    PNG decoder gives alike. False sends the file to Pillow.
+
+    Reads chunk headers only: those before the first ``IDAT``, then from the last ``IDAT``
+    (found from the end) to ``IEND``. Scanning the whole file for the chunk names instead
+    cost 1.5 ms on an 870 KB PNG; a false ``IDAT`` match inside the compressed data breaks
+    the walk, which then answers False.
+    """
+    first = _png_walk(data, 8)
+    if first is None or data[first + 4 : first + 8] != b"IDAT":
+        return False
+    last = data.rfind(b"IDAT") - 4
+    return last >= first and _png_walk(data, last, past_idat=True) == len(data)
+
+
+def _png_walk(data: bytes, pos: int, *, past_idat: bool = False) -> int | None:
+    """Walk chunks from ``pos``: to the first IDAT (its position), or, ``past_idat``, from
+    the last IDAT to the end of ``IEND`` (that position, or ``len(data)`` if only padding
+    follows); None at a malformed chunk or one ``png_is_plain`` refuses."""
+    end_of_data = len(data)
+    while pos + 12 <= end_of_data:
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"IDAT" and not past_idat:
+            return pos
+        end = pos + 12 + length
+        if end > end_of_data or kind in _PNG_ORIENTING:
+            return None
+        if kind in _PNG_TEXT and data[pos + 8 : pos + 8 + min(length, 80)].split(b"\0", 1)[0] in _PNG_EXIF_KEYWORDS:
+            return None
+        if kind == b"IEND":
+            return end_of_data if not data[end:].strip(b"\0") else end
+        pos = end
+    return None

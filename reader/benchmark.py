@@ -75,10 +75,11 @@ def split_image_bytes(source: str, split: str, storage_options: dict[str, Any] |
 def _limit_simplejpeg(data: bytes, size: tuple[int, int], *, any_scale: bool = False) -> Any:
     import simplejpeg
 
-    from .decode import fast_jpeg_scale, resize_array
+    from .decode import fast_jpeg_scale, opencv_png, resize_array
 
     if data[:2] != b"\xff\xd8":
-        return _limit_pillow(data, size)
+        arr = opencv_png(data)  # as the reader decodes plain PNGs
+        return _limit_pillow(data, size) if arr is None else resize_array(arr, (size[1], size[0]), "bilinear")
     h, w, _, _ = simplejpeg.decode_jpeg_header(data)
     min_w, min_h = (size[1], size[0]) if any_scale else fast_jpeg_scale(w, h, size[1], size[0])
     arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=min_w, min_height=min_h,
@@ -107,7 +108,7 @@ def _limit_pillow(data: bytes, size: tuple[int, int]) -> Any:
 # fastest variant (fastest_limit_variant) is the limit. The resize is the reader's own (resize_array: OpenCV's
 # Keras-like bilinear when installed, else Pillow), so limit and reader pay for the same
 # pixels; "simplejpeg" picks the DCT scale as the reader does (1/8, 1/4, 1/2, 1),
-# "simplejpeg-n8" any n/8 scale.
+# "simplejpeg-n8" any n/8 scale; both decode plain PNGs with OpenCV as the reader does.
 LIMIT_VARIANTS = {"simplejpeg": _limit_simplejpeg, "simplejpeg-n8": _limit_simplejpeg_any_scale,
                   "pillow-draft": _limit_pillow}
 

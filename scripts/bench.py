@@ -8,7 +8,8 @@ reader contenders (224x224 RGB batches of 64 by default, warm page cache, all co
 each runs --repeat times, interleaved round by round, and the table shows the median)
   decode_limit       libjpeg-turbo decoding the split's bytes from RAM with DCT scaling
                      (simplejpeg at the reader's or any n/8 scale, or Pillow draft: whichever
-                     is fastest on a sample of the images, then timed once over all of them)
+                     is fastest on a sample of the images, then timed once over all of them;
+                     plain PNGs by OpenCV, as the reader decodes them)
                      + the resize, 16 images per thread task into one array, all cores, no
                      I/O (reader.benchmark, the same as `shardpack bench`)
   keras_directory    keras.utils.image_dataset_from_directory on the original files

@@ -1,0 +1,198 @@
+"""Plain 8-bit PNGs decode with OpenCV (decoder "auto") to exactly Pillow's pixels; every PNG
+whose pixels need more than its IDAT data (an EXIF or XMP orientation, an animation), or
+that is damaged, truncated, 16-bit or too large, goes to Pillow as before."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from packer.examples import photo
+from packer.headers import png_is_plain
+from reader import decode as decode_module
+from reader.decode import DecodeOptions, decode_image, opencv_png
+
+cv2 = pytest.importorskip("cv2")
+
+
+@pytest.fixture(scope="module")
+def rgb() -> np.ndarray:
+    return np.asarray(photo("astronaut").convert("RGB"))[40:250, 30:330]
+
+
+def _png(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _with_chunk(data: bytes, kind: bytes, body: bytes, *, after_idat: bool = False) -> bytes:
+    at = data.rfind(b"IEND") - 4 if after_idat else 33  # before IEND, or right after IHDR
+    return data[:at] + _chunk(kind, body) + data[at:]
+
+
+def _flavours(rgb: np.ndarray) -> dict[str, bytes]:
+    im = Image.fromarray(rgb)
+    alpha = np.tile((np.arange(rgb.shape[1]) % 256).astype(np.uint8), (rgb.shape[0], 1))
+    return {
+        "rgb": _png(im),
+        "rgba": _png(Image.fromarray(np.dstack([rgb, alpha]))),
+        "grey": _png(im.convert("L")),
+        "grey-alpha": _png(im.convert("LA")),
+        "palette": _png(im.quantize(64)),
+        "palette-transparent": _png(im.quantize(64), transparency=3),
+        "rgb-colour-key": _png(im, transparency=(10, 20, 30)),
+        "grey-colour-key": _png(im.convert("L"), transparency=7),
+        "interlaced": _adam7_png(rgb),
+        "gamma": _with_chunk(_png(im), b"gAMA", struct.pack(">I", 22727)),
+        "text": _with_chunk(_png(im), b"tEXt", b"Comment\0made by a test", after_idat=True),
+    }
+
+
+def _adam7_png(rgb: np.ndarray) -> bytes:
+    """An interlaced (Adam7) RGB PNG of ``rgb``, every scanline with filter type 0 (Pillow
+    and OpenCV write no interlaced PNGs)."""
+    h, w, _ = rgb.shape
+    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+    raw = b""
+    for x0, y0, dx, dy in passes:
+        sub = rgb[y0::dy, x0::dx]
+        if sub.size:
+            raw += b"".join(b"\0" + row.tobytes() for row in sub)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 1)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw))
+            + _chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("size", [(224, 224), (96, 160)])
+def test_plain_pngs_take_opencv_and_give_pillows_pixels(rgb, size):
+    for name, data in _flavours(rgb).items():
+        assert opencv_png(data) is not None, name  # the fast path was taken
+        options = DecodeOptions(image_size=size)
+        fast = decode_image(data, options)
+        ref = decode_image(data, dataclasses.replace(options, decoder="pillow"))
+        assert fast.shape == ref.shape == (*size, 3)
+        assert (fast == ref).all(), name
+        whole = opencv_png(data)
+        full = np.asarray(Image.open(io.BytesIO(data)).convert("RGBA").convert("RGB"))
+        assert (whole == full).all(), name
+
+
+def test_grey_pngs_in_grayscale_mode(rgb):
+    grey = _png(Image.fromarray(rgb).convert("L"))
+    options = DecodeOptions(image_size=(64, 64), color_mode="grayscale")
+    assert opencv_png(grey, "grayscale") is not None
+    assert (decode_image(grey, options) == decode_image(grey, dataclasses.replace(options, decoder="pillow"))).all()
+    # a colour PNG's luma is Pillow's own rounding: left to Pillow
+    assert opencv_png(_png(Image.fromarray(rgb)), "grayscale") is None
+    assert opencv_png(_png(Image.fromarray(rgb)), "rgba") is None
+
+
+def test_float_rows_match_pillow(rgb):
+    data = _flavours(rgb)["palette-transparent"]
+    options = DecodeOptions(image_size=(100, 100))
+    fast = decode_image(data, options, out=np.zeros((100, 100, 3), np.float32))
+    ref = decode_image(data, dataclasses.replace(options, decoder="pillow"), out=np.zeros((100, 100, 3), np.float32))
+    assert np.abs(fast - ref).max() == 0
+
+
+def test_an_opencv_without_rgb_decoding_gives_the_same_pixels(rgb, monkeypatch):
+    """OpenCV before 4.11 has no IMREAD_COLOR_RGB: BGR, then converted."""
+
+    class OldOpenCV:
+        def __getattr__(self, name):
+            if name == "IMREAD_COLOR_RGB":
+                raise AttributeError(name)
+            return getattr(cv2, name)
+
+    data = _flavours(rgb)["rgba"]
+    new = opencv_png(data)
+    monkeypatch.setattr(decode_module, "_cv2", OldOpenCV())
+    old = opencv_png(data)
+    assert old is not None and new is not None and (old == new).all()
+
+
+def _rotated_left_half(rgb_shape=(20, 40)) -> np.ndarray:
+    a = np.zeros((*rgb_shape, 3), np.uint8)
+    a[:, rgb_shape[1] // 2:] = 255  # a rotation shows
+    return a
+
+
+_XMP6 = b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+
+
+def _oriented_pngs() -> dict[str, bytes]:
+    im = Image.fromarray(_rotated_left_half())
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    plain = _png(im)
+    raw_exif = "\nexif\n" + f"{len(exif.tobytes()):8d}\n" + exif.tobytes().hex() + "\n"
+    return {
+        "eXIf": _png(im, exif=exif.tobytes()),
+        "xmp-before-idat": _with_chunk(plain, b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + _XMP6),
+        "xmp-after-idat": _with_chunk(plain, b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + _XMP6, after_idat=True),
+        "raw-profile-exif": _with_chunk(plain, b"zTXt", b"Raw profile type exif\0\0" + zlib.compress(raw_exif.encode())),
+    }
+
+
+@pytest.mark.parametrize("name", ["eXIf", "xmp-before-idat", "xmp-after-idat", "raw-profile-exif"])
+def test_oriented_pngs_go_to_pillow_and_come_out_upright(name):
+    data = _oriented_pngs()[name]
+    assert not png_is_plain(data) and opencv_png(data) is None
+    with Image.open(io.BytesIO(data)) as im:
+        pillow = im.getexif().get(0x0112)
+    options = DecodeOptions(image_size=(40, 20))
+    out = decode_image(data, options)
+    assert (out == decode_image(data, dataclasses.replace(options, decoder="pillow"))).all()
+    assert pillow == 6
+    assert out[:, :, 0].mean(axis=1)[:20].max() < 128 < out[:, :, 0].mean(axis=1)[20:].min()  # turned
+
+
+def test_animated_16_bit_and_huge_pngs_go_to_pillow(rgb, monkeypatch):
+    frames = [Image.fromarray(rgb), Image.fromarray(255 - rgb)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="PNG", save_all=True, append_images=frames[1:])
+    animated = buf.getvalue()
+    assert b"acTL" in animated and opencv_png(animated) is None
+    sixteen = _png(Image.fromarray(rgb[:, :, 0].astype(np.uint16) * 257))  # I;16
+    assert opencv_png(sixteen) is None
+    options = DecodeOptions(image_size=(32, 32))
+    for data in (animated, sixteen):
+        assert (decode_image(data, options) == decode_image(data, dataclasses.replace(options, decoder="pillow"))).all()
+    plain = _png(Image.fromarray(rgb))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", rgb.shape[0] * rgb.shape[1] // 4)
+    assert opencv_png(plain) is None  # Pillow's bomb rules decide
+
+
+def test_damaged_pngs_raise_pillows_error(rgb):
+    data = _png(Image.fromarray(rgb))
+    options = DecodeOptions(image_size=(32, 32))
+    corrupt = bytearray(data)
+    corrupt[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    for broken in (data[: len(data) // 2], bytes(corrupt)):
+        assert opencv_png(broken) is None
+        with pytest.raises((OSError, SyntaxError, ValueError)):
+            decode_image(broken, options)
+    no_end = data[:-12]  # every pixel there, only IEND missing: Pillow's call, as before
+    assert opencv_png(no_end) is None
+    assert (decode_image(no_end, options) == decode_image(data, options)).all()
+
+
+def test_png_is_plain_walks_the_chunks(rgb):
+    data = _png(Image.fromarray(rgb))
+    assert png_is_plain(data)
+    assert png_is_plain(data + bytes(16))  # zero padding after IEND
+    assert not png_is_plain(data + b"more")  # something else after IEND: Pillow decides
+    assert not png_is_plain(data[:-12])  # no IEND
+    assert not png_is_plain(data[:40])
+    assert not png_is_plain(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", bytes(13)) + _chunk(b"IEND", b""))  # no IDAT
