@@ -215,14 +215,22 @@ def png_header(data: bytes) -> tuple[int, int, int, int] | None:
 
 
 def fast_png_info(data: bytes) -> FastInfo | None:
-    """Size of a PNG and whether its ``IEND`` chunk is there; None for PNGs with an eXIf
-    chunk (orientation needs Pillow) or a malformed header."""
+    """Size of a PNG and whether its ``IEND`` chunk is there; None for a malformed header,
+    an orientation (an eXIf chunk, or EXIF or XMP in a text chunk: Pillow reads it), or
+    chunks that do not walk cleanly to ``IEND`` though one is there (Pillow decides).
+
+    The chunk walk (``png_is_plain``) replaced scanning the whole file for ``eXIf``: 167 µs
+    per PNG of the benchmark's set (255 KB on average) against a JPEG's 5 µs.
+    """
     header = png_header(data)
-    if header is None or b"eXIf" in data:
+    if header is None:
         return None  # Pillow decides (it refuses a header no decoder takes)
     width, height = header[:2]
-    complete = data.rfind(b"IEND") > 33
-    return FastInfo("png", width, height, 1, complete)
+    if png_is_plain(data, animation_ok=True):
+        return FastInfo("png", width, height, 1, True)
+    if data.rfind(b"IEND") < 0:
+        return FastInfo("png", width, height, 1, False)  # truncated
+    return None
 
 
 # chunks that make a PNG's pixels more than its IDAT data: an EXIF orientation (eXIf, or a
@@ -232,7 +240,7 @@ _PNG_TEXT = frozenset({b"tEXt", b"zTXt", b"iTXt"})
 _PNG_EXIF_KEYWORDS = frozenset({b"XML:com.adobe.xmp", b"Raw profile type exif"})
 
 
-def png_is_plain(data: bytes) -> bool:
+def png_is_plain(data: bytes, *, animation_ok: bool = False) -> bool:
     """True when a PNG's chunks are well formed up to ``IEND`` and none of them orients
     (EXIF, XMP) or animates the image: its pixels are then the IDAT data alone, which any
     PNG decoder gives alike. False sends the file to Pillow.
@@ -240,26 +248,28 @@ def png_is_plain(data: bytes) -> bool:
     Reads chunk headers only: those before the first ``IDAT``, then from the last ``IDAT``
     (found from the end) to ``IEND``. Scanning the whole file for the chunk names instead
     cost 1.5 ms on an 870 KB PNG; a false ``IDAT`` match inside the compressed data breaks
-    the walk, which then answers False.
+    the walk, which then answers False. ``animation_ok``: an animation (whose default
+    image is still the IDAT data) does not count.
     """
-    first = _png_walk(data, 8)
+    refused = _PNG_ORIENTING - {b"acTL"} if animation_ok else _PNG_ORIENTING
+    first = _png_walk(data, 8, refused)
     if first is None or data[first + 4 : first + 8] != b"IDAT":
         return False
     last = data.rfind(b"IDAT") - 4
-    return last >= first and _png_walk(data, last, past_idat=True) == len(data)
+    return last >= first and _png_walk(data, last, refused, past_idat=True) == len(data)
 
 
-def _png_walk(data: bytes, pos: int, *, past_idat: bool = False) -> int | None:
+def _png_walk(data: bytes, pos: int, refused: frozenset[bytes], *, past_idat: bool = False) -> int | None:
     """Walk chunks from ``pos``: to the first IDAT (its position), or, ``past_idat``, from
     the last IDAT to the end of ``IEND`` (that position, or ``len(data)`` if only padding
-    follows); None at a malformed chunk or one ``png_is_plain`` refuses."""
+    follows); None at a malformed chunk, one of ``refused``, or EXIF or XMP in a text chunk."""
     end_of_data = len(data)
     while pos + 12 <= end_of_data:
         length, kind = struct.unpack_from(">I4s", data, pos)
         if kind == b"IDAT" and not past_idat:
             return pos
         end = pos + 12 + length
-        if end > end_of_data or kind in _PNG_ORIENTING:
+        if end > end_of_data or kind in refused:
             return None
         if kind in _PNG_TEXT and data[pos + 8 : pos + 8 + min(length, 80)].split(b"\0", 1)[0] in _PNG_EXIF_KEYWORDS:
             return None

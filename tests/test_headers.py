@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
+from zoo import image_bytes, oriented_pngs
 
 from packer.examples import PHOTOS, random_crop
 from packer.headers import fast_jpeg_info, fast_png_info
@@ -99,6 +100,31 @@ def test_xmp_only_orientation_packs_with_the_upright_size():
         oriented = ImageOps.exif_transpose(ref).size
     probe = probe_bytes(data)
     assert probe.ok and (probe.width, probe.height) == oriented
+
+
+@pytest.mark.parametrize("name", ["eXIf", "xmp-before-idat", "xmp-after-idat", "raw-profile-exif"])
+def test_oriented_png_packs_with_the_upright_size(name):
+    """A PNG's orientation may sit in an eXIf chunk or in EXIF or XMP text, before or after
+    the pixel data; Pillow (and so the reader) reads each, so the fast check hands them all
+    to Pillow (it used to look for eXIf only, and recorded 40x20 for the XMP ones)."""
+    data = oriented_pngs(Image.new("RGB", (40, 20), "red"))[name]
+    assert fast_png_info(data) is None
+    probe = probe_bytes(data)
+    assert probe.ok and (probe.width, probe.height) == (20, 40)
+
+
+def test_png_chunk_walk_answers_what_it_can():
+    frames = [Image.new("RGB", (30, 10), c) for c in ("red", "blue")]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="PNG", save_all=True, append_images=frames[1:])
+    animated = buf.getvalue()
+    info = fast_png_info(animated)  # an animation's size is its default image's
+    assert info is not None and info.complete and (info.width, info.height) == (30, 10)
+    plain = image_bytes(frames[0], "PNG")
+    assert fast_png_info(plain + b"camera trailer") is None  # Pillow decides, and takes it
+    assert probe_bytes(plain + b"camera trailer").ok
+    cut = fast_png_info(plain[:-12])
+    assert cut is not None and not cut.complete and not probe_bytes(plain[:-12]).ok
 
 
 @pytest.mark.parametrize(("at", "value"), [(24, 7), (25, 5), (27, 1), (28, 2)],

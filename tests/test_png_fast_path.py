@@ -12,6 +12,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
+from zoo import oriented_pngs, png_chunk, png_with_chunk
 
 from packer.examples import photo
 from packer.headers import png_is_plain
@@ -32,15 +33,6 @@ def _png(im: Image.Image, **kw) -> bytes:
     return buf.getvalue()
 
 
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def _with_chunk(data: bytes, kind: bytes, body: bytes, *, after_idat: bool = False) -> bytes:
-    at = data.rfind(b"IEND") - 4 if after_idat else 33  # before IEND, or right after IHDR
-    return data[:at] + _chunk(kind, body) + data[at:]
-
-
 def _flavours(rgb: np.ndarray) -> dict[str, bytes]:
     im = Image.fromarray(rgb)
     alpha = np.tile((np.arange(rgb.shape[1]) % 256).astype(np.uint8), (rgb.shape[0], 1))
@@ -54,8 +46,8 @@ def _flavours(rgb: np.ndarray) -> dict[str, bytes]:
         "rgb-colour-key": _png(im, transparency=(10, 20, 30)),
         "grey-colour-key": _png(im.convert("L"), transparency=7),
         "interlaced": _adam7_png(rgb),
-        "gamma": _with_chunk(_png(im), b"gAMA", struct.pack(">I", 22727)),
-        "text": _with_chunk(_png(im), b"tEXt", b"Comment\0made by a test", after_idat=True),
+        "gamma": png_with_chunk(_png(im), b"gAMA", struct.pack(">I", 22727)),
+        "text": png_with_chunk(_png(im), b"tEXt", b"Comment\0made by a test", after_idat=True),
     }
 
 
@@ -70,8 +62,8 @@ def _adam7_png(rgb: np.ndarray) -> bytes:
         if sub.size:
             raw += b"".join(b"\0" + row.tobytes() for row in sub)
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 1)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw))
-            + _chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(raw))
+            + png_chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize("size", [(224, 224), (96, 160)])
@@ -122,32 +114,15 @@ def test_an_opencv_without_rgb_decoding_gives_the_same_pixels(rgb, monkeypatch):
     assert old is not None and new is not None and (old == new).all()
 
 
-def _rotated_left_half(rgb_shape=(20, 40)) -> np.ndarray:
-    a = np.zeros((*rgb_shape, 3), np.uint8)
-    a[:, rgb_shape[1] // 2:] = 255  # a rotation shows
-    return a
-
-
-_XMP6 = b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
-
-
-def _oriented_pngs() -> dict[str, bytes]:
-    im = Image.fromarray(_rotated_left_half())
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    plain = _png(im)
-    raw_exif = "\nexif\n" + f"{len(exif.tobytes()):8d}\n" + exif.tobytes().hex() + "\n"
-    return {
-        "eXIf": _png(im, exif=exif.tobytes()),
-        "xmp-before-idat": _with_chunk(plain, b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + _XMP6),
-        "xmp-after-idat": _with_chunk(plain, b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + _XMP6, after_idat=True),
-        "raw-profile-exif": _with_chunk(plain, b"zTXt", b"Raw profile type exif\0\0" + zlib.compress(raw_exif.encode())),
-    }
+def _half_white() -> Image.Image:
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, 20:] = 255  # a rotation shows
+    return Image.fromarray(a)
 
 
 @pytest.mark.parametrize("name", ["eXIf", "xmp-before-idat", "xmp-after-idat", "raw-profile-exif"])
 def test_oriented_pngs_go_to_pillow_and_come_out_upright(name):
-    data = _oriented_pngs()[name]
+    data = oriented_pngs(_half_white())[name]
     assert not png_is_plain(data) and opencv_png(data) is None
     with Image.open(io.BytesIO(data)) as im:
         pillow = im.getexif().get(0x0112)
@@ -195,4 +170,5 @@ def test_png_is_plain_walks_the_chunks(rgb):
     assert not png_is_plain(data + b"more")  # something else after IEND: Pillow decides
     assert not png_is_plain(data[:-12])  # no IEND
     assert not png_is_plain(data[:40])
-    assert not png_is_plain(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", bytes(13)) + _chunk(b"IEND", b""))  # no IDAT
+    no_idat = data[: data.find(b"IDAT") - 4] + data[data.rfind(b"IEND") - 4 :]
+    assert not png_is_plain(no_idat)

@@ -56,15 +56,41 @@ def image_bytes(im: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
+def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_with_chunk(data: bytes, kind: bytes, body: bytes, *, after_idat: bool = False) -> bytes:
+    """``data`` (a PNG) with one more chunk: right after IHDR, or just before IEND."""
+    at = data.rfind(b"IEND") - 4 if after_idat else 33
+    return data[:at] + png_chunk(kind, body) + data[at:]
+
+
+_XMP_ORIENTATION_6 = b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+
+
+def oriented_pngs(im: Image.Image) -> dict[str, bytes]:
+    """``im`` as PNGs that Pillow reads orientation 6 from, each in another chunk: eXIf, XMP
+    (iTXt) before or after the pixel data, ImageMagick's "Raw profile type exif" (zTXt)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    plain = image_bytes(im, "PNG")
+    xmp = b"XML:com.adobe.xmp\0\0\0\0\0" + _XMP_ORIENTATION_6
+    raw_exif = "\nexif\n" + f"{len(exif.tobytes()):8d}\n" + exif.tobytes().hex() + "\n"
+    return {
+        "eXIf": image_bytes(im, "PNG", exif=exif.tobytes()),
+        "xmp-before-idat": png_with_chunk(plain, b"iTXt", xmp),
+        "xmp-after-idat": png_with_chunk(plain, b"iTXt", xmp, after_idat=True),
+        "raw-profile-exif": png_with_chunk(
+            plain, b"zTXt", b"Raw profile type exif\0\0" + zlib.compress(raw_exif.encode())),
+    }
 
 
 def png_bomb(width: int, height: int) -> bytes:
     """A valid-looking ~70-byte PNG whose IHDR declares ``width`` x ``height`` RGB pixels."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" + b"\x00" * 3)  # one row of a 1x1 image: far too little
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
 def jpeg_bomb(width: int, height: int) -> bytes:
