@@ -301,6 +301,9 @@ def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["runs"] = [round(r["images_per_s"], 1) for r in runs if "images_per_s" in r]
     out["round_rates"] = [r.get("images_per_s") for r in runs]  # by round, None where it failed
     out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+    whole = [r["images_per_s_with_startup"] for r in ok if "images_per_s_with_startup" in r]
+    if whole:
+        out["images_per_s_with_startup"] = statistics.median(whole)
     return out
 
 

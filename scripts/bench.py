@@ -39,7 +39,9 @@ Every packer contender starts after an os.sync(), so none pays for another's dir
 `--only resized` runs keras_directory and the two resized contenders alone: with --resize
 and --quality, it measures what a pack-time size and quality buy against Keras.
 
-Prints a table of images/s, ratios to the decode limit and to each anchor, CPU ms per
+Prints a table of images/s (the steady state, after 3 warm-up batches and before the
+iterator is torn down), ratios to the decode limit and to each anchor, the whole epoch's
+images/s (start-up and teardown included: what one epoch costs a training loop), CPU ms per
 image (less disturbed than images/s on a shared machine), peak RSS, the load average; writes
 JSON and a PNG bar chart; ``--update-readme`` puts the table and chart into README.md.
 
@@ -398,7 +400,7 @@ def format_table(results: dict[str, dict[str, Any]], kind: str) -> str:
     bases = [results.get(key, {}).get("images_per_s") for _, key in anchors]
     head = (["contender", "images/s", "runs"]
             + [f"× {label}" for label, _ in anchors]
-            + (["cpu ms/img"] if reader else []) + ["peak RSS MB"])
+            + (["whole epoch images/s", "cpu ms/img"] if reader else []) + ["peak RSS MB"])
     rows = ["| " + " | ".join(head) + " |",
             "|---|" + "|".join("---" if h == "runs" else "---:" for h in head[1:]) + "|"]
     for name in names:
@@ -410,6 +412,8 @@ def format_table(results: dict[str, dict[str, Any]], kind: str) -> str:
         cells = [name, f"{rate:.0f}", ", ".join(f"{v:.0f}" for v in r.get("runs", []))]
         cells += [_ratio(rate, base) for base in bases]
         if reader:
+            whole = r.get("images_per_s_with_startup")
+            cells.append(f"{whole:.0f}" if whole else "–")
             cells.append(f"{r['cpu_ms_per_image']:.2f}" if "cpu_ms_per_image" in r else "–")
         cells.append(f"{r['peak_rss_mb']:.0f}")
         rows.append("| " + " | ".join(cells) + " |")

@@ -58,3 +58,26 @@ def test_bench_advises_decode_processes_only_where_they_help():
     assert advice(results, 16, 8) == []
     results["shardpack_numpy"] = median_result(_runs(9_000))
     assert advice(results, 16, 0) == []
+
+
+def test_reader_table_shows_the_whole_epoch_beside_the_steady_rate():
+    """Start-up (filling the shuffle buffer, first batches) and teardown are left out of the
+    steady rate; the whole-epoch column shows what one epoch costs a training loop."""
+    bench = _bench_module()
+
+    def runs(*pairs: tuple[float, float]) -> list[dict]:
+        return [{"images_per_s": steady, "images_per_s_with_startup": whole, "peak_rss_mb": 1.0,
+                 "cpu_ms_per_image": 1.0} for steady, whole in pairs]
+
+    results = {
+        "decode_limit": median_result(_runs(1000, 1000, 1000)),
+        "shardpack_numpy": median_result(runs((900, 700), (950, 500), (1000, 800))),
+    }
+    assert results["shardpack_numpy"]["images_per_s_with_startup"] == 700
+    table = bench.format_table(results, "reader")
+    head = table.splitlines()[0]
+    assert "whole epoch images/s" in head
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()[2:]}
+    column = [h.strip("| ") for h in head.split(" | ")].index("whole epoch images/s")
+    assert cells["shardpack_numpy"][column] == "700"
+    assert cells["decode_limit"][column] == "–"  # the limit has no epoch to start
