@@ -237,43 +237,42 @@ def fast_png_info(data: bytes) -> FastInfo | None:
 # text chunk holding EXIF or XMP, which Pillow also reads it from) or an animation
 _PNG_ORIENTING = frozenset({b"eXIf", b"acTL"})
 _PNG_TEXT = frozenset({b"tEXt", b"zTXt", b"iTXt"})
-_PNG_EXIF_KEYWORDS = frozenset({b"XML:com.adobe.xmp", b"Raw profile type exif"})
+_PNG_EXIF_KEYWORDS = frozenset({b"exif", b"XML:com.adobe.xmp", b"Raw profile type exif"})
 
 
 def png_is_plain(data: bytes, *, animation_ok: bool = False) -> bool:
-    """True when a PNG's chunks are well formed up to ``IEND`` and none of them orients
-    (EXIF, XMP) or animates the image: its pixels are then the IDAT data alone, which any
-    PNG decoder gives alike. False sends the file to Pillow.
+    """True when a PNG's chunks are well formed through ``IEND``, its IDAT chunks form one
+    run, and no chunk orients (EXIF, XMP) or animates the image: its pixels are then the
+    IDAT data alone, which any PNG decoder gives alike. False sends the file to Pillow.
+    ``animation_ok``: an animation (whose default image is still the IDAT data) does not
+    count.
 
-    Reads chunk headers only: those before the first ``IDAT``, then from the last ``IDAT``
-    (found from the end) to ``IEND``. Scanning the whole file for the chunk names instead
-    cost 1.5 ms on an 870 KB PNG; a false ``IDAT`` match inside the compressed data breaks
-    the walk, which then answers False. ``animation_ok``: an animation (whose default
-    image is still the IDAT data) does not count.
+    Reads every chunk's header (IDAT bodies skipped by their length): 7-23 µs on an 800 KB
+    PNG in 13 or 103 IDAT chunks, where scanning the whole file for the chunk names cost
+    1.5 ms. Only zero bytes may follow ``IEND``.
     """
     refused = _PNG_ORIENTING - {b"acTL"} if animation_ok else _PNG_ORIENTING
-    first = _png_walk(data, 8, refused)
-    if first is None or data[first + 4 : first + 8] != b"IDAT":
-        return False
-    last = data.rfind(b"IDAT") - 4
-    return last >= first and _png_walk(data, last, refused, past_idat=True) == len(data)
-
-
-def _png_walk(data: bytes, pos: int, refused: frozenset[bytes], *, past_idat: bool = False) -> int | None:
-    """Walk chunks from ``pos``: to the first IDAT (its position), or, ``past_idat``, from
-    the last IDAT to the end of ``IEND`` (that position, or ``len(data)`` if only padding
-    follows); None at a malformed chunk, one of ``refused``, or EXIF or XMP in a text chunk."""
-    end_of_data = len(data)
+    pos, end_of_data = 8, len(data)
+    before, in_idat, after = 0, 1, 2
+    state = before
+    unpack = _CHUNK_HEAD.unpack_from
     while pos + 12 <= end_of_data:
-        length, kind = struct.unpack_from(">I4s", data, pos)
-        if kind == b"IDAT" and not past_idat:
-            return pos
+        length, kind = unpack(data, pos)
         end = pos + 12 + length
         if end > end_of_data or kind in refused:
-            return None
-        if kind in _PNG_TEXT and data[pos + 8 : pos + 8 + min(length, 80)].split(b"\0", 1)[0] in _PNG_EXIF_KEYWORDS:
-            return None
-        if kind == b"IEND":
-            return end_of_data if not data[end:].strip(b"\0") else end
+            return False
+        if kind == b"IDAT":
+            if state == after:
+                return False  # a second run of image data: not a plain PNG
+            state = in_idat
+        else:
+            state = after if state == in_idat else state
+            if kind in _PNG_TEXT and data[pos + 8 : pos + 8 + min(length, 80)].split(b"\0", 1)[0] in _PNG_EXIF_KEYWORDS:
+                return False
+            if kind == b"IEND":
+                return state == after and not data[end:].strip(b"\0")
         pos = end
-    return None
+    return False
+
+
+_CHUNK_HEAD = struct.Struct(">I4s")

@@ -573,6 +573,11 @@ def opencv_png(data: bytes, color_mode: str = "rgb") -> np.ndarray | None:
     array, where Pillow's PNG decode and its copy into numpy (``tobytes``) hold it. With
     ~3% PNGs among the benchmark's photos, those held a quarter of the reader's GIL time
     (py-spy ``--gil``), the wall that many decode threads of one process meet.
+
+    Pixels are Pillow's wherever Pillow reads the file. A damaged ancillary chunk (a bad
+    CRC, a tRNS of the wrong length) makes Pillow refuse the whole file, while libpng,
+    OpenCV's as TensorFlow's, warns on stderr, drops the chunk and decodes the pixels: so
+    such a file decodes here as Keras decodes it, and fails only with ``decoder="pillow"``.
     """
     header = png_header(data)
     if header is None or header[2] != 8 or header[3] not in _OPENCV_PNG_TYPES.get(color_mode, ()):

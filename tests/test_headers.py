@@ -102,7 +102,7 @@ def test_xmp_only_orientation_packs_with_the_upright_size():
     assert probe.ok and (probe.width, probe.height) == oriented
 
 
-@pytest.mark.parametrize("name", ["eXIf", "xmp-before-idat", "xmp-after-idat", "raw-profile-exif"])
+@pytest.mark.parametrize("name", ["eXIf", "xmp-before-idat", "xmp-after-idat", "raw-profile-exif", "text-exif", "exif-between-idats", "xmp-ending-in-idat"])
 def test_oriented_png_packs_with_the_upright_size(name):
     """A PNG's orientation may sit in an eXIf chunk or in EXIF or XMP text, before or after
     the pixel data; Pillow (and so the reader) reads each, so the fast check hands them all

@@ -120,7 +120,7 @@ def _half_white() -> Image.Image:
     return Image.fromarray(a)
 
 
-@pytest.mark.parametrize("name", ["eXIf", "xmp-before-idat", "xmp-after-idat", "raw-profile-exif"])
+@pytest.mark.parametrize("name", ["eXIf", "xmp-before-idat", "xmp-after-idat", "raw-profile-exif", "text-exif", "exif-between-idats", "xmp-ending-in-idat"])
 def test_oriented_pngs_go_to_pillow_and_come_out_upright(name):
     data = oriented_pngs(_half_white())[name]
     assert not png_is_plain(data) and opencv_png(data) is None
@@ -172,3 +172,30 @@ def test_png_is_plain_walks_the_chunks(rgb):
     assert not png_is_plain(data[:40])
     no_idat = data[: data.find(b"IDAT") - 4] + data[data.rfind(b"IEND") - 4 :]
     assert not png_is_plain(no_idat)
+
+
+def test_a_damaged_ancillary_chunk_decodes_as_tensorflow_does(rgb):
+    """libpng (OpenCV's and TensorFlow's) only warns about a bad CRC on an ancillary chunk
+    and drops the chunk, where Pillow refuses the file: the fast path gives TensorFlow's
+    pixels (so Keras' on the same file), the reference path an error."""
+    tf = pytest.importorskip("tensorflow")
+    data = png_with_chunk(_png(Image.fromarray(rgb)), b"tEXt", b"Comment\0hello")
+    at = data.find(b"tEXt") + 4 + len(b"Comment\0hello")
+    damaged = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]  # the chunk's CRC
+    h, w = rgb.shape[:2]
+    options = DecodeOptions(image_size=(h, w))  # no resize: the decoders' own pixels
+    fast = decode_image(damaged, options)
+    assert (fast == tf.io.decode_png(damaged, channels=3).numpy()).all()
+    assert (fast == rgb).all()
+    with pytest.raises((OSError, SyntaxError, ValueError)):
+        decode_image(damaged, dataclasses.replace(options, decoder="pillow"))
+
+
+def test_the_decode_limit_decodes_pngs_as_the_reader_does(rgb):
+    from reader.benchmark import LIMIT_VARIANTS
+
+    data = _flavours(rgb)["palette-transparent"]
+    fast = LIMIT_VARIANTS["simplejpeg"](data, (64, 80))
+    assert fast.shape == (64, 80, 3)
+    assert (fast == LIMIT_VARIANTS["pillow-draft"](data, (64, 80))).all()
+    assert (fast == decode_image(data, DecodeOptions(image_size=(64, 80)))).all()

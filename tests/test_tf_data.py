@@ -59,7 +59,6 @@ def test_each_pass_is_a_new_epoch(id_shards):
     assert epochs[0] != epochs[1]
 
 
-@pytest.mark.slow
 def test_tf_data_autotuning_is_off_behind_the_reader_and_can_be_turned_back_on(id_shards):
     """With tf.data's autotuning on, ending an iterator over ``from_generator`` stalled for
     0.4-1.2 s in about half the epochs (a pure-TensorFlow pipeline: never): every Keras
@@ -78,6 +77,7 @@ def test_tf_data_autotuning_is_off_behind_the_reader_and_can_be_turned_back_on(i
     assert ds.with_options(on).options().autotune.enabled is True
 
 
+@pytest.mark.slow
 def test_fit_evaluate_predict_on_real_photos(photo_shards):
     keras.utils.set_random_seed(0)
     opts = dict(image_size=(32, 32), batch_size=32, seed=0)

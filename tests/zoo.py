@@ -70,19 +70,28 @@ _XMP_ORIENTATION_6 = b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmp
 
 
 def oriented_pngs(im: Image.Image) -> dict[str, bytes]:
-    """``im`` as PNGs that Pillow reads orientation 6 from, each in another chunk: eXIf, XMP
-    (iTXt) before or after the pixel data, ImageMagick's "Raw profile type exif" (zTXt)."""
+    """``im`` as PNGs that Pillow reads orientation 6 from, each in another chunk: eXIf (also
+    between two IDAT chunks), XMP (iTXt) before or after the pixel data (also ending in what
+    looks like an IDAT chunk header), ImageMagick's "Raw profile type exif" (zTXt), a tEXt
+    chunk with the keyword "exif"."""
     exif = Image.Exif()
     exif[0x0112] = 6
     plain = image_bytes(im, "PNG")
     xmp = b"XML:com.adobe.xmp\0\0\0\0\0" + _XMP_ORIENTATION_6
     raw_exif = "\nexif\n" + f"{len(exif.tobytes()):8d}\n" + exif.tobytes().hex() + "\n"
+    start = plain.find(b"IDAT") - 4  # Pillow writes one IDAT chunk here
+    end = start + 12 + struct.unpack_from(">I", plain, start)[0]
     return {
         "eXIf": image_bytes(im, "PNG", exif=exif.tobytes()),
         "xmp-before-idat": png_with_chunk(plain, b"iTXt", xmp),
         "xmp-after-idat": png_with_chunk(plain, b"iTXt", xmp, after_idat=True),
         "raw-profile-exif": png_with_chunk(
             plain, b"zTXt", b"Raw profile type exif\0\0" + zlib.compress(raw_exif.encode())),
+        "text-exif": png_with_chunk(plain, b"tEXt", b"exif\0" + exif.tobytes(), after_idat=True),
+        # an eXIf between the pixel data and an empty IDAT: libpng warns, Pillow reads it
+        "exif-between-idats": plain[:end] + png_chunk(b"eXIf", exif.tobytes()) + png_chunk(b"IDAT", b"") + plain[end:],
+        # XMP whose text ends like a chunk header "IDAT": a search from the end lands in it
+        "xmp-ending-in-idat": png_with_chunk(plain, b"iTXt", xmp + struct.pack(">I", 0) + b"IDAT", after_idat=True),
     }
 
 
