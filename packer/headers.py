@@ -219,8 +219,8 @@ def fast_png_info(data: bytes) -> FastInfo | None:
     an orientation (an eXIf chunk, or EXIF or XMP in a text chunk: Pillow reads it), or
     chunks that do not walk cleanly to ``IEND`` though one is there (Pillow decides).
 
-    The chunk walk (``png_is_plain``) replaced scanning the whole file for ``eXIf``: 167 µs
-    per PNG of the benchmark's set (255 KB on average) against a JPEG's 5 µs.
+    The chunk walk (``png_is_plain``) replaced scanning the whole file for ``eXIf``: per
+    PNG of the benchmark's set (255 KB on average) 4.6 µs instead of 163, a JPEG's 4.9.
     """
     header = png_header(data)
     if header is None:
