@@ -527,7 +527,9 @@ def _load_pillow(
 ) -> _Loaded:
     """Decode any format with Pillow (JPEG DCT-scaled by draft), upright, in the colour mode."""
     im = Image.open(io.BytesIO(data))
-    orientation = im.getexif().get(ORIENTATION_TAG, 1)
+    if im.format == "PNG":
+        im.load()  # its getexif loads it otherwise, where a pixel error would pass for an EXIF one
+    orientation = _pillow_orientation(im)
     raw_w, raw_h = im.size
     swap = orientation in _SWAPPING_ORIENTATIONS
     ow, oh = (raw_h, raw_w) if swap else (raw_w, raw_h)
@@ -541,6 +543,21 @@ def _load_pillow(
         _gif_transparent_black(out)
     arr = np.asarray(to_color_mode(out, options.color_mode))
     return (arr[:, :, None] if arr.ndim == 2 else arr), box
+
+
+def _pillow_orientation(im: Image.Image) -> int:
+    """Pillow's EXIF orientation of ``im``, or 1 where its EXIF cannot be read.
+
+    Pillow can raise anything on a malformed EXIF block (a PNG text chunk named "exif"
+    holding text gave a TypeError, which stopped the reader instead of one sample). The
+    packer records such a file's size as stored (``probe._upright_size``), so its pixels
+    are taken as stored here too. The caller loads a PNG first: its ``getexif`` would,
+    and the pixels' errors must still fail the sample.
+    """
+    try:
+        return int(im.getexif().get(ORIENTATION_TAG, 1))
+    except Exception:
+        return 1
 
 
 def _gif_transparent_black(im: Image.Image) -> None:

@@ -199,3 +199,21 @@ def test_the_decode_limit_decodes_pngs_as_the_reader_does(rgb):
     assert fast.shape == (64, 80, 3)
     assert (fast == LIMIT_VARIANTS["pillow-draft"](data, (64, 80))).all()
     assert (fast == decode_image(data, DecodeOptions(image_size=(64, 80)))).all()
+
+
+@pytest.mark.parametrize("decoder", ["auto", "pillow"])
+def test_an_unreadable_exif_text_chunk_leaves_the_pixels_as_stored(rgb, decoder):
+    """An iTXt chunk named "exif" holding text: Pillow's getexif raised TypeError, which
+    stopped the reader. The packer records such a file's stored size, the reader its
+    stored pixels."""
+    from packer.probe import probe_bytes
+
+    plain = _png(Image.fromarray(rgb))
+    data = png_with_chunk(plain, b"iTXt", b"exif\0\0\0\0\0hello")
+    with pytest.raises(TypeError), Image.open(io.BytesIO(data)) as im:  # Pillow's own failure
+        im.getexif()
+    probe = probe_bytes(data)
+    h, w = rgb.shape[:2]
+    assert probe.ok and (probe.width, probe.height) == (w, h)
+    out = decode_image(data, DecodeOptions(image_size=(h, w), decoder=decoder))
+    assert (out == rgb).all()
