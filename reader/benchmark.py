@@ -324,17 +324,18 @@ def run_rounds(
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     limit = results.get("decode_limit", {}).get("images_per_s")
-    rows = ["| contender | images/s (median) | runs | × decode limit | cpu ms/img | peak RSS MB |",
-            "|---|---:|---|---:|---:|---:|"]
+    rows = ["| contender | images/s (median) | runs | × decode limit | whole epoch images/s | cpu ms/img | peak RSS MB |",
+            "|---|---:|---|---:|---:|---:|---:|"]
     for name, r in results.items():
         if "images_per_s" not in r:
-            rows.append(f"| {name} | error: {r.get('error')} | | | | |")
+            rows.append(f"| {name} | error: {r.get('error')} | | | | | |")
             continue
         rate = r["images_per_s"]
         ratio = f"{rate / limit:.2f}" if limit else "–"
         runs = ", ".join(f"{v:.0f}" for v in r.get("runs", []))
+        whole = f"{r['images_per_s_with_startup']:.0f}" if r.get("images_per_s_with_startup") else "–"
         cpu = f"{r['cpu_ms_per_image']:.2f}" if r.get("cpu_ms_per_image") is not None else "–"
-        rows.append(f"| {name} | {rate:.0f} | {runs} | {ratio} | {cpu} | {r['peak_rss_mb']:.0f} |")
+        rows.append(f"| {name} | {rate:.0f} | {runs} | {ratio} | {whole} | {cpu} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(rows)
 
 

@@ -161,6 +161,8 @@ def test_bench_owns_its_options_and_measures_a_shard_set(id_shards, capsys):
                  "--repeat", "1", "--only", "decode_limit,shardpack_numpy", str(id_shards[0])]) == 0
     out = capsys.readouterr().out
     assert "decode_limit" in out and "shardpack_numpy" in out and "error" not in out
+    row = next(line for line in out.splitlines() if line.startswith("| shardpack_numpy "))
+    assert row.split(" | ")[4].isdigit()  # the whole epoch's rate beside the steady one
     assert main(["bench", "--image-size", "16", "--batch-size", "8", "--repeat", "1",
                  "--only", "shardpack_numpy", "--processes", "2", str(id_shards[0])]) == 0
     assert "error" not in capsys.readouterr().out
