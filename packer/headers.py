@@ -18,7 +18,7 @@ from typing import Literal
 __all__ = [
     "FastInfo", "fast_jpeg_info", "fast_png_info", "jpeg_orientation", "tiff_orientation",
     "signature_kind", "starts_like_image", "ORIENTATION_TAG", "PNG_SIGNATURE", "png_header",
-    "png_is_plain",
+    "png_is_plain", "png_without",
 ]
 
 _SOF_PLAIN = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressive (Huffman)
@@ -276,3 +276,25 @@ def png_is_plain(data: bytes, *, animation_ok: bool = False) -> bool:
 
 
 _CHUNK_HEAD = struct.Struct(">I4s")
+
+
+def png_without(data: bytes, kinds: frozenset[bytes]) -> bytes:
+    """``data`` (a PNG that ``png_is_plain`` accepted) without its chunks of ``kinds`` that
+    come before the image data; ``data`` itself when it has none."""
+    pos, cuts = 8, []
+    unpack = _CHUNK_HEAD.unpack_from
+    while pos + 12 <= len(data):
+        length, kind = unpack(data, pos)
+        if kind == b"IDAT":
+            break
+        if kind in kinds:
+            cuts.append((pos, pos + 12 + length))
+        pos += 12 + length
+    if not cuts:
+        return data
+    kept, start = [], 0
+    for begin, end in cuts:
+        kept.append(data[start:begin])
+        start = end
+    kept.append(data[start:])
+    return b"".join(kept)

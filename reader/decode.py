@@ -67,6 +67,7 @@ from packer.headers import (
     jpeg_orientation,
     png_header,
     png_is_plain,
+    png_without,
 )
 
 from .checks import check_image_size
@@ -581,6 +582,14 @@ def _gif_transparent_black(im: Image.Image) -> None:
 _OPENCV_PNG_TYPES = {"rgb": (0, 2, 3, 4, 6), "grayscale": (0, 4)}
 
 
+# chunks that are common in real PNGs, that no decoder here applies to the pixels, and that
+# libpng, under OpenCV, warns about on stderr at every decode when it finds them wrong (an
+# ICC profile: "iCCP: known incorrect sRGB profile"; "invalid rendering intent" on
+# scikit-image's page.png), so once per image and epoch: cut out before OpenCV decodes (a
+# copy of the file, far cheaper than the decode)
+_LIBPNG_WARNS = frozenset({b"iCCP"})
+
+
 def opencv_png(data: bytes, color_mode: str = "rgb") -> np.ndarray | None:
     """Decode a plain 8-bit PNG with OpenCV into an (h, w, c) uint8 array in ``color_mode``;
     None when Pillow must do it (OpenCV missing, another depth or colour mode, an EXIF or
@@ -609,7 +618,8 @@ def opencv_png(data: bytes, color_mode: str = "rgb") -> np.ndarray | None:
     gray = color_mode == "grayscale"
     rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.11
     flag = cv2.IMREAD_GRAYSCALE if gray else (cv2.IMREAD_COLOR if rgb_flag is None else rgb_flag)
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
+    plain = png_without(data, _LIBPNG_WARNS)
+    arr = cv2.imdecode(np.frombuffer(plain, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
     if arr is None or arr.shape[:2] != (height, width):
         return None  # damaged: Pillow decides, and names the problem
     if gray:

@@ -217,3 +217,26 @@ def test_an_unreadable_exif_text_chunk_leaves_the_pixels_as_stored(rgb, decoder)
     assert probe.ok and (probe.width, probe.height) == (w, h)
     out = decode_image(data, DecodeOptions(image_size=(h, w), decoder=decoder))
     assert (out == rgb).all()
+
+
+def test_a_png_with_an_icc_profile_libpng_dislikes_decodes_quietly(capfd):
+    """scikit-image's page.png (a scanned page, grey) carries an ICC profile libpng warns
+    about on stderr ("invalid rendering intent") at every decode: once per image and epoch
+    in training. The profile (which no decoder here applies) is cut out before OpenCV
+    decodes."""
+    import os
+
+    import skimage
+
+    from packer.headers import png_without
+
+    with open(os.path.join(os.path.dirname(skimage.__file__), "data", "page.png"), "rb") as f:
+        data = f.read()
+    assert b"iCCP" in data and b"iCCP" not in png_without(data, frozenset({b"iCCP"}))
+    assert png_without(data, frozenset({b"sBIT"})) is data  # nothing to cut: no copy
+    capfd.readouterr()
+    for mode in ("rgb", "grayscale"):
+        arr = opencv_png(data, mode)
+        ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB" if mode == "rgb" else "L"))
+        assert arr is not None and (arr.reshape(ref.shape) == ref).all()
+    assert capfd.readouterr().err == ""
