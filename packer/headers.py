@@ -18,7 +18,7 @@ from typing import Literal
 __all__ = [
     "FastInfo", "fast_jpeg_info", "fast_png_info", "jpeg_orientation", "tiff_orientation",
     "signature_kind", "starts_like_image", "ORIENTATION_TAG", "PNG_SIGNATURE", "png_header",
-    "png_is_plain", "png_without",
+    "png_is_plain", "png_only",
 ]
 
 _SOF_PLAIN = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressive (Huffman)
@@ -278,18 +278,19 @@ def png_is_plain(data: bytes, *, animation_ok: bool = False) -> bool:
 _CHUNK_HEAD = struct.Struct(">I4s")
 
 
-def png_without(data: bytes, kinds: frozenset[bytes]) -> bytes:
-    """``data`` (a PNG that ``png_is_plain`` accepted) without its chunks of ``kinds`` that
-    come before the image data; ``data`` itself when it has none."""
-    pos, cuts = 8, []
+def png_only(data: bytes, kinds: frozenset[bytes]) -> bytes:
+    """``data`` (a PNG that ``png_is_plain`` accepted) with only its chunks of ``kinds``;
+    ``data`` itself when it has no other."""
+    pos, cuts, end_of_data = 8, [], len(data)
     unpack = _CHUNK_HEAD.unpack_from
-    while pos + 12 <= len(data):
+    while pos + 12 <= end_of_data:
         length, kind = unpack(data, pos)
-        if kind == b"IDAT":
+        end = pos + 12 + length
+        if kind not in kinds:
+            cuts.append((pos, end))
+        if kind == b"IEND":
             break
-        if kind in kinds:
-            cuts.append((pos, pos + 12 + length))
-        pos += 12 + length
+        pos = end
     if not cuts:
         return data
     kept, start = [], 0

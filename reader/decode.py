@@ -67,7 +67,7 @@ from packer.headers import (
     jpeg_orientation,
     png_header,
     png_is_plain,
-    png_without,
+    png_only,
 )
 
 from .checks import check_image_size
@@ -556,9 +556,15 @@ def _pillow_orientation(im: Image.Image) -> int:
     and the pixels' errors must still fail the sample.
     """
     try:
-        return int(im.getexif().get(ORIENTATION_TAG, 1))
+        orientation = im.getexif().get(ORIENTATION_TAG, 1)
     except Exception:
         return 1
+    # a tag of another type ("6", 6.5) is no orientation to ImageOps.exif_transpose or the
+    # packer either; a whole rational (6/1) is one
+    return int(orientation) if orientation in _ORIENTATIONS else 1
+
+
+_ORIENTATIONS = range(1, 9)
 
 
 def _gif_transparent_black(im: Image.Image) -> None:
@@ -582,12 +588,14 @@ def _gif_transparent_black(im: Image.Image) -> None:
 _OPENCV_PNG_TYPES = {"rgb": (0, 2, 3, 4, 6), "grayscale": (0, 4)}
 
 
-# chunks that are common in real PNGs, that no decoder here applies to the pixels, and that
-# libpng, under OpenCV, warns about on stderr at every decode when it finds them wrong (an
-# ICC profile: "iCCP: known incorrect sRGB profile"; "invalid rendering intent" on
-# scikit-image's page.png), so once per image and epoch: cut out before OpenCV decodes (a
-# copy of the file, far cheaper than the decode)
-_LIBPNG_WARNS = frozenset({b"iCCP"})
+# The chunks a PNG's 8-bit pixels come from, as OpenCV and Pillow decode them (neither
+# applies gamma, colour profiles, significant bits; tRNS only makes alpha, which "rgb" and
+# "grayscale" drop). libpng, under OpenCV, warns on stderr about any other chunk it finds
+# wrong (an ICC profile: "iCCP: known incorrect sRGB profile", "invalid rendering intent" on
+# scikit-image's page.png; sRGB, gAMA or text chunks out of place or invalid), at every
+# decode, so once per image and epoch; it also inflates every compressed text chunk. The
+# others are cut out before OpenCV decodes (a copy of the file, far cheaper than the decode).
+_PNG_PIXEL_CHUNKS = frozenset({b"IHDR", b"PLTE", b"IDAT", b"IEND"})
 
 
 def opencv_png(data: bytes, color_mode: str = "rgb") -> np.ndarray | None:
@@ -618,7 +626,7 @@ def opencv_png(data: bytes, color_mode: str = "rgb") -> np.ndarray | None:
     gray = color_mode == "grayscale"
     rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.11
     flag = cv2.IMREAD_GRAYSCALE if gray else (cv2.IMREAD_COLOR if rgb_flag is None else rgb_flag)
-    plain = png_without(data, _LIBPNG_WARNS)
+    plain = png_only(data, _PNG_PIXEL_CHUNKS)
     arr = cv2.imdecode(np.frombuffer(plain, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
     if arr is None or arr.shape[:2] != (height, width):
         return None  # damaged: Pillow decides, and names the problem

@@ -222,21 +222,67 @@ def test_an_unreadable_exif_text_chunk_leaves_the_pixels_as_stored(rgb, decoder)
 def test_a_png_with_an_icc_profile_libpng_dislikes_decodes_quietly(capfd):
     """scikit-image's page.png (a scanned page, grey) carries an ICC profile libpng warns
     about on stderr ("invalid rendering intent") at every decode: once per image and epoch
-    in training. The profile (which no decoder here applies) is cut out before OpenCV
-    decodes."""
+    in training. Only the chunks the pixels come from reach OpenCV."""
     import os
 
-    import skimage
-
-    from packer.headers import png_without
-
+    skimage = pytest.importorskip("skimage")
     with open(os.path.join(os.path.dirname(skimage.__file__), "data", "page.png"), "rb") as f:
         data = f.read()
-    assert b"iCCP" in data and b"iCCP" not in png_without(data, frozenset({b"iCCP"}))
-    assert png_without(data, frozenset({b"sBIT"})) is data  # nothing to cut: no copy
+    assert b"iCCP" in data
     capfd.readouterr()
     for mode in ("rgb", "grayscale"):
         arr = opencv_png(data, mode)
         ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB" if mode == "rgb" else "L"))
         assert arr is not None and (arr.reshape(ref.shape) == ref).all()
     assert capfd.readouterr().err == ""
+
+
+def test_ancillary_chunks_libpng_warns_about_are_cut_out(rgb, capfd):
+    """Chunks out of place or invalid, which libpng reports on stderr at every decode and
+    Pillow ignores: an sRGB with an unknown rendering intent, a second gAMA, an ICC profile
+    after the pixel data. The pixels are still Pillow's, and nothing is printed."""
+    from packer.headers import png_only
+
+    data = _png(Image.fromarray(rgb))
+    data = png_with_chunk(data, b"sRGB", bytes([9]))
+    data = png_with_chunk(data, b"gAMA", struct.pack(">I", 45455))
+    data = png_with_chunk(data, b"gAMA", struct.pack(">I", 22727))
+    data = png_with_chunk(data, b"iCCP", b"bogus\0\0" + zlib.compress(b"not a profile"), after_idat=True)
+    critical = frozenset({b"IHDR", b"PLTE", b"IDAT", b"IEND"})
+    only = png_only(data, critical)
+    assert only == _png(Image.fromarray(rgb))  # every added chunk cut, the rest untouched
+    assert png_only(only, critical) is only  # nothing to cut: no copy
+    capfd.readouterr()
+    options = DecodeOptions(image_size=(64, 64))
+    fast = decode_image(data, options)
+    assert capfd.readouterr().err == ""
+    assert opencv_png(data) is not None
+    assert (fast == decode_image(data, dataclasses.replace(options, decoder="pillow"))).all()
+
+
+def _exif_with_orientation_of_type(kind: str) -> bytes:
+    """A big-endian TIFF block whose only tag is the orientation, stored as ASCII "6" or as
+    the RATIONAL 13/2 (writers get this wrong; Pillow hands either over as stored)."""
+    if kind == "ascii":
+        entry, extra = struct.pack(">HHI", 0x0112, 2, 2) + b"6\0\0\0", b""
+    else:  # its value lies after the IFD: 8 (header) + 2 + 12 + 4
+        entry, extra = struct.pack(">HHII", 0x0112, 5, 1, 26), struct.pack(">II", 13, 2)
+    return b"MM\0*" + struct.pack(">IH", 8, 1) + entry + b"\0\0\0\0" + extra
+
+
+@pytest.mark.parametrize("kind", ["ascii", "rational"])
+def test_an_orientation_tag_of_another_type_is_no_orientation(kind):
+    """``ImageOps.exif_transpose`` and the packer do not turn an image for an orientation
+    of another type ("6", 6.5), so the reader must not swap its crop box's sides either
+    (``int()`` made both 6: a squashed crop)."""
+    from packer.probe import probe_bytes
+
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, 10:30] = 255  # a centred white band: a 1:1 centre crop is all white
+    data = png_with_chunk(_png(Image.fromarray(a)), b"eXIf", _exif_with_orientation_of_type(kind))
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.getexif().get(0x0112) in ("6", 6.5)  # handed over as stored
+    probe = probe_bytes(data)
+    assert probe.ok and (probe.width, probe.height) == (40, 20)
+    out = decode_image(data, DecodeOptions(image_size=(8, 8), crop_to_aspect_ratio=True))
+    assert (out == 255).all()
