@@ -98,6 +98,8 @@ def _upright_size(im: Image.Image, opened: tuple[int, int]) -> tuple[int, int]:
         return opened
     try:
         orientation = im.getexif().get(0x0112, 1)
+    except MemoryError:
+        raise
     except Exception:  # a broken EXIF block must not hide an otherwise good image
         orientation = 1
     w, h = opened

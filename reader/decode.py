@@ -557,6 +557,8 @@ def _pillow_orientation(im: Image.Image) -> int:
     """
     try:
         orientation = im.getexif().get(ORIENTATION_TAG, 1)
+    except MemoryError:
+        raise  # the process's trouble, not the file's
     except Exception:
         return 1
     # a tag of another type ("6", 6.5) is no orientation to ImageOps.exif_transpose or the
