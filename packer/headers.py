@@ -247,7 +247,7 @@ def png_is_plain(data: bytes, *, animation_ok: bool = False) -> bool:
     ``animation_ok``: an animation (whose default image is still the IDAT data) does not
     count.
 
-    Reads every chunk's header (IDAT bodies skipped by their length): 7-23 µs on an 800 KB
+    Reads every chunk's header (IDAT bodies skipped by their length): 3-22 µs on an 820 KB
     PNG in 13 or 103 IDAT chunks, where scanning the whole file for the chunk names cost
     1.5 ms. Only zero bytes may follow ``IEND``.
     """

@@ -34,6 +34,8 @@ Choices, made once here so every image is treated alike:
   needs the affine warp, about 3x the cost of ``cv2.resize``).
   Without it, ``Image.draft`` scales by 1/2, 1/4 or 1/8. JPEGs simplejpeg cannot take
   (CMYK, 12-bit, damaged) go to Pillow, which decides.
+- **Plain 8-bit PNGs** decode with OpenCV when it is installed (``opencv_png``): Pillow's
+  pixels, without holding the GIL. Oriented, animated, 16-bit or damaged ones go to Pillow.
 - **Resize like Keras**: with OpenCV installed (``shardpack[fast]``), ``bilinear``,
   ``nearest`` and ``bicubic`` resize without antialiasing and with half-pixel centres, as
   ``tf.image.resize(antialias=False)`` does inside ``image_dataset_from_directory``:
@@ -666,7 +668,8 @@ def _load_simplejpeg_only(
 
 
 # decoder name -> loader. "auto": simplejpeg for the JPEGs it can take and OpenCV for
-# plain 8-bit PNGs, when installed, Pillow for the rest; "pillow": Pillow only (the reference the fast path is tested against).
+# plain 8-bit PNGs, when installed, Pillow for the rest; "pillow": Pillow only (the
+# reference the fast path is tested against).
 DECODERS = {
     "auto": _load_auto,
     "pillow": _load_pillow,
