@@ -252,14 +252,10 @@ def png_is_plain(data: bytes, *, animation_ok: bool = False) -> bool:
     1.5 ms. Only zero bytes may follow ``IEND``.
     """
     refused = _PNG_ORIENTING - {b"acTL"} if animation_ok else _PNG_ORIENTING
-    pos, end_of_data = 8, len(data)
     before, in_idat, after = 0, 1, 2
     state = before
-    unpack = _CHUNK_HEAD.unpack_from
-    while pos + 12 <= end_of_data:
-        length, kind = unpack(data, pos)
-        end = pos + 12 + length
-        if end > end_of_data or kind in refused:
+    for kind, pos, end in _png_chunks(data):
+        if end > len(data) or kind in refused:
             return False
         if kind == b"IDAT":
             if state == after:
@@ -267,30 +263,35 @@ def png_is_plain(data: bytes, *, animation_ok: bool = False) -> bool:
             state = in_idat
         else:
             state = after if state == in_idat else state
-            if kind in _PNG_TEXT and data[pos + 8 : pos + 8 + min(length, 80)].split(b"\0", 1)[0] in _PNG_EXIF_KEYWORDS:
+            if kind in _PNG_TEXT and data[pos + 8 : min(end - 4, pos + 88)].split(b"\0", 1)[0] in _PNG_EXIF_KEYWORDS:
                 return False
             if kind == b"IEND":
                 return state == after and not data[end:].strip(b"\0")
-        pos = end
     return False
 
 
 _CHUNK_HEAD = struct.Struct(">I4s")
 
 
-def png_only(data: bytes, kinds: frozenset[bytes]) -> bytes:
-    """``data`` (a PNG that ``png_is_plain`` accepted) with only its chunks of ``kinds``;
-    ``data`` itself when it has no other."""
-    pos, cuts, end_of_data = 8, [], len(data)
+def _png_chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """Each chunk's (type, start, end) from the first on, through ``IEND``: headers only,
+    the bodies skipped by their length. Stops early where a header is cut off, and after a
+    chunk that runs past the data (its ``end`` then exceeds ``len(data)``)."""
+    pos, end_of_data = 8, len(data)
     unpack = _CHUNK_HEAD.unpack_from
     while pos + 12 <= end_of_data:
         length, kind = unpack(data, pos)
         end = pos + 12 + length
-        if kind not in kinds:
-            cuts.append((pos, end))
-        if kind == b"IEND":
-            break
+        yield kind, pos, end
+        if kind == b"IEND" or end > end_of_data:
+            return
         pos = end
+
+
+def png_only(data: bytes, kinds: frozenset[bytes]) -> bytes:
+    """``data`` (a PNG that ``png_is_plain`` accepted) with only its chunks of ``kinds``;
+    ``data`` itself when it has no other."""
+    cuts = [(pos, end) for kind, pos, end in _png_chunks(data) if kind not in kinds]
     if not cuts:
         return data
     kept, start = [], 0
