@@ -28,11 +28,11 @@ from PIL import Image, UnidentifiedImageError
 
 from .digest import content_digest
 from .format import PIL_FORMAT_TO_EXT
-from .headers import FastInfo, fast_jpeg_info, fast_png_info, signature_kind
+from .headers import ORIENTATION_TAG, FastInfo, fast_jpeg_info, fast_png_info, signature_kind
 from .spool import put as spool_put
 from .transform import ResizeSpec, load_for_resize, transform_image
 
-__all__ = ["Probe", "allow_packed_pixels", "probe_file", "probe_bytes", "read_stamped", "file_stamp", "DEFAULT_MAX_PIXELS", "VALIDATE_MODES", "DEFAULT_VALIDATE"]
+__all__ = ["Probe", "allow_packed_pixels", "pillow_orientation", "probe_file", "probe_bytes", "read_stamped", "file_stamp", "DEFAULT_MAX_PIXELS", "VALIDATE_MODES", "DEFAULT_VALIDATE"]
 
 # Pillow's own warning threshold (~9459 x 9459); above it a file is a likely decompression
 # bomb: a few KB on disk that expand to gigabytes of pixels in every training worker.
@@ -96,14 +96,30 @@ def _upright_size(im: Image.Image, opened: tuple[int, int]) -> tuple[int, int]:
     """
     if getattr(im, "_tile_size", opened) != opened:
         return opened
-    try:
-        orientation = im.getexif().get(0x0112, 1)
-    except MemoryError:
-        raise
-    except Exception:  # a broken EXIF block must not hide an otherwise good image
-        orientation = 1
     w, h = opened
-    return (h, w) if orientation in _ROTATED_ORIENTATIONS else (w, h)
+    return (h, w) if pillow_orientation(im) in _ROTATED_ORIENTATIONS else (w, h)
+
+
+def pillow_orientation(im: Image.Image) -> int:
+    """Pillow's EXIF orientation of ``im`` (1-8), or 1 where its EXIF cannot be read: the
+    one rule the probe's recorded size and the reader's pixels both follow.
+
+    A broken EXIF block must not hide an otherwise good image, and Pillow can raise
+    anything on one (a PNG text chunk named "exif" holding text gave a TypeError, which
+    stopped the reader). A tag of another type ("6", 6.5) is no orientation to
+    ``ImageOps.exif_transpose`` either; a whole rational (6/1) is one. For a PNG,
+    ``getexif`` loads the pixels: a caller that must see their errors loads it first.
+    """
+    try:
+        orientation = im.getexif().get(ORIENTATION_TAG, 1)
+    except MemoryError:
+        raise  # the process's trouble, not the file's
+    except Exception:
+        return 1
+    return int(orientation) if orientation in _ORIENTATIONS else 1
+
+
+_ORIENTATIONS = range(1, 9)
 
 
 def _full_decode(im: Image.Image) -> None:

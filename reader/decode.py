@@ -64,13 +64,13 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from packer.headers import (
-    ORIENTATION_TAG,
     PNG_SIGNATURE,
     jpeg_orientation,
     png_header,
     png_is_plain,
     png_only,
 )
+from packer.probe import pillow_orientation
 
 from .checks import check_image_size
 
@@ -532,7 +532,7 @@ def _load_pillow(
     im = Image.open(io.BytesIO(data))
     if im.format == "PNG":
         im.load()  # its getexif loads it otherwise, where a pixel error would pass for an EXIF one
-    orientation = _pillow_orientation(im)
+    orientation = pillow_orientation(im)
     raw_w, raw_h = im.size
     swap = orientation in _SWAPPING_ORIENTATIONS
     ow, oh = (raw_h, raw_w) if swap else (raw_w, raw_h)
@@ -546,29 +546,6 @@ def _load_pillow(
         _gif_transparent_black(out)
     arr = np.asarray(to_color_mode(out, options.color_mode))
     return (arr[:, :, None] if arr.ndim == 2 else arr), box
-
-
-def _pillow_orientation(im: Image.Image) -> int:
-    """Pillow's EXIF orientation of ``im``, or 1 where its EXIF cannot be read.
-
-    Pillow can raise anything on a malformed EXIF block (a PNG text chunk named "exif"
-    holding text gave a TypeError, which stopped the reader instead of one sample). The
-    packer records such a file's size as stored (``probe._upright_size``), so its pixels
-    are taken as stored here too. The caller loads a PNG first: its ``getexif`` would,
-    and the pixels' errors must still fail the sample.
-    """
-    try:
-        orientation = im.getexif().get(ORIENTATION_TAG, 1)
-    except MemoryError:
-        raise  # the process's trouble, not the file's
-    except Exception:
-        return 1
-    # a tag of another type ("6", 6.5) is no orientation to ImageOps.exif_transpose or the
-    # packer either; a whole rational (6/1) is one
-    return int(orientation) if orientation in _ORIENTATIONS else 1
-
-
-_ORIENTATIONS = range(1, 9)
 
 
 def _gif_transparent_black(im: Image.Image) -> None:
