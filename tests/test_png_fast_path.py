@@ -5,6 +5,7 @@ that is damaged, truncated, 16-bit or too large, goes to Pillow as before."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import struct
 import zlib
@@ -12,7 +13,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-from zoo import oriented_pngs, png_chunk, png_with_chunk
+from zoo import image_bytes, oriented_pngs, png_chunk, png_with_chunk
 
 from packer.examples import photo
 from packer.headers import png_is_plain
@@ -27,10 +28,7 @@ def rgb() -> np.ndarray:
     return np.asarray(photo("astronaut").convert("RGB"))[40:250, 30:330]
 
 
-def _png(im: Image.Image, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", **kw)
-    return buf.getvalue()
+_png = functools.partial(image_bytes, fmt="PNG")  # an image's PNG bytes, Pillow's save options
 
 
 def _flavours(rgb: np.ndarray) -> dict[str, bytes]:
