@@ -239,11 +239,13 @@ def _decode_into(
     """
     failed = []
     scale = None if rescale is None else np.float32(rescale)
+    # channels first: each image is decoded (h, w, c) into this one array, then transposed
+    hwc = np.empty(options.shape, np.uint8) if channels_first else None
     for i, (sample, seed) in enumerate(zip(samples, seeds, strict=True)):
         row = x[first + i]
         try:
-            if channels_first:
-                row[...] = decode_sample(sample, options, seed).transpose(2, 0, 1)
+            if hwc is not None:
+                row[...] = decode_sample(sample, options, seed, out=hwc).transpose(2, 0, 1)
             else:
                 decode_sample(sample, options, seed, out=row)
         except SampleDecodeError as exc:

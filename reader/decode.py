@@ -55,6 +55,7 @@ import io
 import math
 import os
 import random
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,11 +139,54 @@ def _opencv() -> Any:
     return _cv2
 
 
+class _WorkArrays(threading.local):
+    """Each decode thread's own arrays for the in-between images of a decode into a batch
+    row (the decoded JPEG, its float32 copy, its uint8 resize), reused from image to image.
+
+    Why not fresh arrays: glibc serves each large allocation from its heap only while its
+    adaptive mmap threshold is in force. Anything that sets a malloc threshold switches that
+    off (``MALLOC_TRIM_THRESHOLD_``, which Dask sets for every worker; TensorFlow's
+    ``from_generator``, which sets ``M_TRIM_THRESHOLD``), and every array of 128 KB or more
+    is then a fresh ``mmap`` whose pages are faulted in and zeroed: measured on 2 cores, the
+    reader on ``--resize 256`` shards with ``MALLOC_TRIM_THRESHOLD_=65536`` took 1.03-1.19
+    ms of CPU per image, 265 page faults each, against 0.62. These arrays are faulted in
+    once per thread. They never leave ``decode_image``: it uses them only when it writes
+    into the caller's ``out``.
+    """
+
+    def __init__(self) -> None:
+        self.raw: dict[str, np.ndarray] = {}
+
+    def take(self, slot: str, shape: tuple[int, ...], dtype: type | np.dtype) -> np.ndarray | None:
+        """An array of ``shape`` in this thread's ``slot`` (its contents are garbage); None when it
+        would exceed ``_WORK_MAX_BYTES`` (the caller makes its own: a huge image's buffer is
+        not kept)."""
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > _WORK_MAX_BYTES:
+            return None
+        raw = self.raw.get(slot)
+        if raw is None or raw.nbytes < nbytes:
+            # a quarter more than asked: images of growing size do not reallocate each time
+            raw = np.empty(min(_WORK_MAX_BYTES, nbytes + nbytes // 4), dtype=np.uint8)
+            self.raw[slot] = raw
+        return raw[:nbytes].view(dtype).reshape(shape)
+
+
+# The largest array a decode thread keeps for reuse (per slot): a 2,000 x 2,000 RGB float32
+# copy. A larger one is allocated for its image only.
+_WORK_MAX_BYTES = 48 << 20
+_work = _WorkArrays()
+
+
 def resize_array(
     arr: np.ndarray, size: tuple[int, int], interpolation: str,
-    box: tuple[float, float, float, float] | None = None,
+    box: tuple[float, float, float, float] | None = None, dst: np.ndarray | None = None,
 ) -> np.ndarray:
     """Resize the (h, w, c) uint8 ``arr`` (or the sub-pixel ``box`` of it) to ``size`` = (width, height).
+
+    ``dst``: a C-contiguous (height, width, c) uint8 array that OpenCV's bilinear and
+    bicubic resizes write into (and return); any other resize returns a new array.
 
     With OpenCV, sampling is ``tf.image.resize(antialias=False)``'s: output pixel centre
     ``x + 0.5`` maps to input ``x0 + (x + 0.5) * scale``, edges clamped. A whole-image resize
@@ -158,7 +202,11 @@ def resize_array(
     elif interpolation == "nearest":  # OpenCV's nearest rounds differently; index instead
         out = arr[_nearest_rows_cols(arr.shape[:2], size, box)]
     else:
-        out = _opencv_resample(cv2, arr, size, interpolation, box)
+        fits = dst is not None and dst.flags.c_contiguous and dst.shape == (size[1], size[0], channels)
+        into = None if dst is None or not fits else dst[:, :, 0] if channels == 1 else dst
+        out = _opencv_resample(cv2, arr, size, interpolation, box, dst=into)
+        if dst is not None and into is not None and np.may_share_memory(out, dst):
+            return dst  # OpenCV's one-channel images are 2-D: dst is the (h, w, 1) array
     return out[:, :, None] if out.ndim == 2 else out
 
 
@@ -201,14 +249,25 @@ def resize_into(
             arr = mirrored(arr)
             if box is not None:
                 box = (arr.shape[1] - box[2], box[1], arr.shape[1] - box[0], box[3])
-        src = arr.astype(np.float32)
+        src = _work.take("float", arr.shape, np.float32)
+        if src is None:
+            src = arr.astype(np.float32)
+        else:
+            np.copyto(src, arr)
         dst = out[:, :, 0] if arr.shape[2] == 1 else out  # OpenCV's one-channel images are 2-D
         result = _opencv_resample(cv2, src, (width, height), interpolation, box, dst=dst)
         if not np.may_share_memory(result, out):  # OpenCV allocates when dst does not fit
             dst[...] = result
         return
-    resized = resize_array(arr, (width, height), interpolation, box=box)
-    out[...] = mirrored(resized) if flip else resized
+    if out.dtype == np.uint8 and not flip:
+        resized = resize_array(arr, (width, height), interpolation, box=box, dst=out)
+    else:
+        resized = resize_array(arr, (width, height), interpolation, box=box,
+                               dst=_work.take("resized", out.shape, np.uint8))
+    if flip:
+        out[...] = mirrored(resized)
+    elif resized is not out:
+        out[...] = resized
 
 
 def mirrored(arr: np.ndarray) -> np.ndarray:
@@ -491,12 +550,13 @@ def fast_jpeg_scale(width: int, height: int, need_w: int, need_h: int) -> tuple[
 
 
 def _load_simplejpeg(
-    data: bytes, options: DecodeOptions, rng: random.Random | None
+    data: bytes, options: DecodeOptions, rng: random.Random | None, reuse: bool = False
 ) -> _Loaded | None:
     """Decode a JPEG with simplejpeg, upright; None when Pillow must do it instead.
 
     ``fastdct`` is libjpeg's fast integer IDCT, TensorFlow's default for ``decode_jpeg``
-    (so Keras' pixels come from it too).
+    (so Keras' pixels come from it too). ``reuse``: decode into this thread's work array
+    (``_WorkArrays``), for a caller that copies the pixels out before its next decode.
     """
     if simplejpeg is None or options.color_mode == "rgba" or data[:2] != b"\xff\xd8":
         return None
@@ -515,8 +575,11 @@ def _load_simplejpeg(
     box = _box_fractions(ow, oh, options, rng)
     min_w, min_h = fast_jpeg_scale(raw_w, raw_h, *_needed_size(ow, oh, box, options, swap))
     gray = options.color_mode == "grayscale"
+    # simplejpeg decodes exactly min_w x min_h here (fast_jpeg_scale rounds as libjpeg-turbo
+    # does; checked for 3,600 sizes and scales), so the work array always holds it
+    buffer = _work.take("decoded", (min_h, min_w, 1 if gray else 3), np.uint8) if reuse else None
     try:
-        arr = simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB",
+        arr = simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB", buffer=buffer,
                                      min_width=min_w, min_height=min_h, fastdct=True)
     except ValueError:
         return None  # damaged or unusual: Pillow decides (and names the problem)
@@ -526,7 +589,7 @@ def _load_simplejpeg(
 
 
 def _load_pillow(
-    data: bytes, options: DecodeOptions, rng: random.Random | None
+    data: bytes, options: DecodeOptions, rng: random.Random | None, reuse: bool = False
 ) -> _Loaded:
     """Decode any format with Pillow (JPEG DCT-scaled by draft), upright, in the colour mode."""
     im = Image.open(io.BytesIO(data))
@@ -626,22 +689,22 @@ def _load_opencv_png(
 
 
 def _load_auto(
-    data: bytes, options: DecodeOptions, rng: random.Random | None
+    data: bytes, options: DecodeOptions, rng: random.Random | None, reuse: bool = False
 ) -> _Loaded:
     fast = None
     if data[:2] == b"\xff\xd8":
-        fast = _load_simplejpeg(data, options, rng)
+        fast = _load_simplejpeg(data, options, rng, reuse)
     elif data[:8] == PNG_SIGNATURE:
         fast = _load_opencv_png(data, options, rng)
     return fast if fast is not None else _load_pillow(data, options, rng)
 
 
 def _load_simplejpeg_only(
-    data: bytes, options: DecodeOptions, rng: random.Random | None
+    data: bytes, options: DecodeOptions, rng: random.Random | None, reuse: bool = False
 ) -> _Loaded:
     if simplejpeg is None:
         raise ImportError("decoder='simplejpeg' needs simplejpeg: pip install shardpack[fast]")
-    return _load_auto(data, options, rng)
+    return _load_auto(data, options, rng, reuse)
 
 
 # decoder name -> loader. "auto": simplejpeg for the JPEGs it can take and OpenCV for
@@ -674,7 +737,9 @@ def decode_image(
             image (the caller turns this into SampleDecodeError).
     """
     th, tw = options.image_size
-    arr, box = DECODERS[options.decoder](data, options, rng)
+    # with ``out``, every path below copies the pixels into it: the loader may decode into
+    # this thread's work array
+    arr, box = DECODERS[options.decoder](data, options, rng, out is not None)
     h, w = arr.shape[:2]
     pixel_box = (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
     sub_box = None

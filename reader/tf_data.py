@@ -35,11 +35,13 @@ def restore_malloc_thresholds() -> None:
 
     TensorFlow's generator dataset calls ``mallopt(M_TRIM_THRESHOLD, 128 KB)`` when it
     starts ("Memory patch applied" in its log), which also switches off glibc's adaptive
-    mmap threshold: from then on every allocation of 128 KB or more -- each decoded
-    image, each resized one -- is a fresh ``mmap`` whose pages are faulted in and zeroed,
-    and is unmapped again when freed. Measured with ``shardpack bench``: a third more CPU
-    per image on resized shards (1.36 vs 0.91 ms), tf.data at 0.6x the numpy reader.
-    This sets the thresholds glibc's own adaptation converges to (32 MB mmap, 64 MB trim),
+    mmap threshold: from then on every allocation of 128 KB or more is a fresh ``mmap``
+    whose pages are faulted in and zeroed, and is unmapped again when freed. Before the
+    decode threads had work arrays of their own (``reader.decode._WorkArrays``), each
+    decoded and resized image was one: a third more CPU per image on resized shards (1.36
+    vs 0.91 ms with ``shardpack bench``). What is left is the compressed samples over 128
+    KB and the PNG decodes: on the originals, 23 page faults per image without this, 4-7
+    with it. This sets the thresholds glibc's own adaptation converges to (32 MB mmap, 64 MB trim),
     so freed buffers are reused again. Memory stays bounded: the reader's buffers are.
     No effect where malloc is not glibc's; ``SHARDPACK_TF_MALLOC=keep`` leaves it alone.
     """

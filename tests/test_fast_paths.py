@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import random
+import threading
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from PIL import Image
 from packer.errors import SampleDecodeError
 from packer.examples import photo, random_crop
 from reader import ShardReader
+from reader import decode as decode_module
 from reader.decode import DecodeOptions, decode_image, jpeg_orientation
 
 simplejpeg = pytest.importorskip("simplejpeg")
@@ -260,3 +263,98 @@ def test_tf_dataset_equals_reader(mixed_shards):
     for (xt, yt), (xr, yr) in zip(ds, r, strict=True):
         assert xt.dtype.name == "float32" and np.array_equal(xt.numpy(), xr)
         assert np.array_equal(yt.numpy(), yr)
+
+
+# ---- decoding into a row reuses its thread's work arrays ----------------------------------
+
+
+def _row_options(color_mode: str) -> DecodeOptions:
+    return DecodeOptions(image_size=(224, 224), color_mode=color_mode)
+
+
+def _in_fresh_thread(fn):
+    """``fn()`` run on a new thread: one whose work arrays are still to be made."""
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+@pytest.mark.parametrize("color_mode", ["rgb", "grayscale"])
+@pytest.mark.parametrize("side", [300, 1400])  # float32: resized in float32, or resized as uint8 then cast
+def test_a_row_decode_makes_no_image_sized_arrays(photos, dtype, color_mode, side):
+    """A decode into a batch row allocates nothing the size of an image once its thread has
+    decoded one: every array 128 KB or larger is a fresh mmap, paged in again, wherever a
+    malloc threshold is set (Dask workers, TensorFlow's from_generator)."""
+    im = photos[0].resize((side, side * 3 // 4))
+    data = _jpeg(im, quality=90)
+    options = _row_options(color_mode)
+    row = np.zeros(options.shape, dtype)
+
+    def peak_of_second_decode() -> int:
+        decode_image(data, options, out=row)  # makes this thread's work arrays
+        tracemalloc.start()
+        try:
+            decode_image(data, options, out=row)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    # a decoded image here is 50-600 KB, its float32 copy 4 times that
+    assert _in_fresh_thread(peak_of_second_decode) < 16 * 1024
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+@pytest.mark.parametrize("work_max", [None, 1000])  # 1000 bytes: nothing is kept for reuse
+def test_reused_work_arrays_give_a_fresh_threads_pixels(photos, dtype, work_max, monkeypatch):
+    """Rows decoded one after another on one thread (work arrays left holding the last,
+    larger or smaller image) equal each image decoded alone on a new thread."""
+    if work_max is not None:
+        monkeypatch.setattr(decode_module, "_WORK_MAX_BYTES", work_max)
+    rng = random.Random(5)
+    images = [_jpeg(random_crop(rng, photo(name), side), quality=85)
+              for name, side in [("astronaut", 1400), ("coffee", 120), ("cat", 640), ("rocket", 230),
+                                 ("astronaut", 900)]]
+    variants = [_row_options("rgb"), _row_options("grayscale"),
+                DecodeOptions(image_size=(96, 160), crop_to_aspect_ratio=True),
+                DecodeOptions(image_size=(96, 160), random_crop=(0.5, 1.0), random_flip=True)]
+
+    def decode_all() -> list[np.ndarray]:
+        rows = []
+        for options in variants:
+            for i, data in enumerate(images):
+                row = np.zeros(options.shape, dtype)
+                rows.append(decode_image(data, options, out=row, rng=random.Random(i)))
+        return rows
+
+    one_thread = _in_fresh_thread(decode_all)
+    alone = [_in_fresh_thread(lambda data=data, options=options, i=i: decode_image(
+                 data, options, out=np.zeros(options.shape, dtype), rng=random.Random(i)))
+             for options in variants for i, data in enumerate(images)]
+    for got, want in zip(one_thread, alone, strict=True):
+        assert np.array_equal(got, want)
+    # and a row equals decode_image's own array, cast (uint8 rows: exactly)
+    if dtype == np.uint8:
+        for (options, (i, data)), got in zip(
+                [(o, d) for o in variants for d in enumerate(images)], one_thread, strict=True):
+            assert np.array_equal(got, decode_image(data, options, rng=random.Random(i)))
+
+
+def test_an_array_decode_image_returns_is_never_a_work_array(photos):
+    """Without ``out``, decode_image's array is the caller's to keep: the next decode on the
+    thread must not write over it (a JPEG already at the target size needs no resize, so
+    the decoded array itself would be returned)."""
+    first, second = (_jpeg(im.resize((224, 224)), quality=90) for im in photos[:2])
+    options = _row_options("rgb")
+
+    def keep_then_decode_into_a_row() -> tuple[np.ndarray, np.ndarray]:
+        kept = decode_image(first, options)
+        copy = kept.copy()
+        decode_image(second, options, out=np.zeros(options.shape, np.float32))
+        decode_image(second, options, out=np.zeros(options.shape, np.uint8))
+        return kept, copy
+
+    kept, copy = _in_fresh_thread(keep_then_decode_into_a_row)
+    assert np.array_equal(kept, copy)
