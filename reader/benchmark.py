@@ -153,7 +153,10 @@ def time_epoch(batches: Any, warmup: int = 3) -> dict[str, Any]:
     the last batch (start-up, i.e. filling the shuffle buffer and starting threads, left
     out; so is tearing the iterator down, which for a tf.data pipeline can take seconds,
     see ``teardown_s``). ``images_per_s_with_startup`` is the whole loop.
+    ``minor_faults_per_image``: the process's page faults per image over the loop (fresh
+    memory paged in; see ``scripts/bench_malloc.py``).
     """
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start, cpu = time.perf_counter(), time.process_time()
     images = steady_images = 0
     steady_start = last = None
@@ -167,12 +170,14 @@ def time_epoch(batches: Any, warmup: int = 3) -> dict[str, Any]:
         elif i >= warmup:
             steady_images += n
     end, cpu = time.perf_counter(), time.process_time() - cpu
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     whole = images / (end - start)
     steady = (steady_images / (last - steady_start)
               if steady_start and last and steady_images and last > steady_start else whole)
     return {"images": images, "seconds": end - start, "images_per_s": steady,
             "images_per_s_with_startup": whole, "teardown_s": end - (last or end),
-            "cpu_ms_per_image": cpu / max(images, 1) * 1e3}
+            "cpu_ms_per_image": cpu / max(images, 1) * 1e3,
+            "minor_faults_per_image": faults / max(images, 1)}
 
 
 # ---------------------------------------------------------------- contenders (child side)
@@ -212,7 +217,7 @@ def _parent_only(result: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     """With decode processes this process's CPU time is not the reader's: leave it out
     (peak RSS, also this process's alone, is marked by ``parent_only``)."""
     if cfg.get("processes"):
-        result["cpu_ms_per_image"] = None
+        result["cpu_ms_per_image"] = result["minor_faults_per_image"] = None
         result["parent_only"] = True
     return result
 
@@ -225,6 +230,9 @@ def c_shardpack_numpy(cfg: dict[str, Any]) -> dict[str, Any]:
                     storage_options=cfg.get("storage_options"), dtype=cfg.get("dtype", "float32"),
                     processes=cfg.get("processes", 0), num_workers=cfg.get("num_workers"))
     try:
+        for _ in range(cfg.get("warm_epochs", 0)):  # untimed: batch arrays, threads made
+            for _batch in r:
+                pass
         return _parent_only(time_epoch(r, cfg.get("warmup", 3)), cfg)
     finally:
         r.close()
@@ -275,14 +283,18 @@ def _child(name: str, cfg: dict[str, Any], contenders: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- orchestration (parent side)
 
 
-def run_contender(name: str, cfg: dict[str, Any], *, module: list[str] | None = None) -> dict[str, Any]:
+def run_contender(
+    name: str, cfg: dict[str, Any], *, module: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run one contender in a fresh Python process; return its result (with peak RSS).
 
     ``module``: the command that runs the child (default: ``python -m reader.benchmark``).
+    ``env``: variables set for the child on top of this process's.
     """
     cmd = [sys.executable, *(module or ["-m", "reader.benchmark"]), "--contender", name,
            "--config", json.dumps(cfg)]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore", **(env or {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:

@@ -81,3 +81,22 @@ def test_reader_table_shows_the_whole_epoch_beside_the_steady_rate():
     column = [h.strip("| ") for h in head.split(" | ")].index("whole epoch images/s")
     assert cells["shardpack_numpy"][column] == "700"
     assert cells["decode_limit"][column] == "–"  # the limit has no epoch to start
+
+
+def test_bench_malloc_pairs_each_reader_with_the_threshold_set(id_shards, capsys, monkeypatch):
+    """scripts/bench_malloc.py: a real (small) run of each pair, with and without
+    MALLOC_TRIM_THRESHOLD_, and the table of both."""
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    path = BENCH.parent / "bench_malloc.py"
+    spec = importlib.util.spec_from_file_location("shardpack_bench_malloc", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(id_shards[0]), "--image-size", "16", "--batch-size", "8",
+                        "--repeat", "1", "--dtypes", "uint8", "--threshold", "32768"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| uint8")]
+    assert [row[0] for row in rows] == ["| uint8", "| uint8 + MALLOC_TRIM_THRESHOLD_=32768"]
+    for row in rows:
+        assert float(row[1]) > 0 and float(row[2]) > 0 and float(row[3]) >= 0
+    assert rows[1][4].rstrip(" |") != ""  # the paired ratio
