@@ -141,7 +141,11 @@ def _opencv() -> Any:
 
 class _WorkArrays(threading.local):
     """Each decode thread's own arrays for the in-between images of a decode into a batch
-    row (the decoded JPEG, its float32 copy, its uint8 resize), reused from image to image.
+    row, reused from image to image, one per slot: the decoded JPEG ("decoded"), turned
+    upright ("turned"), mirrored by ``random_flip`` ("flipped"), its float32 copy ("float"),
+    its uint8 resize ("resized"). The other paths still make their arrays per image: PNGs
+    and what Pillow decodes, ``pad_to_aspect_ratio``, and the ``nearest`` and Pillow
+    interpolations.
 
     Why not fresh arrays: glibc serves each large allocation from its heap only while its
     adaptive mmap threshold is in force. Anything that sets a malloc threshold switches that
@@ -246,7 +250,7 @@ def resize_into(
         and arr.shape[0] * arr.shape[1] <= _FLOAT_RESIZE_MAX_AREA * height * width
     ):
         if flip:
-            arr = mirrored(arr)
+            arr = mirrored(arr, "flipped")
             if box is not None:
                 box = (arr.shape[1] - box[2], box[1], arr.shape[1] - box[0], box[3])
         src = _work.take("float", arr.shape, np.float32)
@@ -265,19 +269,20 @@ def resize_into(
         resized = resize_array(arr, (width, height), interpolation, box=box,
                                dst=_work.take("resized", out.shape, np.uint8))
     if flip:
-        out[...] = mirrored(resized)
+        out[...] = mirrored(resized, "flipped")
     elif resized is not out:
         out[...] = resized
 
 
-def mirrored(arr: np.ndarray) -> np.ndarray:
-    """The (h, w, c) uint8 ``arr`` flipped left to right, as a new contiguous array.
+def mirrored(arr: np.ndarray, slot: str | None = None) -> np.ndarray:
+    """The (h, w, c) uint8 ``arr`` flipped left to right, as a new contiguous array (in
+    this thread's work array ``slot`` when given: see ``_upright``).
 
     Not numpy's ``arr[:, ::-1]``: copying or casting that view walks the pixels backwards
     three bytes at a time, 0.4 ms into a 224x224 float32 row and 0.8 ms for a 256x341 cast
     here, where ``cv2.flip`` takes 0.02-0.03 ms (measured; it was half the cost of a decode).
     """
-    return np.ascontiguousarray(_upright(arr, _MIRRORED))  # a copy only without OpenCV
+    return np.ascontiguousarray(_upright(arr, _MIRRORED, slot))  # a copy only without OpenCV
 
 
 def _nearest_rows_cols(
@@ -343,29 +348,38 @@ _UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
     8: lambda a: np.rot90(a, 1),
 }
-# the same with OpenCV, as new contiguous arrays (tested equal)
-_UPRIGHT_CV2: dict[int, Callable[[Any, np.ndarray], np.ndarray]] = {
-    2: lambda cv2, a: cv2.flip(a, 1),
-    3: lambda cv2, a: cv2.rotate(a, cv2.ROTATE_180),
-    4: lambda cv2, a: cv2.flip(a, 0),
-    5: lambda cv2, a: cv2.transpose(a),
-    6: lambda cv2, a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),
-    7: lambda cv2, a: cv2.flip(cv2.transpose(a), -1),
-    8: lambda cv2, a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE),
+# the same with OpenCV, as new contiguous arrays (tested equal), written into the third
+# argument when it is not None
+_UPRIGHT_CV2: dict[int, Callable[[Any, np.ndarray, Any], np.ndarray]] = {
+    2: lambda cv2, a, d: cv2.flip(a, 1, dst=d),
+    3: lambda cv2, a, d: cv2.rotate(a, cv2.ROTATE_180, dst=d),
+    4: lambda cv2, a, d: cv2.flip(a, 0, dst=d),
+    5: lambda cv2, a, d: cv2.transpose(a, dst=d),
+    6: lambda cv2, a, d: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE, dst=d),
+    7: lambda cv2, a, d: cv2.flip(cv2.transpose(a), -1, dst=d),
+    8: lambda cv2, a, d: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE, dst=d),
 }
 
 
-def _upright(arr: np.ndarray, orientation: int) -> np.ndarray:
+def _upright(arr: np.ndarray, orientation: int, slot: str | None = None) -> np.ndarray:
     """The decoded (h, w, c) uint8 ``arr`` turned upright for its EXIF ``orientation``.
 
-    With OpenCV a new array, turned by cv2.flip/rotate/transpose. numpy's reversed or
+    With OpenCV a new array, turned by cv2.flip/rotate/transpose; with ``slot``, this
+    thread's work array of that name (``_WorkArrays``: for a caller that copies the pixels
+    out before its next decode; never ``arr``'s own slot). numpy's reversed or
     transposed views cost nothing here but everything later: the resize or the cast into
     the batch row then walks the pixels backwards or across rows, three bytes at a time
     (a 470x480 JPEG to 224x224: 0.86 ms upright, 1.1-1.7 ms with orientations 2-8, measured).
     """
     cv2: Any = _opencv()
-    if cv2 and arr.shape[2] in (1, 3, 4):
-        turned = _UPRIGHT_CV2[orientation](cv2, arr)
+    h, w, channels = arr.shape
+    if cv2 and channels in (1, 3, 4):
+        shape = (w, h, channels) if orientation in _SWAPPING_ORIENTATIONS else (h, w, channels)
+        dst = _work.take(slot, shape, np.uint8) if slot is not None else None
+        into = None if dst is None else dst[:, :, 0] if channels == 1 else dst  # OpenCV: 2-D
+        turned = _UPRIGHT_CV2[orientation](cv2, arr, into)
+        if dst is not None and np.may_share_memory(turned, dst):
+            return dst
         return turned[:, :, None] if turned.ndim == 2 else turned
     return _UPRIGHT[orientation](arr)
 
@@ -584,7 +598,7 @@ def _load_simplejpeg(
     except ValueError:
         return None  # damaged or unusual: Pillow decides (and names the problem)
     if orientation in _UPRIGHT:
-        arr = _upright(arr, orientation)
+        arr = _upright(arr, orientation, "turned" if reuse else None)
     return arr, box
 
 
@@ -769,7 +783,7 @@ def decode_image(
     if resize:
         arr = resize_array(arr, (tw, th), options.interpolation, box=sub_box)
     if flip:
-        arr = mirrored(arr)
+        arr = mirrored(arr, None if out is None else "flipped")
     if out is None:
         return arr
     out[...] = arr

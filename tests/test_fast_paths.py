@@ -274,30 +274,49 @@ def _row_options(color_mode: str) -> DecodeOptions:
 
 def _in_fresh_thread(fn):
     """``fn()`` run on a new thread: one whose work arrays are still to be made."""
-    out = []
-    thread = threading.Thread(target=lambda: out.append(fn()))
+    out, errors = [], []
+
+    def run():
+        try:
+            out.append(fn())
+        except BaseException as exc:  # re-raised here, where pytest sees it
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
     thread.start()
     thread.join()
+    if errors:
+        raise errors[0]
     return out[0]
+
+
+def _oriented(im: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _jpeg(im, quality=90, exif=exif.tobytes())
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint8])
 @pytest.mark.parametrize("color_mode", ["rgb", "grayscale"])
 @pytest.mark.parametrize("side", [300, 1400])  # float32: resized in float32, or resized as uint8 then cast
-def test_a_row_decode_makes_no_image_sized_arrays(photos, dtype, color_mode, side):
+@pytest.mark.parametrize("turn", ["none", "exif", "flip"])
+def test_a_row_decode_makes_no_image_sized_arrays(photos, dtype, color_mode, side, turn):
     """A decode into a batch row allocates nothing the size of an image once its thread has
     decoded one: every array 128 KB or larger is a fresh mmap, paged in again, wherever a
-    malloc threshold is set (Dask workers, TensorFlow's from_generator)."""
+    malloc threshold is set (Dask workers, TensorFlow's from_generator). Also for a photo
+    turned upright by its EXIF orientation, and one mirrored by random_flip."""
     im = photos[0].resize((side, side * 3 // 4))
-    data = _jpeg(im, quality=90)
-    options = _row_options(color_mode)
+    data = _oriented(im, 6) if turn == "exif" else _jpeg(im, quality=90)
+    options = dataclasses.replace(_row_options(color_mode), random_flip=turn == "flip")
     row = np.zeros(options.shape, dtype)
+    flips = random.Random(1)  # its first draw flips: random() < 0.5
+    assert turn != "flip" or random.Random(1).random() < 0.5
 
     def peak_of_second_decode() -> int:
-        decode_image(data, options, out=row)  # makes this thread's work arrays
+        decode_image(data, options, out=row, rng=random.Random(1))  # makes this thread's work arrays
         tracemalloc.start()
         try:
-            decode_image(data, options, out=row)
+            decode_image(data, options, out=row, rng=flips)
             return tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -306,55 +325,77 @@ def test_a_row_decode_makes_no_image_sized_arrays(photos, dtype, color_mode, sid
     assert _in_fresh_thread(peak_of_second_decode) < 16 * 1024
 
 
+_VARIANTS = [
+    _row_options("rgb"),
+    _row_options("grayscale"),
+    DecodeOptions(image_size=(96, 160), crop_to_aspect_ratio=True),
+    DecodeOptions(image_size=(96, 160), random_crop=(0.5, 1.0), random_flip=True),
+    DecodeOptions(image_size=(300, 300), random_flip=True),  # upscales the small ones
+    DecodeOptions(image_size=(448, 448), interpolation="bicubic"),  # a uint8 resize, cast
+]
+
+
+def _variant_images() -> list[bytes]:
+    rng = random.Random(5)
+    crops = [random_crop(rng, photo(name), side) for name, side in
+             [("astronaut", 1400), ("coffee", 120), ("cat", 640), ("rocket", 230), ("astronaut", 900)]]
+    return ([_jpeg(im, quality=85) for im in crops]
+            + [_jpeg(crops[2].resize(size), quality=85) for size in [(100, 75), (53, 37)]]
+            + [_oriented(crops[2], 6), _oriented(crops[3], 7)])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.uint8])
 @pytest.mark.parametrize("work_max", [None, 1000])  # 1000 bytes: nothing is kept for reuse
-def test_reused_work_arrays_give_a_fresh_threads_pixels(photos, dtype, work_max, monkeypatch):
-    """Rows decoded one after another on one thread (work arrays left holding the last,
-    larger or smaller image) equal each image decoded alone on a new thread."""
+def test_rows_decoded_one_after_another_are_each_images_own(dtype, work_max, monkeypatch):
+    """Rows decoded one after another on one thread (its work arrays left holding the last,
+    larger or smaller image) equal each image decoded alone on a new thread, and the
+    array ``decode_image`` returns without ``out`` (no work arrays): exactly as uint8 rows,
+    within a bilinear resize's rounding as float32 rows."""
     if work_max is not None:
         monkeypatch.setattr(decode_module, "_WORK_MAX_BYTES", work_max)
-    rng = random.Random(5)
-    images = [_jpeg(random_crop(rng, photo(name), side), quality=85)
-              for name, side in [("astronaut", 1400), ("coffee", 120), ("cat", 640), ("rocket", 230),
-                                 ("astronaut", 900)]]
-    variants = [_row_options("rgb"), _row_options("grayscale"),
-                DecodeOptions(image_size=(96, 160), crop_to_aspect_ratio=True),
-                DecodeOptions(image_size=(96, 160), random_crop=(0.5, 1.0), random_flip=True)]
+    images = _variant_images()
+    cases = [(options, i, data) for options in _VARIANTS for i, data in enumerate(images)]
 
-    def decode_all() -> list[np.ndarray]:
-        rows = []
-        for options in variants:
-            for i, data in enumerate(images):
-                row = np.zeros(options.shape, dtype)
-                rows.append(decode_image(data, options, out=row, rng=random.Random(i)))
-        return rows
+    def decode(options: DecodeOptions, i: int, data: bytes) -> np.ndarray:
+        return decode_image(data, options, out=np.zeros(options.shape, dtype), rng=random.Random(i))
 
-    one_thread = _in_fresh_thread(decode_all)
-    alone = [_in_fresh_thread(lambda data=data, options=options, i=i: decode_image(
-                 data, options, out=np.zeros(options.shape, dtype), rng=random.Random(i)))
-             for options in variants for i, data in enumerate(images)]
-    for got, want in zip(one_thread, alone, strict=True):
-        assert np.array_equal(got, want)
-    # and a row equals decode_image's own array, cast (uint8 rows: exactly)
-    if dtype == np.uint8:
-        for (options, (i, data)), got in zip(
-                [(o, d) for o in variants for d in enumerate(images)], one_thread, strict=True):
-            assert np.array_equal(got, decode_image(data, options, rng=random.Random(i)))
+    one_thread = _in_fresh_thread(lambda: [decode(*case) for case in cases])
+    for case, got in zip(cases, one_thread, strict=True):
+        assert np.array_equal(got, _in_fresh_thread(lambda case=case: decode(*case)))
+        options, i, data = case
+        alone = decode_image(data, options, rng=random.Random(i))
+        if dtype == np.uint8:
+            assert np.array_equal(got, alone)
+        else:
+            assert np.abs(got - alone).max() <= 1.0
 
 
 def test_an_array_decode_image_returns_is_never_a_work_array(photos):
-    """Without ``out``, decode_image's array is the caller's to keep: the next decode on the
-    thread must not write over it (a JPEG already at the target size needs no resize, so
-    the decoded array itself would be returned)."""
-    first, second = (_jpeg(im.resize((224, 224)), quality=90) for im in photos[:2])
+    """Without ``out``, decode_image's array is the caller's to keep: the next decodes on
+    the thread must not write over it. Here each image needs no resize, so the decoded (or
+    turned, or mirrored) array itself is what comes back."""
     options = _row_options("rgb")
+    square = [im.resize((224, 224)) for im in photos[:2]]
+    kept_cases = [
+        (_jpeg(square[0], quality=90), options),
+        (_oriented(square[1], 6), options),
+        (_jpeg(square[0], quality=90), dataclasses.replace(options, random_flip=True)),
+        (_jpeg(photos[1].resize((448, 448)), quality=90), options),  # decoded at 1/2
+        (_jpeg(photos[2].resize((448, 224)), quality=90),
+         DecodeOptions(image_size=(112, 224), pad_to_aspect_ratio=True)),
+    ]
+    later = _variant_images()
 
-    def keep_then_decode_into_a_row() -> tuple[np.ndarray, np.ndarray]:
-        kept = decode_image(first, options)
-        copy = kept.copy()
-        decode_image(second, options, out=np.zeros(options.shape, np.float32))
-        decode_image(second, options, out=np.zeros(options.shape, np.uint8))
-        return kept, copy
+    def keep_then_decode_into_rows() -> list[tuple[np.ndarray, np.ndarray]]:
+        kept = []  # random.Random(1) flips on its first draw: random_flip's path too
+        for data, opts in kept_cases:
+            arr = decode_image(data, opts, rng=random.Random(1))
+            kept.append((arr, arr.copy()))
+            for other in later:
+                for dtype in (np.float32, np.uint8):
+                    decode_image(other, dataclasses.replace(opts, random_flip=True),
+                                 out=np.zeros(opts.shape, dtype), rng=random.Random(1))
+        return kept
 
-    kept, copy = _in_fresh_thread(keep_then_decode_into_a_row)
-    assert np.array_equal(kept, copy)
+    for arr, copy in _in_fresh_thread(keep_then_decode_into_rows):
+        assert np.array_equal(arr, copy)
