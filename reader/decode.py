@@ -143,9 +143,9 @@ class _WorkArrays(threading.local):
     """Each decode thread's own arrays for the in-between images of a decode into a batch
     row, reused from image to image, one per slot: the decoded JPEG ("decoded"), turned
     upright ("turned"), mirrored by ``random_flip`` ("flipped"), its float32 copy ("float"),
-    its uint8 resize ("resized"). The other paths still make their arrays per image: PNGs
-    and what Pillow decodes, ``pad_to_aspect_ratio``, and the ``nearest`` and Pillow
-    interpolations.
+    its uint8 resize ("resized"), ``pad_to_aspect_ratio``'s canvas ("padded"). The other
+    paths still make their arrays per image: PNGs and what Pillow decodes, and the
+    ``nearest`` and Pillow interpolations.
 
     Why not fresh arrays: glibc serves each large allocation from its heap only while its
     adaptive mmap threshold is in force. Anything that sets a malloc threshold switches that
@@ -511,17 +511,25 @@ def _keras_fit(width: int, height: int, th: int, tw: int) -> tuple[int, int, int
     return rw, rh, top, left
 
 
-def _pad_like_keras(arr: np.ndarray, size: tuple[int, int], interpolation: str) -> np.ndarray:
+def _pad_like_keras(
+    arr: np.ndarray, size: tuple[int, int], interpolation: str, reuse: bool = False
+) -> np.ndarray:
     """``arr`` resized to fit ``size`` = (height, width) and centred on zeros, as Keras'
     ``image_dataset_from_directory(pad_to_aspect_ratio=True)`` does (resize, then pad).
-    ``arr`` is the full-size image: pad mode decodes at full size (see ``_needed_size``)."""
-    h, w = arr.shape[:2]
+    ``arr`` is the full-size image: pad mode decodes at full size (see ``_needed_size``).
+    ``reuse``: the resize and the canvas are this thread's work arrays (``_WorkArrays``)."""
+    h, w, channels = arr.shape
     th, tw = size
     rw, rh, top, left = _keras_fit(w, h, th, tw)
-    resized = arr if (rh, rw) == (h, w) else resize_array(arr, (rw, rh), interpolation)
+    resized = arr if (rh, rw) == (h, w) else resize_array(
+        arr, (rw, rh), interpolation, dst=_work.take("resized", (rh, rw, channels), np.uint8) if reuse else None)
     if (rh, rw) == (th, tw):
         return resized
-    canvas = np.zeros((th, tw, arr.shape[2]), dtype=arr.dtype)
+    canvas = _work.take("padded", (th, tw, channels), np.uint8) if reuse else None
+    if canvas is None:
+        canvas = np.zeros((th, tw, channels), dtype=arr.dtype)
+    else:
+        canvas.fill(0)
     canvas[top : top + rh, left : left + rw] = resized
     return canvas
 
@@ -758,7 +766,7 @@ def decode_image(
     pixel_box = (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
     sub_box = None
     if options.pad_to_aspect_ratio and options.random_crop is None:
-        arr = _pad_like_keras(arr, (th, tw), options.interpolation)
+        arr = _pad_like_keras(arr, (th, tw), options.interpolation, reuse=out is not None)
     elif pixel_box != (0.0, 0.0, float(w), float(h)):
         # Crop first (resizing a box alone would blend in pixels from outside it) to the
         # whole pixels that hold the box; on a DCT-reduced image the box's edges fall inside

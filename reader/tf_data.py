@@ -40,9 +40,8 @@ def restore_malloc_thresholds() -> None:
     decode threads had work arrays of their own (``reader.decode._WorkArrays``), each
     decoded and resized image was one: a third more CPU per image on resized shards (1.36
     vs 0.91 ms with ``shardpack bench``). What is left is the compressed samples over 128
-    KB, PNG and Pillow decodes, ``pad_to_aspect_ratio`` and the ``nearest`` and Pillow
-    interpolations: on the originals, 23 page faults per image without this, 4-7 with it.
-    This sets the thresholds glibc's own adaptation converges to (32 MB mmap, 64 MB trim),
+    KB, PNG and Pillow decodes, and the ``nearest`` and Pillow interpolations: on the
+    originals, 23 page faults per image without this, 4-7 with it. This sets the thresholds glibc's own adaptation converges to (32 MB mmap, 64 MB trim),
     so freed buffers are reused again. Memory stays bounded: the reader's buffers are.
     No effect where malloc is not glibc's; ``SHARDPACK_TF_MALLOC=keep`` leaves it alone.
     """

@@ -299,15 +299,17 @@ def _oriented(im: Image.Image, orientation: int) -> bytes:
 @pytest.mark.parametrize("dtype", [np.float32, np.uint8])
 @pytest.mark.parametrize("color_mode", ["rgb", "grayscale"])
 @pytest.mark.parametrize("side", [300, 1400])  # float32: resized in float32, or resized as uint8 then cast
-@pytest.mark.parametrize("turn", ["none", "exif", "flip"])
+@pytest.mark.parametrize("turn", ["none", "exif", "flip", "pad"])
 def test_a_row_decode_makes_no_image_sized_arrays(photos, dtype, color_mode, side, turn):
     """A decode into a batch row allocates nothing the size of an image once its thread has
     decoded one: every array 128 KB or larger is a fresh mmap, paged in again, wherever a
     malloc threshold is set (Dask workers, TensorFlow's from_generator). Also for a photo
-    turned upright by its EXIF orientation, and one mirrored by random_flip."""
+    turned upright by its EXIF orientation, one mirrored by random_flip, and one padded to
+    the row's aspect ratio."""
     im = photos[0].resize((side, side * 3 // 4))
     data = _oriented(im, 6) if turn == "exif" else _jpeg(im, quality=90)
-    options = dataclasses.replace(_row_options(color_mode), random_flip=turn == "flip")
+    options = dataclasses.replace(_row_options(color_mode), random_flip=turn == "flip",
+                                  pad_to_aspect_ratio=turn == "pad")
     row = np.zeros(options.shape, dtype)
     flips = random.Random(1)  # its first draw flips: random() < 0.5
     assert turn != "flip" or random.Random(1).random() < 0.5
@@ -332,6 +334,7 @@ _VARIANTS = [
     DecodeOptions(image_size=(96, 160), random_crop=(0.5, 1.0), random_flip=True),
     DecodeOptions(image_size=(300, 300), random_flip=True),  # upscales the small ones
     DecodeOptions(image_size=(448, 448), interpolation="bicubic"),  # a uint8 resize, cast
+    DecodeOptions(image_size=(96, 160), pad_to_aspect_ratio=True, random_flip=True),
 ]
 
 
