@@ -59,7 +59,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -206,11 +206,9 @@ def resize_array(
     elif interpolation == "nearest":  # OpenCV's nearest rounds differently; index instead
         out = arr[_nearest_rows_cols(arr.shape[:2], size, box)]
     else:
-        fits = dst is not None and dst.flags.c_contiguous and dst.shape == (size[1], size[0], channels)
-        into = None if dst is None or not fits else dst[:, :, 0] if channels == 1 else dst
-        out = _opencv_resample(cv2, arr, size, interpolation, box, dst=into)
-        if dst is not None and into is not None and np.may_share_memory(out, dst):
-            return dst  # OpenCV's one-channel images are 2-D: dst is the (h, w, 1) array
+        if dst is not None and not (dst.flags.c_contiguous and dst.shape == (size[1], size[0], channels)):
+            dst = None
+        return _as_hwc(_opencv_resample(cv2, arr, size, interpolation, box, dst=_opencv_view(dst, channels)), dst)
     return out[:, :, None] if out.ndim == 2 else out
 
 
@@ -258,7 +256,7 @@ def resize_into(
             src = arr.astype(np.float32)
         else:
             np.copyto(src, arr)
-        dst = out[:, :, 0] if arr.shape[2] == 1 else out  # OpenCV's one-channel images are 2-D
+        dst = _opencv_view(out, arr.shape[2])
         result = _opencv_resample(cv2, src, (width, height), interpolation, box, dst=dst)
         if not np.may_share_memory(result, out):  # OpenCV allocates when dst does not fit
             dst[...] = result
@@ -326,6 +324,24 @@ def _opencv_resample(
                           flags=flag | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
 
 
+@overload
+def _opencv_view(dst: np.ndarray, channels: int) -> np.ndarray: ...
+@overload
+def _opencv_view(dst: None, channels: int) -> None: ...
+def _opencv_view(dst: np.ndarray | None, channels: int) -> np.ndarray | None:
+    """The view of the (h, w, c) ``dst`` that OpenCV writes a ``channels``-channel image
+    into: (h, w) for one channel, as OpenCV's one-channel images are 2-D."""
+    return dst[:, :, 0] if dst is not None and channels == 1 else dst
+
+
+def _as_hwc(result: np.ndarray, dst: np.ndarray | None) -> np.ndarray:
+    """OpenCV's ``result`` as an (h, w, c) array: ``dst`` itself when OpenCV wrote into it
+    (it makes a new array when ``dst`` does not fit)."""
+    if dst is not None and np.may_share_memory(result, dst):
+        return dst
+    return result[:, :, None] if result.ndim == 2 else result
+
+
 # Keras colour mode -> (Pillow mode, channels)
 COLOR_MODES: dict[str, tuple[str, int]] = {
     "grayscale": ("L", 1),
@@ -376,11 +392,7 @@ def _upright(arr: np.ndarray, orientation: int, slot: str | None = None) -> np.n
     if cv2 and channels in (1, 3, 4):
         shape = (w, h, channels) if orientation in _SWAPPING_ORIENTATIONS else (h, w, channels)
         dst = _work.take(slot, shape, np.uint8) if slot is not None else None
-        into = None if dst is None else dst[:, :, 0] if channels == 1 else dst  # OpenCV: 2-D
-        turned = _UPRIGHT_CV2[orientation](cv2, arr, into)
-        if dst is not None and np.may_share_memory(turned, dst):
-            return dst
-        return turned[:, :, None] if turned.ndim == 2 else turned
+        return _as_hwc(_UPRIGHT_CV2[orientation](cv2, arr, _opencv_view(dst, channels)), dst)
     return _UPRIGHT[orientation](arr)
 
 
