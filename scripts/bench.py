@@ -39,6 +39,11 @@ Every packer contender starts after an os.sync(), so none pays for another's dir
 `--only resized` runs keras_directory and the two resized contenders alone: with --resize
 and --quality, it measures what a pack-time size and quality buy against Keras.
 
+`--scaling 1000 10000 100000` packs that many small JPEGs (and `tar -cf` + fsync of each
+tree), --repeat rounds, and shows whether pack cost grows linearly: the rate after the
+fixed start-up (a least-squares line through every run) and between neighbouring sizes
+stay flat if it does. `--only scaling` runs that alone.
+
 Prints a table of images/s (the steady state, after 3 warm-up batches and before the
 iterator is torn down), ratios to the decode limit and to each anchor, the whole epoch's
 images/s (start-up and teardown included: what one epoch costs a training loop), CPU ms per
@@ -475,18 +480,97 @@ def update_readme(markdown: str) -> None:
 
 
 def scaling_run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    rows = []
+    """Pack each ``--scaling`` size of small JPEGs, with ``tar -cf`` + fsync of the same
+    tree as its anchor, ``--repeat`` rounds interleaved (every size once per round, so a
+    slow minute on a shared machine moves neighbouring sizes alike). Returns one row per
+    size: ``n`` and every round's pack and tar seconds (None where a run failed)."""
+    trees = {}
     for n in args.scaling:
         src = work / f"small_{n}"
         if not src.exists():
             make_small_tree(src, images=n, seed=args.seed)
-        warm_cache(src)
-        cfg = {"src": str(src), "scratch": str(work / "scratch")}
-        r = run_contender("shardpack_pack", cfg)
-        r["n"] = n
-        rows.append(r)
-        print(f"  pack {n} small images: {r.get('images_per_s', 0):.0f} images/s", flush=True)
+        trees[n] = src
+    rows = [{"n": n, "pack_seconds": [], "tar_seconds": []} for n in trees]
+    for round_ in range(1, args.repeat + 1):
+        for row in rows:
+            src = trees[row["n"]]
+            warm_cache(src)
+            cfg = {"src": str(src), "scratch": str(work / "scratch")}
+            for key, name in (("pack_seconds", "shardpack_pack"), ("tar_seconds", "tar_cf_fsync")):
+                result = run_contender(name, cfg)
+                row[key].append(result.get("seconds"))
+            pack_s = row["pack_seconds"][-1]
+            rate = f"{row['n'] / pack_s:.0f} images/s" if pack_s else "failed"
+            print(f"  round {round_}/{args.repeat} pack {row['n']} small images: {rate}", flush=True)
     return rows
+
+
+def scaling_only(args: argparse.Namespace, work: Path, argv: list[str] | None) -> int:
+    """``--only scaling``: the pack-cost-vs-size run alone (no ImageNet-like tree)."""
+    load_before = os.getloadavg()
+    rows = scaling_run(args, work)
+    load_after = os.getloadavg()
+    command = "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    markdown = "\n".join([
+        f"Machine: {machine_line()}. Small JPEGs (96x72, about 1 KB), the default fsynced pack, "
+        f"{args.repeat} interleaved rounds. Load average {load_before[0]:.1f} before, "
+        f"{load_after[0]:.1f} after.", "", "**Pack cost vs size**", "", format_scaling(rows), "",
+        f"Produced by `{command.strip()}`."])
+    print("\n" + markdown)
+    (work / "scaling.json").write_text(json.dumps(
+        {"machine": machine_line(), "scaling": rows, "load": {"before": load_before, "after": load_after}},
+        indent=2))
+    (work / "scaling.md").write_text(markdown + "\n")
+    return 0
+
+
+def linear_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares ``y = a + b x`` through ``points``; returns ``(a, b)``."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    sxx = sum((x - mean_x) ** 2 for x, _ in points)
+    if sxx == 0:
+        raise ValueError("a line needs at least two different sizes")
+    b = sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
+    return mean_y - b * mean_x, b
+
+
+def format_scaling(rows: list[dict[str, Any]]) -> str:
+    """The pack-cost-vs-size table: per size the median pack time and rate, the rate
+    after the fixed start-up, the rate between this size and the one before, and the
+    pack's rate over tar's (paired by round). Linear cost shows as flat columns 3-4.
+
+    The start-up (process pool, walk, manifest, the fsyncs' latency) is the intercept of
+    a least-squares line through every round's (images, seconds); a whole-pack rate
+    grows with the size while that fixed part is spread over more images, so it alone
+    cannot show linearity.
+    """
+    sized = []
+    for row in sorted(rows, key=lambda r: r["n"]):
+        packs = [s for s in row["pack_seconds"] if s]
+        if packs:
+            sized.append((row, statistics.median(packs)))
+    points = [(float(row["n"]), s) for row, _ in sized for s in row["pack_seconds"] if s]
+    if len({x for x, _ in points}) < 2:
+        return "(pack cost vs size needs two sizes that packed)"
+    start_up, per_image = linear_fit(points)
+    lines = ["| images | pack s (median) | images/s | images/s after start-up | images/s since the size above | ÷ tar -cf + fsync, by round |",
+             "|---:|---:|---:|---:|---:|---|"]
+    previous = None
+    for row, seconds in sized:
+        n = row["n"]
+        after = f"{n / (seconds - start_up):.0f}" if seconds > start_up else "–"
+        since = (f"{(n - previous[0]) / (seconds - previous[1]):.0f}"
+                 if previous and seconds > previous[1] else "–")
+        ratios = [t / p for p, t in zip(row["pack_seconds"], row["tar_seconds"], strict=True) if p and t]
+        lines.append(f"| {n:,} | {seconds:.3f} | {n / seconds:.0f} | {after} | {since} | "
+                     f"{', '.join(f'{r:.2f}' for r in ratios) or '–'} |")
+        previous = (n, seconds)
+    rate = f"{1 / per_image:,.0f} images/s" if per_image > 0 else "–"
+    lines += ["", f"Least-squares line through every round: {start_up * 1e3:.0f} ms of start-up, "
+                  f"then {per_image * 1e6:.1f} µs per image ({rate})."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,27 +585,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=3, help="runs per reader contender (median)")
     parser.add_argument("--only", default="reader,packer",
-                        help="reader, packer (comma-separated), or resized (see above)")
+                        help="reader, packer (comma-separated), resized or scaling (see above)")
     parser.add_argument("--resize", default="256",
                         help="the resized shards' short side, or an exact WIDTHxHEIGHT "
                              "(shardpack pack --resize; default 256)")
     parser.add_argument("--quality", type=int, default=90,
                         help="JPEG quality of the resized shards (default 90)")
     parser.add_argument("--scaling", type=int, nargs="*", default=[],
-                        help="also pack this many small images each (e.g. 1000 100000)")
+                        help="also pack this many small images each (e.g. 1000 10000 100000), "
+                             "--repeat rounds, with tar -cf + fsync of each as its anchor")
     parser.add_argument("--update-readme", action="store_true", help="write table and chart into README.md")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.update_readme and "resized" in args.only.split(","):
-        parser.error("--update-readme writes the full table: leave out --only resized")
     if args.contender:
         _child(args.contender, json.loads(args.config))
         return 0
+    kinds = args.only.split(",")
+    if set(kinds) - {"reader", "packer", "resized", "scaling"}:
+        parser.error(f"--only takes reader, packer, resized or scaling, got {args.only!r}")
+    if args.update_readme and not {"reader", "packer"} <= set(kinds):
+        parser.error("--update-readme writes the full table: --only must include reader and packer")
+    if "scaling" in kinds and not args.scaling:
+        parser.error("--only scaling needs the sizes: --scaling 1000 10000 100000")
 
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     (work / "scratch").mkdir(exist_ok=True)
+    if kinds == ["scaling"]:
+        return scaling_only(args, work, argv)
     src = Path(args.src).resolve() if args.src else work / f"imagenet_like_{args.images}"
     if not args.src and not src.exists():
         print(f"building {args.images} ImageNet-like images in {src} ...", flush=True)
@@ -545,7 +637,6 @@ def main(argv: list[str] | None = None) -> int:
     from reader.benchmark import run_rounds
 
     results: dict[str, dict[str, Any]] = {}
-    kinds = args.only.split(",")
     load_before = os.getloadavg()
     reader_names = (READER_CONTENDERS if "reader" in kinds
                     else RESIZED_CONTENDERS if "resized" in kinds else [])
@@ -579,8 +670,8 @@ def main(argv: list[str] | None = None) -> int:
         parts += ["**Packer**", "", format_table(results, "packer"), ""]
     parts += ["**Targets** (ratios of rates measured in the same round)", "", format_targets(results, args.resize, args.quality), ""]
     if scaling:
-        parts += ["**Pack cost vs size** (small JPEGs)", "", "| images | images/s |", "|---:|---:|"]
-        parts += [f"| {r['n']} | {r.get('images_per_s', 0):.0f} |" for r in scaling] + [""]
+        parts += ["**Pack cost vs size** (small JPEGs, the default fsynced pack)", "",
+                  format_scaling(scaling), ""]
     command = "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     parts.append(f"Produced by `{command.strip()}`.")
     markdown = "\n".join(parts)

@@ -100,3 +100,34 @@ def test_bench_malloc_pairs_each_reader_with_the_threshold_set(id_shards, capsys
     for row in rows:
         assert float(row[1]) > 0 and float(row[2]) > 0 and float(row[3]) >= 0
     assert rows[1][4].rstrip(" |") != ""  # the paired ratio
+
+
+def test_pack_cost_vs_size_separates_the_start_up_from_the_cost_per_image():
+    """A pack taking 0.2 s + 100 µs per image has a whole-pack rate that grows with the
+    size (the start-up spread thinner); the table's rate after the start-up and its rate
+    between neighbouring sizes are flat at 10,000 images/s, which is what linear means."""
+    bench = _bench_module()
+    rows = [{"n": n, "pack_seconds": [0.2 + n * 1e-4 + noise for noise in (-1e-3, 0.0, 1e-3)],
+             "tar_seconds": [0.1 + n * 5e-5] * 3}
+            for n in (100_000, 1_000, 10_000)]  # any order
+    rows[0]["pack_seconds"][1] = None  # a failed run drops out
+    start_up, per_image = bench.linear_fit(
+        [(row["n"], s) for row in rows for s in row["pack_seconds"] if s])
+    assert abs(start_up - 0.2) < 2e-3 and abs(per_image - 1e-4) < 1e-7
+    table = bench.format_scaling(rows)
+    lines = [line.split(" | ") for line in table.splitlines()[2:5]]
+    assert [line[0].strip("| ") for line in lines] == ["1,000", "10,000", "100,000"]
+    whole = [float(line[2]) for line in lines]
+    assert whole[0] < 0.4 * whole[2]  # the whole-pack rate is not flat
+    after = [float(line[3]) for line in lines]
+    assert all(abs(rate - 10_000) < 150 for rate in after)
+    since = [line[4] for line in lines]
+    assert since[0] == "–" and all(abs(float(rate) - 10_000) < 150 for rate in since[1:])
+    tar_ratios = lines[1][5].strip("| ").split(", ")
+    assert tar_ratios == ["0.50", "0.50", "0.50"]  # tar (0.6 s) over pack (1.2 s), by round
+    assert "200 ms of start-up, then 100.0 µs per image (10,000 images/s)" in table
+
+
+def test_pack_cost_vs_size_needs_two_sizes():
+    bench = _bench_module()
+    assert "two sizes" in bench.format_scaling([{"n": 1000, "pack_seconds": [0.5], "tar_seconds": [0.1]}])
