@@ -44,6 +44,11 @@ tree), --repeat rounds, and shows whether pack cost grows linearly: the rate aft
 fixed start-up (a least-squares line through every run) and between neighbouring sizes
 stay flat if it does. `--only scaling` runs that alone.
 
+Each reader contender runs --epochs epochs (default 2) in its process and the last is
+timed, as training goes on epoch after epoch: a fresh process's first epoch also builds the
+pipeline, faults in fresh batch memory and (shardpack) hashes each shard once, and its
+whole-epoch rate has a column of its own.
+
 Prints a table of images/s (the steady state, after 3 warm-up batches and before the
 iterator is torn down), ratios to the decode limit and to each anchor, the whole epoch's
 images/s (start-up and teardown included: what one epoch costs a training loop), CPU ms per
@@ -158,11 +163,13 @@ def c_decode_limit(cfg: dict[str, Any]) -> dict[str, Any]:
     return limit(dict(cfg, source=cfg["shards"]))
 
 
-def _time_batches(iterable: Any, skip: int = 3) -> dict[str, Any]:
-    """Time one epoch; steady-state excludes the first ``skip`` batches (start-up)."""
-    from reader.benchmark import time_epoch
+def _time_batches(iterable: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Time ``cfg["epochs"]`` epochs over ``iterable`` and report the last (as the
+    shardpack readers: ``reader.benchmark.time_epochs``); steady state excludes the first 3
+    batches (start-up)."""
+    from reader.benchmark import DEFAULT_EPOCHS, time_epochs
 
-    return time_epoch(iterable, skip)
+    return time_epochs(iterable, cfg.get("epochs", DEFAULT_EPOCHS), 3)
 
 
 def c_keras_directory(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -172,7 +179,7 @@ def c_keras_directory(cfg: dict[str, Any]) -> dict[str, Any]:
         os.path.join(cfg["src"], cfg["split"]), image_size=tuple(cfg["image_size"]),
         batch_size=cfg["batch_size"], shuffle=True, seed=0, verbose=False,
     )
-    return _time_batches(ds)
+    return _time_batches(ds, cfg)
 
 
 def c_webdataset(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -200,7 +207,7 @@ def c_webdataset(cfg: dict[str, Any]) -> dict[str, Any]:
         variant = f"WebLoader num_workers={min(cores(), len(urls))}"
     except Exception:  # torch not installed: the pipeline in this process
         loader, variant = pipeline, "no torch: single process"
-    result = _time_batches(loader)
+    result = _time_batches(loader, cfg)
     result["variant"] = variant
     return result
 
@@ -405,7 +412,8 @@ def format_table(results: dict[str, dict[str, Any]], kind: str) -> str:
     bases = [results.get(key, {}).get("images_per_s") for _, key in anchors]
     head = (["contender", "images/s", "runs"]
             + [f"× {label}" for label, _ in anchors]
-            + (["whole epoch images/s", "cpu ms/img"] if reader else []) + ["peak RSS MB"])
+            + (["whole epoch images/s", "first epoch images/s", "cpu ms/img"] if reader else [])
+            + ["peak RSS MB"])
     rows = ["| " + " | ".join(head) + " |",
             "|---|" + "|".join("---" if h == "runs" else "---:" for h in head[1:]) + "|"]
     for name in names:
@@ -417,8 +425,8 @@ def format_table(results: dict[str, dict[str, Any]], kind: str) -> str:
         cells = [name, f"{rate:.0f}", ", ".join(f"{v:.0f}" for v in r.get("runs", []))]
         cells += [_ratio(rate, base) for base in bases]
         if reader:
-            whole = r.get("images_per_s_with_startup")
-            cells.append(f"{whole:.0f}" if whole else "–")
+            for key in ("images_per_s_with_startup", "first_epoch_images_per_s"):
+                cells.append(f"{r[key]:.0f}" if r.get(key) else "–")
             cells.append(f"{r['cpu_ms_per_image']:.2f}" if "cpu_ms_per_image" in r else "–")
         cells.append(f"{r['peak_rss_mb']:.0f}")
         rows.append("| " + " | ".join(cells) + " |")
@@ -584,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=3, help="runs per reader contender (median)")
+    parser.add_argument("--epochs", type=int, default=2,
+                        help="epochs each reader contender runs in its process; the last is timed "
+                             "(default 2)")
     parser.add_argument("--only", default="reader,packer",
                         help="reader, packer (comma-separated), resized or scaling (see above)")
     parser.add_argument("--resize", default="256",
@@ -633,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     size = [args.image_size, args.image_size]
     cfg = {"src": str(src), "shards": str(shards), "shards_resized": str(resized),
            "split": args.split, "image_size": size, "batch_size": args.batch_size,
-           "scratch": str(work / "scratch")}
+           "scratch": str(work / "scratch"), "epochs": args.epochs}
     from reader.benchmark import run_rounds
 
     results: dict[str, dict[str, Any]] = {}
@@ -656,7 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     n_train = sum(1 for p in (src / args.split).rglob("*") if p.is_file())
     header = (f"Machine: {machine_line()}. Data: {n_train} ImageNet-like images in `{args.split}` "
               f"(long side 300–1400 px, JPEG q75–95, ~3% PNG), {args.image_size}x{args.image_size} "
-              f"RGB batches of {args.batch_size}, warm page cache, one epoch after 3 warm-up batches; "
+              f"RGB batches of {args.batch_size}, warm page cache, each reader's epoch {args.epochs} in its "
+              f"process after 3 warm-up batches; "
               f"resized shards packed with `--resize {args.resize} --quality {args.quality}`; "
               f"every rate is the median of {args.repeat} interleaved runs. Load average "
               f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (the machine is shared: "

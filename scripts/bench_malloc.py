@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{_VARIABLE} is set here already: unset it, the first run of each pair goes without")
     source = args.source if "://" in args.source else os.path.abspath(args.source)
     cfg = {"source": source, "split": args.split, "image_size": [args.image_size] * 2,
-           "batch_size": args.batch_size, "warmup": 3, "warm_epochs": 1}
+           "batch_size": args.batch_size, "warmup": 3, "epochs": 2}
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     print(f"bench_malloc: {source} [{args.split}], {benchmark.cores()} cores, "
           f"load {os.getloadavg()[0]:.1f}", flush=True)

@@ -131,3 +131,32 @@ def test_pack_cost_vs_size_separates_the_start_up_from_the_cost_per_image():
 def test_pack_cost_vs_size_needs_two_sizes():
     bench = _bench_module()
     assert "two sizes" in bench.format_scaling([{"n": 1000, "pack_seconds": [0.5], "tar_seconds": [0.1]}])
+
+
+def test_readers_are_timed_on_their_last_epoch_with_the_first_reported_beside():
+    """time_epochs: each pass is a new iter() (an epoch); the result is the last epoch's,
+    and the first epoch's whole rate comes with it (a fresh process's first epoch builds
+    pipelines and hashes shards, which training pays once)."""
+    import numpy as np
+    import pytest
+
+    from reader.benchmark import time_epochs
+
+    class Epochs:
+        def __init__(self, sizes):
+            self.sizes, self.passes = list(sizes), 0
+
+        def __iter__(self):
+            n = self.sizes[self.passes]
+            self.passes += 1
+            return iter([np.zeros((n, 1))] * 5)
+
+    batches = Epochs([4, 2, 3])
+    result = time_epochs(batches, epochs=3, warmup=1)
+    assert batches.passes == 3
+    assert result["images"] == 15 and result["epochs"] == 3  # the last epoch: 5 batches of 3
+    assert result["first_epoch_images_per_s"] > 0
+    one = time_epochs(Epochs([4]), epochs=1, warmup=1)
+    assert one["images"] == 20 and one["first_epoch_images_per_s"] == one["images_per_s_with_startup"]
+    with pytest.raises(ValueError, match="epochs"):
+        time_epochs(Epochs([4]), epochs=0)
