@@ -72,7 +72,7 @@ def pack_to_url(
         (and everything :func:`packer.pack` raises)
     """
     from .engines import default_workers
-    from .job import job_engine, normalize_options
+    from .job import job_engine, normalize_options, probe_chunk_size
     from .probe import DEFAULT_MAX_PIXELS, DEFAULT_VALIDATE
     from .transform import parse_resize
 
@@ -114,14 +114,16 @@ def pack_to_url(
         return _pack_and_send(src, store, options, old_manifest, run=run, resize_spec=resize_spec,
                               staging_dir=staging_dir, batch=batch, upload_workers=upload_workers,
                               quiet=quiet, storage_options=storage_options,
-                              check_workers=check_workers)
+                              check_workers=check_workers,
+                              probe_chunk=probe_chunk_size(engine, resize=resize_spec,
+                                                           validate=options["validate"]))
 
 
 def _pack_and_send(
     src: str | os.PathLike[str], store: RemoteStore, options: dict[str, Any],
     old_manifest: dict[str, Any] | None, *, run: Any, resize_spec: Any,
     staging_dir: str | os.PathLike[str] | None, batch: int, upload_workers: int, quiet: bool,
-    storage_options: dict[str, Any] | None, check_workers: Any = None,
+    storage_options: dict[str, Any] | None, check_workers: Any = None, probe_chunk: int,
 ) -> dict[str, Any]:
     """walk -> probe -> plan, then write + upload in batches, then the manifest.
 
@@ -152,7 +154,7 @@ def _pack_and_send(
             finally:
                 os.remove(marker)
         return _plan_write_send(walked, store, options, old_manifest, run=run,
-                                resize_spec=resize_spec, staging=staging, batch=batch,
+                                resize_spec=resize_spec, staging=staging, batch=batch, probe_chunk=probe_chunk,
                                 upload_workers=upload_workers, quiet=quiet,
                                 storage_options=storage_options)
     finally:
@@ -187,7 +189,7 @@ def remove_dead_runs_staging() -> list[str]:
 def _plan_write_send(
     walked: Any, store: RemoteStore, options: dict[str, Any], old_manifest: dict[str, Any] | None,
     *, run: Any, resize_spec: Any, staging: str, batch: int, upload_workers: int, quiet: bool,
-    storage_options: dict[str, Any] | None,
+    storage_options: dict[str, Any] | None, probe_chunk: int,
 ) -> dict[str, Any]:
     from .job import (
         find_duplicates,
@@ -201,7 +203,8 @@ def _plan_write_send(
 
     url = store.url
     probes = probe_all(walked.candidates, run=run, validate=options["validate"],
-                       max_pixels=options["max_pixels"], resize=resize_spec, quiet=quiet)
+                       max_pixels=options["max_pixels"], resize=resize_spec, quiet=quiet,
+                       chunk=probe_chunk)
     plan, skipped, ignored = make_plan(walked, probes, options)
     refuse_no_images(plan, skipped, ignored)  # before the store changes
     duplicates = find_duplicates(plan, source_sha256)

@@ -280,6 +280,28 @@ def test_workers_do_not_change_bytes(photo_src, tmp_path):
     assert _shas(other_seed) != _shas(one)
 
 
+def test_probe_task_size_changes_no_byte(photo_src, tmp_path, monkeypatch):
+    """Cheap probes go 256 files to a task (a task's hand-off cost the parent as much as
+    50 files' planning), costly ones (decode, resize) 64, Dask's 1,024; a pack's bytes are
+    the same whatever the task size, on one worker or two."""
+    import packer.job as job
+    from packer.transform import parse_resize
+
+    assert job.probe_chunk_size("local", resize=None, validate="structure") == 256
+    assert job.probe_chunk_size("local", resize=None, validate="header") == 256
+    assert job.probe_chunk_size("local", resize=None, validate="decode") == 64
+    assert job.probe_chunk_size("local", resize=parse_resize(32), validate="structure") == 64
+    assert job.probe_chunk_size("dask", resize=None, validate="structure") == 1024
+    default = pack(photo_src, tmp_path / "default", workers=2, quiet=True, max_count=7)
+    monkeypatch.setattr(job, "PROBE_CHUNK", 3)
+    assert job.probe_chunk_size("local", resize=None, validate="decode") == 3
+    for workers in (1, 2):
+        small = pack(photo_src, tmp_path / f"small{workers}", workers=workers, quiet=True, max_count=7)
+        assert _shas(small) == _shas(default)
+        assert (tmp_path / f"small{workers}" / MANIFEST_NAME).read_bytes() == \
+            (tmp_path / "default" / MANIFEST_NAME).read_bytes()
+
+
 def test_duplicates_within_and_across_splits(photo_src, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(photo_src, src)
