@@ -552,7 +552,8 @@ def format_scaling(rows: list[dict[str, Any]]) -> str:
     The start-up (process pool, walk, manifest, the fsyncs' latency) is the intercept of
     a least-squares line through every round's (images, seconds); a whole-pack rate
     grows with the size while that fixed part is spread over more images, so it alone
-    cannot show linearity.
+    cannot show linearity. The rate after the start-up is left out ("–") for a size
+    whose pack is mostly start-up.
     """
     sized = []
     for row in sorted(rows, key=lambda r: r["n"]):
@@ -568,7 +569,8 @@ def format_scaling(rows: list[dict[str, Any]]) -> str:
     previous = None
     for row, seconds in sized:
         n = row["n"]
-        after = f"{n / (seconds - start_up):.0f}" if seconds > start_up else "–"
+        # where the start-up is most of the pack, n / (seconds - start_up) is mostly noise
+        after = f"{n / (seconds - start_up):.0f}" if seconds - start_up > seconds / 2 else "–"
         since = (f"{(n - previous[0]) / (seconds - previous[1]):.0f}"
                  if previous and seconds > previous[1] else "–")
         ratios = [t / p for p, t in zip(row["pack_seconds"], row["tar_seconds"], strict=True) if p and t]
