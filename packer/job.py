@@ -62,6 +62,10 @@ DEFAULT_QUALITY = 90  # JPEG quality of images re-encoded by --resize
 PROBE_CHUNK = 256
 PROBE_CHUNK_COSTLY = 64  # validate="decode" or --resize
 PROBE_CHUNK_DASK = 1024  # a Dask task costs more: a million files stay ~1,000 tasks
+# Probe tasks each worker gets at least, where there are files enough: with fewer, the
+# last wave of tasks leaves workers idle (6,000 files in tasks of 256 are 24 tasks, a
+# wave and a half on 16 workers).
+PROBE_TASKS_PER_WORKER = 4
 
 
 def pack(
@@ -171,6 +175,7 @@ def pack(
             return _pack_with(
                 src, out_dir, options, resize_spec=resize_spec, quiet=quiet, run=run,
                 probe_chunk=probe_chunk_size(engine, resize=resize_spec, validate=validate),
+                workers=workers,
                 check_workers=check_workers, sync_in_writer=engine != "local", durable=fsync,
                 fed=_fed_runner(workers, pool) if engine == "local" else None,
             )
@@ -190,6 +195,12 @@ def probe_chunk_size(engine: str, *, resize: ResizeSpec | None, validate: str) -
     if resize is not None or validate == "decode":
         return min(PROBE_CHUNK, PROBE_CHUNK_COSTLY)
     return PROBE_CHUNK
+
+
+def even_probe_chunk(chunk: int, files: int, workers: int) -> int:
+    """``chunk``, or fewer files per task where that leaves a worker fewer than
+    ``PROBE_TASKS_PER_WORKER`` tasks (6,000 files on 16 workers: 94 a task)."""
+    return max(1, min(chunk, -(-files // (max(1, workers) * PROBE_TASKS_PER_WORKER))))
 
 
 def refuse_out_over_src(src: str | os.PathLike[str], out_dir: str) -> None:
@@ -281,9 +292,12 @@ def _pack_with(
     src: str | os.PathLike[str], out_dir: str, options: dict[str, Any], *,
     resize_spec: ResizeSpec | None, quiet: bool, run: Callable[..., Any], probe_chunk: int,
     check_workers: Callable[[dict[str, str]], None] | None, sync_in_writer: bool = False,
-    durable: bool = True, fed: Callable[..., Any] | None = None,
+    durable: bool = True, fed: Callable[..., Any] | None = None, workers: int = 1,
 ) -> dict[str, Any]:
     """The pipeline itself: walk -> probe -> plan -> write -> manifest.
+
+    ``probe_chunk``: files per probe task, fewer where ``workers`` would not each get a few
+    tasks (``even_probe_chunk``).
 
     ``sync_in_writer``: each writer fsyncs its own shard (Dask workers may be other
     machines, whose caches an fsync here would not flush). ``durable``: see pack's
@@ -301,6 +315,7 @@ def _pack_with(
         # they would be skipped); one that does not mount OUT would write shards elsewhere.
         check_workers({"SRC": walked.candidates[0].abs_path, "OUT": _out_marker(out_dir)})
     spool = spool_path(out_dir) if resize_spec is not None else None
+    probe_chunk = even_probe_chunk(probe_chunk, len(walked.candidates), workers)
     try:
         if fed is not None:
             plan, skipped, ignored, results = probe_and_write(

@@ -116,7 +116,8 @@ def pack_to_url(
                               quiet=quiet, storage_options=storage_options,
                               check_workers=check_workers,
                               probe_chunk=probe_chunk_size(engine, resize=resize_spec,
-                                                           validate=options["validate"]))
+                                                           validate=options["validate"]),
+                              workers=int(workers))
 
 
 def _pack_and_send(
@@ -124,12 +125,14 @@ def _pack_and_send(
     old_manifest: dict[str, Any] | None, *, run: Any, resize_spec: Any,
     staging_dir: str | os.PathLike[str] | None, batch: int, upload_workers: int, quiet: bool,
     storage_options: dict[str, Any] | None, check_workers: Any = None, probe_chunk: int,
+    workers: int,
 ) -> dict[str, Any]:
     """walk -> probe -> plan, then write + upload in batches, then the manifest.
 
     ``check_workers``: called with the paths remote Dask workers must see as this machine
     does (SRC and the staging folder, which must then be a shared one: ``staging_dir``).
     """
+    from .job import even_probe_chunk
     from .walk import walk_tree
 
     walked = walk_tree(src, layout=options["layout"], follow_links=options["follow_links"])
@@ -154,7 +157,8 @@ def _pack_and_send(
             finally:
                 os.remove(marker)
         return _plan_write_send(walked, store, options, old_manifest, run=run,
-                                resize_spec=resize_spec, staging=staging, batch=batch, probe_chunk=probe_chunk,
+                                resize_spec=resize_spec, staging=staging, batch=batch,
+                                probe_chunk=even_probe_chunk(probe_chunk, len(walked.candidates), workers),
                                 upload_workers=upload_workers, quiet=quiet,
                                 storage_options=storage_options)
     finally:

@@ -292,6 +292,11 @@ def test_probe_task_size_changes_no_byte(photo_src, tmp_path, monkeypatch):
     assert job.probe_chunk_size("local", resize=None, validate="decode") == 64
     assert job.probe_chunk_size("local", resize=parse_resize(32), validate="structure") == 64
     assert job.probe_chunk_size("dask", resize=None, validate="structure") == 1024
+    # fewer files per task where workers would otherwise get under 4 tasks each
+    assert job.even_probe_chunk(256, 100_000, 2) == 256
+    assert job.even_probe_chunk(256, 6_000, 16) == 94
+    assert job.even_probe_chunk(64, 30, 2) == 4
+    assert job.even_probe_chunk(256, 0, 2) == 1
     default = pack(photo_src, tmp_path / "default", workers=2, quiet=True, max_count=7)
     monkeypatch.setattr(job, "PROBE_CHUNK", 3)
     assert job.probe_chunk_size("local", resize=None, validate="decode") == 3
