@@ -55,8 +55,8 @@ DEFAULT_QUALITY = 90  # JPEG quality of images re-encoded by --resize
 # (submitting, pickling, the result's hand-back, the wait): with 64 files that was a
 # sixth of the parent's time per file. 256 cheap probes (header or structure checks,
 # ~35-110 us a file) cut it: packs of 3,000 ImageNet-like files, 2 workers, 20 of each
-# alternating, went from a median of ~12,300 to ~13,400 images/s (parent 27 -> 22-23 us
-# of CPU a file). A probe that decodes or re-encodes every image takes milliseconds a
+# alternating, went from a median of ~12,300 to ~13,400 images/s (the parent's median
+# 26.5-28 -> 22.5-23 us of CPU a file, in two runs of 10). A probe that decodes or re-encodes every image takes milliseconds a
 # file: there the hand-off is nothing, and smaller tasks keep progress smooth and the
 # workers' last tasks even.
 PROBE_CHUNK = 256
@@ -175,7 +175,7 @@ def pack(
             return _pack_with(
                 src, out_dir, options, resize_spec=resize_spec, quiet=quiet, run=run,
                 probe_chunk=probe_chunk_size(engine, resize=resize_spec, validate=validate),
-                workers=workers,
+                workers=probe_workers(engine, workers, scheduler),
                 check_workers=check_workers, sync_in_writer=engine != "local", durable=fsync,
                 fed=_fed_runner(workers, pool) if engine == "local" else None,
             )
@@ -195,6 +195,13 @@ def probe_chunk_size(engine: str, *, resize: ResizeSpec | None, validate: str) -
     if resize is not None or validate == "decode":
         return min(PROBE_CHUNK, PROBE_CHUNK_COSTLY)
     return PROBE_CHUNK
+
+
+def probe_workers(engine: str, workers: int, scheduler: str | None) -> int:
+    """The workers that probe tasks are spread over: the local pool's, or the Dask cluster
+    this job starts; a cluster named by ``scheduler`` has a size of its own, unknown here,
+    so its tasks keep their size (1)."""
+    return 1 if engine == "dask" and scheduler is not None else workers
 
 
 def even_probe_chunk(chunk: int, files: int, workers: int) -> int:

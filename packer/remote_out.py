@@ -72,7 +72,7 @@ def pack_to_url(
         (and everything :func:`packer.pack` raises)
     """
     from .engines import default_workers
-    from .job import job_engine, normalize_options, probe_chunk_size
+    from .job import job_engine, normalize_options, probe_chunk_size, probe_workers
     from .probe import DEFAULT_MAX_PIXELS, DEFAULT_VALIDATE
     from .transform import parse_resize
 
@@ -117,7 +117,7 @@ def pack_to_url(
                               check_workers=check_workers,
                               probe_chunk=probe_chunk_size(engine, resize=resize_spec,
                                                            validate=options["validate"]),
-                              workers=int(workers))
+                              workers=probe_workers(engine, int(workers), scheduler))
 
 
 def _pack_and_send(

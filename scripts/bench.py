@@ -577,9 +577,12 @@ def format_scaling(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {n:,} | {seconds:.3f} | {n / seconds:.0f} | {after} | {since} | "
                      f"{', '.join(f'{r:.2f}' for r in ratios) or '–'} |")
         previous = (n, seconds)
-    rate = f"{1 / per_image:,.0f} images/s" if per_image > 0 else "–"
-    lines += ["", f"Least-squares line through every round: {start_up * 1e3:.0f} ms of start-up, "
-                  f"then {per_image * 1e6:.1f} µs per image ({rate})."]
+    if per_image > 0:
+        line = (f"Least-squares line through every round: {start_up * 1e3:.0f} ms of start-up, "
+                f"then {per_image * 1e6:.1f} µs per image ({1 / per_image:,.0f} images/s).")
+    else:  # the larger packs were not slower: sizes too small for the noise
+        line = "Least-squares line through every round: it does not rise; try larger sizes."
+    lines += ["", line]
     return "\n".join(lines)
 
 
@@ -615,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         _child(args.contender, json.loads(args.config))
         return 0
     kinds = args.only.split(",")
+    if args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, got {args.epochs}")
     if set(kinds) - {"reader", "packer", "resized", "scaling"}:
         parser.error(f"--only takes reader, packer, resized or scaling, got {args.only!r}")
     if args.update_readme and not {"reader", "packer"} <= set(kinds):

@@ -282,8 +282,9 @@ def test_workers_do_not_change_bytes(photo_src, tmp_path):
 
 def test_probe_task_size_changes_no_byte(photo_src, tmp_path, monkeypatch):
     """Cheap probes go 256 files to a task (a task's hand-off cost the parent as much as
-    50 files' planning), costly ones (decode, resize) 64, Dask's 1,024; a pack's bytes are
-    the same whatever the task size, on one worker or two."""
+    50 files' planning), costly ones (decode, resize) 64, Dask's 1,024, fewer where
+    workers would get under 4 tasks each; a pack's bytes are the same whatever the task
+    size: the whole tree in one task, or 3 files a task on one worker or two."""
     import packer.job as job
     from packer.transform import parse_resize
 
@@ -297,7 +298,11 @@ def test_probe_task_size_changes_no_byte(photo_src, tmp_path, monkeypatch):
     assert job.even_probe_chunk(256, 6_000, 16) == 94
     assert job.even_probe_chunk(64, 30, 2) == 4
     assert job.even_probe_chunk(256, 0, 2) == 1
-    default = pack(photo_src, tmp_path / "default", workers=2, quiet=True, max_count=7)
+    assert job.probe_workers("dask", 16, "tcp://127.0.0.1:8786") == 1  # its own size
+    assert job.probe_workers("dask", 16, None) == job.probe_workers("local", 16, None) == 16
+    monkeypatch.setattr(job, "PROBE_TASKS_PER_WORKER", 1)
+    default = pack(photo_src, tmp_path / "default", workers=1, quiet=True, max_count=7)
+    monkeypatch.setattr(job, "PROBE_TASKS_PER_WORKER", 4)
     monkeypatch.setattr(job, "PROBE_CHUNK", 3)
     assert job.probe_chunk_size("local", resize=None, validate="decode") == 3
     for workers in (1, 2):
