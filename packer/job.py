@@ -55,8 +55,8 @@ DEFAULT_QUALITY = 90  # JPEG quality of images re-encoded by --resize
 # (submitting, pickling, the result's hand-back, the wait): with 64 files that was a
 # sixth of the parent's time per file. 256 cheap probes (header or structure checks,
 # ~35-110 us a file) cut it: packs of 3,000 ImageNet-like files, 2 workers, 20 of each
-# alternating, went from a median of ~12,300 to ~13,400 images/s (the parent's median
-# 26.5-28 -> 22.5-23 us of CPU a file, in two runs of 10). A probe that decodes or re-encodes every image takes milliseconds a
+# alternating, went from medians of ~12,000-12,300 to ~13,250-13,450 images/s (the
+# parent's median 26.5-28 -> 22.5-23 us of CPU a file, in two runs of 10). A probe that decodes or re-encodes every image takes milliseconds a
 # file: there the hand-off is nothing, and smaller tasks keep progress smooth and the
 # workers' last tasks even.
 PROBE_CHUNK = 256
