@@ -42,7 +42,8 @@ from typing import Any
 
 from packer.errors import ShardpackError
 
-__all__ = ["CONTENDERS", "decode_limit", "run_contender", "time_epoch", "time_epochs", "main"]
+__all__ = ["CONTENDERS", "decode_limit", "run_contender", "time_contender", "time_epoch", "time_epochs",
+           "main"]
 
 _CHUNK = 16  # images per task of the decode-limit pool: no per-image scheduling cost
 
@@ -236,8 +237,9 @@ def c_decode_limit(cfg: dict[str, Any]) -> dict[str, Any]:
             "variant": variant, "cpu_ms_per_image": cpu / len(blobs) * 1e3}
 
 
-def _timed(batches: Any, cfg: dict[str, Any]) -> dict[str, Any]:
-    """``time_epochs`` with the contender's ``epochs`` and ``warmup``."""
+def time_contender(batches: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    """``time_epochs`` with a contender's ``epochs`` and ``warmup`` from its ``cfg`` (every
+    reader contender, here and in ``scripts/``, is timed through this)."""
     return time_epochs(batches, cfg.get("epochs", DEFAULT_EPOCHS), cfg.get("warmup", 3))
 
 
@@ -258,7 +260,7 @@ def c_shardpack_numpy(cfg: dict[str, Any]) -> dict[str, Any]:
                     storage_options=cfg.get("storage_options"), dtype=cfg.get("dtype", "float32"),
                     processes=cfg.get("processes", 0), num_workers=cfg.get("num_workers"))
     try:
-        return _parent_only(_timed(r, cfg), cfg)
+        return _parent_only(time_contender(r, cfg), cfg)
     finally:
         r.close()
 
@@ -272,7 +274,7 @@ def c_shardpack_tf(cfg: dict[str, Any]) -> dict[str, Any]:
                                    verbose=False, storage_options=cfg.get("storage_options"),
                                    processes=cfg.get("processes", 0))
     try:
-        return _parent_only(_timed(ds, cfg), cfg)
+        return _parent_only(time_contender(ds, cfg), cfg)
     finally:
         ds.shard_reader.close()
 
@@ -290,7 +292,7 @@ def c_shardpack_torch(cfg: dict[str, Any]) -> dict[str, Any]:
                               storage_options=cfg.get("storage_options"),
                               processes=cfg.get("processes", 0))
     try:
-        return _parent_only(_timed(DataLoader(ds, batch_size=None), cfg), cfg)
+        return _parent_only(time_contender(DataLoader(ds, batch_size=None), cfg), cfg)
     finally:
         ds.reader.close()
 

@@ -41,8 +41,9 @@ def restore_malloc_thresholds() -> None:
     decoded and resized image was one: a third more CPU per image on resized shards (1.36
     vs 0.91 ms with ``shardpack bench``). What is left is the compressed samples over 128
     KB, PNG and Pillow decodes, and the ``nearest`` and Pillow interpolations: on the
-    originals, 23 page faults per image without this, 4-7 with it. This sets the thresholds glibc's own adaptation converges to (32 MB mmap, 64 MB trim),
-    so freed buffers are reused again. Memory stays bounded: the reader's buffers are.
+    originals, 23 page faults per image without this, 4-7 with it. This sets the thresholds
+    glibc's own adaptation converges to (32 MB mmap, 64 MB trim), so freed buffers are
+    reused again. Memory stays bounded: the reader's buffers are.
     No effect where malloc is not glibc's; ``SHARDPACK_TF_MALLOC=keep`` leaves it alone.
     """
     if os.environ.get("SHARDPACK_TF_MALLOC") == "keep" or not sys.platform.startswith("linux"):

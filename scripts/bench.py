@@ -163,29 +163,24 @@ def c_decode_limit(cfg: dict[str, Any]) -> dict[str, Any]:
     return limit(dict(cfg, source=cfg["shards"]))
 
 
-def _time_batches(iterable: Any, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Time ``cfg["epochs"]`` epochs over ``iterable`` and report the last (as the
-    shardpack readers: ``reader.benchmark.time_epochs``); steady state excludes the first 3
-    batches (start-up)."""
-    from reader.benchmark import DEFAULT_EPOCHS, time_epochs
-
-    return time_epochs(iterable, cfg.get("epochs", DEFAULT_EPOCHS), 3)
-
-
 def c_keras_directory(cfg: dict[str, Any]) -> dict[str, Any]:
     import keras
+
+    from reader.benchmark import time_contender  # timed as the shardpack readers are
 
     ds = keras.utils.image_dataset_from_directory(
         os.path.join(cfg["src"], cfg["split"]), image_size=tuple(cfg["image_size"]),
         batch_size=cfg["batch_size"], shuffle=True, seed=0, verbose=False,
     )
-    return _time_batches(ds, cfg)
+    return time_contender(ds, cfg)
 
 
 def c_webdataset(cfg: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import webdataset as wds
     from PIL import Image
+
+    from reader.benchmark import time_contender  # timed as the shardpack readers are
 
     size = tuple(cfg["image_size"])
     urls = [str(p) for p in sorted((Path(cfg["shards"]) / cfg["split"]).glob("*.tar"))]
@@ -207,7 +202,7 @@ def c_webdataset(cfg: dict[str, Any]) -> dict[str, Any]:
         variant = f"WebLoader num_workers={min(cores(), len(urls))}"
     except Exception:  # torch not installed: the pipeline in this process
         loader, variant = pipeline, "no torch: single process"
-    result = _time_batches(loader, cfg)
+    result = time_contender(loader, cfg)
     result["variant"] = variant
     return result
 
@@ -533,15 +528,10 @@ def scaling_only(args: argparse.Namespace, work: Path, argv: list[str] | None) -
 
 
 def linear_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """Least-squares ``y = a + b x`` through ``points``; returns ``(a, b)``."""
-    n = len(points)
-    mean_x = sum(x for x, _ in points) / n
-    mean_y = sum(y for _, y in points) / n
-    sxx = sum((x - mean_x) ** 2 for x, _ in points)
-    if sxx == 0:
-        raise ValueError("a line needs at least two different sizes")
-    b = sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
-    return mean_y - b * mean_x, b
+    """Least-squares ``y = a + b x`` through ``points`` (``statistics.linear_regression``);
+    returns ``(a, b)``. Raises ValueError (``StatisticsError``) when every x is the same."""
+    slope, intercept = statistics.linear_regression([x for x, _ in points], [y for _, y in points])
+    return intercept, slope
 
 
 def format_scaling(rows: list[dict[str, Any]]) -> str:

@@ -103,7 +103,7 @@ def c_torch_loader(cfg: dict[str, Any]) -> dict[str, Any]:
                               batch_size=cfg["batch_size"], shuffle=True, seed=0,
                               decode_threads=max(1, benchmark.cores() // workers))
     loader = DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4)
-    result = benchmark._timed(loader, cfg)
+    result = benchmark.time_contender(loader, cfg)
     result["cpu_ms_per_image"] = None  # the workers' CPU is not this process's
     return result
 
@@ -126,7 +126,7 @@ def c_shardpack_ordered(cfg: dict[str, Any]) -> dict[str, Any]:
     r = OrderedReader(cfg["source"], split=cfg["split"], image_size=tuple(cfg["image_size"]),
                       batch_size=cfg["batch_size"], shuffle=True, seed=0, decode_processes=cfg["ordered"])
     try:
-        return benchmark._parent_only(benchmark._timed(r, cfg), cfg)
+        return benchmark._parent_only(benchmark.time_contender(r, cfg), cfg)
     finally:
         r.close()
 
