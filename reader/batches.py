@@ -279,7 +279,7 @@ def in_flight_plan(workers: int, batch_size: int) -> tuple[int, int]:
 
 
 # Stored images below this mean size count as small: packed at training size (`--resize`),
-# or small to begin with. Measured on 16-core machines (README, "On 16 cores"): on
+# or small to begin with. Measured on 16-core machines (docs/SPEED.md, "On 16 cores"): on
 # 224x224 and short-side-256 shards (16-24 KB a sample) 8 decode threads gave 1.3-1.4x
 # what 16 gave, on ImageNet-like originals (~45 KB) 16 gave the most.
 _SMALL_SAMPLE_BYTES = 32 * 1024

@@ -28,22 +28,25 @@ over the epoch (or the timed decode), which a busy machine disturbs less than th
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
 import re
 import resource
+import stat
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from packer.errors import ShardpackError
 
-__all__ = ["CONTENDERS", "decode_limit", "run_contender", "time_contender", "time_epoch", "time_epochs",
-           "main"]
+__all__ = ["CONTENDERS", "decode_limit", "evict_from_page_cache", "run_contender", "time_contender",
+           "time_epoch", "time_epochs", "main"]
 
 _CHUNK = 16  # images per task of the decode-limit pool: no per-image scheduling cost
 
@@ -186,7 +189,10 @@ def time_epoch(batches: Any, warmup: int = 3) -> dict[str, Any]:
 DEFAULT_EPOCHS = 2
 
 
-def time_epochs(batches: Any, epochs: int = DEFAULT_EPOCHS, warmup: int = 3) -> dict[str, Any]:
+def time_epochs(
+    batches: Any, epochs: int = DEFAULT_EPOCHS, warmup: int = 3,
+    before_epoch: Callable[[], object] | None = None,
+) -> dict[str, Any]:
     """Time ``epochs`` passes over ``batches`` (each ``iter()`` a new epoch) and report the
     last one (``time_epoch``): what training runs at once its process is going, as Keras
     iterates one dataset epoch after epoch.
@@ -195,13 +201,56 @@ def time_epochs(batches: Any, epochs: int = DEFAULT_EPOCHS, warmup: int = 3) -> 
     faults in fresh batch memory and, for shardpack, hashes each local shard against the
     manifest once; measured here, 7-34% more CPU per image than the next epoch. That
     pass's whole-epoch rate is kept as ``first_epoch_images_per_s``.
+
+    ``before_epoch``: called before each pass, off the clock (``evict_from_page_cache``
+    for a cold-cache run).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
-    first = result = time_epoch(batches, warmup)
-    for _ in range(epochs - 1):
+    first: dict[str, Any] = {}
+    result = first
+    for epoch in range(epochs):
+        if before_epoch is not None:
+            before_epoch()
         result = time_epoch(batches, warmup)
+        if epoch == 0:
+            first = result
     return dict(result, epochs=epochs, first_epoch_images_per_s=first["images_per_s_with_startup"])
+
+
+def evict_from_page_cache(paths: Iterable[str | os.PathLike[str]]) -> int:
+    """Drop every file under ``paths`` (files or folders) from the page cache, so the next
+    read comes from the disk, as it does for a data set larger than the machine's memory.
+
+    ``posix_fadvise(DONTNEED)`` after a ``sync`` (dirty pages are not dropped): no root
+    needed, unlike ``/proc/sys/vm/drop_caches``, and nothing else's cache is touched;
+    directory entries and inodes stay cached. Returns the number of files.
+
+    Raises:
+        OSError: the platform has no ``posix_fadvise`` (not Linux), or a file cannot be opened.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        raise OSError("a cold page cache needs os.posix_fadvise (Linux)")
+    os.sync()
+    files = 0
+    for path in paths:
+        if os.path.isfile(path):
+            files += _evict_file(os.fspath(path))
+            continue
+        for folder, _, names in os.walk(path):
+            files += sum(_evict_file(os.path.join(folder, name)) for name in names)
+    return files
+
+
+def _evict_file(path: str) -> int:
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        return 0  # a FIFO or device: nothing cached, and opening one may block
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return 1
 
 
 # ---------------------------------------------------------------- contenders (child side)
@@ -237,10 +286,24 @@ def c_decode_limit(cfg: dict[str, Any]) -> dict[str, Any]:
             "variant": variant, "cpu_ms_per_image": cpu / len(blobs) * 1e3}
 
 
-def time_contender(batches: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+def time_contender(
+    batches: Any, cfg: dict[str, Any], reads: Sequence[str | os.PathLike[str]] = (),
+) -> dict[str, Any]:
     """``time_epochs`` with a contender's ``epochs`` and ``warmup`` from its ``cfg`` (every
-    reader contender, here and in ``scripts/``, is timed through this)."""
-    return time_epochs(batches, cfg.get("epochs", DEFAULT_EPOCHS), cfg.get("warmup", 3))
+    reader contender, here and in ``scripts/``, is timed through this). With
+    ``cfg["cache"] == "cold"`` the files it ``reads`` (local paths) are evicted from the
+    page cache before every epoch."""
+    evict = None
+    if cfg.get("cache") == "cold" and reads:
+        evict = functools.partial(evict_from_page_cache, reads)
+    return time_epochs(batches, cfg.get("epochs", DEFAULT_EPOCHS), cfg.get("warmup", 3), evict)
+
+
+def local_reads(cfg: dict[str, Any]) -> list[str]:
+    """What a shardpack contender reads from local disk: its ``source`` folder (none for a
+    URL: a remote store has no page cache here)."""
+    source = cfg["source"]
+    return [source] if isinstance(source, str) and os.path.exists(source) else []
 
 
 def _parent_only(result: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
@@ -260,7 +323,7 @@ def c_shardpack_numpy(cfg: dict[str, Any]) -> dict[str, Any]:
                     storage_options=cfg.get("storage_options"), dtype=cfg.get("dtype", "float32"),
                     processes=cfg.get("processes", 0), num_workers=cfg.get("num_workers"))
     try:
-        return _parent_only(time_contender(r, cfg), cfg)
+        return _parent_only(time_contender(r, cfg, local_reads(cfg)), cfg)
     finally:
         r.close()
 
@@ -274,7 +337,7 @@ def c_shardpack_tf(cfg: dict[str, Any]) -> dict[str, Any]:
                                    verbose=False, storage_options=cfg.get("storage_options"),
                                    processes=cfg.get("processes", 0))
     try:
-        return _parent_only(time_contender(ds, cfg), cfg)
+        return _parent_only(time_contender(ds, cfg, local_reads(cfg)), cfg)
     finally:
         ds.shard_reader.close()
 
@@ -292,7 +355,7 @@ def c_shardpack_torch(cfg: dict[str, Any]) -> dict[str, Any]:
                               storage_options=cfg.get("storage_options"),
                               processes=cfg.get("processes", 0))
     try:
-        return _parent_only(time_contender(DataLoader(ds, batch_size=None), cfg), cfg)
+        return _parent_only(time_contender(DataLoader(ds, batch_size=None), cfg, local_reads(cfg)), cfg)
     finally:
         ds.reader.close()
 
@@ -383,7 +446,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 def advice(results: dict[str, dict[str, Any]], n_cores: int, processes: int) -> list[str]:
     """What to try when a reader stays under 0.9x the decode limit: on many cores one
-    process's threads share a GIL with the tar reading and shuffling (README, "On 16
+    process's threads share a GIL with the tar reading and shuffling (docs/SPEED.md, "On 16
     cores"), which decode processes do not; with few cores, nothing of ours helps."""
     limit = results.get("decode_limit", {}).get("images_per_s")
     slow = sorted(name for name, r in results.items()
@@ -444,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
     parser.add_argument("--processes", type=int, default=0,
                         help="the readers' processes= (decode processes; 0: threads only)")
+    parser.add_argument("--cache", choices=("warm", "cold"), default="warm",
+                        help="cold: evict the shards from the page cache before every epoch, "
+                             "as for a data set larger than memory (local shards, Linux; the "
+                             "decode limit still decodes from RAM)")
     parser.add_argument("--json", dest="json_out", help="also write the results here")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -460,9 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown contenders {unknown}; choose from {sorted(CONTENDERS)}")
     source = args.source if "://" in args.source else os.path.abspath(args.source)
+    if args.cache == "cold" and ("://" in args.source or not hasattr(os, "posix_fadvise")):
+        parser.error("--cache cold evicts local shard files from the page cache (Linux): "
+                     "SOURCE must be a local folder")
     cfg = {"source": source, "split": args.split, "image_size": [args.image_size] * 2,
            "batch_size": args.batch_size, "warmup": args.warmup, "processes": args.processes,
-           "epochs": args.epochs}
+           "epochs": args.epochs, "cache": args.cache}
     if args.endpoint_url:
         from packer.storage import storage_options_for
 
@@ -475,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     if warning:
         print(warning, file=sys.stderr)
     print(f"shardpack bench: {source} [{args.split}], {args.image_size}x{args.image_size} RGB, "
-          f"batches of {args.batch_size}, {cores()} cores, load {os.getloadavg()[0]:.1f}; "
+          f"batches of {args.batch_size}, {cores()} cores, {args.cache} page cache, "
+          f"load {os.getloadavg()[0]:.1f}; "
           f"median of {args.repeat} interleaved runs", flush=True)
     results = run_rounds(names, cfg, args.repeat, log=lambda m: print(m, flush=True))
     print()

@@ -2,7 +2,7 @@
 
 Why: in one process every image costs Python time under one GIL (the thread that reads and
 shuffles the tars, and each decode thread's calls into libjpeg-turbo and OpenCV). On a
-16-core machine that capped ``ShardReader`` at 0.6-0.8x the decode limit (README, "On 16
+16-core machine that capped ``ShardReader`` at 0.6-0.8x the decode limit (docs/SPEED.md, "On 16
 cores"), where PyTorch's loader processes reached 0.84x. ``ShardReader(processes=N)``
 does the same for numpy and tf.data, without PyTorch.
 

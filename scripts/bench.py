@@ -4,7 +4,8 @@
 Builds (or takes) an ImageNet-like class-folder tree, packs it, and runs every contender in
 its own subprocess (so each one's peak RSS is its own):
 
-reader contenders (224x224 RGB batches of 64 by default, warm page cache, all cores;
+reader contenders (224x224 RGB batches of 64 by default, warm page cache unless --cache cold,
+all cores;
 each runs --repeat times, interleaved round by round, and the table shows the median)
   decode_limit       libjpeg-turbo decoding the split's bytes from RAM with DCT scaling
                      (simplejpeg at the reader's or any n/8 scale, or Pillow draft: whichever
@@ -35,6 +36,12 @@ packer contenders
                      fsynced before it returns; compare with tar -cf + fsync
   shardpack_pack_decode  the default with validate="decode" (every image decoded)
 Every packer contender starts after an os.sync(), so none pays for another's dirty pages.
+
+`--cache cold` reads from the disk instead of the page cache, as training and packing a set
+larger than the machine's memory do: the files a contender reads (the tree for Keras and
+the packers, the shards for the other readers) are evicted from the page cache
+(posix_fadvise, no root needed) before every reader epoch and every pack. The decode limit
+still decodes from RAM: it is the decode's own limit, without I/O.
 
 `--only resized` runs keras_directory and the two resized contenders alone: with --resize
 and --quality, it measures what a pack-time size and quality buy against Keras.
@@ -168,11 +175,12 @@ def c_keras_directory(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from reader.benchmark import time_contender  # timed as the shardpack readers are
 
+    folder = os.path.join(cfg["src"], cfg["split"])
     ds = keras.utils.image_dataset_from_directory(
-        os.path.join(cfg["src"], cfg["split"]), image_size=tuple(cfg["image_size"]),
+        folder, image_size=tuple(cfg["image_size"]),
         batch_size=cfg["batch_size"], shuffle=True, seed=0, verbose=False,
     )
-    return time_contender(ds, cfg)
+    return time_contender(ds, cfg, [folder])
 
 
 def c_webdataset(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -202,7 +210,7 @@ def c_webdataset(cfg: dict[str, Any]) -> dict[str, Any]:
         variant = f"WebLoader num_workers={min(cores(), len(urls))}"
     except Exception:  # torch not installed: the pipeline in this process
         loader, variant = pipeline, "no torch: single process"
-    result = time_contender(loader, cfg)
+    result = time_contender(loader, cfg, urls)
     result["variant"] = variant
     return result
 
@@ -248,16 +256,21 @@ def _count_images(src: Path) -> int:
     return sum(1 for p in src.rglob("*") if p.is_file())
 
 
-def _settle() -> None:
-    """Flush every dirty page first: a contender must not pay for the previous one's."""
+def _settle(cfg: dict[str, Any]) -> None:
+    """Flush every dirty page first: a contender must not pay for the previous one's. With
+    ``--cache cold``, evict the tree to pack from the page cache too."""
     os.sync()
+    if cfg.get("cache") == "cold":
+        from reader.benchmark import evict_from_page_cache
+
+        evict_from_page_cache([cfg["src"]])
     time.sleep(0.2)
 
 
 def c_tar_cf(cfg: dict[str, Any], *, fsync: bool = False) -> dict[str, Any]:
     src = Path(cfg["src"])
     target = Path(cfg["scratch"]) / "tar_cf.tar"
-    _settle()
+    _settle(cfg)
     start = time.perf_counter()
     subprocess.run(["tar", "-cf", str(target), "-C", str(src), "."], check=True)
     if fsync:
@@ -282,7 +295,7 @@ def c_wds_shardwriter(cfg: dict[str, Any]) -> dict[str, Any]:
     out = Path(cfg["scratch"]) / "wds_out"
     out.mkdir(parents=True, exist_ok=True)
     classes = sorted({p.name for split in src.iterdir() for p in split.iterdir()})
-    _settle()
+    _settle(cfg)
     start = time.perf_counter()
     n = 0
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=10000, maxsize=256e6, verbose=0) as sink:
@@ -303,7 +316,7 @@ def c_shardpack_pack(cfg: dict[str, Any]) -> dict[str, Any]:
 
     out = Path(cfg["scratch"]) / "pack_out"
     shutil.rmtree(out, ignore_errors=True)
-    _settle()
+    _settle(cfg)
     start = time.perf_counter()
     manifest = pack(cfg["src"], out, quiet=True, workers=cfg.get("workers") or cores(),
                     max_size="64MB", validate=cfg.get("validate", "structure"),
@@ -450,10 +463,18 @@ def draw_chart(results: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def cache_words(cache: str) -> str:
+    """The page cache's state in the table's header."""
+    if cache == "cold":
+        return ("cold page cache (what each contender reads evicted before every reader epoch "
+                "and every pack; the decode limit decodes from RAM)")
+    return "warm page cache"
+
+
 def machine_line() -> str:
     """Cores and CPU, with what tells CPUs of one brand name apart (model number, AVX-512):
     the anchors' ratios differ between them (TensorFlow's decode and resize against
-    libjpeg-turbo and OpenCV: README, "Speed")."""
+    libjpeg-turbo and OpenCV: docs/SPEED.md, "The decode limit, corrected")."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -497,8 +518,9 @@ def scaling_run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     for round_ in range(1, args.repeat + 1):
         for row in rows:
             src = trees[row["n"]]
-            warm_cache(src)
-            cfg = {"src": str(src), "scratch": str(work / "scratch")}
+            if args.cache == "warm":
+                warm_cache(src)
+            cfg = {"src": str(src), "scratch": str(work / "scratch"), "cache": args.cache}
             for key, name in (("pack_seconds", "shardpack_pack"), ("tar_seconds", "tar_cf_fsync")):
                 result = run_contender(name, cfg)
                 row[key].append(result.get("seconds"))
@@ -516,7 +538,7 @@ def scaling_only(args: argparse.Namespace, work: Path, argv: list[str] | None) -
     command = "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     markdown = "\n".join([
         f"Machine: {machine_line()}. Small JPEGs (96x72, about 1 KB), the default fsynced pack, "
-        f"{args.repeat} interleaved rounds. Load average {load_before[0]:.1f} before, "
+        f"{args.repeat} interleaved rounds, {'cold' if args.cache == 'cold' else 'warm'} page cache. Load average {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after.", "", "**Pack cost vs size**", "", format_scaling(rows), "",
         f"Produced by `{command.strip()}`."])
     print("\n" + markdown)
@@ -600,6 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling", type=int, nargs="*", default=[],
                         help="also pack this many small images each (e.g. 1000 10000 100000), "
                              "--repeat rounds, with tar -cf + fsync of each as its anchor")
+    parser.add_argument("--cache", choices=("warm", "cold"), default="warm",
+                        help="cold: evict what each contender reads from the page cache before "
+                             "every reader epoch and every pack (default warm)")
     parser.add_argument("--update-readme", action="store_true", help="write table and chart into README.md")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -635,13 +660,13 @@ def main(argv: list[str] | None = None) -> int:
     pack(src, shards, quiet=True, max_size="64MB", overwrite=True)
     pack(src, resized, quiet=True, max_size="64MB", resize=args.resize, quality=args.quality,
          overwrite=True)
-    warm_cache(src)
-    warm_cache(shards)
-    warm_cache(resized)
+    if args.cache == "warm":
+        for tree in (src, shards, resized):
+            warm_cache(tree)
     size = [args.image_size, args.image_size]
     cfg = {"src": str(src), "shards": str(shards), "shards_resized": str(resized),
            "split": args.split, "image_size": size, "batch_size": args.batch_size,
-           "scratch": str(work / "scratch"), "epochs": args.epochs}
+           "scratch": str(work / "scratch"), "epochs": args.epochs, "cache": args.cache}
     from reader.benchmark import run_rounds
 
     results: dict[str, dict[str, Any]] = {}
@@ -664,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     n_train = sum(1 for p in (src / args.split).rglob("*") if p.is_file())
     header = (f"Machine: {machine_line()}. Data: {n_train} ImageNet-like images in `{args.split}` "
               f"(long side 300–1400 px, JPEG q75–95, ~3% PNG), {args.image_size}x{args.image_size} "
-              f"RGB batches of {args.batch_size}, warm page cache, each reader's epoch {args.epochs} in its "
+              f"RGB batches of {args.batch_size}, {cache_words(args.cache)}, each reader's epoch {args.epochs} in its "
               f"process after 3 warm-up batches; "
               f"resized shards packed with `--resize {args.resize} --quality {args.quality}`; "
               f"every rate is the median of {args.repeat} interleaved runs. Load average "

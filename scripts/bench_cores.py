@@ -22,7 +22,7 @@ Usage::
 
 ``--build N`` makes N ImageNet-like images in DIR (``scripts/bench.py``'s generator, one
 process per core) and packs them twice, as they are and ``--resize 224x224 --quality 90``,
-then measures both: README's "On 16 cores" runs 8-11 in one command.
+then measures both: docs/SPEED.md's "On 16 cores" runs 8-11 in one command.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """GPU JPEG decode (nvJPEG through torchvision) against the CPU decode limit, same bytes.
 
-Why this exists: the CPU decode limit caps every CPU reader (README, "Benchmark"), so the
+Why this exists: the CPU decode limit caps every CPU reader (README, "Speed"), so the
 question for a GPU path is how far past that limit nvJPEG gets on the same shards, and
 whether its pixels are the CPU decoder's. It measures; shardpack has no GPU reader yet.
 

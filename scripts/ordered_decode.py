@@ -1,7 +1,7 @@
 """Prototype, for the benchmark only: the threads' epoch, with only the decoding moved out.
 
 Not part of the reader's API. ``scripts/bench_cores.py --contenders shardpack_ordered``
-runs it; README ("On 16 cores") has what it measured and why it stayed a prototype.
+runs it; docs/SPEED.md ("On 16 cores") has what it measured and why it stayed a prototype.
 
 The idea: on many cores one process's decode threads stop at 0.5-0.7x the decode limit
 (every image costs Python time under one GIL). ``processes=`` (reader.processes) gets past
@@ -12,7 +12,7 @@ pixel, whatever the number of processes -- and only each decode task (a chunk of
 compressed samples) goes to one of ``count`` single-threaded decode processes, which decode
 it straight into the batch's shared memory.
 
-What it showed on 16 cores (2026-11-26, README "On 16 cores"): on shards packed at
+What it showed on 16 cores (2026-11-26, docs/SPEED.md "On 16 cores"): on shards packed at
 224x224, 15 processes matched ``processes=8`` (1.06-1.72x the threaded limit against
 0.76-1.91x); on the original JPEGs it did no better than threads (0.49-0.78x against
 0.51-0.74x; ``processes=8`` 0.83-1.47x), whichever of three ways it handed out the tasks.

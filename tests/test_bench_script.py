@@ -161,3 +161,85 @@ def test_readers_are_timed_on_their_last_epoch_with_the_first_reported_beside():
     assert one["images"] == 20 and one["first_epoch_images_per_s"] == one["images_per_s_with_startup"]
     with pytest.raises(ValueError, match="epochs"):
         time_epochs(Epochs([4]), epochs=0)
+
+
+def _resident_pages(path: Path) -> tuple[int, int]:
+    """(pages of ``path`` in the page cache, pages in all), asked of the kernel (mincore)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mm:
+        pages = -(-size // mmap.PAGESIZE)
+        vec = (ctypes.c_ubyte * pages)()
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) == 0, ctypes.get_errno()
+        return sum(v & 1 for v in vec), pages
+
+
+def _cacheable_folder(tmp_path: Path) -> Path:
+    """A folder on a file system whose page cache can be dropped (not tmpfs, whose pages
+    are the files themselves): tmp_path, or the repository's own folder."""
+    import pytest
+
+    for folder in (tmp_path, Path(__file__).resolve().parent):
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+        best = max((m for m in mounts if str(folder).startswith(m[1].rstrip("/") + "/") or m[1] == "/"),
+                   key=lambda m: len(m[1]))
+        if best[2] not in ("tmpfs", "ramfs", "overlay"):
+            return folder
+    pytest.skip("no folder here on a file system with a droppable page cache (tmpfs or overlay only)")
+
+
+def test_a_cold_cache_run_evicts_what_each_contender_reads_before_every_epoch(tmp_path, monkeypatch):
+    """--cache cold: reader epochs and packs read from the disk. The files a contender reads
+    leave the page cache before each epoch (the kernel says so: mincore), and only those."""
+    import os
+    import sys
+
+    import numpy as np
+    import pytest
+
+    from reader.benchmark import evict_from_page_cache, time_contender
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("posix_fadvise and mincore are Linux's")
+    folder = _cacheable_folder(tmp_path) / f".cold-test-{os.getpid()}"
+    (folder / "sub").mkdir(parents=True)
+    try:
+        read, other = folder / "sub" / "read.bin", folder / "other.bin"
+        for path in (read, other):
+            path.write_bytes(os.urandom(1 << 20))
+            path.read_bytes()
+        os.sync()
+        full = _resident_pages(read)[1]
+        assert _resident_pages(read)[0] == full
+        seen = []
+
+        class Epochs:  # records how much of ``read`` was cached when each epoch began
+            def __iter__(self):
+                seen.append(_resident_pages(read)[0])
+                read.read_bytes()  # the epoch reads it back in
+                return iter([np.zeros((2, 1))] * 3)
+
+        warm = time_contender(Epochs(), {"epochs": 2, "warmup": 1}, [folder / "sub"])
+        assert seen == [full, full] and warm["epochs"] == 2
+        seen.clear()
+        cold = time_contender(Epochs(), {"epochs": 2, "warmup": 1, "cache": "cold"}, [folder / "sub"])
+        assert seen == [0, 0] and cold["images"] == 6
+        assert _resident_pages(other)[0] == _resident_pages(other)[1]  # not read: left alone
+        assert evict_from_page_cache([other]) == 1 and _resident_pages(other)[0] == 0
+
+        bench = _bench_module()  # the packers: SRC evicted before each pack (and tar)
+        read.read_bytes()
+        monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+        bench._settle({"src": str(folder)})
+        assert _resident_pages(read)[0] > 0
+        bench._settle({"src": str(folder), "cache": "cold"})
+        assert _resident_pages(read)[0] == 0
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)

@@ -548,12 +548,16 @@ def test_ctrl_c_stops_an_upload_after_the_shards_being_sent(s3, tmp_path):
         deadline = time.monotonic() + 60
         while not slow.requests("PUT") and time.monotonic() < deadline:
             time.sleep(0.05)
+        running = proc.poll() is None  # a failure below says whether the signal came late
+        puts_before = len(slow.requests("PUT"))
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
+        stdout, stderr = proc.communicate(timeout=60)
         puts = [r.path for r in slow.requests("PUT")]
     finally:
         slow.stop()
-    assert proc.returncode != 0
+    assert proc.returncode != 0, (
+        f"exit 0 after SIGINT (still running when signalled: {running}; PUTs seen before the "
+        f"signal: {puts_before}, after: {len(puts)}); stdout {stdout[-500:]!r}, stderr {stderr[-2000:]!r}")
     assert len(puts) <= 8, f"{len(puts)} PUTs after Ctrl-C: it went on with queued shards"
     assert not any(p.endswith(MANIFEST_NAME) for p in puts)
 
