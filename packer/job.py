@@ -314,7 +314,8 @@ def _pack_with(
     follow_links, validate, max_pixels = (
         options["follow_links"], options["validate"], options["max_pixels"]
     )
-    walked = walk_tree(src, layout=options["layout"], follow_links=follow_links, exclude=out_dir)
+    walked = walk_counted(src, layout=options["layout"], follow_links=follow_links, exclude=out_dir,
+                          quiet=quiet)
     for warning in walked.warnings:
         log.warning(warning)
     if check_workers is not None and walked.candidates:
@@ -354,6 +355,17 @@ def _pack_with(
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out_dir, ".shardpack-workers-check"))
     return manifest
+
+
+def walk_counted(
+    src: str | os.PathLike[str], *, layout: str, follow_links: bool,
+    exclude: str | os.PathLike[str] | None = None, quiet: bool = False,
+) -> WalkResult:
+    """``walk_tree`` with a running count of the files found ("listing"; none when
+    ``quiet``): listing a huge tree before the first file is checked said nothing."""
+    with tqdm(unit="file", desc="listing", disable=True if quiet else None, leave=False) as bar:
+        return walk_tree(src, layout=layout, follow_links=follow_links, exclude=exclude,
+                         found=lambda n: bar.update(n - bar.n))
 
 
 def source_sha256(path: str, digest: str) -> str | None:

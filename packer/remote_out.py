@@ -132,10 +132,10 @@ def _pack_and_send(
     ``check_workers``: called with the paths remote Dask workers must see as this machine
     does (SRC and the staging folder, which must then be a shared one: ``staging_dir``).
     """
-    from .job import even_probe_chunk
-    from .walk import walk_tree
+    from .job import even_probe_chunk, walk_counted
 
-    walked = walk_tree(src, layout=options["layout"], follow_links=options["follow_links"])
+    walked = walk_counted(src, layout=options["layout"], follow_links=options["follow_links"],
+                          quiet=quiet)
     for warning in walked.warnings:
         log.warning(warning)
     own_staging = staging_dir is None

@@ -361,3 +361,47 @@ def test_a_killed_packs_out_inside_src_and_lookalike_split_names_are_warned_abou
     assert sum("holds shardpack output" in w for w in walked.warnings) == 2
     (split_warning,) = [w for w in walked.warnings if w.startswith("split folders")]
     assert "differ only in case or Unicode normalisation" in split_warning
+
+
+def test_the_walk_reports_its_running_count_and_the_pack_shows_it(tmp_path, monkeypatch, capsys):
+    """Listing a huge tree said nothing until the first file was checked: the walk reports
+    how many files it has found after each folder and every few thousand entries of a big
+    one, ending at the total; the count changes nothing it finds. A pack on a terminal
+    shows it as a "listing" count."""
+    import packer.walk as walk
+
+    for i in range(7):
+        touch(tmp_path, f"train/big/{i}.jpg")
+    for rel in ("train/a/sub/1.jpg", "train/a/2.png", "val/a/3.jpg", "val/a/.hidden.jpg"):
+        touch(tmp_path, rel)
+    monkeypatch.setattr(walk, "_FOUND_EVERY", 3)
+    counts: list[int] = []
+    walked = walk_tree(tmp_path, found=counts.append)
+    assert walked.candidates == walk_tree(tmp_path).candidates
+    assert counts == sorted(counts) and counts[-1] == len(walked.candidates) == 10
+    # train/a/sub after train/a/2.png (2), train/a (2), train/big before its 3rd and 6th
+    # entries (4, 7) and at its end (9), val/a (10)
+    assert counts == [2, 2, 4, 7, 9, 10]
+    flat: list[int] = []
+    assert len(walk_tree(tmp_path / "train", layout="flat", found=flat.append).candidates) == 9
+    assert flat[-1] == 9
+
+    from packer import job
+    from packer.progress import Progress
+
+    shown = []
+
+    class Shown(Progress):  # a terminal's bar, recorded
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = False
+            super().__init__(*args, **kwargs)
+            shown.append(self)
+
+    monkeypatch.setattr(job, "tqdm", Shown)
+    assert len(job.walk_counted(tmp_path, layout="splits", follow_links=False).candidates) == 10
+    listing = next(bar for bar in shown if bar.desc == "listing")
+    assert listing.n == 10 and listing.unit == "file"
+    shown.clear()
+    job.walk_counted(tmp_path, layout="splits", follow_links=False, quiet=True)
+    assert all(bar.disable for bar in shown)
+    capsys.readouterr()
