@@ -418,8 +418,10 @@ def walk_tree(
     folder holding shardpack output (an earlier pack's OUT) is left out with a warning.
 
     ``found``: called with the number of candidates found so far, after each folder and
-    every ``_FOUND_EVERY`` entries of a large one (a progress count: listing a million
-    files takes seconds on a local disk, minutes on a network file system).
+    every ``_FOUND_EVERY`` entries of a large one once it is listed (a progress count for
+    trees of many folders: listing a million files takes seconds on a local disk, minutes
+    on a network file system; one huge folder counts only after its listing, one
+    ``scandir``).
 
     Raises:
         LayoutError: ``src`` is not a folder, or the layout cannot be read without guessing.

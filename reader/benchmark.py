@@ -39,7 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -158,7 +158,10 @@ def time_epoch(batches: Any, warmup: int = 3) -> dict[str, Any]:
     ``images_per_s`` is the steady state: from the end of batch ``warmup`` to the arrival of
     the last batch (start-up, i.e. filling the shuffle buffer and starting threads, left
     out; so is tearing the iterator down, which for a tf.data pipeline can take seconds,
-    see ``teardown_s``). ``images_per_s_with_startup`` is the whole loop.
+    see ``teardown_s``). ``images_per_s_with_startup`` is the whole loop;
+    ``images_per_s_to_last_batch`` runs from the loop's start to the last batch's arrival:
+    start-up in, teardown out, so every read of the epoch is inside (a reader that fills its
+    shuffle buffer first reads all of a split smaller than the buffer before batch 0).
     ``minor_faults_per_image``: the process's page faults per image over the loop (fresh
     memory paged in; see ``scripts/bench_malloc.py``).
     """
@@ -180,8 +183,10 @@ def time_epoch(batches: Any, warmup: int = 3) -> dict[str, Any]:
     whole = images / (end - start)
     steady = (steady_images / (last - steady_start)
               if steady_start and last and steady_images and last > steady_start else whole)
+    to_last = images / (last - start) if last and last > start else whole
     return {"images": images, "seconds": end - start, "images_per_s": steady,
-            "images_per_s_with_startup": whole, "teardown_s": end - (last or end),
+            "images_per_s_with_startup": whole, "images_per_s_to_last_batch": to_last,
+            "teardown_s": end - (last or end),
             "cpu_ms_per_image": cpu / max(images, 1) * 1e3,
             "minor_faults_per_image": faults / max(images, 1)}
 
@@ -190,7 +195,7 @@ DEFAULT_EPOCHS = 2
 
 
 def time_epochs(
-    batches: Any, epochs: int = DEFAULT_EPOCHS, warmup: int = 3,
+    batches: Any, epochs: int = DEFAULT_EPOCHS, warmup: int = 3, *,
     before_epoch: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
     """Time ``epochs`` passes over ``batches`` (each ``iter()`` a new epoch) and report the
@@ -207,45 +212,70 @@ def time_epochs(
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
-    first: dict[str, Any] = {}
-    result = first
-    for epoch in range(epochs):
+    results = []
+    for _ in range(epochs):
         if before_epoch is not None:
             before_epoch()
-        result = time_epoch(batches, warmup)
-        if epoch == 0:
-            first = result
-    return dict(result, epochs=epochs, first_epoch_images_per_s=first["images_per_s_with_startup"])
+        results.append(time_epoch(batches, warmup))
+    first, last = results[0], results[-1]
+    return dict(last, epochs=epochs, first_epoch_images_per_s=first["images_per_s_with_startup"])
 
 
-def evict_from_page_cache(paths: Iterable[str | os.PathLike[str]]) -> int:
-    """Drop every file under ``paths`` (files or folders) from the page cache, so the next
-    read comes from the disk, as it does for a data set larger than the machine's memory.
+def evict_from_page_cache(paths: Sequence[str | os.PathLike[str]]) -> int:
+    """Drop every file under ``paths`` (files or folders, links followed) from the page
+    cache, so the next read comes from the disk, as it does for a data set larger than the
+    machine's memory.
 
     ``posix_fadvise(DONTNEED)`` after a ``sync`` (dirty pages are not dropped): no root
     needed, unlike ``/proc/sys/vm/drop_caches``, and nothing else's cache is touched;
-    directory entries and inodes stay cached. Returns the number of files.
+    directory entries and inodes stay cached. A file system whose pages are the files
+    (tmpfs) or that caches outside the page cache (ZFS) keeps them. Files that cannot be
+    opened (a dangling link, no permission) are left out: a reader or packer skips them too.
+    Returns the number of files evicted.
 
     Raises:
-        OSError: the platform has no ``posix_fadvise`` (not Linux), or a file cannot be opened.
+        TypeError: ``paths`` is one path, not a list of them.
+        FileNotFoundError: a path in ``paths`` does not exist.
+        OSError: the platform has no ``posix_fadvise`` (not Linux).
     """
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise TypeError(f"pass a list of paths, not one path: [{paths!r}]")
     if not hasattr(os, "posix_fadvise"):
         raise OSError("a cold page cache needs os.posix_fadvise (Linux)")
-    os.sync()
-    files = 0
     for path in paths:
-        if os.path.isfile(path):
-            files += _evict_file(os.fspath(path))
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"nothing to evict at {os.fspath(path)}")
+    os.sync()
+    return sum(_evict_file(file) for file in _files_under(paths))
+
+
+def _files_under(paths: Sequence[str | os.PathLike[str]]) -> Iterator[str]:
+    """Every file under ``paths``, folder links followed, each folder once (a link cycle
+    is not walked twice)."""
+    seen: set[tuple[int, int]] = set()
+    for given in paths:
+        path = os.fspath(given)
+        if not os.path.isdir(path):
+            yield path
             continue
-        for folder, _, names in os.walk(path):
-            files += sum(_evict_file(os.path.join(folder, name)) for name in names)
-    return files
+        for folder, dirs, names in os.walk(path, followlinks=True):
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                dirs.clear()
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            yield from (os.path.join(folder, name) for name in names)
 
 
 def _evict_file(path: str) -> int:
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        return 0  # a FIFO or device: nothing cached, and opening one may block
-    fd = os.open(path, os.O_RDONLY)
+    """Evict one regular file (1), or leave it (0): a FIFO or device (nothing cached, and
+    opening one may block), or a file that cannot be opened."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return 0
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return 0
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
@@ -293,17 +323,22 @@ def time_contender(
     reader contender, here and in ``scripts/``, is timed through this). With
     ``cfg["cache"] == "cold"`` the files it ``reads`` (local paths) are evicted from the
     page cache before every epoch."""
-    evict = None
-    if cfg.get("cache") == "cold" and reads:
-        evict = functools.partial(evict_from_page_cache, reads)
-    return time_epochs(batches, cfg.get("epochs", DEFAULT_EPOCHS), cfg.get("warmup", 3), evict)
+    if cfg.get("cache") != "cold":
+        return time_epochs(batches, cfg.get("epochs", DEFAULT_EPOCHS), cfg.get("warmup", 3))
+    result = time_epochs(batches, cfg.get("epochs", DEFAULT_EPOCHS), cfg.get("warmup", 3),
+                         before_epoch=functools.partial(evict_from_page_cache, list(reads)))
+    # every read inside the clock: the steady window after the warm-up batches would leave
+    # out a shuffle buffer's fill, which reads all of a split smaller than the buffer
+    return dict(result, images_per_s=result["images_per_s_to_last_batch"],
+                steady_images_per_s=result["images_per_s"])
 
 
-def local_reads(cfg: dict[str, Any]) -> list[str]:
-    """What a shardpack contender reads from local disk: its ``source`` folder (none for a
-    URL: a remote store has no page cache here)."""
+def _local_reads(cfg: dict[str, Any]) -> list[str]:
+    """What a shardpack contender reads from local disk: its ``source`` (a shard folder, or
+    a list of shard files); none for URLs, which have no page cache here."""
     source = cfg["source"]
-    return [source] if isinstance(source, str) and os.path.exists(source) else []
+    paths = [source] if isinstance(source, str) else list(source)
+    return [p for p in paths if "://" not in p]
 
 
 def _parent_only(result: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
@@ -323,7 +358,7 @@ def c_shardpack_numpy(cfg: dict[str, Any]) -> dict[str, Any]:
                     storage_options=cfg.get("storage_options"), dtype=cfg.get("dtype", "float32"),
                     processes=cfg.get("processes", 0), num_workers=cfg.get("num_workers"))
     try:
-        return _parent_only(time_contender(r, cfg, local_reads(cfg)), cfg)
+        return _parent_only(time_contender(r, cfg, _local_reads(cfg)), cfg)
     finally:
         r.close()
 
@@ -337,7 +372,7 @@ def c_shardpack_tf(cfg: dict[str, Any]) -> dict[str, Any]:
                                    verbose=False, storage_options=cfg.get("storage_options"),
                                    processes=cfg.get("processes", 0))
     try:
-        return _parent_only(time_contender(ds, cfg, local_reads(cfg)), cfg)
+        return _parent_only(time_contender(ds, cfg, _local_reads(cfg)), cfg)
     finally:
         ds.shard_reader.close()
 
@@ -355,7 +390,7 @@ def c_shardpack_torch(cfg: dict[str, Any]) -> dict[str, Any]:
                               storage_options=cfg.get("storage_options"),
                               processes=cfg.get("processes", 0))
     try:
-        return _parent_only(time_contender(DataLoader(ds, batch_size=None), cfg, local_reads(cfg)), cfg)
+        return _parent_only(time_contender(DataLoader(ds, batch_size=None), cfg, _local_reads(cfg)), cfg)
     finally:
         ds.reader.close()
 
@@ -545,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     if warning:
         print(warning, file=sys.stderr)
     print(f"shardpack bench: {source} [{args.split}], {args.image_size}x{args.image_size} RGB, "
-          f"batches of {args.batch_size}, {cores()} cores, {args.cache} page cache, "
+          f"batches of {args.batch_size}, {cores()} cores, "
+          f"{'cold page cache (shards evicted before every epoch, readers timed from its start)' if args.cache == 'cold' else 'warm page cache'}, "
           f"load {os.getloadavg()[0]:.1f}; "
           f"median of {args.repeat} interleaved runs", flush=True)
     results = run_rounds(names, cfg, args.repeat, log=lambda m: print(m, flush=True))

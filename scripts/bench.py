@@ -40,8 +40,10 @@ Every packer contender starts after an os.sync(), so none pays for another's dir
 `--cache cold` reads from the disk instead of the page cache, as training and packing a set
 larger than the machine's memory do: the files a contender reads (the tree for Keras and
 the packers, the shards for the other readers) are evicted from the page cache
-(posix_fadvise, no root needed) before every reader epoch and every pack. The decode limit
-still decodes from RAM: it is the decode's own limit, without I/O.
+(posix_fadvise, no root needed) before every reader epoch and every pack, and a reader's
+images/s then runs from its epoch's start to its last batch, so that every read is inside
+(a shuffle buffer larger than the split reads it all before the first batch). The decode
+limit still decodes from RAM: it is the decode's own limit, without I/O.
 
 `--only resized` runs keras_directory and the two resized contenders alone: with --resize
 and --quality, it measures what a pack-time size and quality buy against Keras.
@@ -94,6 +96,8 @@ PACKER_CONTENDERS = ["tar_cf", "tar_cf_fsync", "wds_shardwriter", "shardpack_pac
                      "shardpack_pack", "shardpack_pack_decode"]
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
+COLD_START = "<!-- bench-cold:start -->"  # in docs/SPEED.md
+COLD_END = "<!-- bench-cold:end -->"
 
 
 def cores() -> int:
@@ -258,12 +262,13 @@ def _count_images(src: Path) -> int:
 
 def _settle(cfg: dict[str, Any]) -> None:
     """Flush every dirty page first: a contender must not pay for the previous one's. With
-    ``--cache cold``, evict the tree to pack from the page cache too."""
-    os.sync()
+    ``--cache cold``, evict the tree to pack from the page cache too (after its own sync)."""
     if cfg.get("cache") == "cold":
         from reader.benchmark import evict_from_page_cache
 
         evict_from_page_cache([cfg["src"]])
+    else:
+        os.sync()
     time.sleep(0.2)
 
 
@@ -466,8 +471,9 @@ def draw_chart(results: dict[str, dict[str, Any]], path: Path) -> None:
 def cache_words(cache: str) -> str:
     """The page cache's state in the table's header."""
     if cache == "cold":
-        return ("cold page cache (what each contender reads evicted before every reader epoch "
-                "and every pack; the decode limit decodes from RAM)")
+        return ("cold page cache (what each contender reads is evicted before every reader "
+                "epoch and every pack, and each reader's images/s runs from its epoch's start to "
+                "its last batch, so that every read is inside; the decode limit decodes from RAM)")
     return "warm page cache"
 
 
@@ -491,16 +497,28 @@ def machine_line() -> str:
 
 
 def update_readme(markdown: str) -> None:
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    block = f"{README_START}\n{markdown}\n{README_END}"
-    if README_START in text:
-        head, rest = text.split(README_START, 1)
-        tail = rest.split(README_END, 1)[1]
-        text = head + block + tail
+    """Put the (warm) benchmark's tables between README's bench markers."""
+    replace_between(REPO / "README.md", README_START, README_END, markdown, new_section="## Speed")
+
+
+def update_cold_record(markdown: str) -> None:
+    """Put a ``--cache cold`` run's tables between docs/SPEED.md's cold markers (README's
+    table stays the warm one, which its summary describes)."""
+    replace_between(REPO / "docs" / "SPEED.md", COLD_START, COLD_END, markdown,
+                    new_section="## From the disk (cold page cache)")
+
+
+def replace_between(path: Path, start: str, end: str, markdown: str, *, new_section: str) -> None:
+    """Replace what lies between the ``start`` and ``end`` markers of ``path`` with
+    ``markdown`` (appended under ``new_section`` when the markers are not there yet)."""
+    text = path.read_text() if path.exists() else ""
+    block = f"{start}\n{markdown}\n{end}"
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip() + "\n\n## Speed\n\n" + block + "\n"
-    readme.write_text(text)
+        text = text.rstrip() + f"\n\n{new_section}\n\n" + block + "\n"
+    path.write_text(text)
 
 
 def scaling_run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
@@ -625,7 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", choices=("warm", "cold"), default="warm",
                         help="cold: evict what each contender reads from the page cache before "
                              "every reader epoch and every pack (default warm)")
-    parser.add_argument("--update-readme", action="store_true", help="write table and chart into README.md")
+    parser.add_argument("--update-readme", action="store_true",
+                        help="write table and chart into README.md (with --cache cold: the tables "
+                             "into docs/SPEED.md, 'From the disk')")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -716,7 +736,10 @@ def main(argv: list[str] | None = None) -> int:
     (work / "bench.md").write_text(markdown + "\n")
     if reader_names:
         draw_chart(results, work / "bench.png")
-    if args.update_readme:
+    if args.update_readme and args.cache == "cold":
+        shutil.copy(work / "bench.json", REPO / "docs" / "bench_cold.json")
+        update_cold_record(markdown)
+    elif args.update_readme:
         docs = REPO / "docs"
         docs.mkdir(exist_ok=True)
         if (work / "bench.png").exists():

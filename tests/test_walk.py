@@ -391,17 +391,19 @@ def test_the_walk_reports_its_running_count_and_the_pack_shows_it(tmp_path, monk
 
     shown = []
 
-    class Shown(Progress):  # a terminal's bar, recorded
+    class Shown(Progress):  # a terminal's bar, recorded with the ``disable`` asked for
         def __init__(self, *args, **kwargs):
+            asked = kwargs.get("disable")
             kwargs["disable"] = False
             super().__init__(*args, **kwargs)
-            shown.append(self)
+            shown.append((asked, self))
 
     monkeypatch.setattr(job, "tqdm", Shown)
+    assert walk_tree(tmp_path, found=counts.append) == walk_tree(tmp_path)  # everything it finds
     assert len(job.walk_counted(tmp_path, layout="splits", follow_links=False).candidates) == 10
-    listing = next(bar for bar in shown if bar.desc == "listing")
-    assert listing.n == 10 and listing.unit == "file"
+    asked, listing = next((a, bar) for a, bar in shown if bar.desc == "listing")
+    assert asked is None and listing.n == 10 and listing.unit == "file"  # None: shown on a terminal
     shown.clear()
     job.walk_counted(tmp_path, layout="splits", follow_links=False, quiet=True)
-    assert all(bar.disable for bar in shown)
+    assert [asked for asked, _ in shown] == [True]
     capsys.readouterr()
