@@ -710,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Machine: {machine_line()}. Data: {n_train} ImageNet-like images in `{args.split}` "
               f"(long side 300–1400 px, JPEG q75–95, ~3% PNG), {args.image_size}x{args.image_size} "
               f"RGB batches of {args.batch_size}, {cache_words(args.cache)}, each reader's epoch {args.epochs} in its "
-              f"process after 3 warm-up batches; "
+              f"process{'' if args.cache == 'cold' else ' after 3 warm-up batches'}; "
               f"resized shards packed with `--resize {args.resize} --quality {args.quality}`; "
               f"every rate is the median of {args.repeat} interleaved runs. Load average "
               f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (the machine is shared: "
