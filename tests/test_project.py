@@ -17,6 +17,9 @@ def test_packer_runs_without_importing_tensorflow(tmp_path):
     code = (
         "import sys; from packer import pack; "
         f"pack({str(tmp_path / 'src')!r}, {str(tmp_path / 'out')!r}, quiet=True, workers=1); "
+        # object-store and asyncio support cost a third of the import, and a local pack
+        # needs neither
+        "assert 'fsspec' not in sys.modules and 'asyncio' not in sys.modules, 'a local pack imported fsspec or asyncio'; "
         "from packer.cli import main; main(['info', %r]); "
         "assert 'tensorflow' not in sys.modules, 'packer imported tensorflow'; "
         "assert 'torch' not in sys.modules, 'packer imported torch'"
