@@ -23,6 +23,7 @@ __all__ = ["Progress"]
 
 
 class Progress(tqdm):  # type: ignore[type-arg,misc]
-    """``tqdm.auto.tqdm`` that never starts the monitor thread."""
+    """tqdm (a notebook widget in Jupyter, text elsewhere) that never starts the monitor
+    thread."""
 
     monitor_interval = 0

@@ -19,7 +19,9 @@ round of all, then the next), and the table shows the median; the load average i
 with it. Each reader runs ``--epochs`` epochs (default 2) in its process and the last is
 timed, as training goes on epoch after epoch (``time_epochs``; the first epoch's whole rate
 is reported too). ``images/s`` is the steady state of that epoch (from its ``--warmup``-th
-batch to its last; see ``time_epoch``); ``cpu ms/img`` is the process's CPU time per image
+batch to its last; see ``time_epoch``); with ``--cache cold`` the shards are evicted from
+the page cache before every epoch, as for a set larger than memory, and ``images/s`` runs
+from the epoch's start (the shuffle buffer's fill from the disk included); ``cpu ms/img`` is the process's CPU time per image
 over the epoch (or the timed decode), which a busy machine disturbs less than the rate.
 
     shardpack bench shards/ --split train --image-size 224 --batch-size 64
@@ -322,9 +324,19 @@ def time_contender(
     """``time_epochs`` with a contender's ``epochs`` and ``warmup`` from its ``cfg`` (every
     reader contender, here and in ``scripts/``, is timed through this). With
     ``cfg["cache"] == "cold"`` the files it ``reads`` (local paths) are evicted from the
-    page cache before every epoch."""
+    page cache before every epoch, and its rate runs from each epoch's start.
+
+    Raises:
+        TypeError: ``reads`` is one path, not a list of them.
+        ValueError: a cold run of a contender that names nothing it reads.
+    """
     if cfg.get("cache") != "cold":
         return time_epochs(batches, cfg.get("epochs", DEFAULT_EPOCHS), cfg.get("warmup", 3))
+    if isinstance(reads, (str, bytes, os.PathLike)):
+        raise TypeError(f"pass a list of paths, not one path: [{reads!r}]")
+    if not reads:
+        raise ValueError("a cold-cache run needs the local paths the contender reads "
+                         "(a URL has no page cache here)")
     result = time_epochs(batches, cfg.get("epochs", DEFAULT_EPOCHS), cfg.get("warmup", 3),
                          before_epoch=functools.partial(evict_from_page_cache, list(reads)))
     # every read inside the clock: the steady window after the warm-up batches would leave
@@ -338,7 +350,7 @@ def _local_reads(cfg: dict[str, Any]) -> list[str]:
     a list of shard files); none for URLs, which have no page cache here."""
     source = cfg["source"]
     paths = [source] if isinstance(source, str) else list(source)
-    return [p for p in paths if "://" not in p]
+    return [p.removeprefix("file://") for p in paths if "://" not in p.removeprefix("file://")]
 
 
 def _parent_only(result: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
@@ -479,15 +491,16 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def advice(results: dict[str, dict[str, Any]], n_cores: int, processes: int) -> list[str]:
+def advice(results: dict[str, dict[str, Any]], n_cores: int, processes: int, *, cold: bool = False) -> list[str]:
     """What to try when a reader stays under 0.9x the decode limit: on many cores one
     process's threads share a GIL with the tar reading and shuffling (docs/SPEED.md, "On 16
-    cores"), which decode processes do not; with few cores, nothing of ours helps."""
+    cores"), which decode processes do not; with few cores, nothing of ours helps; from the
+    disk (``cold``) the reads are timed too, and more processes do not read faster."""
     limit = results.get("decode_limit", {}).get("images_per_s")
     slow = sorted(name for name, r in results.items()
                   if name != "decode_limit" and limit and "images_per_s" in r
                   and r["images_per_s"] < 0.9 * limit)
-    if not slow or processes or n_cores < 8:
+    if not slow or processes or n_cores < 8 or cold:
         return []
     return [f"{', '.join(slow)} under 0.9x the decode limit on {n_cores} cores: one process's "
             f"decode threads share its GIL. Try decode processes: `shardpack bench SOURCE "
@@ -535,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
     add_epoch_arguments(parser)
     parser.add_argument("--warmup", type=int, default=3,
-                        help="batches left out of images/s (default: 3)")
+                        help="batches left out of images/s (default: 3; with --cache cold none "
+                             "are: every read is timed)")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
                         help="epochs each reader runs in its process; the last is timed (default: "
                              f"{DEFAULT_EPOCHS}: the first also builds pipelines and hashes shards)")
@@ -562,9 +576,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown contenders {unknown}; choose from {sorted(CONTENDERS)}")
     source = args.source if "://" in args.source else os.path.abspath(args.source)
-    if args.cache == "cold" and ("://" in args.source or not hasattr(os, "posix_fadvise")):
-        parser.error("--cache cold evicts local shard files from the page cache (Linux): "
-                     "SOURCE must be a local folder")
+    if args.cache == "cold" and not hasattr(os, "posix_fadvise"):
+        parser.error("--cache cold evicts files from the page cache with posix_fadvise, which "
+                     "this platform lacks (Linux has it)")
+    if args.cache == "cold" and "://" in args.source.removeprefix("file://"):
+        parser.error("--cache cold evicts local shard files from the page cache: SOURCE must "
+                     "be a local folder")
     cfg = {"source": source, "split": args.split, "image_size": [args.image_size] * 2,
            "batch_size": args.batch_size, "warmup": args.warmup, "processes": args.processes,
            "epochs": args.epochs, "cache": args.cache}
@@ -589,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     print(f"\nload average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())} "
           f"on {cores()} cores (above the core count, every rate is shared with other work)")
-    for line in advice(results, cores(), args.processes):
+    for line in advice(results, cores(), args.processes, cold=args.cache == "cold"):
         print(line)
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -736,18 +736,26 @@ def main(argv: list[str] | None = None) -> int:
     (work / "bench.md").write_text(markdown + "\n")
     if reader_names:
         draw_chart(results, work / "bench.png")
-    if args.update_readme and args.cache == "cold":
-        shutil.copy(work / "bench.json", REPO / "docs" / "bench_cold.json")
-        update_cold_record(markdown)
-    elif args.update_readme:
-        docs = REPO / "docs"
-        docs.mkdir(exist_ok=True)
-        if (work / "bench.png").exists():
-            shutil.copy(work / "bench.png", docs / "bench.png")
-            markdown += "\n\n![reader throughput](docs/bench.png)"
-        shutil.copy(work / "bench.json", docs / "bench.json")
-        update_readme(markdown)
+    if args.update_readme:
+        publish(markdown, work, cold=args.cache == "cold")
     return 0
+
+
+def publish(markdown: str, work: Path, *, cold: bool) -> None:
+    """``--update-readme``: a warm run's tables, chart and JSON into README.md and docs/; a
+    cold run's into docs/SPEED.md's "From the disk" and docs/bench_cold.json (README's table
+    stays the warm one, which its summary describes)."""
+    docs = REPO / "docs"
+    docs.mkdir(exist_ok=True)
+    if cold:
+        shutil.copy(work / "bench.json", docs / "bench_cold.json")
+        update_cold_record(markdown)
+        return
+    if (work / "bench.png").exists():
+        shutil.copy(work / "bench.png", docs / "bench.png")
+        markdown += "\n\n![reader throughput](docs/bench.png)"
+    shutil.copy(work / "bench.json", docs / "bench.json")
+    update_readme(markdown)
 
 
 if __name__ == "__main__":

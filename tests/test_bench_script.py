@@ -277,6 +277,8 @@ def test_every_reader_contender_names_what_it_reads_for_a_cold_run(id_shards, mo
     """The contenders hand their own input to the eviction (tested with the kernel above):
     the shard folder for shardpack's readers, the class folders for Keras' loader, the shard
     files for webdataset; a URL has nothing local to evict."""
+    import pytest
+
     import reader.benchmark as benchmark
 
     evicted: list[list[str]] = []
@@ -289,13 +291,48 @@ def test_every_reader_contender_names_what_it_reads_for_a_cold_run(id_shards, mo
     benchmark.c_shardpack_numpy(dict(cfg, cache="warm"))
     assert evicted == []
     assert benchmark._local_reads({"source": "s3://bucket/shards"}) == []
-    assert benchmark._local_reads({"source": ["/a/x.tar", "s3://b/y.tar"]}) == ["/a/x.tar"]
+    assert benchmark._local_reads({"source": ["/a/x.tar", "s3://b/y.tar", "file:///c"]}) == ["/a/x.tar", "/c"]
+    with pytest.raises(TypeError, match="list of paths"):  # not a list of its characters
+        benchmark.time_contender([], cfg, str(id_shards[0]))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="local paths"):
+        benchmark.time_contender([], cfg, [])
+
+    pytest.importorskip("tensorflow")
+    evicted.clear()
+    assert benchmark.c_shardpack_tf(cfg)["images_per_s"] > 0
+    assert evicted == [[str(id_shards[0])]] * 2
+    if importlib.util.find_spec("torch") is not None:
+        evicted.clear()
+        assert benchmark.c_shardpack_torch(cfg)["images_per_s"] > 0
+        assert evicted == [[str(id_shards[0])]] * 2
 
     bench = _bench_module()
     src = id_shards[0]
     urls = sorted(str(p) for p in (src / "train").glob("*.tar"))
     webdataset = bench.c_webdataset(dict(cfg, shards=str(src), scratch=str(src)))
     assert evicted[-2:] == [urls, urls] and webdataset["images_per_s"] > 0
+    pytest.importorskip("keras")
     tree = src.parent / "src"  # the images the shards were packed from
     keras = bench.c_keras_directory(dict(cfg, src=str(tree)))
     assert evicted[-2:] == [[str(tree / "train")]] * 2 and keras["images_per_s"] > 0
+
+
+def test_a_cold_runs_tables_go_to_the_speed_notes_and_leave_readmes_table_alone(tmp_path, monkeypatch):
+    """--update-readme: a warm run replaces README's table (and docs/bench.json); a cold run
+    replaces docs/SPEED.md's "From the disk" block (and docs/bench_cold.json), never
+    README's table, which README's summary describes."""
+    bench = _bench_module()
+    repo, work = tmp_path / "repo", tmp_path / "work"
+    (repo / "docs").mkdir(parents=True)
+    work.mkdir()
+    (work / "bench.json").write_text("{}")
+    (repo / "README.md").write_text(f"intro\n{bench.README_START}\nold warm\n{bench.README_END}\nsummary\n")
+    (repo / "docs" / "SPEED.md").write_text(f"notes\n{bench.COLD_START}\nold cold\n{bench.COLD_END}\nreading\n")
+    monkeypatch.setattr(bench, "REPO", repo)
+    bench.publish("new cold", work, cold=True)
+    assert (repo / "README.md").read_text() == f"intro\n{bench.README_START}\nold warm\n{bench.README_END}\nsummary\n"
+    assert (repo / "docs" / "SPEED.md").read_text() == f"notes\n{bench.COLD_START}\nnew cold\n{bench.COLD_END}\nreading\n"
+    assert (repo / "docs" / "bench_cold.json").exists() and not (repo / "docs" / "bench.json").exists()
+    bench.publish("new warm", work, cold=False)
+    assert (repo / "README.md").read_text() == f"intro\n{bench.README_START}\nnew warm\n{bench.README_END}\nsummary\n"
+    assert "new cold" in (repo / "docs" / "SPEED.md").read_text() and (repo / "docs" / "bench.json").exists()
