@@ -21,8 +21,9 @@ timed, as training goes on epoch after epoch (``time_epochs``; the first epoch's
 is reported too). ``images/s`` is the steady state of that epoch (from its ``--warmup``-th
 batch to its last; see ``time_epoch``); with ``--cache cold`` the shards are evicted from
 the page cache before every epoch, as for a set larger than memory, and ``images/s`` runs
-from the epoch's start (the shuffle buffer's fill from the disk included); ``cpu ms/img`` is the process's CPU time per image
-over the epoch (or the timed decode), which a busy machine disturbs less than the rate.
+from the epoch's start (the shuffle buffer's fill from the disk included). ``cpu ms/img``
+is the process's CPU time per image over the epoch (or the timed decode), which a busy
+machine disturbs less than the rate.
 
     shardpack bench shards/ --split train --image-size 224 --batch-size 64
 """
