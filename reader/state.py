@@ -36,7 +36,9 @@ ShardReaderCheckpoint: type  # made on first access by __getattr__ below (import
 # values cannot be resumed exactly). num_workers, rank and decode options do not.
 # "streams" is checked apart (see check_streams): it matters only inside an epoch.
 _ORDER_FIELDS = ("split", "world_size", "shuffle", "batch_size", "drop_remainder", "uneven",
-                 "shuffle_buffer", "shuffle_buffer_bytes", "interleave", "classes")
+                 "shuffle_buffer", "shuffle_buffer_bytes", "shuffle_initial", "interleave", "classes")
+# What a state saved before a field existed had: its reader behaved as this value does.
+_ORDER_FIELD_DEFAULTS: dict[str, Any] = {"shuffle_initial": None}
 
 
 def shard_fingerprint(reader: ShardReader) -> str:
@@ -107,6 +109,7 @@ def _order_fields(reader: ShardReader) -> dict[str, Any]:
         "uneven": reader.uneven,
         "shuffle_buffer": reader.shuffle_buffer,
         "shuffle_buffer_bytes": reader.shuffle_buffer_bytes,
+        "shuffle_initial": reader.shuffle_initial,
         "interleave": reader.interleave,
         "classes": list(reader.class_names),
     }
@@ -312,9 +315,12 @@ def check_state(reader: ShardReader, state: dict[str, Any], *, streams: bool = T
         )
     mine = _order_fields(reader)
     for field in _ORDER_FIELDS:  # first: a different split or option is the likelier mistake
-        if field in state and state[field] != mine[field]:
+        if field not in state and field not in _ORDER_FIELD_DEFAULTS:
+            continue
+        saved = state.get(field, _ORDER_FIELD_DEFAULTS.get(field))
+        if saved != mine[field]:
             raise ValueError(
-                f"the state was saved with {field}={state[field]!r} but this reader has "
+                f"the state was saved with {field}={saved!r} but this reader has "
                 f"{field}={mine[field]!r}; create the reader with the same value to resume"
             )
     # states of shardpack 0.2.x have no shard_hashes: they are held to the listing only

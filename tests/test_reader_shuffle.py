@@ -69,3 +69,46 @@ def test_shuffle_buffer_byte_budget():
     assert pulled == 11  # 1,000 bytes = 10 items of 100 bytes held, the 11th pushes one out
     out = [first, *stream]
     assert sorted(out) == sorted(items)
+
+
+def _counted(n: int, pulls: list[int]):
+    """0..n-1, recording in ``pulls`` how many items had been taken at each yield."""
+    for i in range(n):
+        pulls.append(i)
+        yield i
+
+
+@given(st.integers(0, 300), st.integers(2, 120), st.integers(2, 150), st.integers(0, 2**31),
+       st.one_of(st.none(), st.integers(1, 400)))
+def test_a_buffer_that_starts_early_still_yields_every_item_once(n, size, initial, seed, max_bytes):
+    """shuffle_initial: yielding starts after ``initial`` items, two taken per one yielded
+    until the buffer is full, and nothing is lost or doubled, with or without a byte cap."""
+    out = list(shuffle_buffer(range(n), rng=random.Random(seed), size=size, initial=initial,
+                              max_bytes=max_bytes, nbytes=(lambda x: x % 7) if max_bytes else None))
+    assert sorted(out) == list(range(n))
+
+
+def test_a_buffer_that_starts_early_yields_after_initial_items_then_grows():
+    pulls: list[int] = []
+    taken_at = []
+    for _ in shuffle_buffer(_counted(1000, pulls), rng=random.Random(0), size=100, initial=10):
+        taken_at.append(len(pulls))
+    # the first after 10 items, then one for every two while the buffer grows (it holds 99
+    # after the 91st, at 190 items), the 191st fills it, then one for each
+    assert taken_at[:4] == [10, 12, 14, 16]
+    assert taken_at[90] == 190 and taken_at[91:95] == [192, 193, 194, 195]
+    assert len(taken_at) == 1000
+    pulls.clear()
+    whole = []
+    for _ in shuffle_buffer(_counted(1000, pulls), rng=random.Random(0), size=100):
+        whole.append(len(pulls))
+    assert whole[0] == 101  # the whole buffer first (the default)
+
+
+def test_an_initial_at_or_above_the_buffer_is_the_default_order():
+    """None, ``size`` and more give the very same stream: a state saved without the option
+    resumes the same order."""
+    def run(initial):
+        return list(shuffle_buffer(range(500), rng=random.Random(3), size=64, initial=initial))
+    assert run(None) == run(64) == run(1000)
+    assert run(10) != run(None) and sorted(run(10)) == list(range(500))

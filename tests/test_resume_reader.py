@@ -381,3 +381,30 @@ def test_a_loaded_state_is_what_state_dict_gives_until_the_epoch_is_read(failing
     next(left)  # epoch 1, left early
     reader.load_state_dict(state)
     assert reader.state_dict() == state
+
+
+def test_an_early_starting_shuffle_resumes_and_its_states_are_told_apart(awkward_shards):
+    """shuffle_initial changes the order: a mid-epoch state resumes exactly with the same
+    value, and is refused by a reader without it; a state saved before the option existed
+    (no such field) resumes a reader without it and is refused by one with it."""
+    options = {**OPTIONS, "shuffle_initial": 40}
+    whole = _ids(ShardReader(awkward_shards, seed=3, **options))
+    assert whole != _ids(ShardReader(awkward_shards, seed=3, **OPTIONS))
+    assert sorted(sum(whole, [])) == sorted(sum(_ids(ShardReader(awkward_shards, seed=3, **OPTIONS)), []))
+    first = ShardReader(awkward_shards, seed=3, **options)
+    it = iter(first)
+    for _ in range(5):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))
+    restarted = ShardReader(awkward_shards, **options)
+    restarted.load_state_dict(state)
+    assert _ids(restarted) == whole[5:]
+    with pytest.raises(ValueError, match="shuffle_initial=40 but this reader has shuffle_initial=None"):
+        ShardReader(awkward_shards, **OPTIONS).load_state_dict(state)
+    old = ShardReader(awkward_shards, seed=3, **OPTIONS).state_dict()
+    del old["shuffle_initial"]
+    ShardReader(awkward_shards, **OPTIONS).load_state_dict(old)
+    with pytest.raises(ValueError, match="shuffle_initial=None but this reader has shuffle_initial=40"):
+        ShardReader(awkward_shards, **options).load_state_dict(old)
+    with pytest.raises(ValueError, match="shuffle_initial must be at least 1"):
+        ShardReader(awkward_shards, **{**OPTIONS, "shuffle_initial": 0})
