@@ -28,7 +28,11 @@ if TYPE_CHECKING:
 __all__ = ["STATE_VERSION", "shard_fingerprint", "content_fingerprint", "reader_streams", "saved_streams", "check_streams",
            "make_state", "check_state", "saved_extras", "saved_position", "own_position", "StreamPosition", "StreamLog", "save_state", "load_state", "ShardReaderCheckpoint"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # the newest this code writes; it reads every version from 1
+# Version 2 states come from a reader with ``shuffle_initial`` set, whose order shardpack
+# before it cannot repeat (it would resume them wrongly, so they must refuse them); every
+# other state is still version 1, which earlier releases resume as before.
+_READABLE_VERSIONS = (1, 2)
 
 ShardReaderCheckpoint: type  # made on first access by __getattr__ below (imports Keras)
 
@@ -133,7 +137,7 @@ def make_state(reader: ShardReader, *, epoch: int, batches: int, streams: int | 
     elif position is None or not position.fits(batches, streams):
         position = reader._position(epoch, batches, streams)
     return {
-        "version": STATE_VERSION,
+        "version": STATE_VERSION if reader.shuffle_initial is not None else 1,
         "epoch": epoch,
         "batches": batches,
         "seed": reader.seed,
@@ -308,10 +312,10 @@ def check_state(reader: ShardReader, state: dict[str, Any], *, streams: bool = T
     """
     if not isinstance(state, dict) or "epoch" not in state or "batches" not in state:
         raise ValueError("not a ShardReader state (expected the dict from reader.state_dict())")
-    if state.get("version") != STATE_VERSION:
+    if state.get("version") not in _READABLE_VERSIONS:
         raise ValueError(
             f"reader state version {state.get('version')!r} is not supported "
-            f"(this shardpack reads version {STATE_VERSION})"
+            f"(this shardpack reads versions {_READABLE_VERSIONS[0]} to {STATE_VERSION})"
         )
     mine = _order_fields(reader)
     for field in _ORDER_FIELDS:  # first: a different split or option is the likelier mistake

@@ -396,6 +396,8 @@ def test_an_early_starting_shuffle_resumes_and_its_states_are_told_apart(awkward
     for _ in range(5):
         next(it)
     state = json.loads(json.dumps(first.state_dict()))
+    assert state["version"] == 2  # shardpack before shuffle_initial refuses it, rather than resume it wrongly
+    assert ShardReader(awkward_shards, seed=3, **OPTIONS).state_dict()["version"] == 1  # as before
     restarted = ShardReader(awkward_shards, **options)
     restarted.load_state_dict(state)
     assert _ids(restarted) == whole[5:]
