@@ -116,13 +116,15 @@ class ShardReader:
         shuffle_buffer: samples held (still compressed) for shuffling.
         shuffle_buffer_bytes: also cap the buffer at this many compressed bytes (None: no
             cap; 10,000 ImageNet JPEGs are about 1.1 GB).
-        shuffle_initial: start each epoch's batches once the buffer holds this many
-            samples, and fill the rest of it while decoding (two samples read for each
-            one handed on until it is full). None (default): the whole buffer is read
-            before the first batch, which on a large split means ``shuffle_buffer``
-            samples from the disk or the object store before every epoch (about 1.1 GB
-            for 10,000 ImageNet JPEGs: ~10 s at 100 MB/s). A few hundred start an epoch
-            at once; the shuffle is narrower while the buffer grows.
+        shuffle_initial: hand samples on to decoding once the buffer holds this many,
+            and fill the rest of it while decoding (two samples read for each one handed
+            on until it is full). None (default): the whole buffer is read before the
+            first sample is decoded, which on a large split means ``shuffle_buffer``
+            samples from the disk or the object store before every shuffled epoch (about
+            1.1 GB for 10,000 ImageNet JPEGs: ~10 s at 100 MB/s; per stream with
+            ``processes`` or loader workers). A few hundred start an epoch at once; the
+            shuffle is narrower while the buffer grows. Ignored (None) without shuffling
+            or when not below ``shuffle_buffer``.
         interleave: shards read round robin at once when shuffling.
         num_workers: decoding threads (default: the CPUs this process may use, at most 8
             when the manifest says the images are small: ``batches.default_decode_threads``);
@@ -237,9 +239,13 @@ class ShardReader:
         self.seed = int(seed)
         self.shuffle_buffer = int(shuffle_buffer)
         self.shuffle_buffer_bytes = shuffle_buffer_bytes
-        if shuffle_initial is not None and int(shuffle_initial) < 1:
-            raise ValueError(f"shuffle_initial must be at least 1 (or None), got {shuffle_initial!r}")
-        self.shuffle_initial = None if shuffle_initial is None else int(shuffle_initial)
+        if shuffle_initial is not None and (int(shuffle_initial) != shuffle_initial or shuffle_initial < 1):
+            raise ValueError(f"shuffle_initial must be a whole number >= 1 (or None), got {shuffle_initial!r}")
+        # None where it changes nothing (no shuffle, or a buffer it cannot start before), so
+        # such a reader's states stay those of a reader without it (state version 1)
+        early = (shuffle and shuffle_initial is not None and self.shuffle_buffer > 1
+                 and int(shuffle_initial) < self.shuffle_buffer)
+        self.shuffle_initial = int(shuffle_initial) if early and shuffle_initial is not None else None
         self.interleave = max(1, int(interleave))
         if int(processes) < 0 or int(processes) != processes:
             raise ValueError(f"processes must be a whole number >= 0, got {processes!r}")

@@ -107,7 +107,7 @@ def shuffle_buffer(
     many bytes, so a set of large images cannot exhaust memory.
 
     ``initial``: start yielding once the buffer holds this many items, and take two items
-    for each one yielded until it is full (webdataset's ``initial``). The first item then
+    for each one yielded until it is full (or at ``max_bytes``; webdataset's ``initial``). The first item then
     waits for ``initial`` reads, not ``size`` (10,000 ImageNet JPEGs are 1.1 GB to read
     before every epoch's first batch, ~10 s from an object store); the price is a narrower
     shuffle while the buffer grows. None (default), or ``size`` and more: the whole buffer
@@ -135,6 +135,7 @@ def shuffle_buffer(
             held -= taken_bytes
             yield taken
             continue
+        start = None  # full (or at its byte cap): one in, one out from now on
         j = rng.randrange(len(buffer))
         buffer[j], item = item, buffer[j]
         if nbytes is not None:
@@ -147,11 +148,11 @@ def shuffle_buffer(
 
 
 def _take_random(buffer: list[T], sizes: list[int], rng: random.Random) -> tuple[T, int]:
-    """Remove a random item of ``buffer`` (and its entry in ``sizes``, when sizes are kept);
-    return it and its size (0 when not kept)."""
+    """Remove a random item of ``buffer`` and its entry in ``sizes`` (kept beside it when
+    bytes are measured, else empty); return it and its size (0 when not measured)."""
     j = rng.randrange(len(buffer))
     buffer[j], buffer[-1] = buffer[-1], buffer[j]
-    if not sizes:
+    if not sizes:  # bytes not measured
         return buffer.pop(), 0
     sizes[j], sizes[-1] = sizes[-1], sizes[j]
     return buffer.pop(), sizes.pop()

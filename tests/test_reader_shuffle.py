@@ -112,3 +112,34 @@ def test_an_initial_at_or_above_the_buffer_is_the_default_order():
         return list(shuffle_buffer(range(500), rng=random.Random(3), size=64, initial=initial))
     assert run(None) == run(64) == run(1000)
     assert run(10) != run(None) and sorted(run(10)) == list(range(500))
+
+
+def test_an_early_start_keeps_the_byte_cap_and_ends_once_the_buffer_is_full():
+    """With a byte cap the buffer is "full" at the cap: from then on one item in, one out,
+    never the two-in-one-out of the ramp again, and the bytes held (measured from outside)
+    stay near the cap. Item sizes differ, so a size list out of step with the buffer shows."""
+    for seed in range(30):
+        sizes = {i: random.Random(seed + 1000 + i).choice((10, 190)) for i in range(600)}
+        pulls: list[int] = []
+        out: set[int] = set()
+        held_after = []
+        stream = shuffle_buffer(_counted(600, pulls), rng=random.Random(seed), size=1000,
+                                max_bytes=2000, nbytes=sizes.__getitem__, initial=3)
+        for x in stream:
+            out.add(x)
+            if 100 <= len(pulls) < 600:  # after the ramp, before the final flush
+                held_after.append(sum(sizes[i] for i in pulls if i not in out))
+        assert out == set(range(600))
+        assert min(held_after) >= 2000 - 190, seed  # one in, one out: it never drains again
+
+
+def test_taking_a_random_item_keeps_the_sizes_beside_their_items():
+    from reader.shuffle import _take_random
+
+    buffer, sizes = list("abcdef"), [1, 2, 3, 4, 5, 6]
+    rng = random.Random(0)
+    while buffer:
+        item, size = _take_random(buffer, sizes, rng)
+        assert size == "abcdef".index(item) + 1 and len(sizes) == len(buffer)
+        assert all(s == "abcdef".index(b) + 1 for b, s in zip(buffer, sizes, strict=True))
+    assert _take_random(["x"], [], rng) == ("x", 0)

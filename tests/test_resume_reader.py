@@ -408,5 +408,11 @@ def test_an_early_starting_shuffle_resumes_and_its_states_are_told_apart(awkward
     ShardReader(awkward_shards, **OPTIONS).load_state_dict(old)
     with pytest.raises(ValueError, match="shuffle_initial=None but this reader has shuffle_initial=40"):
         ShardReader(awkward_shards, **options).load_state_dict(old)
-    with pytest.raises(ValueError, match="shuffle_initial must be at least 1"):
-        ShardReader(awkward_shards, **{**OPTIONS, "shuffle_initial": 0})
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="shuffle_initial must be a whole number"):
+            ShardReader(awkward_shards, **{**OPTIONS, "shuffle_initial": bad})
+    # where it changes nothing (no shuffle; not below the buffer) it is dropped: the states
+    # stay those of a reader without it, which earlier releases resume
+    for idle in (dict(shuffle=False, shuffle_initial=40), dict(shuffle_initial=OPTIONS["shuffle_buffer"])):
+        reader = ShardReader(awkward_shards, seed=3, **{**OPTIONS, **idle})
+        assert reader.shuffle_initial is None and reader.state_dict()["version"] == 1
