@@ -56,9 +56,9 @@ DEFAULT_QUALITY = 90  # JPEG quality of images re-encoded by --resize
 # sixth of the parent's time per file. 256 cheap probes (header or structure checks,
 # ~35-110 us a file) cut it: packs of 3,000 ImageNet-like files, 2 workers, 20 of each
 # alternating, went from medians of ~12,000-12,300 to ~13,250-13,450 images/s (the
-# parent's median 26.5-28 -> 22.5-23 us of CPU a file, in two runs of 10). A probe that decodes or re-encodes every image takes milliseconds a
-# file: there the hand-off is nothing, and smaller tasks keep progress smooth and the
-# workers' last tasks even.
+# parent's median 26.5-28 -> 22.5-23 us of CPU a file, in two runs of 10). A probe that
+# decodes or re-encodes every image takes milliseconds a file: there the hand-off is
+# nothing, and smaller tasks keep progress smooth and the workers' last tasks even.
 PROBE_CHUNK = 256
 PROBE_CHUNK_COSTLY = 64  # validate="decode" or --resize
 PROBE_CHUNK_DASK = 1024  # a Dask task costs more: a million files stay ~1,000 tasks

@@ -158,7 +158,8 @@ def _pack_and_send(
                 os.remove(marker)
         return _plan_write_send(walked, store, options, old_manifest, run=run,
                                 resize_spec=resize_spec, staging=staging, batch=batch,
-                                probe_chunk=even_probe_chunk(probe_chunk, len(walked.candidates), workers),
+                                probe_chunk=even_probe_chunk(probe_chunk, len(walked.candidates),
+                                                             workers),
                                 upload_workers=upload_workers, quiet=quiet,
                                 storage_options=storage_options)
     finally:

@@ -241,8 +241,7 @@ def evict_from_page_cache(paths: Sequence[str | os.PathLike[str]]) -> int:
         FileNotFoundError: a path in ``paths`` does not exist.
         OSError: the platform has no ``posix_fadvise`` (not Linux).
     """
-    if isinstance(paths, (str, bytes, os.PathLike)):
-        raise TypeError(f"pass a list of paths, not one path: [{paths!r}]")
+    paths = _path_list(paths)
     if not hasattr(os, "posix_fadvise"):
         raise OSError("a cold page cache needs os.posix_fadvise (Linux)")
     for path in paths:
@@ -250,6 +249,17 @@ def evict_from_page_cache(paths: Sequence[str | os.PathLike[str]]) -> int:
             raise FileNotFoundError(f"nothing to evict at {os.fspath(path)}")
     os.sync()
     return sum(_evict_file(file) for file in _files_under(paths))
+
+
+def _path_list(paths: Sequence[str | os.PathLike[str]]) -> list[str | os.PathLike[str]]:
+    """``paths`` as a list, refusing one bare path (a string is a sequence of characters).
+
+    Raises:
+        TypeError: ``paths`` is one path.
+    """
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise TypeError(f"pass a list of paths, not one path: [{paths!r}]")
+    return list(paths)
 
 
 def _files_under(paths: Sequence[str | os.PathLike[str]]) -> Iterator[str]:
@@ -333,13 +343,12 @@ def time_contender(
     """
     if cfg.get("cache") != "cold":
         return time_epochs(batches, cfg.get("epochs", DEFAULT_EPOCHS), cfg.get("warmup", 3))
-    if isinstance(reads, (str, bytes, os.PathLike)):
-        raise TypeError(f"pass a list of paths, not one path: [{reads!r}]")
+    reads = _path_list(reads)
     if not reads:
         raise ValueError("a cold-cache run needs the local paths the contender reads "
                          "(a URL has no page cache here)")
     result = time_epochs(batches, cfg.get("epochs", DEFAULT_EPOCHS), cfg.get("warmup", 3),
-                         before_epoch=functools.partial(evict_from_page_cache, list(reads)))
+                         before_epoch=functools.partial(evict_from_page_cache, reads))
     # every read inside the clock: the steady window after the warm-up batches would leave
     # out a shuffle buffer's fill, which reads all of a split smaller than the buffer
     return dict(result, images_per_s=result["images_per_s_to_last_batch"],
@@ -350,8 +359,8 @@ def _local_reads(cfg: dict[str, Any]) -> list[str]:
     """What a shardpack contender reads from local disk: its ``source`` (a shard folder, or
     a list of shard files); none for URLs, which have no page cache here."""
     source = cfg["source"]
-    paths = [source] if isinstance(source, str) else list(source)
-    return [p.removeprefix("file://") for p in paths if "://" not in p.removeprefix("file://")]
+    paths = [p.removeprefix("file://") for p in ([source] if isinstance(source, str) else source)]
+    return [p for p in paths if "://" not in p]
 
 
 def _parent_only(result: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
@@ -541,6 +550,12 @@ def _check_source(cfg: dict[str, Any]) -> str | None:
     return None
 
 
+def _cache_words(cache: str) -> str:
+    if cache == "cold":
+        return "cold page cache (shards evicted before every epoch, readers timed from its start)"
+    return "warm page cache"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="shardpack bench", description=_plain(__doc__),
@@ -598,8 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     if warning:
         print(warning, file=sys.stderr)
     print(f"shardpack bench: {source} [{args.split}], {args.image_size}x{args.image_size} RGB, "
-          f"batches of {args.batch_size}, {cores()} cores, "
-          f"{'cold page cache (shards evicted before every epoch, readers timed from its start)' if args.cache == 'cold' else 'warm page cache'}, "
+          f"batches of {args.batch_size}, {cores()} cores, {_cache_words(args.cache)}, "
           f"load {os.getloadavg()[0]:.1f}; "
           f"median of {args.repeat} interleaved runs", flush=True)
     results = run_rounds(names, cfg, args.repeat, log=lambda m: print(m, flush=True))

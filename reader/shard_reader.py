@@ -46,7 +46,7 @@ from .policy import ErrorPolicy, OnError
 from .processes import DecodeProcesses
 from .remote import OpenAhead
 from .samples import READ_THE_REST, Sample, open_ref, sample_label, scan_shard, shard_samples
-from .shuffle import DEFAULT_BUFFER, epoch_rng, interleave, shard_order, shuffle_buffer
+from .shuffle import DEFAULT_BUFFER, early_start, epoch_rng, interleave, shard_order, shuffle_buffer
 from .source import SplitSource, resolve_source
 from .state import StreamLog, StreamPosition, reader_streams
 
@@ -240,12 +240,11 @@ class ShardReader:
         self.shuffle_buffer = int(shuffle_buffer)
         self.shuffle_buffer_bytes = shuffle_buffer_bytes
         if shuffle_initial is not None and (int(shuffle_initial) != shuffle_initial or shuffle_initial < 1):
-            raise ValueError(f"shuffle_initial must be a whole number >= 1 (or None), got {shuffle_initial!r}")
+            raise ValueError(
+                f"shuffle_initial must be a whole number >= 1 (or None), got {shuffle_initial!r}")
         # None where it changes nothing (no shuffle, or a buffer it cannot start before), so
         # such a reader's states stay those of a reader without it (state version 1)
-        early = (shuffle and shuffle_initial is not None and self.shuffle_buffer > 1
-                 and int(shuffle_initial) < self.shuffle_buffer)
-        self.shuffle_initial = int(shuffle_initial) if early and shuffle_initial is not None else None
+        self.shuffle_initial = early_start(shuffle_initial, self.shuffle_buffer) if shuffle else None
         self.interleave = max(1, int(interleave))
         if int(processes) < 0 or int(processes) != processes:
             raise ValueError(f"processes must be a whole number >= 0, got {processes!r}")

@@ -11,7 +11,8 @@ import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
-__all__ = ["epoch_rng", "shard_order", "shards_for_epoch", "interleave", "shuffle_buffer", "DEFAULT_BUFFER"]
+__all__ = ["epoch_rng", "shard_order", "shards_for_epoch", "interleave", "shuffle_buffer", "early_start",
+           "DEFAULT_BUFFER"]
 
 T = TypeVar("T")
 
@@ -107,16 +108,16 @@ def shuffle_buffer(
     many bytes, so a set of large images cannot exhaust memory.
 
     ``initial``: start yielding once the buffer holds this many items, and take two items
-    for each one yielded until it is full (or at ``max_bytes``; webdataset's ``initial``). The first item then
-    waits for ``initial`` reads, not ``size`` (10,000 ImageNet JPEGs are 1.1 GB to read
-    before every epoch's first batch, ~10 s from an object store); the price is a narrower
-    shuffle while the buffer grows. None (default), or ``size`` and more: the whole buffer
-    first.
+    for each one yielded until it is full (or at ``max_bytes``; webdataset's ``initial``).
+    The first item then waits for ``initial`` reads, not ``size`` (10,000 ImageNet JPEGs are
+    1.1 GB to read before every epoch's first batch, ~10 s from an object store); the price
+    is a narrower shuffle while the buffer grows. None (default), or ``size`` and more: the
+    whole buffer first (``early_start``).
     """
     if size <= 1:
         yield from items
         return
-    start = max(1, int(initial)) if initial is not None and int(initial) < size else None
+    start = early_start(initial, size)
     buffer: list[T] = []
     sizes: list[int] = []  # nbytes of each buffered item, measured once
     held = 0
@@ -145,6 +146,12 @@ def shuffle_buffer(
         yield item
     rng.shuffle(buffer)
     yield from buffer
+
+
+def early_start(initial: int | None, size: int) -> int | None:
+    """The ``initial`` of ``shuffle_buffer`` that changes its stream: None unless it is below
+    a buffer of 2 or more (otherwise the whole buffer comes first anyway)."""
+    return max(1, int(initial)) if initial is not None and 1 < size and int(initial) < size else None
 
 
 def _take_random(buffer: list[T], sizes: list[int], rng: random.Random) -> tuple[T, int]:

@@ -556,8 +556,8 @@ def scaling_only(args: argparse.Namespace, work: Path, argv: list[str] | None) -
     command = "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     markdown = "\n".join([
         f"Machine: {machine_line()}. Small JPEGs (96x72, about 1 KB), the default fsynced pack, "
-        f"{args.repeat} interleaved rounds, {'cold' if args.cache == 'cold' else 'warm'} page cache. Load average {load_before[0]:.1f} before, "
-        f"{load_after[0]:.1f} after.", "", "**Pack cost vs size**", "", format_scaling(rows), "",
+        f"{args.repeat} interleaved rounds, {args.cache} page cache. Load average "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after.", "", "**Pack cost vs size**", "", format_scaling(rows), "",
         f"Produced by `{command.strip()}`."])
     print("\n" + markdown)
     (work / "scaling.json").write_text(json.dumps(
