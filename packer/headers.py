@@ -11,6 +11,7 @@ Pillow, so these parsers never have the last word on a file they do not fully un
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -22,7 +23,12 @@ __all__ = [
 ]
 
 _SOF_PLAIN = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressive (Huffman)
-_NO_LENGTH = set(range(0xD0, 0xD8)) | {0x01, 0xD8}
+# markers without a segment: RSTn, TEM, SOI and EOI (Pillow's header walk steps over each)
+_NO_LENGTH = set(range(0xD0, 0xDA)) | {0x01}
+# what a plain JPEG holds before its first scan besides its frame header: DHT, DQT, DRI,
+# APPn, COM. Anything else there (a marker without a segment, an EOI, DNL, hierarchical or
+# reserved codes) no decoder reads as a plain image: the fast check leaves it to Pillow.
+_PLAIN_SEGMENTS = frozenset({0xC4, 0xDB, 0xDD, 0xFE, *range(0xE0, 0xF0)})
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"  # start of image, then the first marker
 
@@ -69,7 +75,8 @@ def tiff_orientation(tiff: bytes, *, absent: int = 1) -> int | None:
 def _segments(data: bytes, only: frozenset[int] | None = None) -> Iterator[tuple[int, int, int]]:
     """Yield (marker, offset, length) of each marker segment up to and including the first
     start-of-scan (of only the markers in ``only``, when given); stop quietly at anything
-    malformed (the caller then asks Pillow).
+    malformed (the caller then asks Pillow). A marker without a segment (``_NO_LENGTH``) is
+    stepped over, as Pillow does, or yielded with length 0 when ``only`` is None.
 
     ``only`` keeps the walk in this loop: the reader asks every image for its APP1 segments
     alone, and most images have none, so nothing is yielded (a yield per segment made the
@@ -86,6 +93,8 @@ def _segments(data: bytes, only: frozenset[int] | None = None) -> Iterator[tuple
             pos += 1
             continue
         if marker in _NO_LENGTH:
+            if only is None:
+                yield marker, pos, 0
             pos += 2
             continue
         if length < 2 or pos + 2 + length > n:
@@ -147,32 +156,92 @@ def fast_jpeg_info(data: bytes) -> FastInfo | None:
     """Size and orientation of an 8-bit Huffman JPEG, and whether it is complete.
 
     Returns None (ask Pillow) for anything else: 12-bit, lossless, arithmetic-coded,
-    a height defined later by a DNL marker, malformed segments.
+    a height defined later by a DNL marker, malformed segments, and headers no decoder
+    reads: a marker out of place before the scan, a frame or scan header whose fields
+    disagree with its length or with each other, a quantisation table the frame names but
+    nothing defines, a table's class or id out of range. An end marker alone said nothing
+    about those, and such files were packed though no reader decodes them (a fuzzed
+    corpus: 232 of 281 such files now go to Pillow, which refuses them). The checks are
+    byte tests done in C where they can be (``bytes.strip`` of the allowed values leaves
+    nothing): 6.7 µs per photo of the bench's kind instead of 5.2. Huffman tables are not
+    counted through (that caught the other 49 for 1.4 µs more per photo).
     """
     if not data.startswith(JPEG_SIGNATURE):
         return None
     scan = _OrientationScan()
     frame: tuple[int, int] | None = None
+    ids = tables = b""  # the frame's component ids and their quantisation tables
+    defined = b""  # quantisation tables defined so far
+    progressive = False
     for marker, pos, length in _segments(data):
-        if marker == 0xE1:
+        if marker == 0xC4:
+            if length > 2 and data[pos + 4] & 0xEC:  # a table's class above 1 or id above 3
+                return None
+        elif marker == 0xDB:
+            if length == 67 and data[pos + 4] < 4:  # one 8-bit table, as libjpeg writes them
+                defined += data[pos + 4 : pos + 5]
+            elif not (found := _dqt_tables(data, pos, length)):
+                return None
+            else:
+                defined += found
+        elif marker == 0xE1:
             scan.add(data, pos, length)
         elif marker == 0xDA:  # first scan: entropy-coded data follows
             orientation = scan.result()
             if frame is None or orientation is None:
                 return None  # orientation only Pillow can read
+            count = data[pos + 4] if length > 2 else 0
+            end = pos + 5 + 2 * count  # each component: its id, then its Huffman tables
+            if (length != 6 + 2 * count or not 1 <= count <= 4 or data[pos + 5 : end : 2].strip(ids)
+                    or data[pos + 6 : end : 2].strip(_HUFFMAN_IDS) or tables.strip(defined)
+                    or (progressive and not _spectral_ok(data[end : end + 3]))):
+                return None
             # Entropy-coded data never holds FF D9 (FF is stuffed as FF 00), so an EOI marker
             # after the first scan's header means the data runs to its end; a truncated
             # file has none. Searching from the end finds it at once in a complete file.
             complete = data.rfind(b"\xff\xd9") > pos
             return FastInfo("jpg", frame[0], frame[1], orientation, complete)
         elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if marker not in _SOF_PLAIN or length < 8:
+            if marker not in _SOF_PLAIN or length < 8 or frame is not None:
                 return None
-            precision, height, width, components = struct.unpack_from(">BHHB", data, pos + 4)
-            if precision != 8 or height == 0 or width == 0 or components not in (1, 3, 4):
+            precision, height, width, count = struct.unpack_from(">BHHB", data, pos + 4)
+            end = pos + 2 + length  # each component: its id, sampling factors, table id
+            ids, tables = data[pos + 10 : end : 3], data[pos + 12 : end : 3]
+            if (precision != 8 or height == 0 or width == 0 or count not in (1, 3, 4)
+                    or length != 8 + 3 * count or data[pos + 11 : end : 3].strip(_SAMPLING)
+                    or tables.strip(b"\0\1\2\3") or len(set(ids)) != count):
                 return None
             frame = (width, height)
+            progressive = marker == 0xC2
+        elif marker not in _PLAIN_SEGMENTS:
+            return None
     return None
+
+
+# sampling factors (H << 4 | V, each 1-4) and a scan's Huffman table ids (DC << 4 | AC,
+# each 0-3) a decoder takes
+_SAMPLING = bytes(h << 4 | v for h in range(1, 5) for v in range(1, 5))
+_HUFFMAN_IDS = bytes(dc << 4 | ac for dc in range(4) for ac in range(4))
+
+
+def _dqt_tables(data: bytes, pos: int, length: int) -> bytes:
+    """The ids of the tables a DQT segment defines (8- or 16-bit, id 0-3); empty when its
+    tables do not fill it."""
+    at, end, found = pos + 4, pos + 2 + length, bytearray()
+    while at < end:
+        precision, table = divmod(data[at], 16)
+        if precision > 1 or table > 3:
+            return b""
+        found.append(table)
+        at += 65 + 64 * precision
+    return bytes(found) if at == end else b""
+
+
+def _spectral_ok(selection: bytes) -> bool:
+    """A progressive scan's spectral selection and successive approximation: DC alone or
+    a band of AC, bit positions up to 13 (libjpeg only warns about a sequential one's)."""
+    start, stop, approx = selection
+    return stop <= 63 and start <= stop and (start == 0) == (stop == 0) and max(divmod(approx, 16)) <= 13
 
 
 def signature_kind(data: bytes) -> str | None:
@@ -237,13 +306,17 @@ def fast_png_info(data: bytes) -> FastInfo | None:
 # text chunk holding EXIF or XMP, which Pillow also reads it from) or an animation
 _PNG_ORIENTING = frozenset({b"eXIf", b"acTL"})
 _PNG_TEXT = frozenset({b"tEXt", b"zTXt", b"iTXt"})
+# critical chunks whose CRC the walk checks (small, and a bad one fails every decoder; a bad
+# IDAT CRC only libpng refuses, and checking it would cost a pass over the file)
+_PNG_HEADER_CHUNKS = frozenset({b"IHDR", b"PLTE"})
 _PNG_EXIF_KEYWORDS = frozenset({b"exif", b"XML:com.adobe.xmp", b"Raw profile type exif"})
 
 
 def png_is_plain(data: bytes, *, animation_ok: bool = False) -> bool:
     """True when a PNG's chunks are well formed through ``IEND``, its IDAT chunks form one
     run, and no chunk orients (EXIF, XMP) or animates the image: its pixels are then the
-    IDAT data alone, which any PNG decoder gives alike. False sends the file to Pillow.
+    IDAT data alone, which any PNG decoder gives alike; the CRCs of IHDR and PLTE are
+    checked (a bad one makes every decoder refuse the file). False sends the file to Pillow.
     ``animation_ok``: an animation (whose default image is still the IDAT data) does not
     count.
 
@@ -257,6 +330,8 @@ def png_is_plain(data: bytes, *, animation_ok: bool = False) -> bool:
     for kind, pos, end in _png_chunks(data):
         if end > len(data) or kind in refused:
             return False
+        if kind in _PNG_HEADER_CHUNKS and zlib.crc32(data[pos + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
+            return False  # a damaged header or palette, which Pillow and libpng both refuse
         if kind == b"IDAT":
             if state == after:
                 return False  # a second run of image data: not a plain PNG

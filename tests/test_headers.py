@@ -143,3 +143,100 @@ def test_png_header_no_decoder_takes_is_refused_by_the_structure_check(at, value
     data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # a valid chunk CRC
     assert fast_png_info(bytes(data)) is None
     assert not probe_bytes(bytes(data)).ok
+
+
+def _segment(data: bytes, marker: int, nth: int = 0) -> int:
+    """Offset of the ``nth`` marker segment ``FF marker`` before the first scan."""
+    at = 2
+    while True:
+        if data[at + 1] == marker:
+            if nth == 0:
+                return at
+            nth -= 1
+        if data[at + 1] == 0xDA:
+            raise ValueError(f"no segment FF {marker:02X}")
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+
+
+def _patched(data: bytes, at: int, new: bytes) -> bytes:
+    return data[:at] + new + data[at + len(new) :]
+
+
+def _damaged_jpegs() -> dict[str, bytes]:
+    """A photo's JPEG with one header damaged as no decoder takes, its end marker intact."""
+    data, _ = _jpeg(4)
+    sos, dqt, dht, sof = (_segment(data, m) for m in (0xDA, 0xDB, 0xC4, 0xC0))
+    sos_length = int.from_bytes(data[sos + 2 : sos + 4], "big")
+    progressive, _ = _jpeg(4, progressive=True)
+    first_scan = _segment(progressive, 0xDA)
+    first_scan_end = first_scan + 2 + int.from_bytes(progressive[first_scan + 2 : first_scan + 4], "big")
+    return {
+        "scan-header-length": _patched(data, sos + 2, (sos_length + 2).to_bytes(2, "big")),
+        "end-marker-before-the-scan": _patched(data, dht + 1, b"\xd9"),  # FF C4 -> FF D9
+        "marker-00": _patched(data, dqt + 1, b"\x00"),
+        "quantisation-table-missing": _patched(data, dqt + 1, b"\xfe"),  # DQT -> comment
+        "huffman-table-class": _patched(data, dht + 4, bytes([data[dht + 4] | 0x20])),  # class 2
+        "frame-component-count": _patched(data, sof + 9, b"\x01"),  # 3 components follow
+        "sampling-factor-0": _patched(data, sof + 11, b"\x01"),  # H=0, V=1
+        "scan-component-not-in-frame": _patched(data, sos + 5, b"\x09"),
+        # a progressive DC scan (Ss = Se = 0) made to run to coefficient 5
+        "progressive-spectral-selection": _patched(progressive, first_scan_end - 2, b"\x05"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_damaged_jpegs()))
+def test_jpeg_header_no_decoder_reads_is_refused_by_the_structure_check(name):
+    """A damaged marker, table, frame or scan header with the end marker intact: the fast
+    check used to pack it (it only looked for EOI after the scan) and every epoch skipped
+    it. Now Pillow is asked, which refuses it, as TensorFlow and the reader do."""
+    data = _damaged_jpegs()[name]
+    with pytest.raises((OSError, SyntaxError)):  # the premise: Pillow cannot read it
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    assert fast_jpeg_info(data) is None
+    probe = probe_bytes(data)
+    assert not probe.ok and probe.is_image and "JPEG" in probe.reason
+
+
+@pytest.mark.parametrize("save", [
+    {}, {"progressive": True}, {"optimize": True}, {"subsampling": 0, "quality": 100},
+    {"restart_marker_rows": 1}, {"comment": b"hello", "icc_profile": b"\0" * 300},
+], ids=["baseline", "progressive", "optimized", "444", "restart-markers", "comment-icc"])
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_plain_jpegs_keep_the_fast_path(mode, save):
+    """The header rules above must not send ordinary JPEGs to Pillow (the slow path)."""
+    _, im = _jpeg(5)
+    buf = io.BytesIO()
+    im.convert(mode).save(buf, format="JPEG", **save)
+    info = fast_jpeg_info(buf.getvalue())
+    assert info is not None and info.complete and (info.width, info.height) == im.size
+
+
+@pytest.mark.parametrize("chunk", ["IHDR", "PLTE"])
+def test_png_with_a_bad_header_crc_is_refused_by_the_structure_check(chunk):
+    """A bit flipped in IHDR or PLTE (its CRC now wrong): Pillow and libpng refuse the file,
+    so the structure check hands it to Pillow instead of packing it."""
+    im = Image.new("P", (16, 8), 1)
+    im.putpalette([0, 0, 0, 255, 0, 0] * 128)
+    data = image_bytes(im, "PNG")
+    at = data.index(chunk.encode()) + 4 + 7  # IHDR: the height's low byte; PLTE: a colour
+    damaged = _patched(data, at, bytes([data[at] ^ 0x01]))
+    with pytest.raises((OSError, SyntaxError)):
+        with Image.open(io.BytesIO(damaged)) as ref:
+            ref.load()
+    assert fast_png_info(damaged) is None
+    probe = probe_bytes(damaged)
+    assert not probe.ok and probe.is_image
+
+
+@pytest.mark.parametrize("marker", [0xC4, 0xDB, 0xDA], ids=["DHT", "DQT", "SOS"])
+@pytest.mark.parametrize("where", ["after-SOI", "before-the-scan"])
+def test_a_jpeg_ending_in_an_empty_segment_is_a_clean_skip(marker, where):
+    """A file cut right after a segment of length 2 (no fields): the header rules must not
+    read past the end (an IndexError would stop the pack), and the file is skipped."""
+    data, _ = _jpeg(4)
+    head = data[:2] if where == "after-SOI" else data[: _segment(data, 0xDA)]
+    damaged = head + bytes([0xFF, marker, 0, 2])
+    assert fast_jpeg_info(damaged) is None
+    probe = probe_bytes(damaged)
+    assert probe.is_image and not probe.ok and probe.reason
