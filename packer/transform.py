@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
-__all__ = ["ResizeSpec", "parse_resize", "load_for_resize", "transform_image", "to_8bit"]
+__all__ = ["ResizeSpec", "parse_resize", "load_for_resize", "transform_image", "to_8bit",
+           "gif_transparent_black"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,23 @@ def to_8bit(im: Image.Image) -> Image.Image:
     return im
 
 
+def gif_transparent_black(im: Image.Image) -> None:
+    """Make a loaded GIF frame's transparent palette entry black, in place.
+
+    TensorFlow's GIF decoder (and so Keras) writes (0, 0, 0) for transparent pixels,
+    whatever colour the palette holds there; Pillow keeps the palette colour. The reader
+    decodes GIFs so, and ``--resize`` stores them so: its RGBA PNG keeps the colour under
+    alpha 0, which a reader in ``rgb`` mode shows (it drops alpha, as TensorFlow does).
+    """
+    index = im.info.get("transparency")
+    if im.mode != "P" or not isinstance(index, int):
+        return
+    palette = im.getpalette()
+    if palette is not None and 3 * index + 3 <= len(palette):
+        palette[3 * index : 3 * index + 3] = (0, 0, 0)
+        im.putpalette(palette)
+
+
 # How far above the target size the JPEG decoder may stop shrinking by DCT scaling before
 # the LANCZOS resize takes over: Pillow's own ``thumbnail`` default (its docs: the result
 # is indistinguishable from a full-size resize at 2.0).
@@ -141,6 +159,8 @@ def transform_image(im: Image.Image, spec: ResizeSpec, source: bytes | None = No
     upright by its EXIF tag as they would the re-encoded one).
     """
     as_it_came = source is not None and im.format == "JPEG" and im.mode in ("L", "RGB")
+    if im.format == "GIF":
+        gif_transparent_black(im)  # the pixels the reader (and Keras) shows the original with
     im = ImageOps.exif_transpose(to_8bit(im))
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
     if has_alpha:

@@ -14,7 +14,8 @@ Choices, made once here so every image is treated alike:
   keeps it and gives opaque images an alpha of 255. Palette images with a transparent
   colour go through RGBA first; a PNG's transparent pixels keep their palette colour, as
   with TensorFlow's PNG decoder, while a GIF's become black (0, 0, 0), as TensorFlow's GIF
-  decoder makes them (``_gif_transparent_black``).
+  decoder makes them (``packer.transform.gif_transparent_black``; ``shardpack pack
+  --resize`` stores them so too).
 - **16-bit images** (``I;16``, ``I``) keep their high byte (``value >> 8``), as
   TensorFlow's ``decode_png`` to uint8 does (Keras' pixels equal it exactly; dividing by 257
   put 60% of a ramp's pixels one level off); Pillow's own conversion would clip instead.
@@ -72,6 +73,7 @@ from packer.headers import (
     png_only,
 )
 from packer.probe import pillow_orientation
+from packer.transform import gif_transparent_black
 
 from .checks import check_image_size
 
@@ -640,24 +642,9 @@ def _load_pillow(
     out = ImageOps.exif_transpose(im) if orientation != 1 else im
     out.load()
     if im.format == "GIF":
-        _gif_transparent_black(out)
+        gif_transparent_black(out)
     arr = np.asarray(to_color_mode(out, options.color_mode))
     return (arr[:, :, None] if arr.ndim == 2 else arr), box
-
-
-def _gif_transparent_black(im: Image.Image) -> None:
-    """Make a loaded GIF frame's transparent palette entry black, in place.
-
-    TensorFlow's GIF decoder (and so Keras) writes (0, 0, 0) for transparent pixels,
-    whatever colour the palette holds there; Pillow keeps the palette colour.
-    """
-    index = im.info.get("transparency")
-    if im.mode != "P" or not isinstance(index, int):
-        return
-    palette = im.getpalette()
-    if palette is not None and 3 * index + 3 <= len(palette):
-        palette[3 * index : 3 * index + 3] = (0, 0, 0)
-        im.putpalette(palette)
 
 
 # PNG colour types OpenCV decodes to each colour mode with Pillow's pixels (tested): any

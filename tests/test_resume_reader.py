@@ -91,6 +91,33 @@ def test_resume_on_a_rank_with_augmentation(awkward_shards):
         np.testing.assert_array_equal(a, b)  # same samples, same random crops
 
 
+@pytest.mark.parametrize("processes", [0, 2])
+def test_resume_gives_the_same_random_crops_and_flips_on_photos(photo_shards, processes):
+    """The test above reads one-colour images, where no crop or flip shows: on photos, a
+    resumed epoch takes the augmentation draws of the samples it skipped too, so the rest
+    of the epoch gets the crops and flips it would have had (README: "the same remaining
+    samples in the same order"), on decode threads and in decode processes."""
+    options = dict(split="train", image_size=(24, 20), batch_size=8, seed=5, random_flip=True,
+                   random_crop=(0.3, 0.9), dtype="uint8", processes=processes)
+    whole = [(x.copy(), y.copy()) for x, y in ShardReader(photo_shards, **options)]
+    plain = [x for x, _y in ShardReader(photo_shards, **dict(options, random_flip=False, random_crop=None))]
+    assert not np.array_equal(whole[4][0], plain[4])  # the augmentations show on these images
+    r = ShardReader(photo_shards, **options)
+    it = iter(r)
+    for _ in range(4):
+        next(it)
+    state = r.state_dict()
+    restarted = ShardReader(photo_shards, **options)
+    restarted.load_state_dict(state)
+    rest = [(x.copy(), y.copy()) for x, y in restarted]
+    r.close()
+    restarted.close()
+    assert len(rest) == len(whole) - 4
+    for (x, y), (xw, yw) in zip(rest, whole[4:], strict=True):
+        np.testing.assert_array_equal(y, yw)
+        np.testing.assert_array_equal(x, xw)
+
+
 @pytest.mark.parametrize(
     "change,match",
     [

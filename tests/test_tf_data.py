@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import ID_CLASSES, pixel_ids, small_cnn
@@ -215,3 +217,93 @@ def test_keras_format_keyword(id_shards):
     with pytest.raises(ValueError, match="ShardReader"):
         image_dataset_from_shards(id_shards[0], split="test", image_size=4, verbose=False,
                                   format="grain")
+
+
+# ---- the pixels of image_dataset_from_directory, kind by kind ----------------------------
+
+
+def _image_kinds() -> dict[str, tuple[str, bytes]]:
+    """One small image of each kind a class folder collects that Keras reads (name -> (ext,
+    bytes)): JPEG baseline 4:2:0 / 4:4:4, progressive and grey; PNG RGB, RGBA with graded
+    alpha, LA, L, palette, palette with a transparent colour, 16-bit grey; GIF, GIF with a
+    transparent colour; BMP; tiny (1x1, 1xN, Nx1), very wide, and smaller than the batch."""
+    import io
+
+    from PIL import Image
+
+    from packer.examples import photo
+
+    def encoded(im: Image.Image, fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    cat, coffee = photo("cat").resize((150, 100)), photo("coffee").resize((120, 80))
+    rgba = np.asarray(cat.convert("RGBA")).copy()
+    rgba[..., 3] = np.linspace(0, 255, 150, dtype=np.uint8)[None]
+    grey = np.asarray(coffee.convert("L"))
+    palette = cat.convert("P", palette=Image.Palette.ADAPTIVE, colors=48)
+    deep = grey.astype(np.uint16) * 257 + (np.arange(120, dtype=np.uint16)[None] % 256)  # low byte varies
+    return {
+        "baseline.jpg": ("jpg", encoded(cat, "JPEG", quality=85)),
+        "444.jpg": ("jpg", encoded(coffee, "JPEG", quality=90, subsampling=0)),
+        "progressive.jpg": ("jpg", encoded(cat, "JPEG", quality=85, progressive=True)),
+        "grey.jpg": ("jpg", encoded(coffee.convert("L"), "JPEG", quality=90)),
+        "rgb.png": ("png", encoded(coffee, "PNG")),
+        "rgba.png": ("png", encoded(Image.fromarray(rgba), "PNG")),
+        "la.png": ("png", encoded(Image.fromarray(np.stack([grey, grey[::-1]], -1), "LA"), "PNG")),
+        "l.png": ("png", encoded(Image.fromarray(grey), "PNG")),
+        "palette.png": ("png", encoded(palette, "PNG")),
+        "palette_trns.png": ("png", encoded(palette, "PNG", transparency=3)),
+        "deep.png": ("png", encoded(Image.fromarray(deep), "PNG")),
+        "plain.gif": ("gif", encoded(palette, "GIF")),
+        "trns.gif": ("gif", encoded(palette, "GIF", transparency=3)),
+        "pic.bmp": ("bmp", encoded(coffee, "BMP")),
+        "1x1.png": ("png", encoded(cat.resize((1, 1)), "PNG")),
+        "1x9.jpg": ("jpg", encoded(cat.resize((1, 9)), "JPEG", quality=95)),
+        "9x1.png": ("png", encoded(cat.resize((9, 1)), "PNG")),
+        "wide.jpg": ("jpg", encoded(coffee.resize((300, 12)), "JPEG", quality=90)),
+        "small.png": ("png", encoded(cat.resize((21, 14)), "PNG")),
+    }
+
+
+@pytest.fixture(scope="module")
+def kinds_tree(tmp_path_factory):
+    """The image kinds in two class folders, and their shards."""
+    from packer import pack
+
+    root = tmp_path_factory.mktemp("kinds")
+    for i, (name, (_ext, data)) in enumerate(sorted(_image_kinds().items())):
+        folder = root / "src" / "train" / ("a", "b")[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    pack(root / "src", root / "shards", seed=0, max_count=8, workers=1, quiet=True)
+    return root
+
+
+@pytest.mark.parametrize("options", [
+    dict(image_size=(48, 40)),
+    dict(image_size=(48, 40), interpolation="nearest"),
+    dict(image_size=(40, 64), crop_to_aspect_ratio=True),
+    dict(image_size=(40, 64), pad_to_aspect_ratio=True, interpolation="nearest"),
+], ids=["bilinear", "nearest", "crop", "pad-nearest"])
+def test_without_dct_scaling_every_kind_gets_keras_directory_pixels(kinds_tree, options):
+    """dct_scaling=False promises image_dataset_from_directory's pixels (README, "Decoding"):
+    bilinear within 0.75/255 (OpenCV's fixed-point weights: 0.77 measured), nearest equal,
+    on every kind Keras reads, whichever decoder takes it (simplejpeg, OpenCV's PNG, Pillow
+    for GIF, BMP, 16-bit, palette+alpha): alpha dropped as TensorFlow drops it, a GIF's
+    transparent pixels black, 16-bit as its high byte, tiny and wide images, upscaling, and
+    Keras' crop box and padding arithmetic. Images matched by file name (the orders
+    differ)."""
+    src = kinds_tree / "src" / "train"
+    keras_ds = keras.utils.image_dataset_from_directory(src, shuffle=False, batch_size=None, verbose=False,
+                                                        **options)
+    want = {str(Path(p).relative_to(src)): x.numpy() for p, (x, _) in zip(keras_ds.file_paths, keras_ds, strict=True)}
+    ours = image_dataset_from_shards(kinds_tree / "shards", split="train", shuffle=False, batch_size=None,
+                                     dct_scaling=False, verbose=False, **options)
+    names = [name.split("/", 1)[1] for name in ours.shard_reader.filenames]
+    assert sorted(names) == sorted(want)
+    exact = options.get("interpolation") == "nearest"
+    for name, (x, _) in zip(names, ours, strict=True):
+        diff = np.abs(x.numpy() - want[name])
+        assert diff.max() <= (0 if exact else 0.8), (name, diff.max())

@@ -160,6 +160,29 @@ def test_processes_give_the_loader_workers_stream(awkward_shards):
         assert np.array_equal(xt, xw) and np.array_equal(yt, yw)
 
 
+def test_processes_and_loader_workers_draw_the_same_augmentations_on_photos(photo_shards):
+    """The test above reads one-colour images, where a flip does not show: on photos,
+    processes=2 in a loader without workers and 2 loader workers give the same crops and
+    flips, batch for batch (README: "the same batches as N loader workers")."""
+    import numpy as np
+
+    opts = dict(split="train", image_size=(24, 20), batch_size=8, seed=6, random_flip=True,
+                random_crop=(0.3, 0.9), dtype="uint8")
+    want = [(x.numpy(), y.numpy()) for x, y in DataLoader(ShardIterableDataset(photo_shards, **opts),
+                                                          batch_size=None, num_workers=2)]
+    in_processes = ShardIterableDataset(photo_shards, processes=2, **opts)
+    try:
+        got = [(x.numpy().copy(), y.numpy()) for x, y in DataLoader(in_processes, batch_size=None)]
+    finally:
+        in_processes.reader.close()
+    plain = [x.numpy() for x, _ in DataLoader(ShardIterableDataset(
+        photo_shards, **dict(opts, random_flip=False, random_crop=None)), batch_size=None, num_workers=2)]
+    assert not np.array_equal(want[0][0], plain[0])  # the augmentations show on these images
+    assert len(got) == len(want) > 2
+    for (x, y), (xw, yw) in zip(got, want, strict=True):
+        assert np.array_equal(y, yw) and np.array_equal(x, xw)
+
+
 def _resume_from(awkward_shards, state, loader_workers, **options):
     again = ShardIterableDataset(awkward_shards, **OPTIONS, **options)
     again.load_state_dict(state)
