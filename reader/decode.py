@@ -28,7 +28,7 @@ Choices, made once here so every image is treated alike:
   integer IDCT, TensorFlow's default, so pixels are within a few 1/255 of Pillow's (tested).
   Against Keras, which decodes at full size and samples it, the reduced decode averages:
   shrinking 2x or more differs visibly (150x151 to 64x64 bilinear: up to 115/255, 8/255 on
-  average); ``dct_scaling=False`` gives Keras' pixels (bilinear within 0.75/255, nearest
+  average); ``dct_scaling=False`` gives Keras' pixels (bilinear within 0.8/255, nearest
   equal). At 1/2..1/8 scale libjpeg-turbo rounds the decoded size up (301 columns at 1/8
   give 38, of which 37.625 hold the picture); the resize takes the 38 as the whole
   picture, so the far edge shifts by up to ~2.5 source pixels (sampling the true width
@@ -424,7 +424,7 @@ class DecodeOptions:
         dct_scaling: decode JPEGs at the smallest 1/8, 1/4 or 1/2 scale the resize still
             has pixels for (several times cheaper, but visibly off Keras' pixels when
             shrinking 2x or more: see the module notes); False decodes at full size, as
-            Keras does, for its pixels (bilinear within 0.75/255, nearest equal).
+            Keras does, for its pixels (bilinear within 0.8/255, nearest equal).
     """
 
     image_size: tuple[int, int] = (256, 256)

@@ -111,7 +111,7 @@ class ShardReader:
             several times cheaper); the pixels then differ visibly from Keras' where a JPEG
             is shrunk 2x or more (150x151 to 64x64: up to 115/255, 8/255 on average). False
             decodes at full size, as Keras does, for Keras' pixels (bilinear within
-            0.75/255, nearest equal).
+            0.8/255, nearest equal).
         drop_remainder: drop the last, smaller batch of each epoch.
         shuffle_buffer: samples held (still compressed) for shuffling.
         shuffle_buffer_bytes: also cap the buffer at this many compressed bytes (None: no
