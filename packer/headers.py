@@ -152,6 +152,12 @@ def jpeg_orientation(data: bytes) -> int | None:
     return 1 if scan is None else scan.result()
 
 
+# sampling factors (H << 4 | V, each 1-4) and a scan's Huffman table ids (DC << 4 | AC,
+# each 0-3) a decoder takes
+_SAMPLING = bytes(h << 4 | v for h in range(1, 5) for v in range(1, 5))
+_HUFFMAN_IDS = bytes(dc << 4 | ac for dc in range(4) for ac in range(4))
+
+
 def fast_jpeg_info(data: bytes) -> FastInfo | None:
     """Size and orientation of an 8-bit Huffman JPEG, and whether it is complete.
 
@@ -160,11 +166,10 @@ def fast_jpeg_info(data: bytes) -> FastInfo | None:
     reads: a marker out of place before the scan, a frame or scan header whose fields
     disagree with its length or with each other, a quantisation table the frame names but
     nothing defines, a table's class or id out of range. An end marker alone said nothing
-    about those, and such files were packed though no reader decodes them (a fuzzed
-    corpus: 232 of 281 such files now go to Pillow, which refuses them). The checks are
-    byte tests done in C where they can be (``bytes.strip`` of the allowed values leaves
-    nothing): 6.7 µs per photo of the bench's kind instead of 5.2. Huffman tables are not
-    counted through (that caught the other 49 for 1.4 µs more per photo).
+    about those, and such files were packed though no reader decodes them. The rules are
+    deliberately strict where no encoder goes (an empty DQT, a table defined between
+    scans): such a file costs Pillow's decode, never its place. Huffman tables are not
+    counted through (docs/SPEED.md, "The packer": what each rule catches and costs).
     """
     if not data.startswith(JPEG_SIGNATURE):
         return None
@@ -192,7 +197,8 @@ def fast_jpeg_info(data: bytes) -> FastInfo | None:
                 return None  # orientation only Pillow can read
             count = data[pos + 4] if length > 2 else 0
             end = pos + 5 + 2 * count  # each component: its id, then its Huffman tables
-            if (length != 6 + 2 * count or not 1 <= count <= 4 or data[pos + 5 : end : 2].strip(ids)
+            if (length != 6 + 2 * count or not 1 <= count <= 4
+                    or data[pos + 5 : end : 2].strip(ids)
                     or data[pos + 6 : end : 2].strip(_HUFFMAN_IDS) or tables.strip(defined)
                     or (progressive and not _spectral_ok(data[end : end + 3]))):
                 return None
@@ -209,19 +215,14 @@ def fast_jpeg_info(data: bytes) -> FastInfo | None:
             ids, tables = data[pos + 10 : end : 3], data[pos + 12 : end : 3]
             if (precision != 8 or height == 0 or width == 0 or count not in (1, 3, 4)
                     or length != 8 + 3 * count or data[pos + 11 : end : 3].strip(_SAMPLING)
-                    or tables.strip(b"\0\1\2\3") or len(set(ids)) != count):
-                return None
+                    or tables.strip(b"\0\1\2\3")):
+                return None  # (repeated component ids are left to libjpeg, which takes them)
             frame = (width, height)
             progressive = marker == 0xC2
         elif marker not in _PLAIN_SEGMENTS:
             return None
     return None
 
-
-# sampling factors (H << 4 | V, each 1-4) and a scan's Huffman table ids (DC << 4 | AC,
-# each 0-3) a decoder takes
-_SAMPLING = bytes(h << 4 | v for h in range(1, 5) for v in range(1, 5))
-_HUFFMAN_IDS = bytes(dc << 4 | ac for dc in range(4) for ac in range(4))
 
 
 def _dqt_tables(data: bytes, pos: int, length: int) -> bytes:
@@ -241,7 +242,8 @@ def _spectral_ok(selection: bytes) -> bool:
     """A progressive scan's spectral selection and successive approximation: DC alone or
     a band of AC, bit positions up to 13 (libjpeg only warns about a sequential one's)."""
     start, stop, approx = selection
-    return stop <= 63 and start <= stop and (start == 0) == (stop == 0) and max(divmod(approx, 16)) <= 13
+    return (stop <= 63 and start <= stop and (start == 0) == (stop == 0)
+            and max(divmod(approx, 16)) <= 13)
 
 
 def signature_kind(data: bytes) -> str | None:
@@ -330,7 +332,8 @@ def png_is_plain(data: bytes, *, animation_ok: bool = False) -> bool:
     for kind, pos, end in _png_chunks(data):
         if end > len(data) or kind in refused:
             return False
-        if kind in _PNG_HEADER_CHUNKS and zlib.crc32(data[pos + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
+        if kind in _PNG_HEADER_CHUNKS and (zlib.crc32(data[pos + 4 : end - 4])
+                                           != int.from_bytes(data[end - 4 : end], "big")):
             return False  # a damaged header or palette, which Pillow and libpng both refuse
         if kind == b"IDAT":
             if state == after:

@@ -102,21 +102,27 @@ def to_8bit(im: Image.Image) -> Image.Image:
     return im
 
 
-def gif_transparent_black(im: Image.Image) -> None:
-    """Make a loaded GIF frame's transparent palette entry black, in place.
+def gif_transparent_black(im: Image.Image) -> Image.Image:
+    """A loaded GIF frame with its transparent pixels black (a palette frame's transparent
+    entry is made black in place; a grey one, which Pillow opens as L when the palette is a
+    grey ramp, comes back as LA, those pixels 0 and transparent).
 
     TensorFlow's GIF decoder (and so Keras) writes (0, 0, 0) for transparent pixels,
     whatever colour the palette holds there; Pillow keeps the palette colour. The reader
-    decodes GIFs so, and ``--resize`` stores them so: its RGBA PNG keeps the colour under
+    decodes GIFs so, and ``--resize`` stores them so: its PNG keeps the colour under
     alpha 0, which a reader in ``rgb`` mode shows (it drops alpha, as TensorFlow does).
     """
     index = im.info.get("transparency")
-    if im.mode != "P" or not isinstance(index, int):
-        return
-    palette = im.getpalette()
+    if not isinstance(index, int):
+        return im
+    if im.mode == "L":
+        shown = im.point(lambda v: 0 if v == index else v)
+        return Image.merge("LA", (shown, im.point(lambda v: 0 if v == index else 255)))
+    palette = im.getpalette() if im.mode == "P" else None
     if palette is not None and 3 * index + 3 <= len(palette):
         palette[3 * index : 3 * index + 3] = (0, 0, 0)
         im.putpalette(palette)
+    return im
 
 
 # How far above the target size the JPEG decoder may stop shrinking by DCT scaling before
@@ -160,7 +166,7 @@ def transform_image(im: Image.Image, spec: ResizeSpec, source: bytes | None = No
     """
     as_it_came = source is not None and im.format == "JPEG" and im.mode in ("L", "RGB")
     if im.format == "GIF":
-        gif_transparent_black(im)  # the pixels the reader (and Keras) shows the original with
+        im = gif_transparent_black(im)  # the pixels the reader (and Keras) shows the original with
     im = ImageOps.exif_transpose(to_8bit(im))
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
     if has_alpha:

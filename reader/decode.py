@@ -642,7 +642,7 @@ def _load_pillow(
     out = ImageOps.exif_transpose(im) if orientation != 1 else im
     out.load()
     if im.format == "GIF":
-        gif_transparent_black(out)
+        out = gif_transparent_black(out)
     arr = np.asarray(to_color_mode(out, options.color_mode))
     return (arr[:, :, None] if arr.ndim == 2 else arr), box
 

@@ -169,7 +169,8 @@ def _damaged_jpegs() -> dict[str, bytes]:
     sos_length = int.from_bytes(data[sos + 2 : sos + 4], "big")
     progressive, _ = _jpeg(4, progressive=True)
     first_scan = _segment(progressive, 0xDA)
-    first_scan_end = first_scan + 2 + int.from_bytes(progressive[first_scan + 2 : first_scan + 4], "big")
+    first_scan_length = int.from_bytes(progressive[first_scan + 2 : first_scan + 4], "big")
+    first_scan_end = first_scan + 2 + first_scan_length
     return {
         "scan-header-length": _patched(data, sos + 2, (sos_length + 2).to_bytes(2, "big")),
         "end-marker-before-the-scan": _patched(data, dht + 1, b"\xd9"),  # FF C4 -> FF D9
@@ -240,3 +241,78 @@ def test_a_jpeg_ending_in_an_empty_segment_is_a_clean_skip(marker, where):
     assert fast_jpeg_info(damaged) is None
     probe = probe_bytes(damaged)
     assert probe.is_image and not probe.ok and probe.reason
+
+
+def _split_jpeg(data: bytes) -> tuple[list[bytes], bytes]:
+    """A JPEG's marker segments up to and including its first scan header, and the rest."""
+    segments, at = [], 2
+    while True:
+        end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        segments.append(data[at:end])
+        if data[at + 1] == 0xDA:
+            return segments, data[end:]
+        at = end
+
+
+def _encoder_layouts() -> dict[str, bytes]:
+    """Header layouts that cameras and other encoders write and Pillow's libjpeg never does,
+    each one a JPEG every decoder reads: several tables in one DQT or DHT segment
+    (Photoshop, most cameras), tables after the frame header, fill bytes before markers,
+    16-bit quantisation tables, component ids counted from 0 or spelled 'R', 'G', 'B', and
+    thumbnails inside APP segments (JFIF, EXIF, MPF)."""
+    data, im = _jpeg(6)
+    segments, rest = _split_jpeg(data)
+    kind = [s[1] for s in segments]
+    dqt = [s for s in segments if s[1] == 0xDB]
+    dht = [s for s in segments if s[1] == 0xC4]
+    others = [s for s in segments if s[1] not in (0xDB, 0xC4)]
+    sof = kind.index(0xC0)
+
+    def segment(marker: int, body: bytes) -> bytes:
+        return bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + body
+
+    def jpeg(parts: list[bytes]) -> bytes:
+        return b"\xff\xd8" + b"".join(parts) + rest
+
+    def renumbered(ids: bytes) -> bytes:
+        parts = []
+        for s in segments:
+            s = bytearray(s)
+            for i, new in enumerate(ids):
+                if s[1] == 0xC0:
+                    s[10 + 3 * i] = new
+                elif s[1] == 0xDA:
+                    s[5 + 2 * i] = new
+            parts.append(bytes(s))
+        return jpeg(parts)
+
+    one_dqt = segment(0xDB, b"".join(s[4:] for s in dqt))
+    one_dht = segment(0xC4, b"".join(s[4:] for s in dht))
+    at_frame = next(i for i, s in enumerate(others) if s[1] == 0xC0)
+    thumb, _ = _jpeg(7)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", qtables=[[300] * 64, [400] * 64])  # too coarse for 8 bits
+    return {
+        "one-DQT-one-DHT": jpeg(others[:at_frame] + [one_dqt, one_dht] + others[at_frame:]),
+        "tables-after-the-frame": jpeg(others[: at_frame + 1] + dqt + dht + others[at_frame + 1 :]),
+        "fill-bytes": b"\xff\xd8" + b"".join(b"\xff\xff" + s for s in segments) + rest,
+        "16-bit-DQT": buf.getvalue(),
+        "ids-from-0": renumbered(b"\0\1\2"),
+        "ids-RGB": renumbered(b"RGB"),
+        "thumbnails": jpeg(segments[:1] + [segment(0xE1, b"Exif\0\0MM\0*\0\0\0\x08\0\0" + thumb),
+                                          segment(0xE2, b"MPF\0" + thumb)] + segments[1:]),
+        "DRI-and-COM-after-the-frame": jpeg(
+            segments[: sof + 1] + [segment(0xDD, b"\0\0"), segment(0xFE, b"x")] + segments[sof + 1 :]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_encoder_layouts()))
+def test_encoder_layouts_keep_the_fast_path(name):
+    """The header rules must not send these ordinary files to Pillow: a data set of them
+    would pack at Pillow's speed (Pillow's own JPEGs, above, never take these paths)."""
+    data = _encoder_layouts()[name]
+    with Image.open(io.BytesIO(data)) as ref:  # the premise: a JPEG every decoder reads
+        ref.load()
+        size = ref.size
+    info = fast_jpeg_info(data)
+    assert info is not None and info.complete and (info.width, info.height) == size

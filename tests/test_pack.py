@@ -180,27 +180,39 @@ def test_resize_keeps_the_colour_under_transparent_pixels(tmp_path):
 
 @pytest.mark.parametrize("resize,size", [(None, (40, 40)), (256, (40, 40)), ("40x40", (40, 40)),
                                          ("20x20", (20, 20))])
-def test_resize_keeps_a_gifs_transparent_pixels_black(tmp_path, resize, size):
+@pytest.mark.parametrize("palette", ["colour", "grey"])
+def test_resize_keeps_a_gifs_transparent_pixels_black(tmp_path, resize, size, palette):
     """The reader shows a GIF's transparent pixels black, as TensorFlow's GIF decoder (and
     so Keras) does, whatever colour the palette holds there. --resize stores a transparent
     GIF as an RGBA PNG, whose colour under alpha 0 a reader in rgb mode shows: it was the
     palette's (green here, 200/255 off), so resized shards trained on other pixels than
-    the originals; it is black now, whether the GIF is resized (20x20) or only re-encoded."""
+    the originals; it is black now, whether the GIF is resized (20x20) or only re-encoded.
+    A grey-ramp palette, which Pillow opens as L, too (the reader showed its grey)."""
     from reader import ShardReader
 
-    im = Image.new("P", (40, 40), 1)
-    im.paste(2, (0, 0, 20, 40))  # left half opaque red, right half the transparent index
-    im.putpalette([0, 0, 0, 10, 200, 10, 250, 40, 40] + [0] * 759)
     (tmp_path / "src" / "train" / "a").mkdir(parents=True)
-    im.save(tmp_path / "src" / "train" / "a" / "half.gif", transparency=1)
+    if palette == "colour":
+        im = Image.new("P", (40, 40), 1)
+        im.paste(2, (0, 0, 20, 40))  # left half opaque red, right half the transparent index
+        im.putpalette([0, 0, 0, 10, 200, 10, 250, 40, 40] + [0] * 759)
+        im.save(tmp_path / "src" / "train" / "a" / "half.gif", transparency=1)
+        left = [250, 40, 40]
+    else:
+        grey = np.full((40, 40), 200, np.uint8)
+        grey[:, :20] = 50  # left half opaque grey 50, right half the transparent grey 200
+        Image.fromarray(grey, "L").save(tmp_path / "src" / "train" / "a" / "half.gif", transparency=200,
+                                        optimize=False)
+        with Image.open(tmp_path / "src" / "train" / "a" / "half.gif") as opened:
+            opened.load()
+            assert opened.mode == "L"  # the premise: Pillow loads a grey-ramp GIF as L
+        left = [50, 50, 50]
     pack(tmp_path / "src", tmp_path / "out", workers=1, quiet=True, resize=resize)
     reader = ShardReader(tmp_path / "out", split="train", image_size=size, batch_size=1, shuffle=False,
                          interpolation="nearest", dtype="uint8")
     x = next(iter(reader))[0][0]
     half = size[1] // 2
     inside = slice(0, half - 2), slice(half + 2, None)  # LANCZOS blends the halves at the edge
-    red = np.array([250, 40, 40], np.int16)
-    assert np.abs(x[:, inside[0]].astype(np.int16) - red).max() <= 3  # LANCZOS rings a little
+    assert np.abs(x[:, inside[0]].astype(np.int16) - np.array(left, np.int16)).max() <= 3  # LANCZOS rings a little
     assert x[:, inside[1]].max() <= 3
 
 
