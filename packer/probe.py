@@ -158,8 +158,8 @@ def _probe_fast(
     if info.width * info.height > max_pixels:
         return Probe(False, True, _bomb_reason(info.width, info.height, max_pixels), source_digest=source_digest)
     if not info.complete:
-        name = "JPEG (no end-of-image marker after the last scan)" if info.ext == "jpg" else "PNG (no IEND chunk)"
-        return Probe(False, True, f"truncated {name}", source_digest=source_digest)
+        return Probe(False, True, "truncated JPEG (no end-of-image marker after the last scan)",
+                     source_digest=source_digest)
     w, h = info.width, info.height
     if info.orientation in _ROTATED_ORIENTATIONS:
         w, h = h, w

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import random
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -71,13 +72,16 @@ def test_trailing_bytes_after_eoi_are_fine():
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16"])
 def test_png_size_and_truncation(mode):
-    im = Image.new(mode, (37, 21))
+    im = Image.fromarray((np.arange(37 * 21 * 3) * 7919 % 251).astype(np.uint8).reshape(21, 37, 3)).convert(mode)
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     data = buf.getvalue()
     info = fast_png_info(data)
     assert info is not None and (info.width, info.height) == (37, 21) and info.complete
-    assert not probe_bytes(data[:-20]).ok
+    cut = data[: data.index(b"IDAT") + 4 + 100]  # inside the pixel data
+    assert fast_png_info(cut) is None  # Pillow decides ...
+    probe = probe_bytes(cut)
+    assert not probe.ok and probe.reason.startswith("truncated PNG")  # ... and refuses it
 
 
 def test_unusual_jpeg_falls_back_to_pillow():
@@ -123,8 +127,10 @@ def test_png_chunk_walk_answers_what_it_can():
     plain = image_bytes(frames[0], "PNG")
     assert fast_png_info(plain + b"camera trailer") is None  # Pillow decides, and takes it
     assert probe_bytes(plain + b"camera trailer").ok
-    cut = fast_png_info(plain[:-12])
-    assert cut is not None and not cut.complete and not probe_bytes(plain[:-12]).ok
+    # cut by its IEND chunk alone, every pixel there: Pillow decides, and takes it (as the
+    # reader does, with the whole file's pixels), as it takes a cut inside IEND
+    assert fast_png_info(plain[:-12]) is None and probe_bytes(plain[:-12]).ok
+    assert fast_png_info(plain[:-4]) is None and probe_bytes(plain[:-4]).ok
 
 
 @pytest.mark.parametrize(("at", "value"), [(24, 7), (25, 5), (27, 1), (28, 2)],
