@@ -18,6 +18,14 @@ def _ids(batches) -> list[list[int]]:
     return [sample_ids(x) for x, _y in batches]
 
 
+def _state_after(reader: ShardReader, batches: int) -> dict:
+    """The reader's state once ``batches`` batches of its epoch have been taken."""
+    it = iter(reader)
+    for _ in range(batches):
+        next(it)
+    return reader.state_dict()
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(awkward_shards):
     """Epochs 0 and 1 of a seeded shuffled reader, batch by batch."""
@@ -103,10 +111,7 @@ def test_resume_gives_the_same_random_crops_and_flips_on_photos(photo_shards, pr
     plain = [x for x, _y in ShardReader(photo_shards, **dict(options, random_flip=False, random_crop=None))]
     assert not np.array_equal(whole[4][0], plain[4])  # the augmentations show on these images
     r = ShardReader(photo_shards, **options)
-    it = iter(r)
-    for _ in range(4):
-        next(it)
-    state = r.state_dict()
+    state = _state_after(r, 4)
     restarted = ShardReader(photo_shards, **options)
     restarted.load_state_dict(state)
     rest = [(x.copy(), y.copy()) for x, y in restarted]
@@ -314,11 +319,7 @@ def test_resume_after_failed_samples_sees_the_batches_that_came_next(failing_sha
 
 
 def test_failed_before_is_kept_until_the_epoch_is_read_and_validated(failing_shards):
-    r = ShardReader(failing_shards, **FAILING)
-    it = iter(r)
-    for _ in range(5):
-        next(it)
-    state = r.state_dict()
+    state = _state_after(ShardReader(failing_shards, **FAILING), 5)
     loaded = ShardReader(failing_shards, **FAILING)
     loaded.load_state_dict(state)
     assert loaded.state_dict() == state  # saved again before reading: the same position
@@ -342,11 +343,8 @@ def test_a_state_counted_behind_the_reader_names_the_failures_before_its_own_pos
     list(ahead)  # all of epoch 0
     next(iter(ahead))  # and the start of epoch 1
     for k in (2, 9, 20):
-        behind = ShardReader(failing_shards, **FAILING)
-        it = iter(behind)
-        for _ in range(k):
-            next(it)
-        assert make_state(ahead, epoch=0, batches=k) == behind.state_dict()
+        behind = _state_after(ShardReader(failing_shards, **FAILING), k)
+        assert make_state(ahead, epoch=0, batches=k) == behind
 
 
 def test_failed_samples_are_the_saving_ranks_own(failing_shards):
@@ -354,11 +352,7 @@ def test_failed_samples_are_the_saving_ranks_own(failing_shards):
     state another rank saved moves it by whole batches only (as every rank did before)."""
     options = dict(FAILING, rank=1, world_size=2, shuffle=False)
     whole = _ids(ShardReader(failing_shards, **options))
-    r = ShardReader(failing_shards, **options)
-    it = iter(r)
-    for _ in range(4):
-        next(it)
-    state = r.state_dict()
+    state = _state_after(ShardReader(failing_shards, **options), 4)
     assert any(state["failed_before"])
     own = ShardReader(failing_shards, **options)
     own.load_state_dict(state)
@@ -397,11 +391,7 @@ def test_resume_where_failed_samples_made_the_turns_of_decode_processes_uneven(b
 def test_a_loaded_state_is_what_state_dict_gives_until_the_epoch_is_read(failing_shards):
     """What this reader read before (the same epoch under another seed, or an epoch left
     early) says nothing about a loaded position."""
-    saver = ShardReader(failing_shards, **FAILING)
-    it = iter(saver)
-    for _ in range(12):
-        next(it)
-    state = saver.state_dict()
+    state = _state_after(ShardReader(failing_shards, **FAILING), 12)
     reader = ShardReader(failing_shards, **dict(FAILING, seed=99))
     list(reader)  # all of epoch 0, another order
     left = iter(reader)
@@ -418,11 +408,7 @@ def test_an_early_starting_shuffle_resumes_and_its_states_are_told_apart(awkward
     whole = _ids(ShardReader(awkward_shards, seed=3, **options))
     assert whole != _ids(ShardReader(awkward_shards, seed=3, **OPTIONS))
     assert sorted(sum(whole, [])) == sorted(sum(_ids(ShardReader(awkward_shards, seed=3, **OPTIONS)), []))
-    first = ShardReader(awkward_shards, seed=3, **options)
-    it = iter(first)
-    for _ in range(5):
-        next(it)
-    state = json.loads(json.dumps(first.state_dict()))
+    state = json.loads(json.dumps(_state_after(ShardReader(awkward_shards, seed=3, **options), 5)))
     assert state["version"] == 2  # shardpack before shuffle_initial refuses it, rather than resume it wrongly
     assert ShardReader(awkward_shards, seed=3, **OPTIONS).state_dict()["version"] == 1  # as before
     restarted = ShardReader(awkward_shards, **options)
