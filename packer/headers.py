@@ -225,7 +225,6 @@ def fast_jpeg_info(data: bytes) -> FastInfo | None:
     return None
 
 
-
 def _dqt_tables(data: bytes, pos: int, length: int) -> bytes:
     """The ids of the tables a DQT segment defines (8- or 16-bit, id 0-3); empty when its
     tables do not fill it."""
