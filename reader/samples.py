@@ -113,17 +113,27 @@ _HEADER = struct.Struct("100s24x12s12x8sc100x6s82x155s12x")
 
 
 def _pax_path(data: bytes) -> str | None:
+    """The ``path`` of pax records (``"LENGTH key=value\\n"``, LENGTH counting the whole record).
+
+    Raises:
+        ValueError: a record whose length is not a number, does not reach past its own
+            length field or runs past the data, or a path that is not UTF-8 (a damaged
+            header: a length of 0 would otherwise never move on).
+    """
     path = None
     pos = 0
     while pos < len(data):
         space = data.find(b" ", pos)
         if space < 0:
             break
-        length = int(data[pos:space])
+        digits = data[pos:space]
+        length = int(digits) if digits.isdigit() else -1
+        if length <= space - pos or pos + length > len(data):
+            raise ValueError(f"bad pax record length {digits[:20]!r} at byte {pos}")
         record = data[space + 1 : pos + length - 1]
         key, _, value = record.partition(b"=")
         if key == b"path":
-            path = value.decode("utf-8")
+            path = value.decode("utf-8")  # UnicodeDecodeError is a ValueError
         pos += length
     return path
 
@@ -198,7 +208,14 @@ def tar_members(
             if kind == b"L":
                 long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
             else:
-                long_name = _pax_path(data) or long_name
+                try:
+                    long_name = _pax_path(data) or long_name
+                except ValueError as exc:
+                    raise ShardReadError(
+                        f"corrupted pax header ({exc}); the shard is damaged, re-pack or re-upload it",
+                        shard=shard,
+                        offset=offset,
+                    ) from exc
             _raise_after_member(failed, member, pad, padded - size, shard, data_offset + size)
             offset = data_offset + padded
             continue
@@ -318,6 +335,14 @@ def group_samples(members: Iterable[Member], *, shard: str) -> Iterator[Sample]:
                 if current is not None:
                     yield current
                 current = {"__key__": key, "__shard__": shard, "__offset__": member.offset}
+            elif ext in current:  # one key written twice in a row: whose label goes with which image?
+                raise ShardReadError(
+                    f"member {member.name!r} appears twice in one sample (a duplicate key); "
+                    "the shard is damaged or was not written by one writer, re-pack it",
+                    shard=shard,
+                    offset=member.offset,
+                    key=key,
+                )
             current[ext] = member.data
     except ShardReadError as exc:
         if current is not None and exc.key is not None and exc.key != current["__key__"]:

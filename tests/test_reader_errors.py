@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from packer.errors import SampleDecodeError
+from packer.errors import SampleDecodeError, ShardReadError
 from reader import ShardReader
 
 
@@ -343,3 +343,53 @@ def test_a_label_outside_the_manifest_classes_is_a_shard_error(shards_with_a_for
     with pytest.warns(RuntimeWarning, match="label 2 is outside"):
         list(skipping)
     assert skipping.policy.skipped_shards >= 1 and skipping.policy.skipped_samples == 0
+
+
+# ---- damaged tar structure in manifest-less shards (no sha256 to catch it first) ----------
+
+
+def _tar(members: list[tuple[str, bytes]], *, pax_before: int | None = None, pax: bytes = b"") -> bytes:
+    """A USTAR tar of ``members``; with ``pax_before``, a raw pax header holding ``pax`` is put
+    in front of that member (tarfile writes only well-formed ones)."""
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for n, (name, data) in enumerate(members):
+            if n == pax_before:
+                header = tarfile.TarInfo("././@PaxHeader")
+                header.size, header.type = len(pax), tarfile.XHDTYPE
+                raw = bytearray(header.tobuf(tarfile.USTAR_FORMAT))
+                out.write(bytes(raw) + pax + bytes(-len(pax) % 512))
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("record", [b"0 path=x\n", b"abc path=x\n", b"20 path=\xff\xfe.png\n", b"999 path=y\n"])
+def test_a_damaged_pax_header_is_a_shard_error_not_a_hang(tmp_path, record):
+    """A pax record of length 0 never moved the parser on (the reader hung for ever); a
+    length that is no number or a path that is no UTF-8 escaped as ValueError or
+    UnicodeDecodeError."""
+    path = tmp_path / "p-000000.tar"
+    path.write_bytes(_tar([("a.png", _png(1)), ("a.cls", b"0"), ("b.png", _png(2)), ("b.cls", b"1")],
+                          pax_before=2, pax=record))
+    reader = ShardReader(str(path), num_classes=2, image_size=4, batch_size=8, shuffle=False)
+    with pytest.raises(ShardReadError, match=r"p-000000\.tar.*corrupted pax header"):
+        list(reader)
+    skipping = ShardReader(str(path), num_classes=2, image_size=4, batch_size=8, shuffle=False,
+                           on_shard_error="ignore")
+    assert sum(len(y) for _, y in skipping) <= 1  # at most the sample before the damage
+    assert skipping.policy.skipped_shards == 1
+
+
+def test_a_key_written_twice_in_a_row_is_a_shard_error_not_a_wrong_label(tmp_path):
+    """Two adjacent samples with one key were merged, the second's .cls overwriting the
+    first's: the first's PNG was yielded with the second's label."""
+    path = tmp_path / "d-000000.tar"
+    path.write_bytes(_tar([("a.png", _png(1)), ("a.cls", b"0"), ("a.jpg", b"\xff\xd8 another image"),
+                           ("a.cls", b"1"), ("b.png", _png(2)), ("b.cls", b"1")]))
+    reader = ShardReader(str(path), num_classes=2, image_size=4, batch_size=8, shuffle=False)
+    with pytest.raises(ShardReadError, match=r"sample a.*'a\.cls' appears twice"):
+        list(reader)
