@@ -32,9 +32,8 @@ from .plan import TAR_BLOCK
 from .spool import SPOOL_NAME
 from .write import ShardResult, hash_file, ustar_header
 
-__all__ = ["JOURNAL_NAME", "Journal", "check_output", "previous_results", "keepable", "remove_stale",
-           "refuse_other_format_version",
-           "written_by_shardpack"]
+__all__ = ["JOURNAL_NAME", "Journal", "check_output", "previous_results", "keepable", "read_manifest",
+           "remove_stale", "refuse_other_format_version", "written_by_shardpack"]
 
 JOURNAL_TEMP_NAME = f"{JOURNAL_NAME}.partial"
 
@@ -53,7 +52,8 @@ def _read_json_lines(path: str) -> list[dict[str, Any]]:
     return records
 
 
-def _read_manifest(out_dir: str) -> dict[str, Any] | None:
+def read_manifest(out_dir: str) -> dict[str, Any] | None:
+    """OUT's manifest as a dict; None when there is none or it is not valid JSON."""
     try:
         with open(os.path.join(out_dir, MANIFEST_NAME), encoding="utf-8") as f:
             return json.load(f)
@@ -72,7 +72,7 @@ def check_output(out_dir: str, options: dict[str, Any], *, overwrite: bool) -> N
     ours = (".shardpack-workers-check", SPOOL_NAME, JOURNAL_TEMP_NAME, LOCK_NAME)
     if not [name for name in os.listdir(out_dir) if name not in ours]:
         return
-    manifest = _read_manifest(out_dir)
+    manifest = read_manifest(out_dir)
     refuse_other_format_version(out_dir, manifest)
     journal = _read_json_lines(os.path.join(out_dir, JOURNAL_NAME))
     previous = (manifest or {}).get("options") or (journal[0].get("options") if journal else None)
@@ -116,7 +116,7 @@ def refuse_other_format_version(out_dir: str, manifest: Any) -> None:
 def previous_results(out_dir: str) -> dict[str, dict[str, Any]]:
     """Shard records from an earlier run: the journal (crashed run) and the manifest."""
     records: dict[str, dict[str, Any]] = {}
-    for entry in shard_entries(_read_manifest(out_dir)):
+    for entry in shard_entries(read_manifest(out_dir)):
         records[entry["name"]] = entry
     for entry in _read_json_lines(os.path.join(out_dir, JOURNAL_NAME))[1:]:
         if isinstance(entry, dict) and isinstance(entry.get("name"), str):  # a torn or foreign line: no hint

@@ -19,10 +19,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .errors import PackError
-from .format import MANIFEST_NAME
+from .format import MANIFEST_NAME, shard_entries
 from .plan import PlannedShard
 from .progress import Progress as tqdm
-from .resume import Journal, keepable, previous_results, remove_stale
+from .resume import Journal, keepable, previous_results, read_manifest, remove_stale
 from .transform import ResizeSpec
 from .write import ShardResult, _os_error_message, fsync_file, write_shard
 
@@ -113,11 +113,28 @@ class WriteSession:
         """Wait until every shard is on disk; remove shard files the plan does not name."""
         for future in self._syncing:
             future.result()
-        self._open()  # the old manifest may name shards that are about to be removed
+        if not self._manifest_still_true():
+            self._open()  # the old manifest names shards that are about to be removed
         known = set(self._previous)
         removed = remove_stale(self.out_dir, keep=set(self.results), known=known)
         _report_removed(removed, known)
         return self.results
+
+    def _manifest_still_true(self) -> bool:
+        """Whether OUT's published manifest names only shards this run keeps, byte for byte
+        (a re-run that changed nothing): then it stays up until the new one replaces it,
+        as ``_open`` promises, instead of leaving a reader none meanwhile (or for good, if
+        the re-run is stopped before its manifest is written)."""
+        if self._journal is not None:
+            return False  # taken down already
+        manifest = read_manifest(self.out_dir)
+        if manifest is None:
+            return False
+        for entry in shard_entries(manifest):
+            kept = self.results.get(entry["name"])
+            if kept is None or (kept.sha256, kept.bytes) != (entry.get("sha256"), entry.get("bytes")):
+                return False
+        return True
 
     def _open(self) -> None:
         """Before OUT changes: take the old manifest down and start a new journal.

@@ -526,3 +526,29 @@ def test_a_killed_holder_leaves_no_stale_lock(src, clean, tmp_path):
     holder.wait()
     assert (out / ".shardpack.lock").exists()  # the file stays; the lock does not
     assert _shas(pack(src, out, **OPTS)) == _shas(clean[1])
+
+
+def test_rerun_of_a_finished_pack_stopped_before_its_manifest_leaves_it_published(src, clean, tmp_path,
+                                                                                   monkeypatch):
+    """A re-run that changes no shard never takes the published manifest down: stopped
+    just before it writes its own (every shard checked and kept), OUT is as it was. It used
+    to be deleted at the end of every re-run, so a reader found none meanwhile and a
+    re-run stopped there left a complete output unpublished."""
+    import shutil
+
+    import packer.job as job
+
+    out = tmp_path / "out"
+    shutil.copytree(clean[0], out)
+    before = (out / MANIFEST_NAME).read_bytes()
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "write_manifest_atomically", stop)
+    with pytest.raises(KeyboardInterrupt):
+        pack(src, out, **OPTS)
+    assert (out / MANIFEST_NAME).read_bytes() == before
+    monkeypatch.undo()
+    assert _shas(pack(src, out, **OPTS)) == _shas(clean[1])
+    assert not (out / JOURNAL_NAME).exists()
