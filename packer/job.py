@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -149,13 +149,14 @@ def pack(
     if is_remote(out_str):
         from .remote_out import pack_to_url
 
-        return pack_to_url(
-            src, out_str, storage_options=storage_options, max_count=max_count,
-            max_size=max_size, workers=workers, seed=seed, resize=resize, quality=quality,
-            validation_split=validation_split, layout=layout, follow_links=follow_links,
-            validate=validate, max_pixels=max_pixels, engine=engine, scheduler=scheduler,
-            overwrite=overwrite, quiet=quiet,
-        )
+        with a_dead_worker_is_a_pack_error():
+            return pack_to_url(
+                src, out_str, storage_options=storage_options, max_count=max_count,
+                max_size=max_size, workers=workers, seed=seed, resize=resize, quality=quality,
+                validation_split=validation_split, layout=layout, follow_links=follow_links,
+                validate=validate, max_pixels=max_pixels, engine=engine, scheduler=scheduler,
+                overwrite=overwrite, quiet=quiet,
+            )
     out_dir = out_str.removeprefix("file://")
     refuse_out_over_src(src, out_dir)
     options = normalize_options(
@@ -171,7 +172,7 @@ def pack(
         pool, run, check_workers = job_engine(stack, engine, workers=workers, scheduler=scheduler)
         if engine == "local":
             pool.start()
-        try:
+        with a_dead_worker_is_a_pack_error():
             return _pack_with(
                 src, out_dir, options, resize_spec=resize_spec, quiet=quiet, run=run,
                 probe_chunk=probe_chunk_size(engine, resize=resize_spec, validate=validate),
@@ -179,12 +180,21 @@ def pack(
                 check_workers=check_workers, sync_in_writer=engine != "local", durable=fsync,
                 fed=_fed_runner(workers, pool) if engine == "local" else None,
             )
-        except BrokenProcessPool as exc:
-            raise PackError(
-                "a worker process of the pack died (killed, or out of memory: fewer --workers "
-                "use less); re-run the same command to resume"
-            ) from exc
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def a_dead_worker_is_a_pack_error() -> Iterator[None]:
+    """A pool worker killed mid-pack (the OOM killer) ends the pack with a PackError that
+    says what happened and that a re-run resumes, not a BrokenProcessPool traceback; to a
+    local OUT and to a URL alike."""
+    try:
+        yield
+    except BrokenProcessPool as exc:
+        raise PackError(
+            "a worker process of the pack died (killed, or out of memory: fewer --workers "
+            "use less); re-run the same command to resume"
+        ) from exc
 
 
 def probe_chunk_size(engine: str, *, resize: ResizeSpec | None, validate: str) -> int:

@@ -713,3 +713,20 @@ def test_an_upload_survives_a_server_error_on_a_put(s3, photo_shards):
         proxy.stop()
     assert summary["uploaded"] == len(_shard_names(photo_shards))
     assert any(r.fault == "500" for r in proxy.log)
+
+
+def test_a_worker_process_that_dies_in_a_pack_to_a_url_is_a_pack_error(tmp_path, monkeypatch):
+    """As for a local OUT (test_pack.py): a pool worker that died while packing to object
+    storage ended in a BrokenProcessPool traceback; it is a PackError saying to re-run."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    import packer.remote_out as remote_out
+    from packer import pack
+    from packer.errors import PackError
+
+    def a_worker_died(*args, **kwargs):
+        raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+
+    monkeypatch.setattr(remote_out, "pack_to_url", a_worker_died)
+    with pytest.raises(PackError, match="a worker process of the pack died.*re-run the same command"):
+        pack(tmp_path / "src", "s3://bucket/prefix", quiet=True)
