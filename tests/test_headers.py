@@ -151,17 +151,27 @@ def test_png_header_no_decoder_takes_is_refused_by_the_structure_check(at, value
     assert not probe_bytes(bytes(data)).ok
 
 
+def _split_jpeg(data: bytes) -> tuple[list[bytes], bytes]:
+    """A JPEG's marker segments up to and including its first scan header, and the rest."""
+    segments, at = [], 2
+    while True:
+        end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        segments.append(data[at:end])
+        if data[at + 1] == 0xDA:
+            return segments, data[end:]
+        at = end
+
+
 def _segment(data: bytes, marker: int, nth: int = 0) -> int:
     """Offset of the ``nth`` marker segment ``FF marker`` before the first scan."""
     at = 2
-    while True:
-        if data[at + 1] == marker:
+    for segment in _split_jpeg(data)[0]:
+        if segment[1] == marker:
             if nth == 0:
                 return at
             nth -= 1
-        if data[at + 1] == 0xDA:
-            raise ValueError(f"no segment FF {marker:02X}")
-        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        at += len(segment)
+    raise ValueError(f"no segment FF {marker:02X}")
 
 
 def _patched(data: bytes, at: int, new: bytes) -> bytes:
@@ -247,17 +257,6 @@ def test_a_jpeg_ending_in_an_empty_segment_is_a_clean_skip(marker, where):
     assert fast_jpeg_info(damaged) is None
     probe = probe_bytes(damaged)
     assert probe.is_image and not probe.ok and probe.reason
-
-
-def _split_jpeg(data: bytes) -> tuple[list[bytes], bytes]:
-    """A JPEG's marker segments up to and including its first scan header, and the rest."""
-    segments, at = [], 2
-    while True:
-        end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
-        segments.append(data[at:end])
-        if data[at + 1] == 0xDA:
-            return segments, data[end:]
-        at = end
 
 
 def _encoder_layouts() -> dict[str, bytes]:

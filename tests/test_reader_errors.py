@@ -125,7 +125,6 @@ def test_checksum_is_compared_when_the_last_read_block_holds_only_tar_padding(id
     delivered with no error."""
     import hashlib
     import json
-    import tarfile
 
     from packer.errors import ChecksumError
 
@@ -134,13 +133,7 @@ def test_checksum_is_compared_when_the_last_read_block_holds_only_tar_padding(id
     image = _png(7)
     members_end = (8 << 20) - 512  # header + padded image + .cls member (header + one block)
     image = image + b"\0" * (members_end - 3 * 512 - len(image))  # bytes after IEND: ignored
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in (("k0.png", image), ("k0.cls", b"1")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    data = bytearray(buf.getvalue())
+    data = bytearray(_tar([("k0.png", image), ("k0.cls", b"1")]))
     assert len(data) % (8 << 20) == 8192  # the last 8 MiB read block is end-of-archive padding
     manifest = json.loads((shards / "manifest.json").read_text())
     for old in (shards / "test").glob("*.tar"):
