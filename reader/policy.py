@@ -34,6 +34,9 @@ class ErrorPolicy:
         skipped_samples: samples skipped so far (over every epoch).
         skipped_shards: shards cut short so far (over every epoch).
         messages: the last few skip messages, for a summary.
+        repeating: set while an epoch that came short repeats its first batches
+            (``ShardReader._repeat_first_batches``): what fails there failed, and was
+            counted and said, when those batches were first read, so it is skipped quietly.
     """
 
     on_error: OnError = "warn"
@@ -41,6 +44,7 @@ class ErrorPolicy:
     skipped_samples: int = 0
     skipped_shards: int = 0
     messages: list[str] = field(default_factory=list)
+    repeating: bool = False
 
     def __post_init__(self) -> None:
         for name in ("on_error", "on_shard_error"):
@@ -62,6 +66,8 @@ class ErrorPolicy:
         """Raise ``exc`` or count it as a skipped sample, as the policy says."""
         if self.on_error == "raise":
             raise exc
+        if self.repeating:
+            return
         self.skipped_samples += 1
         self._skip(exc, self.on_error)
 
@@ -69,5 +75,7 @@ class ErrorPolicy:
         """Raise ``exc`` or count it as a skipped (cut short) shard, as the policy says."""
         if self.on_shard_error == "raise":
             raise exc
+        if self.repeating:
+            return
         self.skipped_shards += 1
         self._skip(exc, self.on_shard_error)

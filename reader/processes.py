@@ -441,7 +441,7 @@ class DecodeProcesses:
         """Add a process's skips to the reader's policy, and give its warnings here, where
         the caller's warning filters (and ``pytest.warns``) are."""
         reader = self._reader()
-        if reader is None:
+        if reader is None or reader.policy.repeating:  # counted when first read: see ErrorPolicy
             return
         policy = reader.policy
         policy.skipped_samples += skips[0]

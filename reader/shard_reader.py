@@ -9,6 +9,7 @@ thread pool -> batches. How ranks and workers split an epoch is in :mod:`reader.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -48,7 +49,7 @@ from .remote import OpenAhead
 from .samples import READ_THE_REST, Sample, open_ref, sample_label, scan_shard, shard_samples
 from .shuffle import DEFAULT_BUFFER, early_start, epoch_rng, interleave, shard_order, shuffle_buffer
 from .source import SplitSource, resolve_source
-from .state import StreamLog, StreamPosition, reader_streams
+from .state import StreamLog, StreamPosition, reader_streams, repeat_batches
 
 __all__ = ["ShardReader"]
 
@@ -139,6 +140,8 @@ class ShardReader:
             (skip and count) or "raise" (SampleDecodeError).
         on_shard_error: a shard that cannot be read: "raise" (ShardReadError naming the
             shard and byte offset), or "warn"/"ignore" to skip the rest of that shard.
+            An epoch that loses a batch to what these skip is filled up with its own first
+            batches, so that it keeps ``len(reader)`` (docs/READING.md).
         rescale: multiply pixel values by this (e.g. ``1 / 255``).
         dtype: "float32" (default, as Keras) or "uint8": the decoded pixels unconverted, a
             quarter of the batch memory and of the copy to the GPU (normalise there). The
@@ -291,6 +294,10 @@ class ShardReader:
         self._resume_position: StreamPosition | None = None
         # the last two epochs read: which stream made each batch, after how many failures
         self._stream_logs: dict[int, StreamLog] = {}
+        self._noting: tuple[StreamLog, int] | None = None  # the log _note_batch writes, offset
+        # fill a short epoch up to rank_samples samples, not len() batches (set by
+        # image_dataset_from_shards(batch_size=None), whose cardinality counts samples)
+        self._count_samples = False
 
     # ---- classes, counts and the lazily scanned index -------------------------------
 
@@ -385,10 +392,13 @@ class ShardReader:
         Raises:
             EmptySplitError: ``samples`` is 0.
         """
-        known = (scan or self._index is not None or self._scanned_samples is not None
-                 or self._manifest_gives_samples())
-        if known and self.samples == 0:
+        if (scan or self._count_known()) and self.samples == 0:
             raise EmptySplitError(self.split, list(self.class_names) if self._remap is not None else None)
+
+    def _count_known(self) -> bool:
+        """Whether ``samples`` is known without a scan of the shards (the manifest's, or
+        the scan was made)."""
+        return self._index is not None or self._scanned_samples is not None or self._manifest_gives_samples()
 
     @property
     def samples(self) -> int:
@@ -430,8 +440,8 @@ class ShardReader:
         return rank_samples(sum(self.shard_counts()), self.world_size, self.uneven)
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank, the same on every rank (from the manifest;
-        samples that fail to decode are not subtracted)."""
+        """Batches per epoch on this rank, the same on every rank (from the manifest): an
+        epoch that skipped samples and came short is filled up with its first batches."""
         return batch_count(
             self.rank_samples, self.batch_options.batch_size, self.batch_options.drop_remainder
         )
@@ -497,7 +507,7 @@ class ShardReader:
 
     def _forget_reading(self) -> None:
         """What this reader read before says nothing about a position loaded now."""
-        self._reading, self._stream_logs = None, {}
+        self._reading, self._stream_logs, self._noting = None, {}, None
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, skip, start = self.epoch, self._resume_batches, self._resume_position
@@ -509,27 +519,113 @@ class ShardReader:
         """Epoch ``epoch``'s batches after the first ``skip`` (from ``start``, a loaded
         state's position), counted as they go: ``batches_yielded``, and the log of which
         stream made each batch after how many failed samples, for states (``__iter__``, and
-        ``ShardIterableDataset`` without loader workers)."""
-        start = StreamPosition.at_or_round_robin(start, skip, reader_streams(self))
-        self._reading = epoch
-        self.batches_yielded = skip
+        ``ShardIterableDataset`` without loader workers). An epoch that comes short of
+        ``len(self)`` is filled up with its first batches (``_repeat_first_batches``)."""
+        streams = reader_streams(self)
+        self._reading, self.batches_yielded = epoch, skip
+        # this iteration's own count (two iterations of one reader may run at once)
+        tally = _Tally(skip, skip * self.batch_options.batch_size)
         self._stream_logs = {e: log for e, log in self._stream_logs.items() if e == epoch - 1}
-        self._stream_logs[epoch] = StreamLog(start)
+        self.policy.repeating = False  # an epoch left inside its repeat (never closed) is over
         skipped = self.policy.skipped_samples, self.policy.skipped_shards
-        for batch in self._batches(epoch, skip, start, record=True):
-            self.batches_yielded += 1
-            yield batch
-        self._reading = None
+        if start is not None and start.lap and start.fits(skip, streams):
+            # saved while a short epoch was being filled up: only the repeat is left
+            stream_log = StreamLog(StreamPosition.round_robin(0, streams), lap=start.lap)
+            repeat_start: StreamPosition | None = dataclasses.replace(start, lap=0)
+        else:
+            stream_log, repeat_start = StreamLog(StreamPosition.at_or_round_robin(start, skip, streams)), None
+        self._stream_logs[epoch] = stream_log
+        if not stream_log.lap:
+            self._noting = (stream_log, 0)
+            for batch in self._batches(epoch, skip, stream_log.start, record=True):
+                self._count(batch, tally)
+                yield batch
+            stream_log.lap = tally.batches
+        before = tally.batches
+        # Only an epoch that skipped something (or a resume that skipped it unseen) can come
+        # short: only then is a count the shards' manifest lacks worth a scan.
         lost = (self.policy.skipped_samples - skipped[0], self.policy.skipped_shards - skipped[1])
-        if any(lost):  # "ignore" is silent: only "warn" makes this a warning
+        if self._count_known() or skip or any(lost):
+            yield from self._repeat_first_batches(epoch, stream_log, repeat_start, tally)
+        self._reading, self._noting = None, None
+        self._log_epoch_end(epoch, lost, tally.batches - before)
+
+    def _log_epoch_end(self, epoch: int, lost: tuple[int, int], repeated: int) -> None:
+        """Say what the epoch skipped (samples, shards) and repeated to keep its length."""
+        if any(lost) or repeated:  # "ignore" is silent: only "warn" makes this a warning
             loud = (lost[0] and self.policy.on_error == "warn") or (
                 lost[1] and self.policy.on_shard_error == "warn")
             log.log(logging.WARNING if loud else logging.DEBUG,
-                    "epoch %d of %s: skipped %s and %s", epoch, self.split,
-                    counted(lost[0], "undecodable sample"), counted(lost[1], "damaged shard"))
+                    "epoch %d of %s: skipped %s and %s%s", epoch, self.split,
+                    counted(lost[0], "undecodable sample"), counted(lost[1], "damaged shard"),
+                    f"; repeated {counted(repeated, 'batch')} from its start to keep its "
+                    f"{counted(len(self), 'batch')}" if repeated else "")
+
+    def _short(self, tally: _Tally) -> bool:
+        """Whether an epoch that yielded ``tally`` has fewer batches (samples, where the
+        dataset counts samples: ``image_dataset_from_shards(batch_size=None)``) than promised."""
+        if self._count_samples:
+            return tally.samples < self.rank_samples
+        return tally.batches < len(self)
+
+    def _count(self, batch: Batch, tally: _Tally) -> None:
+        tally.batches += 1
+        tally.samples += len(batch[0] if isinstance(batch, tuple) else batch)
+        self.batches_yielded = tally.batches
+
+    def _repeat_first_batches(self, epoch: int, log: StreamLog, start: StreamPosition | None,
+                              tally: _Tally) -> Iterator[Batch]:
+        """Fill up an epoch that came short after ``log.lap`` batches with its first
+        batches again (from ``start``, a loaded state's position in that repeat).
+
+        ``len(self)`` is a promise: Keras sized the epoch by it (tf.data's cardinality,
+        which ends ``fit`` with an error when it is not kept), and every rank of a DDP or
+        multi-worker job must yield as many batches as the others or the job hangs. A
+        sample that fails to decode or a shard cut short (``on_error`` / ``on_shard_error``
+        "warn" or "ignore") breaks it; so the epoch is topped up as a short rank is under
+        ``uneven="pad"``, from its own stream: the same samples with the same random
+        crops and flips as its first batches (a state saved in the repeat says so:
+        ``StreamPosition.lap``, and resumes it)."""
+        if not log.lap:  # nothing to repeat
+            return
+        self.policy.repeating = True
+        try:
+            yield from self._repeat_from(epoch, log, start, tally)
+        finally:
+            self.policy.repeating = False
+
+    def _repeat_from(self, epoch: int, log: StreamLog, start: StreamPosition | None,
+                     tally: _Tally) -> Iterator[Batch]:
+        """The first batches of ``epoch``, from where the repeat stands, as often as it takes."""
+        lap, streams = log.lap, reader_streams(self)
+        while self._short(tally):
+            at = repeat_batches(tally.batches, lap) if tally.batches > lap else 0
+            if start is None or log.repeat is not None:
+                start = StreamPosition.round_robin(at, streams)
+            first = log.repeat is None
+            if first:  # the first repeat is logged for states; any later one is the same
+                log.repeat = StreamLog(start)
+                self._noting = (log.repeat, lap)
+            else:
+                self._noting = None
+            batches = self._batches(epoch, at, start, record=first)
+            got = 0
+            try:
+                for batch in batches:
+                    if not self._short(tally):
+                        break
+                    if self._count_samples:
+                        batch = _first(batch, self.rank_samples - tally.samples)
+                    self._count(batch, tally)
+                    got += 1
+                    yield batch
+            finally:
+                batches.close()
+            if not got:
+                return  # nothing left to repeat (the repeat failed too)
 
     def _batches(self, epoch: int, skip: int, start: StreamPosition | None = None,
-                 record: bool = False) -> Iterator[Batch]:
+                 record: bool = False) -> Generator[Batch, None, None]:
         """Epoch ``epoch``'s batches after the first ``skip``: from the decode processes
         (``processes=``) or from this process's decode threads. ``start``: where each batch
         stream stands at ``skip`` (a loaded state's; else the turns of an epoch where
@@ -547,16 +643,17 @@ class ShardReader:
         """The batch about to be yielded (the ``batches_yielded``-th of the epoch being
         read) comes from ``stream``, which had ``failed`` samples fail to decode by then:
         what a resume after it must skip besides whole batches (reader.state.StreamLog)."""
-        log = self._stream_logs.get(self._reading) if self._reading is not None else None
-        if log is not None:
-            log.note(self.batches_yielded, stream, failed)
+        if self._noting is not None:
+            log, offset = self._noting
+            log.note(self.batches_yielded - offset, stream, failed)
 
     def _position(self, epoch: int, batches: int, streams: int) -> StreamPosition:
         """Where the batch streams of ``epoch`` stood after ``batches`` batches, as read
         here (or as loaded, before the epoch is read); else as if nothing had failed."""
         log = self._stream_logs.get(epoch)
-        if log is not None and log.start.batches <= batches and len(log.start.counts) == streams:
-            return log.at(batches)
+        at = log.position(batches, streams) if log is not None else None
+        if at is not None:
+            return at
         loaded = self._resume_position
         if loaded is not None and epoch == self.epoch and loaded.fits(batches, streams):
             return loaded
@@ -712,7 +809,7 @@ class ShardReader:
         buffers: BatchBuffers | None = None,
         skip_extra: int = 0,
         on_extra: Callable[[int], None] | None = None,
-    ) -> Iterator[Batch]:
+    ) -> Generator[Batch, None, None]:
         """The pipeline of one epoch, stage by stage.
 
         ``pieces`` overrides this rank's share (a data-loader worker's share); ``stream``
@@ -857,6 +954,19 @@ def _only(
             rest.send(READ_THE_REST)
         except StopIteration:
             pass
+
+
+@dataclasses.dataclass
+class _Tally:
+    """Batches and samples one iteration of an epoch has yielded (skipped ones included)."""
+
+    batches: int
+    samples: int
+
+
+def _first(batch: Batch, n: int) -> Batch:
+    """The first ``n`` samples of ``batch`` (views)."""
+    return (batch[0][:n], batch[1][:n]) if isinstance(batch, tuple) else batch[:n]
 
 
 def _outside(label: int | None, classes: int | None) -> bool:

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from .shard_reader import ShardReader
 
 __all__ = ["STATE_VERSION", "shard_fingerprint", "content_fingerprint", "reader_streams", "saved_streams", "check_streams",
-           "make_state", "check_state", "saved_extras", "saved_position", "own_position", "StreamPosition", "StreamLog", "save_state", "load_state", "ShardReaderCheckpoint"]
+           "make_state", "check_state", "saved_extras", "saved_position", "own_position", "StreamPosition",
+           "StreamLog", "repeat_batches", "save_state", "load_state", "ShardReaderCheckpoint"]
 
 STATE_VERSION = 2  # the newest this code writes; it reads every version from 1
 # Version 2 states come from a reader with ``shuffle_initial`` set, whose order shardpack
@@ -161,6 +162,8 @@ def _position_fields(position: StreamPosition | None) -> dict[str, Any]:
         fields["failed_before"] = position.failed
     if not position.is_round_robin():
         fields["stream_batches"], fields["next_stream"] = position.counts, position.next
+    if position.lap:
+        fields["lap"] = position.lap
     return fields
 
 
@@ -202,6 +205,10 @@ class StreamPosition:
     counts: list[int]
     next: int
     failed: list[int]
+    # 0, or: the epoch came short after ``lap`` batches (samples or shards were skipped)
+    # and is being filled up with its first batches again (ShardReader._repeat_first_batches);
+    # this position is ``batches`` into that repeat, batch ``lap + batches`` of the epoch
+    lap: int = 0
 
     @classmethod
     def round_robin(cls, batches: int, streams: int) -> StreamPosition:
@@ -214,13 +221,26 @@ class StreamPosition:
 
     def fits(self, batches: int, streams: int) -> bool:
         """Whether this is a position ``batches`` into an epoch read as ``streams`` streams."""
-        return self.batches == batches and len(self.counts) == streams
+        if len(self.counts) != streams:
+            return False
+        if self.lap:
+            return batches > self.lap and repeat_batches(batches, self.lap) == self.batches
+        return self.batches == batches
 
     @classmethod
     def at_or_round_robin(cls, start: StreamPosition | None, batches: int, streams: int) -> StreamPosition:
         """``start`` where it fits ``batches`` and ``streams`` (a loaded state's), else the
-        turns of an epoch where nothing failed (a state of another reading, or none)."""
-        return start if start is not None and start.fits(batches, streams) else cls.round_robin(batches, streams)
+        turns of an epoch where nothing failed (a state of another reading, or none). A
+        position in an epoch's repeat (``lap``) is for ``ShardReader._read_epoch`` alone."""
+        if start is not None and not start.lap and start.fits(batches, streams):
+            return start
+        return cls.round_robin(batches, streams)
+
+
+def repeat_batches(batches: int, lap: int) -> int:
+    """How far into a repeat of its first batches an epoch that came short after ``lap``
+    batches is, ``batches`` (> ``lap``) into it: every repeat is the same ``lap`` batches."""
+    return (batches - lap) % lap
 
 
 @dataclass
@@ -232,6 +252,8 @@ class StreamLog:
     start: StreamPosition  # where the reading began (a resume's position, or the epoch's start)
     order: list[int] = _field(default_factory=list)  # the stream of each batch since
     changes: list[tuple[int, int, int]] = _field(default_factory=list)  # (batch, stream, failed)
+    lap: int = 0  # the batches the epoch came to, where it came short; then:
+    repeat: StreamLog | None = None  # the first repeat of its first batches, as it was read
     _last: list[int] = _field(init=False, repr=False)  # each stream's latest failed count
 
     def __post_init__(self) -> None:
@@ -243,6 +265,18 @@ class StreamLog:
         if failed != self._last[stream]:
             self._last[stream] = failed
             self.changes.append((batch, stream, failed))
+
+    def position(self, batches: int, streams: int) -> StreamPosition | None:
+        """The position after the epoch's first ``batches`` batches under ``streams``
+        streams, if this log holds it (also inside a repeat of the first batches)."""
+        log: StreamLog | None = self
+        if self.lap and batches > self.lap:
+            log, batches = self.repeat, repeat_batches(batches, self.lap)
+        if log is None or not log.start.batches <= batches or len(log.start.counts) != streams:
+            return None
+        at = log.at(batches)
+        at.lap = self.lap if log is not self else 0
+        return at
 
     def at(self, batches: int) -> StreamPosition:
         """The position after the first ``batches`` batches (at least ``start.batches``)."""
@@ -262,12 +296,19 @@ class StreamLog:
 def saved_position(state: dict[str, Any], batches: int, streams: int) -> StreamPosition:
     """The position of ``state`` (``batches`` in, under ``streams`` batch streams): its
     ``failed_before``, ``stream_batches`` and ``next_stream`` where it has them (the
-    saving rank's own), else the turns of an epoch where nothing failed.
+    saving rank's own), else the turns of an epoch where nothing failed. With ``lap`` (an
+    epoch that came short, saved while its first batches were repeated), the streams'
+    position is the one in that repeat.
 
     Raises:
         ValueError: a field is malformed or does not fit ``batches`` and ``streams``.
     """
+    lap = state.get("lap", 0)
+    if not _whole([lap]) or lap and not lap < batches:
+        raise ValueError(f"lap {lap!r} is not a whole number of batches below batches={batches}")
+    batches = repeat_batches(batches, lap) if lap else batches  # the position's, in the repeat
     position = StreamPosition.round_robin(batches, streams)
+    position.lap = lap
     failed = saved_extras(state)
     if failed:
         if len(failed) != streams:

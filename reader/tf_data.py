@@ -93,10 +93,11 @@ def image_dataset_from_shards(
     manifest order every time: the pack's seeded order, not Keras' class-then-filename
     order (``ds.shard_reader.filenames`` and ``.labels`` list it).
 
-    The cardinality counts every sample in the manifest: if samples are skipped because
-    they fail to decode (``on_error="warn"``) and that removes a whole batch, TensorFlow
-    reports the shortfall at the end of the epoch. The packer checks every image, so this
-    takes a shard damaged after packing; use ``shardpack verify --deep`` to find it.
+    The cardinality counts every sample in the manifest, and every epoch keeps it: if
+    samples are skipped (``on_error="warn"``, a shard damaged after packing; ``shardpack
+    verify --deep`` finds it) and that removes a whole batch, the epoch is filled up with
+    its first batches again rather than end ``fit`` with TensorFlow's "expected to contain
+    N elements" (docs/READING.md, "An epoch that comes short").
 
     ``data_format`` follows Keras' ``keras.config.image_data_format()`` when None.
 
@@ -166,6 +167,7 @@ def image_dataset_from_shards(
             f"belonging to {counted(len(reader.class_names), 'class')}."
         )
     reader.require_samples(scan=True)  # counted for the cardinality anyway
+    reader._count_samples = batch_size is None  # the cardinality counts samples then
     h, w, c = reader.decode_options.shape
     x_spec = tf.TensorSpec((None, h, w, c), tf.as_dtype(reader.batch_options.dtype))
     y_specs = {

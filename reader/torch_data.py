@@ -233,6 +233,10 @@ class ShardIterableDataset(IterableDataset):
             batches = reader._read_epoch(epoch, skip, start)  # refuses an empty split
         else:
             reader.require_samples()
+            if skip and self._resume_position is not None and self._resume_position.lap:
+                # saved in the repeat that fills up an epoch that came short, which loader
+                # workers do not make (docs/READING.md): nothing of the epoch is left to them
+                return
             if self.decode_threads is None:
                 reader.num_workers = max(1, _default_workers() // workers)
             # After a resume at batch k, the loader's worker 0 must make batch k: loader

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 import pytest
-from conftest import sample_ids
+from conftest import sample_ids, write_id_tars
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -282,3 +282,28 @@ def test_tf_dataset_on_a_rank_has_the_rank_cardinality_and_no_auto_shard(awkward
     assert sum(1 for _ in ds) == reader.rank_samples
     policy = ds.options().experimental_distribute.auto_shard_policy
     assert policy == tf.data.experimental.AutoShardPolicy.OFF
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+def test_a_rank_that_loses_samples_still_yields_as_many_batches_as_the_others(tmp_path, processes):
+    """DDP waits at every step for every rank: a rank whose epoch came short (samples that
+    failed to decode) hung the job at the epoch's end. It fills up its epoch with its own
+    first batches, as a rank short by a sample under uneven="pad" repeats its own."""
+    url = write_id_tars(tmp_path, 64, {1, 2, 3, 4, 5, 6}, 16)  # 6 broken in the first shard
+    epochs = []
+    for rank in range(2):
+        r = ShardReader(url, num_classes=3, image_size=4, batch_size=4, rank=rank, world_size=2,
+                        on_error="ignore", shuffle=False, processes=processes)
+        try:
+            epochs.append([sample_ids(x) for x, _ in r])
+        finally:
+            r.close()
+    assert [len(batches) for batches in epochs] == [len(r)] * 2 == [8, 8]
+    if not processes:  # rank 0 lost a batch and repeated one (processes shorten one each)
+        assert sum(map(len, epochs[0])) + sum(map(len, epochs[1])) > 64 - 6
+    for batches in epochs:  # the repeat is the rank's own first batches; nothing else twice
+        seen = [i for ids in batches for i in ids]
+        assert not {1, 2, 3, 4, 5, 6} & set(seen)
+        first = next((k for k in range(1, len(batches)) if batches[k] == batches[0]), len(batches))
+        assert batches[first:] == batches[: len(batches) - first]
+        assert len(set(seen[: sum(map(len, batches[:first]))])) == sum(map(len, batches[:first]))

@@ -173,6 +173,9 @@ def test_garbage_state_is_refused(awkward_shards):
         r.load_state_dict({**r.state_dict(), "version": 99})
     with pytest.raises(ValueError, match="out of range"):
         r.load_state_dict({**r.state_dict(), "batches": 10_000})
+    for lap in (-1, "3", 1.5, 5, 9):  # a repeat starts after a whole number of batches before these
+        with pytest.raises(ValueError, match="lap"):
+            r.load_state_dict({**r.state_dict(), "batches": 5, "lap": lap})
 
 
 @pytest.mark.slow
@@ -347,6 +350,23 @@ def test_a_state_counted_behind_the_reader_names_the_failures_before_its_own_pos
         assert make_state(ahead, epoch=0, batches=k) == behind
 
 
+def test_a_state_counted_behind_the_reader_inside_a_repeat_is_the_one_saved_there(blocky_shards):
+    """Also where the epoch came short and was filled up with its first batches: the
+    position is the one in that repeat."""
+    from reader.state import make_state
+
+    options = dict(FAILING, batch_size=4)
+    ahead = ShardReader(blocky_shards, **options)
+    list(ahead)
+    next(iter(ahead))
+    lap = ahead._stream_logs[0].lap
+    assert 0 < lap < len(ahead)
+    for k in (lap - 1, lap, lap + 1, len(ahead) - 1):
+        behind = _state_after(ShardReader(blocky_shards, **options), k)
+        assert make_state(ahead, epoch=0, batches=k) == behind
+        assert ("lap" in behind) == (k > lap)
+
+
 def test_failed_samples_are_the_saving_ranks_own(failing_shards):
     """Each rank reads its own samples: rank 1 resumes exactly from its own state, and a
     state another rank saved moves it by whole batches only (as every rank did before)."""
@@ -362,11 +382,12 @@ def test_failed_samples_are_the_saving_ranks_own(failing_shards):
     assert "failed_before" not in other.state_dict()
 
 
-@pytest.mark.parametrize("processes,shuffle", [(2, False), (3, False), (3, True)])
+@pytest.mark.parametrize("processes,shuffle", [(0, True), (2, False), (3, False), (3, True)])
 def test_resume_where_failed_samples_made_the_turns_of_decode_processes_uneven(blocky_shards, processes, shuffle):
     """A process whose stream lost batches ends early and the turns after it shift: the
     state records each stream's batches and whose turn is next (only then), and a resume
-    sees the batches that came next, not some of them twice."""
+    sees the batches that came next, not some of them twice. The epoch, short of batches,
+    is filled up with its first batches again; a state saved in that repeat resumes it."""
     options = dict(FAILING, batch_size=4, processes=processes, shuffle=shuffle)
     r = ShardReader(blocky_shards, **options)
     try:
@@ -376,10 +397,13 @@ def test_resume_where_failed_samples_made_the_turns_of_decode_processes_uneven(b
             states.append(json.loads(json.dumps(r.state_dict())))
     finally:
         r.close()
-    assert len(whole) < len(r)  # 104 samples left: batches lost, not just shortened
+    # 104 samples left: batches lost, not just shortened, and made up by the first ones
+    assert len(whole) == len(r)
+    lap = next(state["lap"] for state in states if "lap" in state)
+    assert lap < len(r) and whole[lap:] == whole[: len(r) - lap]
     uneven = [k for k, state in enumerate(states, start=1) if "stream_batches" in state]
-    assert uneven or processes == 2  # two processes here lose as many batches each
-    for k in sorted({1, 5, len(whole) - 1, *uneven[:1], *uneven[-1:]}):
+    assert uneven or processes in (0, 2)  # two processes here lose as many batches each
+    for k in sorted({1, 5, lap, lap + 1, len(whole) - 1, *uneven[:1], *uneven[-1:]}):
         restarted = ShardReader(blocky_shards, **options)
         try:
             restarted.load_state_dict(states[k - 1])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ID_CLASSES, pixel_ids, small_cnn
+from conftest import ID_CLASSES, pixel_ids, sample_ids, small_cnn, write_id_tars
 
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
@@ -106,6 +106,56 @@ def test_fit_evaluate_predict_on_real_photos(photo_shards):
     truth = np.array([reader.class_names.index(f.split("/")[1]) for f in reader.filenames])
     assert np.array_equal(truth, reader.labels)
     assert abs((predicted == truth).mean() - accuracy) < 1e-6
+
+
+def _short_epoch(kind, id_shards, tmp_path):
+    """A source whose epoch comes short of its promised batches of 8, and the options that
+    skip what is damaged: a sample no decoder reads under the default on_error="warn", or
+    a shard cut short under on_shard_error="ignore"."""
+    import shutil
+
+    if kind == "sample":  # 33 samples, one broken: 4 batches of 8, not 5
+        return write_id_tars(tmp_path, 33, {5}, 16), dict(num_classes=3)
+    shards = tmp_path / "copy"
+    shutil.copytree(id_shards[0], shards)
+    last = sorted((shards / "test").glob("*.tar"))[-1]  # 14 of the split's 30 samples
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])
+    return shards, dict(split="test", on_shard_error="ignore")
+
+
+@pytest.mark.parametrize("kind", ["sample", "shard"])
+def test_fit_goes_on_past_an_epoch_that_came_short(id_shards, tmp_path, kind):
+    """Keras sizes its epochs by the dataset's cardinality, which fit holds the data to:
+    an epoch that lost a batch to what it skipped ended fit at the first epoch's end
+    ("expected to contain 5 elements but contained only 4"). The epoch is filled up with
+    its own first batches, so it keeps its length."""
+    source, options = _short_epoch(kind, id_shards, tmp_path)
+    opts = dict(image_size=(16, 16), batch_size=8, shuffle=False, **options)
+    ds = image_dataset_from_shards(source, **opts)
+    batches = [sample_ids(x) for x, _ in ds]
+    lap = next(k for k in range(1, len(batches)) if batches[k] == batches[0])
+    assert len(batches) == len(ds) and 0 < lap < len(ds)
+    assert batches[lap:] == batches[: len(ds) - lap]  # the first batches again
+    assert len({i for ids in batches[:lap] for i in ids}) == sum(map(len, batches[:lap]))
+
+    keras.utils.set_random_seed(0)
+    model = small_cnn(keras, image_size=(16, 16), classes=3)
+    steps = []
+
+    class Steps(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            steps.append(batch)
+
+    history = model.fit(image_dataset_from_shards(source, **dict(opts, shuffle=True)),
+                        epochs=2, verbose=0, callbacks=[Steps()])
+    assert len(history.history["loss"]) == 2 and len(steps) == 2 * len(ds)
+
+    # single images (batch_size=None): the cardinality counts samples, kept to the sample
+    single = image_dataset_from_shards(source, **dict(opts, batch_size=None))
+    images = [sample_ids(x[None])[0] for x, _ in single]
+    assert len(images) == single.cardinality() == single.shard_reader.rank_samples
+    kept = len(set(images))
+    assert images[kept:] == images[: len(images) - kept]
 
 
 def test_channels_first_as_keras(id_shards):

@@ -304,17 +304,21 @@ def test_spawned_loader_workers_get_the_counts_of_a_scan_not_the_scan(id_shards)
 @pytest.mark.parametrize("processes", [0, 3])
 def test_without_loader_workers_a_resume_after_failed_samples_is_exact(tmp_path, processes):
     """Without loader workers the reader counts the batches: failed samples before the
-    position (and, with processes=, the turns they shifted) are in the state."""
+    position (and, with processes=, the turns they shifted) are in the state; so is the
+    repeat of the first batches that fills up the epoch the failures made short."""
     tars = write_id_tars(tmp_path, 120, set(range(20, 30)) | {3, 71, 72}, 40)
     opts = dict(num_classes=3, image_size=16, batch_size=4, shuffle_buffer=32, on_error="ignore",
                 decode_threads=2, seed=4, processes=processes)
     ds = ShardIterableDataset(tars, **opts)
     try:
         full = _epoch(DataLoader(ds, batch_size=None))
-        states = {k: ds.state_dict(batches=k) for k in (2, 9, len(full) - 2)}
+        states = {k: ds.state_dict(batches=k) for k in (2, 9, len(full) - 4, len(full) - 2)}
     finally:
         ds.reader.close()
-    assert states[len(full) - 2].get("failed_before")  # by then most have failed
+    assert len(full) == len(ds)
+    assert states[len(full) - 4].get("failed_before")  # by then most have failed
+    if not processes:  # 107 samples: 27 batches of 4, then the first 3 again
+        assert states[len(full) - 2]["lap"] == 27 and full[27:] == full[:3]
     for k, state in states.items():
         again = ShardIterableDataset(tars, **opts)
         try:
@@ -327,8 +331,9 @@ def test_without_loader_workers_a_resume_after_failed_samples_is_exact(tmp_path,
 
 def test_loader_workers_resume_a_worker_less_state_after_failed_samples(tmp_path):
     """A state of processes=3 without loader workers (failed samples, shifted turns) resumes
-    under 3 loader workers batch for batch: they take the same turns; and a state of
-    shardpack 0.2 (no streams) resumes under processes=2 without workers."""
+    under 3 loader workers batch for batch: they take the same turns, up to the end of the
+    epoch's own batches (the repeat that fills it up is made without loader workers only);
+    and a state of shardpack 0.2 (no streams) resumes under processes=2 without workers."""
     tars = write_id_tars(tmp_path, 120, set(range(20, 30)) | set(range(70, 76)), 40)
     opts = dict(num_classes=3, image_size=16, batch_size=4, shuffle_buffer=32, on_error="ignore",
                 decode_threads=1, seed=4)
@@ -339,10 +344,12 @@ def test_loader_workers_resume_a_worker_less_state_after_failed_samples(tmp_path
     finally:
         ds.reader.close()
     assert any("stream_batches" in state for state in states.values())
-    for k in (3, len(full) - 4, len(full) - 1):
+    lap = next(state["lap"] for state in states.values() if "lap" in state)
+    assert len(full) == len(ds) and full[lap:] == full[: len(full) - lap]
+    for k in (3, lap - 1, lap, lap + 1):
         again = ShardIterableDataset(tars, **opts)
         again.load_state_dict(states[k])
-        assert _epoch(DataLoader(again, batch_size=None, num_workers=3)) == full[k:], k
+        assert _epoch(DataLoader(again, batch_size=None, num_workers=3)) == full[k:lap], k
     legacy = {key: v for key, v in states[5].items()
               if key not in ("streams", "failed_before", "stream_batches", "next_stream")} | {"processes": 0}
     old = ShardIterableDataset(tars, processes=2, **opts)
