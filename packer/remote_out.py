@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from . import lock
@@ -213,17 +214,27 @@ def _plan_write_send(
     plan, skipped, ignored = make_plan(walked, probes, options)
     refuse_no_images(plan, skipped, ignored)  # before the store changes
     duplicates = find_duplicates(plan, source_sha256)
-    try:
-        if old_manifest is not None:
+    aside = False
+
+    def before_change() -> None:
+        # Not earlier: a re-run that keeps every shard leaves the published manifest up
+        # (readers never find none, also if it is stopped), as a local OUT does.
+        nonlocal aside
+        if old_manifest is not None and not aside:
             store.set_manifest_aside(json.dumps(old_manifest).encode())
+            aside = True
+
+    try:
         results = _write_and_send(plan, store, staging, run=run, resize=resize_spec, batch=batch,
-                                  upload_workers=upload_workers, quiet=quiet)
+                                  upload_workers=upload_workers, quiet=quiet, before_change=before_change)
         manifest = build_manifest(plan, results, skipped=skipped, ignored=ignored,
                                   duplicates=duplicates,
                                   warnings=walked.warnings + plan_warnings(plan))
         wanted = {s.name for s in plan.all_shards()}
         stale = named_shards(old_manifest) - wanted
         stale |= store.stray_shards(wanted | stale)  # a stopped run's, with no manifest
+        if stale:
+            before_change()
         for name in sorted(stale):
             store.remove(name)  # shards the plan no longer names
         store.publish(MANIFEST_NAME, manifest_to_bytes(manifest))
@@ -279,8 +290,10 @@ def _already_there(store: RemoteStore, shard: PlannedShard, fingerprint: str) ->
 
 def _write_and_send(
     plan: Plan, store: RemoteStore, staging: str, *, run: Any, resize: Any, batch: int,
-    upload_workers: int, quiet: bool,
+    upload_workers: int, quiet: bool, before_change: Callable[[], None],
 ) -> dict[str, ShardResult]:
+    """Pack and send the plan's shards that are not at the store already (same inputs and
+    bytes), in groups of ``batch``; ``before_change`` is called before the first is sent."""
     from .job import write_plan
 
     results: dict[str, ShardResult] = {}
@@ -304,6 +317,7 @@ def _write_and_send(
             for shard in group:
                 sub.shards.setdefault(shard.split, []).append(shard)
             written = write_plan(sub, staging, run=run, resize=resize, quiet=True, durable=False)
+            before_change()
             files = [
                 ShardFile(name, os.path.join(staging, name), r.sha256, r.bytes, r.fingerprint)
                 for name, r in written.items()

@@ -237,9 +237,8 @@ def test_pack_to_s3_url_stages_in_batches_and_resumes(s3, photo_shards, tmp_path
     finally:
         proxy.stop()
     assert again["splits"] == local["splits"]
-    # only the old manifest, kept aside while shards could change, and the new one
-    assert [r.path for r in proxy.requests("PUT")] == [
-        f"/{bucket}/packed/{REPLACED_NAME}", f"/{bucket}/packed/{MANIFEST_NAME}"]
+    # only the new manifest: no shard changes, so the old one stays up until it is replaced
+    assert [r.path for r in proxy.requests("PUT")] == [f"/{bucket}/packed/{MANIFEST_NAME}"]
     assert not fs.exists(f"{bucket}/packed/{REPLACED_NAME}")
 
 
@@ -278,8 +277,7 @@ def test_pack_to_s3_over_shards_with_another_fingerprint_records_the_new_one_onc
              quiet=True)
     finally:
         proxy.stop()
-    assert [r.path for r in proxy.requests("PUT")] == [
-        f"/{bucket}/refingerprinted/{REPLACED_NAME}", f"/{bucket}/refingerprinted/{MANIFEST_NAME}"]
+    assert [r.path for r in proxy.requests("PUT")] == [f"/{bucket}/refingerprinted/{MANIFEST_NAME}"]
     # an upload of the same shards finds each with one HEAD, and sends none
     proxy = FaultProxy(endpoint).start()
     try:
@@ -396,6 +394,36 @@ def test_pack_to_url_after_a_stopped_run_removes_the_shards_the_plan_dropped(pho
     there = {p[len(root) + 1 :] for p in fs.find(root)} - {MANIFEST_NAME}  # the aside one is gone too
     assert there == {s["name"] for split in manifest["splits"].values() for s in split["shards"]}
     assert "test" not in manifest["splits"]
+
+
+def test_a_rerun_of_a_pack_to_a_url_stopped_before_its_manifest_leaves_it_published(
+        s3, photo_shards, monkeypatch):
+    """A re-run that changes no shard never takes the published manifest down: stopped just
+    before it writes its own, the store is as it was. It used to set the manifest aside
+    first, so readers found none for the whole re-run, and none at all after a stop."""
+    from packer import pack
+    from packer.uploader import RemoteStore
+
+    endpoint, options, bucket = s3
+    src = photo_shards.parent / "src"
+    url = f"s3://{bucket}/kept"
+    pack(src, url, storage_options=options, seed=0, max_count=40, workers=1, quiet=True)
+    fs, root = _fs(endpoint), f"{bucket}/kept"
+    before = fs.cat_file(f"{root}/{MANIFEST_NAME}")
+    publish = RemoteStore.publish
+
+    def stop_at_the_manifest(self, name, data):
+        if name == MANIFEST_NAME:
+            raise KeyboardInterrupt
+        publish(self, name, data)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RemoteStore, "publish", stop_at_the_manifest)
+        with pytest.raises(KeyboardInterrupt):
+            pack(src, url, storage_options=options, seed=0, max_count=40, workers=1, quiet=True)
+    fs.invalidate_cache()
+    assert fs.cat_file(f"{root}/{MANIFEST_NAME}") == before
+    assert not fs.exists(f"{root}/{REPLACED_NAME}")
 
 
 def test_pack_to_url_refuses_a_newer_format_and_survives_a_foreign_manifest(photo_shards, tmp_path):
