@@ -14,7 +14,7 @@ from . import __version__
 from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, manifest_to_bytes
 from .plan import Plan
 from .walk import shown_path
-from .write import ShardResult
+from .write import ShardResult, write_atomically
 
 __all__ = ["build_manifest", "write_manifest_atomically"]
 
@@ -57,11 +57,6 @@ def write_manifest_atomically(out_dir: str, manifest: dict[str, Any], *, durable
     """Write ``manifest.json`` via temp file + fsync (unless not ``durable``) + ``os.replace``;
     return its path."""
     final = os.path.join(out_dir, MANIFEST_NAME)
-    temp = os.path.join(out_dir, f".{MANIFEST_NAME}.partial")
-    with open(temp, "wb") as f:
-        f.write(manifest_to_bytes(manifest))
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-    os.replace(temp, final)
+    write_atomically(final, os.path.join(out_dir, f".{MANIFEST_NAME}.partial"), manifest_to_bytes(manifest),
+                     durable=durable)
     return final

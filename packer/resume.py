@@ -30,7 +30,7 @@ from .format import (
 from .lock import LOCK_NAME
 from .plan import TAR_BLOCK
 from .spool import SPOOL_NAME
-from .write import ShardResult, hash_file, ustar_header
+from .write import ShardResult, hash_file, ustar_header, write_atomically
 
 __all__ = ["JOURNAL_NAME", "Journal", "check_output", "previous_results", "keepable", "read_manifest",
            "remove_stale", "refuse_other_format_version", "written_by_shardpack"]
@@ -158,14 +158,9 @@ class Journal:
         so a run killed meanwhile leaves the earlier journal or this whole one, never an
         empty or headless one that would make OUT look foreign to the next run."""
         self.path = os.path.join(out_dir, JOURNAL_NAME)
-        temp = os.path.join(out_dir, JOURNAL_TEMP_NAME)
-        with open(temp, "w", encoding="utf-8") as f:
-            for record in ({"options": options}, *carried):
-                f.write(json.dumps(record, sort_keys=True) + "\n")
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(temp, self.path)
+        lines = "".join(json.dumps(record, sort_keys=True) + "\n" for record in ({"options": options}, *carried))
+        write_atomically(self.path, os.path.join(out_dir, JOURNAL_TEMP_NAME), lines.encode("utf-8"),
+                         durable=durable)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def _append(self, record: dict[str, Any]) -> None:

@@ -320,6 +320,22 @@ def fsync_file(path: str) -> None:
         raise PackError(_os_error_message(exc, path)) from exc
 
 
+def write_atomically(final: str, temp: str, data: bytes, *, durable: bool) -> None:
+    """Write ``data`` to ``temp``, fsync it (if ``durable``) and rename it to ``final``: a
+    reader sees the old file or the whole new one. A write that fails (a full disk) or is
+    stopped leaves no ``temp`` behind."""
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(temp, final)
+    except BaseException:
+        remove_quietly(temp)
+        raise
+
+
 def remove_quietly(path: str) -> None:
     """Delete a file if it is there; a leftover that cannot be removed is not an error."""
     try:

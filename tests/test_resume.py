@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,8 +145,6 @@ def test_a_repack_removes_only_shardpack_files(src, clean, tmp_path, overwrite):
 def test_a_split_folder_is_removed_only_when_the_removal_empties_it(src, clean, tmp_path):
     """A split the new tree no longer has: its shards go, and its folder with them; a
     folder holding a user's file, and an empty folder, stay."""
-    import shutil
-
     out = tmp_path / "out"
     shutil.copytree(clean[0], out)
     smaller = tmp_path / "src"
@@ -279,8 +278,6 @@ def test_no_fsync_cli_resumes_like_the_default(src, clean, tmp_path):
 def test_rerun_stopped_while_checking_loses_nothing(src, clean, tmp_path, monkeypatch):
     """A re-run stopped while files are still being checked leaves the published output
     as it was (manifest included), and the next run keeps every shard."""
-    import shutil
-
     import packer.job as job
 
     out = tmp_path / "out"
@@ -313,8 +310,6 @@ def test_rerun_stopped_while_checking_loses_nothing(src, clean, tmp_path, monkey
 def test_run_stopped_midway_keeps_what_the_run_before_had(src, clean, tmp_path, monkeypatch):
     """Once a re-run starts writing, the old manifest is down; its records move into the
     new journal, so a run stopped then still keeps every shard that is on disk intact."""
-    import shutil
-
     import packer.job as job
 
     out = tmp_path / "out"
@@ -356,8 +351,6 @@ _DIE_AS_THE_JOURNAL_APPEARS = textwrap.dedent("""
 def test_a_kill_as_the_journal_is_created_leaves_a_resumable_out(src, clean, tmp_path, over_a_finished_pack):
     """Killed the instant the journal file appears (before a byte of it is written): the
     re-run of the same command resumes, rather than finding an OUT that looks foreign."""
-    import shutil
-
     out = tmp_path / "out"
     if over_a_finished_pack:  # the old manifest is there; the new run must rewrite shards
         shutil.copytree(clean[0], out)
@@ -397,6 +390,34 @@ def test_a_full_disk_under_the_journal_is_a_pack_error_not_a_traceback(tmp_path)
     _no_valid_output(out)
 
 
+def test_a_manifest_or_journal_header_that_does_not_fit_leaves_no_partial_file(clean, tmp_path):
+    """The manifest and the journal's header are written to a temporary file renamed into
+    place; when the disk is full (here: the kernel's file size limit, EFBIG) the write
+    fails and the temporary file goes, the earlier file stays as it was."""
+    out = tmp_path / "out"
+    shutil.copytree(clean[0], out)
+    before = (out / MANIFEST_NAME).read_bytes()
+    script = textwrap.dedent(f"""
+        import json, resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        from packer.manifest import write_manifest_atomically
+        from packer.resume import Journal
+        manifest = json.loads(open({str(out / MANIFEST_NAME)!r}).read())
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))
+        for write in (lambda: write_manifest_atomically({str(out)!r}, manifest),
+                      lambda: Journal({str(out)!r}, manifest["options"], durable=True,
+                                      carried=[{{"name": "x" * 300}}])):
+            try:
+                write()
+            except OSError as exc:
+                print("OSError:", exc.strerror)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.count("OSError: File too large") == 2, (done.stdout, done.stderr)
+    assert (out / MANIFEST_NAME).read_bytes() == before
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".partial")]
+
+
 def test_a_resize_spool_left_by_a_stopped_run_is_not_published(src, tmp_path, monkeypatch):
     """A --resize run stopped after probing leaves its spool of re-encoded images; the run
     that finishes the job (here without --resize, so with --overwrite) removes it."""
@@ -420,8 +441,6 @@ def test_a_resize_spool_left_by_a_stopped_run_is_not_published(src, tmp_path, mo
 def test_unreadable_manifest_says_so(src, clean, tmp_path):
     """A manifest that is not JSON: the refusal says it is unreadable and how to go on
     (it said OUT held no shardpack output, beside a folder full of shards)."""
-    import shutil
-
     out = tmp_path / "out"
     shutil.copytree(clean[0], out)
     (out / MANIFEST_NAME).write_text('{"format": "shardpack", "vers')
@@ -434,8 +453,6 @@ def test_unreadable_manifest_says_so(src, clean, tmp_path):
 def test_newer_format_version_is_not_replaced_silently(src, clean, tmp_path):
     """A manifest of format version 2 (a newer shardpack's) was overwritten as version 1
     by a re-run of the same command; it is refused, naming the version, unless --overwrite."""
-    import shutil
-
     out = tmp_path / "out"
     shutil.copytree(clean[0], out)
     newer = {**json.loads((out / MANIFEST_NAME).read_text()), "version": 2}
@@ -534,8 +551,6 @@ def test_rerun_of_a_finished_pack_stopped_before_its_manifest_leaves_it_publishe
     just before it writes its own (every shard checked and kept), OUT is as it was. It used
     to be deleted at the end of every re-run, so a reader found none meanwhile and a
     re-run stopped there left a complete output unpublished."""
-    import shutil
-
     import packer.job as job
 
     out = tmp_path / "out"
