@@ -52,4 +52,4 @@ def format_size(n: int | float) -> str:
 
 def counted(n: int, noun: str) -> str:
     """``1 shard``, ``2 shards``: a count with its noun in the right number."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}es" if noun.endswith("s") else f"{n} {noun}s"
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}es" if noun.endswith(("s", "x", "ch", "sh")) else f"{n} {noun}s"

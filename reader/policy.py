@@ -34,9 +34,7 @@ class ErrorPolicy:
         skipped_samples: samples skipped so far (over every epoch).
         skipped_shards: shards cut short so far (over every epoch).
         messages: the last few skip messages, for a summary.
-        repeating: set while an epoch that came short repeats its first batches
-            (``ShardReader._repeat_first_batches``): what fails there failed, and was
-            counted and said, when those batches were first read, so it is skipped quietly.
+        quiet: skip without counting or saying it (``quiet_copy``).
     """
 
     on_error: OnError = "warn"
@@ -44,12 +42,19 @@ class ErrorPolicy:
     skipped_samples: int = 0
     skipped_shards: int = 0
     messages: list[str] = field(default_factory=list)
-    repeating: bool = False
+    quiet: bool = False
 
     def __post_init__(self) -> None:
         for name in ("on_error", "on_shard_error"):
             if getattr(self, name) not in _CHOICES:
                 raise ValueError(f"{name} must be one of {_CHOICES}, got {getattr(self, name)!r}")
+
+    def quiet_copy(self) -> ErrorPolicy:
+        """The same choices, skipping without a count or a word: for an epoch that came
+        short and repeats its first batches (``ShardReader._repeat_first_batches``), whose
+        failures were counted and said when they were first read. A copy, not a flag on
+        this policy: another iteration of the reader may be counting meanwhile."""
+        return ErrorPolicy(on_error=self.on_error, on_shard_error=self.on_shard_error, quiet=True)
 
     def _skip(self, exc: Exception, how: OnError) -> None:
         if len(self.messages) < MAX_MESSAGES:
@@ -66,7 +71,7 @@ class ErrorPolicy:
         """Raise ``exc`` or count it as a skipped sample, as the policy says."""
         if self.on_error == "raise":
             raise exc
-        if self.repeating:
+        if self.quiet:
             return
         self.skipped_samples += 1
         self._skip(exc, self.on_error)
@@ -75,7 +80,7 @@ class ErrorPolicy:
         """Raise ``exc`` or count it as a skipped (cut short) shard, as the policy says."""
         if self.on_shard_error == "raise":
             raise exc
-        if self.repeating:
+        if self.quiet:
             return
         self.skipped_shards += 1
         self._skip(exc, self.on_shard_error)

@@ -43,7 +43,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
@@ -284,6 +284,8 @@ class DecodeProcesses:
         self._owner: object | None = None  # the epoch now reading; _CLOSED after close()
         self._live: list[bool] = []
         self._failed_shards: set[str] = set()  # shards this epoch skipped, counted once
+        self._note: Callable[[int, int], None] | None = None  # this epoch's, see epoch()
+        self._quiet = False  # this epoch's: its skips are not counted or said
         self._pid = os.getpid()
         self._finalizer = weakref.finalize(self, _shut_down, self._procs, self._pid)
 
@@ -340,10 +342,14 @@ class DecodeProcesses:
             self._owner = _CLOSED
             self._finalizer()
 
-    def epoch(self, epoch: int, skip: int, start: StreamPosition | None = None) -> Generator[Any, None, None]:
+    def epoch(self, epoch: int, skip: int, start: StreamPosition | None = None, *,
+              note: Callable[[int, int], None] | None = None, quiet: bool = False) -> Generator[Any, None, None]:
         """The batches of ``epoch`` after its first ``skip``, one process at a time in turn;
         ``start``: where each process's stream stood there (its batches and failed samples,
-        and whose turn it is), when failed samples made the turns uneven."""
+        and whose turn it is), when failed samples made the turns uneven; ``note(process,
+        failed)`` hears, before each batch, which process made it after how many of its
+        samples failed; ``quiet``: what the processes skip is not counted or said here
+        (see ShardReader._repeat_first_batches)."""
         start = StreamPosition.at_or_round_robin(start, skip, self.count)
         me = object()
         with self._io:
@@ -356,6 +362,7 @@ class DecodeProcesses:
             if not self._procs:
                 self._start()
             self._failed_shards = set()
+            self._note, self._quiet = note, quiet  # after _cancel_epoch: the last epoch's were its own
             try:
                 for proc in self._procs:
                     proc.send(("epoch", epoch, proc.index, self.count, skip, blob,
@@ -422,9 +429,8 @@ class DecodeProcesses:
 
     def _batch(self, proc: _Process, sid: int, shape: tuple[int, ...], dtype: str, labels: Any,
                failed: int) -> Any:
-        reader = self._reader()
-        if reader is not None:  # before the batch is yielded: see ShardReader._note_batch
-            reader._note_batch(proc.index, failed)
+        if self._note is not None:  # before the batch is yielded
+            self._note(proc.index, failed)
         for other in self._procs:
             other.give_back_unused()
         x = proc.slots[sid].view(shape, np.dtype(dtype))
@@ -441,7 +447,7 @@ class DecodeProcesses:
         """Add a process's skips to the reader's policy, and give its warnings here, where
         the caller's warning filters (and ``pytest.warns``) are."""
         reader = self._reader()
-        if reader is None or reader.policy.repeating:  # counted when first read: see ErrorPolicy
+        if reader is None or self._quiet:
             return
         policy = reader.policy
         policy.skipped_samples += skips[0]

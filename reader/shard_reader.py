@@ -294,7 +294,6 @@ class ShardReader:
         self._resume_position: StreamPosition | None = None
         # the last two epochs read: which stream made each batch, after how many failures
         self._stream_logs: dict[int, StreamLog] = {}
-        self._noting: tuple[StreamLog, int] | None = None  # the log _note_batch writes, offset
         # fill a short epoch up to rank_samples samples, not len() batches (set by
         # image_dataset_from_shards(batch_size=None), whose cardinality counts samples)
         self._count_samples = False
@@ -507,7 +506,7 @@ class ShardReader:
 
     def _forget_reading(self) -> None:
         """What this reader read before says nothing about a position loaded now."""
-        self._reading, self._stream_logs, self._noting = None, {}, None
+        self._reading, self._stream_logs = None, {}
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, skip, start = self.epoch, self._resume_batches, self._resume_position
@@ -526,7 +525,6 @@ class ShardReader:
         # this iteration's own count (two iterations of one reader may run at once)
         tally = _Tally(skip, skip * self.batch_options.batch_size)
         self._stream_logs = {e: log for e, log in self._stream_logs.items() if e == epoch - 1}
-        self.policy.repeating = False  # an epoch left inside its repeat (never closed) is over
         skipped = self.policy.skipped_samples, self.policy.skipped_shards
         if start is not None and start.lap and start.fits(skip, streams):
             # saved while a short epoch was being filled up: only the repeat is left
@@ -536,8 +534,7 @@ class ShardReader:
             stream_log, repeat_start = StreamLog(StreamPosition.at_or_round_robin(start, skip, streams)), None
         self._stream_logs[epoch] = stream_log
         if not stream_log.lap:
-            self._noting = (stream_log, 0)
-            for batch in self._batches(epoch, skip, stream_log.start, record=True):
+            for batch in self._batches(epoch, skip, stream_log.start, note=self._noter(stream_log, tally, 0)):
                 self._count(batch, tally)
                 yield batch
             stream_log.lap = tally.batches
@@ -547,7 +544,7 @@ class ShardReader:
         lost = (self.policy.skipped_samples - skipped[0], self.policy.skipped_shards - skipped[1])
         if self._count_known() or skip or any(lost):
             yield from self._repeat_first_batches(epoch, stream_log, repeat_start, tally)
-        self._reading, self._noting = None, None
+        self._reading = None
         self._log_epoch_end(epoch, lost, tally.batches - before)
 
     def _log_epoch_end(self, epoch: int, lost: tuple[int, int], repeated: int) -> None:
@@ -576,7 +573,8 @@ class ShardReader:
     def _repeat_first_batches(self, epoch: int, log: StreamLog, start: StreamPosition | None,
                               tally: _Tally) -> Iterator[Batch]:
         """Fill up an epoch that came short after ``log.lap`` batches with its first
-        batches again (from ``start``, a loaded state's position in that repeat).
+        batches again, as often as it takes (from ``start``, a loaded state's position in
+        that repeat).
 
         ``len(self)`` is a promise: Keras sized the epoch by it (tf.data's cardinality,
         which ends ``fit`` with an error when it is not kept), and every rank of a DDP or
@@ -584,31 +582,17 @@ class ShardReader:
         sample that fails to decode or a shard cut short (``on_error`` / ``on_shard_error``
         "warn" or "ignore") breaks it; so the epoch is topped up as a short rank is under
         ``uneven="pad"``, from its own stream: the same samples with the same random
-        crops and flips as its first batches (a state saved in the repeat says so:
-        ``StreamPosition.lap``, and resumes it)."""
-        if not log.lap:  # nothing to repeat
-            return
-        self.policy.repeating = True
-        try:
-            yield from self._repeat_from(epoch, log, start, tally)
-        finally:
-            self.policy.repeating = False
-
-    def _repeat_from(self, epoch: int, log: StreamLog, start: StreamPosition | None,
-                     tally: _Tally) -> Iterator[Batch]:
-        """The first batches of ``epoch``, from where the repeat stands, as often as it takes."""
+        crops and flips as its first batches, whose failures were counted and said when
+        they were first read (a state saved in the repeat says so: ``StreamPosition.lap``,
+        and resumes it)."""
         lap, streams = log.lap, reader_streams(self)
-        while self._short(tally):
+        while lap and self._short(tally):
             at = repeat_batches(tally.batches, lap) if tally.batches > lap else 0
-            if start is None or log.repeat is not None:
-                start = StreamPosition.round_robin(at, streams)
-            first = log.repeat is None
-            if first:  # the first repeat is logged for states; any later one is the same
-                log.repeat = StreamLog(start)
-                self._noting = (log.repeat, lap)
-            else:
-                self._noting = None
-            batches = self._batches(epoch, at, start, record=first)
+            begin, start = start or StreamPosition.round_robin(at, streams), None
+            note = None
+            if log.repeat_from(at) is None:  # not logged from here to the end yet: log it
+                note = self._noter(log.new_repeat(begin), tally, tally.batches - at)
+            batches = self._batches(epoch, at, begin, note=note, quiet=True)
             got = 0
             try:
                 for batch in batches:
@@ -624,28 +608,30 @@ class ShardReader:
             if not got:
                 return  # nothing left to repeat (the repeat failed too)
 
+    @staticmethod
+    def _noter(log: StreamLog, tally: _Tally, offset: int) -> Callable[[int, int], None]:
+        """``note(stream, failed)`` for ``_batches``: the batch about to be yielded, the
+        ``tally.batches - offset``-th of what ``log`` covers, comes from ``stream``, which
+        had ``failed`` samples fail by then (reader.state.StreamLog)."""
+        return lambda stream, failed: log.note(tally.batches - offset, stream, failed)
+
     def _batches(self, epoch: int, skip: int, start: StreamPosition | None = None,
-                 record: bool = False) -> Generator[Batch, None, None]:
+                 note: Callable[[int, int], None] | None = None,
+                 quiet: bool = False) -> Generator[Batch, None, None]:
         """Epoch ``epoch``'s batches after the first ``skip``: from the decode processes
         (``processes=``) or from this process's decode threads. ``start``: where each batch
         stream stands at ``skip`` (a loaded state's; else the turns of an epoch where
-        nothing failed); ``record``: log which stream makes each batch, after how many
-        failed samples (``__iter__``, which counts the batches)."""
+        nothing failed); ``note(stream, failed)``: hears, before each batch, which stream
+        made it after how many of its samples failed (for states); ``quiet``: skip what
+        fails without counting or saying it (``ErrorPolicy.quiet``)."""
         self.require_samples()
         if not self.processes:
             return self._epoch_batches(epoch, skip_batches=skip, skip_extra=start.failed[0] if start else 0,
-                                       on_extra=functools.partial(self._note_batch, 0) if record else None)
+                                       on_extra=functools.partial(note, 0) if note else None,
+                                       policy=self.policy.quiet_copy() if quiet else None)
         if self._pool is None or not self._pool.alive:
             self._pool = DecodeProcesses(self, self.processes)
-        return self._pool.epoch(epoch, skip, start)
-
-    def _note_batch(self, stream: int, failed: int) -> None:
-        """The batch about to be yielded (the ``batches_yielded``-th of the epoch being
-        read) comes from ``stream``, which had ``failed`` samples fail to decode by then:
-        what a resume after it must skip besides whole batches (reader.state.StreamLog)."""
-        if self._noting is not None:
-            log, offset = self._noting
-            log.note(self.batches_yielded - offset, stream, failed)
+        return self._pool.epoch(epoch, skip, start, note=note, quiet=quiet)
 
     def _position(self, epoch: int, batches: int, streams: int) -> StreamPosition:
         """Where the batch streams of ``epoch`` stood after ``batches`` batches, as read
@@ -700,7 +686,7 @@ class ShardReader:
         """Whether ``shard_counts()`` comes from the manifest alone (no class subset)."""
         return self._remap is None and all(ref.count is not None for ref in self.source.shards)
 
-    def _select(self, samples: Iterable[Sample]) -> Iterator[tuple[Sample, int]]:
+    def _select(self, samples: Iterable[Sample], policy: ErrorPolicy) -> Iterator[tuple[Sample, int]]:
         """Keep the classes asked for, re-index labels, and keep only the image bytes.
 
         A label outside the manifest's classes ends the shard through ``on_shard_error``
@@ -711,10 +697,10 @@ class ShardReader:
             try:
                 label = sample_label(sample)
             except SampleDecodeError as exc:
-                self.policy.sample_failed(exc)
+                policy.sample_failed(exc)
                 continue
             if _outside(label, classes):  # raises unless on_shard_error skips the shard
-                self.policy.shard_failed(self._foreign_label(
+                policy.shard_failed(self._foreign_label(
                     label, shard=sample["__shard__"], key=sample["__key__"], offset=sample.get("__offset__")))
                 return
             if self._remap is not None:
@@ -723,13 +709,13 @@ class ShardReader:
                 label = self._remap[label]
             if label is None:
                 if need_label:
-                    self.policy.sample_failed(
+                    policy.sample_failed(
                         SampleDecodeError("has no .cls label", key=sample["__key__"], shard=sample["__shard__"])
                     )
                     continue
                 label = -1
             elif need_label and not 0 <= label < len(self.class_names):
-                self.policy.sample_failed(
+                policy.sample_failed(
                     SampleDecodeError(
                         f"label {label} is outside the {len(self.class_names)} classes; "
                         "pass num_classes= or class_names=",
@@ -759,20 +745,22 @@ class ShardReader:
 
     def _piece_samples(
         self, shard: int, ranges: Sequence[tuple[int, int | None]], check_rest: bool = True,
-        opened: Callable[[], IO[bytes]] | None = None,
+        opened: Callable[[], IO[bytes]] | None = None, policy: ErrorPolicy | None = None,
     ) -> Iterator[tuple[Sample, int]]:
         """Samples ``start:stop`` of one shard for each ``(start, stop)`` of ``ranges``
         (ascending; after the class subset), labelled, in one pass over the shard.
 
         ``check_rest``: read the rest of a shard this piece ends inside, so its checksum is
         compared (False where this rank reads that shard in another piece anyway).
-        ``opened``: gives the shard's stream opened ahead (``_opener``)."""
+        ``opened``: gives the shard's stream opened ahead (``_opener``); ``policy``: the
+        error policy (default: the reader's)."""
         ref = self.source.shards[shard]
+        policy = self.policy if policy is None else policy
         raw = shard_samples(
-            ref, policy=self.policy, storage_options=self.storage_options, cache_dir=self.cache_dir,
+            ref, policy=policy, storage_options=self.storage_options, cache_dir=self.cache_dir,
             opened=opened, cache_max_bytes=self.cache_max_bytes,
         )
-        labelled = self._select(raw)
+        labelled = self._select(raw, policy)
         whole = len(ranges) == 1 and ranges[0][0] == 0 and (
             ranges[0][1] is None or ranges[0][1] == ref.count and self._remap is None)
         if whole:
@@ -809,13 +797,15 @@ class ShardReader:
         buffers: BatchBuffers | None = None,
         skip_extra: int = 0,
         on_extra: Callable[[int], None] | None = None,
+        policy: ErrorPolicy | None = None,
     ) -> Generator[Batch, None, None]:
         """The pipeline of one epoch, stage by stage.
 
         ``pieces`` overrides this rank's share (a data-loader worker's share); ``stream``
         names that share in the random generators' purposes; the first ``skip_batches``
         batches' samples are dropped before decoding (resume); ``buffers`` supplies the
-        batch arrays (a decode process's shared memory).
+        batch arrays (a decode process's shared memory); ``policy``: the error policy
+        (default: the reader's).
         """
         # Here, where every epoch is decoded (iter(), a torch worker, a spawned one with
         # Pillow's own limit): let Pillow open what the pack accepted.
@@ -829,12 +819,14 @@ class ShardReader:
             parts = _by_shard(pieces)
         first_of_shard = {shard: i for i, (shard, _) in reversed(list(enumerate(parts)))}
         ahead = self._opener([shard for shard, _ in parts])
+        policy = self.policy if policy is None else policy
         streams = (self._piece_samples(shard, ranges, check_rest=first_of_shard[shard] == i,
-                                       opened=functools.partial(ahead.open, i) if ahead else None)
+                                       opened=functools.partial(ahead.open, i) if ahead else None,
+                                       policy=policy)
                    for i, (shard, ranges) in enumerate(parts))
         try:
             yield from self._decoded(self._shuffled(streams, epoch, stream), epoch, stream,
-                                     skip_batches, buffers, skip_extra, on_extra)
+                                     skip_batches, buffers, skip_extra, on_extra, policy=policy)
         finally:
             if ahead is not None:
                 ahead.close()
@@ -864,6 +856,7 @@ class ShardReader:
     def _decoded(
         self, labelled: Iterator[tuple[Sample, int]], epoch: int, stream: str, skip_batches: int,
         buffers: BatchBuffers | None, skip_extra: int = 0, on_extra: Callable[[int], None] | None = None,
+        *, policy: ErrorPolicy,
     ) -> Iterator[Batch]:
         """Drop the samples of batches a resume skips (still compressed), then decode the
         rest into batches on the decode threads. ``skip_extra``: samples that failed
@@ -880,7 +873,7 @@ class ShardReader:
         with ThreadPoolExecutor(self.num_workers, thread_name_prefix="shardpack-decode") as pool:
             yield from decode_batches(
                 labelled, decode=self.decode_options, batch=self.batch_options, pool=pool,
-                policy=self.policy, workers=self.num_workers, aug_rng=aug_rng,
+                policy=policy, workers=self.num_workers, aug_rng=aug_rng,
                 buffers=buffers if buffers is not None else self._batch_buffers(),
                 on_batch=None if on_extra is None else lambda failed: on_extra(failed + skip_extra),
             )

@@ -253,7 +253,7 @@ class StreamLog:
     order: list[int] = _field(default_factory=list)  # the stream of each batch since
     changes: list[tuple[int, int, int]] = _field(default_factory=list)  # (batch, stream, failed)
     lap: int = 0  # the batches the epoch came to, where it came short; then:
-    repeat: StreamLog | None = None  # the first repeat of its first batches, as it was read
+    repeats: list[StreamLog] = _field(default_factory=list)  # its first batches' repeats, as read
     _last: list[int] = _field(init=False, repr=False)  # each stream's latest failed count
 
     def __post_init__(self) -> None:
@@ -269,14 +269,31 @@ class StreamLog:
     def position(self, batches: int, streams: int) -> StreamPosition | None:
         """The position after the epoch's first ``batches`` batches under ``streams``
         streams, if this log holds it (also inside a repeat of the first batches)."""
-        log: StreamLog | None = self
-        if self.lap and batches > self.lap:
-            log, batches = self.repeat, repeat_batches(batches, self.lap)
-        if log is None or not log.start.batches <= batches or len(log.start.counts) != streams:
+        if len(self.start.counts) != streams:
             return None
-        at = log.at(batches)
-        at.lap = self.lap if log is not self else 0
+        if not self.lap or batches <= self.lap:
+            return self.at(batches) if self.start.batches <= batches else None
+        within = repeat_batches(batches, self.lap)
+        log = next((log for log in self.repeats if log.holds(within)), None)
+        at = log.at(within) if log is not None else StreamPosition.round_robin(within, streams)
+        at.lap = self.lap
         return at
+
+    def holds(self, batches: int) -> bool:
+        """Whether the position after ``batches`` batches is in this log."""
+        return self.start.batches <= batches <= self.start.batches + len(self.order)
+
+    def repeat_from(self, batches: int) -> StreamLog | None:
+        """A log of a repeat of the first batches that holds every position from
+        ``batches`` into it to the repeat's end (``lap`` batches)."""
+        return next((log for log in self.repeats if log.holds(batches) and log.holds(self.lap)), None)
+
+    def new_repeat(self, start: StreamPosition) -> StreamLog:
+        """Start logging a repeat of the first batches at ``start`` (the last two are kept:
+        a resumed one from the middle, and the whole one after it)."""
+        log = StreamLog(start)
+        self.repeats = [*self.repeats[-1:], log]
+        return log
 
     def at(self, batches: int) -> StreamPosition:
         """The position after the first ``batches`` batches (at least ``start.batches``)."""

@@ -414,7 +414,7 @@ class OrderedReader(ShardReader):
         self._ordered: tuple[SharedBatchBuffers, DecodePool] | None = None
 
     def _decoded(self, labelled: Any, epoch: int, stream: str, skip_batches: int, buffers: Any,
-                 skip_extra: int = 0, on_extra: Any = None) -> Any:
+                 skip_extra: int = 0, on_extra: Any = None, *, policy: Any) -> Any:
         # tasks of at least 4 images: the pool's cost per task is the main process's
         workers = min(8, self.decode_processes)
         if self._ordered is not None and not self._ordered[1].alive:
@@ -426,7 +426,7 @@ class OrderedReader(ShardReader):
         if skip_batches or self.decode_options.random_flip or self.decode_options.random_crop:
             raise NotImplementedError("the prototype reads whole epochs without augmentation")
         yield from decode_batches(labelled, decode=self.decode_options, batch=self.batch_options,
-                                  pool=pool, policy=self.policy, workers=workers, buffers=shared,
+                                  pool=pool, policy=policy, workers=workers, buffers=shared,
                                   on_batch=on_extra)
 
     def close(self) -> None:

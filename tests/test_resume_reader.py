@@ -412,6 +412,72 @@ def test_resume_where_failed_samples_made_the_turns_of_decode_processes_uneven(b
             restarted.close()
 
 
+@pytest.fixture(scope="module")
+def mostly_broken_shards(tmp_path_factory):
+    """60 samples in 3 tars, 44 of them broken: an epoch of 4 batches of 4 where 15 are
+    promised, filled up by repeating its first batches more than three times."""
+    return write_id_tars(tmp_path_factory.mktemp("mostly_broken"), 60, set(range(10, 54)), 20)
+
+
+def _batches_and_states(reader):
+    got, states = [], []
+    for x, _ in reader:
+        got.append(sample_ids(x))
+        states.append(json.loads(json.dumps(reader.state_dict())))
+    return got, states
+
+
+@pytest.mark.parametrize("processes,shuffle", [(0, False), (0, True), (2, True)])
+def test_a_reader_resumed_inside_the_repeat_saves_the_states_the_whole_run_saved(
+        mostly_broken_shards, processes, shuffle):
+    """A run resumed in the repeat that fills up a short epoch, at any repeat, saves at
+    every later batch the state the uninterrupted run saved there: its lap, and the
+    failures before the position within the repeat. (A resumed run logged the repeat from
+    the resume point only, so after the repeat wrapped its states lost the lap, or their
+    failed_before, and a second resume read other batches.)"""
+    options = dict(FAILING, batch_size=4, processes=processes, shuffle=shuffle)
+    r = ShardReader(mostly_broken_shards, **options)
+    try:
+        whole, states = _batches_and_states(r)
+    finally:
+        r.close()
+    lap = next(state["lap"] for state in states if "lap" in state)
+    assert len(whole) == len(r) == 15 and lap < 5 and whole[2 * lap:3 * lap] == whole[:lap]
+    for k in (lap + 1, 2 * lap, 2 * lap + 1):
+        resumed = ShardReader(mostly_broken_shards, **options)
+        try:
+            resumed.load_state_dict(states[k - 1])
+            rest, later = _batches_and_states(resumed)
+        finally:
+            resumed.close()
+        assert rest == whole[k:], k
+        assert later[:-1] == states[k:-1], k
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+def test_the_repeat_of_an_abandoned_epoch_counts_nothing_in_the_next(mostly_broken_shards, processes):
+    """Each epoch counts its 44 failures once, whatever another iteration of the reader
+    does meanwhile: an epoch left inside its repeat, closed while the next one repeats
+    (as tf.data finalises an abandoned iterator), made the next one count its repeat too."""
+    import warnings
+
+    r = ShardReader(mostly_broken_shards, **dict(FAILING, batch_size=4, shuffle=False, processes=processes,
+                                                 on_error="warn"))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            left = iter(r)
+            for _ in range(6):  # inside epoch 0's repeat
+                next(left)
+            for n, _ in enumerate(r, start=1):
+                if n == 10:  # epoch 1 is in its repeat
+                    left.close()
+        assert r.policy.skipped_samples == 88
+        assert sum("skipped: sample" in str(w.message) for w in caught) == 88
+    finally:
+        r.close()
+
+
 def test_a_loaded_state_is_what_state_dict_gives_until_the_epoch_is_read(failing_shards):
     """What this reader read before (the same epoch under another seed, or an epoch left
     early) says nothing about a loaded position."""
