@@ -770,7 +770,8 @@ class ShardReader:
     def _worker_epoch_batches(
         self, epoch: int, *, worker: int, workers: int, skip: int, buffers: BatchBuffers | None = None,
         own_skip: int | None = None, skip_extra: int = 0, on_extra: Callable[[int], None] | None = None,
-    ) -> Iterator[Batch]:
+        policy: ErrorPolicy | None = None,
+    ) -> Generator[Batch, None, None]:
         """Batches ``worker, worker + workers, ...`` of this rank's ``epoch``, after the first
         ``skip`` batches of the epoch (all workers') were consumed: one loader worker's or
         decode process's share (reader.distributed.worker_pieces). Taking one batch from
@@ -785,7 +786,40 @@ class ShardReader:
         return self._epoch_batches(
             epoch, pieces=mine, skip_batches=len(range(worker, skip, workers)) if own_skip is None else own_skip,
             stream=f"/worker{worker}of{workers}", buffers=buffers, skip_extra=skip_extra, on_extra=on_extra,
+            policy=policy,
         )
+
+    def _filled_worker_share(self, epoch: int, *, worker: int, workers: int, own_skip: int,
+                             skip_extra: int) -> Iterator[Batch]:
+        """One PyTorch loader worker's share of ``epoch`` after its first ``own_skip``
+        batches (``_worker_epoch_batches``), filled up with its own first batches where
+        skipped samples or shards made it come short, as ``_repeat_first_batches`` fills a
+        whole epoch: the loader then yields ``len(self)`` batches, which DDP's ranks wait
+        for. The workers take turns as before, so after a share came short the batches
+        are not those of ``processes=N``, which fills the epoch at its end."""
+        owned = len(range(worker, len(self), workers))
+        tally = _Tally(own_skip, 0)
+        for batch in self._worker_epoch_batches(epoch, worker=worker, workers=workers, skip=0, own_skip=own_skip,
+                                                skip_extra=skip_extra):
+            tally.batches += 1
+            yield batch
+        lap = tally.batches
+        while lap and tally.batches < owned:
+            again = self._worker_epoch_batches(epoch, worker=worker, workers=workers, skip=0,
+                                               own_skip=repeat_batches(tally.batches, lap),
+                                               policy=self.policy.quiet_copy())
+            got = 0
+            try:
+                for batch in again:
+                    if tally.batches >= owned:
+                        break
+                    tally.batches += 1
+                    got += 1
+                    yield batch
+            finally:
+                again.close()
+            if not got:
+                return
 
     def _epoch_batches(
         self,

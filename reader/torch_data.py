@@ -233,10 +233,6 @@ class ShardIterableDataset(IterableDataset):
             batches = reader._read_epoch(epoch, skip, start)  # refuses an empty split
         else:
             reader.require_samples()
-            if skip and self._resume_position is not None and self._resume_position.lap:
-                # saved in the repeat that fills up an epoch that came short, which loader
-                # workers do not make (docs/READING.md): nothing of the epoch is left to them
-                return
             if self.decode_threads is None:
                 reader.num_workers = max(1, _default_workers() // workers)
             # After a resume at batch k, the loader's worker 0 must make batch k: loader
@@ -245,9 +241,8 @@ class ShardIterableDataset(IterableDataset):
             # fits; else the turns of an epoch where nothing failed)
             at = StreamPosition.at_or_round_robin(self._resume_position if skip else None, skip, workers)
             stream = (worker + at.next) % workers
-            batches = reader._worker_epoch_batches(
-                epoch, worker=stream, workers=workers, skip=skip, own_skip=at.counts[stream],
-                skip_extra=at.failed[stream])
+            batches = reader._filled_worker_share(
+                epoch, worker=stream, workers=workers, own_skip=at.counts[stream], skip_extra=at.failed[stream])
         for batch in batches:
             if isinstance(batch, tuple):
                 x, y = batch

@@ -330,10 +330,13 @@ def test_without_loader_workers_a_resume_after_failed_samples_is_exact(tmp_path,
 
 
 def test_loader_workers_resume_a_worker_less_state_after_failed_samples(tmp_path):
-    """A state of processes=3 without loader workers (failed samples, shifted turns) resumes
-    under 3 loader workers batch for batch: they take the same turns, up to the end of the
-    epoch's own batches (the repeat that fills it up is made without loader workers only);
-    and a state of shardpack 0.2 (no streams) resumes under processes=2 without workers."""
+    """A state of processes=3 without loader workers (failed samples) resumes under 3
+    loader workers batch for batch: they take the same turns, until a share of the epoch
+    comes short. From there each worker fills up its own share with its first batches (the
+    loader still yields len() batches, which DDP's ranks wait for), where processes=3 lets
+    the turns shift and fills the epoch up at its end: a resume gives the loader workers'
+    own batches, as many as are left. A state of shardpack 0.2 (no streams) resumes under
+    processes=2 without workers."""
     tars = write_id_tars(tmp_path, 120, set(range(20, 30)) | set(range(70, 76)), 40)
     opts = dict(num_classes=3, image_size=16, batch_size=4, shuffle_buffer=32, on_error="ignore",
                 decode_threads=1, seed=4)
@@ -346,10 +349,16 @@ def test_loader_workers_resume_a_worker_less_state_after_failed_samples(tmp_path
     assert any("stream_batches" in state for state in states.values())
     lap = next(state["lap"] for state in states.values() if "lap" in state)
     assert len(full) == len(ds) and full[lap:] == full[: len(full) - lap]
-    for k in (3, lap - 1, lap, lap + 1):
+    workers = _epoch(DataLoader(ShardIterableDataset(tars, **opts), batch_size=None, num_workers=3))
+    same = next(k for k, (a, b) in enumerate(zip(workers, full, strict=True)) if a != b)
+    assert len(workers) == len(full) and 3 < same < lap
+    for k in (3, same - 1, same, lap + 1):
         again = ShardIterableDataset(tars, **opts)
         again.load_state_dict(states[k])
-        assert _epoch(DataLoader(again, batch_size=None, num_workers=3)) == full[k:lap], k
+        got = _epoch(DataLoader(again, batch_size=None, num_workers=3))
+        assert len(got) == len(full) - k, k
+        if k <= same:
+            assert got == workers[k:] and got[: same - k] == full[k:same], k
     legacy = {key: v for key, v in states[5].items()
               if key not in ("streams", "failed_before", "stream_batches", "next_stream")} | {"processes": 0}
     old = ShardIterableDataset(tars, processes=2, **opts)
@@ -358,3 +367,20 @@ def test_loader_workers_resume_a_worker_less_state_after_failed_samples(tmp_path
         assert len(_epoch(DataLoader(old, batch_size=None))) > 0  # no IndexError
     finally:
         old.reader.close()
+
+
+def test_loader_workers_fill_up_a_share_that_came_short_so_every_rank_keeps_its_length(tmp_path):
+    """DDP waits at every step for every rank: a rank whose loader workers lost batches to
+    samples that fail to decode hung the job at the epoch's end. Each worker fills up its
+    own share with its own first batches, so every rank's loader yields len() batches."""
+    tars = write_id_tars(tmp_path, 96, set(range(3, 15)), 24)  # 12 broken, all in rank 0's first shard
+    opts = dict(num_classes=3, image_size=8, batch_size=4, on_error="ignore", shuffle=False,
+                decode_threads=1, world_size=2)
+    for rank in range(2):
+        ds = ShardIterableDataset(tars, rank=rank, **opts)
+        got = _epoch(DataLoader(ds, batch_size=None, num_workers=2))
+        assert len(got) == len(ds) == 12, rank
+        seen = [i for ids in got for i in ids]
+        assert not set(range(3, 15)) & set(seen)
+        if rank == 0:  # 36 samples left: 9 batches, and 3 of its workers' first ones again
+            assert len(seen) > len(set(seen)) == 36
