@@ -49,7 +49,7 @@ from .remote import OpenAhead
 from .samples import READ_THE_REST, Sample, open_ref, sample_label, scan_shard, shard_samples
 from .shuffle import DEFAULT_BUFFER, early_start, epoch_rng, interleave, shard_order, shuffle_buffer
 from .source import SplitSource, resolve_source
-from .state import StreamLog, StreamPosition, reader_streams, repeat_batches
+from .state import StreamLog, StreamPosition, reader_streams
 
 __all__ = ["ShardReader"]
 
@@ -585,28 +585,58 @@ class ShardReader:
         crops and flips as its first batches, whose failures were counted and said when
         they were first read (a state saved in the repeat says so: ``StreamPosition.lap``,
         and resumes it)."""
-        lap, streams = log.lap, reader_streams(self)
-        while lap and self._short(tally):
-            at = repeat_batches(tally.batches, lap) if tally.batches > lap else 0
+        streams = reader_streams(self)
+
+        def read(at: int) -> Generator[Batch, None, None]:
+            nonlocal start
             begin, start = start or StreamPosition.round_robin(at, streams), None
             note = None
             if log.repeat_from(at) is None:  # not logged from here to the end yet: log it
                 note = self._noter(log.new_repeat(begin), tally, tally.batches - at)
-            batches = self._batches(epoch, at, begin, note=note, quiet=True)
-            got = 0
-            try:
-                for batch in batches:
-                    if not self._short(tally):
-                        break
-                    if self._count_samples:
-                        batch = _first(batch, self.rank_samples - tally.samples)
-                    self._count(batch, tally)
-                    got += 1
-                    yield batch
-            finally:
-                batches.close()
-            if not got:
-                return  # nothing left to repeat (the repeat failed too)
+            return self._batches(epoch, at, begin, note=note, quiet=True)
+
+        def take(batch: Batch) -> Batch:
+            if self._count_samples:
+                batch = _first(batch, self.rank_samples - tally.samples)
+            self._count(batch, tally)
+            return batch
+
+        if log.lap:
+            at = start.batches if start is not None else 0
+            yield from _passes(lambda: self._short(tally), read, at, take)
+
+    def _filled_worker_share(self, epoch: int, *, worker: int, workers: int, own_skip: int,
+                             skip_extra: int) -> Iterator[Batch]:
+        """One PyTorch loader worker's share of ``epoch`` after its first ``own_skip``
+        batches (``_worker_epoch_batches``), filled up as ``_repeat_first_batches`` fills a
+        whole epoch where skipped samples or shards made it come short: with its own first
+        batches, or where nothing of its share could be read, with the rank's. The loader
+        then yields ``len(self)`` batches, which DDP's ranks wait for. The workers take
+        turns as before, so after a share came short the batches are not those of
+        ``processes=N``, which fills the epoch at its end."""
+        owned = len(range(worker, len(self), workers))
+        made = own_skip
+
+        def short() -> bool:
+            return made < owned
+
+        def take(batch: Batch) -> Batch:
+            nonlocal made
+            made += 1
+            return batch
+
+        quiet = self.policy.quiet_copy()
+        yield from map(take, self._worker_epoch_batches(
+            epoch, worker=worker, workers=workers, skip=0, own_skip=own_skip, skip_extra=skip_extra))
+        read = made
+        yield from _passes(short, lambda at: self._worker_epoch_batches(
+            epoch, worker=worker, workers=workers, skip=0, own_skip=at, policy=quiet), 0, take)
+        yield from _passes(short, lambda at: self._epoch_batches(epoch, skip_batches=at, policy=quiet), 0, take)
+        if made > read:
+            loud = "warn" in (self.policy.on_error, self.policy.on_shard_error)
+            log.log(logging.WARNING if loud else logging.DEBUG,
+                    "epoch %d of %s, loader worker %d: repeated %s to keep its share of %s", epoch,
+                    self.split, worker, counted(made - read, "batch"), counted(owned, "batch"))
 
     @staticmethod
     def _noter(log: StreamLog, tally: _Tally, offset: int) -> Callable[[int, int], None]:
@@ -789,37 +819,6 @@ class ShardReader:
             policy=policy,
         )
 
-    def _filled_worker_share(self, epoch: int, *, worker: int, workers: int, own_skip: int,
-                             skip_extra: int) -> Iterator[Batch]:
-        """One PyTorch loader worker's share of ``epoch`` after its first ``own_skip``
-        batches (``_worker_epoch_batches``), filled up with its own first batches where
-        skipped samples or shards made it come short, as ``_repeat_first_batches`` fills a
-        whole epoch: the loader then yields ``len(self)`` batches, which DDP's ranks wait
-        for. The workers take turns as before, so after a share came short the batches
-        are not those of ``processes=N``, which fills the epoch at its end."""
-        owned = len(range(worker, len(self), workers))
-        tally = _Tally(own_skip, 0)
-        for batch in self._worker_epoch_batches(epoch, worker=worker, workers=workers, skip=0, own_skip=own_skip,
-                                                skip_extra=skip_extra):
-            tally.batches += 1
-            yield batch
-        lap = tally.batches
-        while lap and tally.batches < owned:
-            again = self._worker_epoch_batches(epoch, worker=worker, workers=workers, skip=0,
-                                               own_skip=repeat_batches(tally.batches, lap),
-                                               policy=self.policy.quiet_copy())
-            got = 0
-            try:
-                for batch in again:
-                    if tally.batches >= owned:
-                        break
-                    tally.batches += 1
-                    got += 1
-                    yield batch
-            finally:
-                again.close()
-            if not got:
-                return
 
     def _epoch_batches(
         self,
@@ -981,6 +980,28 @@ def _only(
             rest.send(READ_THE_REST)
         except StopIteration:
             pass
+
+
+def _passes(short: Callable[[], bool], read: Callable[[int], Generator[Batch, None, None]], at: int,
+            take: Callable[[Batch], Batch]) -> Iterator[Batch]:
+    """Batches of a stream read again and again while ``short()``: ``read(at)`` gives its
+    batches after the first ``at``; the first pass starts at ``at``, each later one at the
+    start, and a pass from the start that yields nothing ends it (nothing can be read).
+    ``take`` counts (and may cut) each batch before it is yielded."""
+    while short():
+        got = 0
+        batches = read(at)
+        try:
+            for batch in batches:
+                if not short():
+                    return
+                got += 1
+                yield take(batch)
+        finally:
+            batches.close()
+        if not got and not at:
+            return
+        at = 0
 
 
 @dataclasses.dataclass

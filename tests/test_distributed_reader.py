@@ -307,3 +307,25 @@ def test_a_rank_that_loses_samples_still_yields_as_many_batches_as_the_others(tm
         first = next((k for k in range(1, len(batches)) if batches[k] == batches[0]), len(batches))
         assert batches[first:] == batches[: len(batches) - first]
         assert len(set(seen[: sum(map(len, batches[:first]))])) == sum(map(len, batches[:first]))
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+def test_a_rank_resumed_from_another_ranks_state_keeps_the_length(tmp_path, processes):
+    """One saved state serves every rank, which skips whole batches: where that skipped all
+    of a rank's readable samples unseen, its epoch ended there (the repeat, counted from
+    the skip, found nothing) and the ranks' lengths parted (a DDP hang)."""
+    url = write_id_tars(tmp_path, 96, set(range(60, 96)), 48)  # rank 1 reads 48..95: 3 batches of 12
+    options = dict(num_classes=3, image_size=4, batch_size=4, on_error="ignore", shuffle=False,
+                   world_size=2, processes=processes)
+    r0 = ShardReader(url, rank=0, **options)
+    try:
+        states = [r0.state_dict() for _ in r0]
+    finally:
+        r0.close()
+    for k in (2, 4, 8):
+        r1 = ShardReader(url, rank=1, **options)
+        try:
+            r1.load_state_dict(states[k - 1])
+            assert sum(1 for _ in r1) == len(r0) - k, k
+        finally:
+            r1.close()

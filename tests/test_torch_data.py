@@ -384,3 +384,26 @@ def test_loader_workers_fill_up_a_share_that_came_short_so_every_rank_keeps_its_
         assert not set(range(3, 15)) & set(seen)
         if rank == 0:  # 36 samples left: 9 batches, and 3 of its workers' first ones again
             assert len(seen) > len(set(seen)) == 36
+
+
+def test_a_worker_with_nothing_readable_fills_from_the_rank_and_resumes_keep_the_length(tmp_path):
+    """A worker none of whose share decodes fills up from the rank's first batches (it had
+    none of its own: the loader came 12 batches short); and a state saved under loader
+    workers past a worker's last good batch resumes with len() - k batches (it counted its
+    repeat from the skip, and came short)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole_shard_broken = write_id_tars(tmp_path / "a", 96, set(range(48)), 48)
+    opts = dict(num_classes=3, image_size=8, batch_size=4, on_error="ignore", decode_threads=1)
+    for seed in (1, 2):
+        ds = ShardIterableDataset(whole_shard_broken, seed=seed, shuffle_buffer=16, **opts)
+        got = _epoch(DataLoader(ds, batch_size=None, num_workers=2))
+        assert len(got) == len(ds) == 24 and not {i for ids in got for i in ids} & set(range(48))
+    worker0_tail = write_id_tars(tmp_path / "b", 96, {8 * j + i for j in range(2, 12) for i in range(4)}, 96)
+    ds = ShardIterableDataset(worker0_tail, shuffle=False, **opts)
+    full = _epoch(DataLoader(ds, batch_size=None, num_workers=2))
+    assert len(full) == len(ds) == 24
+    for k in (5, 12, 18):
+        again = ShardIterableDataset(worker0_tail, shuffle=False, **opts)
+        again.load_state_dict(ds.state_dict(k))
+        assert len(_epoch(DataLoader(again, batch_size=None, num_workers=2))) == len(full) - k, k
