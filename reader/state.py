@@ -207,7 +207,8 @@ class StreamPosition:
     failed: list[int]
     # 0, or: the epoch came short after ``lap`` batches (samples or shards were skipped)
     # and is being filled up with its first batches again (ShardReader._repeat_first_batches);
-    # this position is ``batches`` into that repeat, batch ``lap + batches`` of the epoch
+    # this position is ``batches`` into that repeat: batch ``lap + batches`` of the epoch, or
+    # a whole number of repeats later
     lap: int = 0
 
     @classmethod
