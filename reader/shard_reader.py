@@ -528,8 +528,9 @@ class ShardReader:
         skipped = self.policy.skipped_samples, self.policy.skipped_shards
         if start is not None and start.lap and start.fits(skip, streams):
             # saved while a short epoch was being filled up: only the repeat is left
-            stream_log = StreamLog(StreamPosition.round_robin(0, streams), lap=start.lap)
-            repeat_start: StreamPosition | None = dataclasses.replace(start, lap=0)
+            stream_log = StreamLog(StreamPosition.round_robin(0, streams), lap=start.lap,
+                                   lap_length=start.lap_length)
+            repeat_start: StreamPosition | None = dataclasses.replace(start, lap=0, lap_length=0)
         else:
             stream_log, repeat_start = StreamLog(StreamPosition.at_or_round_robin(start, skip, streams)), None
         self._stream_logs[epoch] = stream_log
@@ -601,9 +602,15 @@ class ShardReader:
             self._count(batch, tally)
             return batch
 
+        def ran_out(at: int, got: int) -> None:
+            # A whole repeat is as long as the epoch read from its start. A run that began
+            # at another rank's position (its skip not its own) came to some other count.
+            if at == 0 and got and got != log.lap:
+                log.lap_length = got
+
         if log.lap:
             at = start.batches if start is not None else 0
-            yield from _passes(lambda: self._short(tally), read, at, take)
+            yield from _passes(lambda: self._short(tally), read, at, take, ran_out)
 
     def _filled_worker_share(self, epoch: int, *, worker: int, workers: int, own_skip: int,
                              skip_extra: int) -> Iterator[Batch]:
@@ -983,11 +990,12 @@ def _only(
 
 
 def _passes(short: Callable[[], bool], read: Callable[[int], Generator[Batch, None, None]], at: int,
-            take: Callable[[Batch], Batch]) -> Iterator[Batch]:
+            take: Callable[[Batch], Batch], ran_out: Callable[[int, int], None] | None = None) -> Iterator[Batch]:
     """Batches of a stream read again and again while ``short()``: ``read(at)`` gives its
     batches after the first ``at``; the first pass starts at ``at``, each later one at the
     start, and a pass from the start that yields nothing ends it (nothing can be read).
-    ``take`` counts (and may cut) each batch before it is yielded."""
+    ``take`` counts (and may cut) each batch before it is yielded; ``ran_out(at, got)``
+    hears of each pass that ran to the stream's end."""
     while short():
         got = 0
         batches = read(at)
@@ -999,6 +1007,8 @@ def _passes(short: Callable[[], bool], read: Callable[[int], Generator[Batch, No
                 yield take(batch)
         finally:
             batches.close()
+        if ran_out is not None:
+            ran_out(at, got)
         if not got and not at:
             return
         at = 0

@@ -164,6 +164,8 @@ def _position_fields(position: StreamPosition | None) -> dict[str, Any]:
         fields["stream_batches"], fields["next_stream"] = position.counts, position.next
     if position.lap:
         fields["lap"] = position.lap
+    if position.lap_length and position.lap_length != position.lap:
+        fields["lap_length"] = position.lap_length
     return fields
 
 
@@ -208,8 +210,10 @@ class StreamPosition:
     # 0, or: the epoch came short after ``lap`` batches (samples or shards were skipped)
     # and is being filled up with its first batches again (ShardReader._repeat_first_batches);
     # this position is ``batches`` into that repeat: batch ``lap + batches`` of the epoch, or
-    # a whole number of repeats later
+    # a whole number of repeats later; each repeat is ``lap_length`` batches (0: ``lap``; it
+    # differs in a run that started from another rank's state, whose skip is not its own)
     lap: int = 0
+    lap_length: int = 0
 
     @classmethod
     def round_robin(cls, batches: int, streams: int) -> StreamPosition:
@@ -225,7 +229,7 @@ class StreamPosition:
         if len(self.counts) != streams:
             return False
         if self.lap:
-            return batches > self.lap and repeat_batches(batches, self.lap) == self.batches
+            return batches > self.lap and repeat_batches(batches, self.lap, self.lap_length) == self.batches
         return self.batches == batches
 
     @classmethod
@@ -238,10 +242,11 @@ class StreamPosition:
         return cls.round_robin(batches, streams)
 
 
-def repeat_batches(batches: int, lap: int) -> int:
+def repeat_batches(batches: int, lap: int, length: int = 0) -> int:
     """How far into a repeat of its first batches an epoch that came short after ``lap``
-    batches is, ``batches`` (> ``lap``) into it: every repeat is the same ``lap`` batches."""
-    return (batches - lap) % lap
+    batches is, ``batches`` (> ``lap``) into it: every repeat is the same ``length``
+    batches (0: ``lap``, as in a run that read the epoch from its start)."""
+    return (batches - lap) % (length or lap)
 
 
 @dataclass
@@ -254,6 +259,7 @@ class StreamLog:
     order: list[int] = _field(default_factory=list)  # the stream of each batch since
     changes: list[tuple[int, int, int]] = _field(default_factory=list)  # (batch, stream, failed)
     lap: int = 0  # the batches the epoch came to, where it came short; then:
+    lap_length: int = 0  # the batches of one whole repeat, once read, where not ``lap``
     repeats: list[StreamLog] = _field(default_factory=list)  # its first batches' repeats, as read
     _last: list[int] = _field(init=False, repr=False)  # each stream's latest failed count
 
@@ -274,10 +280,10 @@ class StreamLog:
             return None
         if not self.lap or batches <= self.lap:
             return self.at(batches) if self.start.batches <= batches else None
-        within = repeat_batches(batches, self.lap)
+        within = repeat_batches(batches, self.lap, self.lap_length)
         log = next((log for log in self.repeats if log.holds(within)), None)
         at = log.at(within) if log is not None else StreamPosition.round_robin(within, streams)
-        at.lap = self.lap
+        at.lap, at.lap_length = self.lap, self.lap_length
         return at
 
     def holds(self, batches: int) -> bool:
@@ -287,7 +293,8 @@ class StreamLog:
     def repeat_from(self, batches: int) -> StreamLog | None:
         """A log of a repeat of the first batches that holds every position from
         ``batches`` into it to the repeat's end (``lap`` batches)."""
-        return next((log for log in self.repeats if log.holds(batches) and log.holds(self.lap)), None)
+        length = self.lap_length or self.lap
+        return next((log for log in self.repeats if log.holds(batches) and log.holds(length)), None)
 
     def new_repeat(self, start: StreamPosition) -> StreamLog:
         """Start logging a repeat of the first batches at ``start`` (the last two are kept:
@@ -321,12 +328,14 @@ def saved_position(state: dict[str, Any], batches: int, streams: int) -> StreamP
     Raises:
         ValueError: a field is malformed or does not fit ``batches`` and ``streams``.
     """
-    lap = state.get("lap", 0)
+    lap, length = state.get("lap", 0), state.get("lap_length", 0)
     if not _whole([lap]) or lap and not lap < batches:
         raise ValueError(f"lap {lap!r} is not a whole number of batches below batches={batches}")
-    batches = repeat_batches(batches, lap) if lap else batches  # the position's, in the repeat
+    if not _whole([length]) or length and not (lap and length <= lap):
+        raise ValueError(f"lap_length {length!r} is not a whole number of batches up to lap={lap!r}")
+    batches = repeat_batches(batches, lap, length) if lap else batches  # the position's, in the repeat
     position = StreamPosition.round_robin(batches, streams)
-    position.lap = lap
+    position.lap, position.lap_length = lap, length
     failed = saved_extras(state)
     if failed:
         if len(failed) != streams:

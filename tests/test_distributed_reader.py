@@ -313,7 +313,8 @@ def test_a_rank_that_loses_samples_still_yields_as_many_batches_as_the_others(tm
 def test_a_rank_resumed_from_another_ranks_state_keeps_the_length(tmp_path, processes):
     """One saved state serves every rank, which skips whole batches: where that skipped all
     of a rank's readable samples unseen, its epoch ended there (the repeat, counted from
-    the skip, found nothing) and the ranks' lengths parted (a DDP hang)."""
+    the skip, found nothing) and the ranks' lengths parted (a DDP hang). The states that
+    rank then saves resume exactly (their lap_length says how long its repeat is)."""
     url = write_id_tars(tmp_path, 96, set(range(60, 96)), 48)  # rank 1 reads 48..95: 3 batches of 12
     options = dict(num_classes=3, image_size=4, batch_size=4, on_error="ignore", shuffle=False,
                    world_size=2, processes=processes)
@@ -329,3 +330,22 @@ def test_a_rank_resumed_from_another_ranks_state_keeps_the_length(tmp_path, proc
             assert sum(1 for _ in r1) == len(r0) - k, k
         finally:
             r1.close()
+    # and the states rank 1 then saves itself resume exactly on rank 1: its repeat is as
+    # long as its own epoch (3 batches), not as the count it came to from rank 0's skip
+    r1 = ShardReader(url, rank=1, **options)
+    try:
+        r1.load_state_dict(states[3])  # skips 16 samples unseen: 12 good ones, 4 of them
+        rest, own = [], []
+        for x, _ in r1:
+            rest.append(sample_ids(x))
+            own.append(json.loads(json.dumps(r1.state_dict())))
+    finally:
+        r1.close()
+    assert any(state.get("lap_length") for state in own)
+    for j in range(1, len(rest)):
+        again = ShardReader(url, rank=1, **options)
+        try:
+            again.load_state_dict(own[j - 1])
+            assert [sample_ids(x) for x, _ in again] == rest[j:], j
+        finally:
+            again.close()

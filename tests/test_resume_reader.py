@@ -176,6 +176,9 @@ def test_garbage_state_is_refused(awkward_shards):
     for lap in (-1, "3", 1.5, 5, 9):  # a repeat starts after a whole number of batches before these
         with pytest.raises(ValueError, match="lap"):
             r.load_state_dict({**r.state_dict(), "batches": 5, "lap": lap})
+    for length in (-1, "2", 4, 9):  # a whole repeat is no longer than where it started
+        with pytest.raises(ValueError, match="lap_length"):
+            r.load_state_dict({**r.state_dict(), "batches": 5, "lap": 3, "lap_length": length})
 
 
 @pytest.mark.slow
