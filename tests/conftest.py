@@ -154,6 +154,18 @@ def s3(s3_server, monkeypatch):
 # ---- distributed reading and resume (issue #6) ------------------------------------------
 
 
+def batches_and_states(reader) -> tuple[list[list[int]], list[dict]]:
+    """The sample ids of each batch of the reader's next epoch, and its state (through
+    JSON, as a checkpoint keeps it) after each."""
+    import json
+
+    got, states = [], []
+    for batch in reader:
+        got.append(sample_ids(batch[0] if isinstance(batch, tuple) else batch))
+        states.append(json.loads(json.dumps(reader.state_dict())))
+    return got, states
+
+
 def sample_ids(x) -> list[int]:
     """Sample ids encoded by write_awkward_tree in a decoded NHWC batch (numpy or torch)."""
     import numpy as np

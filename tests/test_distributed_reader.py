@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 import pytest
-from conftest import sample_ids, write_id_tars
+from conftest import batches_and_states, sample_ids, write_id_tars
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -335,10 +335,7 @@ def test_a_rank_resumed_from_another_ranks_state_keeps_the_length(tmp_path, proc
     r1 = ShardReader(url, rank=1, **options)
     try:
         r1.load_state_dict(states[3])  # skips 16 samples unseen: 12 good ones, 4 of them
-        rest, own = [], []
-        for x, _ in r1:
-            rest.append(sample_ids(x))
-            own.append(json.loads(json.dumps(r1.state_dict())))
+        rest, own = batches_and_states(r1)
     finally:
         r1.close()
     assert any(state.get("lap_length") for state in own)

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import sample_ids, write_id_tars
+from conftest import batches_and_states, sample_ids, write_id_tars
 
 from reader import ShardReader
 from reader.state import load_state, save_state
@@ -385,6 +385,15 @@ def test_failed_samples_are_the_saving_ranks_own(failing_shards):
     assert "failed_before" not in other.state_dict()
 
 
+def _one_epoch(shards, options) -> tuple[list[list[int]], list[dict], int]:
+    """A new reader's first epoch: each batch's sample ids, the state after it, and len()."""
+    r = ShardReader(shards, **options)
+    try:
+        return (*batches_and_states(r), len(r))
+    finally:
+        r.close()
+
+
 @pytest.mark.parametrize("processes,shuffle", [(0, True), (2, False), (3, False), (3, True)])
 def test_resume_where_failed_samples_made_the_turns_of_decode_processes_uneven(blocky_shards, processes, shuffle):
     """A process whose stream lost batches ends early and the turns after it shift: the
@@ -392,18 +401,11 @@ def test_resume_where_failed_samples_made_the_turns_of_decode_processes_uneven(b
     sees the batches that came next, not some of them twice. The epoch, short of batches,
     is filled up with its first batches again; a state saved in that repeat resumes it."""
     options = dict(FAILING, batch_size=4, processes=processes, shuffle=shuffle)
-    r = ShardReader(blocky_shards, **options)
-    try:
-        whole, states = [], []
-        for x, _ in r:
-            whole.append(sample_ids(x))
-            states.append(json.loads(json.dumps(r.state_dict())))
-    finally:
-        r.close()
+    whole, states, length = _one_epoch(blocky_shards, options)
     # 104 samples left: batches lost, not just shortened, and made up by the first ones
-    assert len(whole) == len(r)
+    assert len(whole) == length
     lap = next(state["lap"] for state in states if "lap" in state)
-    assert lap < len(r) and whole[lap:] == whole[: len(r) - lap]
+    assert lap < length and whole[lap:] == whole[: length - lap]
     uneven = [k for k, state in enumerate(states, start=1) if "stream_batches" in state]
     assert uneven or processes in (0, 2)  # two processes here lose as many batches each
     for k in sorted({1, 5, lap, lap + 1, len(whole) - 1, *uneven[:1], *uneven[-1:]}):
@@ -422,14 +424,6 @@ def mostly_broken_shards(tmp_path_factory):
     return write_id_tars(tmp_path_factory.mktemp("mostly_broken"), 60, set(range(10, 54)), 20)
 
 
-def _batches_and_states(reader):
-    got, states = [], []
-    for x, _ in reader:
-        got.append(sample_ids(x))
-        states.append(json.loads(json.dumps(reader.state_dict())))
-    return got, states
-
-
 @pytest.mark.parametrize("processes,shuffle", [(0, False), (0, True), (2, True)])
 def test_a_reader_resumed_inside_the_repeat_saves_the_states_the_whole_run_saved(
         mostly_broken_shards, processes, shuffle):
@@ -439,18 +433,14 @@ def test_a_reader_resumed_inside_the_repeat_saves_the_states_the_whole_run_saved
     the resume point only, so after the repeat wrapped its states lost the lap, or their
     failed_before, and a second resume read other batches.)"""
     options = dict(FAILING, batch_size=4, processes=processes, shuffle=shuffle)
-    r = ShardReader(mostly_broken_shards, **options)
-    try:
-        whole, states = _batches_and_states(r)
-    finally:
-        r.close()
+    whole, states, length = _one_epoch(mostly_broken_shards, options)
     lap = next(state["lap"] for state in states if "lap" in state)
-    assert len(whole) == len(r) == 15 and lap < 5 and whole[2 * lap:3 * lap] == whole[:lap]
+    assert len(whole) == length == 15 and lap < 5 and whole[2 * lap:3 * lap] == whole[:lap]
     for k in (lap + 1, 2 * lap, 2 * lap + 1):
         resumed = ShardReader(mostly_broken_shards, **options)
         try:
             resumed.load_state_dict(states[k - 1])
-            rest, later = _batches_and_states(resumed)
+            rest, later = batches_and_states(resumed)
         finally:
             resumed.close()
         assert rest == whole[k:], k
