@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flat SRC/{class}/ tree: share of each class put in 'validation'")
     p.add_argument("--layout", choices=["auto", "splits", "flat"], default="auto",
                    help="splits: SRC/{split}/{class}; flat: SRC/{class}; auto: flat iff --validation-split")
-    p.add_argument("--follow-links", action="store_true", help="follow symbolic links (cycles are detected)")
+    p.add_argument("--follow-links", action="store_true", help="follow symbolic links to folders (cycles are detected); links to files are read anyway, as Keras reads them")
     p.add_argument("--validate", choices=["structure", "decode", "header"], default="structure",
                    help="structure (default): headers, declared size and end markers, no pixel "
                         "decoding for JPEG/PNG; decode: decode every image (also catches corrupt "

@@ -125,6 +125,9 @@ def split_name_problem(split: str) -> str | None:
     if len(split) > max_split_name_length():
         return (f"a split name may have at most {max_split_name_length()} characters (it is "
                 "part of every sample's tar member name)")
+    if split.casefold() == MANIFEST_NAME:  # case too: macOS and Windows file systems ignore it
+        return (f"a split may not be named {MANIFEST_NAME}: each split is a folder of OUT, "
+                "beside the manifest file of that name")
     if "\\" in split or _DRIVE.match(split):
         return ("a split name may not hold a backslash nor start with a letter and a colon "
                 "(a path separator and a drive on Windows)")

@@ -110,7 +110,9 @@ def pack(
             ``validation`` (the rest to ``train``).
         layout: ``"splits"``, ``"flat"``, or ``"auto"`` (flat exactly when a
             ``validation_split`` is given).
-        follow_links: follow symbolic links (cycles are detected and broken).
+        follow_links: follow symbolic links to folders below the class folders, and split
+            and class folders that are links (cycles are detected and broken). A link to
+            a file is read either way, as Keras reads one.
         validate: ``"structure"`` (default) checks headers, declared size and end
             markers of JPEG/PNG without decoding (catches truncation) and decodes other
             formats; ``"decode"`` decodes every image (also catches corrupt data inside a

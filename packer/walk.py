@@ -211,17 +211,19 @@ def _identity_or_none(result: WalkResult, path: str, rel: str) -> tuple[int, int
         return None
 
 
-def _broken_link(result: WalkResult, entry: os.DirEntry[str], rel: str) -> bool:
+def _broken_link(result: WalkResult, entry: os.DirEntry[str], rel: str, *, image: bool = False) -> bool:
     """A symbolic link whose target is gone (a class folder linked from an unmounted disk):
     nothing can be packed from it, which deserves a warning naming the target, not only a
-    line among the ignored files. Returns whether ``entry`` is one."""
+    line among the ignored files. ``image``: the link is named like an image, so it is
+    listed in ``skipped`` (every image-like input is packed or skipped). Returns whether
+    ``entry`` is one."""
     if not entry.is_symlink() or os.path.exists(entry.path):
         return False
     try:
         target = os.readlink(entry.path)
     except OSError:
         target = "?"
-    result.ignored.append((rel, f"broken symbolic link (to {target})"))
+    (result.skipped if image else result.ignored).append((rel, f"broken symbolic link (to {target})"))
     result.warnings.append(f"{shown_path(rel)} is a symbolic link to {target}, which does not "
                            "exist: nothing is packed from it")
     return True
@@ -288,12 +290,14 @@ def _collect_class_files(
             result.skipped.append((rel, f"{what} name is not valid UTF-8: rename it to pack it"))
             result.warnings.append(f"{shown_path(rel)}: name is not valid UTF-8, skipped")
             continue
-        if entry.is_symlink() and not follow_links:
-            if looks_like_image_name(entry.name):
-                result.skipped.append((rel, "symbolic link not followed (pass --follow-links)"))
-            elif not _unfollowed_folder(result, entry, rel, src=src, ancestors=ancestors, skip=skip):
-                result.ignored.append((rel, "symbolic link not followed"))
-            continue
+        if entry.is_symlink():
+            if _broken_link(result, entry, rel, image=looks_like_image_name(entry.name)):
+                continue
+            if not follow_links and _unfollowed_folder(result, entry, rel, src=src, ancestors=ancestors, skip=skip):
+                continue
+            # a link to a file is read whatever follow_links says, as Keras reads one (its
+            # follow_links, like ours, is about folders): symlink farms are a common way to
+            # make splits without copying
         if _is_dir(entry, follow_links):
             identity = _identity_or_none(result, entry.path, rel)
             if identity is None or identity in skip or _earlier_output(result, entry.path, rel):
@@ -308,16 +312,18 @@ def _collect_class_files(
             )
             continue
         try:  # the directory entry's type answers without a system call, mostly
-            regular = entry.is_file(follow_symlinks=follow_links) or stat.S_ISREG(
-                entry.stat(follow_symlinks=follow_links).st_mode)
-        except OSError as exc:  # dangling symlink, permission
+            regular = entry.is_file() or stat.S_ISREG(entry.stat().st_mode)
+        except OSError as exc:  # permission, or a link broken since the check above
             if looks_like_image_name(entry.name):
                 result.skipped.append((rel, f"cannot stat: {exc.strerror or exc}"))
-            elif not _broken_link(result, entry, rel):
+            else:
                 result.ignored.append((rel, "unreadable"))
             continue
-        if not regular:
-            result.ignored.append((rel, "not a regular file"))
+        if not regular:  # a FIFO, socket or device: never opened (a read could block)
+            if looks_like_image_name(entry.name):
+                result.skipped.append((rel, "not a regular file (a pipe, socket or device)"))
+            else:
+                result.ignored.append((rel, "not a regular file"))
             continue
         result.candidates.append(
             Candidate(group, class_name, rel, entry.path, looks_like_image_name(entry.name))
@@ -473,7 +479,7 @@ def walk_tree(
         problem = split_name_problem(entry.name)
         if problem and any(  # a folder of notes: no members, no shards
                 c.by_name for c in islice(result.candidates, before, None)):
-            raise LayoutError(f"split folder {rel!r}: {problem}; shorten it")
+            raise LayoutError(f"split folder {rel!r}: {problem}; rename it")
         if loose and not classes:
             raise LayoutError(
                 f"{rel}/ holds {loose} image files but no class folders. If {src} is a flat "

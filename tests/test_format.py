@@ -161,6 +161,15 @@ def test_every_split_name_the_walk_takes_gives_shard_names_a_reader_takes(tmp_pa
         with pytest.raises(LayoutError, match="backslash nor start with a letter and a colon"):
             walk_tree(tmp_path)
         (tmp_path / split / "cat" / "a.jpg").unlink()
+    # a split folder named like OUT's manifest: every shard was written, then the manifest
+    # could not be (a folder had its name), and a re-run crashed
+    for split in ("manifest.json", "Manifest.JSON"):
+        assert "may not be named manifest.json" in split_name_problem(split)
+        (tmp_path / split / "cat").mkdir(parents=True)
+        (tmp_path / split / "cat" / "a.jpg").write_bytes(b"x")
+        with pytest.raises(LayoutError, match=f"split folder '{split}': a split may not be named manifest.json"):
+            walk_tree(tmp_path)
+        (tmp_path / split / "cat" / "a.jpg").unlink()
 
 
 def test_only_shard_shaped_names_inside_the_root_are_ones_a_repack_may_delete():

@@ -69,10 +69,15 @@ def test_zoo_every_input_accounted_for(zoo_packs, follow):
         assert skipped[path], path
 
     ignored = {e["path"] for e in manifest["ignored_examples"]}
-    assert manifest["ignored"] == len(zoo.ignored) + len(SYMLINK_DIRS)
-    assert ignored == zoo.ignored | SYMLINK_DIRS
-    # packed + skipped + ignored = every file in the tree, with no overlap
-    assert set(got) | set(skipped) | ignored == tree_files(zoo.src)
+    want_ignored = zoo.ignored | SYMLINK_DIRS | (set() if follow else zoo.ignored_unless_followed)
+    assert manifest["ignored"] == len(want_ignored)
+    assert ignored == want_ignored
+    # packed + skipped + ignored = every file in the tree (a folder link that is followed:
+    # the files in it), with no overlap
+    files = tree_files(zoo.src)
+    if follow:
+        files = files - zoo.ignored_unless_followed | set(zoo.packed_if_followed)
+    assert set(got) | set(skipped) | ignored == files
     assert not (set(got) & set(skipped))
     counts = {split: info["count"] for split, info in manifest["splits"].items()}
     assert sum(counts.values()) == len(want_packed)

@@ -266,10 +266,37 @@ def test_a_broken_symbolic_link_is_warned_about_naming_its_target(tmp_path):
     for follow in (False, True):
         walked = walk_tree(src, follow_links=follow)
         broken = sorted(w for w in walked.warnings if "which does not exist" in w)
-        assert [w.split(" ")[0] for w in broken] == ["test", "train/cat/more", "train/dog"], follow
-        assert f"to {tmp_path / 'gone' / 'dogs'}," in broken[2]
+        assert [w.split(" ")[0] for w in broken] == ["test", "train/cat/more", "train/cat/x.jpg", "train/dog"], follow
+        assert f"to {tmp_path / 'gone' / 'dogs'}," in broken[3]
         assert walked.classes["train"] == ["cat"]
-        assert "train/cat/x.jpg" in dict(walked.skipped)  # an image by its name: skipped, counted
+        # an image by its name: skipped, counted, with the reason that helps
+        assert dict(walked.skipped)["train/cat/x.jpg"] == f"broken symbolic link (to {tmp_path / 'gone' / 'x.jpg'})"
+
+
+def test_a_symbolic_link_to_a_file_is_read_as_keras_reads_it(tmp_path):
+    """Splits made of links to files (a symlink farm over one image store) are common, and
+    Keras reads such links whatever its follow_links says (that is about folders): the
+    packer skipped them without --follow-links."""
+    store = tmp_path / "store"
+    touch(store, "1.jpg")
+    touch(store, "notes.txt")
+    src = tmp_path / "src"
+    touch(src, "train/cat/0.jpg")
+    os.symlink(store / "1.jpg", src / "train" / "cat" / "1.jpg")
+    os.symlink("0.jpg", src / "train" / "cat" / "again.jpg")  # relative, within the class
+    os.symlink(store / "notes.txt", src / "train" / "cat" / "notes.txt")
+    os.mkfifo(src / "train" / "cat" / "pipe.jpg")
+    for follow in (False, True):
+        walked = walk_tree(src, follow_links=follow)
+        assert [(c.rel_path, c.abs_path) for c in walked.candidates] == [
+            ("train/cat/0.jpg", str(src / "train/cat/0.jpg")),
+            ("train/cat/1.jpg", str(src / "train/cat/1.jpg")),
+            ("train/cat/again.jpg", str(src / "train/cat/again.jpg")),
+            ("train/cat/notes.txt", str(src / "train/cat/notes.txt")),  # the probe decides
+        ], follow
+        # named like an image but never opened (a read could block): skipped, not ignored
+        assert dict(walked.skipped) == {"train/cat/pipe.jpg": "not a regular file (a pipe, socket or device)"}
+        assert walked.warnings == []
 
 
 def test_an_earlier_pack_inside_src_is_left_out_with_a_warning(tmp_path):

@@ -33,6 +33,7 @@ class Zoo:
     # differences when follow_links=True
     packed_if_followed: dict[str, tuple[str, str, str, tuple[int, int] | None]] = field(default_factory=dict)
     skipped_unless_followed: dict[str, str] = field(default_factory=dict)
+    ignored_unless_followed: set[str] = field(default_factory=set)  # folder links
 
     def expected(self, follow_links: bool) -> tuple[dict, dict]:
         packed = dict(self.packed)
@@ -217,15 +218,22 @@ def build_zoo(root: Path, *, good_per_class: int = 6, seed: int = 0) -> Zoo:
     linked = random_crop_jpeg(rng, "coffee", long_side=SMALL)
     (outside / "linked.jpg").write_bytes(linked)
     os.symlink(outside / "linked.jpg", src / coffee / "linked.jpg")
-    with Image.open(io.BytesIO(linked)) as im:
-        zoo.packed_if_followed[f"{coffee}/linked.jpg"] = ("train", "coffee", "jpg", im.size)
-    zoo.skipped_unless_followed[f"{coffee}/linked.jpg"] = "symbolic link"
+    with Image.open(io.BytesIO(linked)) as im:  # read with or without --follow-links, as Keras reads it
+        zoo.packed[f"{coffee}/linked.jpg"] = ("train", "coffee", "jpg", im.size)
+    # a folder linked in from outside SRC: its images are packed only with --follow-links
+    (outside / "more").mkdir()
+    more = random_crop_jpeg(rng, "coffee", long_side=SMALL)
+    (outside / "more" / "x.jpg").write_bytes(more)
+    os.symlink(outside / "more", src / coffee / "more")
+    with Image.open(io.BytesIO(more)) as im:
+        zoo.packed_if_followed[f"{coffee}/more/x.jpg"] = ("train", "coffee", "jpg", im.size)
+    zoo.ignored_unless_followed.add(f"{coffee}/more")
     os.symlink(".", src / coffee / "loop")
     (src / cat / "nested" / "deeper").mkdir(parents=True, exist_ok=True)
     os.symlink("../..", src / cat / "nested" / "up")
     os.symlink("../..", src / cat / "nested" / "deeper" / "up2")  # -> train/cat: an ancestor
     os.symlink(src / "no_such_file.jpg", src / coffee / "dangling.jpg")
-    zoo.skipped[f"{coffee}/dangling.jpg"] = ""  # link not followed / cannot stat
+    zoo.skipped[f"{coffee}/dangling.jpg"] = "broken symbolic link (to "
     return zoo
 
 
