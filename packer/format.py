@@ -14,12 +14,13 @@ import os
 import posixpath
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .errors import FormatVersionError, ManifestError
 
 __all__ = [
+    "optional_fields",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
@@ -322,6 +323,72 @@ def _check_shape(manifest: dict[str, Any], where: str) -> None:
             if "sha256" in shard and not isinstance(shard["sha256"], str):
                 raise bad(f"shard {shard['name']!r}: 'sha256' must be a hex string")
         _check_counts(name, split, classes, bad)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _good_skipped(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(s, dict) and isinstance(s.get("path"), str) and isinstance(s.get("reason"), str)
+        for s in value)
+
+
+def _good_duplicates(value: Any) -> bool:
+    if not isinstance(value, dict):
+        return False
+    within, across = value.get("within_split", []), value.get("across_splits", [])
+    return (isinstance(within, list) and isinstance(across, list)
+            and all(isinstance(g, dict) and _is_str_list(g.get("paths")) for g in within + across)
+            and all(_is_str_list(g.get("splits")) for g in across))
+
+
+def _good_resize(resize: Any) -> bool:
+    sizes = ("short_side",) if isinstance(resize, dict) and "short_side" in resize else ("width", "height")
+    return resize is None or (isinstance(resize, dict) and all(isinstance(resize.get(k), int) for k in sizes))
+
+
+# optional field -> (its default, whether a value has the shape readers and ``info`` use)
+_OPTIONAL_FIELDS: dict[str, tuple[Any, Callable[[Any], bool]]] = {
+    "skipped": ([], _good_skipped),
+    "ignored": (0, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "duplicates": ({"within_split": [], "across_splits": []}, _good_duplicates),
+    "options": (None, lambda v: v is None or isinstance(v, dict)),
+    "warnings": ([], _is_str_list),
+}
+
+
+def optional_fields(manifest: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The optional fields a manifest's readers only report (``skipped``, ``ignored``,
+    ``duplicates``, ``options``, ``warnings``), each as found, or its default where it is
+    absent or malformed (a hand edit, another tool), and a line naming each malformed one.
+
+    Readers need none of them to read shards, so a malformed one never stops a reader:
+    ``info`` shows what is left and names the rest, ``verify`` reports them as problems.
+    """
+    fields, problems = {}, []
+    for name, (default, good) in _OPTIONAL_FIELDS.items():
+        value = manifest.get(name, default)
+        if good(value):
+            fields[name] = value
+        else:
+            fields[name] = default
+            problems.append(_malformed(name, value))
+    options = fields["options"]
+    if options is not None and not _good_resize(options.get("resize")):
+        fields["options"] = dict(options, resize=None)
+        problems.append(_malformed("options.resize", options["resize"]))
+    return fields, problems
+
+
+def _malformed(name: str, value: Any) -> str:
+    return f"manifest field {name!r} is malformed ({_short_json(value)}); FORMAT.md gives its shape"
+
+
+def _short_json(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_counts(name: str, split: dict[str, Any], classes: list[str], bad: Any) -> None:

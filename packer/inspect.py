@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 
 from PIL import Image
 
-from .format import split_member_name
+from .format import optional_fields, split_member_name
 from .probe import allow_packed_pixels
 from .sizes import format_size
 from .storage import join_url, open_binary, read_manifest
@@ -34,13 +34,14 @@ def info_text(manifest: dict[str, Any], source: str) -> str:
         lines.append(
             f"{name:<14}{split['count']:>9}{len(split['shards']):>8}{format_size(size):>11}  {per_class}"
         )
-    skipped = manifest.get("skipped", [])
+    fields, malformed = optional_fields(manifest)
+    skipped = fields["skipped"]
     lines += ["", f"skipped: {len(skipped)} image-like files"]
     lines += [f"  {s['path']}: {s['reason']}" for s in skipped[:20]]
     if len(skipped) > 20:
         lines.append(f"  ... and {len(skipped) - 20} more (see --json)")
-    lines.append(f"ignored: {manifest.get('ignored', 0)} non-image or hidden files")
-    dup = manifest.get("duplicates", {})
+    lines.append(f"ignored: {fields['ignored']} non-image or hidden files")
+    dup = fields["duplicates"]
     within, across = dup.get("within_split", []), dup.get("across_splits", [])
     lines.append(
         f"duplicates: {len(within)} groups of identical images within a split, "
@@ -48,12 +49,13 @@ def info_text(manifest: dict[str, Any], source: str) -> str:
     )
     for group in across[:10]:
         lines.append(f"  across {'/'.join(group['splits'])}: {', '.join(group['paths'])}")
-    if manifest.get("options"):
-        lines.append(f"packed with: {_options_text(manifest['options'])}")
-    warnings = manifest.get("warnings") or []
+    if fields["options"]:
+        lines.append(f"packed with: {_options_text(fields['options'])}")
+    warnings = fields["warnings"]
     if warnings:
         lines.append(f"warnings ({len(warnings)}), as the pack gave them:")
         lines += [f"  {w}" for w in warnings]
+    lines += [f"NOTE: {problem}" for problem in malformed]
     return "\n".join(lines)
 
 
@@ -213,6 +215,7 @@ def verify(
         report.problems.append(str(exc))
         return report
     allow_packed_pixels(manifest)
+    report.problems += optional_fields(manifest)[1]
     classes = manifest["classes"]
     entries = [(split, e) for split, info in manifest["splits"].items() for e in info["shards"]]
     counts: dict[str, list[int]] = {split: [0] * len(classes) for split in manifest["splits"]}

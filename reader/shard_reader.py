@@ -24,6 +24,7 @@ from typing import IO, Any
 import numpy as np
 
 from packer.errors import ClassNotFoundError, EmptySplitError, SampleDecodeError, ShardReadError
+from packer.format import optional_fields
 from packer.probe import allow_packed_pixels
 from packer.sizes import counted, parse_size
 from packer.storage import is_remote
@@ -1043,7 +1044,7 @@ def _warn_about_squashed_shards(manifest: dict[str, Any] | None, options: Decode
     """Shards packed with ``--resize WxH`` hold every image squashed to W x H: the original
     aspect ratio is gone. Reading them at another aspect ratio (squashed again, or cropped
     or padded to it) acts on the squashed picture, which nobody expects in silence."""
-    resize = ((manifest or {}).get("options") or {}).get("resize") or {}
+    resize = (optional_fields(manifest)[0]["options"] or {}).get("resize") or {} if manifest else {}
     if "width" not in resize or "height" not in resize:
         return
     height, width = options.image_size

@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import tarfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,32 @@ def test_a_manifest_without_a_shards_sha256_says_so(copy):
     assert not report.ok
     assert any("gives no sha256" in p for p in report.problems), report.problems
     assert not any("differs" in p for p in report.problems)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m.update(skipped=[{"path": "train/cat/x.jpg"}]), "'skipped'"),  # no reason
+    (lambda m: m.update(skipped="none"), "'skipped'"),
+    (lambda m: m.update(ignored="3"), "'ignored'"),
+    (lambda m: m.update(duplicates=[]), "'duplicates'"),
+    (lambda m: m["duplicates"]["across_splits"][0].pop("splits"), "'duplicates'"),
+    (lambda m: m.update(options="packed by hand"), "'options'"),
+    (lambda m: m["options"].update(resize="64"), "'options.resize'"),
+    (lambda m: m.update(warnings="none"), "'warnings'"),
+])
+def test_a_malformed_optional_field_is_named_by_info_and_verify_and_never_stops_a_reader(copy, edit, field):
+    """Readers need none of the report fields; a hand edit of one crashed `info` with a
+    KeyError or AttributeError while `verify` said OK. Now `info` shows what it can and
+    names the field, `verify` reports it, and the reader reads as before."""
+    from reader import ShardReader
+
+    _edited(copy, edit)
+    text = info_text(read_manifest(copy), str(copy))
+    assert f"NOTE: manifest field {field} is malformed" in text
+    assert "classes (2): cat, rocket" in text and "cat 12, rocket 12" in text
+    report = verify(str(copy))
+    assert not report.ok and [p for p in report.problems if field in p] == report.problems
+    assert len(report.problems) == 1 and report.samples == 33
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning either (options.resize is read for one)
+        reader = ShardReader(copy, split="test", image_size=(8, 8), batch_size=4, shuffle=False)
+    assert sum(len(y) for _, y in reader) == 9
