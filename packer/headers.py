@@ -256,6 +256,26 @@ def signature_kind(data: bytes) -> str | None:
     return None
 
 
+# ISO base media file brands of still images (an ``ftyp`` box's major or compatible
+# brands) -> the name people know them by
+_HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"heim": "HEIC", b"heis": "HEIC",
+                b"hevc": "HEIC", b"hevx": "HEIC", b"hevm": "HEIC", b"hevs": "HEIC",
+                b"avif": "AVIF", b"avis": "AVIF", b"mif1": "HEIF", b"msf1": "HEIF"}
+
+
+def heif_kind(data: bytes) -> str | None:
+    """"HEIC", "AVIF" or "HEIF" when the bytes start with the ``ftyp`` box of a HEIF-family
+    still image (iPhone photos are HEIC), else None. Pillow without a plugin cannot tell
+    such a file from junk, so a phone's photos were counted as non-image files."""
+    if len(data) < 16 or data[4:8] != b"ftyp":
+        return None
+    size = int.from_bytes(data[:4], "big")
+    brands = [data[8:12]] + [data[i : i + 4] for i in range(16, min(size, len(data), 64) - 3, 4)]
+    kinds = [_HEIF_BRANDS[b] for b in brands if b in _HEIF_BRANDS]
+    named = [k for k in kinds if k != "HEIF"]  # mif1 says HEIF; a later brand may say which
+    return named[0] if named else (kinds[0] if kinds else None)
+
+
 # how the other formats the packer takes begin (JPEG and PNG: their signatures above)
 _OTHER_MAGIC = (b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
 

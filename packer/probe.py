@@ -28,7 +28,14 @@ from PIL import Image, UnidentifiedImageError
 
 from .digest import content_digest
 from .format import PIL_FORMAT_TO_EXT
-from .headers import ORIENTATION_TAG, FastInfo, fast_jpeg_info, fast_png_info, signature_kind
+from .headers import (
+    ORIENTATION_TAG,
+    FastInfo,
+    fast_jpeg_info,
+    fast_png_info,
+    heif_kind,
+    signature_kind,
+)
 from .spool import put as spool_put
 from .transform import ResizeSpec, load_for_resize, transform_image
 
@@ -198,6 +205,10 @@ def probe_bytes(
         kind = signature_kind(data)
         if kind is not None:  # an image by its signature, cut or damaged inside its headers
             return Probe(False, True, f"truncated or corrupt {kind} header", source_digest=source_digest)
+        heif = heif_kind(data)
+        if heif is not None:  # a photo in a format no reader here decodes: skipped, not junk
+            return Probe(False, True, f"{heif} image: a format shardpack does not pack (convert it "
+                         "to JPEG, e.g. with pillow-heif)", source_digest=source_digest)
         return Probe(False, False, "not an image Pillow can read", source_digest=source_digest)
     except Exception as exc:  # Pillow raises many types on malformed headers
         return Probe(False, True, f"unreadable image header: {exc}", source_digest=source_digest)

@@ -57,6 +57,14 @@ def image_bytes(im: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
+def heif_like(major: bytes, compatible: bytes) -> bytes:
+    """The start of a HEIF-family photo as phones write it: an ``ftyp`` box (major brand,
+    version, compatible brands), then a ``meta`` box's header and filler (no HEIF encoder
+    is installed here, and no decoder: Pillow fails on a whole file the same way)."""
+    ftyp = b"ftyp" + major + b"\0\0\0\0" + compatible
+    return struct.pack(">I", 4 + len(ftyp)) + ftyp + struct.pack(">I", 208) + b"meta" + bytes(200)
+
+
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -197,6 +205,11 @@ def build_zoo(root: Path, *, good_per_class: int = 6, seed: int = 0) -> Zoo:
     bad(f"{coffee}/text_named.jpg", b"This is not a photo, it is a note.\n" * 5, "not an image")
     bad(f"{coffee}/garbage.png", bytes(random.Random(1).getrandbits(8) for _ in range(3000)), "not an image")
     bad(f"{coffee}/bomb.png", png_bomb(50_000, 50_000), "decompression bomb")
+    # Phone photos in formats no reader here decodes, named in no image way: skipped by
+    # their content, not counted as non-image files.
+    bad(f"{coffee}/IMG_0001.HEIC", heif_like(b"heic", b"mif1heic"), "HEIC image")
+    bad(f"{coffee}/IMG_0002.heif", heif_like(b"mif1", b"mif1heic"), "HEIC image")
+    bad(f"{coffee}/still.hif", heif_like(b"mif1", b"mif1miaf"), "HEIF image")
     bad(f"{coffee}/bomb_moderate.png", png_bomb(12_000, 12_000), "decompression bomb")
     bad(f"{coffee}/bomb.jpg", jpeg_bomb(50_000, 50_000), "decompression bomb")
 
