@@ -12,8 +12,6 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from packer.sizes import counted
-
 from .batches import DATA_FORMATS
 from .checks import check_batch_size, check_image_size
 from .shard_reader import ShardReader
@@ -86,7 +84,7 @@ def image_dataset_from_shards(
     one-hot ``(batch, classes)`` for "categorical", float32 ``(batch, 1)`` for "binary";
     ``label_mode=None`` yields images only. ``class_names`` picks a subset of classes (and
     their order): samples of other classes are left out and labels are positions in this
-    list. The dataset has ``class_names`` (None without labels, as Keras) and a known
+    list (with labels only, as Keras). The dataset has ``class_names`` (None without labels, as Keras) and a known
     cardinality (batches per epoch from the manifest), so ``model.fit`` shows steps per
     epoch. Each pass over the dataset (each
     Keras epoch) is a new epoch with a new shuffle order; ``shuffle=False`` gives the
@@ -140,6 +138,12 @@ def image_dataset_from_shards(
     import tensorflow as tf
 
     label_mode = _keras_labels(labels, label_mode)
+    if label_mode is None and class_names is not None:
+        raise ValueError(  # Keras refuses it too; the reader itself takes it
+            "When labels=None or label_mode=None (no labels), class_names cannot be specified, "
+            "as in Keras; to read some classes' images without labels, use "
+            "reader.ShardReader(..., class_names=[...], label_mode=None)"
+        )
     _refuse_directory_options(validation_split, subset, follow_links)
     _refuse_format(format)
     if batch_size is None and reader_options.get("drop_remainder"):
@@ -161,11 +165,9 @@ def image_dataset_from_shards(
         pad_to_aspect_ratio=pad_to_aspect_ratio,
         **reader_options,
     )
-    if verbose:
-        print(
-            f"Found {counted(reader.samples, 'file')} in {counted(len(reader.source.shards), 'shard')} "
-            f"belonging to {counted(len(reader.class_names), 'class')}."
-        )
+    if verbose:  # Keras' words, so logs read the same
+        found = f"Found {reader.samples} files"
+        print(f"{found}." if label_mode is None else f"{found} belonging to {len(reader.class_names)} classes.")
     reader.require_samples(scan=True)  # counted for the cardinality anyway
     reader._count_samples = batch_size is None  # the cardinality counts samples then
     h, w, c = reader.decode_options.shape

@@ -212,6 +212,32 @@ def test_keras_directory_options_are_taken_or_refused_with_advice(id_shards):
     assert int(one_by_one.cardinality()) == len(list(one_by_one)) == 30
 
 
+def test_found_line_and_class_names_without_labels_as_keras(id_shards, tmp_path, capsys):
+    """Keras prints "Found N files belonging to C classes." (or "Found N files." without
+    labels) and refuses class_names without labels; the dataset printed its own line and
+    read a silent class subset whose class_names it then hid (None without labels)."""
+    from conftest import write_id_tree
+
+    shards, _ = id_shards
+    src = tmp_path / "src"
+    write_id_tree(src, {"test": 2})
+    for kwargs in ({}, {"label_mode": None}, {"labels": None}):
+        keras.utils.image_dataset_from_directory(src / "test", image_size=(4, 4), **kwargs)
+        keras_line = capsys.readouterr().out.strip().splitlines()[-1]
+        image_dataset_from_shards(shards, split="test", image_size=4, **kwargs)
+        ours = capsys.readouterr().out.strip().splitlines()[-1]
+        n, c = keras_line.split()[1], "3"
+        assert (keras_line, ours) == (
+            (f"Found {n} files belonging to {c} classes.", "Found 30 files belonging to 3 classes.")
+            if not kwargs else (f"Found {n} files.", "Found 30 files.")), kwargs
+        if kwargs:
+            with pytest.raises(ValueError, match="cannot be specified") as keras_error:
+                keras.utils.image_dataset_from_directory(src / "test", class_names=["circle"], **kwargs)
+            with pytest.raises(ValueError, match="class_names cannot be specified, as in Keras"):
+                image_dataset_from_shards(shards, split="test", class_names=["circle"], **kwargs)
+            assert "`labels=None`" in str(keras_error.value)
+
+
 def test_an_empty_split_and_repeated_class_names_are_refused(tmp_path):
     """Keras refuses a folder without images; a class named twice would be counted twice."""
     from conftest import write_id_tree
