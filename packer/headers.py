@@ -139,6 +139,18 @@ class _OrientationScan:
         return None if self._xmp else 1
 
 
+_APP14 = frozenset({0xEE})  # Adobe's: says whether CMYK is stored inverted
+
+
+def jpeg_adobe_marker(data: bytes) -> bool:
+    """Whether a JPEG's headers hold an Adobe APP14 segment as libjpeg recognises one (its
+    ``saw_Adobe_marker``: the identifier and at least 12 bytes of data). Adobe's CMYK and
+    YCCK JPEGs store every channel inverted, and decoders convert them to RGB on that
+    word (TensorFlow: ``k * c / 255`` with it, ``(255 - k) * (255 - c) / 255`` without)."""
+    return any(length >= 14 and data[pos + 4 : pos + 9] == b"Adobe"
+               for _, pos, length in _segments(data, _APP14))
+
+
 def jpeg_orientation(data: bytes) -> int | None:
     """EXIF orientation (1..8, 1 when absent) of JPEG bytes, read from the markers alone.
 

@@ -33,8 +33,10 @@ Choices, made once here so every image is treated alike:
   give 38, of which 37.625 hold the picture); the resize takes the 38 as the whole
   picture, so the far edge shifts by up to ~2.5 source pixels (sampling the true width
   needs the affine warp, about 3x the cost of ``cv2.resize``).
-  Without it, ``Image.draft`` scales by 1/2, 1/4 or 1/8. JPEGs simplejpeg cannot take
-  (CMYK, 12-bit, damaged) go to Pillow, which decides.
+  CMYK and YCCK JPEGs read as RGB are decoded to CMYK and converted in TensorFlow's
+  arithmetic (``_tensorflow_rgb``): Keras' pixels exactly. Without it, ``Image.draft``
+  scales by 1/2, 1/4 or 1/8. JPEGs simplejpeg cannot take (12-bit, damaged; CMYK read as
+  grayscale) go to Pillow, which decides.
 - **Plain 8-bit PNGs** decode with OpenCV when it is installed (``opencv_png``): Pillow's
   pixels, without holding the GIL. Oriented, animated, 16-bit or damaged ones go to Pillow.
 - **Resize like Keras**: with OpenCV installed (``shardpack[fast]``), ``bilinear``,
@@ -67,6 +69,7 @@ from PIL import Image, ImageOps
 
 from packer.headers import (
     PNG_SIGNATURE,
+    jpeg_adobe_marker,
     jpeg_orientation,
     png_header,
     png_is_plain,
@@ -400,9 +403,11 @@ def _upright(arr: np.ndarray, orientation: int, slot: str | None = None) -> np.n
 
 # libjpeg-turbo's scaled IDCTs with SIMD code: decoding at 5/8..7/8 is slower than at 1/1
 _FAST_SCALES = (1 / 8, 1 / 4, 1 / 2, 1.0)
-# JPEG colour spaces simplejpeg turns into RGB/L exactly as Pillow would (not CMYK/YCCK,
-# whose Adobe inversion only Pillow handles)
+# JPEG colour spaces simplejpeg turns into RGB/L exactly as Pillow would
 _SIMPLE_SPACES = ("Gray", "YCbCr", "RGB")
+# four-channel ones it decodes to CMYK, which ``_tensorflow_rgb`` turns into RGB (to RGB
+# only: TensorFlow decodes none of them to grayscale, and Pillow's grey is its own)
+_CMYK_SPACES = ("CMYK", "YCCK")
 
 
 @dataclass(frozen=True)
@@ -601,8 +606,9 @@ def _load_simplejpeg(
     except ValueError:
         return None
     limit = Image.MAX_IMAGE_PIXELS
-    if space not in _SIMPLE_SPACES or (limit is not None and raw_w * raw_h > limit):
-        return None  # CMYK/YCCK, or a possible bomb: Pillow's rules apply
+    cmyk = space in _CMYK_SPACES and options.color_mode == "rgb"
+    if not (space in _SIMPLE_SPACES or cmyk) or (limit is not None and raw_w * raw_h > limit):
+        return None  # CMYK/YCCK to grey, or a possible bomb: Pillow's rules apply
     orientation = jpeg_orientation(data)
     if orientation is None:
         return None
@@ -613,15 +619,29 @@ def _load_simplejpeg(
     gray = options.color_mode == "grayscale"
     # simplejpeg decodes exactly min_w x min_h here (fast_jpeg_scale rounds as libjpeg-turbo
     # does; checked for 3,600 sizes and scales), so the work array always holds it
-    buffer = _work.take("decoded", (min_h, min_w, 1 if gray else 3), np.uint8) if reuse else None
+    buffer = _work.take("decoded", (min_h, min_w, 1 if gray else 3), np.uint8) if reuse and not cmyk else None
     try:
-        arr = simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB", buffer=buffer,
-                                     min_width=min_w, min_height=min_h, fastdct=True)
+        arr = simplejpeg.decode_jpeg(data, colorspace="CMYK" if cmyk else "GRAY" if gray else "RGB",
+                                     buffer=buffer, min_width=min_w, min_height=min_h, fastdct=True)
     except ValueError:
         return None  # damaged or unusual: Pillow decides (and names the problem)
+    if cmyk:
+        arr = _tensorflow_rgb(arr, inverted=jpeg_adobe_marker(data))
     if orientation in _UPRIGHT:
         arr = _upright(arr, orientation, "turned" if reuse else None)
     return arr, box
+
+
+def _tensorflow_rgb(cmyk: np.ndarray, *, inverted: bool) -> np.ndarray:
+    """RGB of a decoded (h, w, 4) CMYK array, in TensorFlow's integer arithmetic
+    (``decode_jpeg``, so Keras'): ``r = k * c / 255`` for Adobe's inverted channels,
+    ``(255 - k) * (255 - c) / 255`` otherwise, rounded down. With the fast IDCT before it
+    these are TensorFlow's pixels exactly (tested); Pillow's accurate IDCT and its own
+    conversion were up to 16/255 from them on photos."""
+    channels = cmyk.astype(np.uint16)
+    if not inverted:
+        np.subtract(255, channels, out=channels)
+    return (channels[:, :, :3] * channels[:, :, 3:] // 255).astype(np.uint8)
 
 
 def _load_pillow(

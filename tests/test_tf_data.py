@@ -302,12 +302,16 @@ def _image_kinds() -> dict[str, tuple[str, bytes]]:
     """One small image of each kind a class folder collects that Keras reads (name -> (ext,
     bytes)): JPEG baseline 4:2:0 / 4:4:4, progressive and grey; PNG RGB, RGBA with graded
     alpha, LA, L, palette, palette with a transparent colour, 16-bit grey; GIF, GIF with a
-    transparent colour; BMP; tiny (1x1, 1xN, Nx1), very wide, and smaller than the batch."""
+    transparent colour; BMP; tiny (1x1, 1xN, Nx1), very wide, and smaller than the batch;
+    CMYK JPEGs: Adobe's inverted CMYK (as Pillow and Photoshop write it), YCCK, and CMYK
+    without the Adobe marker (not inverted)."""
     import io
 
+    import simplejpeg
     from PIL import Image
 
     from packer.examples import photo
+    from packer.headers import _segments
 
     def encoded(im: Image.Image, fmt: str, **kw) -> bytes:
         buf = io.BytesIO()
@@ -320,7 +324,15 @@ def _image_kinds() -> dict[str, tuple[str, bytes]]:
     grey = np.asarray(coffee.convert("L"))
     palette = cat.convert("P", palette=Image.Palette.ADAPTIVE, colors=48)
     deep = grey.astype(np.uint16) * 257 + (np.arange(120, dtype=np.uint16)[None] % 256)  # low byte varies
+    adobe = encoded(cat.convert("CMYK"), "JPEG", quality=90)
+    ycck = simplejpeg.encode_jpeg(np.ascontiguousarray(255 - np.asarray(coffee.convert("CMYK"))),
+                                  colorspace="CMYK", quality=90)  # inverted, as Adobe stores it
+    app14 = next((pos, length) for marker, pos, length in _segments(adobe) if marker == 0xEE)
+    plain_cmyk = adobe[: app14[0]] + adobe[app14[0] + 2 + app14[1] :]
     return {
+        "cmyk_adobe.jpg": ("jpg", adobe),
+        "ycck.jpg": ("jpg", ycck),
+        "cmyk_plain.jpg": ("jpg", plain_cmyk),
         "baseline.jpg": ("jpg", encoded(cat, "JPEG", quality=85)),
         "444.jpg": ("jpg", encoded(coffee, "JPEG", quality=90, subsampling=0)),
         "progressive.jpg": ("jpg", encoded(cat, "JPEG", quality=85, progressive=True)),
