@@ -82,8 +82,10 @@ class HashedLocalFile(ForwardStream):
     only after the sha256 matched: a mismatch raises :class:`ChecksumError` instead, so the
     samples there are never delivered (the reader stops parsing at the end-of-archive
     marker, so without this it would have handed out every sample before the comparison).
-    A match calls ``on_verified``. A file shorter than ``size`` gives its bytes, then a
-    ``truncated`` error on the next read.
+    A match calls ``on_verified``. A file shorter than ``size`` cannot match: it raises a
+    ``truncated`` error where its tail would begin (what came before, in a shard larger than
+    the tail, was handed out as it streamed), so nothing of a smaller shard is delivered:
+    another shard's file copied over it gave its samples as this one's.
     """
 
     def __init__(
@@ -96,7 +98,6 @@ class HashedLocalFile(ForwardStream):
         self._size = size
         self._tail_start = max(0, size - _TAIL_BYTES)
         self._tail: memoryview | None = None  # the checked last bytes, once read
-        self._tail_error: Exception | None = None  # raised once the tail is handed out
         self._sha256 = sha256
         self._on_verified = on_verified
         self._hash = hashlib.sha256()
@@ -159,20 +160,17 @@ class HashedLocalFile(ForwardStream):
         part = self._tail[:size]
         self._tail = self._tail[len(part):]
         self._pos += len(part)
-        if not part and self._tail_error is not None:
-            self._error = self._tail_error
-            raise self._error
         return part.tobytes()
 
     def _check_tail(self) -> bytes:
-        """Read the rest of the shard, wait for the hash, and compare; the rest's bytes when
-        they may be handed out (a cut file's, before its truncation error)."""
+        """Read the rest of the shard, wait for the hash, and compare; the rest's bytes once
+        they matched."""
         want = self._size - self._pos
         data = self._f.read(want)
-        if len(data) < want:  # the file ends early: it cannot match; what is there stays readable
-            self._tail_error = self._truncated(self._pos + len(data))
+        if len(data) < want:  # the file ends early: it cannot match, so none of it goes out
             self._stop_hashing()
-            return data
+            self._error = self._truncated(self._pos + len(data))
+            raise self._error
         self._batch.append(data)
         self._hand_over()
         self._stop_hashing()

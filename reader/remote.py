@@ -356,8 +356,8 @@ class ShardStream(ForwardStream):
                 # starts where it ended); if the object is shorter than expected, say so.
                 actual = int(self._retrying("size lookup", pos, functools.partial(self._fs.size, self._path)))
                 if actual < size:
-                    if data:  # what came before the damage stays readable ("skip the rest")
-                        yield data
+                    # the object cannot match its sha256: this block is not handed out (all
+                    # of a shard of one block: another shard copied over it was read as it)
                     raise ShardReadError(
                         f"truncated: the object has {actual} bytes, the manifest says {size} "
                         f"(replaced or partly uploaded?); {remedy(self.url)}",

@@ -140,7 +140,9 @@ class ShardReader:
         on_error: a sample that cannot be decoded: "warn" (skip, count, warn), "ignore"
             (skip and count) or "raise" (SampleDecodeError).
         on_shard_error: a shard that cannot be read: "raise" (ShardReadError naming the
-            shard and byte offset), or "warn"/"ignore" to skip the rest of that shard.
+            shard and byte offset), or "warn"/"ignore" to skip the rest of that shard. A
+            shard that cannot match its sha256 (shorter than the manifest says, or another
+            file) gives nothing from its last 8 MiB, all of a smaller shard.
             An epoch that loses a batch to what these skip is filled up with its own first
             batches, so that it keeps ``len(reader)`` (docs/READING.md).
         rescale: multiply pixel values by this (e.g. ``1 / 255``).

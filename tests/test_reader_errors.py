@@ -170,23 +170,36 @@ def test_an_unreadable_label_goes_to_the_error_policy(tmp_path):
         list(ShardReader([url], num_classes=2, image_size=4, shuffle=False, on_error="raise"))
 
 
-def test_a_truncated_shard_keeps_the_samples_before_the_cut_under_warn(id_shards, tmp_path):
-    """on_shard_error="warn" skips the rest of a truncated shard: the samples wholly before
-    the cut are still read (the checked first read used to drop its whole read block, so a
-    small shard lost every sample), and "raise" names the truncation."""
+@pytest.mark.parametrize("damage", ["truncated", "replaced"])
+def test_nothing_of_a_shard_that_cannot_match_its_checksum_is_read_under_warn(id_shards, tmp_path, damage):
+    """A shard file shorter than the manifest says cannot match its sha256, and its last
+    8 MiB (all of these small shards) go out only after the hash matched: under
+    on_shard_error="warn" nothing of it is read. The samples before the cut used to be
+    handed out unchecked, so another shard's file copied over it (shorter) gave that
+    shard's samples as its own, twice in one epoch. "raise" names the truncation."""
+    from conftest import sample_ids
+
     from packer.errors import ShardReadError
 
     shards = tmp_path / "copy"
     shutil.copytree(id_shards[0], shards)
-    first = sorted((shards / "test").glob("*.tar"))[0]
-    first.write_bytes(first.read_bytes()[: first.stat().st_size * 6 // 10])
-    reader = ShardReader(shards, split="test", image_size=4, shuffle=False, on_shard_error="warn")
+    first, second, *rest = sorted((shards / "train").glob("*.tar"))
+    if damage == "truncated":
+        first.write_bytes(first.read_bytes()[: first.stat().st_size * 6 // 10])
+    else:
+        shutil.copy(rest[-1], first)  # the last shard holds fewer samples: a shorter file
+    reader = ShardReader(shards, split="train", image_size=4, shuffle=False, on_shard_error="warn",
+                         batch_size=16)
     with pytest.warns(RuntimeWarning, match="truncated"):
-        read = sum(len(y) for _, y in reader)
-    rest = reader.shard_counts()[1]  # the intact second shard
-    assert rest < read < 30 and reader.policy.skipped_shards == 1
+        ids = [i for x, _ in reader for i in sample_ids(x)]
+    whole = ShardReader(id_shards[0], split="train", image_size=4, shuffle=False, batch_size=210)
+    others = [i for x, _ in whole for i in sample_ids(x)][whole.shard_counts()[0]:]
+    assert ids[: len(others)] == others  # every other shard's samples, once, in order
+    assert reader.policy.skipped_shards == 1
+    assert ids[len(others):] == others[: 210 - len(others)]  # then the epoch's fill
     with pytest.raises(ShardReadError, match="truncated"):
-        list(ShardReader(shards, split="test", image_size=4, shuffle=False))
+        list(ShardReader(shards, split="train", image_size=4, shuffle=False))
+
 
 
 def _copy_with_a_changed_last_label(shards, tmp_path, split):

@@ -174,21 +174,51 @@ def test_truncated_object_is_reported_not_hidden(uploaded):
             s.read()
 
 
-def test_a_read_cut_short_by_a_failing_block_returns_the_bytes_before_it(tmp_path):
-    """Like a file's short read before EIO: the bytes that arrived are returned, and every
-    later read raises (a tar parser reading ahead must not lose the member before the cut)."""
-    whole = bytes(range(256)) * 64  # 16 KiB
+def test_a_checked_stream_cut_short_hands_out_nothing_of_its_checked_tail(tmp_path, monkeypatch):
+    """A shard file shorter than the manifest says cannot match its sha256, and its tail
+    (the last 8 MiB, all of a smaller shard) goes out only after the hash matched: none of
+    it is handed out (another shard's file copied over it gave that shard's samples).
+    Before the tail, bytes go out as they stream, as a file's short read before EIO returns
+    them; every read after the cut raises."""
+    import reader.local
+
+    monkeypatch.setattr(reader.local, "_TAIL_BYTES", 4096)
+    whole = bytes(range(256)) * 64  # 16 KiB: its tail is the last 4 KiB
     path = tmp_path / "cut.tar"
-    path.write_bytes(whole[:10_000])
     sha = hashlib.sha256(whole).hexdigest()  # a local shard with a checksum: a checked stream
-    with open_shard_stream(str(path), expected_size=len(whole), expected_sha256=sha, block_size=4096) as s:
-        assert s.read(6000) == whole[:6000]
-        assert s.read(8000) == whole[6000:10_000]  # the block after these is short: cut
-        for _ in range(2):
+    for cut, handed_out in ((10_000, 10_000), (14_000, 12_288), (16_000, 12_288)):
+        path.write_bytes(whole[:cut])
+        got = b""
+        with open_shard_stream(str(path), expected_size=len(whole), expected_sha256=sha, block_size=4096) as s:
             with pytest.raises(ShardReadError, match="truncated") as info:
+                while chunk := s.read(3000):
+                    got += chunk
+            assert got == whole[:handed_out] and info.value.offset == cut
+            with pytest.raises(ShardReadError, match="truncated"):
                 s.read(100)
-            assert info.value.offset == 10_000
-        assert s.tell() == 10_000
+
+
+def test_a_shorter_object_put_over_a_shard_gives_none_of_its_samples(uploaded):
+    """On S3 too: a shard object replaced by another shard's (shorter) object was read as
+    it, under on_shard_error="warn", until its size came out short."""
+    from conftest import sample_ids
+
+    from reader import ShardReader
+
+    endpoint, bucket, shards, _ = uploaded
+    names = sorted(n for n in _entries(shards) if n.startswith("train/"))
+    fs = fsspec.filesystem("s3", **s3_options(endpoint))
+    fs.pipe_file(f"{bucket}/ds/{names[0]}", (shards / names[-1]).read_bytes())
+    last = ShardReader(shards, split="train", image_size=4, shuffle=False, batch_size=210)
+    intruders = set([i for x, _ in last for i in sample_ids(x)][-last.shard_counts()[-1]:])
+    reader = ShardReader(f"s3://{bucket}/ds", split="train", image_size=4, shuffle=False, batch_size=16,
+                         on_shard_error="warn", storage_options=s3_options(endpoint))
+    with pytest.warns(RuntimeWarning, match="truncated"):
+        ids = [i for x, _ in reader for i in sample_ids(x)]
+    assert reader.policy.skipped_shards == 1
+    head = len(ids) - len(set(ids))  # the epoch's fill repeats its first samples
+    assert sorted(ids[-head:] if head else []) == sorted(ids[:head])
+    assert sum(1 for i in ids if i in intruders) == len(intruders)  # the last shard's own, once
 
 
 def test_prefetch_opens_the_next_shard_ahead():
