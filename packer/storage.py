@@ -76,9 +76,19 @@ def one_retry_layer(url: str, options: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def join_url(base: str | os.PathLike[str], name: str) -> str:
-    """Join a shard-relative name onto a folder path or URL with ``/``."""
+    """Join a shard-relative name onto a folder path or URL with ``/``.
+
+    Onto an ``http(s)://`` URL the name is percent-encoded: a split named ``val#1``,
+    ``a?b`` or ``50%off`` (all packed) is a path there, not a fragment, a query or an
+    escape. Object stores (``s3://``, ``gs://``...) take keys as they are."""
     base = os.fspath(base)
-    return base.rstrip("/") + "/" + name if is_url(base) else os.path.join(base, name)
+    if not is_url(base):
+        return os.path.join(base, name)
+    if base.split("://", 1)[0].lower() in ("http", "https"):
+        from urllib.parse import quote
+
+        name = quote(name, safe="/")
+    return base.rstrip("/") + "/" + name
 
 
 def open_binary(url: str, storage_options: dict[str, Any] | None = None, **kwargs: Any) -> Any:

@@ -8,6 +8,7 @@ message naming it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -339,30 +340,56 @@ def test_keras_fit_streams_from_s3(s3, photo_shards):
 def test_http_server_without_range_support(id_shards):
     """http(s):// sources: a plain static server that ignores Range still yields the exact
     bytes (the stream notices the whole object came back and keeps the rest)."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
     shards, _ = id_shards
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(shards)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
+    with _static_server(shards) as base:
         name, entry = sorted(_entries(shards).items())[0]
         with open_shard_stream(f"{base}/{name}", block_size=BLOCK, expected_sha256=entry["sha256"]) as s:
             assert s.read() == (shards / name).read_bytes()
         with pytest.raises(ShardReadError, match="not found"):
             with open_shard_stream(f"{base}/train/missing.tar", block_size=BLOCK) as s:
                 s.read()
+
+
+@contextlib.contextmanager
+def _static_server(folder):
+    """Python's own static file server (no Range support) on 127.0.0.1 serving ``folder``:
+    yields its base URL."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_split_names_that_mean_something_in_a_url_are_read_over_http(tmp_path):
+    """`pack` takes split names with '#', '?', '%', spaces and accents; over http(s) they
+    were sent raw, so every shard was "not found" (a fragment, a query, an escape)."""
+    from conftest import write_id_tree
+
+    from packer import pack
+    from packer.inspect import verify
+    from reader import ShardReader
+
+    splits = ["val#1", "a?b c", "50%25off", "café"]
+    write_id_tree(tmp_path / "src", dict.fromkeys(splits, 2))
+    pack(tmp_path / "src", tmp_path / "shards", workers=1, quiet=True)
+    with _static_server(tmp_path / "shards") as base:
+        for split in splits:
+            local = ShardReader(tmp_path / "shards", split=split, image_size=4, shuffle=False)
+            remote = ShardReader(base, split=split, image_size=4, shuffle=False)
+            assert [y.tolist() for _, y in remote] == [y.tolist() for _, y in local] != []
+        report = verify(base)
+        assert report.ok and report.samples == 24, report.problems
 
 
 def test_shard_reader_verifies_manifest_checksum_of_remote_shards(uploaded):
