@@ -38,7 +38,7 @@ from .resume import Journal, check_output
 from .sizes import counted, format_size, parse_size
 from .spool import remove as spool_remove
 from .spool import spool_path
-from .storage import is_remote
+from .storage import is_remote, refuse_mistyped_url
 from .transform import ResizeSpec, parse_resize
 from .walk import Candidate, WalkResult, refuse_split_tree_read_as_flat, walk_tree
 from .write import ShardResult
@@ -144,6 +144,7 @@ def pack(
         ValueError: invalid options.
     """
     out_str = os.fspath(out)
+    refuse_mistyped_url(out_str)  # s3:/bucket (one slash) would pack into a local folder "s3:"
     if workers is not None and int(workers) < 0:
         raise ValueError(f"workers must be 0 or more (0: one per CPU), got {workers}")
     refuse_unused_options(resize=resize, quality=quality, engine=engine, scheduler=scheduler)

@@ -38,6 +38,8 @@ def test_a_url_missing_its_slashes_is_refused_not_made_a_local_folder(typo, id_s
     monkeypatch.chdir(tmp_path)
     assert "looks like a mistyped URL" in _error(capsys, ["upload", str(shards), typo])
     assert "looks like a mistyped URL" in _error(capsys, ["info", typo])
+    src = shards.parent / "src"  # pack too (it packed into ./s3: and said nothing)
+    assert "looks like a mistyped URL" in _error(capsys, ["pack", str(src), typo, "--quiet"])
     assert list(tmp_path.iterdir()) == []  # no ./s3: folder
     # a Windows drive letter and a plain relative name with a colon later are paths
     with pytest.raises(ManifestError, match="does not exist"):
