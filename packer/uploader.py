@@ -126,12 +126,14 @@ class RemoteStore:
             return hash_stream(f, _HASH_CHUNK)[0]
 
     def remote_metadata(self, name: str) -> dict[str, str] | None:
-        """User metadata of the object at ``name`` (None if absent or unsupported)."""
+        """User metadata of the object at ``name`` (None if absent, unsupported or not
+        ours to see: without ``s3:ListBucket`` S3 answers a missing key with 403, which a
+        prefix-scoped upload role meets for every shard not sent yet; the shard is sent)."""
         if not self.has_metadata:
             return None
         try:
             return dict(self.fs.metadata(self.path(name)))
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
             return None
 
     def put(
@@ -217,9 +219,17 @@ class RemoteStore:
             return set()
 
     def read_bytes(self, name: str) -> bytes | None:
+        """The object at ``name``; None when it is absent, or when the store will not say
+        (a 403: S3 gives one for a missing key to a role without ``s3:ListBucket``, and
+        s3fs turns a missing key into a listing that such a role may not make). A
+        manifest that is there but cannot be read is then treated as absent, with a
+        warning: shards are compared one by one, and none it named is removed."""
         try:
             return self.fs.cat_file(self.path(name))
         except FileNotFoundError:
+            return None
+        except PermissionError as exc:
+            log.warning("cannot read %s (%s): taken as absent", self.display(name), exc)
             return None
 
     def remove(self, name: str) -> None:

@@ -10,6 +10,7 @@ SlowDown, or wait before the first byte (latency).
 from __future__ import annotations
 
 import http.client
+import os
 import socket
 import subprocess
 import sys
@@ -49,10 +50,13 @@ class S3Server:
     Args:
         process: run it in a child process (its own interpreter and GIL: use for
             benchmarks) instead of a thread of this process (fast start: use for tests).
+        env: for a child process, variables set on top of this process's (moto's
+            settings, such as ``INITIAL_NO_AUTH_ACTION_COUNT``, which turns on IAM).
     """
 
-    def __init__(self, *, process: bool = False) -> None:
+    def __init__(self, *, process: bool = False, env: dict[str, str] | None = None) -> None:
         self._process_mode = process
+        self._env = env  # environment variables for the child process (moto's settings)
         self._child: subprocess.Popen[bytes] | None = None
         self._server: Any = None
         self.endpoint = ""
@@ -63,6 +67,7 @@ class S3Server:
             self._child = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={**os.environ, **(self._env or {})},
             )
             _wait_for_port(port)
             self.endpoint = f"http://127.0.0.1:{port}"

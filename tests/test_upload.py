@@ -758,3 +758,50 @@ def test_a_worker_process_that_dies_in_a_pack_to_a_url_is_a_pack_error(tmp_path,
     monkeypatch.setattr(remote_out, "pack_to_url", a_worker_died)
     with pytest.raises(PackError, match="a worker process of the pack died.*re-run the same command"):
         pack(tmp_path / "src", "s3://bucket/prefix", quiet=True)
+
+
+def test_a_role_scoped_to_a_prefix_without_list_bucket_uploads_and_packs(photo_shards, monkeypatch):
+    """Least-privilege upload roles are common: s3:GetObject/PutObject/DeleteObject on
+    bucket/prefix/* and no s3:ListBucket. Those rights put, read and delete every object of
+    a pack, yet upload and pack to the URL stopped at once with "Access Denied": reading
+    the manifest that was not there yet asked for a listing (s3fs), which such a role may
+    not make (and S3 answers it a missing key with 403). moto with IAM on, in a child process."""
+    import boto3
+    from s3_server import S3Server
+
+    from packer import pack
+    from reader import ShardReader
+
+    server = S3Server(process=True, env={"INITIAL_NO_AUTH_ACTION_COUNT": "4"}).start()
+    try:
+        boot = dict(endpoint_url=server.endpoint, region_name="us-east-1", aws_access_key_id="boot",
+                    aws_secret_access_key="boot-secret")
+        iam = boto3.client("iam", **boot)
+        iam.create_user(UserName="uploader")
+        iam.put_user_policy(UserName="uploader", PolicyName="prefix", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{
+                "Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+                "Resource": "arn:aws:s3:::data/team/*"}]}))
+        key = iam.create_access_key(UserName="uploader")["AccessKey"]
+        boto3.client("s3", **boot).create_bucket(Bucket="data")  # the 4th request without auth
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        options = s3_options(server.endpoint)
+        with pytest.raises(PermissionError):  # the policy is in force: no listing
+            fsspec.filesystem("s3", **options).ls("data/team/")
+
+        first = upload(photo_shards, "s3://data/team/up", endpoint_url=server.endpoint, quiet=True)
+        assert first["uploaded"] == len(_shard_names(photo_shards))
+        again = upload(photo_shards, "s3://data/team/up", endpoint_url=server.endpoint, quiet=True)
+        assert again["uploaded"] == 0 and again["manifest"] == "unchanged"
+        pack(photo_shards.parent / "src", "s3://data/team/packed", storage_options=options, seed=0,
+             max_count=40, workers=1, quiet=True)
+        local = ShardReader(photo_shards, split="test", image_size=8, shuffle=False)
+        want = [y.tolist() for _, y in local]
+        for url in ("s3://data/team/up", "s3://data/team/packed"):
+            remote = ShardReader(url, split="test", image_size=8, shuffle=False, storage_options=options)
+            assert [y.tolist() for _, y in remote] == want, url
+    finally:
+        server.stop()
