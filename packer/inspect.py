@@ -11,10 +11,11 @@ from typing import Any, BinaryIO
 
 from PIL import Image
 
+from .errors import ShardReadError
 from .format import optional_fields, split_member_name
 from .probe import allow_packed_pixels
 from .sizes import format_size
-from .storage import join_url, open_binary, read_manifest
+from .storage import is_remote, join_url, open_binary, read_manifest
 
 __all__ = ["info_text", "VerifyReport", "verify"]
 
@@ -153,6 +154,18 @@ def _checked_label(
     return [] if label is None else [label]
 
 
+def _open_shard(url: str, storage_options: dict[str, Any] | None) -> Any:
+    """A shard's bytes, front to back: a local file as it is; a URL through the reader's
+    stream, which retries a dropped connection or a 503 where the request failed and reads
+    from servers that ignore Range (verify gave up, or a traceback, where training read on).
+    Its checks are verify's own (sha256, size): none is asked of the stream."""
+    if not is_remote(url):
+        return open_binary(url, storage_options)
+    from reader.remote import open_shard_stream
+
+    return open_shard_stream(url, storage_options=storage_options)
+
+
 def _verify_shard(
     url: str, entry: dict[str, Any], classes: list[str], deep: bool,
     storage_options: dict[str, Any] | None, report: VerifyReport,
@@ -160,7 +173,7 @@ def _verify_shard(
     name = entry["name"]
     labels: list[int] = []
     try:
-        with open_binary(url, storage_options) as raw:
+        with _open_shard(url, storage_options) as raw:
             hashing = _HashingReader(raw)
             stream = io.BufferedReader(hashing, buffer_size=1 << 20)
             current_key, members = None, {}
@@ -179,6 +192,10 @@ def _verify_shard(
                 pass
     except FileNotFoundError:
         report.problems.append(f"{name}: missing")
+        return labels
+    except ShardReadError as exc:
+        missing = isinstance(exc.__cause__, FileNotFoundError) or str(exc).startswith("not found")
+        report.problems.append(f"{name}: missing" if missing else f"{name}: unreadable ({exc})")
         return labels
     except (tarfile.TarError, OSError, EOFError) as exc:
         report.problems.append(f"{name}: unreadable tar ({exc})")
