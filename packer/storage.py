@@ -58,7 +58,8 @@ def storage_options_for(
 
 def one_retry_layer(url: str, options: dict[str, Any] | None) -> dict[str, Any]:
     """``options`` for ``url`` with botocore's retries off on S3, unless the caller set them:
-    for reads that shardpack retries itself (reader.remote's shard stream).
+    for reads that shardpack retries itself (reader.remote's shard stream); on http(s),
+    a read timeout (``HTTP_READ_TIMEOUT_S``), so that a stalled server is retried.
 
     s3fs retries each request (5 times, with backoff, SlowDown and timeouts included) and
     botocore retried each of those up to 5 times more, under shardpack's own retries of a
@@ -67,11 +68,34 @@ def one_retry_layer(url: str, options: dict[str, Any] | None) -> dict[str, Any]:
     a 503 that is not SlowDown, and nothing of ours would.
     """
     options = dict(options or {})
+    if url.startswith(("http://", "https://")):
+        return _with_read_timeout(options)
     if not url.startswith(("s3://", "s3a://")):
         return options
     config = dict(options.get("config_kwargs") or {})
     config.setdefault("retries", {"total_max_attempts": 1})
     options["config_kwargs"] = config
+    return options
+
+
+# Seconds an http(s) server may stay silent in the middle of an answer (or before it
+# connects) before the request fails and is retried. aiohttp's only default is 300 s for a
+# whole request: a server that stalled half-way through a shard held it for 5 minutes per
+# attempt, about half an hour with the retries. s3fs sets 15 s for S3 reads.
+HTTP_READ_TIMEOUT_S = 30.0
+
+
+def _with_read_timeout(options: dict[str, Any]) -> dict[str, Any]:
+    """http(s) ``options`` with aiohttp's read and connect timeouts set to
+    ``HTTP_READ_TIMEOUT_S`` and no limit on a whole request (a large block on a slow link
+    takes what it takes), unless the caller gave a timeout of their own."""
+    client_kwargs = dict(options.get("client_kwargs") or {})
+    if "timeout" not in client_kwargs:
+        import aiohttp
+
+        client_kwargs["timeout"] = aiohttp.ClientTimeout(
+            total=None, sock_connect=HTTP_READ_TIMEOUT_S, sock_read=HTTP_READ_TIMEOUT_S)
+        options["client_kwargs"] = client_kwargs
     return options
 
 

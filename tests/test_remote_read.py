@@ -392,6 +392,59 @@ def test_split_names_that_mean_something_in_a_url_are_read_over_http(tmp_path):
         assert report.ok and report.samples == 24, report.problems
 
 
+def test_a_server_that_stalls_mid_shard_is_retried_after_the_read_timeout(id_shards, monkeypatch):
+    """An http(s) server that sends half a shard and then goes silent held the read for
+    aiohttp's 300 s per attempt (half an hour with the retries); a silence longer than
+    the read timeout now fails the request, which is retried."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import packer.storage
+
+    monkeypatch.setattr(packer.storage, "HTTP_READ_TIMEOUT_S", 0.5, raising=False)
+    shards, _ = id_shards
+    name, entry = sorted(_entries(shards).items())[0]
+    body = (shards / name).read_bytes()
+    stalled = threading.Event()
+    release = threading.Event()
+
+    class Stalling(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+
+        def do_GET(self):
+            self.do_HEAD()
+            if not stalled.is_set():  # the first answer: half the body, then silence
+                stalled.set()
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                release.wait(30)
+                return
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{name}"
+        start = time.monotonic()
+        with open_shard_stream(url, expected_size=entry["bytes"], expected_sha256=entry["sha256"],
+                               backoff=0.01) as stream:
+            assert stream.read() == body
+            assert stream.retried == 1
+        assert stalled.is_set() and time.monotonic() - start < 10
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
 def test_verify_over_http_reads_as_the_reader_does(tmp_path):
     """`shardpack verify http://...` opened shards with plain fsspec: a server that ignores
     Range (Python's own) failed on a shard over fsspec's 5 MB block, and one dropped
