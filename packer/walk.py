@@ -43,7 +43,12 @@ Found = Callable[[int], object]
 _FOUND_EVERY = 10_000  # entries of one folder between progress calls
 
 # Junk that operating systems leave in photo folders; never image data.
-IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"})
+# OS and NAS junk (lower case): Windows' thumbnail caches and folder settings, macOS' folder
+# icon, and folders of copies no one files as training images: a Synology NAS's
+# "@eaDir" (a thumbnail JPEG of every photo, beside it: packed, they were near-duplicates
+# of the training set, and of other splits' images), macOS zips' "__MACOSX", recycle bins
+IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r", "@eadir",
+                           "__macosx", "#recycle", "$recycle.bin", "system volume information"})
 
 
 class Candidate(NamedTuple):

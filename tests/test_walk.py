@@ -434,3 +434,20 @@ def test_the_walk_reports_its_running_count_and_the_pack_shows_it(tmp_path, monk
     job.walk_counted(tmp_path, layout="splits", follow_links=False, quiet=True)
     assert [asked for asked, _ in shown] == [True]
     capsys.readouterr()
+
+
+def test_nas_and_os_junk_folders_are_ignored_not_packed(tmp_path):
+    """A Synology NAS keeps an "@eaDir" beside every photo folder, holding a thumbnail JPEG
+    of each photo: packed (as Keras lists them), they were near-duplicates of the training
+    images, in every split. macOS zips' "__MACOSX" and recycle bins are no data either."""
+    touch(tmp_path, "train/cat/1.jpg")
+    touch(tmp_path, "train/cat/@eaDir/1.jpg/SYNOPHOTO_THUMB_M.jpg")
+    touch(tmp_path, "train/@eaDir/cat/SYNOPHOTO_THUMB_S.jpg")  # a would-be class
+    touch(tmp_path, "train/dog/#recycle/2.jpg")
+    touch(tmp_path, "__MACOSX/train/cat/._1.jpg")  # a would-be split
+    touch(tmp_path, "$RECYCLE.BIN/x/3.jpg")
+    walked = walk_tree(tmp_path)
+    assert [c.rel_path for c in walked.candidates] == ["train/cat/1.jpg"]
+    assert walked.classes == {"train": ["cat", "dog"]}
+    assert {p for p, _ in walked.ignored} == {"train/cat/@eaDir", "train/@eaDir", "train/dog/#recycle",
+                                              "__MACOSX", "$RECYCLE.BIN"}
