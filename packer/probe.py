@@ -29,7 +29,6 @@ from PIL import Image, UnidentifiedImageError
 from .digest import content_digest
 from .format import PIL_FORMAT_TO_EXT
 from .headers import (
-    ORIENTATION_TAG,
     FastInfo,
     fast_jpeg_info,
     fast_png_info,
@@ -37,7 +36,7 @@ from .headers import (
     signature_kind,
 )
 from .spool import put as spool_put
-from .transform import ResizeSpec, load_for_resize, transform_image
+from .transform import ResizeSpec, load_for_resize, pillow_orientation, transform_image
 
 __all__ = ["Probe", "allow_packed_pixels", "pillow_orientation", "probe_file", "probe_bytes", "read_stamped", "file_stamp", "DEFAULT_MAX_PIXELS", "VALIDATE_MODES", "DEFAULT_VALIDATE"]
 
@@ -105,28 +104,6 @@ def _upright_size(im: Image.Image, opened: tuple[int, int]) -> tuple[int, int]:
         return opened
     w, h = opened
     return (h, w) if pillow_orientation(im) in _ROTATED_ORIENTATIONS else (w, h)
-
-
-def pillow_orientation(im: Image.Image) -> int:
-    """Pillow's EXIF orientation of ``im`` (1-8), or 1 where its EXIF cannot be read: the
-    one rule the probe's recorded size and the reader's pixels both follow.
-
-    A broken EXIF block must not hide an otherwise good image, and Pillow can raise
-    anything on one (a PNG text chunk named "exif" holding text gave a TypeError, which
-    stopped the reader). A tag of another type ("6", 6.5) is no orientation to
-    ``ImageOps.exif_transpose`` either; a whole rational (6/1) is one. For a PNG,
-    ``getexif`` loads the pixels: a caller that must see their errors loads it first.
-    """
-    try:
-        orientation = im.getexif().get(ORIENTATION_TAG, 1)
-    except MemoryError:
-        raise  # the process's trouble, not the file's
-    except Exception:
-        return 1
-    return int(orientation) if orientation in _ORIENTATIONS else 1
-
-
-_ORIENTATIONS = range(1, 9)
 
 
 def _full_decode(im: Image.Image) -> None:
@@ -222,11 +199,15 @@ def probe_bytes(
             return Probe(False, True, f"image declares size {w}x{h}", source_digest=source_digest)
         if w * h > max_pixels:
             return Probe(False, True, _bomb_reason(w, h, max_pixels), source_digest=source_digest)
+        reduced = None
         try:
             if validate != "header" or resize is not None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    _full_decode(im) if resize is None else load_for_resize(im, resize)
+                    if resize is None:
+                        _full_decode(im)
+                    else:
+                        reduced = load_for_resize(im, resize)
         except Exception as exc:
             reason = str(exc) or type(exc).__name__
             if "truncated" in reason.lower():
@@ -237,7 +218,7 @@ def probe_bytes(
         width, height = _upright_size(im, (w, h))
         if resize is not None:
             try:
-                data, ext, width, height = transform_image(im, resize, data)
+                data, ext, width, height = transform_image(im, resize, data, reduced)
             except Exception as exc:
                 return Probe(False, True, f"cannot resize: {exc}", source_digest=source_digest)
     stored_digest = source_digest if resize is None else content_digest(data)

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
-__all__ = ["ResizeSpec", "parse_resize", "load_for_resize", "transform_image", "to_8bit",
-           "gif_transparent_black"]
+from .headers import ORIENTATION_TAG
+
+__all__ = ["ResizeSpec", "Reduced", "parse_resize", "load_for_resize", "transform_image", "to_8bit",
+           "gif_transparent_black", "pillow_orientation"]
 
 
 @dataclass(frozen=True)
@@ -131,55 +133,124 @@ def gif_transparent_black(im: Image.Image) -> Image.Image:
 _REDUCING_GAP = 2.0
 
 
-def load_for_resize(im: Image.Image, spec: ResizeSpec) -> None:
+@dataclass(frozen=True)
+class Reduced:
+    """A JPEG decoded at a reduced DCT scale: its full (raw) size, and the box of the
+    reduced image that holds the picture. libjpeg rounds the reduced size up (1,803 columns
+    at 1/2 decode to 902 holding 901.5 of picture), so the box is fractional."""
+
+    size: tuple[int, int]
+    box: tuple[float, float, float, float]
+
+
+def load_for_resize(im: Image.Image, spec: ResizeSpec) -> Reduced | None:
     """Decode ``im`` (not yet loaded), letting a JPEG decode at a reduced DCT scale that
-    still leaves ``_REDUCING_GAP`` times the pixels the resize needs.
+    still leaves ``_REDUCING_GAP`` times the pixels the resize needs; returns what
+    ``transform_image`` needs to know of that reduction (None: decoded at full size).
 
     A 1,400 px photo stored at short side 256 then decodes at 1/2 or 1/4 scale: the
     transform was 9 ms per ImageNet-sized image at full scale on this machine.
     """
     w, h = im.size
     need_w, need_h = spec.decode_size(w, h)
+    reduced = None
     if need_w * _REDUCING_GAP < w and need_h * _REDUCING_GAP < h and im.format in ("JPEG", "MPO"):
-        im.draft(None, (math.ceil(need_w * _REDUCING_GAP), math.ceil(need_h * _REDUCING_GAP)))
+        drafted = im.draft(None, (math.ceil(need_w * _REDUCING_GAP), math.ceil(need_h * _REDUCING_GAP)))
+        if drafted is not None and im.size != (w, h):
+            reduced = Reduced((w, h), tuple(float(v) for v in drafted[1]))  # type: ignore[arg-type]
     im.load()
+    return reduced
 
 
-def _resized(im: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """LANCZOS-resize, colour and alpha each on its own: Pillow premultiplies RGBA by its
-    alpha, which turns the colour under fully transparent pixels black, while readers that
-    drop alpha (TensorFlow's rgb decode, ours) show the original's colour there; resized
-    shards would otherwise train on other pixels than the originals."""
+# EXIF orientation -> the box (x0, y0, x1, y1) of a (w, h) image as ImageOps.exif_transpose
+# turns the image upright (tested against it)
+_UPRIGHT_BOX = {
+    1: lambda x0, y0, x1, y1, w, h: (x0, y0, x1, y1),
+    2: lambda x0, y0, x1, y1, w, h: (w - x1, y0, w - x0, y1),
+    3: lambda x0, y0, x1, y1, w, h: (w - x1, h - y1, w - x0, h - y0),
+    4: lambda x0, y0, x1, y1, w, h: (x0, h - y1, x1, h - y0),
+    5: lambda x0, y0, x1, y1, w, h: (y0, x0, y1, x1),
+    6: lambda x0, y0, x1, y1, w, h: (h - y1, x0, h - y0, x1),
+    7: lambda x0, y0, x1, y1, w, h: (h - y1, w - x1, h - y0, w - x0),
+    8: lambda x0, y0, x1, y1, w, h: (y0, w - x1, y1, w - x0),
+}
+_SWAPPING = (5, 6, 7, 8)  # orientations that exchange width and height
+
+
+def pillow_orientation(im: Image.Image) -> int:
+    """Pillow's EXIF orientation of ``im`` (1-8), or 1 where its EXIF cannot be read: the
+    orientation ``ImageOps.exif_transpose`` turns the image by, and the one rule the
+    probe's recorded size and the reader's pixels both follow.
+
+    A broken EXIF block must not hide an otherwise good image, and Pillow can raise
+    anything on one (a PNG text chunk named "exif" holding text gave a TypeError, which
+    stopped the reader). A tag of another type ("6", 6.5) is no orientation to
+    ``ImageOps.exif_transpose`` either; a whole rational (6/1) is one. For a PNG,
+    ``getexif`` loads the pixels: a caller that must see their errors loads it first.
+    """
+    try:
+        orientation = im.getexif().get(ORIENTATION_TAG, 1)
+    except MemoryError:
+        raise  # the process's trouble, not the file's
+    except Exception:
+        return 1
+    return int(orientation) if orientation in _UPRIGHT_BOX else 1
+
+
+def _resized(
+    im: Image.Image, size: tuple[int, int], box: tuple[float, float, float, float] | None = None,
+) -> Image.Image:
+    """LANCZOS-resize (the ``box`` of ``im``, when given), colour and alpha each on its
+    own: Pillow premultiplies RGBA by its alpha, which turns the colour under fully
+    transparent pixels black, while readers that drop alpha (TensorFlow's rgb decode,
+    ours) show the original's colour there; resized shards would otherwise train on other
+    pixels than the originals."""
     if im.mode != "RGBA":
-        return im.resize(size, Image.Resampling.LANCZOS)
-    rgb = im.convert("RGB").resize(size, Image.Resampling.LANCZOS)
-    rgb.putalpha(im.getchannel("A").resize(size, Image.Resampling.LANCZOS))
+        return im.resize(size, Image.Resampling.LANCZOS, box=box)
+    rgb = im.convert("RGB").resize(size, Image.Resampling.LANCZOS, box=box)
+    rgb.putalpha(im.getchannel("A").resize(size, Image.Resampling.LANCZOS, box=box))
     return rgb
 
 
-def transform_image(im: Image.Image, spec: ResizeSpec, source: bytes | None = None) -> tuple[bytes, str, int, int]:
+# JPEG's own limit on a side: a larger image is stored as PNG
+_JPEG_MAX_SIDE = 65_500
+
+
+def transform_image(
+    im: Image.Image, spec: ResizeSpec, source: bytes | None = None, reduced: Reduced | None = None,
+) -> tuple[bytes, str, int, int]:
     """Return (bytes, member extension, width, height) of the image as stored.
 
     ``source``: the bytes ``im`` was opened from. A JPEG (grey or RGB) already at the stored
     size is then stored as it came: re-encoding it would only lose quality (readers turn it
-    upright by its EXIF tag as they would the re-encoded one).
+    upright by its EXIF tag as they would the re-encoded one). ``reduced``: what
+    ``load_for_resize`` returned. The stored size is the full image's, and the resize takes
+    the reduced image's picture box, as Pillow's ``thumbnail`` does: from the reduced size
+    (rounded up) it came out a pixel off on odd sides, the picture stretched.
     """
-    as_it_came = source is not None and im.format == "JPEG" and im.mode in ("L", "RGB")
+    as_it_came = source is not None and im.format in ("JPEG", "MPO") and im.mode in ("L", "RGB")
     if im.format == "GIF":
         im = gif_transparent_black(im)  # the pixels the reader (and Keras) shows the original with
+    orientation = pillow_orientation(im)
+    raw_size = im.size
     im = ImageOps.exif_transpose(to_8bit(im))
-    has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+    # a colour key (tRNS of a grey or RGB PNG) is alpha too: readers and TensorFlow give it
+    has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info)
     if has_alpha:
         im = im.convert("RGBA")
     elif im.mode not in ("L", "RGB"):
         im = im.convert("RGB")
-    size = spec.stored_size(*im.size)
+    full_size, box = im.size, None
+    if reduced is not None:
+        full_size = reduced.size[::-1] if orientation in _SWAPPING else reduced.size
+        box = _UPRIGHT_BOX[orientation](*reduced.box, *raw_size)
+    size = spec.stored_size(*full_size)
     if size is None and as_it_came:
         return bytes(source or b""), "jpg", im.width, im.height
     if size is not None:
-        im = _resized(im, size)
+        im = _resized(im, size, box)
     buf = io.BytesIO()
-    if has_alpha:
+    if has_alpha or max(im.size) > _JPEG_MAX_SIDE:
         im.save(buf, format="PNG", optimize=False)
         ext = "png"
     else:

@@ -194,8 +194,8 @@ def stored_bytes_of(data: bytes, resize: ResizeSpec) -> bytes:
     from .transform import load_for_resize, transform_image
 
     with open_with_pixel_limit(data, None) as im:
-        load_for_resize(im, resize)
-        return transform_image(im, resize, data)[0]
+        reduced = load_for_resize(im, resize)
+        return transform_image(im, resize, data, reduced)[0]
 
 
 def _octal(value: int, width: int) -> bytes:
