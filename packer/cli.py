@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .errors import ShardpackError
@@ -89,7 +89,7 @@ def _upload_text(summary: dict[str, Any]) -> str:
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
-    from reader.preview import preview
+    from reader.contact_sheet import preview
 
     path = preview(args.source, split=args.split, out=args.out, count=args.count,
                    columns=args.columns, seed=args.seed,
@@ -206,19 +206,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.INFO if command else logging.WARNING,
                             format="%(levelname)s: %(message)s")
-        return int(bench_main(argv[command + 1 :]) or 0)
+        return _guarded(lambda: int(bench_main(argv[command + 1 :]) or 0))
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # the command's own usage, not the top level's, names the options it takes
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s")
+    return _guarded(lambda: args.func(args))
+
+
+def _guarded(run: Callable[[], int]) -> int:
+    """Run a command; what goes wrong for a reason the user can act on is one line on
+    stderr and an exit status, not a traceback: our errors and bad values (2), a file the
+    command cannot write (``--out`` naming a folder: 2), a reader of our output that went
+    away (``info --json | head``: 1, quietly), Ctrl-C or SIGTERM (130)."""
     try:
         with _terminate_as_interrupt():
-            return args.func(args)
-    except ShardpackError as exc:
+            return run()
+    except (ShardpackError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:
+    except BrokenPipeError:
+        # stdout's reader is gone: nothing more to say, and Python's own flush of stdout
+        # at exit must not fail again (the Python docs' recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

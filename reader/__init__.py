@@ -11,7 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .preview import preview
+    from .contact_sheet import preview
     from .shard_reader import ShardReader
     from .state import ShardReaderCheckpoint
     from .tf_data import image_dataset_from_shards
@@ -28,7 +28,7 @@ __all__ = [
 _WHERE = {
     "ShardReader": ".shard_reader",
     "image_dataset_from_shards": ".tf_data",
-    "preview": ".preview",
+    "preview": ".contact_sheet",
     "ShardIterableDataset": ".torch_data",
     "ShardReaderCheckpoint": ".state",
 }

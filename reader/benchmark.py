@@ -34,6 +34,7 @@ import argparse
 import functools
 import io
 import json
+import logging
 import os
 import re
 import resource
@@ -519,14 +520,30 @@ def advice(results: dict[str, dict[str, Any]], n_cores: int, processes: int, *, 
             "small; docs/READING.md)"]
 
 
+def whole_number(least: int) -> Callable[[str], int]:
+    """An argparse type: an int of at least ``least``, refused up front (a 0 or negative
+    size ran every contender in every round to fail each, or timed nothing)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    return parse
+
+
 def add_epoch_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of an epoch benchmark on a shard set (split, batch shape, rounds), the
     same in ``shardpack bench`` and the scripts that measure beside it."""
     parser.add_argument("--split", default="train", help="the split to read (default: train)")
-    parser.add_argument("--image-size", type=int, default=224,
+    parser.add_argument("--image-size", type=whole_number(1), default=224,
                         help="square batch images of this side (default: 224)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
-    parser.add_argument("--repeat", type=int, default=3,
+    parser.add_argument("--batch-size", type=whole_number(1), default=64, help="images per batch (default: 64)")
+    parser.add_argument("--repeat", type=whole_number(1), default=3,
                         help="runs per contender, the median shown (default: 3)")
 
 
@@ -550,6 +567,18 @@ def _check_source(cfg: dict[str, Any]) -> str | None:
     return None
 
 
+def _unwritable(path: str) -> str | None:
+    """Why a results file cannot be written at ``path``, or None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "is a folder"
+    if not os.path.isdir(folder):
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK):
+        return f"{folder} is not writable"
+    return None
+
+
 def _cache_words(cache: str) -> str:
     if cache == "cold":
         return "cold page cache (shards evicted before every epoch, readers timed from its start)"
@@ -563,34 +592,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", nargs="?", help="shard folder or URL")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
     add_epoch_arguments(parser)
-    parser.add_argument("--warmup", type=int, default=3,
+    parser.add_argument("--warmup", type=whole_number(0), default=3,
                         help="batches left out of images/s (default: 3; with --cache cold none "
                              "are: every read is timed)")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
+    parser.add_argument("--epochs", type=whole_number(1), default=DEFAULT_EPOCHS,
                         help="epochs each reader runs in its process; the last is timed (default: "
                              f"{DEFAULT_EPOCHS}: the first also builds pipelines and hashes shards)")
     parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
-    parser.add_argument("--processes", type=int, default=0,
+    parser.add_argument("--processes", type=whole_number(0), default=0,
                         help="the readers' processes= (decode processes; 0: threads only)")
     parser.add_argument("--cache", choices=("warm", "cold"), default="warm",
                         help="cold: evict the shards from the page cache before every epoch, "
                              "as for a data set larger than memory (local shards, Linux; the "
                              "decode limit still decodes from RAM)")
     parser.add_argument("--json", dest="json_out", help="also write the results here")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.contender:
         _child(args.contender, json.loads(args.config), CONTENDERS)
         return 0
-    if args.epochs < 1:
-        parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    if args.verbose:
+        logging.getLogger().setLevel(logging.INFO)
     if not args.source:
         parser.error("SOURCE is required")
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(CONTENDERS))
     if unknown:
         parser.error(f"unknown contenders {unknown}; choose from {sorted(CONTENDERS)}")
+    if args.json_out and (problem := _unwritable(args.json_out)):
+        parser.error(f"--json {args.json_out}: {problem}")  # before the runs, not after them
     source = args.source if "://" in args.source else os.path.abspath(args.source)
     if args.cache == "cold" and not hasattr(os, "posix_fadvise"):
         parser.error("--cache cold evicts files from the page cache with posix_fadvise, which "

@@ -228,3 +228,45 @@ def test_a_tree_without_images_is_refused_and_writes_nothing(tmp_path, capsys, c
     assert status == 0 and "test: 0 images" in text and "split 'test' holds no images" in caplog.text
     assert "split 'test' holds no images" in " ".join(
         json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["warnings"])
+
+
+@pytest.mark.parametrize("bad", [["--image-size", "0"], ["--batch-size", "0"], ["--repeat", "0"],
+                                 ["--processes", "-1"], ["--epochs", "0"], ["--warmup", "-1"],
+                                 ["--image-size", "x"]])
+def test_bench_refuses_bad_numbers_before_starting_contenders(id_shards, capsys, bad):
+    """Each ran every contender in every round to fail each (an OpenCV assertion for a 0
+    size), or "measured" 0-image batches; now argparse says which option and why."""
+    with pytest.raises(SystemExit) as info:
+        main(["bench", str(id_shards[0]), "--only", "decode_limit", *bad])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and bad[0] in err and "round 1" not in out
+
+
+def test_files_a_command_cannot_write_are_one_line_errors(id_shards, tmp_path, capsys):
+    """preview --out naming a folder, or under a file; bench --json under a file (found
+    only after the whole benchmark had run): tracebacks before, exit 2 and one line now."""
+    shards, _ = id_shards
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path, tmp_path / "afile" / "grid.png"):
+        status, _, err = run(capsys, "preview", str(shards), "--split", "test", "--out", str(out))
+        assert status == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit) as info:
+        main(["bench", str(shards), "--only", "decode_limit", "--json", str(tmp_path / "afile" / "x.json"), "-v"])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and "is not a folder" in err and "round 1" not in out
+
+
+def test_info_json_into_a_pipe_closed_early_ends_quietly(id_shards):
+    """`shardpack info OUT --json | head`: the reader of the pipe goes away; it ended in a
+    BrokenPipeError traceback. (The pipe is made small, so the manifest fills it.)"""
+    import fcntl
+
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    child = subprocess.Popen([sys.executable, "-m", "packer.cli", "info", str(id_shards[0]), "--json"],
+                             stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    assert os.read(read_end, 1) == b"{"
+    os.close(read_end)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 1 and b"Traceback" not in err, err.decode()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from reader.preview import preview
+from reader.contact_sheet import preview
 
 
 def test_contact_sheet(photo_shards, tmp_path):
@@ -34,3 +34,14 @@ def test_the_sheet_is_written_in_the_format_its_name_says(photo_shards, tmp_path
         out = preview(photo_shards, out=tmp_path / name, count=2, tile_size=16)
         with Image.open(out) as im:
             assert im.format == kind, name
+
+
+def test_from_reader_import_preview_is_the_function():
+    """``reader.__all__`` names the function ``preview``; a sub-module of the same name
+    took its place once imported, so ``from reader import preview`` gave a module."""
+    import subprocess
+    import sys
+
+    code = ("import reader.contact_sheet; from reader import preview; import reader; "
+            "assert callable(preview) and reader.preview is preview, preview")
+    subprocess.run([sys.executable, "-c", code], check=True)

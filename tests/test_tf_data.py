@@ -253,7 +253,7 @@ def test_an_empty_split_and_repeated_class_names_are_refused(tmp_path):
     reader = ShardReader(tmp_path / "shards", split="test")
     with pytest.raises(EmptySplitError):
         next(iter(reader))
-    from reader.preview import preview  # a preview of nothing is an empty sheet
+    from reader.contact_sheet import preview  # a preview of nothing is an empty sheet
 
     assert preview(tmp_path / "shards", split="test", out=tmp_path / "empty.png").exists()
     torch = pytest.importorskip("torch")
