@@ -49,6 +49,8 @@ from typing import Any
 
 from packer.errors import ShardpackError
 
+from .checks import whole_number
+
 __all__ = ["CONTENDERS", "decode_limit", "evict_from_page_cache", "run_contender", "time_contender",
            "time_epoch", "time_epochs", "main"]
 
@@ -520,18 +522,17 @@ def advice(results: dict[str, dict[str, Any]], n_cores: int, processes: int, *, 
             "small; docs/READING.md)"]
 
 
-def whole_number(least: int) -> Callable[[str], int]:
-    """An argparse type: an int of at least ``least``, refused up front (a 0 or negative
-    size ran every contender in every round to fail each, or timed nothing)."""
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``minimum`` (``checks.whole_number``), refused up
+    front (a 0 or negative size ran every contender in every round to fail each, or timed
+    nothing)."""
 
     def parse(text: str) -> int:
         try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
-        return value
+            return whole_number(int(text), "the value", minimum=minimum)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc) if "must be" in str(exc) else
+                                             f"not a whole number: {text!r}") from None
 
     return parse
 
@@ -540,10 +541,10 @@ def add_epoch_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of an epoch benchmark on a shard set (split, batch shape, rounds), the
     same in ``shardpack bench`` and the scripts that measure beside it."""
     parser.add_argument("--split", default="train", help="the split to read (default: train)")
-    parser.add_argument("--image-size", type=whole_number(1), default=224,
+    parser.add_argument("--image-size", type=at_least(1), default=224,
                         help="square batch images of this side (default: 224)")
-    parser.add_argument("--batch-size", type=whole_number(1), default=64, help="images per batch (default: 64)")
-    parser.add_argument("--repeat", type=whole_number(1), default=3,
+    parser.add_argument("--batch-size", type=at_least(1), default=64, help="images per batch (default: 64)")
+    parser.add_argument("--repeat", type=at_least(1), default=3,
                         help="runs per contender, the median shown (default: 3)")
 
 
@@ -592,14 +593,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", nargs="?", help="shard folder or URL")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
     add_epoch_arguments(parser)
-    parser.add_argument("--warmup", type=whole_number(0), default=3,
+    parser.add_argument("--warmup", type=at_least(0), default=3,
                         help="batches left out of images/s (default: 3; with --cache cold none "
                              "are: every read is timed)")
-    parser.add_argument("--epochs", type=whole_number(1), default=DEFAULT_EPOCHS,
+    parser.add_argument("--epochs", type=at_least(1), default=DEFAULT_EPOCHS,
                         help="epochs each reader runs in its process; the last is timed (default: "
                              f"{DEFAULT_EPOCHS}: the first also builds pipelines and hashes shards)")
     parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
-    parser.add_argument("--processes", type=whole_number(0), default=0,
+    parser.add_argument("--processes", type=at_least(0), default=0,
                         help="the readers' processes= (decode processes; 0: threads only)")
     parser.add_argument("--cache", choices=("warm", "cold"), default="warm",
                         help="cold: evict the shards from the page cache before every epoch, "

@@ -30,7 +30,7 @@ from packer.sizes import counted, parse_size
 from packer.storage import is_remote
 
 from .batches import BatchBuffers, BatchOptions, decode_batches, default_decode_threads
-from .checks import check_batch_size, check_image_size
+from .checks import check_batch_size, check_image_size, whole_number
 from .decode import DecodeOptions
 from .distributed import (
     DEFAULT_DISTRIBUTED_SEED,
@@ -116,8 +116,8 @@ class ShardReader:
             0.8/255, nearest equal).
         drop_remainder: drop the last, smaller batch of each epoch.
         shuffle_buffer: samples held (still compressed) for shuffling.
-        shuffle_buffer_bytes: also cap the buffer at this many compressed bytes (None: no
-            cap; 10,000 ImageNet JPEGs are about 1.1 GB).
+        shuffle_buffer_bytes: also cap the buffer at this many compressed bytes, or a size
+            such as "1GB" (None: no cap; 10,000 ImageNet JPEGs are about 1.1 GB).
         shuffle_initial: hand samples on to decoding once the buffer holds this many,
             and fill the rest of it while decoding (two samples read for each one handed
             on until it is full). None (default): the whole buffer is read before the
@@ -200,7 +200,7 @@ class ShardReader:
         dct_scaling: bool = True,
         drop_remainder: bool = False,
         shuffle_buffer: int = DEFAULT_BUFFER,
-        shuffle_buffer_bytes: int | None = None,
+        shuffle_buffer_bytes: int | str | None = None,
         shuffle_initial: int | None = None,
         interleave: int = 4,
         num_workers: int | None = None,
@@ -243,8 +243,9 @@ class ShardReader:
         if seed is None:
             seed = DEFAULT_DISTRIBUTED_SEED if self.world_size > 1 else secrets.randbelow(2**31)
         self.seed = int(seed)
-        self.shuffle_buffer = int(shuffle_buffer)
-        self.shuffle_buffer_bytes = shuffle_buffer_bytes
+        # a buffer of 0 shuffled nothing, silently: an unshuffled training run
+        self.shuffle_buffer = whole_number(shuffle_buffer, "shuffle_buffer", minimum=1)
+        self.shuffle_buffer_bytes = None if shuffle_buffer_bytes is None else parse_size(shuffle_buffer_bytes)
         if shuffle_initial is not None and (int(shuffle_initial) != shuffle_initial or shuffle_initial < 1):
             raise ValueError(
                 f"shuffle_initial must be a whole number >= 1 (or None), got {shuffle_initial!r}")
@@ -255,6 +256,8 @@ class ShardReader:
         if int(processes) < 0 or int(processes) != processes:
             raise ValueError(f"processes must be a whole number >= 0, got {processes!r}")
         self.processes = int(processes) if processes > 1 else 0
+        if num_workers is not None:
+            whole_number(num_workers, "num_workers", minimum=0)  # 0: the default, as None
         self.num_workers = num_workers or (
             _default_workers() if self.processes else
             default_decode_threads(_default_workers(), self.source.mean_sample_bytes()))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .checks import whole_number
 from .shard_reader import ShardReader, _default_workers
 from .state import StreamPosition
 
@@ -180,8 +181,19 @@ class ShardIterableDataset(IterableDataset):
         resuming under another number is refused instead of giving other batches;
         ``processes=N`` counts as N workers (the same stream). Saved again before any pass
         after a load, it keeps the loaded state's number.
+
+        Raises:
+            ValueError: ``batches`` is not a whole number in ``0..len(self)``: a global
+                step passed by mistake made a state at the next epoch's start, which
+                skipped the rest of this epoch on resume, and a negative one was refused
+                only when loaded, after a crash.
         """
         from .state import make_state
+
+        if whole_number(batches, "batches", minimum=0) > len(self):
+            raise ValueError(f"batches is what the loop consumed of this epoch, 0..{len(self)} "
+                             f"(len of this dataset), got {batches}: pass the count since the "
+                             "epoch began, not a global step")
 
         workers, read = self._control[_WORKERS], self._control[_READ]
         streams = workers or (self._resume_streams if not self._passes else None)

@@ -298,3 +298,27 @@ def test_a_copy_for_decode_processes_carries_the_scans_counts_not_the_scan(id_sh
     assert scans == []
     assert [label for _, y in got for label in y] == labels.tolist()
     assert got == [(pixel_ids(x), y.tolist()) for x, y in reader]
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("shuffle_buffer", 0, "shuffle_buffer must be a whole number >= 1"),
+    ("shuffle_buffer", -5, "shuffle_buffer must be a whole number >= 1"),
+    ("shuffle_buffer_bytes", 0, "size must be positive"),
+    ("shuffle_buffer_bytes", -1, "size must be positive"),
+    ("shuffle_buffer_bytes", "1G", "ambiguous"),
+    ("num_workers", -2, "num_workers must be a whole number >= 0"),
+    ("num_workers", 1.5, "num_workers must be a whole number >= 0"),
+])
+def test_bad_buffer_and_worker_options_are_refused_up_front(id_shards, option, value, words):
+    """shuffle_buffer=0 shuffled nothing, silently (a training run unshuffled); a zero or
+    negative byte cap failed at the first batch with "empty range for randrange()";
+    num_workers=-2 failed in the thread pool without naming the option."""
+    with pytest.raises(ValueError, match=words):
+        ShardReader(id_shards[0], split="test", image_size=4, **{option: value})
+
+
+def test_the_shuffle_buffer_byte_cap_takes_a_size_as_cache_max_bytes_does(id_shards):
+    reader = ShardReader(id_shards[0], split="test", image_size=4, batch_size=30, seed=0,
+                         shuffle_buffer_bytes="1MB")
+    assert reader.shuffle_buffer_bytes == 1_000_000
+    assert sorted(y for _, ys in reader for y in ys.tolist()) == sorted(reader.labels.tolist())

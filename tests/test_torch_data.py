@@ -407,3 +407,15 @@ def test_a_worker_with_nothing_readable_fills_from_the_rank_and_resumes_keep_the
         again = ShardIterableDataset(worker0_tail, shuffle=False, **opts)
         again.load_state_dict(ds.state_dict(k))
         assert len(_epoch(DataLoader(again, batch_size=None, num_workers=2))) == len(full) - k, k
+
+
+def test_a_state_of_batches_outside_the_epoch_is_refused_when_saved(awkward_shards):
+    """``state_dict(batches=...)`` takes the batches the loop consumed of this epoch. A
+    global step passed by mistake made a state at the next epoch's start (the rest of this
+    epoch skipped on resume), and a negative count was refused only at load, after a crash."""
+    ds = ShardIterableDataset(awkward_shards, seed=11, **OPTIONS)
+    ds.set_epoch(1)
+    assert ds.state_dict(batches=len(ds))["epoch"] == 2  # a whole epoch: the next one's start
+    for bad in (len(ds) + 3, -1, 2.5):
+        with pytest.raises(ValueError, match="batches"):
+            ds.state_dict(batches=bad)
