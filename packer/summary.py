@@ -19,8 +19,8 @@ def pack_summary(manifest: dict[str, Any], out: str) -> str:
         lines.append(f"  {name}: {counted(split['count'], 'image')} in {counted(len(split['shards']), 'shard')} "
                      f"({format_size(size)})")
     skipped = manifest.get("skipped", [])
-    head = (f"packed {packed} images of {len(manifest['classes'])} classes into {out}; "
-            f"skipped {len(skipped)}; ignored {manifest.get('ignored', 0)} non-image files")
+    head = (f"packed {counted(packed, 'image')} of {counted(len(manifest['classes']), 'class')} into "
+            f"{out}; skipped {len(skipped)}; ignored {counted(manifest.get('ignored', 0), 'non-image file')}")
     lines.insert(0, head)
     for item in skipped[:10]:
         lines.append(f"  skipped {item['path']}: {item['reason']}")

@@ -335,8 +335,9 @@ def upload(
         force: send every shard even when an identical one is already there.
 
     Returns:
-        ``{"url", "uploaded", "skipped", "bytes", "bytes_skipped", "manifest"}``: shards sent,
-        shards already there (same sha256), bytes sent and bytes skipped, and whether the
+        ``{"url", "uploaded", "skipped", "removed", "bytes", "bytes_skipped", "manifest"}``:
+        shards sent, shards already there (same sha256), shards an earlier manifest named
+        that the new one does not (deleted), bytes sent and bytes skipped, and whether the
         manifest was ``"uploaded"`` or ``"unchanged"``.
 
     Raises:
@@ -346,6 +347,8 @@ def upload(
             missing or different).
     """
     out_dir = os.fspath(out_dir)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")
     refuse_mistyped_url(url)
     _refuse_same_folder(out_dir, url)
     options = storage_options_for(url, endpoint_url=endpoint_url, storage_options=storage_options)
@@ -432,7 +435,7 @@ def send_shards(
     old_manifest = current if current is not None else aside
     stats = {"uploaded": 0, "skipped": 0, "bytes": 0, "bytes_skipped": 0, "removed": 0}
     total = sum(s.bytes for s in shards)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="uploading",
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="uploading",
                disable=True if quiet else None)
 
     def take_down_old_manifest() -> None:

@@ -21,8 +21,40 @@ from .shard_reader import ShardReader
 
 __all__ = ["preview"]
 
-_CAPTION_HEIGHT = 14  # room for one line of Pillow's default bitmap font
+_CAPTION_HEIGHT = 14  # room for one line of 11 px text
 _GAP = 4
+
+
+def caption_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """DejaVu Sans where this machine has it (Latin with accents, Greek, Cyrillic: the
+    font Pillow ships draws ASCII alone, so ``café`` came out ``caf□``), else Pillow's."""
+    for path in _dejavu_paths():
+        try:
+            return ImageFont.truetype(path, 11)
+        except OSError:
+            continue
+    return ImageFont.load_default()
+
+
+def _dejavu_paths() -> list[str]:
+    """Where DejaVu Sans may be: found by name (Pillow searches the system's font
+    folders), Debian's and Fedora's paths, and matplotlib's copy when it is installed."""
+    paths = ["DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+             "/usr/share/fonts/dejavu-sans-fonts/DejaVuSans.ttf"]
+    try:
+        import matplotlib
+
+        paths.append(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"))
+    except ImportError:
+        pass
+    return paths
+
+
+def caption(label: int, names: Sequence[str], width: int) -> str:
+    """A tile's caption: the class index, then as much of its name as fits ``width`` px.
+    The index reads in any font; a name in a script the font lacks (CJK) shows as boxes."""
+    name = names[label] if 0 <= label < len(names) else "?"
+    return f"{label} {name}"[: max(1, width // 6)]
 
 
 def preview(
@@ -81,15 +113,15 @@ def preview(
     cell_w, cell_h = tile_size + _GAP, tile_size + _CAPTION_HEIGHT + _GAP
     sheet = Image.new("RGB", (cols * cell_w + _GAP, rows * cell_h + _GAP), "white")
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
+    font = caption_font()
     for i in range(n):
         x0 = _GAP + (i % columns) * cell_w
         y0 = _GAP + (i // columns) * cell_h
         tile = Image.fromarray(np.clip(images[i], 0, 255).astype(np.uint8).squeeze(-1) if images.shape[-1] == 1
                                else np.clip(images[i], 0, 255).astype(np.uint8))
         sheet.paste(tile.convert("RGB"), (x0, y0))
-        name = reader.class_names[int(labels[i])] if 0 <= int(labels[i]) < len(reader.class_names) else "?"
-        draw.text((x0, y0 + tile_size + 1), name[: tile_size // 6], fill="black", font=font)
+        draw.text((x0, y0 + tile_size + 1), caption(int(labels[i]), reader.class_names, tile_size),
+                  fill="black", font=font)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))

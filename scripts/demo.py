@@ -38,7 +38,9 @@ def build_model(image_size: int, num_classes: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path("demo_out"), help="where data and shards go")
+    parser.add_argument("--workdir", type=Path, default=Path("demo_out"),
+                        help="where data and shards go (its data/ and shards/ are replaced; "
+                             "nothing else in it is touched)")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--image-size", type=int, default=64, help="square image edge in pixels")
     parser.add_argument("--per-class", type=int, default=100, help="training images per class")
@@ -52,7 +54,8 @@ def main() -> None:
     from reader import ShardReader, image_dataset_from_shards
 
     src, shards = args.workdir / "data", args.workdir / "shards"
-    shutil.rmtree(args.workdir, ignore_errors=True)
+    for made in (src, shards):  # what an earlier run made: the rest of WORKDIR is the user's
+        shutil.rmtree(made, ignore_errors=True)
     t = time.perf_counter()
     make_example_tree(
         src,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from PIL import Image
 
@@ -45,3 +47,19 @@ def test_from_reader_import_preview_is_the_function():
     code = ("import reader.contact_sheet; from reader import preview; import reader; "
             "assert callable(preview) and reader.preview is preview, preview")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_captions_show_the_class_index_and_accented_names():
+    """Pillow's own font draws ASCII alone: café came out caf□. The caption font is DejaVu
+    Sans wherever this machine has it, and each caption starts with the class index, which
+    reads in any font (a name in a script the font lacks, such as CJK, shows as boxes)."""
+    from reader.contact_sheet import _dejavu_paths, caption, caption_font
+
+    assert caption(1, ["cat", "猫"], 128) == "1 猫"
+    assert caption(7, ["cat"], 128) == "7 ?"
+    assert caption(0, ["a" * 50], 60) == "0 " + "a" * 8
+    font = caption_font()
+    found = [p for p in _dejavu_paths() if os.path.isabs(p) and os.path.exists(p)]
+    if found:  # this machine has DejaVu (Debian's fonts-dejavu-core, or matplotlib's copy)
+        missing = bytes(font.getmask("\U0010fffd"))  # a code point no font draws: the box
+        assert bytes(font.getmask("é")) != missing and bytes(font.getmask("ж")) != missing

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -38,3 +40,15 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert "pytest" in install_and_test
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert install_and_test.strip() in [line.strip() for line in ci]
+
+
+@pytest.mark.slow
+def test_the_demo_replaces_only_what_it_made_in_its_workdir(tmp_path):
+    """`scripts/demo.py --workdir DIR` removed DIR and everything in it before starting."""
+    (tmp_path / "results.csv").write_text("mine\n")
+    (tmp_path / "shards" / "stale").mkdir(parents=True)  # an earlier run's: replaced
+    subprocess.run([sys.executable, "scripts/demo.py", "--workdir", str(tmp_path), "--epochs", "1",
+                    "--per-class", "8", "--image-size", "48"], check=True, capture_output=True,
+                   cwd=Path(__file__).parents[1])
+    assert (tmp_path / "results.csv").read_text() == "mine\n"
+    assert (tmp_path / "shards" / "manifest.json").exists() and not (tmp_path / "shards" / "stale").exists()

@@ -805,3 +805,11 @@ def test_a_role_scoped_to_a_prefix_without_list_bucket_uploads_and_packs(photo_s
             assert [y.tolist() for _, y in remote] == want, url
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5])
+def test_upload_refuses_a_worker_count_below_one(photo_shards, tmp_path, workers):
+    """upload --workers 0 or -1 was taken without a word (pack --workers -1 is refused)."""
+    with pytest.raises(ValueError, match="workers must be a whole number >= 1"):
+        upload(photo_shards, str(tmp_path / "dest"), quiet=True, workers=workers)
+    assert not (tmp_path / "dest").exists()
