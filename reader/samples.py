@@ -226,8 +226,9 @@ def tar_members(
                 shard=shard,
                 offset=data_offset + got,
             )
-        if kind in _FILE_TYPES:
-            long_name = start = None
+        # a long name or pax header names the one member after it, whatever its kind: kept
+        # past a directory or link member, it renamed the next file (a sample lost its label)
+        long_name = start = None
         offset = data_offset + padded
 
 
@@ -494,7 +495,7 @@ def scan_shard(
     """
 
     def want(name: str) -> bool:
-        return name.endswith((".cls", ".json"))
+        return name.lower().endswith((".cls", ".json"))  # an epoch takes KEY.CLS as .cls
 
     out: list[tuple[str, int | None, str | None]] = []
     try:

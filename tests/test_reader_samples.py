@@ -201,3 +201,39 @@ def test_our_shards_read_with_webdataset(id_shards):
     keys = [s["__key__"] for s in ds]
     reader = ShardReader(shards, split="train", shuffle=False, image_size=4)
     assert len(keys) == reader.samples
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_a_long_name_on_a_folder_member_names_that_member_only(tmp_path, fmt):
+    """A GNU long-name or pax path header names the one member after it. Kept past a
+    directory (or link) member, it renamed the next file: a tar of a folder whose path is
+    over 100 bytes (GNU tar), or Python's tarfile in pax format adding a folder named 猫,
+    lost the next sample's label and its class. webdataset reads both samples."""
+    path = tmp_path / "dirs.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in (("d" * 120, None), ("c0.png", _png((1, 0, 0))), ("c0.cls", b"1"),
+                           ("猫", None), ("c1.png", _png((2, 0, 0))), ("c1.cls", b"0")):
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    reader = ShardReader([str(path)], image_size=2, shuffle=False, interpolation="nearest",
+                         on_error="raise")
+    assert reader.class_names == ["0", "1"] and reader.filenames == ["c0", "c1"]
+    x, y = next(iter(reader))
+    assert x[:, 0, 0, 0].tolist() == [1, 2] and y.tolist() == [1, 0]
+    assert [s["__key__"] for s in wds.WebDataset(str(path), shardshuffle=False)] == ["c0", "c1"]
+
+
+def test_upper_case_label_members_are_counted_as_an_epoch_reads_them(tmp_path):
+    """``KEY.JPG`` / ``KEY.CLS``: the epoch (as webdataset) lower-cases extensions, the
+    scan that counts samples and finds classes did not, so such a tar was "no images"."""
+    path = tmp_path / "upper.tar"
+    path.write_bytes(_tar([("a.PNG", _png((1, 0, 0))), ("a.CLS", b"0"),
+                           ("b.PNG", _png((2, 0, 0))), ("b.CLS", b"1")]))
+    reader = ShardReader([str(path)], image_size=2, shuffle=False, interpolation="nearest")
+    assert reader.samples == 2 and reader.class_names == ["0", "1"] and len(reader) == 1
+    assert next(iter(reader))[1].tolist() == [0, 1]
