@@ -10,10 +10,12 @@ WebDataset shards: ustar/gnu/pax headers, GNU long names (``L``) and pax ``path`
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 import os
 import struct
+import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import IO, Any, NamedTuple
 
@@ -165,6 +167,7 @@ def tar_members(
                 raise failed
         if len(header) < BLOCK:
             raise ShardReadError(
+                (offset == 0 and _not_a_tar(header)) or
                 "truncated: the shard ends before the tar end-of-archive marker "
                 "(re-upload or re-pack it)",
                 shard=shard,
@@ -175,6 +178,7 @@ def tar_members(
         name_field, size_field, checksum_field, kind, magic, prefix = unpack(header)
         if not _header_ok(header, checksum_field):
             raise ShardReadError(
+                (offset == 0 and _not_a_tar(header)) or
                 "corrupted tar header (checksum mismatch); the shard is damaged, "
                 "re-pack or re-upload it",
                 shard=shard,
@@ -230,6 +234,19 @@ def tar_members(
         # past a directory or link member, it renamed the next file (a sample lost its label)
         long_name = start = None
         offset = data_offset + padded
+
+
+def _not_a_tar(head: bytes) -> str | None:
+    """What a "shard" whose first block is no tar header is, when its first bytes say so."""
+    if head.startswith(b"\x1f\x8b"):
+        return ("gzip-compressed, not a tar: name it .tar.gz (read decompressed) or gunzip it; "
+                "uncompressed tars read fastest (JPEG and PNG do not compress further)")
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive, not a tar: shards are tar files"
+    if head.lstrip()[:1] == b"<":
+        return ("an HTML or XML document, not a tar (an error page from a server? check the "
+                "URL and credentials)")
+    return None
 
 
 _NAME_TYPES = (b"L", b"x")  # a GNU long name, a pax header: they name the member that follows
@@ -417,9 +434,39 @@ def open_ref(
     ref: ShardRef, storage_options: dict[str, Any] | None, cache_dir: str | None,
     cache_max_bytes: int | None = None,
 ) -> IO[bytes]:
-    """Open a shard of the manifest for a whole read, checked against its size and sha256."""
-    return open_shard(ref.url, expected_size=ref.nbytes, expected_sha256=ref.sha256,
-                      cache_dir=cache_dir, cache_max_bytes=cache_max_bytes, **(storage_options or {}))
+    """Open a shard of the manifest for a whole read, checked against its size and sha256;
+    a plain ``.tar.gz`` / ``.tgz`` shard (webdataset reads them) decompressed as it streams."""
+    stream = open_shard(ref.url, expected_size=ref.nbytes, expected_sha256=ref.sha256,
+                        cache_dir=cache_dir, cache_max_bytes=cache_max_bytes, **(storage_options or {}))
+    if ref.url.lower().endswith((".tar.gz", ".tgz")):
+        return _Gunzipped(stream)  # type: ignore[return-value]  # a readable binary stream
+    return stream
+
+
+class _Gunzipped(gzip.GzipFile):
+    """A gzip-compressed tar, decompressed as it is read; closing it closes the stream it
+    reads (GzipFile leaves a given file open). Byte offsets in errors are those of the
+    decompressed tar. A ``.tar.gz`` was taken as a shard and read as a tar: "corrupted tar
+    header ... re-pack it" at byte 0."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        super().__init__(fileobj=raw, mode="rb")
+        self._raw = raw
+
+    def seekable(self) -> bool:
+        return False  # skips read forward: the file's own size is the compressed one
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            return super().read(-1 if size is None else size)
+        except (EOFError, zlib.error) as exc:  # cut short, or damaged inside
+            raise OSError(f"damaged gzip data ({exc})") from exc
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()
 
 
 def _read_to_end(stream: IO[bytes]) -> None:

@@ -237,3 +237,33 @@ def test_upper_case_label_members_are_counted_as_an_epoch_reads_them(tmp_path):
     reader = ShardReader([str(path)], image_size=2, shuffle=False, interpolation="nearest")
     assert reader.samples == 2 and reader.class_names == ["0", "1"] and len(reader) == 1
     assert next(iter(reader))[1].tolist() == [0, 1]
+
+
+def test_tar_gz_shards_are_read_decompressed_as_webdataset_reads_them(tmp_path):
+    """A source of .tar.gz paths was accepted, then parsed as a tar: "corrupted tar header
+    ... re-pack it" at byte 0. A gzip file named .tar, a zip, or an HTML error page now say
+    what they are; a damaged .tar.gz is a shard error under on_shard_error."""
+    import gzip
+
+    members = [(f"k{i}.{ext}", data) for i in range(4)
+               for ext, data in (("png", _png((i, 0, 0))), ("cls", str(i % 2).encode()))]
+    plain = _tar(members)
+    paths = []
+    for i, name in enumerate(("a.tar.gz", "b.TGZ")):
+        paths.append(str(tmp_path / name))
+        (tmp_path / name).write_bytes(gzip.compress(plain, mtime=0) if i == 0 else gzip.compress(plain))
+    reader = ShardReader(paths, image_size=2, batch_size=8, shuffle=False, interpolation="nearest")
+    assert reader.samples == 8 and reader.labels.tolist() == [0, 1, 0, 1] * 2
+    x, y = next(iter(reader))
+    assert x[:, 0, 0, 0].tolist() == [0, 1, 2, 3] * 2 and y.tolist() == [0, 1, 0, 1] * 2
+    assert [s["__key__"] for s in wds.WebDataset(paths[0], shardshuffle=False)] == ["k0", "k1", "k2", "k3"]
+
+    for name, data, words in (("gz.tar", gzip.compress(plain), "gzip-compressed, not a tar"),
+                              ("z.tar", b"PK\x03\x04" + bytes(600), "a zip archive"),
+                              ("page.tar", b"<html><body>403 Forbidden</body></html>" + bytes(600), "HTML")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ShardReadError, match=words):
+            list(ShardReader([str(tmp_path / name)], image_size=2, num_classes=2))
+    (tmp_path / "cut.tar.gz").write_bytes(gzip.compress(plain)[:-300])
+    with pytest.raises(ShardReadError, match="damaged gzip data"):
+        list(ShardReader([str(tmp_path / "cut.tar.gz")], image_size=2, num_classes=2))
