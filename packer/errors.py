@@ -166,10 +166,12 @@ class EmptySplitError(ShardpackError, ValueError):
     """The split holds no images (of the classes asked for): nothing to train or evaluate
     on, refused as Keras' ``image_dataset_from_directory`` refuses a folder without images."""
 
-    def __init__(self, split: str, classes: list[str] | None = None) -> None:
+    def __init__(self, split: str, classes: list[str] | None = None, *, unlabelled: int = 0) -> None:
         self.split = split
         which = f" of classes {classes}" if classes else ""
-        super().__init__(f"no images found in split {split!r}{which}")
+        hint = (f"; {unlabelled} images have no .cls label: pass label_mode=None to read them "
+                "without labels" if unlabelled else "")
+        super().__init__(f"no images found in split {split!r}{which}{hint}")
 
 
 class UploadError(ShardpackError):

@@ -141,7 +141,8 @@ def _pax_path(data: bytes) -> str | None:
 
 
 def tar_members(
-    stream: IO[bytes], *, shard: str, want: Callable[[str], bool] | None = None
+    stream: IO[bytes], *, shard: str, want: Callable[[str], bool] | None = None,
+    named: Callable[[str], bool] | None = None,
 ) -> Iterator[Member]:
     """Yield the regular-file members of a tar stream in order.
 
@@ -150,6 +151,8 @@ def tar_members(
         shard: name used in error messages.
         want: if given, members whose name it rejects are skipped without being yielded
             (and, on seekable streams, without being read).
+        named: of the members ``want`` rejects, those yielded all the same, with empty
+            data (skipped as the others are): their names alone tell what a sample holds.
 
     Raises:
         ShardReadError: bad header checksum, or the stream ends before the end-of-archive
@@ -230,6 +233,8 @@ def tar_members(
                 shard=shard,
                 offset=data_offset + got,
             )
+        if kind in _FILE_TYPES and named is not None and named(long_name or name):
+            yield Member(long_name or name, b"", offset if start is None else start)
         # a long name or pax header names the one member after it, whatever its kind: kept
         # past a directory or link member, it renamed the next file (a sample lost its label)
         long_name = start = None
@@ -523,11 +528,13 @@ def scan_shard(
     ref: ShardRef, *, storage_options: dict[str, Any] | None = None, cache_dir: str | None = None,
     policy: ErrorPolicy | None = None, cache_max_bytes: int | None = None,
 ) -> list[tuple[str, int | None, str | None]]:
-    """List ``(path, label, class name)`` of every sample in one shard, in shard order.
+    """List ``(path, label, class name)`` of every sample with an image member in one
+    shard, in shard order (an epoch skips the others: no image to decode).
 
     ``path`` is the ``.json`` "path" (the source file relative to the packed tree), or the
     sample key when there is no ``.json``; label and class name are None when absent.
-    Keeps only the small ``.cls``/``.json`` members; image bytes are skipped (by seeking
+    Keeps only the small ``.cls``/``.json`` members and the image members' names; image
+    bytes are skipped (by seeking
     where the stream allows it: a local shard already verified in this process). The shard
     is checked against the manifest's size and sha256 as an epoch's read is (and cached in
     ``cache_dir`` on the way), so labels are never taken from a damaged shard. Used for
@@ -544,11 +551,16 @@ def scan_shard(
     def want(name: str) -> bool:
         return name.lower().endswith((".cls", ".json"))  # an epoch takes KEY.CLS as .cls
 
+    def image(name: str) -> bool:
+        return split_member_name(name)[1] in IMAGE_MEMBER_EXTS
+
     out: list[tuple[str, int | None, str | None]] = []
     try:
         with _checked_shard(ref, storage_options, cache_dir, cache_max_bytes=cache_max_bytes) as stream:
-            members = tar_members(stream, shard=ref.name, want=want)
+            members = tar_members(stream, shard=ref.name, want=want, named=image)
             for sample in group_samples(members, shard=ref.name):
+                if image_member(sample) is None:
+                    continue  # no epoch yields it: not counted (a caption, a stray .cls)
                 meta = _json_object(sample.get("json"))
                 try:
                     label = sample_label(sample)

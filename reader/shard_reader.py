@@ -343,11 +343,23 @@ class ShardReader:
             ]
         return self._index
 
+    def _yielded(self, label: int | None) -> bool:
+        """Whether an epoch yields a scanned sample with this label (of the manifest's
+        classes, before a class subset): one without a label only when none is asked for
+        (``label_mode=None``); an epoch that needs labels skips it as a failed sample. So
+        ``len()``, ``filenames`` and ``labels`` count what an epoch yields: an image with a
+        caption ``.json`` and no ``.cls`` was counted, then skipped, and images without
+        labels read with ``label_mode=None`` were yielded but not counted (Keras' cardinality
+        then broke the epoch)."""
+        return label is not None or self.batch_options.label_mode is None
+
     def _entries(self) -> list[tuple[str, int]]:
         """(path, our label) of every selected sample, in manifest (unshuffled) order."""
         out = []
         for ref, entries in zip(self.source.shards, self._scan(), strict=True):
             for path, label, _name in self._known_labels(ref.name, entries):
+                if not self._yielded(label):
+                    continue
                 if self._remap is not None:
                     if label not in self._remap:
                         continue
@@ -398,7 +410,9 @@ class ShardReader:
             EmptySplitError: ``samples`` is 0.
         """
         if (scan or self._count_known()) and self.samples == 0:
-            raise EmptySplitError(self.split, list(self.class_names) if self._remap is not None else None)
+            unlabelled = sum(1 for entries in self._index or () for _p, label, _n in entries if label is None)
+            raise EmptySplitError(self.split, list(self.class_names) if self._remap is not None else None,
+                                  unlabelled=unlabelled)
 
     def _count_known(self) -> bool:
         """Whether ``samples`` is known without a scan of the shards (the manifest's, or
@@ -430,7 +444,7 @@ class ShardReader:
             counts = []
             for entries in self._scan():
                 if self._remap is None:
-                    counts.append(len(entries))
+                    counts.append(sum(1 for _p, label, _n in entries if self._yielded(label)))
                 else:
                     counts.append(sum(1 for _p, label, _n in entries if label in self._remap))
             self._scanned_counts = counts

@@ -267,3 +267,35 @@ def test_tar_gz_shards_are_read_decompressed_as_webdataset_reads_them(tmp_path):
     (tmp_path / "cut.tar.gz").write_bytes(gzip.compress(plain)[:-300])
     with pytest.raises(ShardReadError, match="damaged gzip data"):
         list(ShardReader([str(tmp_path / "cut.tar.gz")], image_size=2, num_classes=2))
+
+
+def test_plain_tars_count_what_an_epoch_yields(tmp_path):
+    """len(), filenames and labels counted the samples holding a .cls or .json member,
+    where an epoch yields those holding an image (and, when labels are asked for, a .cls):
+    an image with a caption .json but no .cls was listed, then skipped (predictions and
+    filenames out of line), and images without labels read with label_mode=None were
+    yielded but not counted (Keras' cardinality check then failed the epoch)."""
+    from packer.errors import EmptySplitError
+
+    mixed = tmp_path / "mixed.tar"
+    with wds.TarWriter(str(mixed)) as sink:
+        sink.write({"__key__": "m0", "png": _png((0, 0, 0)), "cls": 0, "json": {"caption": "a"}})
+        sink.write({"__key__": "m1", "png": _png((1, 0, 0)), "json": {"caption": "b"}})  # no .cls
+        sink.write({"__key__": "m2", "png": _png((2, 0, 0)), "cls": 1, "json": {"caption": "c"}})
+        sink.write({"__key__": "m3", "png": _png((3, 0, 0))})  # an image alone
+        sink.write({"__key__": "m4", "cls": 1, "json": {"caption": "no image"}})  # no image
+    options = dict(image_size=1, batch_size=1, shuffle=False, interpolation="nearest", num_classes=2)
+    labelled = ShardReader([str(mixed)], **options)
+    assert (len(labelled), labelled.filenames, labelled.labels.tolist()) == (2, ["m0", "m2"], [0, 1])
+    assert [(int(x[0, 0, 0, 0]), int(y[0])) for x, y in labelled] == [(0, 0), (2, 1)]
+    unlabelled = ShardReader([str(mixed)], label_mode=None, **options)
+    assert (len(unlabelled), unlabelled.filenames) == (4, ["m0", "m1", "m2", "m3"])
+    assert [int(x[0, 0, 0, 0]) for x in unlabelled] == [0, 1, 2, 3]
+
+    only = tmp_path / "images_only.tar"
+    with wds.TarWriter(str(only)) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"n{i}", "png": _png((i, 0, 0))})
+    assert len(ShardReader([str(only)], image_size=1, label_mode=None)) == 1
+    with pytest.raises(EmptySplitError, match="3 images have no .cls label: pass label_mode=None"):
+        list(ShardReader([str(only)], image_size=1))
