@@ -107,18 +107,34 @@ def open_shard(
 
 
 def expand_urls(source: str | Sequence[str]) -> list[str]:
-    """Expand brace patterns (``a-{000..003}.tar``) in one or several shard URLs."""
+    """Expand brace patterns (``a-{000..003}.tar``) in one or several shard URLs, and
+    webdataset's ``a.tar::b.tar`` lists (``_tar_parts``)."""
     items = [source] if isinstance(source, str) else list(source)
     urls: list[str] = []
     for item in items:
-        urls.extend(braceexpand.braceexpand(str(item)))
+        for part in _tar_parts(str(item)):
+            urls.extend(braceexpand.braceexpand(part))
     return urls
+
+
+_TAR_ENDINGS = (".tar", ".tar.gz", ".tgz")
+
+
+def _tar_parts(text: str) -> list[str]:
+    """webdataset's ``a.tar::b-{0..9}.tar`` (shards joined by ``::``) as its parts, when
+    every part names tars; else ``text`` itself, which may be an fsspec chain such as
+    ``simplecache::s3://bucket/a.tar`` (one shard). Kept whole, a list was read as its last
+    shard alone: fsspec took it for a chain."""
+    parts = text.split("::")
+    if len(parts) > 1 and all("{" in part or part.lower().endswith(_TAR_ENDINGS) for part in parts):
+        return parts
+    return [text]
 
 
 def _is_tar_list(source: str | Sequence[str]) -> bool:
     if not isinstance(source, str):
         return True
-    return "{" in source or source.endswith(".tar") or source.endswith(".tar.gz")
+    return "{" in source or source.lower().endswith(_TAR_ENDINGS)
 
 
 _NOT_SHARDPACK_HINT = (

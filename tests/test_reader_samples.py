@@ -299,3 +299,21 @@ def test_plain_tars_count_what_an_epoch_yields(tmp_path):
     assert len(ShardReader([str(only)], image_size=1, label_mode=None)) == 1
     with pytest.raises(EmptySplitError, match="3 images have no .cls label: pass label_mode=None"):
         list(ShardReader([str(only)], image_size=1))
+
+
+def test_a_webdataset_list_joined_by_double_colons_is_every_shard(tmp_path):
+    """webdataset reads "a.tar::b.tar" as two shards; it was kept as one URL, which fsspec
+    took for a chain and read as its last shard alone, without a word. A chain whose parts
+    are not all tars (``simplecache::s3://...``) stays one shard."""
+    from reader.source import expand_urls
+
+    with wds.ShardWriter(str(tmp_path / "part-%d.tar"), maxcount=3, verbose=0) as sink:
+        for i in range(6):
+            sink.write({"__key__": f"k{i}", "png": _png((i, 0, 0)), "cls": i % 2})
+    joined = f"{tmp_path}/part-0.tar::{tmp_path}/part-1.tar"
+    reader = ShardReader(joined, image_size=1, shuffle=False, num_classes=2)
+    assert reader.filenames == [s["__key__"] for s in wds.WebDataset(joined, shardshuffle=False)]
+    assert reader.filenames == [f"k{i}" for i in range(6)]
+    assert expand_urls(f"{tmp_path}/part-{{0..1}}.tar::{tmp_path}/part-0.tar") == [
+        f"{tmp_path}/part-0.tar", f"{tmp_path}/part-1.tar", f"{tmp_path}/part-0.tar"]
+    assert expand_urls("simplecache::s3://bucket/a.tar") == ["simplecache::s3://bucket/a.tar"]
