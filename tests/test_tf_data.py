@@ -395,3 +395,34 @@ def test_without_dct_scaling_every_kind_gets_keras_directory_pixels(kinds_tree, 
     for name, (x, _) in zip(names, ours, strict=True):
         diff = np.abs(x.numpy() - want[name])
         assert diff.max() <= (0 if exact else 0.8), (name, diff.max())
+
+
+def test_a_dataset_let_go_lets_its_readers_processes_and_arrays_go(id_shards):
+    """TensorFlow keeps from_generator's generator (and so the reader) for the rest of the
+    process: a search making a dataset per trial kept every trial's decode processes and
+    batch arrays. Once nothing holds the dataset any more, they go; a dataset built on it
+    keeps it (and would start them again)."""
+    import gc
+
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    readers = []
+    def held(reader):  # decode processes, or (threads) batch arrays kept between epochs
+        return reader._pool is not None or reader._buffers is not None
+
+    for trial, processes in enumerate((2, 0, 2)):
+        ds = image_dataset_from_shards(id_shards[0], split="train", image_size=8, batch_size=32,
+                                       seed=trial, verbose=False, processes=processes)
+        readers.append(ds.shard_reader)
+        assert sum(int(tf.shape(y)[0]) for _, y in ds) == 210 and held(readers[-1])
+        kept = ds.map(lambda x, y: (x, y))  # holds ds: nothing is let go
+        del ds
+        gc.collect()
+        assert held(readers[-1])
+        del kept
+        gc.collect()
+    assert not any(held(r) for r in readers)
+    alive = {p.pid for p in me.children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+    assert not [p for p in alive - before if "resource_tracker" not in " ".join(psutil.Process(p).cmdline())]
