@@ -303,6 +303,11 @@ class ShardReader:
         # fill a short epoch up to rank_samples samples, not len() batches (set by
         # image_dataset_from_shards(batch_size=None), whose cardinality counts samples)
         self._count_samples = False
+        # passes begun (first batch asked for), and where the next one began at a mark
+        # (construction, set_epoch, load_state_dict): see _undo_passes
+        self._passes_begun = 0
+        self._marked: tuple[int, int, StreamPosition | None, int, int] = (0, 0, None, 0, self.seed)
+        self._mark()
 
     # ---- classes, counts and the lazily scanned index -------------------------------
 
@@ -488,6 +493,28 @@ class ShardReader:
         if int(epoch) != self.epoch:
             self._resume_batches, self._resume_position = 0, None
         self.epoch = int(epoch)
+        self._mark()
+
+    def _mark(self) -> None:
+        """Remember where the next pass begins (``_undo_passes`` comes back to it)."""
+        self._marked = (self.epoch, self._resume_batches, self._resume_position, self._passes_begun, self.seed)
+
+    def _undo_passes(self) -> bool:
+        """Make the next pass begin where it would have begun at the last mark, if passes
+        began since; returns whether any had.
+
+        Keras' ``fit`` under a distribution strategy takes one batch from an iterator of
+        the dataset it then drops, before training (to build the model): with each pass a
+        new epoch, that peek used up a loaded position, and training then began the next
+        epoch at its start (``ShardReaderCheckpoint`` undoes it at ``on_train_begin``).
+        """
+        epoch, batches, position, passes, seed = self._marked
+        if self._passes_begun == passes:
+            return False
+        self.epoch, self._resume_batches, self._resume_position, self.seed = epoch, batches, position, seed
+        self._forget_reading()
+        self._mark()
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         """The reader's position as a small JSON-able dict, for :meth:`load_state_dict`.
@@ -523,6 +550,7 @@ class ShardReader:
         self._resume_batches = batches
         self._resume_position = own_position(self, state, batches, reader_streams(self))
         self._forget_reading()
+        self._mark()
 
     def _forget_reading(self) -> None:
         """What this reader read before says nothing about a position loaded now."""
@@ -530,6 +558,7 @@ class ShardReader:
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, skip, start = self.epoch, self._resume_batches, self._resume_position
+        self._passes_begun += 1
         self.epoch += 1
         self._resume_batches, self._resume_position = 0, None
         yield from self._read_epoch(epoch, skip, start)

@@ -465,28 +465,51 @@ def _make_keras_callback() -> type:
         ``ds.repeat()`` one Keras epoch may run from one pass into the next.
         Resume recipe: docs/READING.md.
 
+        Under a distribution strategy, Keras' ``fit`` takes a batch from a pass of the
+        dataset it then drops, before training and these callbacks begin: at
+        ``on_train_begin`` the reader is set back to where it was before that pass (the
+        position ``load_state_dict`` loaded, or the next epoch), so training reads it.
+
         Args:
             reader: the ShardReader behind the dataset (``ds.shard_reader``).
             path: JSON file to write (atomically).
             every: batches between saves.
+
+        Raises:
+            ValueError: the reader behind ``image_dataset_from_shards(batch_size=None)``:
+                Keras' steps there are the user's own batches of single images, not the
+                reader's, so no position it could count would be right.
         """
 
         def __init__(self, reader: ShardReader, path: str | os.PathLike[str], *,
                      every: int = 100) -> None:
             super().__init__()
+            if reader._count_samples:
+                raise ValueError(
+                    "ShardReaderCheckpoint counts the reader's batches: a dataset made with "
+                    "batch_size=None (single images, batched again after it) has no position "
+                    "it can count; use batch_size=N and map per batch")
             self.reader, self.path, self.every = reader, path, max(1, int(every))
             self._epoch, self._position, self._trained, self._in_keras_epoch = reader.epoch, 0, 0, 0
 
         def on_train_begin(self, logs: Any = None) -> None:
+            self.reader._undo_passes()  # Keras' look at one batch, under a strategy
             # the epoch the dataset's next pass reads, and batches of it a resume skips
             self._epoch, self._position = self.reader.epoch, self.reader._resume_batches
             self._trained = 0
+
+        def on_train_end(self, logs: Any = None) -> None:
+            self.reader._mark()  # a later fit's look is undone back to here, not before
 
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             self._in_keras_epoch = 0
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            # ``batch``: the Keras epoch's step (the last of them with steps_per_execution)
+            # ``batch``: the Keras epoch's step (the last of them with steps_per_execution;
+            # an epoch's last group of steps is reported whole even where it holds fewer)
+            steps = (self.params or {}).get("steps")
+            if steps:
+                batch = min(batch, steps - 1)
             step = batch + 1 - self._in_keras_epoch
             self._in_keras_epoch = batch + 1
             self._position += step
