@@ -351,12 +351,21 @@ def group_samples(members: Iterable[Member], *, shard: str) -> Iterator[Sample]:
     A shard cut short inside a member of the next sample still gives the sample before it:
     its members all came first (the error names the member's key)."""
     current: Sample | None = None
+    seen: set[str] = set()  # keys of the samples before (a key met again: unsorted members)
     try:
         for member in members:
             key, ext = split_member_name(member.name)
             if current is None or current["__key__"] != key:
                 if current is not None:
                     yield current
+                    seen.add(current["__key__"])
+                if key in seen:
+                    raise ShardReadError(
+                        f"sample {key!r} appears again after other samples: a sample's members "
+                        "must be adjacent in the tar (a tar of a folder made with `tar -cf` "
+                        "lists files in folder order; make it with `tar --sort=name -cf`, or "
+                        "webdataset's ShardWriter)",
+                        shard=shard, offset=member.offset, key=key)
                 current = {"__key__": key, "__shard__": shard, "__offset__": member.offset}
             elif ext in current:  # one key written twice in a row: whose label goes with which image?
                 raise ShardReadError(

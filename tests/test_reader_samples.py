@@ -317,3 +317,14 @@ def test_a_webdataset_list_joined_by_double_colons_is_every_shard(tmp_path):
     assert expand_urls(f"{tmp_path}/part-{{0..1}}.tar::{tmp_path}/part-0.tar") == [
         f"{tmp_path}/part-0.tar", f"{tmp_path}/part-1.tar", f"{tmp_path}/part-0.tar"]
     assert expand_urls("simplecache::s3://bucket/a.tar") == ["simplecache::s3://bucket/a.tar"]
+
+
+def test_a_tar_whose_samples_are_not_adjacent_is_named_as_such(tmp_path):
+    """`tar -cf DIR` lists files in folder order: a key's members end up apart, and every
+    sample was reported as "has no .cls label" and "has no image member (members: [])",
+    then an empty epoch. Now the shard fails once, saying how to make such a tar."""
+    path = tmp_path / "unsorted.tar"
+    path.write_bytes(_tar([("a.png", _png((1, 0, 0))), ("b.png", _png((2, 0, 0))),
+                           ("a.cls", b"0"), ("b.cls", b"1")]))
+    with pytest.raises(ShardReadError, match=r"sample 'a' appears again.*tar --sort=name"):
+        list(ShardReader([str(path)], image_size=2, num_classes=2))
