@@ -220,8 +220,8 @@ def _plan_write_send(
         # Not earlier: a re-run that keeps every shard leaves the published manifest up
         # (readers never find none, also if it is stopped), as a local OUT does.
         nonlocal aside
-        if old_manifest is not None and not aside:
-            store.set_manifest_aside(json.dumps(old_manifest).encode())
+        if not aside:
+            store.take_down_manifest(None if old_manifest is None else json.dumps(old_manifest).encode())
             aside = True
 
     try:
@@ -259,6 +259,11 @@ def _check_remote(store: RemoteStore, options: dict[str, Any], *, overwrite: boo
     data = store.read_bytes(MANIFEST_NAME)
     if data is None:
         data = store.read_bytes(REPLACED_NAME)
+    if data is None and store.unreadable and not overwrite:
+        raise OutputExistsError(
+            f"cannot tell whether {store.url} holds a pack: reading its manifest is denied "
+            "(a role without s3:ListBucket is denied a missing key too); pass --overwrite to "
+            "pack there anyway (a pack made with other options would be replaced)")
     if data is None:
         return None
     try:

@@ -99,6 +99,7 @@ class RemoteStore:
         protocols = _protocols(self.fs)
         self.has_metadata = any(p in ("s3", "s3a") for p in protocols)
         self.is_local = "file" in protocols or "local" in protocols
+        self.unreadable: set[str] = set()  # names read_bytes was denied (absent, or not ours to read)
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}" if self.root else name
@@ -221,16 +222,28 @@ class RemoteStore:
     def read_bytes(self, name: str) -> bytes | None:
         """The object at ``name``; None when it is absent, or when the store will not say
         (a 403: S3 gives one for a missing key to a role without ``s3:ListBucket``, and
-        s3fs turns a missing key into a listing that such a role may not make). A
-        manifest that is there but cannot be read is then treated as absent, with a
-        warning: shards are compared one by one, and none it named is removed."""
+        s3fs turns a missing key into a listing that such a role may not make; such names
+        are kept in ``unreadable``). Callers treat an unreadable manifest as one that may
+        be there: ``take_down_manifest`` deletes it before shards change, and a pack to a
+        URL asks for ``overwrite``."""
         try:
             return self.fs.cat_file(self.path(name))
         except FileNotFoundError:
             return None
         except PermissionError as exc:
-            log.warning("cannot read %s (%s): taken as absent", self.display(name), exc)
+            log.warning("cannot read %s (%s): absent, or not readable with these rights",
+                        self.display(name), exc)
+            self.unreadable.add(name)
             return None
+
+    def take_down_manifest(self, manifest: bytes | None) -> None:
+        """Before shards change: set the published ``manifest`` aside (``set_manifest_aside``);
+        one that could not be read is deleted (readers must not meet an old manifest over
+        new shards; a delete of a missing key is no error)."""
+        if manifest is not None:
+            self.set_manifest_aside(manifest)
+        elif MANIFEST_NAME in self.unreadable:
+            self.remove(MANIFEST_NAME)
 
     def remove(self, name: str) -> None:
         try:
@@ -442,8 +455,8 @@ def send_shards(
         with lock:
             if unpublished.is_set():
                 return
-            if manifest_bytes is not None and current is not None and current != manifest_bytes:
-                store.set_manifest_aside(current)
+            if manifest_bytes is not None and current != manifest_bytes:
+                store.take_down_manifest(current)
                 log.info("took down the old remote manifest while shards change")
             unpublished.set()
 

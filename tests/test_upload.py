@@ -796,8 +796,15 @@ def test_a_role_scoped_to_a_prefix_without_list_bucket_uploads_and_packs(photo_s
         assert first["uploaded"] == len(_shard_names(photo_shards))
         again = upload(photo_shards, "s3://data/team/up", endpoint_url=server.endpoint, quiet=True)
         assert again["uploaded"] == 0 and again["manifest"] == "unchanged"
+        # such a role is denied a missing manifest as one it may not read: a pack to the
+        # URL cannot check what is there, and asks for --overwrite to go on
+        from packer.errors import OutputExistsError
+
+        with pytest.raises(OutputExistsError, match="pass --overwrite to pack there anyway"):
+            pack(photo_shards.parent / "src", "s3://data/team/packed", storage_options=options,
+                 seed=0, max_count=40, workers=1, quiet=True)
         pack(photo_shards.parent / "src", "s3://data/team/packed", storage_options=options, seed=0,
-             max_count=40, workers=1, quiet=True)
+             max_count=40, workers=1, quiet=True, overwrite=True)
         local = ShardReader(photo_shards, split="test", image_size=8, shuffle=False)
         want = [y.tolist() for _, y in local]
         for url in ("s3://data/team/up", "s3://data/team/packed"):
@@ -813,3 +820,56 @@ def test_upload_refuses_a_worker_count_below_one(photo_shards, tmp_path, workers
     with pytest.raises(ValueError, match="workers must be a whole number >= 1"):
         upload(photo_shards, str(tmp_path / "dest"), quiet=True, workers=workers)
     assert not (tmp_path / "dest").exists()
+
+
+def test_a_manifest_the_role_may_not_read_is_neither_trusted_absent_nor_left_over_new_shards(
+        photo_shards, tmp_path):
+    """A 403 on the manifest says "absent, or not yours to read": a pack to the URL over a
+    pack made with other options (a write-only role) replaced it without --overwrite, and
+    upload left the old manifest published over the shards it replaced. A store that
+    denies every read of a .json stands for such a role."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from packer import pack
+    from packer.errors import OutputExistsError
+
+    deny = {"on": False}
+
+    class DenyReads(MemoryFileSystem):
+        protocol = ("denyreads",)
+        root_marker = "/"
+
+        def cat_file(self, path, *args, **kwargs):
+            if deny["on"] and path.rstrip("/").endswith(".json"):
+                raise PermissionError(f"AccessDenied: GetObject {path}")
+            return super().cat_file(path, *args, **kwargs)
+
+    fsspec.register_implementation("denyreads", DenyReads, clobber=True)
+    src = photo_shards.parent / "src"
+    pack(src, "denyreads://bucket/ds", quiet=True, max_count=40, workers=1)
+    deny["on"] = True
+    with pytest.raises(OutputExistsError, match="reading its manifest is denied"):
+        pack(src, "denyreads://bucket/ds", resize=32, quiet=True, max_count=40, workers=1)
+    deny["on"] = False
+    assert json.loads(DenyReads().cat_file("denyreads://bucket/ds/manifest.json"))["options"]["resize"] is None
+
+    # upload: the manifest it cannot read is deleted before a shard changes
+    fs = DenyReads()
+    fs.pipe_file("denyreads://bucket/up/manifest.json", b'{"format": "shardpack", "old": true}')
+    deleted_before_first_shard = []
+    real_put = DenyReads.put_file
+
+    def put_file(self, lpath, rpath, **kwargs):
+        if rpath.endswith(".tar") and not deleted_before_first_shard:
+            deleted_before_first_shard.append(not self.exists("denyreads://bucket/up/manifest.json"))
+        return real_put(self, lpath, rpath, **kwargs)
+
+    DenyReads.put_file = put_file
+    deny["on"] = True
+    try:
+        upload(photo_shards, "denyreads://bucket/up", quiet=True, workers=1)
+    finally:
+        deny["on"] = False
+        DenyReads.put_file = real_put
+    assert deleted_before_first_shard == [True]
+    assert json.loads(fs.cat_file("denyreads://bucket/up/manifest.json")) == json.loads((photo_shards / MANIFEST_NAME).read_bytes())
