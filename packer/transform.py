@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
-from .headers import ORIENTATION_TAG
+from .headers import ORIENTATION_TAG, jpeg_adobe_marker
 
 __all__ = ["ResizeSpec", "Reduced", "parse_resize", "load_for_resize", "transform_image", "to_8bit",
-           "gif_transparent_black", "pillow_orientation"]
+           "gif_transparent_black", "pillow_orientation", "stores_plain_cmyk", "ink_as_stored"]
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,21 @@ def load_for_resize(im: Image.Image, spec: ResizeSpec) -> Reduced | None:
     return reduced
 
 
+def stores_plain_cmyk(im: Image.Image, data: bytes | None) -> bool:
+    """Whether ``im``, opened from ``data``, is a CMYK JPEG without Adobe's marker: Pillow
+    reads every CMYK JPEG as Adobe's inverted CMYK, while such a file stores its ink as
+    is, as TensorFlow (so Keras) reads it; Pillow's picture of it is a colour negative
+    (``ink_as_stored`` turns it back)."""
+    return (im.mode == "CMYK" and im.format in ("JPEG", "MPO") and data is not None
+            and not jpeg_adobe_marker(data))
+
+
+def ink_as_stored(im: Image.Image) -> Image.Image:
+    """A CMYK image's channels inverted: Pillow's reading of a CMYK JPEG without Adobe's
+    marker turned back into the ink its file stores (``stores_plain_cmyk``)."""
+    return im.point(lambda v: 255 - v)
+
+
 # EXIF orientation -> the box (x0, y0, x1, y1) of a (w, h) image as ImageOps.exif_transpose
 # turns the image upright (tested against it)
 _UPRIGHT_BOX = {
@@ -233,7 +248,10 @@ def transform_image(
         im = gif_transparent_black(im)  # the pixels the reader (and Keras) shows the original with
     orientation = pillow_orientation(im)
     raw_size = im.size
+    plain_cmyk = stores_plain_cmyk(im, source)
     im = ImageOps.exif_transpose(to_8bit(im))
+    if plain_cmyk:
+        im = ink_as_stored(im)
     # a colour key (tRNS of a grey or RGB PNG) is alpha too: readers and TensorFlow give it
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info)
     if has_alpha:

@@ -76,7 +76,7 @@ from packer.headers import (
     png_only,
 )
 from packer.probe import pillow_orientation
-from packer.transform import gif_transparent_black
+from packer.transform import gif_transparent_black, ink_as_stored, stores_plain_cmyk
 
 from .checks import check_image_size
 
@@ -661,6 +661,8 @@ def _load_pillow(
         im.draft("L" if options.color_mode == "grayscale" else "RGB", need)
     out = ImageOps.exif_transpose(im) if orientation != 1 else im
     out.load()
+    if stores_plain_cmyk(im, data):  # read as TensorFlow reads it, not as a colour negative
+        out = ink_as_stored(out)
     if im.format == "GIF":
         out = gif_transparent_black(out)
     arr = np.asarray(to_color_mode(out, options.color_mode))

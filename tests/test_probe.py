@@ -379,3 +379,30 @@ def test_a_side_beyond_jpegs_limit_is_stored_as_png():
     probe = probe_bytes(image_bytes(Image.new("RGB", (70_000, 10), "red"), "PNG"),
                         resize=ResizeSpec(256), keep_stored=kept)
     assert probe.ok and probe.ext == "png" and (probe.width, probe.height) == (70_000, 10)
+
+
+@pytest.mark.parametrize("adobe", [True, False], ids=["adobe", "no-adobe-marker"])
+def test_a_cmyk_jpeg_is_stored_as_readers_and_keras_see_it(adobe):
+    """Pillow reads every CMYK JPEG as Adobe's inverted CMYK; one without Adobe's marker
+    stores its ink as is, as TensorFlow (so Keras, and the reader) reads it. --resize
+    stored such a file as a colour negative (mean 113/255 from Keras' pixels)."""
+    import io
+
+    import numpy as np
+
+    from packer.examples import photo
+    from packer.headers import _segments
+    from reader.decode import DecodeOptions, decode_image
+
+    data = jpeg_bytes(photo("coffee").resize((90, 60)).convert("CMYK"), quality=95)
+    if not adobe:
+        pos, length = next((p, n) for marker, p, n in _segments(data) if marker == 0xEE)
+        data = data[:pos] + data[pos + 2 + length:]
+    kept: list[bytes] = []
+    probe = probe_bytes(data, resize=ResizeSpec(256), keep_stored=kept)
+    assert probe.ok and probe.ext == "jpg"
+    stored = np.asarray(Image.open(io.BytesIO(kept[0])).convert("RGB"), dtype=np.int16)
+    keras_like = decode_image(data, DecodeOptions(image_size=(60, 90), dct_scaling=False)).astype(np.int16)
+    assert np.abs(stored - keras_like).mean() < 10  # one re-encode apart (5 here), not a negative (~110)
+    pillow = decode_image(data, DecodeOptions(image_size=(60, 90), decoder="pillow")).astype(np.int16)
+    assert np.abs(pillow - keras_like).mean() < 2  # the reader's Pillow path reads it so too
