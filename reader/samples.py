@@ -351,20 +351,24 @@ def group_samples(members: Iterable[Member], *, shard: str) -> Iterator[Sample]:
     A shard cut short inside a member of the next sample still gives the sample before it:
     its members all came first (the error names the member's key)."""
     current: Sample | None = None
-    seen: set[str] = set()  # keys of the samples before (a key met again: unsorted members)
+    # each earlier sample's key -> its members' extensions: a key met again with a member
+    # its sample lacked is one sample's members apart (a tar made with plain `tar -cf`);
+    # met again with members its sample had, it is another sample (webdataset allows that)
+    seen: dict[str, frozenset[str]] = {}
     try:
         for member in members:
             key, ext = split_member_name(member.name)
             if current is None or current["__key__"] != key:
                 if current is not None:
-                    yield current
-                    seen.add(current["__key__"])
-                if key in seen:
+                    done, current = current, None
+                    seen[done["__key__"]] = frozenset(done)  # before the reader takes members out
+                    yield done
+                if key in seen and ext not in seen[key]:
                     raise ShardReadError(
-                        f"sample {key!r} appears again after other samples: a sample's members "
-                        "must be adjacent in the tar (a tar of a folder made with `tar -cf` "
-                        "lists files in folder order; make it with `tar --sort=name -cf`, or "
-                        "webdataset's ShardWriter)",
+                        f"sample {key!r} has its .{ext} member apart from its others: a "
+                        "sample's members must be adjacent in the tar (a tar of a folder made "
+                        "with `tar -cf` lists files in folder order; make it with "
+                        "`tar --sort=name -cf`, or webdataset's ShardWriter)",
                         shard=shard, offset=member.offset, key=key)
                 current = {"__key__": key, "__shard__": shard, "__offset__": member.offset}
             elif ext in current:  # one key written twice in a row: whose label goes with which image?

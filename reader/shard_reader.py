@@ -47,7 +47,15 @@ from .distributed import (
 from .policy import ErrorPolicy, OnError
 from .processes import DecodeProcesses
 from .remote import OpenAhead
-from .samples import READ_THE_REST, Sample, open_ref, sample_label, scan_shard, shard_samples
+from .samples import (
+    READ_THE_REST,
+    Sample,
+    image_member,
+    open_ref,
+    sample_label,
+    scan_shard,
+    shard_samples,
+)
 from .shuffle import DEFAULT_BUFFER, early_start, epoch_rng, interleave, shard_order, shuffle_buffer
 from .source import SplitSource, resolve_source
 from .state import StreamLog, StreamPosition, reader_streams
@@ -304,10 +312,11 @@ class ShardReader:
         # image_dataset_from_shards(batch_size=None), whose cardinality counts samples)
         self._count_samples = False
         # passes begun (first batch asked for), and where the next one began at a mark
-        # (construction, set_epoch, load_state_dict): see _undo_passes
+        # (construction, set_epoch, load_state_dict): see _undo_last_pass
         self._passes_begun = 0
         self._marked: tuple[int, int, StreamPosition | None, int, int] = (0, 0, None, 0, self.seed)
         self._mark()
+        self._before_pass: tuple[int, int, StreamPosition | None, int, int] = self._marked  # where the last pass began
 
     # ---- classes, counts and the lazily scanned index -------------------------------
 
@@ -496,21 +505,22 @@ class ShardReader:
         self._mark()
 
     def _mark(self) -> None:
-        """Remember where the next pass begins (``_undo_passes`` comes back to it)."""
+        """Remember where the next pass begins (``_undo_last_pass`` undoes no pass begun before it)."""
         self._marked = (self.epoch, self._resume_batches, self._resume_position, self._passes_begun, self.seed)
 
-    def _undo_passes(self) -> bool:
-        """Make the next pass begin where it would have begun at the last mark, if passes
-        began since; returns whether any had.
+    def _undo_last_pass(self) -> bool:
+        """Make the next pass begin where the last one began, if one began since the last
+        mark; returns whether one had.
 
         Keras' ``fit`` under a distribution strategy takes one batch from an iterator of
         the dataset it then drops, before training (to build the model): with each pass a
-        new epoch, that peek used up a loaded position, and training then began the next
+        new epoch, that look used up a loaded position, and training then began the next
         epoch at its start (``ShardReaderCheckpoint`` undoes it at ``on_train_begin``).
+        Passes before the look (a fit without the callback) stay done.
         """
-        epoch, batches, position, passes, seed = self._marked
-        if self._passes_begun == passes:
+        if self._passes_begun == self._marked[3]:
             return False
+        epoch, batches, position, _, seed = self._before_pass
         self.epoch, self._resume_batches, self._resume_position, self.seed = epoch, batches, position, seed
         self._forget_reading()
         self._mark()
@@ -558,6 +568,7 @@ class ShardReader:
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, skip, start = self.epoch, self._resume_batches, self._resume_position
+        self._before_pass = (epoch, skip, start, self._passes_begun, self.seed)
         self._passes_begun += 1
         self.epoch += 1
         self._resume_batches, self._resume_position = 0, None
@@ -780,6 +791,8 @@ class ShardReader:
         need_label = self.batch_options.label_mode is not None
         classes = self._manifest_classes()
         for sample in samples:
+            if image_member(sample) is None:
+                continue  # no image to decode: nor is it counted (scan_shard), so pieces line up
             try:
                 label = sample_label(sample)
             except SampleDecodeError as exc:

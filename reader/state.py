@@ -493,7 +493,8 @@ def _make_keras_callback() -> type:
             self._epoch, self._position, self._trained, self._in_keras_epoch = reader.epoch, 0, 0, 0
 
         def on_train_begin(self, logs: Any = None) -> None:
-            self.reader._undo_passes()  # Keras' look at one batch, under a strategy
+            if getattr(self.model, "_distribute_strategy", None) is not None:
+                self.reader._undo_last_pass()  # Keras' look at one batch (its very condition)
             # the epoch the dataset's next pass reads, and batches of it a resume skips
             self._epoch, self._position = self.reader.epoch, self.reader._resume_batches
             self._trained = 0

@@ -621,3 +621,23 @@ def test_a_resume_under_a_distribution_strategy_trains_on_the_remaining_batches(
     done = subprocess.run([sys.executable, str(script), str(id_shards[0]), str(tmp_path / "reader.json")],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0 and "resumed exactly" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_without_a_strategy_the_checkpoint_undoes_no_pass(awkward_shards, tmp_path):
+    """Only under a distribution strategy does Keras look at a batch before training: a
+    warm-up fit without the callback (transfer learning's first stage), or a peek with
+    next(iter(ds)), then a checkpointed fit re-read epoch 0 and saved epoch 1, not 3."""
+    keras = pytest.importorskip("keras")
+    from reader import image_dataset_from_shards
+    from reader.state import ShardReaderCheckpoint
+
+    ds = image_dataset_from_shards(awkward_shards, split="train", image_size=(16, 16),
+                                   batch_size=50, seed=1, verbose=False, num_workers=1)
+    m = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.GlobalAveragePooling2D(),
+                          keras.layers.Dense(3)])
+    m.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    m.fit(ds, epochs=2, verbose=0)
+    path = tmp_path / "reader.json"
+    m.fit(ds, epochs=1, verbose=0, callbacks=[ShardReaderCheckpoint(ds.shard_reader, path, every=5)])
+    assert ds.shard_reader.epoch == 3 and (load_state(path)["epoch"], load_state(path)["batches"]) == (3, 0)
