@@ -22,7 +22,6 @@ import stat
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import NamedTuple
 
@@ -106,6 +105,21 @@ def looks_like_image_name(name: str) -> bool:
     return bool(dot) and f".{ext.lower()}" in IMAGE_EXTENSIONS
 
 
+def _holds_images(candidates: list[Candidate]) -> bool:
+    """Whether any candidate is an image by its name or by its first bytes (a JPEG named
+    ``photo_0001.dat`` is packed too); read only for a folder whose name is refused."""
+    for candidate in candidates:
+        if candidate.by_name:
+            return True
+        try:
+            with open(candidate.abs_path, "rb") as f:
+                if starts_like_image(f.read(12)):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def _sorted_entries(path: str) -> list[os.DirEntry[str]]:
     with os.scandir(path) as it:
         return sorted(it, key=lambda e: e.name)
@@ -186,16 +200,28 @@ def _set_aside(
     kind: str, hidden: str, unfollowed: str,
 ) -> bool:
     """Record an entry of a split or class level that is not walked: a hidden one (reason
-    ``hidden``), a symbolic link left unfollowed (``_unfollowed_folder``, else reason
-    ``unfollowed``), a broken link. Returns whether ``entry`` was one."""
+    ``hidden``), a broken link (skipped when named like an image), a symbolic link to a
+    folder left unfollowed (``_unfollowed_folder``), or to something neither a folder nor
+    a file (reason ``unfollowed``). Returns whether ``entry`` was one; a link to a file is
+    not: it is a loose file as any other (an image there is skipped, not ignored)."""
     if is_hidden(entry.name):
         result.ignored.append((rel, hidden))
         return True
-    if entry.is_symlink() and not follow_links:
-        if not _unfollowed_folder(result, entry, rel, src=src, ancestors=ancestors, skip=skip, kind=kind):
-            result.ignored.append((rel, unfollowed))
+    if not entry.is_symlink():
+        return False
+    if _broken_link(result, entry, rel, image=looks_like_image_name(entry.name)):
         return True
-    return _broken_link(result, entry, rel)
+    if follow_links:
+        return False
+    if _unfollowed_folder(result, entry, rel, src=src, ancestors=ancestors, skip=skip, kind=kind):
+        return True
+    try:
+        if entry.is_file():
+            return False
+    except OSError:
+        pass
+    result.ignored.append((rel, unfollowed))
+    return True
 
 
 def _unlisted(result: WalkResult, rel: str, exc: OSError) -> None:
@@ -482,8 +508,7 @@ def walk_tree(
             ancestors=root_id | {identity}, skip=skip, found=found,
         )
         problem = split_name_problem(entry.name)
-        if problem and any(  # a folder of notes: no members, no shards
-                c.by_name for c in islice(result.candidates, before, None)):
+        if problem and _holds_images(result.candidates[before:]):  # a folder of notes makes no shard
             raise LayoutError(f"split folder {rel!r}: {problem}; rename it")
         if loose and not classes:
             raise LayoutError(

@@ -163,13 +163,17 @@ def test_every_split_name_the_walk_takes_gives_shard_names_a_reader_takes(tmp_pa
         (tmp_path / split / "cat" / "a.jpg").unlink()
     # a split folder named like OUT's manifest: every shard was written, then the manifest
     # could not be (a folder had its name), and a re-run crashed
-    for split in ("manifest.json", "Manifest.JSON"):
+    for split in ("manifest.json", "Manifest.JSON"):  # images by name, then by content alone
         assert "may not be named manifest.json" in split_name_problem(split)
         (tmp_path / split / "cat").mkdir(parents=True)
         (tmp_path / split / "cat" / "a.jpg").write_bytes(b"x")
         with pytest.raises(LayoutError, match=f"split folder '{split}': a split may not be named manifest.json"):
             walk_tree(tmp_path)
-        (tmp_path / split / "cat" / "a.jpg").unlink()
+        (tmp_path / split / "cat" / "a.jpg").unlink()  # a JPEG named otherwise: packed by content
+        (tmp_path / split / "cat" / "photo_0001.dat").write_bytes(b"\xff\xd8\xff\xe0" + bytes(16))
+        with pytest.raises(LayoutError, match="a split may not be named manifest.json"):
+            walk_tree(tmp_path)
+        (tmp_path / split / "cat" / "photo_0001.dat").unlink()
 
 
 def test_only_shard_shaped_names_inside_the_root_are_ones_a_repack_may_delete():

@@ -451,3 +451,25 @@ def test_nas_and_os_junk_folders_are_ignored_not_packed(tmp_path):
     assert walked.classes == {"train": ["cat", "dog"]}
     assert {p for p, _ in walked.ignored} == {"train/cat/@eaDir", "train/@eaDir", "train/dog/#recycle",
                                               "__MACOSX", "$RECYCLE.BIN"}
+
+
+def test_links_named_like_images_outside_class_folders_are_skipped_as_loose_images(tmp_path):
+    """Every image-like input is packed or skipped: a link to an image (or a broken one
+    named like an image) at the split or class level, or a flat tree's top, was only
+    ignored ("symbolic link not followed"), where a loose image there is skipped."""
+    store = tmp_path / "store"
+    touch(store, "x.jpg")
+    for layout, tops in (("splits", ["top_link.jpg", "train/loose_link.jpg"]), ("flat", ["loose_link.jpg"])):
+        src = tmp_path / layout
+        touch(src, "train/cat/1.jpg" if layout == "splits" else "cat/1.jpg")
+        for rel in tops:
+            os.symlink(store / "x.jpg", src / rel)
+            os.symlink(store / "gone.jpg", src / rel.replace("link", "broken"))
+        os.symlink(store / "x.jpg", src / "notes.txt")  # not an image by its name: ignored
+        for follow in (False, True):
+            walked = walk_tree(src, layout=layout, follow_links=follow)
+            skipped = dict(walked.skipped)
+            want = sorted(tops + [rel.replace("link", "broken") for rel in tops])
+            assert sorted(skipped) == want, (layout, follow)
+            assert all("broken symbolic link" in skipped[rel] for rel in want if "broken" in rel)
+            assert "notes.txt" in dict(walked.ignored)
