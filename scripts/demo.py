@@ -11,7 +11,9 @@ it on the test split, and lines predictions up with file names through an unshuf
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -39,8 +41,8 @@ def build_model(image_size: int, num_classes: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("demo_out"),
-                        help="where data and shards go (its data/ and shards/ are replaced; "
-                             "nothing else in it is touched)")
+                        help="where data and shards go (data/ and shards/ made by an earlier "
+                             "run are replaced; a DIR holding others is refused)")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--image-size", type=int, default=64, help="square image edge in pixels")
     parser.add_argument("--per-class", type=int, default=100, help="training images per class")
@@ -54,8 +56,15 @@ def main() -> None:
     from reader import ShardReader, image_dataset_from_shards
 
     src, shards = args.workdir / "data", args.workdir / "shards"
-    for made in (src, shards):  # what an earlier run made: the rest of WORKDIR is the user's
-        shutil.rmtree(made, ignore_errors=True)
+    mark = args.workdir / ".shardpack-demo"  # says data/ and shards/ are an earlier run's
+    ours = mark.exists() or args.workdir == Path("demo_out")  # the default: the demo's own
+    for made in (src, shards):
+        if os.path.lexists(made) and not ours:
+            sys.exit(f"{made} is there and no earlier demo run made it: choose another --workdir")
+        if ours and made.is_dir() and not made.is_symlink():
+            shutil.rmtree(made)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    mark.write_text("made by scripts/demo.py: its data/ and shards/ are replaced on every run\n")
     t = time.perf_counter()
     make_example_tree(
         src,

@@ -44,11 +44,22 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 @pytest.mark.slow
 def test_the_demo_replaces_only_what_it_made_in_its_workdir(tmp_path):
-    """`scripts/demo.py --workdir DIR` removed DIR and everything in it before starting."""
+    """`scripts/demo.py --workdir DIR` removed DIR and everything in it before starting,
+    then DIR/data/ whoever made it (data/ is a common name for one's own images)."""
+    demo = [sys.executable, "scripts/demo.py", "--workdir", str(tmp_path), "--epochs", "1",
+            "--per-class", "8", "--image-size", "48"]
+    root = Path(__file__).parents[1]
     (tmp_path / "results.csv").write_text("mine\n")
-    (tmp_path / "shards" / "stale").mkdir(parents=True)  # an earlier run's: replaced
-    subprocess.run([sys.executable, "scripts/demo.py", "--workdir", str(tmp_path), "--epochs", "1",
-                    "--per-class", "8", "--image-size", "48"], check=True, capture_output=True,
-                   cwd=Path(__file__).parents[1])
-    assert (tmp_path / "results.csv").read_text() == "mine\n"
-    assert (tmp_path / "shards" / "manifest.json").exists() and not (tmp_path / "shards" / "stale").exists()
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    (tmp_path / "data" / "raw" / "labels.csv").write_text("mine too\n")
+    refused = subprocess.run(demo, capture_output=True, text=True, cwd=root)
+    assert refused.returncode != 0 and "no earlier demo run made it" in refused.stderr
+    assert (tmp_path / "data" / "raw" / "labels.csv").read_text() == "mine too\n"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.csv").write_text("mine\n")
+    demo[3] = str(other)
+    for _ in range(2):  # the second run replaces the first run's data/ and shards/
+        subprocess.run(demo, check=True, capture_output=True, cwd=root)
+    assert (other / "results.csv").read_text() == "mine\n"
+    assert (other / "shards" / "manifest.json").exists()
