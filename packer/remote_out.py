@@ -30,7 +30,7 @@ from .errors import OutputExistsError, UploadError
 from .format import MANIFEST_NAME, REPLACED_NAME, manifest_to_bytes, named_shards
 from .plan import Plan, PlannedShard
 from .progress import Progress as tqdm
-from .resume import refuse_other_format_version
+from .resume import changed_options, refuse_other_format_version
 from .uploader import SHA256_METADATA_KEY, RemoteStore, ShardFile, scrub_secrets, send_shards
 from .write import ShardResult, remove_quietly
 
@@ -274,7 +274,7 @@ def _check_remote(store: RemoteStore, options: dict[str, Any], *, overwrite: boo
         refuse_other_format_version(store.url, old)
     previous = old.get("options") if isinstance(old, dict) else None
     if previous is not None and previous != options and not overwrite:
-        changed = sorted(k for k in set(previous) | set(options) if previous.get(k) != options.get(k))
+        changed = changed_options(previous, options)
         raise OutputExistsError(
             f"{store.url} holds a pack made with different options ({', '.join(changed)}); "
             "pass --overwrite to replace it, or choose another URL"

@@ -75,7 +75,8 @@ def check_output(out_dir: str, options: dict[str, Any], *, overwrite: bool) -> N
     manifest = read_manifest(out_dir)
     refuse_other_format_version(out_dir, manifest)
     journal = _read_json_lines(os.path.join(out_dir, JOURNAL_NAME))
-    previous = (manifest or {}).get("options") or (journal[0].get("options") if journal else None)
+    previous = ((manifest if isinstance(manifest, dict) else {}).get("options")
+                or (journal[0].get("options") if journal and isinstance(journal[0], dict) else None))
     if previous is None and os.path.exists(os.path.join(out_dir, JOURNAL_NAME)):
         return  # an empty or torn journal (an older version killed as it began): ours
     if previous is None and os.path.exists(os.path.join(out_dir, MANIFEST_NAME)) and manifest is None:
@@ -90,11 +91,19 @@ def check_output(out_dir: str, options: dict[str, Any], *, overwrite: bool) -> N
             "or pass --overwrite to replace its shards"
         )
     if previous != options:
-        changed = sorted(k for k in set(previous) | set(options) if previous.get(k) != options.get(k))
+        changed = changed_options(previous, options)
         raise OutputExistsError(
             f"{out_dir} holds a pack made with different options ({', '.join(changed)}); "
             "pass --overwrite to replace it, or choose another OUT"
         )
+
+
+def changed_options(previous: Any, options: dict[str, Any]) -> list[str]:
+    """The options in which a pack's recorded ``previous`` ones differ from ``options``;
+    all of them where ``previous`` is no object (a hand edit: it crashed the comparison)."""
+    if not isinstance(previous, dict):
+        return sorted(options)
+    return sorted(k for k in set(previous) | set(options) if previous.get(k) != options.get(k))
 
 
 def refuse_other_format_version(out_dir: str, manifest: Any) -> None:

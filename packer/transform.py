@@ -104,6 +104,23 @@ def to_8bit(im: Image.Image) -> Image.Image:
     return im
 
 
+def _keyed_to_8bit(im: Image.Image) -> Image.Image:
+    """``to_8bit``, keeping a 16-bit grey PNG's colour key (``tRNS``) as alpha: matched
+    against the 16-bit values, where the 8-bit image kept the 16-bit key and Pillow then
+    took its low byte (4660 as 52) for the key of the 8-bit pixels."""
+    key = im.info.get("transparency")
+    if im.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I") or not isinstance(key, int):
+        return to_8bit(im)
+    import numpy as np
+
+    alpha = Image.fromarray(np.where(np.asarray(im) == key, 0, 255).astype(np.uint8), "L")
+    grey = to_8bit(im)
+    grey.info.pop("transparency", None)
+    keyed = Image.merge("LA", (grey, alpha))
+    keyed.info = {k: v for k, v in im.info.items() if k != "transparency"}  # EXIF turns it upright
+    return keyed
+
+
 def gif_transparent_black(im: Image.Image) -> Image.Image:
     """A loaded GIF frame with its transparent pixels black (a palette frame's transparent
     entry is made black in place; a grey one, which Pillow opens as L when the palette is a
@@ -249,7 +266,7 @@ def transform_image(
     orientation = pillow_orientation(im)
     raw_size = im.size
     plain_cmyk = stores_plain_cmyk(im, source)
-    im = ImageOps.exif_transpose(to_8bit(im))
+    im = ImageOps.exif_transpose(_keyed_to_8bit(im))
     if plain_cmyk:
         im = ink_as_stored(im)
     # a colour key (tRNS of a grey or RGB PNG) is alpha too: readers and TensorFlow give it

@@ -406,3 +406,20 @@ def test_a_cmyk_jpeg_is_stored_as_readers_and_keras_see_it(adobe):
     assert np.abs(stored - keras_like).mean() < 10  # one re-encode apart (5 here), not a negative (~110)
     pillow = decode_image(data, DecodeOptions(image_size=(60, 90), decoder="pillow")).astype(np.int16)
     assert np.abs(pillow - keras_like).mean() < 2  # the reader's Pillow path reads it so too
+
+
+def test_a_16_bit_png_colour_key_makes_the_matching_pixels_transparent():
+    """The 8-bit image kept the 16-bit key (4660), which Pillow matched as its low byte (52):
+    none of the key's pixels came out transparent, and every pixel of value 52 did."""
+    import io
+
+    import numpy as np
+
+    values = np.full((16, 18), 4660, dtype=np.uint16)
+    values[:, 12:] = 52 * 257 // 256 * 256  # 8-bit value 52 after the scale, not the key
+    kept: list[bytes] = []
+    probe = probe_bytes(image_bytes(Image.fromarray(values), "PNG", transparency=4660),
+                        resize=ResizeSpec(64), keep_stored=kept)
+    assert probe.ok and probe.ext == "png"
+    alpha = np.asarray(Image.open(io.BytesIO(kept[0])).convert("RGBA"))[:, :, 3]
+    assert (alpha[:, :12] == 0).all() and (alpha[:, 12:] == 255).all()

@@ -567,3 +567,22 @@ def test_rerun_of_a_finished_pack_stopped_before_its_manifest_leaves_it_publishe
     monkeypatch.undo()
     assert _shas(pack(src, out, **OPTS)) == _shas(clean[1])
     assert not (out / JOURNAL_NAME).exists()
+
+
+def test_a_manifest_with_malformed_options_is_refused_not_crashed_on(tmp_path):
+    """A hand edit that made `options` a string ended a re-run in an AttributeError
+    traceback (info and verify named it); now it is a pack made with other options."""
+    from conftest import write_id_tree
+
+    from packer import pack
+    from packer.errors import OutputExistsError
+    from packer.format import MANIFEST_NAME
+
+    write_id_tree(tmp_path / "src", {"train": 2})
+    pack(tmp_path / "src", tmp_path / "out", workers=1, quiet=True)
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    manifest["options"] = "packed by hand"
+    (tmp_path / "out" / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(OutputExistsError, match="different options"):
+        pack(tmp_path / "src", tmp_path / "out", workers=1, quiet=True)
+    assert pack(tmp_path / "src", tmp_path / "out", workers=1, quiet=True, overwrite=True)["options"]["seed"] == 0
