@@ -212,14 +212,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s")
-    return _guarded(lambda: args.func(args))
+    return _guarded(lambda: args.func(args), resumes=args.func in (_cmd_pack, _cmd_upload))
 
 
-def _guarded(run: Callable[[], int]) -> int:
+def _guarded(run: Callable[[], int], *, resumes: bool = False) -> int:
     """Run a command; what goes wrong for a reason the user can act on is one line on
     stderr and an exit status, not a traceback: our errors and bad values (2), a file the
     command cannot write (``--out`` naming a folder: 2), a reader of our output that went
-    away (``info --json | head``: 1, quietly), Ctrl-C or SIGTERM (130)."""
+    away (``info --json | head``: 1, quietly), Ctrl-C or SIGTERM (130; ``resumes``: the
+    command picks up where it stopped when run again, and says so)."""
     try:
         with _terminate_as_interrupt():
             return run()
@@ -235,7 +236,8 @@ def _guarded(run: Callable[[], int]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        print("interrupted; re-run the same command to resume" if resumes else "interrupted",
+              file=sys.stderr)
         return 130
 
 

@@ -15,6 +15,7 @@ rather than packing nothing (or, worse, using class names as split names silentl
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -47,7 +48,8 @@ _FOUND_EVERY = 10_000  # entries of one folder between progress calls
 # "@eaDir" (a thumbnail JPEG of every photo, beside it: packed, they were near-duplicates
 # of the training set, and of other splits' images), macOS zips' "__MACOSX", recycle bins
 IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r", "@eadir",
-                           "__macosx", "#recycle", "$recycle.bin", "system volume information"})
+                           "__macosx", "#recycle", "#snapshot", "@recycle", "@recently-snapshot",
+                           "$recycle.bin", "system volume information"})
 
 
 class Candidate(NamedTuple):
@@ -254,9 +256,14 @@ def _broken_link(result: WalkResult, entry: os.DirEntry[str], rel: str, *, image
         target = os.readlink(entry.path)
     except OSError:
         target = "?"
+    try:
+        os.stat(entry.path)
+        gone = "does not exist"
+    except OSError as exc:  # ELOOP: links that lead to each other, nothing at the end
+        gone = "is a loop of links" if exc.errno == errno.ELOOP else "does not exist"
     (result.skipped if image else result.ignored).append((rel, f"broken symbolic link (to {target})"))
-    result.warnings.append(f"{shown_path(rel)} is a symbolic link to {target}, which does not "
-                           "exist: nothing is packed from it")
+    result.warnings.append(f"{shown_path(rel)} is a symbolic link to {target}, which {gone}: "
+                           "nothing is packed from it")
     return True
 
 

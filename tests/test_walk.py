@@ -269,6 +269,7 @@ def test_a_broken_symbolic_link_is_warned_about_naming_its_target(tmp_path):
         assert [w.split(" ")[0] for w in broken] == ["test", "train/cat/more", "train/cat/x.jpg", "train/dog"], follow
         assert f"to {tmp_path / 'gone' / 'dogs'}," in broken[3]
         assert walked.classes["train"] == ["cat"]
+        assert "which does not exist" in broken[2]
         # an image by its name: skipped, counted, with the reason that helps
         assert dict(walked.skipped)["train/cat/x.jpg"] == f"broken symbolic link (to {tmp_path / 'gone' / 'x.jpg'})"
 
@@ -446,11 +447,14 @@ def test_nas_and_os_junk_folders_are_ignored_not_packed(tmp_path):
     touch(tmp_path, "train/dog/#recycle/2.jpg")
     touch(tmp_path, "__MACOSX/train/cat/._1.jpg")  # a would-be split
     touch(tmp_path, "$RECYCLE.BIN/x/3.jpg")
+    touch(tmp_path, "train/cat/@Recycle/4.jpg")  # QNAP's
+    touch(tmp_path, "train/cat/#snapshot/5.jpg")  # Synology's snapshots
     walked = walk_tree(tmp_path)
     assert [c.rel_path for c in walked.candidates] == ["train/cat/1.jpg"]
     assert walked.classes == {"train": ["cat", "dog"]}
     assert {p for p, _ in walked.ignored} == {"train/cat/@eaDir", "train/@eaDir", "train/dog/#recycle",
-                                              "__MACOSX", "$RECYCLE.BIN"}
+                                              "__MACOSX", "$RECYCLE.BIN", "train/cat/@Recycle",
+                                              "train/cat/#snapshot"}
 
 
 def test_links_named_like_images_outside_class_folders_are_skipped_as_loose_images(tmp_path):
@@ -473,3 +477,13 @@ def test_links_named_like_images_outside_class_folders_are_skipped_as_loose_imag
             assert sorted(skipped) == want, (layout, follow)
             assert all("broken symbolic link" in skipped[rel] for rel in want if "broken" in rel)
             assert "notes.txt" in dict(walked.ignored)
+
+
+def test_a_loop_of_links_is_called_a_loop(tmp_path):
+    """a.jpg -> b.jpg -> a.jpg was "a symbolic link to b.jpg, which does not exist"."""
+    touch(tmp_path, "train/cat/1.jpg")
+    os.symlink("b.jpg", tmp_path / "train" / "cat" / "a.jpg")
+    os.symlink("a.jpg", tmp_path / "train" / "cat" / "b.jpg")
+    walked = walk_tree(tmp_path)
+    assert sorted(dict(walked.skipped)) == ["train/cat/a.jpg", "train/cat/b.jpg"]
+    assert all("is a loop of links" in w for w in walked.warnings) and len(walked.warnings) == 2
