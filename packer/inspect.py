@@ -194,7 +194,7 @@ def _verify_shard(
         report.problems.append(f"{name}: missing")
         return labels
     except ShardReadError as exc:
-        missing = isinstance(exc.__cause__, FileNotFoundError) or str(exc).startswith("not found")
+        missing = isinstance(exc.__cause__, FileNotFoundError) or ": not found:" in str(exc)
         report.problems.append(f"{name}: missing" if missing else f"{name}: unreadable ({exc})")
         return labels
     except (tarfile.TarError, OSError, EOFError) as exc:
