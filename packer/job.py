@@ -102,8 +102,10 @@ def pack(
             a shard holding one sample that is bigger on its own.
         workers: processes that probe and write side by side (default: CPU count).
         seed: decides the order of samples in every split (and the validation split).
-        resize: store images with their short side shrunk to this many pixels (re-encoded
-            as JPEG at ``quality``; images with alpha as PNG); None keeps original bytes.
+        resize: store images with their short side shrunk to this many pixels, or
+            ``"WxH"`` for exactly that size (re-encoded as JPEG at ``quality``; as PNG where
+            there is alpha, a PNG colour key included, or a side over 65,500 px; a JPEG or
+            MPO already at the size is stored as it came); None keeps original bytes.
         quality: JPEG quality for ``resize`` (default 90); refused without ``resize``,
             where nothing is re-encoded.
         validation_split: for a flat tree, the share of each class that goes to
@@ -138,10 +140,11 @@ def pack(
     Raises:
         LayoutError: the tree cannot be labelled without guessing.
         PackError: OUT is SRC or holds it (see ``refuse_out_over_src``).
-        OutputExistsError: OUT holds something else and ``overwrite`` is False.
+        OutputExistsError: OUT holds something else and ``overwrite`` is False (at a URL
+            also: its manifest may not be read, so what is there cannot be checked).
         OutputLockedError: another pack is writing into OUT (``packer.lock``).
         PackError: OUT cannot be written (disk full, permissions) or inputs changed mid-run.
-        ValueError: invalid options.
+        ValueError: invalid options, or an OUT like ``s3:/bucket`` (a URL missing a slash).
     """
     out_str = os.fspath(out)
     refuse_mistyped_url(out_str)  # s3:/bucket (one slash) would pack into a local folder "s3:"

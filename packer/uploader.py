@@ -355,6 +355,7 @@ def upload(
 
     Raises:
         ManifestError: ``out_dir`` has no valid manifest.
+        ValueError: ``workers`` below 1, or a URL like ``s3:/bucket`` (missing a slash).
         UploadError: a local shard is missing or corrupted, or the store refused a request;
             the manifest is then not uploaded, and a re-run resumes (sends only what is
             missing or different).

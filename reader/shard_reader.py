@@ -253,7 +253,10 @@ class ShardReader:
         self.seed = int(seed)
         # a buffer of 0 shuffled nothing, silently: an unshuffled training run
         self.shuffle_buffer = whole_number(shuffle_buffer, "shuffle_buffer", minimum=1)
-        self.shuffle_buffer_bytes = None if shuffle_buffer_bytes is None else parse_size(shuffle_buffer_bytes)
+        try:
+            self.shuffle_buffer_bytes = None if shuffle_buffer_bytes is None else parse_size(shuffle_buffer_bytes)
+        except ValueError as exc:
+            raise ValueError(f"shuffle_buffer_bytes: {exc}") from None
         if shuffle_initial is not None and (int(shuffle_initial) != shuffle_initial or shuffle_initial < 1):
             raise ValueError(
                 f"shuffle_initial must be a whole number >= 1 (or None), got {shuffle_initial!r}")
@@ -481,7 +484,9 @@ class ShardReader:
 
     @property
     def filenames(self) -> list[str]:
-        """Source path of every sample (its ``.json`` "path", else its key), manifest order.
+        """Source path of every sample an epoch yields (its ``.json`` "path", else its key),
+        manifest order. Of plain tars, those with an image, and with a ``.cls`` unless
+        ``label_mode=None``.
 
         Costs one pass over every shard of the split the first time (only the small
         ``.json``/``.cls`` members are read; image bytes are skipped by seeking where the
@@ -491,7 +496,8 @@ class ShardReader:
 
     @property
     def labels(self) -> np.ndarray:
-        """Class index (int32) of every sample in manifest order; same cost as filenames."""
+        """Class index (int32) of every sample of :attr:`filenames`, in that order (-1 for an
+        image without a label, read with ``label_mode=None``); same cost as filenames."""
         return np.asarray([label for _, label in self._entries()], dtype=np.int32)
 
     # ---- iteration ------------------------------------------------------------------

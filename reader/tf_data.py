@@ -122,7 +122,8 @@ def image_dataset_from_shards(
             labels, as ``label_mode=None``); explicit label lists are refused.
         validation_split, subset, follow_links: Keras' directory options, which act when
             packing here: ``shardpack pack --validation-split F`` writes "train" and
-            "validation" splits (read with ``split=``), ``--follow-links`` follows links.
+            "validation" splits (read with ``split=``), ``--follow-links`` follows links to
+            folders (links to files are read anyway).
             Refused (with that advice) unless left at Keras' defaults.
         format: Keras' "tf" (a ``tf.data.Dataset``, the default); Keras' "grain" is
             refused (use ``ShardReader`` or the PyTorch dataset for numpy batches).

@@ -41,8 +41,9 @@ def build_model(image_size: int, num_classes: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("demo_out"),
-                        help="where data and shards go (data/ and shards/ made by an earlier "
-                             "run are replaced; a DIR holding others is refused)")
+                        help="where data and shards go: its data/ and shards/ are replaced when an "
+                             "earlier demo run made them (always in the default demo_out), and "
+                             "refused otherwise; nothing else in it is touched")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--image-size", type=int, default=64, help="square image edge in pixels")
     parser.add_argument("--per-class", type=int, default=100, help="training images per class")
@@ -69,7 +70,8 @@ def main() -> None:
     make_example_tree(
         src,
         classes=["astronaut", "cat", "coffee", "rocket"],
-        counts={"train": args.per_class, "validation": args.per_class // 4, "test": args.per_class // 4},
+        counts={"train": args.per_class, "validation": max(1, args.per_class // 4),
+                "test": max(1, args.per_class // 4)},
         long_side=(96, 192),
         seed=args.seed,
     )
