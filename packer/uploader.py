@@ -243,7 +243,11 @@ class RemoteStore:
         if manifest is not None:
             self.set_manifest_aside(manifest)
         elif MANIFEST_NAME in self.unreadable:
-            self.remove(MANIFEST_NAME)
+            try:
+                self.remove(MANIFEST_NAME)
+            except PermissionError as exc:  # a write-only role: the upload still goes on
+                log.warning("cannot delete %s (%s; no s3:DeleteObject?): a manifest there, if "
+                            "any, stays published while shards change", self.display(MANIFEST_NAME), exc)
 
     def remove(self, name: str) -> None:
         try:

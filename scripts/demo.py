@@ -59,7 +59,11 @@ def main() -> None:
     src, shards = args.workdir / "data", args.workdir / "shards"
     mark = args.workdir / ".shardpack-demo"  # says data/ and shards/ are an earlier run's
     ours = mark.exists() or args.workdir == Path("demo_out")  # the default: the demo's own
+    if args.workdir.exists() and not args.workdir.is_dir():
+        sys.exit(f"{args.workdir} is not a folder: choose another --workdir")
     for made in (src, shards):
+        if made.is_symlink():  # writing through it would overwrite whatever it leads to
+            sys.exit(f"{made} is a symbolic link: choose another --workdir")
         if os.path.lexists(made) and not ours:
             sys.exit(f"{made} is there and no earlier demo run made it: choose another --workdir")
         if ours and made.is_dir() and not made.is_symlink():

@@ -55,6 +55,13 @@ def test_the_demo_replaces_only_what_it_made_in_its_workdir(tmp_path):
     refused = subprocess.run(demo, capture_output=True, text=True, cwd=root)
     assert refused.returncode != 0 and "no earlier demo run made it" in refused.stderr
     assert (tmp_path / "data" / "raw" / "labels.csv").read_text() == "mine too\n"
+    linked = tmp_path / "linked"  # marked as the demo's, but data/ leads to the user's photos
+    linked.mkdir()
+    (linked / ".shardpack-demo").write_text("")
+    (linked / "data").symlink_to(tmp_path / "data")
+    refused = subprocess.run([*demo[:3], str(linked), *demo[4:]], capture_output=True, text=True, cwd=root)
+    assert refused.returncode != 0 and "is a symbolic link" in refused.stderr
+    assert (tmp_path / "data" / "raw" / "labels.csv").read_text() == "mine too\n"
     other = tmp_path / "other"
     other.mkdir()
     (other / "results.csv").write_text("mine\n")

@@ -873,3 +873,26 @@ def test_a_manifest_the_role_may_not_read_is_neither_trusted_absent_nor_left_ove
         DenyReads.put_file = real_put
     assert deleted_before_first_shard == [True]
     assert json.loads(fs.cat_file("denyreads://bucket/up/manifest.json")) == json.loads((photo_shards / MANIFEST_NAME).read_bytes())
+
+
+def test_a_role_that_may_neither_read_nor_delete_the_manifest_still_uploads(photo_shards):
+    """The delete of a manifest the role may not read was itself denied (no
+    s3:DeleteObject): every upload failed, blaming a shard, and a re-run failed the same way."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class WriteOnly(MemoryFileSystem):
+        protocol = ("writeonly",)
+        root_marker = "/"
+
+        def cat_file(self, path, *args, **kwargs):
+            if path.rstrip("/").endswith(".json"):
+                raise PermissionError(f"AccessDenied: GetObject {path}")
+            return super().cat_file(path, *args, **kwargs)
+
+        def rm_file(self, path, *args, **kwargs):
+            raise PermissionError(f"AccessDenied: DeleteObject {path}")
+
+    fsspec.register_implementation("writeonly", WriteOnly, clobber=True)
+    first = upload(photo_shards, "writeonly://bucket/up", quiet=True, workers=1)
+    assert first["uploaded"] == len(_shard_names(photo_shards))
+    assert upload(photo_shards, "writeonly://bucket/up", quiet=True, workers=1)["uploaded"] == 0
