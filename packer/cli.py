@@ -224,15 +224,12 @@ def _guarded(run: Callable[[], int], *, resumes: bool = False) -> int:
     try:
         with _terminate_as_interrupt():
             return run()
-    except (ShardpackError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except BrokenPipeError:
         # stdout's reader is gone: nothing more to say, and Python's own flush of stdout
         # at exit must not fail again (the Python docs' recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except OSError as exc:
+    except (ShardpackError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

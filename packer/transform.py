@@ -114,9 +114,7 @@ def _keyed_to_8bit(im: Image.Image) -> Image.Image:
     import numpy as np
 
     alpha = Image.fromarray(np.where(np.asarray(im) == key, 0, 255).astype(np.uint8), "L")
-    grey = to_8bit(im)
-    grey.info.pop("transparency", None)
-    keyed = Image.merge("LA", (grey, alpha))
+    keyed = Image.merge("LA", (to_8bit(im), alpha))
     keyed.info = {k: v for k, v in im.info.items() if k != "transparency"}  # EXIF turns it upright
     return keyed
 

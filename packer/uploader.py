@@ -236,18 +236,22 @@ class RemoteStore:
             self.unreadable.add(name)
             return None
 
-    def take_down_manifest(self, manifest: bytes | None) -> None:
+    def take_down_manifest(self, manifest: bytes | None) -> bool:
         """Before shards change: set the published ``manifest`` aside (``set_manifest_aside``);
         one that could not be read is deleted (readers must not meet an old manifest over
-        new shards; a delete of a missing key is no error)."""
+        new shards; a delete of a missing key is no error). Returns whether it took one down."""
         if manifest is not None:
             self.set_manifest_aside(manifest)
-        elif MANIFEST_NAME in self.unreadable:
-            try:
-                self.remove(MANIFEST_NAME)
-            except PermissionError as exc:  # a write-only role: the upload still goes on
-                log.warning("cannot delete %s (%s; no s3:DeleteObject?): a manifest there, if "
-                            "any, stays published while shards change", self.display(MANIFEST_NAME), exc)
+            return True
+        if MANIFEST_NAME not in self.unreadable:
+            return False
+        try:
+            self.remove(MANIFEST_NAME)
+        except PermissionError as exc:  # a write-only role: the upload still goes on
+            log.warning("cannot delete %s (%s; no s3:DeleteObject?): a manifest there, if "
+                        "any, stays published while shards change", self.display(MANIFEST_NAME), exc)
+            return False
+        return True
 
     def remove(self, name: str) -> None:
         try:
@@ -460,8 +464,7 @@ def send_shards(
         with lock:
             if unpublished.is_set():
                 return
-            if manifest_bytes is not None and current != manifest_bytes:
-                store.take_down_manifest(current)
+            if manifest_bytes is not None and current != manifest_bytes and store.take_down_manifest(current):
                 log.info("took down the old remote manifest while shards change")
             unpublished.set()
 

@@ -110,16 +110,16 @@ def looks_like_image_name(name: str) -> bool:
 def _holds_images(candidates: list[Candidate]) -> bool:
     """Whether any candidate is an image by its name or by its first bytes (a JPEG named
     ``photo_0001.dat`` is packed too); read only for a folder whose name is refused."""
-    for candidate in candidates:
-        if candidate.by_name:
-            return True
-        try:
-            with open(candidate.abs_path, "rb") as f:
-                if starts_like_image(f.read(12)):
-                    return True
-        except OSError:
-            continue
-    return False
+    return any(c.by_name or _starts_like_image(c.abs_path) for c in candidates)
+
+
+def _starts_like_image(path: str) -> bool:
+    """The regular file at ``path`` begins like an image of a format the packer takes."""
+    try:
+        with open(path, "rb") as f:
+            return starts_like_image(f.read(12))
+    except OSError:
+        return False
 
 
 def _sorted_entries(path: str) -> list[os.DirEntry[str]]:
@@ -135,11 +135,9 @@ def _image_content(entry: os.DirEntry[str]) -> bool:
     try:
         if not entry.is_file(follow_symlinks=False):
             return False
-        with open(entry.path, "rb") as f:
-            head = f.read(12)
     except OSError:
         return False
-    return starts_like_image(head)
+    return _starts_like_image(entry.path)
 
 
 def _rel_posix(path: str, src: str) -> str:
@@ -250,17 +248,17 @@ def _broken_link(result: WalkResult, entry: os.DirEntry[str], rel: str, *, image
     line among the ignored files. ``image``: the link is named like an image, so it is
     listed in ``skipped`` (every image-like input is packed or skipped). Returns whether
     ``entry`` is one."""
-    if not entry.is_symlink() or os.path.exists(entry.path):
+    if not entry.is_symlink():
         return False
+    try:
+        os.stat(entry.path)
+        return False
+    except OSError as exc:  # ELOOP: links that lead to each other, nothing at the end
+        gone = "is a loop of links" if exc.errno == errno.ELOOP else "does not exist"
     try:
         target = os.readlink(entry.path)
     except OSError:
         target = "?"
-    try:
-        os.stat(entry.path)
-        gone = "does not exist"
-    except OSError as exc:  # ELOOP: links that lead to each other, nothing at the end
-        gone = "is a loop of links" if exc.errno == errno.ELOOP else "does not exist"
     (result.skipped if image else result.ignored).append((rel, f"broken symbolic link (to {target})"))
     result.warnings.append(f"{shown_path(rel)} is a symbolic link to {target}, which {gone}: "
                            "nothing is packed from it")

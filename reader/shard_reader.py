@@ -314,12 +314,11 @@ class ShardReader:
         # fill a short epoch up to rank_samples samples, not len() batches (set by
         # image_dataset_from_shards(batch_size=None), whose cardinality counts samples)
         self._count_samples = False
-        # passes begun (first batch asked for), and where the next one began at a mark
+        # passes begun (first batch asked for), and how many had at the last mark
         # (construction, set_epoch, load_state_dict): see _undo_last_pass
-        self._passes_begun = 0
-        self._marked: tuple[int, int, StreamPosition | None, int, int] = (0, 0, None, 0, self.seed)
-        self._mark()
-        self._before_pass: tuple[int, int, StreamPosition | None, int, int] = self._marked  # where the last pass began
+        self._passes_begun = self._marked_passes = 0
+        # where the last pass began: (epoch, skipped batches, stream position, seed)
+        self._before_pass: tuple[int, int, StreamPosition | None, int] = (0, 0, None, self.seed)
 
     # ---- classes, counts and the lazily scanned index -------------------------------
 
@@ -511,8 +510,8 @@ class ShardReader:
         self._mark()
 
     def _mark(self) -> None:
-        """Remember where the next pass begins (``_undo_last_pass`` undoes no pass begun before it)."""
-        self._marked = (self.epoch, self._resume_batches, self._resume_position, self._passes_begun, self.seed)
+        """``_undo_last_pass`` undoes no pass begun before this."""
+        self._marked_passes = self._passes_begun
 
     def _undo_last_pass(self) -> bool:
         """Make the next pass begin where the last one began, if one began since the last
@@ -524,9 +523,9 @@ class ShardReader:
         epoch at its start (``ShardReaderCheckpoint`` undoes it at ``on_train_begin``).
         Passes before the look (a fit without the callback) stay done.
         """
-        if self._passes_begun == self._marked[3]:
+        if self._passes_begun == self._marked_passes:
             return False
-        epoch, batches, position, _, seed = self._before_pass
+        epoch, batches, position, seed = self._before_pass
         self.epoch, self._resume_batches, self._resume_position, self.seed = epoch, batches, position, seed
         self._forget_reading()
         self._mark()
@@ -574,7 +573,7 @@ class ShardReader:
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, skip, start = self.epoch, self._resume_batches, self._resume_position
-        self._before_pass = (epoch, skip, start, self._passes_begun, self.seed)
+        self._before_pass = (epoch, skip, start, self.seed)
         self._passes_begun += 1
         self.epoch += 1
         self._resume_batches, self._resume_position = 0, None
@@ -894,7 +893,6 @@ class ShardReader:
             policy=policy,
         )
 
-
     def _epoch_batches(
         self,
         epoch: int,
@@ -1111,7 +1109,8 @@ def _warn_about_squashed_shards(manifest: dict[str, Any] | None, options: Decode
     """Shards packed with ``--resize WxH`` hold every image squashed to W x H: the original
     aspect ratio is gone. Reading them at another aspect ratio (squashed again, or cropped
     or padded to it) acts on the squashed picture, which nobody expects in silence."""
-    resize = (optional_fields(manifest)[0]["options"] or {}).get("resize") or {} if manifest else {}
+    packed_with = optional_fields(manifest)[0]["options"] if manifest else None
+    resize = (packed_with or {}).get("resize") or {}
     if "width" not in resize or "height" not in resize:
         return
     height, width = options.image_size

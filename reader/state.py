@@ -467,8 +467,8 @@ def _make_keras_callback() -> type:
 
         Under a distribution strategy, Keras' ``fit`` takes a batch from a pass of the
         dataset it then drops, before training and these callbacks begin: at
-        ``on_train_begin`` the reader is set back to where it was before that pass (the
-        position ``load_state_dict`` loaded, or the next epoch), so training reads it.
+        ``on_train_begin`` that one pass is undone (``ShardReader._undo_last_pass``), so
+        training reads the position it would have read (a loaded one, or the next epoch).
 
         Args:
             reader: the ShardReader behind the dataset (``ds.shard_reader``).
