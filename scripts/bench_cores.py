@@ -124,7 +124,8 @@ def c_shardpack_ordered(cfg: dict[str, Any]) -> dict[str, Any]:
     from ordered_decode import OrderedReader
 
     r = OrderedReader(cfg["source"], split=cfg["split"], image_size=tuple(cfg["image_size"]),
-                      batch_size=cfg["batch_size"], shuffle=True, seed=0, decode_processes=cfg["ordered"])
+                      batch_size=cfg["batch_size"], shuffle=True, seed=0, decode_processes=cfg["ordered"],
+                      by_reference=cfg.get("by_reference", False))
     try:
         return benchmark._parent_only(benchmark.time_contender(r, cfg), cfg)
     finally:
@@ -135,13 +136,25 @@ def c_shardpack_ordered_2(cfg: dict[str, Any]) -> dict[str, Any]:
     return c_shardpack_ordered(dict(cfg, ordered=cfg["ordered2"]))
 
 
+def c_shardpack_ordered_refs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``shardpack_ordered`` whose processes read each sample's bytes from the shard file
+    by offset (no compressed byte through the pipes)."""
+    return c_shardpack_ordered(dict(cfg, by_reference=True))
+
+
+def c_shardpack_ordered_refs_2(cfg: dict[str, Any]) -> dict[str, Any]:
+    return c_shardpack_ordered(dict(cfg, ordered=cfg["ordered2"], by_reference=True))
+
+
 CONTENDERS = {"decode_limit": benchmark.c_decode_limit, "decode_limit_processes": c_decode_limit_processes,
               "shardpack_numpy": c_shardpack_numpy, "shardpack_numpy_switch": c_shardpack_numpy_switch,
               "shardpack_processes_per_core": c_shardpack_processes_per_core,
               "shardpack_numpy_uint8": c_shardpack_numpy_uint8,
               "shardpack_processes": c_shardpack_processes, "torch_loader": c_torch_loader,
               "torch_processes": c_torch_processes,
-              "shardpack_ordered": c_shardpack_ordered, "shardpack_ordered_2": c_shardpack_ordered_2}
+              "shardpack_ordered": c_shardpack_ordered, "shardpack_ordered_2": c_shardpack_ordered_2,
+              "shardpack_ordered_refs": c_shardpack_ordered_refs,
+              "shardpack_ordered_refs_2": c_shardpack_ordered_refs_2}
 
 
 def _build_part(args: tuple[str, int, int]) -> None:

@@ -40,9 +40,10 @@ def mixed_shards(tmp_path_factory):
 OPTS = dict(num_classes=3, image_size=(28, 24), batch_size=6, seed=4, on_error="ignore")
 
 
-def test_the_same_epochs_as_threads_with_a_broken_sample_skipped_alike(ordered, mixed_shards):
+@pytest.mark.parametrize("by_reference", [False, True], ids=["bytes", "by-reference"])
+def test_the_same_epochs_as_threads_with_a_broken_sample_skipped_alike(ordered, mixed_shards, by_reference):
     threads = ShardReader(mixed_shards, **OPTS)
-    pooled = ordered.OrderedReader(mixed_shards, decode_processes=3, **OPTS)
+    pooled = ordered.OrderedReader(mixed_shards, decode_processes=3, by_reference=by_reference, **OPTS)
     try:
         for _ in range(2):
             want, got = list(threads), list(pooled)  # kept whole: nothing overwritten
