@@ -540,6 +540,7 @@ def sample_label(sample: Sample) -> int | None:
 def scan_shard(
     ref: ShardRef, *, storage_options: dict[str, Any] | None = None, cache_dir: str | None = None,
     policy: ErrorPolicy | None = None, cache_max_bytes: int | None = None,
+    unreadable: list[SampleDecodeError] | None = None,
 ) -> list[tuple[str, int | None, str | None]]:
     """List ``(path, label, class name)`` of every sample with an image member in one
     shard, in shard order (an epoch skips the others: no image to decode).
@@ -555,7 +556,9 @@ def scan_shard(
     unknown.
 
     Errors go to ``policy`` as an epoch's do (the entries before the damage are kept under
-    "warn"/"ignore", as an epoch keeps those samples); without one they are raised.
+    "warn"/"ignore", as an epoch keeps those samples); without one they are raised. A
+    label that is no whole number (a ``.cls`` holding a class name) is listed as None and
+    its error appended to ``unreadable``, so that a split of nothing else can say why.
 
     Raises:
         ShardReadError, ChecksumError: as reading the shard in an epoch.
@@ -577,8 +580,10 @@ def scan_shard(
                 meta = _json_object(sample.get("json"))
                 try:
                     label = sample_label(sample)
-                except SampleDecodeError:  # reading the epoch reports it, through on_error
+                except SampleDecodeError as exc:  # reading the epoch reports it, through on_error
                     label = None
+                    if unreadable is not None:
+                        unreadable.append(exc)
                 out.append((str(meta.get("path", sample["__key__"])), label, meta.get("class")))
             _read_to_end(stream)
     except ShardReadError as exc:

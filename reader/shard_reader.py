@@ -290,6 +290,7 @@ class ShardReader:
         )
         _warn_about_squashed_shards(self.source.manifest, self.decode_options)
         self._index: list[list[tuple[str, int | None, str | None]]] | None = None
+        self._unreadable_labels: list[SampleDecodeError] = []  # the scan's labels that are no numbers
         # what the scan says of the counts, kept apart from the scan itself (see __getstate__)
         self._scanned_counts: list[int] | None = None
         self._scanned_samples: int | None = None
@@ -352,9 +353,11 @@ class ShardReader:
     def _scan(self) -> list[list[tuple[str, int | None, str | None]]]:
         """Read every shard's small members once (cached): paths, labels, class names."""
         if self._index is None:
+            self._unreadable_labels = []
             self._index = [
                 scan_shard(ref, storage_options=self.storage_options, cache_dir=self.cache_dir,
-                           policy=self.policy, cache_max_bytes=self.cache_max_bytes)
+                           policy=self.policy, cache_max_bytes=self.cache_max_bytes,
+                           unreadable=self._unreadable_labels)
                 for ref in self.source.shards
             ]
         return self._index
@@ -428,7 +431,8 @@ class ShardReader:
         if (scan or self._count_known()) and self.samples == 0:
             unlabelled = sum(1 for entries in self._index or () for _p, label, _n in entries if label is None)
             raise EmptySplitError(self.split, list(self.class_names) if self._remap is not None else None,
-                                  unlabelled=unlabelled)
+                                  unlabelled=unlabelled - len(self._unreadable_labels),
+                                  unreadable=self._unreadable_labels)
 
     def _count_known(self) -> bool:
         """Whether ``samples`` is known without a scan of the shards (the manifest's, or
@@ -801,8 +805,10 @@ class ShardReader:
             try:
                 label = sample_label(sample)
             except SampleDecodeError as exc:
-                policy.sample_failed(exc)
-                continue
+                if need_label or self._remap is not None:
+                    policy.sample_failed(exc)
+                    continue
+                label = None  # read without labels, as the scan counted it (_yielded)
             if _outside(label, classes):  # raises unless on_shard_error skips the shard
                 policy.shard_failed(self._foreign_label(
                     label, shard=sample["__shard__"], key=sample["__key__"], offset=sample.get("__offset__")))

@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from packer.errors import ShardReadError
+from packer.errors import EmptySplitError, ShardReadError
 from reader import ShardReader
 from reader.policy import ErrorPolicy
 from reader.samples import group_samples, shard_samples, tar_members
@@ -299,6 +299,38 @@ def test_plain_tars_count_what_an_epoch_yields(tmp_path):
     assert len(ShardReader([str(only)], image_size=1, label_mode=None)) == 1
     with pytest.raises(EmptySplitError, match="3 images have no .cls label: pass label_mode=None"):
         list(ShardReader([str(only)], image_size=1))
+
+
+def test_a_split_whose_cls_members_hold_class_names_says_so(tmp_path):
+    """A foreign tar whose ``.cls`` members hold class names ("cat"), not indices: the split
+    was refused as "N images have no .cls label", which they have. It now says what the
+    labels are, quoting the first, and still offers label_mode=None."""
+    import webdataset as wds
+
+    named = tmp_path / "names.tar"
+    with wds.TarWriter(str(named)) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"n{i}", "png": _png((i, 0, 0)), "cls": "cat" if i % 2 else "dog"})
+    with pytest.raises(EmptySplitError) as caught:
+        list(ShardReader([str(named)], image_size=1))
+    message = str(caught.value)
+    assert "the labels of 3 images are not class indices" in message and "b'dog'" in message
+    assert "have no .cls label" not in message and "label_mode=None" in message
+    assert [x.shape for x in ShardReader([str(named)], image_size=1, label_mode=None)] == [(3, 1, 1, 3)]
+
+    mixed = tmp_path / "mixed.tar"  # a name, a missing label, and one index
+    with wds.TarWriter(str(mixed)) as sink:
+        sink.write({"__key__": "a", "png": _png((0, 0, 0)), "cls": "cat"})
+        sink.write({"__key__": "b", "png": _png((1, 0, 0))})
+    with pytest.raises(EmptySplitError, match=r"1 images have no \.cls label.*the labels of 1 images"):
+        list(ShardReader([str(mixed)], image_size=1))
+    with wds.TarWriter(str(mixed)) as sink:
+        sink.write({"__key__": "a", "png": _png((0, 0, 0)), "cls": "cat"})
+        sink.write({"__key__": "c", "png": _png((2, 0, 0)), "cls": 1})
+    reader = ShardReader([str(mixed)], image_size=1, num_classes=2, on_error="ignore")
+    assert len(reader) == 1 and [y.tolist() for _, y in reader] == [[1]]
+    assert len(unlabelled := ShardReader([str(mixed)], image_size=1, label_mode=None)) == 1
+    assert [x.shape for x in unlabelled] == [(2, 1, 1, 3)]
 
 
 def test_a_webdataset_list_joined_by_double_colons_is_every_shard(tmp_path):
