@@ -47,8 +47,9 @@ Choices, made once here so every image is treated alike:
   -0.5): up to ~15/255 apart on sharp edges. Without OpenCV, and for the other
   interpolations, Pillow's (antialiased) filters are used; on RGBA they premultiply by
   alpha, so the colour of nearly transparent pixels differs from Keras'. Measured against
-  Keras, the interpolations other than bilinear and nearest are up to 14-124/255 apart,
-  1-3/255 on average. Pixels stay numpy
+  Keras on photos shrunk to 224x224, the interpolations other than bilinear and nearest
+  are up to 18/255 (bicubic) to 151/255 (lanczos3/5) apart, 0.4-5.8/255 on average
+  (docs/READING.md), further the more they shrink. Pixels stay numpy
   arrays from decoder to batch on the fast path.
 """
 

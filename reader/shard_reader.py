@@ -112,7 +112,8 @@ class ShardReader:
         interpolation: Keras interpolation name ("bilinear", "nearest", "bicubic", "area",
             "lanczos3", "lanczos5", "gaussian", "mitchellcubic"). Only "bilinear" and
             "nearest" are TensorFlow's resize (with ``shardpack[fast]``); the others are
-            Pillow's or OpenCV's filters: up to 14-124/255 from Keras' pixels, 1-3 on average.
+            Pillow's or OpenCV's filters: on photos shrunk to 224x224 up to 18-151/255 from
+            Keras' pixels, 0.4-5.8 on average (docs/READING.md).
         crop_to_aspect_ratio: centre-crop to the target aspect ratio before resizing.
         pad_to_aspect_ratio: resize to fit and pad with zeros, keeping the aspect ratio.
         decoder: "auto" (simplejpeg for JPEGs when installed, else Pillow), or "pillow" for
