@@ -29,7 +29,13 @@ from packer.probe import allow_packed_pixels
 from packer.sizes import counted, parse_size
 from packer.storage import is_remote
 
-from .batches import BatchBuffers, BatchOptions, decode_batches, default_decode_threads
+from .batches import (
+    BatchBuffers,
+    BatchOptions,
+    auto_processes,
+    decode_batches,
+    default_decode_threads,
+)
 from .checks import check_batch_size, check_image_size, whole_number
 from .decode import DecodeOptions
 from .distributed import (
@@ -146,6 +152,9 @@ class ShardReader:
             decode on threads in this process. An epoch is then split as PyTorch's loader
             workers split it, so a shuffled order differs from ``processes=0`` (with
             ``shuffle=False`` it is the manifest order all the same). ``close()`` ends them.
+            ``"auto"``: as many as suit this machine (``batches.auto_processes``): none
+            below 8 CPUs, else one per two CPUs, one per CPU on shards packed small; the
+            number chosen is ``reader.processes`` (a resumed run needs the same).
         on_error: a sample that cannot be decoded: "warn" (skip, count, warn), "ignore"
             (skip and count) or "raise" (SampleDecodeError).
         on_shard_error: a shard that cannot be read: "raise" (ShardReadError naming the
@@ -213,7 +222,7 @@ class ShardReader:
         shuffle_initial: int | None = None,
         interleave: int = 4,
         num_workers: int | None = None,
-        processes: int = 0,
+        processes: int | str = 0,
         on_error: OnError = "warn",
         on_shard_error: OnError = "raise",
         rescale: float | None = None,
@@ -265,8 +274,10 @@ class ShardReader:
         # such a reader's states stay those of a reader without it (state version 1)
         self.shuffle_initial = early_start(shuffle_initial, self.shuffle_buffer) if shuffle else None
         self.interleave = max(1, int(interleave))
-        if int(processes) < 0 or int(processes) != processes:
-            raise ValueError(f"processes must be a whole number >= 0, got {processes!r}")
+        if processes == "auto":
+            processes = auto_processes(_default_workers(), self.source.mean_sample_bytes())
+        if isinstance(processes, str) or int(processes) < 0 or int(processes) != processes:
+            raise ValueError(f'processes must be a whole number >= 0 or "auto", got {processes!r}')
         self.processes = int(processes) if processes > 1 else 0
         if num_workers is not None:
             whole_number(num_workers, "num_workers", minimum=0)  # 0: the default, as None

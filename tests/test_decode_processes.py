@@ -13,6 +13,7 @@ from conftest import pixel_ids, write_jpeg_tars
 
 from packer.errors import SampleDecodeError
 from reader import ShardReader
+from reader.batches import auto_processes
 
 
 def _simulated(reader: ShardReader, epoch: int, processes: int, skip: int = 0) -> list:
@@ -140,8 +141,34 @@ def test_a_batch_larger_than_free_shared_memory_is_refused_up_front(id_shards):
 
 
 def test_bad_processes_value(id_shards):
-    with pytest.raises(ValueError, match="processes"):
-        ShardReader(id_shards[0], processes=-1)
+    for bad in (-1, "many", 2.5):
+        with pytest.raises(ValueError, match="processes"):
+            ShardReader(id_shards[0], processes=bad)
+
+
+@pytest.mark.parametrize(("cpus", "sample_bytes", "want"), [
+    (2, None, 0), (7, 50_000, 0), (8, 50_000, 4), (16, 50_000, 8), (16, None, 8),
+    (16, 20_000, 16), (12, 32 * 1024, 6),
+])
+def test_auto_processes_follow_the_many_core_measurements(cpus, sample_bytes, want):
+    assert auto_processes(cpus, sample_bytes) == want
+
+
+def test_processes_auto_picks_for_this_machine_and_reads_the_same_epochs(photo_shards, monkeypatch):
+    """"auto" is threads here (2 CPUs) and processes on a machine of 8 CPUs or more (its
+    CPU count faked, the processes real): the epochs are then those of that many."""
+    import reader.shard_reader as shard_reader
+
+    options = dict(split="train", image_size=16, batch_size=8, seed=3)
+    assert ShardReader(photo_shards, processes="auto", **options).processes == auto_processes(
+        len(os.sched_getaffinity(0)), ShardReader(photo_shards, **options).source.mean_sample_bytes())
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 8)
+    auto = ShardReader(photo_shards, processes="auto", **options)
+    try:
+        assert auto.processes == (8 if auto.source.mean_sample_bytes() < 32 * 1024 else 4)
+        _same([(x.copy(), y) for x, y in auto], _simulated(ShardReader(photo_shards, **options), 0, auto.processes))
+    finally:
+        auto.close()
 
 
 def test_tf_dataset_with_processes_is_the_readers_stream(broken_shards):
