@@ -519,7 +519,7 @@ def advice(results: dict[str, dict[str, Any]], n_cores: int, processes: int, *, 
             f"decode threads share its GIL. Try decode processes: `shardpack bench SOURCE "
             f"--processes {n_cores // 2}` (ShardReader / image_dataset_from_shards / "
             f"ShardIterableDataset(processes={n_cores // 2}); up to {n_cores} for shards packed "
-            "small; docs/READING.md)"]
+            "small; processes=\"auto\" picks for you; docs/READING.md)"]
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
