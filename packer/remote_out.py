@@ -235,10 +235,9 @@ def _plan_write_send(
         stale |= store.stray_shards(wanted | stale)  # a stopped run's, with no manifest
         if stale:
             before_change()
-        for name in sorted(stale):
-            store.remove(name)  # shards the plan no longer names
+        store.remove_stale_shards(sorted(stale))  # shards the plan no longer names
         store.publish(MANIFEST_NAME, manifest_to_bytes(manifest))
-        store.remove(REPLACED_NAME)
+        store.remove_replaced_manifest()
     except UploadError as exc:
         raise UploadError(scrub_secrets(str(exc), storage_options)) from None
     except OSError as exc:

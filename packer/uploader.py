@@ -245,13 +245,8 @@ class RemoteStore:
             return True
         if MANIFEST_NAME not in self.unreadable:
             return False
-        try:
-            self.remove(MANIFEST_NAME)
-        except PermissionError as exc:  # a write-only role: the upload still goes on
-            log.warning("cannot delete %s (%s; no s3:DeleteObject?): a manifest there, if "
-                        "any, stays published while shards change", self.display(MANIFEST_NAME), exc)
-            return False
-        return True
+        return self.remove_if_allowed(MANIFEST_NAME, "a manifest there, if any, stays published "
+                                      "while shards change")
 
     def remove(self, name: str) -> None:
         try:
@@ -259,13 +254,52 @@ class RemoteStore:
         except FileNotFoundError:
             pass
 
+    def remove_stale_shards(self, names: list[str]) -> int:
+        """Delete shards the new manifest no longer names; return how many went. Deletes
+        the store denies (a role without ``s3:DeleteObject``) leave those shards there,
+        with one warning: no reader reads them, as readers read the shards the manifest
+        names, and the manifest is still published."""
+        kept: list[str] = []
+        for name in names:
+            try:
+                self.remove(name)
+            except PermissionError as exc:
+                kept.append(name)
+                denied = exc
+        if kept:
+            log.warning("cannot delete %d remote shards the new manifest no longer names (%s; no "
+                        "s3:DeleteObject?), %s first: they stay there, read by no reader (readers "
+                        "read the shards the manifest names)", len(kept), denied, self.display(kept[0]))
+        if len(names) > len(kept):
+            log.info("removed %d remote shards the new manifest no longer names", len(names) - len(kept))
+        return len(names) - len(kept)
+
+    def remove_if_allowed(self, name: str, consequence: str, level: int = logging.WARNING) -> bool:
+        """``remove``, or a log line (a warning by default) saying ``consequence`` where the
+        store denies the delete (a role without ``s3:DeleteObject``: the upload still goes
+        on). Returns whether it is gone."""
+        try:
+            self.remove(name)
+        except PermissionError as exc:
+            log.log(level, "cannot delete %s (%s; no s3:DeleteObject?): %s", self.display(name), exc, consequence)
+            return False
+        return True
+
+    def remove_replaced_manifest(self) -> None:
+        """Delete the copy ``set_manifest_aside`` kept, once the new manifest is up. A denied
+        delete is only noted: S3 denies the delete of a missing key too, and a copy left
+        there is read by no reader."""
+        self.remove_if_allowed(REPLACED_NAME, "any copy of an old manifest stays there, read by no "
+                               "reader", level=logging.INFO)
+
     def set_manifest_aside(self, manifest: bytes) -> None:
         """Take the published manifest down before shards change, keeping it as
         ``REPLACED_NAME`` until the new one is up: a run stopped in between leaves readers
         no manifest over changing shards, and the next run still learns which shards it
         named (to delete those the new plan drops)."""
         self.publish(REPLACED_NAME, manifest)
-        self.remove(MANIFEST_NAME)
+        self.remove_if_allowed(MANIFEST_NAME, "the old manifest stays published while shards "
+                               "change (a reader meanwhile fails a changed shard's checksum)")
 
     def publish(self, name: str, data: bytes) -> None:
         """Write a small object in one step: one PUT on object stores (atomic there), temp
@@ -532,7 +566,7 @@ def send_shards(
         store.publish(MANIFEST_NAME, manifest_bytes)
         manifest_state = "uploaded"
     if manifest_bytes is not None and (aside is not None or (current is not None and current != manifest_bytes)):
-        store.remove(REPLACED_NAME)
+        store.remove_replaced_manifest()
     return {**stats, "manifest": manifest_state}
 
 
@@ -548,8 +582,4 @@ def _remove_unnamed_shards(store: RemoteStore, old_manifest: bytes | None, shard
     keep = {shard.name for shard in shards}
     dropped = named_shards(old) - keep
     stale = sorted(dropped | store.stray_shards(keep | dropped))
-    for name in stale:
-        store.remove(name)
-    if stale:
-        log.info("removed %d remote shards the new manifest no longer names", len(stale))
-    return len(stale)
+    return store.remove_stale_shards(stale)

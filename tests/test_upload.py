@@ -896,3 +896,74 @@ def test_a_role_that_may_neither_read_nor_delete_the_manifest_still_uploads(phot
     first = upload(photo_shards, "writeonly://bucket/up", quiet=True, workers=1)
     assert first["uploaded"] == len(_shard_names(photo_shards))
     assert upload(photo_shards, "writeonly://bucket/up", quiet=True, workers=1)["uploaded"] == 0
+
+
+def test_a_role_that_may_not_delete_uploads_a_smaller_repack_and_says_what_stays(photo_shards, tmp_path, caplog):
+    """A role with s3:PutObject and s3:GetObject but no s3:DeleteObject, uploading a re-pack
+    with fewer shards: taking the old manifest down and deleting the shards it alone named
+    were denied, and the upload failed blaming a shard, leaving the old manifest over new
+    shards; every re-run failed the same way. Now the new manifest is published, and a
+    warning names what stays."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from packer import pack
+    from packer.examples import make_example_tree
+
+    class NoDelete(MemoryFileSystem):
+        protocol = ("nodelete",)
+        root_marker = "/"
+
+        def rm_file(self, path, *args, **kwargs):
+            raise PermissionError(f"AccessDenied: DeleteObject {path}")
+
+    fsspec.register_implementation("nodelete", NoDelete, clobber=True)
+    first = upload(photo_shards, "nodelete://bucket/again", quiet=True, workers=1)
+    assert first["uploaded"] == len(_shard_names(photo_shards)) and first["manifest"] == "uploaded"
+    make_example_tree(tmp_path / "src", counts={"train": 30, "validation": 5, "test": 5},
+                      long_side=(64, 96), seed=1)
+    smaller = tmp_path / "smaller"
+    pack(tmp_path / "src", smaller, seed=0, max_count=40, workers=1, quiet=True)
+    assert len(_shard_names(smaller)) < len(_shard_names(photo_shards))
+    with caplog.at_level("WARNING", logger="shardpack"):
+        second = upload(smaller, "nodelete://bucket/again", quiet=True, workers=1)
+    assert second["manifest"] == "uploaded" and second["removed"] == 0
+    with fsspec.open(f"nodelete://bucket/again/{MANIFEST_NAME}", "rb") as f:
+        assert f.read() == (smaller / MANIFEST_NAME).read_bytes()
+    stale = len(_shard_names(photo_shards)) - len(_shard_names(smaller))
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"cannot delete {stale} remote shards the new manifest no longer names" in said
+    assert "the old manifest stays published while shards change" in said
+    again = upload(smaller, "nodelete://bucket/again", quiet=True, workers=1)  # a re-run is calm
+    assert (again["uploaded"], again["manifest"]) == (0, "unchanged")
+
+
+def test_a_pack_to_a_url_whose_role_may_not_delete_replaces_a_larger_pack(tmp_path, caplog):
+    """The same role packing straight to the URL with --overwrite over a larger pack: the
+    deletes of the old manifest and of the shards it alone named were denied, and the pack
+    failed at its end, with no manifest published."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from packer import pack
+    from packer.examples import make_example_tree
+
+    class NoDeletePack(MemoryFileSystem):
+        protocol = ("nodeletepack",)
+        root_marker = "/"
+
+        def rm_file(self, path, *args, **kwargs):
+            raise PermissionError(f"AccessDenied: DeleteObject {path}")
+
+    fsspec.register_implementation("nodeletepack", NoDeletePack, clobber=True)
+    for name, count in (("large", 60), ("small", 20)):
+        make_example_tree(tmp_path / name, counts={"train": count}, long_side=(48, 64), seed=2)
+    url = "nodeletepack://bucket/packed"
+    with caplog.at_level("WARNING", logger="shardpack"):
+        large = pack(tmp_path / "large", url, max_count=20, workers=1, quiet=True)
+    assert caplog.text == ""  # a fresh pack warns of nothing
+    with caplog.at_level("WARNING", logger="shardpack"):
+        small = pack(tmp_path / "small", url, max_count=20, workers=1, quiet=True, overwrite=True)
+    stale = len(large["splits"]["train"]["shards"]) - len(small["splits"]["train"]["shards"])
+    assert stale > 0
+    with fsspec.open(f"{url}/{MANIFEST_NAME}", "rb") as f:
+        assert json.loads(f.read())["splits"]["train"]["shards"] == small["splits"]["train"]["shards"]
+    assert f"cannot delete {stale} remote shards the new manifest no longer names" in caplog.text
