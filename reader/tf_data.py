@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .batches import DATA_FORMATS
 from .checks import check_batch_size, check_image_size
-from .shard_reader import ShardReader
+from .shard_reader import ShardReader, _default_workers
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -53,6 +53,23 @@ def restore_malloc_thresholds() -> None:
         return
     mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
     mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+
+
+_hinted = False  # the processes hint is printed once per process
+
+
+def _hint_processes(reader: ShardReader) -> None:
+    """On 8 CPUs or more, say once that decode processes are faster: one process's decode
+    threads reached 0.40-0.74x the decode limit on 16 cores, and ``processes=8`` 0.83-1.47x
+    (docs/SPEED.md, "On 16 cores"). Threads stay the default: the order of a shuffled epoch
+    depends on the number of processes, and they cost memory and start-up."""
+    global _hinted
+    cpus = _default_workers()
+    if _hinted or reader.processes or cpus < 8:
+        return
+    _hinted = True
+    print(f'Decoding on {reader.num_workers} threads of one process: on {cpus} CPUs, processes="auto" '
+          "decodes up to twice as fast (docs/READING.md, \"On many cores\").")
 
 
 def image_dataset_from_shards(
@@ -117,7 +134,9 @@ def image_dataset_from_shards(
         data_format: "channels_last" or "channels_first" (images ``(batch, channels,
             height, width)``, transposed by TensorFlow after the reader); None follows
             ``keras.config.image_data_format()``, as Keras does.
-        verbose: print how many files and classes were found, as Keras does.
+        verbose: print how many files and classes were found, as Keras does (and, once per
+            process, that ``processes="auto"`` decodes faster on a machine of 8 CPUs or
+            more, where one process's threads are left to decode).
         labels: Keras' "inferred" (the class folders', fixed at pack time) or None (no
             labels, as ``label_mode=None``); explicit label lists are refused.
         validation_split, subset, follow_links: Keras' directory options, which act when
@@ -167,7 +186,9 @@ def image_dataset_from_shards(
         pad_to_aspect_ratio=pad_to_aspect_ratio,
         **reader_options,
     )
-    if verbose:  # Keras' words, so logs read the same
+    if verbose:
+        _hint_processes(reader)
+        # Keras' words, so logs read the same
         found = f"Found {reader.samples} files"
         print(f"{found}." if label_mode is None else f"{found} belonging to {len(reader.class_names)} classes.")
     reader.require_samples(scan=True)  # counted for the cardinality anyway
