@@ -385,9 +385,18 @@ class ShardReader:
         return label is not None or self.batch_options.label_mode is None
 
     def _entries(self) -> list[tuple[str, int]]:
-        """(path, our label) of every selected sample, in manifest (unshuffled) order."""
-        out = []
+        """(path, our label) of every sample this rank's unshuffled epoch yields, in its order."""
+        if self.world_size == 1:
+            return [e for shard in self._shard_entries() for e in shard]
+        per_shard = self._shard_entries()
+        return [per_shard[p.shard][i] for p in self._rank_pieces(0) for i in range(p.start, p.stop)]
+
+    def _shard_entries(self) -> list[list[tuple[str, int]]]:
+        """(path, our label) of every selected sample, per shard, in manifest order."""
+        shards = []
         for ref, entries in zip(self.source.shards, self._scan(), strict=True):
+            out: list[tuple[str, int]] = []
+            shards.append(out)
             for path, label, _name in self._known_labels(ref.name, entries):
                 if not self._yielded(label):
                     continue
@@ -396,7 +405,7 @@ class ShardReader:
                         continue
                     label = self._remap[label]
                 out.append((path, -1 if label is None else label))
-        return out
+        return shards
 
     def _known_labels(
         self, shard: str, entries: list[tuple[str, int | None, str | None]]
@@ -461,7 +470,7 @@ class ShardReader:
                 return src.count
             return sum(src.class_counts.get(c, 0) for c in self.class_names)
         if self._scanned_samples is None:
-            self._scanned_samples = len(self._entries())
+            self._scanned_samples = sum(map(len, self._shard_entries()))
         return self._scanned_samples
 
     def shard_counts(self) -> list[int]:
@@ -501,7 +510,10 @@ class ShardReader:
     def filenames(self) -> list[str]:
         """Source path of every sample an epoch yields (its ``.json`` "path", else its key),
         manifest order. Of plain tars, those with an image, and with a ``.cls`` unless
-        ``label_mode=None``.
+        ``label_mode=None``. On a rank (``world_size > 1``) only its own share, in the order
+        its unshuffled epoch yields them (a sample ``uneven="pad"`` repeats, again), so that
+        predictions line up there too; shuffled, a rank reads other shards each epoch, and
+        this lists epoch 0's.
 
         Costs one pass over every shard of the split the first time (only the small
         ``.json``/``.cls`` members are read; image bytes are skipped by seeking where the
@@ -626,6 +638,8 @@ class ShardReader:
         lost = (self.policy.skipped_samples - skipped[0], self.policy.skipped_shards - skipped[1])
         if self._count_known() or skip or any(lost):
             yield from self._repeat_first_batches(epoch, stream_log, repeat_start, tally)
+            if self.world_size > 1 and self._short(tally):  # one short rank hangs the others
+                raise self._cannot_keep_len(epoch, tally.batches)
         self._reading = None
         self._log_epoch_end(epoch, lost, tally.batches - before)
 
@@ -720,11 +734,23 @@ class ShardReader:
         yield from _passes(short, lambda at: self._worker_epoch_batches(
             epoch, worker=worker, workers=workers, skip=0, own_skip=at, policy=quiet), 0, take)
         yield from _passes(short, lambda at: self._epoch_batches(epoch, skip_batches=at, policy=quiet), 0, take)
+        if self.world_size > 1 and short():
+            raise self._cannot_keep_len(epoch, made, worker=worker)
         if made > read:
             loud = "warn" in (self.policy.on_error, self.policy.on_shard_error)
             log.log(logging.WARNING if loud else logging.DEBUG,
                     "epoch %d of %s, loader worker %d: repeated %s to keep its share of %s", epoch,
                     self.split, worker, counted(made - read, "batch"), counted(owned, "batch"))
+
+    def _cannot_keep_len(self, epoch: int, got: int, worker: int | None = None) -> RuntimeError:
+        """An epoch that came short with nothing of its own to fill it up with: raise, as a
+        silently short rank hangs every other rank of a DDP job at its next step."""
+        who = f"rank {self.rank} of {self.world_size}" + ("" if worker is None else f", loader worker {worker}")
+        return RuntimeError(
+            f"epoch {epoch} of {self.split} ({who}) read no whole batch to fill itself up with "
+            f"(got {got}, len(reader) is {len(self)}) after skipping undecodable samples or damaged "
+            "shards: it cannot yield the batches the other ranks will; repair the shards "
+            "(`shardpack verify --deep`) or read with on_error='raise'")
 
     @staticmethod
     def _noter(log: StreamLog, tally: _Tally, offset: int) -> Callable[[int, int], None]:
@@ -987,7 +1013,8 @@ class ShardReader:
         before the resume point, skipped too; ``on_extra`` hears, before each batch, how
         many of the stream's samples failed before its end (``decode_batches``)."""
         augment = self.decode_options.random_flip or self.decode_options.random_crop is not None
-        aug_rng = epoch_rng(self.seed, epoch, "augment" + stream) if augment else None
+        rank = f"/rank{self.rank}of{self.world_size}" if self.world_size > 1 else ""
+        aug_rng = epoch_rng(self.seed, epoch, "augment" + rank + stream) if augment else None
         if skip_batches:
             skip = skip_batches * self.batch_options.batch_size + skip_extra
             labelled = islice(labelled, skip, None)  # compressed samples: nothing decoded
