@@ -20,6 +20,7 @@ import logging
 import os
 import reprlib
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError
 from contextlib import ExitStack, contextmanager
 from typing import Any, TypeVar
 
@@ -84,6 +85,7 @@ def run_dask(
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
     _require_distributed()
     from distributed import Client, KilledWorker, as_completed
+    from distributed.comm.core import CommClosedError
 
     with ExitStack() as stack:
         if scheduler is None:
@@ -120,6 +122,8 @@ def run_dask(
                         f"({exc}); look for out-of-memory kills in the worker logs, give "
                         "workers more memory, or raise distributed.scheduler.allowed-failures"
                     ) from exc
+                except (CancelledError, CommClosedError) as exc:  # nothing here cancels a live task
+                    raise _lost(scheduler, exc) from exc
                 future.release()  # the scheduler forgets it; memory stays flat
                 yield item, result
                 nxt = submit_next()
@@ -231,6 +235,17 @@ def _require_distributed() -> None:
 def _default_window(client: Any, workers: int) -> int:
     threads = sum(client.nthreads().values())
     return max(MIN_IN_FLIGHT, IN_FLIGHT_PER_THREAD * max(threads, workers, 1))
+
+
+def _lost(scheduler: str | None, exc: BaseException) -> PackError:
+    """The error for a cluster lost mid-pack (its scheduler restarted or was killed): a
+    one-line PackError that says a re-run resumes, as for a scheduler unreachable at the
+    start, instead of distributed's FutureCancelledError traceback."""
+    where = f"the Dask scheduler at {scheduler}" if scheduler else "the local Dask cluster"
+    return PackError(
+        f"lost {where} mid-pack ({type(exc).__name__}: {exc}); the shards written so far are "
+        "kept: start it again and re-run the same command to resume"
+    )
 
 
 def _unreachable(scheduler: str, exc: OSError) -> PackError:

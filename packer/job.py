@@ -152,6 +152,10 @@ def pack(
         raise ValueError(f"workers must be 0 or more (0: one per CPU), got {workers}")
     refuse_unused_options(resize=resize, quality=quality, engine=engine, scheduler=scheduler)
     quality = DEFAULT_QUALITY if quality is None else quality
+    if engine == "dask":  # a Dask worker resolves a relative path in its own working folder
+        src = os.path.abspath(src)
+        if not is_remote(out_str):
+            out_str = os.path.abspath(out_str.removeprefix("file://"))
     if is_remote(out_str):
         from .remote_out import pack_to_url
 

@@ -65,5 +65,13 @@ def take(spool: str, digest: str, ext: str) -> bytes | None:
     return data
 
 
+def discard(spool: str, digest: str, ext: str) -> None:
+    """Remove an entry no shard will take (its shard is kept from an earlier run): a
+    resumed pack re-encodes every image in its probe, and the kept shards' entries held the
+    spool at their size until the end, so a re-run after a full disk filled it again."""
+    with contextlib.suppress(OSError):
+        os.remove(_entry(spool, digest, ext))
+
+
 def remove(spool: str) -> None:
     shutil.rmtree(spool, ignore_errors=True)

@@ -159,7 +159,7 @@ _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 def stored_bytes(sample: PlannedSample, resize: ResizeSpec | None, spool: str | None = None) -> bytes:
     """The image bytes that go into the shard, from a source that has not changed since probed.
 
-    "Not changed" is the file's identity, size, mtime and ctime as the probe read it (see
+    "Not changed" is the file's inode, size, mtime and ctime as the probe read it (see
     ``probe.read_stamped``; ctime cannot be set back by ``touch`` or ``cp -p``): hashing
     every file a second time cost a tenth of the pack. With ``resize``, the bytes the probe
     re-encoded are taken from ``spool`` when they are there intact (packer.spool).
@@ -175,7 +175,9 @@ def stored_bytes(sample: PlannedSample, resize: ResizeSpec | None, spool: str | 
             data, stamp = read_stamped(sample.abs_path)
     except OSError as exc:
         raise PackError(f"{sample.rel_path}: cannot read it any more ({exc}); re-run the pack") from exc
-    if sample.source_stamp is not None and stamp != sample.source_stamp:
+    # the device number left out: each host of a Dask cluster numbers a shared mount (NFS,
+    # Lustre) its own way, and a file probed on one host is written on another
+    if sample.source_stamp is not None and stamp[1:] != sample.source_stamp[1:]:
         raise PackError(
             f"{sample.rel_path} changed since it was scanned (size or change time differs); "
             "re-run the pack when the source tree is no longer being modified"

@@ -23,6 +23,7 @@ from .format import MANIFEST_NAME, shard_entries
 from .plan import PlannedShard
 from .progress import Progress as tqdm
 from .resume import Journal, keepable, previous_results, read_manifest, remove_stale
+from .spool import discard as spool_discard
 from .transform import ResizeSpec
 from .write import ShardResult, _os_error_message, fsync_file, write_shard
 
@@ -100,6 +101,9 @@ class WriteSession:
                     self.durable and self.sync_in_writer, self.durable, self.spool)
         if self.durable:  # kept from an earlier run, which may not have synced it
             self._sync(kept.name)
+        if self.spool is not None and self.resize is not None:
+            for sample in shard.samples:  # re-encoded by this run's probe for nothing
+                spool_discard(self.spool, sample.digest, sample.ext)
         self._record(kept, shard.split)
         return None
 
