@@ -130,9 +130,12 @@ class ShardReader:
             decodes at full size, as Keras does, for Keras' pixels (bilinear within
             0.8/255, nearest equal).
         drop_remainder: drop the last, smaller batch of each epoch.
-        shuffle_buffer: samples held (still compressed) for shuffling.
+        shuffle_buffer: samples held (still compressed) for shuffling, by each stream: with
+            ``processes=N`` or N PyTorch loader workers, each holds a buffer of its own (as
+            webdataset's workers do), N times the memory.
         shuffle_buffer_bytes: also cap the buffer at this many compressed bytes, or a size
-            such as "1GB" (None: no cap; 10,000 ImageNet JPEGs are about 1.1 GB).
+            such as "1GB" (None: no cap; 10,000 ImageNet JPEGs are about 1.1 GB). A cap is
+            the reader's total: N processes or loader workers hold a 1/N share each.
         shuffle_initial: hand samples on to decoding once the buffer holds this many,
             and fill the rest of it while decoding (two samples read for each one handed
             on until it is full). None (default): the whole buffer is read before the
@@ -934,7 +937,7 @@ class ShardReader:
         return self._epoch_batches(
             epoch, pieces=mine, skip_batches=len(range(worker, skip, workers)) if own_skip is None else own_skip,
             stream=f"/worker{worker}of{workers}", buffers=buffers, skip_extra=skip_extra, on_extra=on_extra,
-            policy=policy,
+            policy=policy, streams=workers,
         )
 
     def _epoch_batches(
@@ -948,11 +951,13 @@ class ShardReader:
         skip_extra: int = 0,
         on_extra: Callable[[int], None] | None = None,
         policy: ErrorPolicy | None = None,
+        streams: int = 1,
     ) -> Generator[Batch, None, None]:
         """The pipeline of one epoch, stage by stage.
 
         ``pieces`` overrides this rank's share (a data-loader worker's share); ``stream``
-        names that share in the random generators' purposes; the first ``skip_batches``
+        names that share in the random generators' purposes, one of ``streams`` that share
+        the ``shuffle_buffer_bytes`` cap; the first ``skip_batches``
         batches' samples are dropped before decoding (resume); ``buffers`` supplies the
         batch arrays (a decode process's shared memory); ``policy``: the error policy
         (default: the reader's).
@@ -970,12 +975,12 @@ class ShardReader:
         first_of_shard = {shard: i for i, (shard, _) in reversed(list(enumerate(parts)))}
         ahead = self._opener([shard for shard, _ in parts])
         policy = self.policy if policy is None else policy
-        streams = (self._piece_samples(shard, ranges, check_rest=first_of_shard[shard] == i,
+        samples = (self._piece_samples(shard, ranges, check_rest=first_of_shard[shard] == i,
                                        opened=functools.partial(ahead.open, i) if ahead else None,
                                        policy=policy)
                    for i, (shard, ranges) in enumerate(parts))
         try:
-            yield from self._decoded(self._shuffled(streams, epoch, stream), epoch, stream,
+            yield from self._decoded(self._shuffled(samples, epoch, stream, share_of=streams), epoch, stream,
                                      skip_batches, buffers, skip_extra, on_extra, policy=policy)
         finally:
             if ahead is not None:
@@ -991,14 +996,18 @@ class ShardReader:
                                             self.cache_max_bytes), len(refs))
 
     def _shuffled(
-        self, streams: Iterator[Iterator[tuple[Sample, int]]], epoch: int, stream: str
+        self, pieces: Iterator[Iterator[tuple[Sample, int]]], epoch: int, stream: str, share_of: int = 1,
     ) -> Iterator[tuple[Sample, int]]:
-        """The pieces' samples interleaved, then through the shuffle buffer."""
-        labelled = interleave(streams, cycle_length=self.interleave if self.shuffle else 1)
+        """The pieces' samples interleaved, then through the shuffle buffer: one of
+        ``share_of`` streams (decode processes or loader workers), each holding its own
+        buffer, so each gets that share of the ``shuffle_buffer_bytes`` cap (a memory
+        bound is the reader's, whichever way it decodes)."""
+        labelled = interleave(pieces, cycle_length=self.interleave if self.shuffle else 1)
         if self.shuffle:
+            cap = self.shuffle_buffer_bytes
             labelled = shuffle_buffer(
                 labelled, rng=epoch_rng(self.seed, epoch, "samples" + stream),
-                size=self.shuffle_buffer, max_bytes=self.shuffle_buffer_bytes,
+                size=self.shuffle_buffer, max_bytes=None if cap is None else max(1, cap // share_of),
                 nbytes=_image_bytes, initial=self.shuffle_initial,
             )
         return labelled

@@ -104,8 +104,10 @@ def shuffle_buffer(
     The buffer is filled first, then each incoming item replaces a randomly chosen one that
     is yielded; at the end the rest is yielded in random order. The items are still
     compressed samples, so the buffer costs their byte size, not decoded pixels. With
-    ``max_bytes`` (and ``nbytes`` to measure an item) the buffer also stops growing at that
-    many bytes, so a set of large images cannot exhaust memory.
+    ``max_bytes`` (and ``nbytes`` to measure an item) the buffer also holds at most that
+    many bytes (plus the item that crossed it), so a set of large images cannot exhaust
+    memory: it stops growing there, and hands out items until it is under it again when
+    a larger item came in for a smaller one.
 
     ``initial``: start yielding once the buffer holds this many items, and take two items
     for each one yielded until it is full (or at ``max_bytes``; webdataset's ``initial``).
@@ -144,6 +146,13 @@ def shuffle_buffer(
             held += new_size - sizes[j]
             sizes[j] = new_size
         yield item
+        # a larger item in for a smaller one: back under the cap (the buffer then grows
+        # again as items come); else small items first and large ones later (a tar per
+        # class or source) held the buffer's count at large items' sizes, far past the cap
+        while max_bytes is not None and held > max_bytes and len(buffer) > 1:
+            taken, taken_bytes = _take_random(buffer, sizes, rng)
+            held -= taken_bytes
+            yield taken
     rng.shuffle(buffer)
     yield from buffer
 
