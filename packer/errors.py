@@ -7,8 +7,6 @@ which byte offset) as attributes, and their messages say what to do about it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 __all__ = [
     "ShardpackError",
     "PackError",
@@ -169,14 +167,14 @@ class EmptySplitError(ShardpackError, ValueError):
     on, refused as Keras' ``image_dataset_from_directory`` refuses a folder without images."""
 
     def __init__(self, split: str, classes: list[str] | None = None, *, unlabelled: int = 0,
-                 unreadable: Sequence[Exception] = ()) -> None:
+                 unreadable: int = 0, first_unreadable: str | None = None) -> None:
         self.split = split
         which = f" of classes {classes}" if classes else ""
         hint = (f"; {unlabelled} images have no .cls label: pass label_mode=None to read them "
                 "without labels" if unlabelled else "")
         if unreadable:
-            hint += (f"; the labels of {len(unreadable)} images are not class indices (a .cls member "
-                     f"holds a whole number, as webdataset reads it; the first: {unreadable[0]}): "
+            hint += (f"; the labels of {unreadable} images are not class indices (a .cls member "
+                     f"holds a whole number, as webdataset reads it; the first: {first_unreadable}): "
                      "pack the class folders with shardpack, or pass label_mode=None to read them "
                      "without labels")
         super().__init__(f"no images found in split {split!r}{which}{hint}")

@@ -52,6 +52,17 @@ MANIFEST_NAME = "manifest.json"
 # The manifest a pack to a URL or an upload took down while it replaces shards, kept until
 # the new one is published (so a stopped run still tells the next which shards it named).
 REPLACED_NAME = ".shardpack-replaced-manifest.json"
+# What stands in for the published manifest while shards change where the store denies
+# its delete (a role without s3:DeleteObject may still overwrite it): readers refuse it
+# with its reason, and packs and uploads take it for no manifest (is_taken_down).
+TAKEN_DOWN = json.dumps({
+    "format": FORMAT_NAME, "version": 1,
+    "taken_down": "a new pack is being written over this one: read it once its manifest is published",
+}).encode()
+
+
+def is_taken_down(data: bytes | None) -> bool:
+    return data == TAKEN_DOWN
 # A pack's record of finished shards while it runs (packer.resume); with the manifest, the
 # mark of a folder that holds shardpack output (the walk leaves such folders out).
 JOURNAL_NAME = ".shardpack-journal.jsonl"
@@ -269,6 +280,8 @@ def parse_manifest(data: bytes | str | dict[str, Any], *, where: str = "manifest
     version = manifest.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1 or version > FORMAT_VERSION:
         raise FormatVersionError(version, FORMAT_VERSION)
+    if "taken_down" in manifest:
+        raise ManifestError(f"{where} was taken down: {manifest['taken_down']}")
     for field in ("classes", "splits"):
         if field not in manifest:
             raise ManifestError(f"{where} lacks the required field {field!r}")

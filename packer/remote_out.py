@@ -232,9 +232,9 @@ def _plan_write_send(
                                   warnings=walked.warnings + plan_warnings(plan))
         wanted = {s.name for s in plan.all_shards()}
         stale = named_shards(old_manifest) - wanted
-        stale |= store.stray_shards(wanted | stale)  # a stopped run's, with no manifest
-        if stale:
+        if stale:  # shards the published manifest names: it goes down before they do
             before_change()
+        stale |= store.stray_shards(wanted | stale)  # a stopped run's, which no manifest names
         store.remove_stale_shards(sorted(stale))  # shards the plan no longer names
         store.publish(MANIFEST_NAME, manifest_to_bytes(manifest))
         store.remove_replaced_manifest()

@@ -34,7 +34,15 @@ import fsspec
 from fsspec.callbacks import Callback
 
 from .errors import ManifestError, UploadError
-from .format import MANIFEST_NAME, REPLACED_NAME, is_shard_name, named_shards, parse_manifest
+from .format import (
+    MANIFEST_NAME,
+    REPLACED_NAME,
+    TAKEN_DOWN,
+    is_shard_name,
+    is_taken_down,
+    named_shards,
+    parse_manifest,
+)
 from .progress import Progress as tqdm
 from .storage import is_url, refuse_mistyped_url, storage_options_for
 from .write import hash_file, hash_stream
@@ -227,7 +235,7 @@ class RemoteStore:
         be there: ``take_down_manifest`` deletes it before shards change, and a pack to a
         URL asks for ``overwrite``."""
         try:
-            return self.fs.cat_file(self.path(name))
+            data = self.fs.cat_file(self.path(name))
         except FileNotFoundError:
             return None
         except PermissionError as exc:
@@ -235,6 +243,7 @@ class RemoteStore:
                         self.display(name), exc)
             self.unreadable.add(name)
             return None
+        return None if is_taken_down(data) else data  # a stand-in is no manifest
 
     def take_down_manifest(self, manifest: bytes | None) -> bool:
         """Before shards change: set the published ``manifest`` aside (``set_manifest_aside``);
@@ -245,8 +254,8 @@ class RemoteStore:
             return True
         if MANIFEST_NAME not in self.unreadable:
             return False
-        return self.remove_if_allowed(MANIFEST_NAME, "a manifest there, if any, stays published "
-                                      "while shards change")
+        self.take_down(MANIFEST_NAME)
+        return True
 
     def remove(self, name: str) -> None:
         try:
@@ -298,8 +307,19 @@ class RemoteStore:
         no manifest over changing shards, and the next run still learns which shards it
         named (to delete those the new plan drops)."""
         self.publish(REPLACED_NAME, manifest)
-        self.remove_if_allowed(MANIFEST_NAME, "the old manifest stays published while shards "
-                               "change (a reader meanwhile fails a changed shard's checksum)")
+        self.take_down(MANIFEST_NAME)
+
+    def take_down(self, name: str) -> None:
+        """Delete the published manifest before shards change; where the store denies the
+        delete (a role without ``s3:DeleteObject``), overwrite it with ``TAKEN_DOWN``, which
+        readers refuse: a reader must never read new shards under an old manifest (their
+        checksums are compared at each shard's end, after its images went out)."""
+        try:
+            self.remove(name)
+        except PermissionError as exc:
+            log.warning("cannot delete %s (%s; no s3:DeleteObject?): a stand-in that readers "
+                        "refuse takes its place until the new manifest is up", self.display(name), exc)
+            self.publish(name, TAKEN_DOWN)
 
     def publish(self, name: str, data: bytes) -> None:
         """Write a small object in one step: one PUT on object stores (atomic there), temp

@@ -17,6 +17,7 @@ import os
 import struct
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import dataclass
 from typing import IO, Any, NamedTuple
 
 from packer.errors import SampleDecodeError, ShardReadError
@@ -34,6 +35,7 @@ __all__ = [
     "image_member",
     "sample_label",
     "scan_shard",
+    "UnreadableLabels",
 ]
 
 BLOCK = 512
@@ -537,10 +539,25 @@ def sample_label(sample: Sample) -> int | None:
     return None
 
 
+@dataclass
+class UnreadableLabels:
+    """Samples a scan found whose label is no whole number (a ``.cls`` holding a class
+    name): how many, and the first one's message. Counts only: an error per sample (with
+    its traceback) cost 1.5 KB each, and rode along in every copy of the reader."""
+
+    count: int = 0
+    first: str | None = None
+
+    def add(self, exc: SampleDecodeError) -> None:
+        self.count += 1
+        if self.first is None:
+            self.first = str(exc)
+
+
 def scan_shard(
     ref: ShardRef, *, storage_options: dict[str, Any] | None = None, cache_dir: str | None = None,
     policy: ErrorPolicy | None = None, cache_max_bytes: int | None = None,
-    unreadable: list[SampleDecodeError] | None = None,
+    unreadable: UnreadableLabels | None = None,
 ) -> list[tuple[str, int | None, str | None]]:
     """List ``(path, label, class name)`` of every sample with an image member in one
     shard, in shard order (an epoch skips the others: no image to decode).
@@ -558,7 +575,7 @@ def scan_shard(
     Errors go to ``policy`` as an epoch's do (the entries before the damage are kept under
     "warn"/"ignore", as an epoch keeps those samples); without one they are raised. A
     label that is no whole number (a ``.cls`` holding a class name) is listed as None and
-    its error appended to ``unreadable``, so that a split of nothing else can say why.
+    counted in ``unreadable``, so that a split of nothing else can say why.
 
     Raises:
         ShardReadError, ChecksumError: as reading the shard in an epoch.
@@ -583,7 +600,7 @@ def scan_shard(
                 except SampleDecodeError as exc:  # reading the epoch reports it, through on_error
                     label = None
                     if unreadable is not None:
-                        unreadable.append(exc)
+                        unreadable.add(exc)
                 out.append((str(meta.get("path", sample["__key__"])), label, meta.get("class")))
             _read_to_end(stream)
     except ShardReadError as exc:

@@ -56,6 +56,7 @@ from .remote import OpenAhead
 from .samples import (
     READ_THE_REST,
     Sample,
+    UnreadableLabels,
     image_member,
     open_ref,
     sample_label,
@@ -78,6 +79,15 @@ def _default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def _rank_cpus(world_size: int) -> int:
+    """The CPUs this rank has of its machine: those it may use, shared with the other ranks
+    a launcher started there (torchrun's ``LOCAL_WORLD_SIZE``), so that ``processes="auto"``
+    on 8 ranks of a 64-CPU node takes 4 processes each, not 32."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "") if world_size > 1 else ""
+    share = int(local) if local.isdigit() and int(local) > 0 else 1
+    return max(1, _default_workers() // share)
 
 
 def _image_bytes(item: tuple[Sample, int]) -> int:
@@ -277,9 +287,12 @@ class ShardReader:
         # such a reader's states stay those of a reader without it (state version 1)
         self.shuffle_initial = early_start(shuffle_initial, self.shuffle_buffer) if shuffle else None
         self.interleave = max(1, int(interleave))
-        if processes == "auto":
-            processes = auto_processes(_default_workers(), self.source.mean_sample_bytes())
-        if isinstance(processes, str) or int(processes) < 0 or int(processes) != processes:
+        # "auto" in a PyTorch loader worker's copy means none (torch_data): the loader's
+        # workers are the processes there
+        self.processes_auto = isinstance(processes, str) and processes == "auto"
+        if self.processes_auto:
+            processes = auto_processes(_rank_cpus(self.world_size), self.source.mean_sample_bytes())
+        if isinstance(processes, (str, bool)) or int(processes) < 0 or int(processes) != processes:
             raise ValueError(f'processes must be a whole number >= 0 or "auto", got {processes!r}')
         self.processes = int(processes) if processes > 1 else 0
         if num_workers is not None:
@@ -305,7 +318,10 @@ class ShardReader:
         )
         _warn_about_squashed_shards(self.source.manifest, self.decode_options)
         self._index: list[list[tuple[str, int | None, str | None]]] | None = None
-        self._unreadable_labels: list[SampleDecodeError] = []  # the scan's labels that are no numbers
+        # what the scan found of labels, as counts (copies of the reader get no scan:
+        # __getstate__): those that are no number, and samples without one
+        self._unreadable_labels = UnreadableLabels()
+        self._missing_labels = 0
         # what the scan says of the counts, kept apart from the scan itself (see __getstate__)
         self._scanned_counts: list[int] | None = None
         self._scanned_samples: int | None = None
@@ -368,13 +384,16 @@ class ShardReader:
     def _scan(self) -> list[list[tuple[str, int | None, str | None]]]:
         """Read every shard's small members once (cached): paths, labels, class names."""
         if self._index is None:
-            self._unreadable_labels = []
-            self._index = [
+            unreadable = UnreadableLabels()
+            index = [
                 scan_shard(ref, storage_options=self.storage_options, cache_dir=self.cache_dir,
                            policy=self.policy, cache_max_bytes=self.cache_max_bytes,
-                           unreadable=self._unreadable_labels)
+                           unreadable=unreadable)
                 for ref in self.source.shards
             ]
+            unlabelled = sum(1 for entries in index for _p, label, _n in entries if label is None)
+            self._unreadable_labels, self._missing_labels = unreadable, unlabelled - unreadable.count
+            self._index = index
         return self._index
 
     def _yielded(self, label: int | None) -> bool:
@@ -453,10 +472,9 @@ class ShardReader:
             EmptySplitError: ``samples`` is 0.
         """
         if (scan or self._count_known()) and self.samples == 0:
-            unlabelled = sum(1 for entries in self._index or () for _p, label, _n in entries if label is None)
             raise EmptySplitError(self.split, list(self.class_names) if self._remap is not None else None,
-                                  unlabelled=unlabelled - len(self._unreadable_labels),
-                                  unreadable=self._unreadable_labels)
+                                  unlabelled=self._missing_labels, unreadable=self._unreadable_labels.count,
+                                  first_unreadable=self._unreadable_labels.first)
 
     def _count_known(self) -> bool:
         """Whether ``samples`` is known without a scan of the shards (the manifest's, or

@@ -228,6 +228,8 @@ class ShardIterableDataset(IterableDataset):
         workers = 1 if info is None else info.num_workers
         worker = 0 if info is None else info.id
         reader = self.reader
+        if reader.processes and info is not None and reader.processes_auto:
+            reader.processes = 0  # "auto" in a loader worker: the loader's workers are the processes
         if reader.processes and info is not None:
             raise RuntimeError(
                 "ShardIterableDataset(processes=N) decodes in its own N processes: use it with "

@@ -376,14 +376,20 @@ def _by_reference(sample: dict[str, Any], paths: dict[str, str]) -> dict[str, An
             "__ref__": (path, sample["__offset__"], span, members)}
 
 
+_OPEN_FILES = 8  # shard files a decode process keeps open (by_reference)
+
+
 def _read_reference(sample: dict[str, Any], files: dict[str, int]) -> dict[str, Any]:
     """The sample ``_by_reference`` made, with its members' bytes read from its shard."""
     if "__ref__" not in sample:
         return sample
     path, offset, span, members = sample.pop("__ref__")
-    fd = files.get(path)
+    fd = files.pop(path, None)  # the most recent shards' files stay open, a few at most
     if fd is None:
-        fd = files[path] = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
+        while len(files) >= _OPEN_FILES:
+            os.close(files.pop(next(iter(files))))
+    files[path] = fd
     while True:  # members the reader left out (the label) lie in the span too: read more
         data = os.pread(fd, span, offset)
         found: dict[str, bytes] = {}

@@ -932,7 +932,7 @@ def test_a_role_that_may_not_delete_uploads_a_smaller_repack_and_says_what_stays
     stale = len(_shard_names(photo_shards)) - len(_shard_names(smaller))
     said = " ".join(r.getMessage() for r in caplog.records)
     assert f"cannot delete {stale} remote shards the new manifest no longer names" in said
-    assert "the old manifest stays published while shards change" in said
+    assert "a stand-in that readers refuse takes its place until the new manifest is up" in said
     again = upload(smaller, "nodelete://bucket/again", quiet=True, workers=1)  # a re-run is calm
     assert (again["uploaded"], again["manifest"]) == (0, "unchanged")
 
