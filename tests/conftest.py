@@ -206,3 +206,21 @@ def small_cnn(keras, *, image_size: tuple[int, int] = (32, 32), classes: int = 4
     ])
     model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
     return model
+
+
+def no_delete_store(protocol: str) -> str:
+    """Register an in-memory fsspec store under ``protocol`` that denies every delete, as
+    S3 denies a role without s3:DeleteObject (s3fs raises PermissionError); return the
+    protocol. Each test names its own, so their objects stay apart."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class NoDelete(MemoryFileSystem):
+        root_marker = "/"
+
+        def rm_file(self, path, *args, **kwargs):
+            raise PermissionError(f"AccessDenied: DeleteObject {path}")
+
+    NoDelete.protocol = (protocol,)
+    fsspec.register_implementation(protocol, NoDelete, clobber=True)
+    return protocol

@@ -102,6 +102,26 @@ def s3_options(endpoint: str, **extra: Any) -> dict[str, Any]:
     return options
 
 
+def iam_user_key(endpoint: str, user: str, statements: list[dict[str, Any]], bucket: str = "data") -> dict[str, str]:
+    """On a moto server started with ``INITIAL_NO_AUTH_ACTION_COUNT=4`` (its first four
+    requests need no credentials): an IAM user allowed ``statements``, and ``bucket``;
+    returns the user's access key (``AccessKeyId``, ``SecretAccessKey``). From then on moto
+    holds every request to its signer's policy, as S3 does."""
+    import json
+
+    import boto3
+
+    boot = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="boot",
+                aws_secret_access_key="boot-secret")
+    iam = boto3.client("iam", **boot)
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="policy", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": statements}))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    boto3.client("s3", **boot).create_bucket(Bucket=bucket)  # the 4th request without auth
+    return key
+
+
 @dataclass(frozen=True)
 class Request:
     method: str

@@ -120,18 +120,20 @@ def test_shuffle_buffer_byte_cap_holds_when_later_items_are_larger():
 def small_then_large_tars(tmp_path_factory) -> str:
     """Plain WebDataset tars (no manifest), each 400 small JPEGs (~1 KB) then 60 large ones
     (~590 KB): 4 tars, ~140 MB of large images in all."""
-    import webdataset as wds
-
-    folder = tmp_path_factory.mktemp("small_then_large")
     rng = np.random.default_rng(0)
     big = [_noise_jpeg(rng, 700) for _ in range(6)]
-    n = 0
+    return _jpeg_tars(tmp_path_factory.mktemp("small_then_large"), 460,
+                      lambda n: _small_jpeg(n) if n % 460 < 400 else big[n % len(big)])
+
+
+def _jpeg_tars(folder: Path, per_tar: int, jpeg) -> str:
+    """4 plain WebDataset tars of ``per_tar`` samples: sample n is ``jpeg(n)``, class n % 2."""
+    import webdataset as wds
+
     for s in range(4):
         with wds.TarWriter(str(folder / f"t-{s:06d}.tar")) as sink:
-            for i in range(460):
-                data = _small_jpeg(n) if i < 400 else big[n % len(big)]
-                sink.write({"__key__": f"s{n:06d}", "jpg": data, "cls": n % 2})
-                n += 1
+            for n in range(s * per_tar, (s + 1) * per_tar):
+                sink.write({"__key__": f"s{n:06d}", "jpg": jpeg(n), "cls": n % 2})
     return str(folder / "t-{000000..000003}.tar")
 
 
@@ -169,18 +171,9 @@ def test_byte_capped_reader_stays_near_its_cap_when_large_images_come_later(smal
 @pytest.fixture(scope="module")
 def uniform_large_tars(tmp_path_factory) -> str:
     """Plain tars: 4 x 150 JPEGs of ~270 KB (~162 MB)."""
-    import webdataset as wds
-
-    folder = tmp_path_factory.mktemp("uniform_large")
     rng = np.random.default_rng(1)
     images = [_noise_jpeg(rng, 480) for _ in range(8)]
-    n = 0
-    for s in range(4):
-        with wds.TarWriter(str(folder / f"u-{s:06d}.tar")) as sink:
-            for _ in range(150):
-                sink.write({"__key__": f"u{n:06d}", "jpg": images[n % len(images)], "cls": n % 2})
-                n += 1
-    return str(folder / "u-{000000..000003}.tar")
+    return _jpeg_tars(tmp_path_factory.mktemp("uniform_large"), 150, lambda n: images[n % len(images)])
 
 
 _READ_WITH_PROCESSES = """

@@ -13,7 +13,8 @@ from collections import Counter
 
 import fsspec
 import pytest
-from s3_server import FaultProxy, s3_options
+from conftest import no_delete_store
+from s3_server import FaultProxy, iam_user_key, s3_options
 
 from packer.errors import UploadError
 from packer.format import MANIFEST_NAME
@@ -766,7 +767,6 @@ def test_a_role_scoped_to_a_prefix_without_list_bucket_uploads_and_packs(photo_s
     a pack, yet upload and pack to the URL stopped at once with "Access Denied": reading
     the manifest that was not there yet asked for a listing (s3fs), which such a role may
     not make (and S3 answers it a missing key with 403). moto with IAM on, in a child process."""
-    import boto3
     from s3_server import S3Server
 
     from packer import pack
@@ -774,16 +774,9 @@ def test_a_role_scoped_to_a_prefix_without_list_bucket_uploads_and_packs(photo_s
 
     server = S3Server(process=True, env={"INITIAL_NO_AUTH_ACTION_COUNT": "4"}).start()
     try:
-        boot = dict(endpoint_url=server.endpoint, region_name="us-east-1", aws_access_key_id="boot",
-                    aws_secret_access_key="boot-secret")
-        iam = boto3.client("iam", **boot)
-        iam.create_user(UserName="uploader")
-        iam.put_user_policy(UserName="uploader", PolicyName="prefix", PolicyDocument=json.dumps({
-            "Version": "2012-10-17", "Statement": [{
-                "Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
-                "Resource": "arn:aws:s3:::data/team/*"}]}))
-        key = iam.create_access_key(UserName="uploader")["AccessKey"]
-        boto3.client("s3", **boot).create_bucket(Bucket="data")  # the 4th request without auth
+        key = iam_user_key(server.endpoint, "uploader", [{
+            "Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+            "Resource": "arn:aws:s3:::data/team/*"}])
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
@@ -904,19 +897,11 @@ def test_a_role_that_may_not_delete_uploads_a_smaller_repack_and_says_what_stays
     were denied, and the upload failed blaming a shard, leaving the old manifest over new
     shards; every re-run failed the same way. Now the new manifest is published, and a
     warning names what stays."""
-    from fsspec.implementations.memory import MemoryFileSystem
 
     from packer import pack
     from packer.examples import make_example_tree
 
-    class NoDelete(MemoryFileSystem):
-        protocol = ("nodelete",)
-        root_marker = "/"
-
-        def rm_file(self, path, *args, **kwargs):
-            raise PermissionError(f"AccessDenied: DeleteObject {path}")
-
-    fsspec.register_implementation("nodelete", NoDelete, clobber=True)
+    no_delete_store("nodelete")
     first = upload(photo_shards, "nodelete://bucket/again", quiet=True, workers=1)
     assert first["uploaded"] == len(_shard_names(photo_shards)) and first["manifest"] == "uploaded"
     make_example_tree(tmp_path / "src", counts={"train": 30, "validation": 5, "test": 5},
@@ -941,19 +926,11 @@ def test_a_pack_to_a_url_whose_role_may_not_delete_replaces_a_larger_pack(tmp_pa
     """The same role packing straight to the URL with --overwrite over a larger pack: the
     deletes of the old manifest and of the shards it alone named were denied, and the pack
     failed at its end, with no manifest published."""
-    from fsspec.implementations.memory import MemoryFileSystem
 
     from packer import pack
     from packer.examples import make_example_tree
 
-    class NoDeletePack(MemoryFileSystem):
-        protocol = ("nodeletepack",)
-        root_marker = "/"
-
-        def rm_file(self, path, *args, **kwargs):
-            raise PermissionError(f"AccessDenied: DeleteObject {path}")
-
-    fsspec.register_implementation("nodeletepack", NoDeletePack, clobber=True)
+    no_delete_store("nodeletepack")
     for name, count in (("large", 60), ("small", 20)):
         make_example_tree(tmp_path / name, counts={"train": count}, long_side=(48, 64), seed=2)
     url = "nodeletepack://bucket/packed"
