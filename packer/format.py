@@ -59,10 +59,6 @@ TAKEN_DOWN = json.dumps({
     "format": FORMAT_NAME, "version": 1,
     "taken_down": "a new pack is being written over this one: read it once its manifest is published",
 }).encode()
-
-
-def is_taken_down(data: bytes | None) -> bool:
-    return data == TAKEN_DOWN
 # A pack's record of finished shards while it runs (packer.resume); with the manifest, the
 # mark of a folder that holds shardpack output (the walk leaves such folders out).
 JOURNAL_NAME = ".shardpack-journal.jsonl"
@@ -258,6 +254,11 @@ def manifest_to_bytes(manifest: dict[str, Any]) -> bytes:
     return (json.dumps(manifest, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode(
         "utf-8"
     )
+
+
+def is_taken_down(data: bytes | None) -> bool:
+    """Whether a published manifest's bytes are the ``TAKEN_DOWN`` stand-in."""
+    return data == TAKEN_DOWN
 
 
 def parse_manifest(data: bytes | str | dict[str, Any], *, where: str = "manifest.json") -> dict[str, Any]:

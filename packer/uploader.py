@@ -283,23 +283,15 @@ class RemoteStore:
             log.info("removed %d remote shards the new manifest no longer names", len(names) - len(kept))
         return len(names) - len(kept)
 
-    def remove_if_allowed(self, name: str, consequence: str, level: int = logging.WARNING) -> bool:
-        """``remove``, or a log line (a warning by default) saying ``consequence`` where the
-        store denies the delete (a role without ``s3:DeleteObject``: the upload still goes
-        on). Returns whether it is gone."""
-        try:
-            self.remove(name)
-        except PermissionError as exc:
-            log.log(level, "cannot delete %s (%s; no s3:DeleteObject?): %s", self.display(name), exc, consequence)
-            return False
-        return True
-
     def remove_replaced_manifest(self) -> None:
         """Delete the copy ``set_manifest_aside`` kept, once the new manifest is up. A denied
-        delete is only noted: S3 denies the delete of a missing key too, and a copy left
-        there is read by no reader."""
-        self.remove_if_allowed(REPLACED_NAME, "any copy of an old manifest stays there, read by no "
-                               "reader", level=logging.INFO)
+        delete (a role without ``s3:DeleteObject``) is only noted: S3 denies the delete of a
+        missing key too, and a copy left there is read by no reader."""
+        try:
+            self.remove(REPLACED_NAME)
+        except PermissionError as exc:
+            log.info("cannot delete %s (%s; no s3:DeleteObject?): any copy of an old manifest "
+                     "stays there, read by no reader", self.display(REPLACED_NAME), exc)
 
     def set_manifest_aside(self, manifest: bytes) -> None:
         """Take the published manifest down before shards change, keeping it as
