@@ -85,6 +85,7 @@ def run_dask(
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
     _require_distributed()
     from distributed import Client, KilledWorker, as_completed
+    from distributed.client import FutureCancelledError
     from distributed.comm.core import CommClosedError
 
     with ExitStack() as stack:
@@ -122,8 +123,12 @@ def run_dask(
                         f"({exc}); look for out-of-memory kills in the worker logs, give "
                         "workers more memory, or raise distributed.scheduler.allowed-failures"
                     ) from exc
-                except (CancelledError, CommClosedError) as exc:  # nothing here cancels a live task
-                    raise _lost(scheduler, exc) from exc
+                except (CancelledError, CommClosedError) as exc:
+                    # the future itself cancelled (nothing here cancels a live task), or the
+                    # connection gone: the cluster is lost; a task's own error is its own
+                    if isinstance(exc, FutureCancelledError) or future.status not in ("error", "finished"):
+                        raise _lost(scheduler, exc) from exc
+                    raise
                 future.release()  # the scheduler forgets it; memory stays flat
                 yield item, result
                 nxt = submit_next()

@@ -29,11 +29,12 @@ __all__ = ["STATE_VERSION", "shard_fingerprint", "content_fingerprint", "reader_
            "make_state", "check_state", "saved_extras", "saved_position", "own_position", "StreamPosition",
            "StreamLog", "repeat_batches", "save_state", "load_state", "ShardReaderCheckpoint"]
 
-STATE_VERSION = 2  # the newest this code writes; it reads every version from 1
+STATE_VERSION = 3  # the newest this code writes; it reads every version from 1
 # Version 2 states come from a reader with ``shuffle_initial`` set, whose order shardpack
-# before it cannot repeat (it would resume them wrongly, so they must refuse them); every
-# other state is still version 1, which earlier releases resume as before.
-_READABLE_VERSIONS = (1, 2)
+# before it cannot repeat (it would resume them wrongly, so they must refuse them); version
+# 3 from a shuffling reader with ``shuffle_buffer_bytes`` (BYTE_CAP_ORDER); every other
+# state is still version 1, which earlier releases resume as before.
+_READABLE_VERSIONS = (1, 2, 3)
 
 ShardReaderCheckpoint: type  # made on first access by __getattr__ below (imports Keras)
 
@@ -138,7 +139,7 @@ def make_state(reader: ShardReader, *, epoch: int, batches: int, streams: int | 
     elif position is None or not position.fits(batches, streams):
         position = reader._position(epoch, batches, streams)
     return {
-        "version": STATE_VERSION if reader.shuffle_initial is not None else 1,
+        "version": _version_for(reader),
         "epoch": epoch,
         "batches": batches,
         "seed": reader.seed,
@@ -148,10 +149,18 @@ def make_state(reader: ShardReader, *, epoch: int, batches: int, streams: int | 
         "shards": shard_fingerprint(reader),
         "shard_hashes": content_fingerprint(reader),
         "unshuffled_split": UNSHUFFLED_SPLIT,
+        "byte_cap": BYTE_CAP_ORDER,
         # only where a sample failed: states without them (and those of shardpack < 0.4)
         # resume as if none had
         **_position_fields(position),
     }
+
+
+def _version_for(reader: ShardReader) -> int:
+    """The lowest state version whose readers resume this reader's states exactly."""
+    if reader.shuffle and reader.shuffle_buffer_bytes is not None:
+        return 3
+    return 2 if reader.shuffle_initial is not None else 1
 
 
 def _position_fields(position: StreamPosition | None) -> dict[str, Any]:
@@ -189,6 +198,10 @@ def saved_extras(state: dict[str, Any]) -> list[int]:
 # batches w, w + N, ... of the manifest order (distributed.worker_pieces ``strided``);
 # before (no field), each read a contiguous run.
 UNSHUFFLED_SPLIT = 2
+# How a shuffle buffer keeps its byte cap (``shuffle_buffer_bytes``): 2 since it hands out
+# samples to get back under the cap when a larger sample came in for a smaller one, and N
+# decode processes or loader workers share the cap; before (no field), neither.
+BYTE_CAP_ORDER = 2
 
 
 @dataclass
@@ -417,6 +430,12 @@ def check_state(reader: ShardReader, state: dict[str, Any], *, streams: bool = T
             f"the state was saved inside an unshuffled epoch read as {saved} batch streams by an "
             "earlier shardpack, which split such an epoch among them in another way: the rest "
             "of that epoch cannot be resumed exactly; start it over with reader.set_epoch(epoch)")
+    if (batches and reader.shuffle and reader.shuffle_buffer_bytes is not None
+            and state.get("byte_cap") != BYTE_CAP_ORDER):
+        raise ValueError(
+            "the state was saved inside a shuffled epoch by an earlier shardpack, whose shuffle "
+            "buffer kept its byte cap (shuffle_buffer_bytes) another way: the rest of that epoch "
+            "cannot be resumed exactly; start it over with reader.set_epoch(epoch)")
     return epoch, batches, int(state["seed"])
 
 
