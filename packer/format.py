@@ -257,8 +257,15 @@ def manifest_to_bytes(manifest: dict[str, Any]) -> bytes:
 
 
 def is_taken_down(data: bytes | None) -> bool:
-    """Whether a published manifest's bytes are the ``TAKEN_DOWN`` stand-in."""
-    return data == TAKEN_DOWN
+    """Whether a published manifest's bytes are a ``TAKEN_DOWN`` stand-in: by its field, not
+    its bytes, so that a later wording of the reason is one too."""
+    if data is None or len(data) > 4096 or b'"taken_down"' not in data:
+        return False
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(manifest, dict) and "taken_down" in manifest and "splits" not in manifest
 
 
 def parse_manifest(data: bytes | str | dict[str, Any], *, where: str = "manifest.json") -> dict[str, Any]:
@@ -281,7 +288,7 @@ def parse_manifest(data: bytes | str | dict[str, Any], *, where: str = "manifest
     version = manifest.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1 or version > FORMAT_VERSION:
         raise FormatVersionError(version, FORMAT_VERSION)
-    if "taken_down" in manifest:
+    if "taken_down" in manifest and "splits" not in manifest:  # is_taken_down
         raise ManifestError(f"{where} was taken down: {manifest['taken_down']}")
     for field in ("classes", "splits"):
         if field not in manifest:

@@ -280,3 +280,21 @@ def test_sample_json_fast_path_is_json_dumps(path, class_name, label, width, hei
     assert sample_json(path=path, class_name=class_name, label=label, width=width,
                        height=height) == want
     assert json.loads(want) == record
+
+
+def test_a_taken_down_stand_in_is_known_by_its_field_and_refused_by_readers():
+    """The stand-in a role without s3:DeleteObject puts over the manifest while shards
+    change: known by its "taken_down" field (a later wording of the reason too), refused by
+    readers with the reason, and never taken for a real manifest."""
+    import json
+
+    from packer.errors import ManifestError
+    from packer.format import TAKEN_DOWN, is_taken_down, parse_manifest
+
+    reworded = json.dumps({"format": "shardpack", "version": 1, "taken_down": "being replaced"}).encode()
+    assert is_taken_down(TAKEN_DOWN) and is_taken_down(reworded)
+    assert not is_taken_down(None) and not is_taken_down(b"{not json")
+    assert not is_taken_down(json.dumps({"format": "shardpack", "version": 1, "classes": [],
+                                         "splits": {}, "taken_down": "x"}).encode())
+    with pytest.raises(ManifestError, match="taken down: being replaced"):
+        parse_manifest(reworded)
