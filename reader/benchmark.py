@@ -366,10 +366,11 @@ def _local_reads(cfg: dict[str, Any]) -> list[str]:
     return [p for p in paths if "://" not in p]
 
 
-def _parent_only(result: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+def _parent_only(result: dict[str, Any], cfg: dict[str, Any], processes: int | None = None) -> dict[str, Any]:
     """With decode processes this process's CPU time is not the reader's: leave it out
-    (peak RSS, also this process's alone, is marked by ``parent_only``)."""
-    if cfg.get("processes"):
+    (peak RSS, also this process's alone, is marked by ``parent_only``). ``processes``: how
+    many the reader took (``"auto"`` may take none), else ``cfg``'s."""
+    if cfg.get("processes") if processes is None else processes:
         result["cpu_ms_per_image"] = result["minor_faults_per_image"] = None
         result["parent_only"] = True
     return result
@@ -383,7 +384,7 @@ def c_shardpack_numpy(cfg: dict[str, Any]) -> dict[str, Any]:
                     storage_options=cfg.get("storage_options"), dtype=cfg.get("dtype", "float32"),
                     processes=cfg.get("processes", 0), num_workers=cfg.get("num_workers"))
     try:
-        return _parent_only(time_contender(r, cfg, _local_reads(cfg)), cfg)
+        return _parent_only(time_contender(r, cfg, _local_reads(cfg)), cfg, r.processes)
     finally:
         r.close()
 
@@ -397,7 +398,7 @@ def c_shardpack_tf(cfg: dict[str, Any]) -> dict[str, Any]:
                                    verbose=False, storage_options=cfg.get("storage_options"),
                                    processes=cfg.get("processes", 0))
     try:
-        return _parent_only(time_contender(ds, cfg, _local_reads(cfg)), cfg)
+        return _parent_only(time_contender(ds, cfg, _local_reads(cfg)), cfg, ds.shard_reader.processes)
     finally:
         ds.shard_reader.close()
 
@@ -415,7 +416,8 @@ def c_shardpack_torch(cfg: dict[str, Any]) -> dict[str, Any]:
                               storage_options=cfg.get("storage_options"),
                               processes=cfg.get("processes", 0))
     try:
-        return _parent_only(time_contender(DataLoader(ds, batch_size=None), cfg, _local_reads(cfg)), cfg)
+        return _parent_only(time_contender(DataLoader(ds, batch_size=None), cfg, _local_reads(cfg)), cfg,
+                            ds.reader.processes)
     finally:
         ds.reader.close()
 
@@ -504,7 +506,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def advice(results: dict[str, dict[str, Any]], n_cores: int, processes: int, *, cold: bool = False) -> list[str]:
+def advice(results: dict[str, dict[str, Any]], n_cores: int, processes: int | str, *, cold: bool = False) -> list[str]:
     """What to try when a reader stays under 0.9x the decode limit: on many cores one
     process's threads share a GIL with the tar reading and shuffling (docs/SPEED.md, "On 16
     cores"), which decode processes do not; with few cores, nothing of ours helps; from the
@@ -535,6 +537,11 @@ def at_least(minimum: int) -> Callable[[str], int]:
                                              f"not a whole number: {text!r}") from None
 
     return parse
+
+
+def _processes_arg(text: str) -> int | str:
+    """``--processes``: a whole number >= 0, or "auto" (the readers' own choice)."""
+    return "auto" if text == "auto" else at_least(0)(text)
 
 
 def add_epoch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -600,8 +607,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="epochs each reader runs in its process; the last is timed (default: "
                              f"{DEFAULT_EPOCHS}: the first also builds pipelines and hashes shards)")
     parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
-    parser.add_argument("--processes", type=at_least(0), default=0,
-                        help="the readers' processes= (decode processes; 0: threads only)")
+    parser.add_argument("--processes", type=_processes_arg, default=0,
+                        help='the readers\' processes= (decode processes; 0: threads only; "auto": '
+                             "as many as suit this machine, none below 8 CPUs)")
     parser.add_argument("--cache", choices=("warm", "cold"), default="warm",
                         help="cold: evict the shards from the page cache before every epoch, "
                              "as for a data set larger than memory (local shards, Linux; the "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from reader.benchmark import median_result
 
 BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
@@ -336,3 +338,16 @@ def test_a_cold_runs_tables_go_to_the_speed_notes_and_leave_readmes_table_alone(
     bench.publish("new warm", work, cold=False)
     assert (repo / "README.md").read_text() == f"intro\n{bench.README_START}\nnew warm\n{bench.README_END}\nsummary\n"
     assert "new cold" in (repo / "docs" / "SPEED.md").read_text() and (repo / "docs" / "bench.json").exists()
+
+
+def test_bench_takes_processes_auto_as_the_readers_do():
+    """``shardpack bench --processes auto`` measures the readers as processes="auto" makes
+    them; other words and negative counts are refused up front."""
+    import argparse
+
+    from reader.benchmark import _processes_arg
+
+    assert _processes_arg("auto") == "auto" and _processes_arg("3") == 3 and _processes_arg("0") == 0
+    for bad in ("-1", "many", "2.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _processes_arg(bad)
