@@ -265,7 +265,12 @@ def is_taken_down(data: bytes | None) -> bool:
         manifest = json.loads(data)
     except ValueError:
         return False
-    return isinstance(manifest, dict) and "taken_down" in manifest and "splits" not in manifest
+    return isinstance(manifest, dict) and _stands_in(manifest)
+
+
+def _stands_in(manifest: dict[str, Any]) -> bool:
+    """A parsed manifest is a ``TAKEN_DOWN`` stand-in: its reason, and no splits."""
+    return "taken_down" in manifest and "splits" not in manifest
 
 
 def parse_manifest(data: bytes | str | dict[str, Any], *, where: str = "manifest.json") -> dict[str, Any]:
@@ -288,7 +293,7 @@ def parse_manifest(data: bytes | str | dict[str, Any], *, where: str = "manifest
     version = manifest.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1 or version > FORMAT_VERSION:
         raise FormatVersionError(version, FORMAT_VERSION)
-    if "taken_down" in manifest and "splits" not in manifest:  # is_taken_down
+    if _stands_in(manifest):
         raise ManifestError(f"{where} was taken down: {manifest['taken_down']}")
     for field in ("classes", "splits"):
         if field not in manifest:

@@ -24,7 +24,7 @@ from packer.errors import SampleDecodeError, ShardReadError
 from packer.format import IMAGE_MEMBER_EXTS, byte_sum, split_member_name
 
 from .policy import ErrorPolicy
-from .source import ShardRef, open_shard
+from .source import GZIPPED_TAR_ENDINGS, ShardRef, open_shard
 
 __all__ = [
     "Member",
@@ -458,7 +458,7 @@ def open_ref(
     a plain ``.tar.gz`` / ``.tgz`` shard (webdataset reads them) decompressed as it streams."""
     stream = open_shard(ref.url, expected_size=ref.nbytes, expected_sha256=ref.sha256,
                         cache_dir=cache_dir, cache_max_bytes=cache_max_bytes, **(storage_options or {}))
-    if ref.url.lower().endswith((".tar.gz", ".tgz")):
+    if ref.url.lower().endswith(GZIPPED_TAR_ENDINGS):
         return _Gunzipped(stream)  # type: ignore[return-value]  # a readable binary stream
     return stream
 

@@ -408,9 +408,9 @@ class ShardReader:
 
     def _entries(self) -> list[tuple[str, int]]:
         """(path, our label) of every sample this rank's unshuffled epoch yields, in its order."""
-        if self.world_size == 1:
-            return [e for shard in self._shard_entries() for e in shard]
         per_shard = self._shard_entries()
+        if self.world_size == 1:
+            return [e for shard in per_shard for e in shard]
         return [per_shard[p.shard][i] for p in self._rank_pieces(0) for i in range(p.start, p.stop)]
 
     def _shard_entries(self) -> list[list[tuple[str, int]]]:

@@ -117,7 +117,8 @@ def expand_urls(source: str | Sequence[str]) -> list[str]:
     return urls
 
 
-_TAR_ENDINGS = (".tar", ".tar.gz", ".tgz")
+GZIPPED_TAR_ENDINGS = (".tar.gz", ".tgz")  # shards read decompressed (samples.open_ref)
+_TAR_ENDINGS = (".tar", *GZIPPED_TAR_ENDINGS)
 
 
 def _tar_parts(text: str) -> list[str]:

@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .batches import DATA_FORMATS
+from .batches import DATA_FORMATS, auto_processes
 from .checks import check_batch_size, check_image_size
 from .shard_reader import ShardReader, _default_workers
 
@@ -65,13 +65,14 @@ _hinted = False  # the processes hint is printed once per process
 
 
 def _hint_processes(reader: ShardReader) -> None:
-    """On 8 CPUs or more, say once that decode processes are faster: one process's decode
+    """Where ``processes="auto"`` would take decode processes (8 CPUs or more), say once
+    that they are faster: one process's decode
     threads reached 0.40-0.74x the decode limit on 16 cores, and ``processes=8`` 0.83-1.47x
     (docs/SPEED.md, "On 16 cores"). Threads stay the default: the order of a shuffled epoch
     depends on the number of processes, and they cost memory and start-up."""
     global _hinted
     cpus = _default_workers()
-    if _hinted or reader.processes or cpus < 8:
+    if _hinted or reader.processes or not auto_processes(cpus, reader.source.mean_sample_bytes()):
         return
     _hinted = True
     print(f'Decoding on {reader.num_workers} threads of one process: on {cpus} CPUs, processes="auto" '
