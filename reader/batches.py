@@ -464,17 +464,25 @@ class _Carry:
 # process's threads reach 0.93-0.96x the decode limit; on 16, 0.40-0.74x on ImageNet-like
 # JPEGs, where 8 processes reached 0.83-1.47x (docs/SPEED.md, "On 16 cores").
 _AUTO_PROCESSES_MIN_CPUS = 8
+# ... and gives each process at least this many of an epoch's images: a process starts in
+# about half a second of one core (a fresh interpreter importing numpy, OpenCV and Pillow),
+# the time it takes to decode a few hundred ImageNet-like JPEGs, so a smaller epoch (a
+# small validation split) is over sooner on threads.
+_AUTO_MIN_SAMPLES_PER_PROCESS = 500
 
 
-def auto_processes(cpus: int, mean_sample_bytes: float | None) -> int:
+def auto_processes(cpus: int, mean_sample_bytes: float | None, samples: int | None = None) -> int:
     """Decode processes for ``processes="auto"`` on ``cpus`` CPUs: none below 8 CPUs; from 8
     on, one per two CPUs (two threads each), or one per CPU when the manifest says the
     images are small (under 32 KB a sample: packed at training size), whose Python weighs
     more against their decode (on 16 cores, 16 processes gave 1.26-1.36x the limit on
     short-side-256 shards, where 8 gave 0.61-1.32x). ``mean_sample_bytes``: as for
-    ``default_decode_threads``."""
+    ``default_decode_threads``. ``samples``: an epoch's images (None: unknown), of which
+    each process gets at least ``_AUTO_MIN_SAMPLES_PER_PROCESS``; fewer than 2 processes
+    is none."""
     if cpus < _AUTO_PROCESSES_MIN_CPUS:
         return 0
-    if mean_sample_bytes is not None and mean_sample_bytes < _SMALL_SAMPLE_BYTES:
-        return cpus
-    return cpus // 2
+    wanted = cpus if mean_sample_bytes is not None and mean_sample_bytes < _SMALL_SAMPLE_BYTES else cpus // 2
+    if samples is not None:
+        wanted = min(wanted, samples // _AUTO_MIN_SAMPLES_PER_PROCESS)
+    return wanted if wanted >= 2 else 0

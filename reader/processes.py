@@ -60,7 +60,8 @@ from .state import StreamPosition
 if TYPE_CHECKING:
     from .shard_reader import ShardReader
 
-__all__ = ["DecodeProcesses", "worker_main"]
+__all__ = ["DecodeProcesses", "worker_main", "shared_memory_free", "starting_bytes", "batch_bytes",
+           "processes_that_fit"]
 
 _LENGTH = struct.Struct("<Q")
 # slots each process starts with beyond the blocks its decode threads fill: the batch on
@@ -219,15 +220,53 @@ class _Process:
         return len(unused)
 
 
+def shared_memory_free() -> int | None:
+    """Bytes free in /dev/shm, where decode processes' batches live; None where there is no
+    such folder (macOS: the system's own limits apply)."""
+    try:
+        stat = os.statvfs(_SHM_DIR)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def starting_bytes(processes: int, threads: int, batch_size: int, slot_bytes: int) -> int:
+    """Shared memory ``processes`` decode processes of ``threads`` threads each take as they
+    start: a slot per block their threads fill (``batches.in_flight_plan``) and
+    ``_EXTRA_SLOTS``, each one batch of ``slot_bytes``."""
+    from .batches import in_flight_plan
+
+    _, blocks = in_flight_plan(threads, batch_size)
+    return processes * (blocks + _EXTRA_SLOTS) * slot_bytes
+
+
+def batch_bytes(reader: ShardReader) -> int:
+    """Bytes of one of ``reader``'s batches: the size of a shared-memory slot."""
+    options = reader.batch_options
+    shape = (options.batch_size, *options.image_shape(reader.decode_options.shape))
+    return int(np.prod(shape)) * np.dtype(options.dtype).itemsize
+
+
+def processes_that_fit(wanted: int, threads: int, reader: ShardReader) -> int:
+    """Of ``wanted`` decode processes sharing ``threads`` decode threads, as many as /dev/shm
+    holds twice over as they start (``starting_bytes``; the rest is room for the batches a
+    caller keeps, which take more slots); fewer than 2 is none. Docker gives a container
+    64 MB of /dev/shm, less than one process's float32 batches of 64 x 224 x 224."""
+    free = shared_memory_free()
+    if free is None:
+        return wanted
+    count, slot = wanted, batch_bytes(reader)
+    size = reader.batch_options.batch_size
+    while count >= 2 and 2 * starting_bytes(count, max(1, threads // count), size, slot) > free:
+        count -= 1
+    return count if count >= 2 else 0
+
+
 def _check_shared_memory(nbytes: int) -> None:
     """Refuse, with the remedy, what would fill /dev/shm: writing past its end kills the
     process with SIGBUS (Docker gives containers 64 MB of it by default)."""
-    try:
-        stat = os.statvfs(_SHM_DIR)
-    except OSError:  # no /dev/shm (macOS): the system's own limits apply
-        return
-    free = stat.f_bavail * stat.f_frsize
-    if free < nbytes:
+    free = shared_memory_free()
+    if free is not None and free < nbytes:
         raise RuntimeError(
             f"shared memory ({_SHM_DIR}) has {free / 1e6:.0f} MB free, and a decode process "
             f"needs another batch of {nbytes / 1e6:.0f} MB: give the container more "
@@ -277,9 +316,7 @@ class DecodeProcesses:
         # a weak reference: the reader owns this pool, and `del reader` ends the processes
         self._reader = weakref.ref(reader)
         self._procs: list[_Process] = []
-        options = reader.batch_options
-        shape = (options.batch_size, *options.image_shape(reader.decode_options.shape))
-        self.slot_bytes = int(np.prod(shape)) * np.dtype(options.dtype).itemsize
+        self.slot_bytes = batch_bytes(reader)
         self._io = threading.RLock()
         self._owner: object | None = None  # the epoch now reading; _CLOSED after close()
         self._live: list[bool] = []
@@ -308,8 +345,9 @@ class DecodeProcesses:
         root = str(Path(__file__).resolve().parent.parent)
         boot = (f"import sys; sys.path.insert(0, {root!r}); from reader.processes import worker_main; "
                 "worker_main({fd})")
-        _, blocks = in_flight_plan(self.threads, reader.batch_options.batch_size)
-        _check_shared_memory(self.count * (blocks + _EXTRA_SLOTS) * self.slot_bytes)
+        batch_size = reader.batch_options.batch_size
+        _, blocks = in_flight_plan(self.threads, batch_size)
+        _check_shared_memory(starting_bytes(self.count, self.threads, batch_size, self.slot_bytes))
         try:
             for index in range(self.count):
                 proc = _Process(index, [sys.executable, "-c", boot], dict(os.environ))

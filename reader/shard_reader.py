@@ -51,7 +51,7 @@ from .distributed import (
     worker_pieces,
 )
 from .policy import ErrorPolicy, OnError
-from .processes import DecodeProcesses
+from .processes import DecodeProcesses, processes_that_fit, shared_memory_free
 from .remote import OpenAhead
 from .samples import (
     READ_THE_REST,
@@ -88,6 +88,22 @@ def _rank_cpus(world_size: int) -> int:
     local = os.environ.get("LOCAL_WORLD_SIZE", "") if world_size > 1 else ""
     share = int(local) if local.isdigit() and int(local) > 0 else 1
     return max(1, _default_workers() // share)
+
+
+_said_shared_memory = False  # processes="auto" held back by /dev/shm: said once per process
+
+
+def _say_shared_memory_once(wanted: int, fitting: int) -> None:
+    global _said_shared_memory
+    if _said_shared_memory:
+        return
+    _said_shared_memory = True
+    free = shared_memory_free() or 0
+    log.warning(
+        'processes="auto": /dev/shm has %d MB free, too little for the batches of %d decode '
+        "processes, so decoding in %s (up to twice as fast on this machine with room for "
+        "them: docker run --shm-size=2g; or a smaller batch_size, or dtype=\"uint8\")",
+        free // 10**6, wanted, f"{fitting}" if fitting else "threads of this process")
 
 
 def _image_bytes(item: tuple[Sample, int]) -> int:
@@ -235,7 +251,7 @@ class ShardReader:
         shuffle_initial: int | None = None,
         interleave: int = 4,
         num_workers: int | None = None,
-        processes: int | str = 0,
+        processes: int | str = "auto",
         on_error: OnError = "warn",
         on_shard_error: OnError = "raise",
         rescale: float | None = None,
@@ -287,19 +303,16 @@ class ShardReader:
         # such a reader's states stay those of a reader without it (state version 1)
         self.shuffle_initial = early_start(shuffle_initial, self.shuffle_buffer) if shuffle else None
         self.interleave = max(1, int(interleave))
-        # "auto" in a PyTorch loader worker's copy means none (torch_data): the loader's
-        # workers are the processes there
+        # "auto" (the default) is picked below, once the batch's size is known; in a
+        # PyTorch loader worker's copy it means none (torch_data): the loader's workers
+        # are the processes there
         self.processes_auto = isinstance(processes, str) and processes == "auto"
-        if self.processes_auto:
-            processes = auto_processes(_rank_cpus(self.world_size), self.source.mean_sample_bytes())
-        if isinstance(processes, (str, bool)) or int(processes) < 0 or int(processes) != processes:
+        if not self.processes_auto and (
+                isinstance(processes, (str, bool)) or int(processes) < 0 or int(processes) != processes):
             raise ValueError(f'processes must be a whole number >= 0 or "auto", got {processes!r}')
-        self.processes = int(processes) if processes > 1 else 0
         if num_workers is not None:
             whole_number(num_workers, "num_workers", minimum=0)  # 0: the default, as None
-        self.num_workers = num_workers or (
-            _default_workers() if self.processes else
-            default_decode_threads(_default_workers(), self.source.mean_sample_bytes()))
+        self._threads_asked = num_workers or None
         self._pool: DecodeProcesses | None = None
         # this process's batch arrays, kept from epoch to epoch (see _batch_buffers)
         self._buffers: BatchBuffers | None = None
@@ -335,6 +348,7 @@ class ShardReader:
             dtype=dtype,
             data_format=data_format,
         )
+        self._use_processes(self._auto_processes() if self.processes_auto else int(processes))
         self.epoch = 0  # the epoch the next iter() reads
         self.batches_yielded = 0  # batches yielded so far in the current epoch
         self._reading: int | None = None  # the epoch an unfinished iter() is reading
@@ -351,6 +365,43 @@ class ShardReader:
         self._passes_begun = self._marked_passes = 0
         # where the last pass began: (epoch, skipped batches, stream position, seed)
         self._before_pass: tuple[int, int, StreamPosition | None, int] = (0, 0, None, self.seed)
+
+    # ---- decode processes --------------------------------------------------------------
+
+    def _use_processes(self, processes: int) -> None:
+        """Decode in ``processes`` processes (fewer than 2: threads of this one), on the
+        threads asked for, else as many as suit them (``num_workers``'s default)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        self.processes = processes if processes > 1 else 0
+        self.num_workers = self._threads_asked or (
+            _default_workers() if self.processes else
+            default_decode_threads(_default_workers(), self.source.mean_sample_bytes()))
+
+    def _auto_processes(self) -> int:
+        """``processes="auto"``: ``batches.auto_processes`` for the CPUs this rank has and the
+        images of its epoch (where the manifest, or a scan made already, tells them), and of
+        those as many as /dev/shm holds (``processes.processes_that_fit``; said once)."""
+        known = self._manifest_gives_samples() or self._index is not None
+        wanted = auto_processes(_rank_cpus(self.world_size), self.source.mean_sample_bytes(),
+                                samples=self.samples // self.world_size if known else None)
+        fitting = processes_that_fit(wanted, self._threads_asked or _default_workers(), self) if wanted else 0
+        if fitting < wanted:
+            _say_shared_memory_once(wanted, fitting)
+        return fitting
+
+    def adopt_streams(self, saved: int | None, batches: int) -> None:
+        """With ``processes="auto"``, resume a state saved ``batches`` into an epoch under
+        ``saved`` batch streams (decode processes or loader workers) with that many
+        processes: its epoch is theirs, and "auto" on another machine picks another number.
+        Nothing to do at an epoch's start, where any number resumes exactly."""
+        from .state import reader_streams
+
+        if self.processes_auto and batches and saved is not None and saved != reader_streams(self):
+            log.info("resuming a state saved under %d batch stream(s): processes=%d for this run",
+                     saved, saved if saved > 1 else 0)
+            self._use_processes(saved)
 
     # ---- classes, counts and the lazily scanned index -------------------------------
 
@@ -606,9 +657,11 @@ class ShardReader:
             ValueError: the state belongs to another split, shard list, world size or
                 order-shaping option (the message names it).
         """
-        from .state import check_state, own_position
+        from .state import check_state, check_streams, own_position, saved_streams
 
-        epoch, batches, seed = check_state(self, state)
+        epoch, batches, seed = check_state(self, state, streams=False)
+        self.adopt_streams(saved_streams(state), batches)
+        check_streams(saved_streams(state), reader_streams(self), batches)
         self.seed = seed
         self.epoch = epoch
         self._resume_batches = batches
@@ -1018,15 +1071,18 @@ class ShardReader:
     ) -> Iterator[tuple[Sample, int]]:
         """The pieces' samples interleaved, then through the shuffle buffer: one of
         ``share_of`` streams (decode processes or loader workers), each holding its own
-        buffer, so each gets that share of the ``shuffle_buffer_bytes`` cap (a memory
-        bound is the reader's, whichever way it decodes)."""
+        buffer, so each gets that share of ``shuffle_buffer``, ``shuffle_initial`` and the
+        ``shuffle_buffer_bytes`` cap (the memory a reader holds is the same whichever way
+        it decodes: with "auto", decode processes, the default on 8 CPUs or more)."""
         labelled = interleave(pieces, cycle_length=self.interleave if self.shuffle else 1)
         if self.shuffle:
-            cap = self.shuffle_buffer_bytes
+            cap, size = self.shuffle_buffer_bytes, max(1, self.shuffle_buffer // share_of)
+            initial = None if self.shuffle_initial is None else early_start(
+                max(1, self.shuffle_initial // share_of), size)
             labelled = shuffle_buffer(
                 labelled, rng=epoch_rng(self.seed, epoch, "samples" + stream),
-                size=self.shuffle_buffer, max_bytes=None if cap is None else max(1, cap // share_of),
-                nbytes=_image_bytes, initial=self.shuffle_initial,
+                size=size, max_bytes=None if cap is None else max(1, cap // share_of),
+                nbytes=_image_bytes, initial=initial,
             )
         return labelled
 

@@ -29,12 +29,13 @@ __all__ = ["STATE_VERSION", "shard_fingerprint", "content_fingerprint", "reader_
            "make_state", "check_state", "saved_extras", "saved_position", "own_position", "StreamPosition",
            "StreamLog", "repeat_batches", "save_state", "load_state", "ShardReaderCheckpoint"]
 
-STATE_VERSION = 3  # the newest this code writes; it reads every version from 1
+STATE_VERSION = 4  # the newest this code writes; it reads every version from 1
 # Version 2 states come from a reader with ``shuffle_initial`` set, whose order shardpack
 # before it cannot repeat (it would resume them wrongly, so they must refuse them); version
-# 3 from a shuffling reader with ``shuffle_buffer_bytes`` (BYTE_CAP_ORDER); every other
+# 3 from a shuffling reader with ``shuffle_buffer_bytes`` (BYTE_CAP_ORDER); version 4 from
+# a shuffling reader read as 2 or more batch streams (SHARED_BUFFER_ORDER); every other
 # state is still version 1, which earlier releases resume as before.
-_READABLE_VERSIONS = (1, 2, 3)
+_READABLE_VERSIONS = (1, 2, 3, 4)
 
 ShardReaderCheckpoint: type  # made on first access by __getattr__ below (imports Keras)
 
@@ -139,7 +140,7 @@ def make_state(reader: ShardReader, *, epoch: int, batches: int, streams: int | 
     elif position is None or not position.fits(batches, streams):
         position = reader._position(epoch, batches, streams)
     return {
-        "version": _version_for(reader),
+        "version": _version_for(reader, streams),
         "epoch": epoch,
         "batches": batches,
         "seed": reader.seed,
@@ -150,14 +151,18 @@ def make_state(reader: ShardReader, *, epoch: int, batches: int, streams: int | 
         "shard_hashes": content_fingerprint(reader),
         "unshuffled_split": UNSHUFFLED_SPLIT,
         "byte_cap": BYTE_CAP_ORDER,
+        "shared_buffer": SHARED_BUFFER_ORDER,
         # only where a sample failed: states without them (and those of shardpack < 0.4)
         # resume as if none had
         **_position_fields(position),
     }
 
 
-def _version_for(reader: ShardReader) -> int:
-    """The lowest state version whose readers resume this reader's states exactly."""
+def _version_for(reader: ShardReader, streams: int) -> int:
+    """The lowest state version whose readers resume exactly this reader's states, saved
+    under ``streams`` batch streams."""
+    if reader.shuffle and streams > 1:
+        return 4
     if reader.shuffle and reader.shuffle_buffer_bytes is not None:
         return 3
     return 2 if reader.shuffle_initial is not None else 1
@@ -202,6 +207,10 @@ UNSHUFFLED_SPLIT = 2
 # samples to get back under the cap when a larger sample came in for a smaller one, and N
 # decode processes or loader workers share the cap; before (no field), neither.
 BYTE_CAP_ORDER = 2
+# How N batch streams (decode processes, loader workers) share the shuffle buffer: 1 since
+# each holds 1/N of ``shuffle_buffer`` (and of ``shuffle_initial``), as of the byte cap;
+# before (no field), each held all of it.
+SHARED_BUFFER_ORDER = 1
 
 
 @dataclass
@@ -436,6 +445,13 @@ def check_state(reader: ShardReader, state: dict[str, Any], *, streams: bool = T
             "the state was saved inside a shuffled epoch by an earlier shardpack, whose shuffle "
             "buffer kept its byte cap (shuffle_buffer_bytes) another way: the rest of that epoch "
             "cannot be resumed exactly; start it over with reader.set_epoch(epoch)")
+    if (batches and reader.shuffle and saved > 1
+            and state.get("shared_buffer") != SHARED_BUFFER_ORDER):
+        raise ValueError(
+            f"the state was saved inside a shuffled epoch read as {saved} batch streams by an "
+            "earlier shardpack, whose streams each held the whole shuffle buffer (now they "
+            "share it): the rest of that epoch cannot be resumed exactly; start it over with "
+            "reader.set_epoch(epoch)")
     return epoch, batches, int(state["seed"])
 
 

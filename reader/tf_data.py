@@ -13,9 +13,9 @@ import weakref
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .batches import DATA_FORMATS, auto_processes
+from .batches import DATA_FORMATS
 from .checks import check_batch_size, check_image_size
-from .shard_reader import ShardReader, _default_workers
+from .shard_reader import ShardReader
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -59,24 +59,6 @@ def restore_malloc_thresholds() -> None:
         return
     mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
     mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
-
-
-_hinted = False  # the processes hint is printed once per process
-
-
-def _hint_processes(reader: ShardReader) -> None:
-    """Where ``processes="auto"`` would take decode processes (8 CPUs or more), say once
-    that they are faster: one process's decode
-    threads reached 0.40-0.74x the decode limit on 16 cores, and ``processes=8`` 0.83-1.47x
-    (docs/SPEED.md, "On 16 cores"). Threads stay the default: the order of a shuffled epoch
-    depends on the number of processes, and they cost memory and start-up."""
-    global _hinted
-    cpus = _default_workers()
-    if _hinted or reader.processes or not auto_processes(cpus, reader.source.mean_sample_bytes()):
-        return
-    _hinted = True
-    print(f'Decoding on {reader.num_workers} threads of one process: on {cpus} CPUs, processes="auto" '
-          "decodes up to twice as fast (docs/READING.md, \"On many cores\").")
 
 
 def image_dataset_from_shards(
@@ -141,9 +123,7 @@ def image_dataset_from_shards(
         data_format: "channels_last" or "channels_first" (images ``(batch, channels,
             height, width)``, transposed by TensorFlow after the reader); None follows
             ``keras.config.image_data_format()``, as Keras does.
-        verbose: print how many files and classes were found, as Keras does (and, once per
-            process, that ``processes="auto"`` decodes faster on a machine of 8 CPUs or
-            more, where one process's threads are left to decode).
+        verbose: print how many files and classes were found, as Keras does.
         labels: Keras' "inferred" (the class folders', fixed at pack time) or None (no
             labels, as ``label_mode=None``); explicit label lists are refused.
         validation_split, subset, follow_links: Keras' directory options, which act when
@@ -194,7 +174,6 @@ def image_dataset_from_shards(
         **reader_options,
     )
     if verbose:
-        _hint_processes(reader)
         # Keras' words, so logs read the same
         found = f"Found {reader.samples} files"
         print(f"{found}." if label_mode is None else f"{found} belonging to {len(reader.class_names)} classes.")

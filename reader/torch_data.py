@@ -212,6 +212,7 @@ class ShardIterableDataset(IterableDataset):
         from .state import check_state, own_position, saved_streams
 
         epoch, batches, seed = check_state(self.reader, state, streams=False)
+        self.reader.adopt_streams(saved_streams(state), batches)  # without loader workers
         self.reader.seed = seed
         self.epoch, self._passes, self._resume_batches = epoch, 0, batches
         self._resume_streams = saved_streams(state)

@@ -156,13 +156,17 @@ def test_auto_processes_follow_the_many_core_measurements(cpus, sample_bytes, wa
 
 def test_processes_auto_picks_for_this_machine_and_reads_the_same_epochs(photo_shards, monkeypatch):
     """"auto" is threads here (2 CPUs) and processes on a machine of 8 CPUs or more (its
-    CPU count faked, the processes real): the epochs are then those of that many."""
+    CPU count faked, the processes real; each process's share of images lowered to these
+    320): the epochs are then those of that many."""
+    import reader.batches as batches
     import reader.shard_reader as shard_reader
 
     options = dict(split="train", image_size=16, batch_size=8, seed=3)
+    here = ShardReader(photo_shards, processes=0, **options)
     assert ShardReader(photo_shards, processes="auto", **options).processes == auto_processes(
-        len(os.sched_getaffinity(0)), ShardReader(photo_shards, **options).source.mean_sample_bytes())
+        len(os.sched_getaffinity(0)), here.source.mean_sample_bytes(), samples=here.samples)
     monkeypatch.setattr(shard_reader, "_default_workers", lambda: 8)
+    monkeypatch.setattr(batches, "_AUTO_MIN_SAMPLES_PER_PROCESS", 40)
     auto = ShardReader(photo_shards, processes="auto", **options)
     try:
         assert auto.processes == (8 if auto.source.mean_sample_bytes() < 32 * 1024 else 4)

@@ -274,20 +274,32 @@ def test_keras_checkpoint_with_steps_per_epoch_counts_across_keras_epochs(awkwar
 
 def test_decode_processes_matter_inside_an_epoch_only(awkward_shards, uninterrupted):
     """processes=N splits an epoch into N streams: a state saved inside an epoch under 2 is
-    refused by a reader with none (also a state of shardpack 0.2.0, which recorded
-    ``processes``), but one saved at an epoch boundary starts that epoch under any number."""
+    refused by a reader with none chosen (processes=0; also a state of shardpack 0.2.0,
+    which recorded ``processes``), and resumed under 2 by one left to "auto", the default,
+    whichever number it would pick here; one saved at an epoch boundary starts that epoch
+    under any number."""
     from reader.state import make_state
 
-    two = ShardReader(awkward_shards, seed=7, processes=2, **OPTIONS)  # never iterated
+    two = ShardReader(awkward_shards, seed=7, processes=2, **OPTIONS)
     inside = make_state(two, epoch=0, batches=4)
     assert inside["streams"] == 2
     legacy = {k: v for k, v in inside.items() if k != "streams"} | {"processes": 2}
     for state in (inside, legacy):
         with pytest.raises(ValueError, match="2 batch stream.*processes=2"):
-            ShardReader(awkward_shards, **OPTIONS).load_state_dict(state)
+            ShardReader(awkward_shards, processes=0, **OPTIONS).load_state_dict(state)
+    auto = ShardReader(awkward_shards, **OPTIONS)
+    assert auto.processes_auto and auto.processes == 0  # 2 CPUs, or too few images for more
+    auto.load_state_dict(inside)
+    try:
+        assert auto.processes == 2
+        assert _ids(auto) == _ids(two)[4:]
+    finally:
+        auto.close()
+        two.close()
     boundary = make_state(two, epoch=0, batches=len(two))
     one = ShardReader(awkward_shards, **OPTIONS)
     one.load_state_dict(boundary)
+    assert one.processes == 0
     assert _ids(one) == uninterrupted[1]
 
 

@@ -213,30 +213,6 @@ def test_keras_directory_options_are_taken_or_refused_with_advice(id_shards):
     assert int(one_by_one.cardinality()) == len(list(one_by_one)) == 30
 
 
-def test_on_many_cpus_the_dataset_says_once_that_processes_decode_faster(id_shards, capsys, monkeypatch):
-    """On 16 cores one process's threads reached about half the decode limit, where
-    processes="auto" reached it: a Keras user on such a machine is told once, before Keras'
-    own line; not on fewer CPUs, not with processes chosen, not again."""
-    import reader.tf_data as tf_data
-
-    shards, _ = id_shards
-    monkeypatch.setattr(tf_data, "_hinted", False)
-    monkeypatch.setattr(tf_data, "_default_workers", lambda: 4)
-    image_dataset_from_shards(shards, split="test", image_size=4)
-    assert "processes" not in capsys.readouterr().out
-    monkeypatch.setattr(tf_data, "_default_workers", lambda: 16)
-    image_dataset_from_shards(shards, split="test", image_size=4, processes=2)
-    assert "processes" not in capsys.readouterr().out
-    image_dataset_from_shards(shards, split="test", image_size=4, verbose=False)
-    assert capsys.readouterr().out == ""
-    image_dataset_from_shards(shards, split="test", image_size=4)
-    hint, found = capsys.readouterr().out.strip().splitlines()
-    assert 'on 16 CPUs, processes="auto" decodes up to twice as fast' in hint
-    assert found == "Found 30 files belonging to 3 classes."
-    image_dataset_from_shards(shards, split="test", image_size=4)
-    assert capsys.readouterr().out.strip() == found
-
-
 def test_found_line_and_class_names_without_labels_as_keras(id_shards, tmp_path, capsys):
     """Keras prints "Found N files belonging to C classes." (or "Found N files." without
     labels) and refuses class_names without labels; the dataset printed its own line and

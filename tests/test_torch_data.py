@@ -194,15 +194,18 @@ def _resume_from(awkward_shards, state, loader_workers, **options):
 
 def test_a_state_records_the_loader_workers_and_a_resume_under_others_is_refused(awkward_shards):
     """The epoch is split among the loader's workers, so a state from 2 workers continues
-    the same epoch only with 2; with 0 or 3 the rest would be other batches: refused."""
+    the same epoch only with 2; with 3, or with 0 and no decode processes, the rest would be
+    other batches: refused. With 0, a dataset left to processes="auto" (the default) takes
+    2 decode processes, the same stream."""
     ds = ShardIterableDataset(awkward_shards, seed=5, **OPTIONS)
     full = _epoch(DataLoader(ds, batch_size=None, num_workers=2))
     state = ds.state_dict(batches=5)
     assert state["streams"] == 2
     assert _resume_from(awkward_shards, state, 2) == full[5:]
-    for workers in (0, 3):
+    for workers, options in ((0, {"processes": 0}), (3, {})):
         with pytest.raises(ValueError, match="num_workers=2"):
-            _resume_from(awkward_shards, state, workers)
+            _resume_from(awkward_shards, state, workers, **options)
+    assert _resume_from(awkward_shards, state, 0) == full[5:]
     next(iter(ds))  # a look at a batch in this process does not change what the workers said
     assert ds.state_dict(batches=5)["streams"] == 2
     ds.set_epoch(1)  # a new epoch read without loader workers is one stream
@@ -226,7 +229,8 @@ def test_a_state_of_shardpack_0_2_0_from_loader_workers_resumes(awkward_shards):
 
 def test_processes_and_loader_workers_resume_each_other(awkward_shards):
     """processes=2 without loader workers and 2 loader workers are one stream: a state of
-    either resumes under the other, batch for batch."""
+    either resumes under the other, batch for batch; not under processes=0 without loader
+    workers, and "auto" (the default) takes the state's 2."""
     opts = dict(seed=6)
     in_processes = ShardIterableDataset(awkward_shards, processes=2, **OPTIONS, **opts)
     try:
@@ -237,7 +241,8 @@ def test_processes_and_loader_workers_resume_each_other(awkward_shards):
     assert state["streams"] == 2
     assert _resume_from(awkward_shards, state, 2) == full[4:]
     with pytest.raises(ValueError, match="processes=2"):
-        _resume_from(awkward_shards, state, 0)
+        _resume_from(awkward_shards, state, 0, processes=0)
+    assert _resume_from(awkward_shards, state, 0) == full[4:]
     workers = ShardIterableDataset(awkward_shards, **OPTIONS, **opts)
     assert _epoch(DataLoader(workers, batch_size=None, num_workers=2)) == full
     assert _resume_from(awkward_shards, workers.state_dict(batches=7), 0, processes=2) == full[7:]
