@@ -382,7 +382,7 @@ def c_shardpack_numpy(cfg: dict[str, Any]) -> dict[str, Any]:
     r = ShardReader(cfg["source"], split=cfg["split"], image_size=tuple(cfg["image_size"]),
                     batch_size=cfg["batch_size"], shuffle=True, seed=0,
                     storage_options=cfg.get("storage_options"), dtype=cfg.get("dtype", "float32"),
-                    processes=cfg.get("processes", 0), num_workers=cfg.get("num_workers"))
+                    processes=cfg.get("processes", "auto"), num_workers=cfg.get("num_workers"))
     try:
         return _parent_only(time_contender(r, cfg, _local_reads(cfg)), cfg, r.processes)
     finally:
@@ -396,7 +396,7 @@ def c_shardpack_tf(cfg: dict[str, Any]) -> dict[str, Any]:
                                    image_size=tuple(cfg["image_size"]),
                                    batch_size=cfg["batch_size"], shuffle=True, seed=0,
                                    verbose=False, storage_options=cfg.get("storage_options"),
-                                   processes=cfg.get("processes", 0))
+                                   processes=cfg.get("processes", "auto"))
     try:
         return _parent_only(time_contender(ds, cfg, _local_reads(cfg)), cfg, ds.shard_reader.processes)
     finally:
@@ -414,7 +414,7 @@ def c_shardpack_torch(cfg: dict[str, Any]) -> dict[str, Any]:
     ds = ShardIterableDataset(cfg["source"], split=cfg["split"], image_size=tuple(cfg["image_size"]),
                               batch_size=cfg["batch_size"], shuffle=True, seed=0,
                               storage_options=cfg.get("storage_options"),
-                              processes=cfg.get("processes", 0))
+                              processes=cfg.get("processes", "auto"))
     try:
         return _parent_only(time_contender(DataLoader(ds, batch_size=None), cfg, _local_reads(cfg)), cfg,
                             ds.reader.processes)
@@ -507,21 +507,26 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def advice(results: dict[str, dict[str, Any]], n_cores: int, processes: int | str, *, cold: bool = False) -> list[str]:
-    """What to try when a reader stays under 0.9x the decode limit: on many cores one
-    process's threads share a GIL with the tar reading and shuffling (docs/SPEED.md, "On 16
-    cores"), which decode processes do not; with few cores, nothing of ours helps; from the
-    disk (``cold``) the reads are timed too, and more processes do not read faster."""
+    """What to try when a reader decoded on threads and stays under 0.9x the decode limit:
+    on many cores one process's threads share a GIL with the tar reading and shuffling
+    (docs/SPEED.md, "On 16 cores"), which decode processes do not. Threads there mean
+    ``processes=0``, or "auto" holding back (an epoch under 1,000 images, /dev/shm without
+    room). With few cores nothing of ours helps; from the disk (``cold``) the reads are
+    timed too, and more processes do not read faster."""
     limit = results.get("decode_limit", {}).get("images_per_s")
     slow = sorted(name for name, r in results.items()
                   if name != "decode_limit" and limit and "images_per_s" in r
-                  and r["images_per_s"] < 0.9 * limit)
-    if not slow or processes or n_cores < 8 or cold:
+                  and r["images_per_s"] < 0.9 * limit and not r.get("parent_only"))
+    if not slow or (processes != "auto" and processes) or n_cores < 8 or cold:
         return []
-    return [f"{', '.join(slow)} under 0.9x the decode limit on {n_cores} cores: one process's "
-            f"decode threads share its GIL. Try decode processes: `shardpack bench SOURCE "
-            f"--processes {n_cores // 2}` (ShardReader / image_dataset_from_shards / "
+    why = ("" if processes != "auto" else
+           ' ("auto" took none: it gives each process 500 images of an epoch, and takes as many '
+           "as /dev/shm holds; the log says which held it back)")
+    return [f"{', '.join(slow)} under 0.9x the decode limit on {n_cores} cores, decoding on threads"
+            f"{why}: one process's decode threads share its GIL. Try decode processes: `shardpack "
+            f"bench SOURCE --processes {n_cores // 2}` (ShardReader / image_dataset_from_shards / "
             f"ShardIterableDataset(processes={n_cores // 2}); up to {n_cores} for shards packed "
-            "small; processes=\"auto\" picks for you; docs/READING.md)"]
+            "small; docs/READING.md)"]
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -607,9 +612,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="epochs each reader runs in its process; the last is timed (default: "
                              f"{DEFAULT_EPOCHS}: the first also builds pipelines and hashes shards)")
     parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
-    parser.add_argument("--processes", type=_processes_arg, default=0,
-                        help='the readers\' processes= (decode processes; 0: threads only; "auto": '
-                             "as many as suit this machine, none below 8 CPUs)")
+    parser.add_argument("--processes", type=_processes_arg, default="auto",
+                        help='the readers\' processes= (default "auto", as theirs: as many as suit '
+                             "this machine, none below 8 CPUs; 0: threads only; or a number)")
     parser.add_argument("--cache", choices=("warm", "cold"), default="warm",
                         help="cold: evict the shards from the page cache before every epoch, "
                              "as for a data set larger than memory (local shards, Linux; the "

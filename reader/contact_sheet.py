@@ -100,7 +100,7 @@ def preview(
         shuffle=shuffle,
         seed=seed,
         shuffle_buffer=max(count * 8, 256),
-        **reader_options,
+        **{"processes": 0, **reader_options},  # one batch: decode processes would only start
     )
     nothing = (np.zeros((0, tile_size, tile_size, 3)), np.zeros(0))
     try:

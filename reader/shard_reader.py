@@ -156,9 +156,9 @@ class ShardReader:
             decodes at full size, as Keras does, for Keras' pixels (bilinear within
             0.8/255, nearest equal).
         drop_remainder: drop the last, smaller batch of each epoch.
-        shuffle_buffer: samples held (still compressed) for shuffling, by each stream: with
-            ``processes=N`` or N PyTorch loader workers, each holds a buffer of its own (as
-            webdataset's workers do), N times the memory.
+        shuffle_buffer: samples held (still compressed) for shuffling, the reader's total:
+            with N decode processes or N PyTorch loader workers each holds a 1/N share, so
+            the memory is the same whichever way it decodes.
         shuffle_buffer_bytes: also cap the buffer at this many compressed bytes, or a size
             such as "1GB" (None: no cap; 10,000 ImageNet JPEGs are about 1.1 GB). A cap is
             the reader's total: N processes or loader workers hold a 1/N share each.
@@ -167,23 +167,26 @@ class ShardReader:
             on until it is full). None (default): the whole buffer is read before the
             first sample is decoded, which on a large split means ``shuffle_buffer``
             samples from the disk or the object store before every shuffled epoch (about
-            1.1 GB for 10,000 ImageNet JPEGs: ~10 s at 100 MB/s; per stream with
-            ``processes`` or loader workers). A few hundred start an epoch at once; the
+            1.1 GB for 10,000 ImageNet JPEGs: ~10 s at 100 MB/s; shared, as the buffer, by
+            decode processes or loader workers). A few hundred start an epoch at once; the
             shuffle is narrower while the buffer grows. Ignored (None) without shuffling
             or when not below ``shuffle_buffer``.
         interleave: shards read round robin at once when shuffling.
         num_workers: decoding threads (default: the CPUs this process may use, at most 8
             when the manifest says the images are small: ``batches.default_decode_threads``);
             with ``processes``, all processes' threads together (default: the CPUs).
-        processes: decode in this many processes (2 or more), each with its own GIL and
-            ``num_workers // processes`` threads, for machines with many cores where one
-            process's Python caps the rate (reader.processes; docs/READING.md). 0 (default):
-            decode on threads in this process. An epoch is then split as PyTorch's loader
-            workers split it, so a shuffled order differs from ``processes=0`` (with
-            ``shuffle=False`` it is the manifest order all the same). ``close()`` ends them.
-            ``"auto"``: as many as suit this machine (``batches.auto_processes``): none
-            below 8 CPUs, else one per two CPUs, one per CPU on shards packed small; the
-            number chosen is ``reader.processes`` (a resumed run needs the same).
+        processes: ``"auto"`` (default): decode processes where they pay, else threads of
+            this process (``batches.auto_processes``): none below 8 CPUs; from 8 on, one per
+            two CPUs, one per CPU on shards packed small, but at most one per 500 images of
+            an epoch, and as many as /dev/shm holds twice over (a container's 64 MB: none,
+            said once). The number taken is ``reader.processes``; a loaded state brings
+            its own. A number: decode in that many processes (2 or more), each with its
+            own GIL and ``num_workers // processes`` threads, for machines with many cores
+            where one process's Python caps the rate (reader.processes; docs/READING.md);
+            0: threads of this process. With processes an epoch is split as PyTorch's
+            loader workers split it, so a shuffled order depends on their number (with
+            ``shuffle=False`` it is the manifest order all the same): ``processes=0`` gives
+            the same epochs on every machine. ``close()`` ends them.
         on_error: a sample that cannot be decoded: "warn" (skip, count, warn), "ignore"
             (skip and count) or "raise" (SampleDecodeError).
         on_shard_error: a shard that cannot be read: "raise" (ShardReadError naming the
@@ -381,11 +384,15 @@ class ShardReader:
 
     def _auto_processes(self) -> int:
         """``processes="auto"``: ``batches.auto_processes`` for the CPUs this rank has and the
-        images of its epoch (where the manifest, or a scan made already, tells them), and of
-        those as many as /dev/shm holds (``processes.processes_that_fit``; said once)."""
-        known = self._manifest_gives_samples() or self._index is not None
+        images of its epoch, and of those as many as /dev/shm holds
+        (``processes.processes_that_fit``; said once). Where neither the manifest nor a scan
+        made already (tars without a manifest, read with ``num_classes``) tells how many
+        images there are, none: a scan to count them would cost more than a small set's
+        whole epoch, and processes cost more than they give on one."""
+        if not (self._manifest_gives_samples() or self._index is not None):
+            return 0
         wanted = auto_processes(_rank_cpus(self.world_size), self.source.mean_sample_bytes(),
-                                samples=self.samples // self.world_size if known else None)
+                                samples=self.samples // self.world_size)
         fitting = processes_that_fit(wanted, self._threads_asked or _default_workers(), self) if wanted else 0
         if fitting < wanted:
             _say_shared_memory_once(wanted, fitting)

@@ -57,8 +57,9 @@ class ShardIterableDataset(IterableDataset):
     torch.channels_last)``). Labels: int64 ``(batch,)`` for ``label_mode="int"`` (what
     ``CrossEntropyLoss`` wants), float32 for "categorical"/"binary"; no labels for None.
 
-    On many cores, ``processes=N`` with ``DataLoader(ds, batch_size=None, num_workers=0)``
-    decodes in N processes of shardpack's own (``ShardReader(processes=N)``), which write
+    On many cores (8 CPUs or more: ``processes="auto"``, the default; or ``processes=N``),
+    ``DataLoader(ds, batch_size=None, num_workers=0)`` decodes in N processes of
+    shardpack's own (``ShardReader(processes=N)``), which write
     into shared-memory batches that are reused once the tensor is freed: the same batches,
     in the same order, as ``num_workers=N`` loader workers, without their cost of moving
     every batch into fresh shared memory (torch's ``share_memory_``: 45 ms per float32

@@ -17,6 +17,24 @@ settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+
+@pytest.fixture(autouse=True, scope="session")
+def cpus_from_environment():
+    """``SHARDPACK_TEST_CPUS=16 pytest`` runs the suite as a machine of 16 CPUs would: the
+    readers' CPU count (decode threads, and ``processes="auto"``, the default, which takes
+    decode processes from 8 CPUs on) is that number. CI runs on whatever it is given; this
+    shows here what a many-core CI would meet. Tests that fake a CPU count of their own
+    still do."""
+    cpus = os.environ.get("SHARDPACK_TEST_CPUS")
+    if not cpus:
+        yield
+        return
+    import reader.shard_reader as shard_reader
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(shard_reader, "_default_workers", lambda: int(cpus))
+        yield
+
 def write_jpeg_tars(folder: Path, *, count: int, classes: int, broken: set[int], per_tar: int,
                     max_side: int, seed: int) -> str:
     """``count`` JPEGs of random sizes (20 to ``max_side`` px) and colours written straight

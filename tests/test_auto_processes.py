@@ -188,3 +188,32 @@ def test_a_resumed_default_dataset_takes_the_saved_streams(awkward_shards):
     finally:
         resumed.reader.close()
     assert got == want[3:]
+
+
+def test_single_images_from_processes_keep_the_datasets_cardinality(awkward_shards, monkeypatch):
+    """``image_dataset_from_shards(batch_size=None)`` counts samples, not batches; read by
+    the decode processes "auto" takes on 16 CPUs it yields every training image once."""
+    pytest.importorskip("tensorflow")
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 16)
+    ds = image_dataset_from_shards(awkward_shards, seed=2, verbose=False,
+                                   **dict(OPTIONS, batch_size=None))
+    try:
+        assert ds.shard_reader.processes == 2
+        ids = [sample_ids(x.numpy()[None])[0] for x, _y in ds]
+    finally:
+        ds.shard_reader.close()
+    assert len(ids) == int(ds.cardinality()) == 1001 and len(set(ids)) == 1001
+
+
+def test_tars_without_a_manifest_take_processes_only_once_counted(tmp_path, monkeypatch):
+    """Tars without a manifest say how many images they hold only once scanned: "auto"
+    counts them where the reader scans anyway (no ``num_classes``: the classes are found in
+    the shards), and stays on threads where it would have to scan to count."""
+    from conftest import write_id_tars
+
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 16)
+    monkeypatch.setattr(batches, "_AUTO_MIN_SAMPLES_PER_PROCESS", 30)
+    url = write_id_tars(tmp_path, 90, set(), 30)
+    scanned = ShardReader(url, image_size=8, batch_size=10)
+    assert scanned.processes == 3  # 90 images, 30 each
+    assert ShardReader(url, image_size=8, batch_size=10, num_classes=3).processes == 0

@@ -46,8 +46,9 @@ def test_targets_pair_rates_by_round_and_count_the_rounds_met():
 
 
 def test_bench_advises_decode_processes_only_where_they_help():
-    """Under 0.9x the limit on 8+ cores the advice names the slow readers and processes=
-    (half the cores); on fewer cores, with processes already on, or at the limit: none."""
+    """Under 0.9x the limit on 8+ cores, decoding on threads, the advice names the slow
+    readers and processes= (half the cores), and why "auto" took none; on fewer cores, with
+    processes on (chosen, or taken by "auto": ``parent_only``), or at the limit: none."""
     from reader.benchmark import advice
 
     results = {"decode_limit": median_result(_runs(10_000)),
@@ -56,8 +57,12 @@ def test_bench_advises_decode_processes_only_where_they_help():
                "shardpack_torch": {"error": "failed"}}
     (line,) = advice(results, 16, 0)
     assert line.startswith("shardpack_numpy under 0.9x") and "--processes 8" in line
+    (auto,) = advice(results, 16, "auto")
+    assert '"auto" took none' in auto and "500 images" in auto
     assert advice(results, 4, 0) == []
     assert advice(results, 16, 8) == []
+    assert advice({**results, "shardpack_numpy": {**results["shardpack_numpy"], "parent_only": True}},
+                  16, "auto") == []
     results["shardpack_numpy"] = median_result(_runs(9_000))
     assert advice(results, 16, 0) == []
 

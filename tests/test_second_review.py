@@ -103,12 +103,15 @@ def test_processes_auto_in_dataloader_workers_on_a_many_core_machine(tmp_path, m
     pytest.importorskip("torch")
     from torch.utils.data import DataLoader
 
+    import reader.batches as batches
     import reader.shard_reader as shard_reader
     from reader.torch_data import ShardIterableDataset
 
     url = _tars(tmp_path, 48, 16, names=False)
     monkeypatch.setattr(shard_reader, "_default_workers", lambda: 16)
+    monkeypatch.setattr(batches, "_AUTO_MIN_SAMPLES_PER_PROCESS", 1)  # processes for 48 images
     ds = ShardIterableDataset(url, image_size=4, batch_size=8, shuffle=False, processes="auto", decode_threads=1)
+    assert ds.reader.processes == 8  # in this, the main process
     try:
         got = sum(1 for _ in DataLoader(ds, batch_size=None, num_workers=2))
     finally:
@@ -122,10 +125,12 @@ def test_processes_auto_shares_the_machine_with_the_other_local_ranks(tmp_path, 
     256 processes and 512 threads on 64 CPUs, and 8 x 32 processes' shared-memory batches
     (README: 8 processes are 1.2 GB at 224x224), each rank checking /dev/shm alone. "As
     many as suit this machine" should count the CPUs this rank has of it."""
+    import reader.batches as batches
     import reader.shard_reader as shard_reader
 
-    url = _tars(tmp_path, 64, 16, names=False)
+    url = _tars(tmp_path, 512, 64, names=False)
     monkeypatch.setattr(shard_reader, "_default_workers", lambda: 64)
+    monkeypatch.setattr(batches, "_AUTO_MIN_SAMPLES_PER_PROCESS", 1)  # processes for 64 images a rank
     for name, value in {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8"}.items():
         monkeypatch.setenv(name, value)
     reader = ShardReader(url, image_size=4, batch_size=8, processes="auto")
