@@ -517,7 +517,7 @@ def advice(results: dict[str, dict[str, Any]], n_cores: int, processes: int | st
     slow = sorted(name for name, r in results.items()
                   if name != "decode_limit" and limit and "images_per_s" in r
                   and r["images_per_s"] < 0.9 * limit and not r.get("parent_only"))
-    if not slow or (processes != "auto" and processes) or n_cores < 8 or cold:
+    if not slow or (processes != "auto" and int(processes) > 1) or n_cores < 8 or cold:
         return []
     why = ("" if processes != "auto" else
            ' ("auto" took none: it gives each process 500 images of an epoch, and takes as many '

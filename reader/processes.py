@@ -60,7 +60,7 @@ from .state import StreamPosition
 if TYPE_CHECKING:
     from .shard_reader import ShardReader
 
-__all__ = ["DecodeProcesses", "worker_main", "shared_memory_free", "starting_bytes", "batch_bytes",
+__all__ = ["DecodeProcesses", "worker_main", "shared_memory_free", "shared_memory_size", "starting_bytes", "batch_bytes",
            "processes_that_fit"]
 
 _LENGTH = struct.Struct("<Q")
@@ -68,6 +68,9 @@ _LENGTH = struct.Struct("<Q")
 # its way and the batch the caller holds; more are made when a caller keeps batches
 _EXTRA_SLOTS = 2
 _SHM_DIR = "/dev/shm"
+# this process's pools whose processes run, with the shared memory they started with
+# (DecodeProcesses.reserved): what a new pick must leave them (processes_that_fit)
+_LIVE_POOLS: weakref.WeakSet[DecodeProcesses] = weakref.WeakSet()
 # batches of one process a caller may hold as views of shared memory; past that (a caller
 # keeping the epoch, `list(reader)`), batches are handed out as copies and the slot reused:
 # each slot is a mapping and a file descriptor (mmap keeps one), so they must stay few
@@ -230,6 +233,16 @@ def shared_memory_free() -> int | None:
     return stat.f_bavail * stat.f_frsize
 
 
+def shared_memory_size() -> int | None:
+    """Bytes /dev/shm holds in all (its size, not what is free now: the same on every
+    machine of a kind, so that ranks of one job pick alike); None where there is none."""
+    try:
+        stat = os.statvfs(_SHM_DIR)
+    except OSError:
+        return None
+    return stat.f_blocks * stat.f_frsize
+
+
 def starting_bytes(processes: int, threads: int, batch_size: int, slot_bytes: int) -> int:
     """Shared memory ``processes`` decode processes of ``threads`` threads each take as they
     start: a slot per block their threads fill (``batches.in_flight_plan``) and
@@ -247,14 +260,21 @@ def batch_bytes(reader: ShardReader) -> int:
     return int(np.prod(shape)) * np.dtype(options.dtype).itemsize
 
 
-def processes_that_fit(wanted: int, threads: int, reader: ShardReader) -> int:
+def processes_that_fit(wanted: int, threads: int, reader: ShardReader, *, share: int = 1) -> int:
     """Of ``wanted`` decode processes sharing ``threads`` decode threads, as many as /dev/shm
     holds twice over as they start (``starting_bytes``; the rest is room for the batches a
     caller keeps, which take more slots); fewer than 2 is none. Docker gives a container
-    64 MB of /dev/shm, less than one process's float32 batches of 64 x 224 x 224."""
-    free = shared_memory_free()
-    if free is None:
+    64 MB of /dev/shm, less than one process's float32 batches of 64 x 224 x 224.
+
+    What counts: /dev/shm's size, not its free bytes, so that the ranks of a job on machines
+    of one kind pick alike whenever each makes its reader (a state saved by rank 0 resumes
+    them all; the free bytes are checked as the processes start), divided among ``share``
+    processes of this machine (torchrun's local ranks), less what this process's running
+    pools hold."""
+    size = shared_memory_size()
+    if size is None:
         return wanted
+    free = max(0, size // max(1, share) - sum(pool.reserved for pool in list(_LIVE_POOLS) if pool.alive))
     count, slot = wanted, batch_bytes(reader)
     size = reader.batch_options.batch_size
     while count >= 2 and 2 * starting_bytes(count, max(1, threads // count), size, slot) > free:
@@ -317,6 +337,7 @@ class DecodeProcesses:
         self._reader = weakref.ref(reader)
         self._procs: list[_Process] = []
         self.slot_bytes = batch_bytes(reader)
+        self.reserved = 0  # shared memory its processes started with (while they run)
         self._io = threading.RLock()
         self._owner: object | None = None  # the epoch now reading; _CLOSED after close()
         self._live: list[bool] = []
@@ -347,7 +368,9 @@ class DecodeProcesses:
                 "worker_main({fd})")
         batch_size = reader.batch_options.batch_size
         _, blocks = in_flight_plan(self.threads, batch_size)
-        _check_shared_memory(starting_bytes(self.count, self.threads, batch_size, self.slot_bytes))
+        self.reserved = starting_bytes(self.count, self.threads, batch_size, self.slot_bytes)
+        _check_shared_memory(self.reserved)
+        _LIVE_POOLS.add(self)
         try:
             for index in range(self.count):
                 proc = _Process(index, [sys.executable, "-c", boot], dict(os.environ))
@@ -379,6 +402,7 @@ class DecodeProcesses:
         with self._io:
             self._owner = _CLOSED
             self._finalizer()
+            _LIVE_POOLS.discard(self)
 
     def epoch(self, epoch: int, skip: int, start: StreamPosition | None = None, *,
               note: Callable[[int, int], None] | None = None, quiet: bool = False) -> Generator[Any, None, None]:

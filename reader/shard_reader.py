@@ -51,7 +51,7 @@ from .distributed import (
     worker_pieces,
 )
 from .policy import ErrorPolicy, OnError
-from .processes import DecodeProcesses, processes_that_fit, shared_memory_free
+from .processes import DecodeProcesses, processes_that_fit, shared_memory_size
 from .remote import OpenAhead
 from .samples import (
     READ_THE_REST,
@@ -81,13 +81,19 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _rank_cpus(world_size: int) -> int:
-    """The CPUs this rank has of its machine: those it may use, shared with the other ranks
-    a launcher started there (torchrun's ``LOCAL_WORLD_SIZE``), so that ``processes="auto"``
-    on 8 ranks of a 64-CPU node takes 4 processes each, not 32."""
-    local = os.environ.get("LOCAL_WORLD_SIZE", "") if world_size > 1 else ""
-    share = int(local) if local.isdigit() and int(local) > 0 else 1
-    return max(1, _default_workers() // share)
+def _local_ranks() -> int:
+    """The processes a launcher started on this machine (torchrun's ``LOCAL_WORLD_SIZE``),
+    which share its CPUs and /dev/shm; 1 without one. Also where each reads the whole split
+    (``rank=0, world_size=1`` under torchrun): they share the machine all the same."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return int(local) if local.isdigit() and int(local) > 0 else 1
+
+
+def _rank_cpus() -> int:
+    """The CPUs this process has of its machine: those it may use, shared with the other
+    ranks a launcher started there, so that on 8 ranks of a 64-CPU node ``processes="auto"``
+    takes 4 processes of 2 threads each, not 32 of 8."""
+    return max(1, _default_workers() // _local_ranks())
 
 
 _said_shared_memory = False  # processes="auto" held back by /dev/shm: said once per process
@@ -98,12 +104,13 @@ def _say_shared_memory_once(wanted: int, fitting: int) -> None:
     if _said_shared_memory:
         return
     _said_shared_memory = True
-    free = shared_memory_free() or 0
+    size = shared_memory_size() or 0
     log.warning(
-        'processes="auto": /dev/shm has %d MB free, too little for the batches of %d decode '
-        "processes, so decoding in %s (up to twice as fast on this machine with room for "
-        "them: docker run --shm-size=2g; or a smaller batch_size, or dtype=\"uint8\")",
-        free // 10**6, wanted, f"{fitting}" if fitting else "threads of this process")
+        'processes="auto": /dev/shm holds %d MB (shared by %d process(es) on this machine), too '
+        "little for the batches of %d decode processes, so decoding in %s (up to twice as fast "
+        "on this machine with room for them: docker run --shm-size=2g; or a smaller "
+        'batch_size, or dtype="uint8")',
+        size // 10**6, _local_ranks(), wanted, f"{fitting}" if fitting else "threads of this process")
 
 
 def _image_bytes(item: tuple[Sample, int]) -> int:
@@ -317,6 +324,7 @@ class ShardReader:
             whole_number(num_workers, "num_workers", minimum=0)  # 0: the default, as None
         self._threads_asked = num_workers or None
         self._pool: DecodeProcesses | None = None
+        self._adopted_epoch: int | None = None  # the epoch a loaded state's streams hold for
         # this process's batch arrays, kept from epoch to epoch (see _batch_buffers)
         self._buffers: BatchBuffers | None = None
         self._buffers_key: tuple[int, int, int] | None = None  # (pid, threads, batch size)
@@ -379,8 +387,8 @@ class ShardReader:
             self._pool = None
         self.processes = processes if processes > 1 else 0
         self.num_workers = self._threads_asked or (
-            _default_workers() if self.processes else
-            default_decode_threads(_default_workers(), self.source.mean_sample_bytes()))
+            _rank_cpus() if self.processes else
+            default_decode_threads(_rank_cpus(), self.source.mean_sample_bytes()))
 
     def _auto_processes(self) -> int:
         """``processes="auto"``: ``batches.auto_processes`` for the CPUs this rank has and the
@@ -391,24 +399,62 @@ class ShardReader:
         whole epoch, and processes cost more than they give on one."""
         if not (self._manifest_gives_samples() or self._index is not None):
             return 0
-        wanted = auto_processes(_rank_cpus(self.world_size), self.source.mean_sample_bytes(),
+        wanted = auto_processes(_rank_cpus(), self.source.mean_sample_bytes(),
                                 samples=self.samples // self.world_size)
-        fitting = processes_that_fit(wanted, self._threads_asked or _default_workers(), self) if wanted else 0
+        if self._threads_asked:  # num_workers: all the processes' threads together
+            wanted = wanted if wanted <= self._threads_asked else self._threads_asked
+        if wanted < 2:
+            return 0
+        fitting = processes_that_fit(wanted, self._threads_asked or _rank_cpus(), self, share=_local_ranks())
         if fitting < wanted:
             _say_shared_memory_once(wanted, fitting)
         return fitting
 
-    def adopt_streams(self, saved: int | None, batches: int) -> None:
-        """With ``processes="auto"``, resume a state saved ``batches`` into an epoch under
-        ``saved`` batch streams (decode processes or loader workers) with that many
-        processes: its epoch is theirs, and "auto" on another machine picks another number.
-        Nothing to do at an epoch's start, where any number resumes exactly."""
+    def repick_processes(self) -> None:
+        """``processes="auto"`` chosen again, now that a scan has counted the images of tars
+        without a manifest (the adapters scan them as they are made). Not while a loaded
+        state's streams hold, nor while decode processes serve an epoch."""
+        if self.processes_auto and self._adopted_epoch is None and self._pool is None:
+            self._use_processes(self._auto_processes())
+
+    def adopt_streams(self, saved: int | None, batches: int, *, epoch: int, from_rank: int | None) -> None:
+        """With ``processes="auto"``, resume a state saved ``batches`` into ``epoch`` under
+        ``saved`` batch streams (decode processes or loader workers; None: a state of before
+        streams were recorded, one stream) with that many processes, for that epoch: "auto"
+        on another machine picks another number. Nothing to do at an epoch's start, where
+        any number resumes exactly.
+
+        Raises:
+            ValueError: the state is another rank's (``from_rank``), and this rank's own
+                pick differs: ranks pick from their own machines, so how this rank read the
+                epoch is not known.
+        """
         from .state import reader_streams
 
-        if self.processes_auto and batches and saved is not None and saved != reader_streams(self):
-            log.info("resuming a state saved under %d batch stream(s): processes=%d for this run",
-                     saved, saved if saved > 1 else 0)
-            self._use_processes(saved)
+        if not (self.processes_auto and batches):
+            return
+        saved = saved or 1
+        mine = reader_streams(self)
+        if saved == mine:
+            return
+        if from_rank is not None and from_rank != self.rank:
+            raise ValueError(
+                f"the state was saved by rank {from_rank}, which read the epoch as {saved} batch "
+                f"stream(s), and processes=\"auto\" takes {mine} on this rank (each rank picks from "
+                "its own machine's CPUs and /dev/shm), so how this rank read it is not known: pass "
+                f"processes={saved if saved > 1 else 0} on every rank to resume exactly (the same on "
+                "all ranks), or start the epoch over with reader.set_epoch(epoch)")
+        log.info("resuming a state saved under %d batch stream(s): processes=%d for its epoch",
+                 saved, saved if saved > 1 else 0)
+        self._use_processes(saved)
+        self._adopted_epoch = epoch
+
+    def _settle_streams(self, epoch: int, skip: int) -> None:
+        """Streams adopted from a state (``adopt_streams``) hold for the epoch it resumes;
+        a later epoch, or that one read from its start, goes back to "auto"'s own pick."""
+        if self._adopted_epoch is not None and (epoch != self._adopted_epoch or not skip):
+            self._adopted_epoch = None
+            self._use_processes(self._auto_processes())
 
     # ---- classes, counts and the lazily scanned index -------------------------------
 
@@ -667,7 +713,8 @@ class ShardReader:
         from .state import check_state, check_streams, own_position, saved_streams
 
         epoch, batches, seed = check_state(self, state, streams=False)
-        self.adopt_streams(saved_streams(state), batches)
+        self._adopted_epoch = None
+        self.adopt_streams(saved_streams(state), batches, epoch=epoch, from_rank=state.get("rank"))
         check_streams(saved_streams(state), reader_streams(self), batches)
         self.seed = seed
         self.epoch = epoch
@@ -686,7 +733,9 @@ class ShardReader:
         self._passes_begun += 1
         self.epoch += 1
         self._resume_batches, self._resume_position = 0, None
+        self._settle_streams(epoch, skip)
         yield from self._read_epoch(epoch, skip, start)
+        self._settle_streams(epoch + 1, 0)  # the resumed epoch is over: "auto"'s own pick
 
     def _read_epoch(self, epoch: int, skip: int, start: StreamPosition | None) -> Iterator[Batch]:
         """Epoch ``epoch``'s batches after the first ``skip`` (from ``start``, a loaded
@@ -1083,7 +1132,8 @@ class ShardReader:
         it decodes: with "auto", decode processes, the default on 8 CPUs or more)."""
         labelled = interleave(pieces, cycle_length=self.interleave if self.shuffle else 1)
         if self.shuffle:
-            cap, size = self.shuffle_buffer_bytes, max(1, self.shuffle_buffer // share_of)
+            # at least 2 a stream: a buffer of 1 shuffles nothing
+            cap, size = self.shuffle_buffer_bytes, max(min(2, self.shuffle_buffer), self.shuffle_buffer // share_of)
             initial = None if self.shuffle_initial is None else early_start(
                 max(1, self.shuffle_initial // share_of), size)
             labelled = shuffle_buffer(

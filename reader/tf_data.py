@@ -178,6 +178,7 @@ def image_dataset_from_shards(
         found = f"Found {reader.samples} files"
         print(f"{found}." if label_mode is None else f"{found} belonging to {len(reader.class_names)} classes.")
     reader.require_samples(scan=True)  # counted for the cardinality anyway
+    reader.repick_processes()  # tars without a manifest: "auto" knows their count now
     reader._count_samples = batch_size is None  # the cardinality counts samples then
     h, w, c = reader.decode_options.shape
     x_spec = tf.TensorSpec((None, h, w, c), tf.as_dtype(reader.batch_options.dtype))

@@ -114,6 +114,7 @@ class ShardIterableDataset(IterableDataset):
         # (a spawned worker's copy then gets them instead of the scan: ShardReader.__getstate__)
         self.reader.shard_counts()
         self.reader.samples  # noqa: B018 - counted now (an empty split is refused when read)
+        self.reader.repick_processes()  # tars without a manifest: "auto" knows their count now
         self.channels_last = channels_last
         self.decode_threads = decode_threads
         self.epoch = 0  # set by set_epoch
@@ -213,7 +214,9 @@ class ShardIterableDataset(IterableDataset):
         from .state import check_state, own_position, saved_streams
 
         epoch, batches, seed = check_state(self.reader, state, streams=False)
-        self.reader.adopt_streams(saved_streams(state), batches)  # without loader workers
+        self.reader._adopted_epoch = None
+        self.reader.adopt_streams(saved_streams(state), batches, epoch=epoch,  # without loader workers
+                                  from_rank=state.get("rank"))
         self.reader.seed = seed
         self.epoch, self._passes, self._resume_batches = epoch, 0, batches
         self._resume_streams = saved_streams(state)
@@ -230,8 +233,13 @@ class ShardIterableDataset(IterableDataset):
         workers = 1 if info is None else info.num_workers
         worker = 0 if info is None else info.id
         reader = self.reader
-        if reader.processes and info is not None and reader.processes_auto:
-            reader.processes = 0  # "auto" in a loader worker: the loader's workers are the processes
+        if info is not None and reader.processes_auto:
+            # "auto" in a loader worker: the loader's workers are the processes
+            reader._adopted_epoch = None
+            if reader.processes:
+                reader._use_processes(0)
+        elif info is None:
+            reader._settle_streams(epoch, skip)
         if reader.processes and info is not None:
             raise RuntimeError(
                 "ShardIterableDataset(processes=N) decodes in its own N processes: use it with "
@@ -266,6 +274,8 @@ class ShardIterableDataset(IterableDataset):
                 yield _to_torch(x, self.channels_last), torch.from_numpy(y)
             else:
                 yield _to_torch(batch, self.channels_last)
+        if info is None:
+            reader._settle_streams(epoch + 1, 0)  # a resumed epoch is over: "auto"'s own pick
 
     def __getstate__(self) -> dict[str, Any]:
         """Loader workers started by spawn (or forkserver) share ``_control`` with the dataset

@@ -70,25 +70,30 @@ def test_auto_takes_threads_where_dev_shm_cannot_hold_the_batches(awkward_shards
     """Docker gives a container 64 MB of /dev/shm: too little for one process's float32
     batches of 64 x 224 x 224 (38.5 MB each, four as it starts). "auto" then decodes on
     threads and says why once; explicit processes= are the caller's choice and still fail
-    with the remedy when they start."""
+    with the remedy when they start. /dev/shm's size counts, shared by the local ranks, not
+    its free bytes (the ranks of a job pick alike whenever each makes its reader)."""
     monkeypatch.setattr(shard_reader, "_default_workers", lambda: 16)
     monkeypatch.setattr(shard_reader, "_said_shared_memory", False)
-    options = dict(OPTIONS, image_size=224, batch_size=64)
+    options = dict(OPTIONS, image_size=224, batch_size=64, num_workers=None)
     for module in (processes_module, shard_reader):
-        monkeypatch.setattr(module, "shared_memory_free", lambda: 64 * 10**6)
+        monkeypatch.setattr(module, "shared_memory_size", lambda: 64 * 10**6)
     with caplog.at_level(logging.WARNING, logger="shardpack.reader"):
         reader = ShardReader(awkward_shards, **options)
         again = ShardReader(awkward_shards, **options)
     assert reader.processes == again.processes == 0
     said = [r.getMessage() for r in caplog.records if "/dev/shm" in r.getMessage()]
-    assert len(said) == 1 and "64 MB free" in said[0] and "--shm-size" in said[0]
+    assert len(said) == 1 and "holds 64 MB" in said[0] and "--shm-size" in said[0]
     assert len(_ids(reader)) == len(reader)  # threads read it
     # room for two processes' starting batches twice over, not for more
     need = processes_module.starting_bytes(2, 8, 64, 64 * 224 * 224 * 3 * 4)
     for module in (processes_module, shard_reader):
-        monkeypatch.setattr(module, "shared_memory_free", lambda: 2 * need)
+        monkeypatch.setattr(module, "shared_memory_size", lambda: 2 * need)
     monkeypatch.setattr(batches, "_AUTO_MIN_SAMPLES_PER_PROCESS", 100)
     assert ShardReader(awkward_shards, **options).processes == 2
+    # 4 ranks of this machine share it: none each
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 64)
+    assert ShardReader(awkward_shards, **options).processes == 0
 
 
 def _streams(reader: ShardReader, streams: int) -> list[list[int]]:
@@ -99,14 +104,24 @@ def _streams(reader: ShardReader, streams: int) -> list[list[int]]:
     return out
 
 
-def _out_of_shard_order(awkward_shards, stream: list[int]) -> int:
-    """How many of ``stream``'s samples do not follow the one before in their shard."""
+def _earliest(awkward_shards, stream: list[int]) -> int:
+    """How many places at most a sample of ``stream`` came out before its place in what the
+    stream read (a run of the epoch's shards: each shard's part of it one after the other,
+    in the order of their middle samples' places): at most the shuffle buffer's size less
+    one, whatever the random draws."""
     listing = ShardReader(awkward_shards, **dict(OPTIONS, shuffle=False, processes=0))
     where = {}
     for shard, ids in enumerate(_chunks([i for b in _ids(listing) for i in b], listing.shard_counts())):
         where.update({sid: (shard, n) for n, sid in enumerate(ids)})
-    pairs = zip(stream, stream[1:], strict=False)
-    return sum(1 for a, b in pairs if where[a][0] == where[b][0] and where[b][1] != where[a][1] + 1)
+    places: dict[int, list[tuple[int, int]]] = {}  # shard -> (index, place out) of its part
+    for out, sid in enumerate(stream):
+        shard, n = where[sid]
+        places.setdefault(shard, []).append((n, out))
+    start, read = {}, 0
+    for shard, part in sorted(places.items(), key=lambda kv: sorted(o for _, o in kv[1])[len(kv[1]) // 2]):
+        first, last = min(n for n, _ in part), max(n for n, _ in part)
+        start[shard], read = read - first, read + last - first + 1
+    return max(start[where[sid][0]] + where[sid][1] - out for out, sid in enumerate(stream))
 
 
 def _chunks(items: list[int], counts: list[int]) -> list[list[int]]:
@@ -119,33 +134,37 @@ def _chunks(items: list[int], counts: list[int]) -> list[list[int]]:
 
 def test_decode_processes_share_the_shuffle_buffer(awkward_shards):
     """``shuffle_buffer`` is the reader's total, as ``shuffle_buffer_bytes`` is: 2 decode
-    processes hold 1/2 each. With 2 samples and no interleaving each process's buffer holds
-    one, so each stream reads its shards in order; before, each held 2 (N times the memory:
-    with "auto" the default, 8 processes would hold 80,000 ImageNet JPEGs, about 9 GB)."""
-    reader = ShardReader(awkward_shards, seed=3, processes=2, shuffle_buffer=2, interleave=1, **OPTIONS)
-    wider = ShardReader(awkward_shards, seed=3, processes=2, shuffle_buffer=4, interleave=1, **OPTIONS)
+    processes hold 1/2 each. With 4 samples and no interleaving, a sample comes out at most
+    1 place early in its stream (a buffer of 2), where a buffer of 4 each (before: N times
+    the memory; with "auto" the default, 8 processes would hold 80,000 ImageNet JPEGs,
+    about 9 GB) lets it come 3 early. A buffer of 2 is the least a stream gets (1 would
+    shuffle nothing)."""
+    shared = ShardReader(awkward_shards, seed=3, processes=2, shuffle_buffer=4, interleave=1, **OPTIONS)
+    wider = ShardReader(awkward_shards, seed=3, processes=2, shuffle_buffer=8, interleave=1, **OPTIONS)
+    least = ShardReader(awkward_shards, seed=3, processes=3, shuffle_buffer=3, interleave=1, **OPTIONS)
     try:
-        assert [_out_of_shard_order(awkward_shards, s) for s in _streams(reader, 2)] == [0, 0]
-        assert all(_out_of_shard_order(awkward_shards, s) > 50 for s in _streams(wider, 2))
+        assert [_earliest(awkward_shards, s) for s in _streams(shared, 2)] == [1, 1]
+        assert [_earliest(awkward_shards, s) for s in _streams(wider, 2)] == [3, 3]
+        assert [_earliest(awkward_shards, s) for s in _streams(least, 3)] == [1, 1, 1]
     finally:
-        reader.close()
-        wider.close()
+        for r in (shared, wider, least):
+            r.close()
 
 
 def test_pytorch_loader_workers_share_the_shuffle_buffer(awkward_shards):
-    """The same for a DataLoader's workers, whose stream a state saved under processes=2
-    resumes (they are the same batches, in the same order)."""
+    """The same for a DataLoader's workers (whose stream a state saved under processes=2
+    resumes: they are the same batches, in the same order)."""
     pytest.importorskip("torch")
     from torch.utils.data import DataLoader
 
     from reader.torch_data import ShardIterableDataset
 
-    ds = ShardIterableDataset(awkward_shards, seed=3, shuffle_buffer=2, interleave=1, channels_last=True,
+    ds = ShardIterableDataset(awkward_shards, seed=3, shuffle_buffer=4, interleave=1, channels_last=True,
                               **{k: v for k, v in OPTIONS.items() if k != "num_workers"})
     got: list[list[int]] = [[], []]
     for i, (x, _y) in enumerate(DataLoader(ds, batch_size=None, num_workers=2)):
         got[i % 2] += sample_ids(x.permute(0, 2, 3, 1).numpy())
-    assert [_out_of_shard_order(awkward_shards, s) for s in got] == [0, 0]
+    assert [_earliest(awkward_shards, s) for s in got] == [1, 1]
 
 
 def test_states_of_shared_buffers_are_version_4_and_earlier_ones_are_refused_inside_an_epoch(awkward_shards):

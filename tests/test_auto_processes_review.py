@@ -1,0 +1,193 @@
+"""A review of processes="auto" as the default: what it found, each with a test that failed
+on the code reviewed (faked: the CPU count, the size of /dev/shm, LOCAL_WORLD_SIZE; real:
+the readers, their decode processes, loader workers and states).
+
+1. A rank resuming rank 0's state under another pick of its own resumed silently wrong.
+2. A state saved before streams were recorded (one stream) resumed under "auto"'s pick.
+3. The ranks of one machine each sized their processes to all of /dev/shm, and to its free
+   bytes (which differ from rank to rank as their pools start).
+4. "auto" ran more decode threads than the rank has CPUs, or than ``num_workers`` asked.
+5. Streams adopted from a state held for the rest of training, not the resumed epoch.
+6. The adapters never applied "auto" to tars without a manifest, which they count anyway.
+7. One loader worker decoded on the threads sized for processes.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import sample_ids, write_id_tars
+
+import reader.batches as batches
+import reader.processes as processes_module
+import reader.shard_reader as shard_reader
+from reader import ShardReader
+from reader.processes import DecodeProcesses, batch_bytes, starting_bytes
+from reader.state import make_state
+
+OPTIONS = dict(split="train", image_size=16, batch_size=50, num_workers=2)
+
+
+def _ids(reader) -> list[list[int]]:
+    return [sample_ids(x) for x, _y in reader]
+
+
+# ---- 1. another rank's state ---------------------------------------------------------------
+
+
+def test_a_rank_picking_otherwise_than_rank_0_refuses_its_state(awkward_shards, monkeypatch):
+    """Rank 0 (16 CPUs: 2 processes) saves the checkpoint every rank loads; rank 1 ran on a
+    4-CPU machine (threads). Resumed, rank 1 took rank 0's 2 streams and saw samples twice;
+    now it says so, and ``processes=`` chosen on every rank resumes."""
+    options = dict(OPTIONS, world_size=2, seed=3)
+    monkeypatch.setattr(batches, "_AUTO_MIN_SAMPLES_PER_PROCESS", 250)
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 16)
+    rank0 = ShardReader(awkward_shards, rank=0, **options)
+    assert rank0.processes == 2
+    state = make_state(rank0, epoch=0, batches=4)
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 4)
+    rank1 = ShardReader(awkward_shards, rank=1, **options)
+    assert rank1.processes == 0
+    with pytest.raises(ValueError, match="saved by rank 0.*pass processes=2 on every rank"):
+        rank1.load_state_dict(state)
+    chosen = ShardReader(awkward_shards, rank=1, **dict(options, processes=2))
+    whole = ShardReader(awkward_shards, rank=1, **dict(options, processes=2))
+    chosen.load_state_dict(state)
+    try:
+        want, got = _ids(whole), _ids(chosen)
+    finally:
+        chosen.close()
+        whole.close()
+    assert got == want[4:]
+
+
+# ---- 2. states of before streams were recorded ----------------------------------------------
+
+
+def test_a_state_without_streams_resumes_as_one_stream_under_auto(awkward_shards, monkeypatch):
+    """shardpack 0.2.0 wrote ``processes: 0`` for a plain reader (one stream): "auto" taking
+    2 processes on 16 CPUs resumed it as 2, silently another order."""
+    one = ShardReader(awkward_shards, seed=7, processes=0, **OPTIONS)
+    want = _ids(one)
+    state = make_state(one, epoch=0, batches=4)
+    legacy = {k: v for k, v in state.items() if k not in ("streams", "shared_buffer")} | {"processes": 0}
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 16)
+    resumed = ShardReader(awkward_shards, **OPTIONS)
+    assert resumed.processes == 2
+    resumed.load_state_dict(legacy)
+    try:
+        assert resumed.processes == 0
+        assert _ids(resumed) == want[4:]
+    finally:
+        resumed.close()
+
+
+# ---- 3. /dev/shm on a machine of several ranks ------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [4 * 10**9, 64 * 10**9])
+def test_the_ranks_of_one_machine_share_dev_shm(awkward_shards, monkeypatch, size):
+    """8 torchrun ranks made their readers at once, each taking processes for half of all
+    /dev/shm: ~4x what the machine had (SIGBUS in the first epoch). Each now has its share,
+    and /dev/shm's size counts, not its free bytes, so a rank made after another's pool
+    started (less free) picks the same."""
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 64)
+    monkeypatch.setattr(batches, "_AUTO_MIN_SAMPLES_PER_PROCESS", 25)  # 125 images a rank
+    monkeypatch.setattr(processes_module, "shared_memory_size", lambda: size)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    readers = [ShardReader(awkward_shards, split="train", image_size=224, batch_size=64, rank=r, world_size=8)
+               for r in range(8)]
+    need = sum(starting_bytes(r.processes, max(1, r.num_workers // r.processes), 64, batch_bytes(r))
+               for r in readers if r.processes)
+    assert need <= size, f"the 8 ranks start pools of {need / 1e9:.1f} GB in {size / 1e9:.0f} GB"
+    assert len({r.processes for r in readers}) == 1
+    assert readers[0].processes == (0 if size < 10**10 else 5)
+
+
+# ---- 4. decode threads ----------------------------------------------------------------------
+
+
+def test_auto_runs_the_ranks_share_of_threads(awkward_shards, monkeypatch):
+    """64 CPUs, 8 local ranks: 8 CPUs each, processes of 1-2 threads, not of 12 (the whole
+    machine's CPUs split among a rank's processes); also where each rank reads the whole
+    split (rank=0, world_size=1 under torchrun)."""
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 64)
+    monkeypatch.setattr(batches, "_AUTO_MIN_SAMPLES_PER_PROCESS", 25)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    for rank, world in ((0, 8), (0, 1)):
+        r = ShardReader(awkward_shards, rank=rank, world_size=world, split="train", image_size=16, batch_size=50)
+        assert 2 <= r.processes <= 8 and r.num_workers == 8
+        pool = DecodeProcesses(r, r.processes)  # sized, not started
+        assert pool.count * pool.threads <= 8
+
+
+def test_num_workers_bounds_the_threads_of_autos_processes(awkward_shards, monkeypatch):
+    """``num_workers`` is all the processes' threads together: 2 asked is 2 processes of one
+    thread at most (it took 10 of one each)."""
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 16)
+    monkeypatch.setattr(batches, "_AUTO_MIN_SAMPLES_PER_PROCESS", 100)
+    assert ShardReader(awkward_shards, **OPTIONS).processes == 2
+    assert ShardReader(awkward_shards, **dict(OPTIONS, num_workers=1)).processes == 0
+
+
+# ---- 5. streams adopted for one epoch -----------------------------------------------------------
+
+
+def test_auto_goes_back_to_its_own_pick_after_the_resumed_epoch(awkward_shards):
+    """A state of 2 streams resumes under 2 processes; after that epoch "auto" takes what it
+    takes on this machine again (a laptop's state kept a 64-core machine on threads)."""
+    two = ShardReader(awkward_shards, seed=7, processes=2, **OPTIONS)
+    state = make_state(two, epoch=0, batches=4)
+    own = ShardReader(awkward_shards, **OPTIONS).processes
+    r = ShardReader(awkward_shards, **OPTIONS)
+    r.load_state_dict(state)
+    try:
+        assert r.processes == 2
+        assert len(_ids(r)) == len(r) - 4
+        assert r.processes == own
+        assert make_state(r, epoch=1, batches=3)["streams"] == (own or 1)
+        assert len(_ids(r)) == len(r)
+    finally:
+        r.close()
+        two.close()
+
+
+# ---- 6 and 7. the adapters ------------------------------------------------------------------------
+
+
+def test_the_adapters_count_tars_without_a_manifest_and_then_take_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 16)
+    monkeypatch.setattr(batches, "_AUTO_MIN_SAMPLES_PER_PROCESS", 30)
+    url = write_id_tars(tmp_path, 90, set(), 30)
+    assert ShardReader(url, image_size=8, batch_size=10, num_classes=3).processes == 0  # not counted
+    pytest.importorskip("torch")
+    from reader.torch_data import ShardIterableDataset
+
+    assert ShardIterableDataset(url, image_size=8, batch_size=10, num_classes=3).reader.processes == 3
+    pytest.importorskip("tensorflow")
+    from reader import image_dataset_from_shards
+
+    ds = image_dataset_from_shards(url, image_size=8, batch_size=10, num_classes=3, verbose=False)
+    assert ds.shard_reader.processes == 3
+
+
+def test_one_loader_worker_decodes_on_the_threads_default(awkward_shards, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    from reader.torch_data import ShardIterableDataset
+
+    class Probe(ShardIterableDataset):
+        """Yields the decode threads the worker's reader used for its first batch."""
+
+        def __iter__(self):
+            for _batch in super().__iter__():
+                yield torch.tensor(self.reader.num_workers)
+                return
+
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 16)
+    options = dict(split="train", image_size=16, batch_size=50)
+    threads = ShardReader(awkward_shards, processes=0, **options).num_workers  # 8: shards packed small
+    ds = Probe(awkward_shards, **options)
+    assert ds.reader.processes == 2
+    got = int(next(iter(DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="fork"))))
+    assert got == threads
