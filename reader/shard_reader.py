@@ -92,8 +92,18 @@ def _local_ranks() -> int:
 def _rank_cpus() -> int:
     """The CPUs this process has of its machine: those it may use, shared with the other
     ranks a launcher started there, so that on 8 ranks of a 64-CPU node ``processes="auto"``
-    takes 4 processes of 2 threads each, not 32 of 8."""
-    return max(1, _default_workers() // _local_ranks())
+    takes 4 processes of 2 threads each, not 32 of 8. Shared only where this process may
+    use the whole machine: a launcher that pins each rank to its own CPUs (torchrun's
+    ``--numa-binding``, taskset) has made the share already."""
+    cpus = _default_workers()
+    if cpus >= _machine_cpus():
+        cpus //= _local_ranks()
+    return max(1, cpus)
+
+
+def _machine_cpus() -> int:
+    """The CPUs of the whole machine, whether this process may use them or not."""
+    return os.cpu_count() or 1
 
 
 _said_shared_memory = False  # processes="auto" held back by /dev/shm: said once per process
@@ -359,7 +369,10 @@ class ShardReader:
             dtype=dtype,
             data_format=data_format,
         )
-        self._use_processes(self._auto_processes() if self.processes_auto else int(processes))
+        # "auto"'s pick for this machine, which a loaded state's streams replace for the
+        # epoch it resumes (adopt_streams)
+        self._own_processes = self._auto_processes() if self.processes_auto else int(processes)
+        self._use_processes(self._own_processes)
         self.epoch = 0  # the epoch the next iter() reads
         self.batches_yielded = 0  # batches yielded so far in the current epoch
         self._reading: int | None = None  # the epoch an unfinished iter() is reading
@@ -415,7 +428,8 @@ class ShardReader:
         without a manifest (the adapters scan them as they are made). Not while a loaded
         state's streams hold, nor while decode processes serve an epoch."""
         if self.processes_auto and self._adopted_epoch is None and self._pool is None:
-            self._use_processes(self._auto_processes())
+            self._own_processes = self._auto_processes()
+            self._use_processes(self._own_processes)
 
     def adopt_streams(self, saved: int | None, batches: int, *, epoch: int, from_rank: int | None) -> None:
         """With ``processes="auto"``, resume a state saved ``batches`` into ``epoch`` under
@@ -429,12 +443,11 @@ class ShardReader:
                 pick differs: ranks pick from their own machines, so how this rank read the
                 epoch is not known.
         """
-        from .state import reader_streams
-
+        self._settle_streams(epoch, 0)  # an earlier state's streams go first
         if not (self.processes_auto and batches):
             return
         saved = saved or 1
-        mine = reader_streams(self)
+        mine = self.processes or 1
         if saved == mine:
             return
         if from_rank is not None and from_rank != self.rank:
@@ -454,7 +467,7 @@ class ShardReader:
         a later epoch, or that one read from its start, goes back to "auto"'s own pick."""
         if self._adopted_epoch is not None and (epoch != self._adopted_epoch or not skip):
             self._adopted_epoch = None
-            self._use_processes(self._auto_processes())
+            self._use_processes(self._own_processes)
 
     # ---- classes, counts and the lazily scanned index -------------------------------
 
@@ -713,7 +726,6 @@ class ShardReader:
         from .state import check_state, check_streams, own_position, saved_streams
 
         epoch, batches, seed = check_state(self, state, streams=False)
-        self._adopted_epoch = None
         self.adopt_streams(saved_streams(state), batches, epoch=epoch, from_rank=state.get("rank"))
         check_streams(saved_streams(state), reader_streams(self), batches)
         self.seed = seed
@@ -735,7 +747,6 @@ class ShardReader:
         self._resume_batches, self._resume_position = 0, None
         self._settle_streams(epoch, skip)
         yield from self._read_epoch(epoch, skip, start)
-        self._settle_streams(epoch + 1, 0)  # the resumed epoch is over: "auto"'s own pick
 
     def _read_epoch(self, epoch: int, skip: int, start: StreamPosition | None) -> Iterator[Batch]:
         """Epoch ``epoch``'s batches after the first ``skip`` (from ``start``, a loaded

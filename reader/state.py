@@ -134,7 +134,10 @@ def make_state(reader: ShardReader, *, epoch: int, batches: int, streams: int | 
     of fixed cardinality (and ``fit(steps_per_epoch=0)``) refuses.
     """
     epoch, batches = _canonical(reader, int(epoch), int(batches))
-    streams = reader_streams(reader) if streams is None else int(streams)
+    logged = reader._stream_logs.get(epoch)
+    if streams is None:  # as the epoch was read: tf.data reads ahead of what Keras saves
+        streams = len(logged.start.counts) if logged is not None else reader_streams(reader)
+    streams = int(streams)
     if not batches:
         position = None
     elif position is None or not position.fits(batches, streams):

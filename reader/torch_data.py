@@ -121,6 +121,8 @@ class ShardIterableDataset(IterableDataset):
         self._passes = 0  # passes over this copy since set_epoch / load_state_dict
         self._resume_batches = 0
         self._resume_streams: int | None = None  # the loaded state's, checked as a pass starts
+        self._resume_rank: int | None = None  # the rank that saved it
+        self._resume_shared = True  # whether its streams shared the shuffle buffer (state.SHARED_BUFFER_ORDER)
         # the loaded state's batch streams (failed samples, turns): the pass that resumes
         # it starts there, without loader workers or with as many as the state's streams
         self._resume_position: StreamPosition | None = None
@@ -211,12 +213,13 @@ class ShardIterableDataset(IterableDataset):
         Raises:
             ValueError: the state does not belong to this split / shard list / options.
         """
-        from .state import check_state, own_position, saved_streams
+        from .state import SHARED_BUFFER_ORDER, check_state, own_position, saved_streams
 
         epoch, batches, seed = check_state(self.reader, state, streams=False)
-        self.reader._adopted_epoch = None
-        self.reader.adopt_streams(saved_streams(state), batches, epoch=epoch,  # without loader workers
-                                  from_rank=state.get("rank"))
+        # adopted (decode processes for the saved streams) only when read without loader
+        # workers, whose number says how it is read (__iter__)
+        self._resume_rank = state.get("rank")
+        self._resume_shared = state.get("shared_buffer") == SHARED_BUFFER_ORDER
         self.reader.seed = seed
         self.epoch, self._passes, self._resume_batches = epoch, 0, batches
         self._resume_streams = saved_streams(state)
@@ -240,6 +243,14 @@ class ShardIterableDataset(IterableDataset):
                 reader._use_processes(0)
         elif info is None:
             reader._settle_streams(epoch, skip)
+            if skip:  # resumed here: "auto" takes the state's streams (for this epoch)
+                reader.adopt_streams(self._resume_streams, skip, epoch=epoch, from_rank=self._resume_rank)
+        if skip and workers > 1 and self._resume_streams is None and reader.shuffle and not self._resume_shared:
+            raise ValueError(
+                "the state was saved inside a shuffled epoch by shardpack 0.2, which did not record "
+                "how many loader workers read it, and whose workers each held the whole shuffle "
+                "buffer (now they share it): the rest of that epoch cannot be resumed exactly under "
+                "loader workers; start it over with set_epoch(epoch)")
         if reader.processes and info is not None:
             raise RuntimeError(
                 "ShardIterableDataset(processes=N) decodes in its own N processes: use it with "
@@ -274,8 +285,6 @@ class ShardIterableDataset(IterableDataset):
                 yield _to_torch(x, self.channels_last), torch.from_numpy(y)
             else:
                 yield _to_torch(batch, self.channels_last)
-        if info is None:
-            reader._settle_streams(epoch + 1, 0)  # a resumed epoch is over: "auto"'s own pick
 
     def __getstate__(self) -> dict[str, Any]:
         """Loader workers started by spawn (or forkserver) share ``_control`` with the dataset

@@ -202,8 +202,8 @@ def test_a_resumed_default_dataset_takes_the_saved_streams(awkward_shards):
     resumed = ShardIterableDataset(awkward_shards, channels_last=True, **options)
     resumed.load_state_dict(saved)
     try:
-        assert resumed.reader.processes == 2
         got = [sample_ids(x.permute(0, 2, 3, 1).numpy()) for x, _y in DataLoader(resumed, batch_size=None)]
+        assert resumed.reader.processes == 2  # taken as the pass began, for this epoch
     finally:
         resumed.reader.close()
     assert got == want[3:]

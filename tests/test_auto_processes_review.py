@@ -10,6 +10,16 @@ the readers, their decode processes, loader workers and states).
 5. Streams adopted from a state held for the rest of training, not the resumed epoch.
 6. The adapters never applied "auto" to tars without a manifest, which they count anyway.
 7. One loader worker decoded on the threads sized for processes.
+
+A second review, of those fixes:
+
+8. PyTorch loader workers: rank 1 refused rank 0's state by "auto"'s pick, which loader
+   workers never use.
+9. Keras checkpoints saved behind tf.data's read-ahead recorded the next epoch's streams
+   for the resumed one.
+10. Ranks pinned to their own CPUs by the launcher had them divided by the local ranks again.
+11. A 0.2 state of loader workers (their number not recorded) resumed into the shared
+    buffer's order, silently.
 """
 
 from __future__ import annotations
@@ -133,8 +143,10 @@ def test_num_workers_bounds_the_threads_of_autos_processes(awkward_shards, monke
 
 
 def test_auto_goes_back_to_its_own_pick_after_the_resumed_epoch(awkward_shards):
-    """A state of 2 streams resumes under 2 processes; after that epoch "auto" takes what it
-    takes on this machine again (a laptop's state kept a 64-core machine on threads)."""
+    """A state of 2 streams resumes under 2 processes; the next epoch "auto" takes what it
+    takes on this machine again (a laptop's state kept a 64-core machine on threads). States
+    record each epoch's streams as it was read (a Keras checkpoint saves behind tf.data's
+    read-ahead, after the next epoch may have begun)."""
     two = ShardReader(awkward_shards, seed=7, processes=2, **OPTIONS)
     state = make_state(two, epoch=0, batches=4)
     own = ShardReader(awkward_shards, **OPTIONS).processes
@@ -143,9 +155,10 @@ def test_auto_goes_back_to_its_own_pick_after_the_resumed_epoch(awkward_shards):
     try:
         assert r.processes == 2
         assert len(_ids(r)) == len(r) - 4
+        assert len(_ids(r)) == len(r)  # epoch 1
         assert r.processes == own
         assert make_state(r, epoch=1, batches=3)["streams"] == (own or 1)
-        assert len(_ids(r)) == len(r)
+        assert make_state(r, epoch=0, batches=len(r) - 1)["streams"] == 2  # epoch 0 as it was read
     finally:
         r.close()
         two.close()
@@ -191,3 +204,107 @@ def test_one_loader_worker_decodes_on_the_threads_default(awkward_shards, monkey
     assert ds.reader.processes == 2
     got = int(next(iter(DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="fork"))))
     assert got == threads
+
+
+# ---- second review ------------------------------------------------------------------------------
+
+
+def test_rank_1_resumes_rank_0s_loader_worker_state(awkward_shards):
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    from reader.torch_data import ShardIterableDataset
+
+    options = dict(split="train", image_size=16, batch_size=50, world_size=2, seed=3)
+
+    def loader(ds):
+        return DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork")
+
+    def ids(batches_):
+        return [sample_ids(x.permute(0, 2, 3, 1)) for x, _y in batches_]
+
+    rank0 = ShardIterableDataset(awkward_shards, rank=0, **options)
+    for i, _ in enumerate(loader(rank0)):
+        if i + 1 == 4:
+            break
+    state = rank0.state_dict(4)
+    assert state["streams"] == 2 and state["rank"] == 0 and torch is not None
+    whole = ids(loader(ShardIterableDataset(awkward_shards, rank=1, **options)))
+    rank1 = ShardIterableDataset(awkward_shards, rank=1, **options)
+    rank1.load_state_dict(state)
+    assert ids(loader(rank1)) == whole[4:]
+
+
+def test_keras_checkpoints_behind_the_read_ahead_keep_the_resumed_epochs_streams(awkward_shards, monkeypatch):
+    """The docs' Keras recipe (load, ``fit(ds.take(rest))``) with a prefetch and a step that
+    takes a while: tf.data ends the resumed epoch's pass while Keras still trains on it,
+    and the checkpoints of its last batches must record the streams it was read with."""
+    import time
+
+    keras = pytest.importorskip("keras")
+    import tensorflow as tf
+
+    from reader import image_dataset_from_shards
+    from reader.state import ShardReaderCheckpoint
+
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 16)
+    one = ShardReader(awkward_shards, seed=7, processes=0, **OPTIONS)  # the interrupted run
+    want = _ids(one)
+    ds = image_dataset_from_shards(awkward_shards, seed=7, verbose=False, **OPTIONS)
+    reader = ds.shard_reader
+    assert reader.processes == 2
+    reader.load_state_dict(make_state(one, epoch=0, batches=4))
+    assert reader.processes == 0
+    saved = []
+
+    class Recording(ShardReaderCheckpoint):
+        def _save(self):
+            saved.append(make_state(self.reader, epoch=self._epoch, batches=self._position))
+
+    class Step(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            time.sleep(0.1)
+
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(ds.prefetch(tf.data.AUTOTUNE).take(len(reader) - 4), epochs=1, verbose=0,
+              callbacks=[Step(), Recording(reader, "unused.json", every=1)])
+    inside = [s for s in saved if s["epoch"] == 0 and s["batches"]]
+    assert inside and all(s["streams"] == 1 for s in inside), [(s["batches"], s["streams"]) for s in inside]
+    resumed = ShardReader(awkward_shards, **OPTIONS)
+    resumed.load_state_dict(inside[-1])
+    try:
+        assert _ids(resumed) == want[inside[-1]["batches"]:]
+    finally:
+        resumed.close()
+        reader.close()
+
+
+def test_a_rank_pinned_to_its_own_cpus_decodes_on_all_of_them(awkward_shards, monkeypatch):
+    """torchrun --numa-binding, taskset: the affinity mask is the rank's share already."""
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 8)  # its mask
+    monkeypatch.setattr(shard_reader, "_machine_cpus", lambda: 64)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    r = ShardReader(awkward_shards, processes=0, rank=0, world_size=8, split="train", image_size=16, batch_size=50)
+    assert r.num_workers == 8
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 64)  # not pinned: its share
+    r = ShardReader(awkward_shards, processes=0, rank=0, world_size=8, split="train", image_size=16, batch_size=50)
+    assert r.num_workers == 8
+
+
+def test_a_legacy_loader_worker_state_is_refused_under_loader_workers(awkward_shards):
+    """shardpack 0.2 wrote ``processes: 0`` under any number of loader workers, each of
+    which held the whole buffer: inside a shuffled epoch, refused under loader workers."""
+    pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    from reader.torch_data import ShardIterableDataset
+
+    options = dict(split="train", image_size=16, batch_size=50, seed=5)
+    ds = ShardIterableDataset(awkward_shards, **options)
+    state = make_state(ds.reader, epoch=0, batches=4, streams=2)
+    legacy = {k: v for k, v in state.items() if k not in ("streams", "shared_buffer")} | {"processes": 0}
+    again = ShardIterableDataset(awkward_shards, **options)
+    again.load_state_dict(legacy)
+    with pytest.raises(ValueError, match="did not record how many loader workers"):
+        next(iter(DataLoader(again, batch_size=None, num_workers=2)))

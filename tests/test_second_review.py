@@ -110,7 +110,7 @@ def test_processes_auto_in_dataloader_workers_on_a_many_core_machine(tmp_path, m
     url = _tars(tmp_path, 48, 16, names=False)
     monkeypatch.setattr(shard_reader, "_default_workers", lambda: 16)
     monkeypatch.setattr(batches, "_AUTO_MIN_SAMPLES_PER_PROCESS", 1)  # processes for 48 images
-    ds = ShardIterableDataset(url, image_size=4, batch_size=8, shuffle=False, processes="auto", decode_threads=1)
+    ds = ShardIterableDataset(url, image_size=4, batch_size=8, shuffle=False, processes="auto")
     assert ds.reader.processes == 8  # in this, the main process
     try:
         got = sum(1 for _ in DataLoader(ds, batch_size=None, num_workers=2))
