@@ -92,18 +92,23 @@ def _local_ranks() -> int:
 def _rank_cpus() -> int:
     """The CPUs this process has of its machine: those it may use, shared with the other
     ranks a launcher started there, so that on 8 ranks of a 64-CPU node ``processes="auto"``
-    takes 4 processes of 2 threads each, not 32 of 8. Shared only where this process may
-    use the whole machine: a launcher that pins each rank to its own CPUs (torchrun's
-    ``--numa-binding``, taskset) has made the share already."""
+    takes 4 processes of 2 threads each, not 32 of 8. Not shared again where the launcher
+    pinned each rank to CPUs of its own (torchrun's ``--numa-binding``, ``srun
+    --cpu-bind``): this process may then use fewer than its launcher may. A container's or
+    a job's CPU set, which every rank has whole, is shared."""
     cpus = _default_workers()
-    if cpus >= _machine_cpus():
+    launcher = _launcher_cpus()
+    if launcher is None or cpus >= launcher:
         cpus //= _local_ranks()
     return max(1, cpus)
 
 
-def _machine_cpus() -> int:
-    """The CPUs of the whole machine, whether this process may use them or not."""
-    return os.cpu_count() or 1
+def _launcher_cpus() -> int | None:
+    """The CPUs the process that started this one may use (None where unknown)."""
+    try:
+        return len(os.sched_getaffinity(os.getppid()))
+    except (AttributeError, OSError):  # not on Linux, or the parent is gone
+        return None
 
 
 _said_shared_memory = False  # processes="auto" held back by /dev/shm: said once per process
@@ -673,6 +678,7 @@ class ShardReader:
         if int(epoch) != self.epoch:
             self._resume_batches, self._resume_position = 0, None
         self.epoch = int(epoch)
+        self._reading = None  # a pass left unfinished (a loop's break) is not where states are
         self._mark()
 
     def _mark(self) -> None:

@@ -38,7 +38,7 @@ def _to_torch(x: np.ndarray, channels_last: bool) -> torch.Tensor:
 
 
 # slots of ShardIterableDataset._control
-_GENERATION, _EPOCH, _SKIP, _SEED, _STREAMS, _READ, _WORKERS = range(7)
+_GENERATION, _EPOCH, _SKIP, _SEED, _STREAMS, _READ, _WORKERS, _UNSHARED = range(8)
 _NO_SEED = -(2**63)
 
 
@@ -132,7 +132,7 @@ class ShardIterableDataset(IterableDataset):
         # batches, seed, resume streams (0: unknown). Written by the workers' passes, for
         # state_dict: the epoch they last read (-1: none since) and the DataLoader's worker
         # count (0: none since), so a state records how the epoch was split.
-        self._control: Any = multiprocessing.RawArray("q", 7)
+        self._control: Any = multiprocessing.RawArray("q", 8)
         self._control[_READ] = -1
         self._seen = 0  # the generation this copy follows
 
@@ -162,6 +162,7 @@ class ShardIterableDataset(IterableDataset):
         seed = self.reader.seed
         control[_SEED] = seed if -(2**63) < seed < 2**63 else _NO_SEED  # else: the copies' own
         control[_STREAMS] = self._resume_streams or 0
+        control[_UNSHARED] = 0 if self._resume_shared else 1
         control[_READ], control[_WORKERS] = -1, 0
         self._seen = control[_GENERATION]
 
@@ -174,6 +175,7 @@ class ShardIterableDataset(IterableDataset):
             if control[_SEED] != _NO_SEED:
                 self.reader.seed = control[_SEED]
             self._resume_streams = control[_STREAMS] or None
+            self._resume_shared = not control[_UNSHARED]
             self._resume_position = None  # not published: the copy's is another state's
 
     def state_dict(self, batches: int) -> dict[str, Any]:
@@ -200,7 +202,10 @@ class ShardIterableDataset(IterableDataset):
                              "epoch began, not a global step")
 
         workers, read = self._control[_WORKERS], self._control[_READ]
-        streams = workers or (self._resume_streams if not self._passes else None)
+        # before any pass after a load: the loaded state's streams (one, where it did not
+        # record them: what a pass without loader workers takes it for)
+        streams = workers or ((self._resume_streams or (1 if self._resume_batches else None))
+                              if not self._passes else None)
         # persistent workers move on without this process
         epoch = read if workers and read >= 0 else self.epoch + max(self._passes - 1, 0)
         loaded = self._resume_position if not self._passes and not workers else None  # not read yet

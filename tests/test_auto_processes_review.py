@@ -20,6 +20,15 @@ A second review, of those fixes:
 10. Ranks pinned to their own CPUs by the launcher had them divided by the local ranks again.
 11. A 0.2 state of loader workers (their number not recorded) resumed into the shared
     buffer's order, silently.
+
+A third review:
+
+12. The fix of 10 took a container's CPU set, which all ranks share, for a rank's own.
+13. A 0.2 state loaded into a dataset and saved again before any pass took "auto"'s pick
+    for the streams it was read with.
+14. Persistent loader workers missed the refusal of 11 (not published to them).
+15. ``ShardReader.state_dict()`` after a loop's ``break`` and ``set_epoch`` gave the
+    abandoned epoch's position.
 """
 
 from __future__ import annotations
@@ -281,15 +290,19 @@ def test_keras_checkpoints_behind_the_read_ahead_keep_the_resumed_epochs_streams
 
 
 def test_a_rank_pinned_to_its_own_cpus_decodes_on_all_of_them(awkward_shards, monkeypatch):
-    """torchrun --numa-binding, taskset: the affinity mask is the rank's share already."""
-    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 8)  # its mask
-    monkeypatch.setattr(shard_reader, "_machine_cpus", lambda: 64)
+    """torchrun --numa-binding, srun --cpu-bind: the affinity mask is the rank's share
+    already (narrower than its launcher's). A container's CPU set (16 of a 64-CPU host),
+    which every rank and the launcher have whole, is shared among the 8 ranks."""
+    options = dict(processes=0, rank=0, world_size=8, split="train", image_size=16, batch_size=50)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    r = ShardReader(awkward_shards, processes=0, rank=0, world_size=8, split="train", image_size=16, batch_size=50)
-    assert r.num_workers == 8
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 8)  # its mask
+    monkeypatch.setattr(shard_reader, "_launcher_cpus", lambda: 64)
+    assert ShardReader(awkward_shards, **options).num_workers == 8
     monkeypatch.setattr(shard_reader, "_default_workers", lambda: 64)  # not pinned: its share
-    r = ShardReader(awkward_shards, processes=0, rank=0, world_size=8, split="train", image_size=16, batch_size=50)
-    assert r.num_workers == 8
+    assert ShardReader(awkward_shards, **options).num_workers == 8
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 16)  # a 16-CPU container
+    monkeypatch.setattr(shard_reader, "_launcher_cpus", lambda: 16)
+    assert ShardReader(awkward_shards, **options).num_workers == 2
 
 
 def test_a_legacy_loader_worker_state_is_refused_under_loader_workers(awkward_shards):
@@ -308,3 +321,59 @@ def test_a_legacy_loader_worker_state_is_refused_under_loader_workers(awkward_sh
     again.load_state_dict(legacy)
     with pytest.raises(ValueError, match="did not record how many loader workers"):
         next(iter(DataLoader(again, batch_size=None, num_workers=2)))
+
+
+# ---- third review -------------------------------------------------------------------------------
+
+
+def test_a_legacy_state_saved_again_before_any_pass_keeps_one_stream(awkward_shards, monkeypatch):
+    pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    from reader.torch_data import ShardIterableDataset
+
+    options = dict(split="train", image_size=16, batch_size=50, seed=5)
+    one = ShardReader(awkward_shards, processes=0, **options)
+    want = _ids(one)
+    legacy = {k: v for k, v in make_state(one, epoch=0, batches=4).items()
+              if k not in ("streams", "shared_buffer")} | {"processes": 0}
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 16)
+    ds = ShardIterableDataset(awkward_shards, channels_last=True, **options)
+    assert ds.reader.processes == 2
+    ds.load_state_dict(legacy)
+    again = ds.state_dict(4)
+    assert again["streams"] == 1
+    resumed = ShardIterableDataset(awkward_shards, channels_last=True, **options)
+    resumed.load_state_dict(again)
+    try:
+        got = [sample_ids(x.permute(0, 2, 3, 1).numpy()) for x, _y in DataLoader(resumed, batch_size=None)]
+    finally:
+        resumed.reader.close()
+    assert got == want[4:]
+
+
+def test_persistent_loader_workers_refuse_a_legacy_state_loaded_after_they_started(awkward_shards):
+    pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    from reader.torch_data import ShardIterableDataset
+
+    options = dict(split="train", image_size=16, batch_size=50, seed=5)
+    ds = ShardIterableDataset(awkward_shards, **options)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    assert sum(1 for _ in loader) == len(ds)
+    legacy = {k: v for k, v in make_state(ds.reader, epoch=0, batches=4, streams=2).items()
+              if k not in ("streams", "shared_buffer")} | {"processes": 0}
+    ds.load_state_dict(legacy)
+    with pytest.raises(ValueError, match="did not record how many loader workers"):
+        next(iter(loader))
+
+
+def test_state_after_a_break_and_set_epoch_is_the_new_epochs_start(awkward_shards):
+    reader = ShardReader(awkward_shards, seed=1, processes=0, **OPTIONS)
+    for i, _ in enumerate(reader):
+        if i == 2:
+            break
+    reader.set_epoch(1)
+    state = reader.state_dict()
+    assert (state["epoch"], state["batches"]) == (1, 0)
