@@ -196,7 +196,8 @@ class ShardReader:
         interleave: shards read round robin at once when shuffling.
         num_workers: decoding threads (default: the CPUs this process may use, at most 8
             when the manifest says the images are small: ``batches.default_decode_threads``);
-            with ``processes``, all processes' threads together (default: the CPUs).
+            with ``processes``, all processes' threads together (default: the CPUs). On a
+            machine of several torchrun ranks, the CPUs are this rank's share.
         processes: ``"auto"`` (default): decode processes where they pay, else threads of
             this process (``batches.auto_processes``): none below 8 CPUs; from 8 on, one per
             two CPUs, one per CPU on shards packed small, but at most one per 500 images of
@@ -420,7 +421,7 @@ class ShardReader:
         wanted = auto_processes(_rank_cpus(), self.source.mean_sample_bytes(),
                                 samples=self.samples // self.world_size)
         if self._threads_asked:  # num_workers: all the processes' threads together
-            wanted = wanted if wanted <= self._threads_asked else self._threads_asked
+            wanted = min(wanted, self._threads_asked)
         if wanted < 2:
             return 0
         fitting = processes_that_fit(wanted, self._threads_asked or _rank_cpus(), self, share=_local_ranks())
