@@ -223,24 +223,26 @@ class _Process:
         return len(unused)
 
 
-def shared_memory_free() -> int | None:
-    """Bytes free in /dev/shm, where decode processes' batches live; None where there is no
+def _shm_stat() -> os.statvfs_result | None:
+    """/dev/shm's file system, where decode processes' batches live; None where there is no
     such folder (macOS: the system's own limits apply)."""
     try:
-        stat = os.statvfs(_SHM_DIR)
+        return os.statvfs(_SHM_DIR)
     except OSError:
         return None
-    return stat.f_bavail * stat.f_frsize
+
+
+def shared_memory_free() -> int | None:
+    """Bytes free in /dev/shm now (None: no /dev/shm)."""
+    stat = _shm_stat()
+    return None if stat is None else stat.f_bavail * stat.f_frsize
 
 
 def shared_memory_size() -> int | None:
     """Bytes /dev/shm holds in all (its size, not what is free now: the same on every
     machine of a kind, so that ranks of one job pick alike); None where there is none."""
-    try:
-        stat = os.statvfs(_SHM_DIR)
-    except OSError:
-        return None
-    return stat.f_blocks * stat.f_frsize
+    stat = _shm_stat()
+    return None if stat is None else stat.f_blocks * stat.f_frsize
 
 
 def starting_bytes(processes: int, threads: int, batch_size: int, slot_bytes: int) -> int:
@@ -275,9 +277,8 @@ def processes_that_fit(wanted: int, threads: int, reader: ShardReader, *, share:
     if size is None:
         return wanted
     free = max(0, size // max(1, share) - sum(pool.reserved for pool in list(_LIVE_POOLS) if pool.alive))
-    count, slot = wanted, batch_bytes(reader)
-    size = reader.batch_options.batch_size
-    while count >= 2 and 2 * starting_bytes(count, max(1, threads // count), size, slot) > free:
+    count, slot, batch_size = wanted, batch_bytes(reader), reader.batch_options.batch_size
+    while count >= 2 and 2 * starting_bytes(count, max(1, threads // count), batch_size, slot) > free:
         count -= 1
     return count if count >= 2 else 0
 

@@ -418,22 +418,24 @@ class ShardReader:
         whole epoch, and processes cost more than they give on one."""
         if not (self._manifest_gives_samples() or self._index is not None):
             return 0
-        wanted = auto_processes(_rank_cpus(), self.source.mean_sample_bytes(),
-                                samples=self.samples // self.world_size)
+        cpus = _rank_cpus()
+        wanted = auto_processes(cpus, self.source.mean_sample_bytes(), samples=self.samples // self.world_size)
         if self._threads_asked:  # num_workers: all the processes' threads together
             wanted = min(wanted, self._threads_asked)
         if wanted < 2:
             return 0
-        fitting = processes_that_fit(wanted, self._threads_asked or _rank_cpus(), self, share=_local_ranks())
+        fitting = processes_that_fit(wanted, self._threads_asked or cpus, self, share=_local_ranks())
         if fitting < wanted:
             _say_shared_memory_once(wanted, fitting)
         return fitting
 
     def repick_processes(self) -> None:
         """``processes="auto"`` chosen again, now that a scan has counted the images of tars
-        without a manifest (the adapters scan them as they are made). Not while a loaded
-        state's streams hold, nor while decode processes serve an epoch."""
-        if self.processes_auto and self._adopted_epoch is None and self._pool is None:
+        without a manifest (the adapters scan them as they are made); where the manifest
+        gave the count, the pick made with it stands. Not while a loaded state's streams
+        hold, nor while decode processes serve an epoch."""
+        if (self.processes_auto and not self._manifest_gives_samples() and self._adopted_epoch is None
+                and self._pool is None):
             self._own_processes = self._auto_processes()
             self._use_processes(self._own_processes)
 

@@ -134,8 +134,8 @@ def make_state(reader: ShardReader, *, epoch: int, batches: int, streams: int | 
     of fixed cardinality (and ``fit(steps_per_epoch=0)``) refuses.
     """
     epoch, batches = _canonical(reader, int(epoch), int(batches))
-    logged = reader._stream_logs.get(epoch)
     if streams is None:  # as the epoch was read: tf.data reads ahead of what Keras saves
+        logged = reader._stream_logs.get(epoch)
         streams = len(logged.start.counts) if logged is not None else reader_streams(reader)
     streams = int(streams)
     if not batches:

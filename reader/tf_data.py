@@ -173,8 +173,7 @@ def image_dataset_from_shards(
         pad_to_aspect_ratio=pad_to_aspect_ratio,
         **reader_options,
     )
-    if verbose:
-        # Keras' words, so logs read the same
+    if verbose:  # Keras' words, so logs read the same
         found = f"Found {reader.samples} files"
         print(f"{found}." if label_mode is None else f"{found} belonging to {len(reader.class_names)} classes.")
     reader.require_samples(scan=True)  # counted for the cardinality anyway
