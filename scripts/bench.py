@@ -440,7 +440,9 @@ def format_table(results: dict[str, dict[str, Any]], kind: str) -> str:
         if reader:
             for key in ("images_per_s_with_startup", "first_epoch_images_per_s"):
                 cells.append(f"{r[key]:.0f}" if r.get(key) else "–")
-            cells.append(f"{r['cpu_ms_per_image']:.2f}" if "cpu_ms_per_image" in r else "–")
+            # None where decode processes did the work: this process's CPU is not the reader's
+            cpu = r.get("cpu_ms_per_image")
+            cells.append(f"{cpu:.2f}" if cpu is not None else "–")
         cells.append(f"{r['peak_rss_mb']:.0f}")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -716,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (the machine is shared: "
               f"above {cores()} every rate is shared with other work; CPU ms per image is "
               f"disturbed less; it counts the contender's own process, so not webdataset's "
-              f"WebLoader worker processes).")
+              f"WebLoader worker processes, and none (–) where shardpack decoded in processes).")
     parts = [header, ""]
     if reader_names:
         parts += ["**Reader**", "", format_table(results, "reader"), ""]

@@ -90,6 +90,22 @@ def test_reader_table_shows_the_whole_epoch_beside_the_steady_rate():
     assert cells["decode_limit"][column] == "–"  # the limit has no epoch to start
 
 
+def test_reader_table_leaves_out_the_cpu_of_readers_that_decoded_in_processes():
+    """On 8+ cores "auto" takes decode processes, whose CPU the contender's own process does
+    not see (``_parent_only`` sets None): the table says "–" there instead of failing, as it
+    did on a 16-core machine."""
+    bench = _bench_module()
+    parent_only = [{"images_per_s": rate, "images_per_s_with_startup": rate, "peak_rss_mb": 1.0,
+                    "cpu_ms_per_image": None, "parent_only": True} for rate in (900, 950, 1000)]
+    results = {"decode_limit": median_result(_runs(1000, 1000, 1000)),
+               "shardpack_numpy": median_result(parent_only)}
+    table = bench.format_table(results, "reader")
+    head = [h.strip("| ") for h in table.splitlines()[0].split(" | ")]
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()[2:]}
+    assert cells["shardpack_numpy"][head.index("cpu ms/img")] == "–"
+    assert cells["shardpack_numpy"][head.index("images/s")] == "950"
+
+
 def test_bench_malloc_pairs_each_reader_with_the_threshold_set(id_shards, capsys, monkeypatch):
     """scripts/bench_malloc.py: a real (small) run of each pair, with and without
     MALLOC_TRIM_THRESHOLD_, and the table of both."""
