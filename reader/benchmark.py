@@ -36,6 +36,7 @@ import io
 import json
 import logging
 import os
+import random
 import re
 import resource
 import stat
@@ -475,10 +476,17 @@ def run_rounds(
     names: list[str], cfg: dict[str, Any], repeat: int, *, module: list[str] | None = None,
     log: Any = print,
 ) -> dict[str, dict[str, Any]]:
-    """Run every contender ``repeat`` times, interleaved, and keep the median of each."""
+    """Run every contender ``repeat`` times, interleaved, and keep the median of each.
+
+    The first round runs them in the order given, each later one in an order of its own
+    (shuffled, seeded by the round's number, so a rerun repeats it): no contender always
+    runs right after the same one. On the 2-core virtual machine here a pack right after
+    webdataset's ``ShardWriter`` took 185-261 ms where the same pack after another pack took
+    150-161, while ``tar -cf`` took 101-119 after either (docs/SPEED.md, "Run order")."""
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for round_ in range(repeat):
-        for name in names:
+        order = names if round_ == 0 else random.Random(round_).sample(names, len(names))
+        for name in order:
             r = run_contender(name, cfg, module=module)
             runs[name].append(r)
             rate = f"{r['images_per_s']:.0f} images/s" if "images_per_s" in r else r.get("error")

@@ -372,3 +372,36 @@ def test_bench_takes_processes_auto_as_the_readers_do():
     for bad in ("-1", "many", "2.5"):
         with pytest.raises(argparse.ArgumentTypeError):
             _processes_arg(bad)
+
+
+def test_rounds_vary_the_order_so_no_contender_always_follows_the_same_one(tmp_path):
+    """Which contender ran just before another changed its rate (a pack after
+    ``ShardWriter``: up to 1.7x slower), so every round after the first runs the contenders
+    in an order of its own, the same on a rerun; each still runs once per round, and its
+    runs stay in round order (the targets pair rates by round)."""
+    import random
+
+    from reader.benchmark import run_rounds
+
+    script = tmp_path / "contenders.py"
+    script.write_text(  # a contender's "rate" is its place in the whole run: 1, 2, 3, ...
+        "import json, pathlib, sys\n"
+        f"log = pathlib.Path({str(tmp_path / 'ran')!r})\n"
+        "with log.open('a') as f: f.write('x')\n"
+        "print(json.dumps({'images_per_s': float(len(log.read_text())), 'peak_rss_mb': 1.0}))\n")
+    names = ["a", "b", "c", "d", "e"]
+    lines: list[str] = []
+    results = run_rounds(names, {}, 4, module=[str(script)], log=lines.append)
+    ran = [line.split()[2].rstrip(":") for line in lines]
+    rounds = [ran[i:i + len(names)] for i in range(0, len(ran), len(names))]
+    assert rounds[0] == names and all(sorted(r) == names for r in rounds)
+    assert len({tuple(r) for r in rounds}) == 4
+    ran_after = {n: {r[r.index(n) - 1] for r in rounds if r.index(n) > 0} for n in names}
+    assert all(len(before) > 1 for before in ran_after.values())
+    for name in names:
+        places = [1.0 + i for i, n in enumerate(ran) if n == name]
+        assert results[name]["round_rates"] == places
+    lines.clear()
+    run_rounds(names, {}, 4, module=[str(script)], log=lines.append)
+    assert [line.split()[2].rstrip(":") for line in lines] == ran  # seeded: a rerun repeats it
+    assert random.Random(1).sample(names, 5) == rounds[1]
