@@ -370,7 +370,11 @@ def _local_reads(cfg: dict[str, Any]) -> list[str]:
 def _parent_only(result: dict[str, Any], cfg: dict[str, Any], processes: int | None = None) -> dict[str, Any]:
     """With decode processes this process's CPU time is not the reader's: leave it out
     (peak RSS, also this process's alone, is marked by ``parent_only``). ``processes``: how
-    many the reader took (``"auto"`` may take none), else ``cfg``'s."""
+    many the reader took (``"auto"`` may take none), else ``cfg``'s; recorded for the
+    tables (``contender_label``), which would otherwise leave a reader on 16 cores
+    unexplained."""
+    if processes is not None:
+        result["processes"] = int(processes)
     if cfg.get("processes") if processes is None else processes:
         result["cpu_ms_per_image"] = result["minor_faults_per_image"] = None
         result["parent_only"] = True
@@ -494,6 +498,13 @@ def run_rounds(
     return {n: median_result(rs) for n, rs in runs.items()}
 
 
+def contender_label(name: str, result: dict[str, Any]) -> str:
+    """The contender's name, with the decode processes its reader took, if any ("auto"
+    takes them on 8 CPUs or more, as many as the epoch's size allows)."""
+    processes = result.get("processes")
+    return f"{name} ({processes} processes)" if processes else name
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     limit = results.get("decode_limit", {}).get("images_per_s")
     rows = ["| contender | images/s (median) | runs | × decode limit | whole epoch images/s "
@@ -509,7 +520,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         whole, first = (f"{r[key]:.0f}" if r.get(key) else "–"
                         for key in ("images_per_s_with_startup", "first_epoch_images_per_s"))
         cpu = f"{r['cpu_ms_per_image']:.2f}" if r.get("cpu_ms_per_image") is not None else "–"
-        rows.append(f"| {name} | {rate:.0f} | {runs} | {ratio} | {whole} | {first} | {cpu} | "
+        rows.append(f"| {contender_label(name, r)} | {rate:.0f} | {runs} | {ratio} | {whole} | {first} | {cpu} | "
                     f"{r['peak_rss_mb']:.0f} |")
     return "\n".join(rows)
 

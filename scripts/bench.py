@@ -419,6 +419,8 @@ def format_targets(results: dict[str, dict[str, Any]], resize: int | str = 256, 
 
 def format_table(results: dict[str, dict[str, Any]], kind: str) -> str:
     """A markdown table of one kind of contender with ratios to that kind's anchors."""
+    from reader.benchmark import contender_label
+
     reader = kind == "reader"
     names, anchors = (READER_CONTENDERS, READER_ANCHORS) if reader else (PACKER_CONTENDERS, PACKER_ANCHORS)
     names = [n for n in names if n in results]
@@ -435,7 +437,7 @@ def format_table(results: dict[str, dict[str, Any]], kind: str) -> str:
             rows.append(f"| {name} | error: {r.get('error')} |" + " |" * (len(head) - 2))
             continue
         rate = r["images_per_s"]
-        cells = [name, f"{rate:.0f}", ", ".join(f"{v:.0f}" for v in r.get("runs", []))]
+        cells = [contender_label(name, r), f"{rate:.0f}", ", ".join(f"{v:.0f}" for v in r.get("runs", []))]
         cells += [_ratio(rate, base) for base in bases]
         if reader:
             for key in ("images_per_s_with_startup", "first_epoch_images_per_s"):

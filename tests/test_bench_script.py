@@ -106,6 +106,26 @@ def test_reader_table_leaves_out_the_cpu_of_readers_that_decoded_in_processes():
     assert cells["shardpack_numpy"][head.index("images/s")] == "950"
 
 
+def test_tables_say_how_many_decode_processes_a_reader_took(id_shards):
+    """On 16 cores "auto" took 8 processes on one set of shards and 9 on another: the tables
+    name the count beside the contender (none for threads), from a real reader's run."""
+    from reader.benchmark import c_shardpack_numpy, format_table
+
+    bench = _bench_module()
+    root, _ = id_shards
+    cfg = {"source": str(root), "split": "train", "image_size": [32, 32], "batch_size": 8,
+           "epochs": 1}
+    def run(processes: int) -> dict:  # the peak RSS is the parent's, added as it ends
+        return median_result([{**c_shardpack_numpy({**cfg, "processes": processes}), "peak_rss_mb": 1.0}])
+
+    results = {"shardpack_numpy": run(2), "shardpack_numpy_uint8": run(0)}
+    assert results["shardpack_numpy"]["processes"] == 2
+    assert results["shardpack_numpy_uint8"]["processes"] == 0
+    for table in (bench.format_table(results, "reader"), format_table(results)):
+        names = [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]]
+        assert names == ["shardpack_numpy (2 processes)", "shardpack_numpy_uint8"]
+
+
 def test_bench_malloc_pairs_each_reader_with_the_threshold_set(id_shards, capsys, monkeypatch):
     """scripts/bench_malloc.py: a real (small) run of each pair, with and without
     MALLOC_TRIM_THRESHOLD_, and the table of both."""
