@@ -253,6 +253,36 @@ def _from_tf_config(environ: dict[str, str]) -> tuple[int, int] | None:
     return None  # evaluator, ps: not a training input pipeline; read everything
 
 
+_LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+def tf_config_local_tasks(environ: dict[str, str] | None = None) -> int | None:
+    """How many of ``TF_CONFIG``'s training tasks (chief and workers) run on this task's
+    host, this one included; None without a usable ``TF_CONFIG``.
+
+    ``MultiWorkerMirroredStrategy`` sets no ``LOCAL_WORLD_SIZE``: without this, every worker
+    started on one machine counted the whole machine's CPUs and /dev/shm as its own. A host
+    is an address's part before its port; the loopback names count as one host.
+    """
+    raw = (os.environ if environ is None else environ).get("TF_CONFIG")
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+        cluster, task = config.get("cluster", {}), config.get("task", {})
+        mine = cluster[task["type"]][int(task.get("index", 0))]
+        hosts = [address for kind in ("chief", "worker") for address in cluster.get(kind, [])]
+    except (ValueError, AttributeError, KeyError, IndexError, TypeError):
+        return None  # detect_rank says what is wrong with it, where it matters
+
+    def host(address: Any) -> str:  # "host:port", "[::1]:port"
+        name = str(address).rsplit(":", 1)[0]
+        return "localhost" if name in _LOOPBACK else name
+
+    here = host(mine)
+    return max(1, sum(host(address) == here for address in hosts))
+
+
 def detect_rank(input_context: Any = None, environ: dict[str, str] | None = None) -> tuple[int, int]:
     """Return ``(rank, world_size)`` of this process as the launcher set it up.
 

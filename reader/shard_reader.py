@@ -48,6 +48,7 @@ from .distributed import (
     detect_rank,
     rank_pieces,
     rank_samples,
+    tf_config_local_tasks,
     worker_pieces,
 )
 from .policy import ErrorPolicy, OnError
@@ -82,11 +83,14 @@ def _default_workers() -> int:
 
 
 def _local_ranks() -> int:
-    """The processes a launcher started on this machine (torchrun's ``LOCAL_WORLD_SIZE``),
-    which share its CPUs and /dev/shm; 1 without one. Also where each reads the whole split
-    (``rank=0, world_size=1`` under torchrun): they share the machine all the same."""
+    """The processes a launcher started on this machine (torchrun's ``LOCAL_WORLD_SIZE``, or
+    ``TF_CONFIG``'s training tasks on this host), which share its CPUs and /dev/shm; 1
+    without one. Also where each reads the whole split (``rank=0, world_size=1`` under
+    torchrun): they share the machine all the same."""
     local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    return int(local) if local.isdigit() and int(local) > 0 else 1
+    if local.isdigit() and int(local) > 0:
+        return int(local)
+    return tf_config_local_tasks() or 1
 
 
 def _rank_cpus() -> int:

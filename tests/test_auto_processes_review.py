@@ -377,3 +377,32 @@ def test_state_after_a_break_and_set_epoch_is_the_new_epochs_start(awkward_shard
     reader.set_epoch(1)
     state = reader.state_dict()
     assert (state["epoch"], state["batches"]) == (1, 0)
+
+
+def test_processes_auto_shares_the_machine_with_tf_config_workers_on_the_same_host(awkward_shards, monkeypatch):
+    """MultiWorkerMirroredStrategy with 4 workers on one 64-CPU machine (and 2 elsewhere)
+    sets TF_CONFIG and no LOCAL_WORLD_SIZE: each worker's "auto" took processes for all 64
+    CPUs, 4 x 32 processes. It now counts the training tasks TF_CONFIG puts on its host."""
+    import json
+
+    from reader.distributed import tf_config_local_tasks
+
+    monkeypatch.setattr(shard_reader, "_default_workers", lambda: 64)
+    monkeypatch.setattr(shard_reader, "_launcher_cpus", lambda: 64)
+    monkeypatch.setattr(batches, "_AUTO_MIN_SAMPLES_PER_PROCESS", 1)
+    for name in ("LOCAL_WORLD_SIZE", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    cluster = {"chief": ["localhost:2000"],
+               "worker": ["127.0.0.1:2001", "localhost:2002", "localhost:2003", "gpu7:2000", "gpu7:2001"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 2}}))
+    assert tf_config_local_tasks() == 4
+    reader = ShardReader(awkward_shards, split="train", image_size=4, batch_size=8, processes="auto")
+    try:
+        assert (reader.rank, reader.world_size) == (3, 6)
+        assert 2 <= reader.processes and reader.processes * 4 <= 64
+    finally:
+        reader.close()
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 3}}))
+    assert tf_config_local_tasks() == 2  # gpu7's two workers
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    assert tf_config_local_tasks() is None
