@@ -150,7 +150,13 @@ class _WriteBehind:
             raise self._error
 
 
-_GATHER_BYTES = 1 << 20
+# 256 KB a system call, not 1 MB: a write that large gets the page cache's large folios, and
+# on the virtual machines here (Firecracker) memory freed shortly before (another program's)
+# came back that size only through the host, so after such a program the copy into the
+# page cache took most of a pack (3,000 images, 2 workers: 216-261 ms against 145-160; a
+# plain read-and-writev loop 80-95 ms with 1 MB, 34-38 with 256 KB, either way round).
+# docs/SPEED.md, "Run order".
+_GATHER_BYTES = 256 << 10
 _GATHER_CHUNKS = 512  # well under IOV_MAX (1024 on Linux)
 _BEHIND_BYTES = 8 << 20
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
