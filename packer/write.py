@@ -150,12 +150,11 @@ class _WriteBehind:
             raise self._error
 
 
-# 256 KB a system call, not 1 MB: a write that large gets the page cache's large folios, and
-# on the virtual machines here (Firecracker) memory freed shortly before (another program's)
-# came back that size only through the host, so after such a program the copy into the
-# page cache took most of a pack (3,000 images, 2 workers: 216-261 ms against 145-160; a
-# plain read-and-writev loop 80-95 ms with 1 MB, 34-38 with 256 KB, either way round).
-# docs/SPEED.md, "Run order".
+# 256 KB a system call, not 1 MB: a write that large gets the page cache's large folios,
+# and on the virtual machines here (Firecracker) copying into them right after another
+# program freed its memory was slow (3,000 images, 2 workers, after webdataset's
+# ShardWriter: 167-202 ms with 1 MB, 140-166 with 256 KB; the same otherwise). See
+# docs/SPEED.md, "Run order, and 1 MB writes on a virtual machine".
 _GATHER_BYTES = 256 << 10
 _GATHER_CHUNKS = 512  # well under IOV_MAX (1024 on Linux)
 _BEHIND_BYTES = 8 << 20

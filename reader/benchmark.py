@@ -486,7 +486,8 @@ def run_rounds(
     (shuffled, seeded by the round's number, so a rerun repeats it): no contender always
     runs right after the same one. On the 2-core virtual machine here a pack right after
     webdataset's ``ShardWriter`` took 185-261 ms where the same pack after another pack took
-    150-161, while ``tar -cf`` took 101-119 after either (docs/SPEED.md, "Run order")."""
+    150-161, while ``tar -cf`` took 101-119 after either (docs/SPEED.md, "Run order, and
+    1 MB writes on a virtual machine")."""
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for round_ in range(repeat):
         order = names if round_ == 0 else random.Random(round_).sample(names, len(names))
