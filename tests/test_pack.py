@@ -241,6 +241,52 @@ def test_resize_stores_a_jpeg_already_at_the_size_as_it_came(tmp_path):
             assert im.size == (40, 30)
 
 
+def test_resize_keeps_the_colour_profiles_that_say_something(tmp_path):
+    """A photo tagged Adobe RGB (skimage's rocket) lost its profile when re-encoded, so a
+    viewer showed the packed copy duller than the original; a grey dot-gain profile too.
+    Kept now, in the JPEG and in a PNG with alpha; an sRGB profile (what an untagged image
+    means anyway, 3 KB a photo) and one of another colour space than the stored pixels (a
+    grey profile on RGB pixels, a CMYK one after the ink became RGB) are left out. The
+    pixels are the same with the profile as without it."""
+    import skimage
+    from PIL import ImageCms
+
+    data = Path(skimage.__file__).parent / "data"
+    with Image.open(data / "rocket.jpg") as im:
+        adobe = im.info["icc_profile"]
+    with Image.open(data / "page.png") as im:
+        dot_gain = im.info["icc_profile"]
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    cmyk = bytearray(adobe)
+    cmyk[16:20] = b"CMYK"  # a CMYK colour space in its header (what the check reads)
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    folder = tmp_path / "src" / "train" / "a"
+    folder.mkdir(parents=True)
+    rgb.save(folder / "adobe.jpg", quality=95, icc_profile=adobe)
+    rgb.save(folder / "plain.jpg", quality=95)
+    rgb.save(folder / "srgb.jpg", quality=95, icc_profile=srgb)
+    rgb.save(folder / "grey_profile_on_rgb.jpg", quality=95, icc_profile=dot_gain)
+    rgb.convert("L").save(folder / "grey.png", icc_profile=dot_gain)
+    rgb.convert("RGBA").save(folder / "alpha.png", icc_profile=adobe)
+    rgb.convert("CMYK").save(folder / "cmyk.jpg", quality=95, icc_profile=bytes(cmyk))
+    manifest = pack(tmp_path / "src", tmp_path / "out", workers=1, quiet=True, resize=30)
+    stored = {json.loads(m["json"])["path"].rsplit("/", 1)[1]: m
+              for rows in read_samples(tmp_path / "out", manifest).values() for _, _, m in rows}
+
+    def profile_and_pixels(name: str) -> tuple[bytes | None, np.ndarray]:
+        sample = stored[name]
+        with Image.open(io.BytesIO(sample.get("jpg") or sample["png"])) as im:
+            return im.info.get("icc_profile"), np.asarray(im)
+
+    assert profile_and_pixels("adobe.jpg")[0] == adobe
+    assert profile_and_pixels("alpha.png")[0] == adobe
+    assert profile_and_pixels("grey.png")[0] == dot_gain
+    for dropped in ("plain.jpg", "srgb.jpg", "grey_profile_on_rgb.jpg", "cmyk.jpg"):
+        assert profile_and_pixels(dropped)[0] is None, dropped
+    assert np.array_equal(profile_and_pixels("adobe.jpg")[1], profile_and_pixels("plain.jpg")[1])
+
+
 def test_zoo_resized_to_an_exact_size(tmp_path):
     """--resize 16x12 stores every image (odd modes, EXIF-turned, small ones enlarged) at
     exactly 16x12, and the manifest records the size."""
