@@ -284,13 +284,13 @@ def transform_image(
     if size is not None:
         im = _resized(im, size, box)
     buf = io.BytesIO()
+    # given always, None too: Pillow's PNG writer otherwise takes the source's from im.info
     kept = kept_profile(profile, im.mode)
-    extra = {"icc_profile": kept} if kept else {}
     if has_alpha or max(im.size) > _JPEG_MAX_SIDE:
-        im.save(buf, format="PNG", optimize=False, **extra)
+        im.save(buf, format="PNG", optimize=False, icc_profile=kept)
         ext = "png"
     else:
-        im.save(buf, format="JPEG", quality=spec.quality, optimize=False, **extra)
+        im.save(buf, format="JPEG", quality=spec.quality, optimize=False, icc_profile=kept)
         ext = "jpg"
     return buf.getvalue(), ext, im.width, im.height
 
@@ -313,6 +313,6 @@ def kept_profile(profile: bytes | None, mode: str) -> bytes | None:
         from PIL import ImageCms
 
         description = ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(profile)))
-    except (ImportError, OSError, ValueError, TypeError):  # no LittleCMS, or a profile it cannot read
-        return profile  # kept as it came: the reader never reads it
+    except Exception:  # no LittleCMS, or a profile it cannot read (ImageCms.PyCMSError, ...)
+        return profile  # kept as it came, as before: the reader never reads it
     return None if "srgb" in description.lower() else profile

@@ -36,7 +36,6 @@ import io
 import json
 import logging
 import os
-import random
 import re
 import resource
 import stat
@@ -476,22 +475,29 @@ def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _round_order(names: list[str], round_: int) -> list[str]:
+    """Round 0: ``names``; 1: reversed; 2 and 3: the same turned one place; ... (for three
+    contenders, six rounds run all six orders)."""
+    base = names if round_ % 2 == 0 else names[::-1]
+    turn = (round_ // 2) % len(base) if base else 0
+    return base[turn:] + base[:turn]
+
+
 def run_rounds(
     names: list[str], cfg: dict[str, Any], repeat: int, *, module: list[str] | None = None,
     log: Any = print,
 ) -> dict[str, dict[str, Any]]:
     """Run every contender ``repeat`` times, interleaved, and keep the median of each.
 
-    The first round runs them in the order given, each later one in an order of its own
-    (shuffled, seeded by the round's number, so a rerun repeats it): no contender always
-    runs right after the same one. On the 2-core virtual machine here a pack right after
+    The first round runs them in the order given, the second in reverse, then the same
+    two turned one place further on, and so on (``_round_order``): no contender always
+    runs right after the same one, and a rerun repeats the orders. On the 2-core virtual machine here a pack right after
     webdataset's ``ShardWriter`` took 185-261 ms where the same pack after another pack took
     150-161, while ``tar -cf`` took 101-119 after either (docs/SPEED.md, "Run order, and
     1 MB writes on a virtual machine")."""
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for round_ in range(repeat):
-        order = names if round_ == 0 else random.Random(round_).sample(names, len(names))
-        for name in order:
+        for name in _round_order(names, round_):
             r = run_contender(name, cfg, module=module)
             runs[name].append(r)
             rate = f"{r['images_per_s']:.0f} images/s" if "images_per_s" in r else r.get("error")

@@ -246,7 +246,9 @@ def test_resize_keeps_the_colour_profiles_that_say_something(tmp_path):
     viewer showed the packed copy duller than the original; a grey dot-gain profile too.
     Kept now, in the JPEG and in a PNG with alpha; an sRGB profile (what an untagged image
     means anyway, 3 KB a photo) and one of another colour space than the stored pixels (a
-    grey profile on RGB pixels, a CMYK one after the ink became RGB) are left out. The
+    grey profile on RGB pixels, a CMYK one after the ink became RGB) are left out, from a
+    PNG too (Pillow's PNG writer took the source's from the image's info unless told
+    otherwise); one LittleCMS cannot read is kept as it came, and its image packed. The
     pixels are the same with the profile as without it."""
     import skimage
     from PIL import ImageCms
@@ -270,6 +272,16 @@ def test_resize_keeps_the_colour_profiles_that_say_something(tmp_path):
     rgb.convert("L").save(folder / "grey.png", icc_profile=dot_gain)
     rgb.convert("RGBA").save(folder / "alpha.png", icc_profile=adobe)
     rgb.convert("CMYK").save(folder / "cmyk.jpg", quality=95, icc_profile=bytes(cmyk))
+    rgb.convert("RGBA").save(folder / "alpha_srgb.png", icc_profile=srgb)
+    rgb.convert("LA").save(folder / "grey_alpha.png", icc_profile=dot_gain)  # stored RGBA
+    # a description LittleCMS cannot read (Pillow decodes the image): kept as it came
+    odd = bytearray(adobe)
+    desc = next(int.from_bytes(adobe[at + 4:at + 8], "big") for at in range(132, 132 + 12 * 10, 12)
+                if adobe[at:at + 4] == b"desc")
+    odd[desc + 12] = 0xC8
+    with pytest.raises(ImageCms.PyCMSError):
+        ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(bytes(odd))))
+    rgb.save(folder / "odd_profile.jpg", quality=95, icc_profile=bytes(odd))
     manifest = pack(tmp_path / "src", tmp_path / "out", workers=1, quiet=True, resize=30)
     stored = {json.loads(m["json"])["path"].rsplit("/", 1)[1]: m
               for rows in read_samples(tmp_path / "out", manifest).values() for _, _, m in rows}
@@ -282,7 +294,9 @@ def test_resize_keeps_the_colour_profiles_that_say_something(tmp_path):
     assert profile_and_pixels("adobe.jpg")[0] == adobe
     assert profile_and_pixels("alpha.png")[0] == adobe
     assert profile_and_pixels("grey.png")[0] == dot_gain
-    for dropped in ("plain.jpg", "srgb.jpg", "grey_profile_on_rgb.jpg", "cmyk.jpg"):
+    assert profile_and_pixels("odd_profile.jpg")[0] == bytes(odd)
+    for dropped in ("plain.jpg", "srgb.jpg", "grey_profile_on_rgb.jpg", "cmyk.jpg", "alpha_srgb.png",
+                    "grey_alpha.png"):
         assert profile_and_pixels(dropped)[0] is None, dropped
     assert np.array_equal(profile_and_pixels("adobe.jpg")[1], profile_and_pixels("plain.jpg")[1])
 
