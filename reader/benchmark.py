@@ -491,10 +491,10 @@ def run_rounds(
 
     The first round runs them in the order given, the second in reverse, then the same
     two turned one place further on, and so on (``_round_order``): no contender always
-    runs right after the same one, and a rerun repeats the orders. On the 2-core virtual machine here a pack right after
-    webdataset's ``ShardWriter`` took 185-261 ms where the same pack after another pack took
-    150-161, while ``tar -cf`` took 101-119 after either (docs/SPEED.md, "Run order, and
-    1 MB writes on a virtual machine")."""
+    runs right after the same one, and a rerun repeats the orders. On the 2-core virtual
+    machine here a pack right after webdataset's ``ShardWriter`` took 185-261 ms where the
+    same pack after another pack took 150-161, while ``tar -cf`` took 101-119 after either
+    (docs/SPEED.md, "Run order, and 1 MB writes on a virtual machine")."""
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for round_ in range(repeat):
         for name in _round_order(names, round_):
