@@ -314,5 +314,5 @@ def kept_profile(profile: bytes | None, mode: str) -> bytes | None:
 
         description = ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(profile)))
     except Exception:  # no LittleCMS, or a profile it cannot read (ImageCms.PyCMSError, ...)
-        return profile  # kept as it came, as before: the reader never reads it
+        return profile  # kept as it came: the reader never reads it
     return None if "srgb" in description.lower() else profile

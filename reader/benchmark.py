@@ -545,9 +545,11 @@ def advice(results: dict[str, dict[str, Any]], n_cores: int, processes: int | st
                   and r["images_per_s"] < 0.9 * limit and not r.get("parent_only"))
     if not slow or (processes != "auto" and int(processes) > 1) or n_cores < 8 or cold:
         return []
+    from .batches import _AUTO_MIN_SAMPLES_PER_PROCESS
+
     why = ("" if processes != "auto" else
-           ' ("auto" took none: it gives each process 500 images of an epoch, and takes as many '
-           "as /dev/shm holds; the log says which held it back)")
+           f' ("auto" took none: it gives each process {_AUTO_MIN_SAMPLES_PER_PROCESS} images of an '
+           "epoch, and takes as many as /dev/shm holds; the log says which held it back)")
     return [f"{', '.join(slow)} under 0.9x the decode limit on {n_cores} cores, decoding on threads"
             f"{why}: one process's decode threads share its GIL. Try decode processes: `shardpack "
             f"bench SOURCE --processes {n_cores // 2}` (ShardReader / image_dataset_from_shards / "

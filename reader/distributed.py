@@ -39,7 +39,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -233,16 +233,27 @@ def _from_env(environ: dict[str, str]) -> tuple[int, int] | None:
     return int(environ["RANK"]), int(environ["WORLD_SIZE"])
 
 
-def _from_tf_config(environ: dict[str, str]) -> tuple[int, int] | None:
+def _tf_config(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """``TF_CONFIG``'s (cluster, task); None where it is not set.
+
+    Raises:
+        ValueError: it is not JSON of a cluster and a task.
+    """
     raw = environ.get("TF_CONFIG")
     if not raw:
         return None
     try:
         config = json.loads(raw)
-        cluster = config.get("cluster", {})
-        task = config.get("task", {})
+        return config.get("cluster", {}), config.get("task", {})
     except (ValueError, AttributeError) as exc:
         raise ValueError(f"TF_CONFIG is not valid JSON of a cluster and a task ({exc})") from exc
+
+
+def _from_tf_config(environ: dict[str, str]) -> tuple[int, int] | None:
+    parsed = _tf_config(environ)
+    if parsed is None:
+        return None
+    cluster, task = parsed
     chiefs = len(cluster.get("chief", []))
     workers = len(cluster.get("worker", []))
     kind, index = task.get("type"), int(task.get("index", 0))
@@ -264,12 +275,11 @@ def tf_config_local_tasks(environ: dict[str, str] | None = None) -> int | None:
     started on one machine counted the whole machine's CPUs and /dev/shm as its own. A host
     is an address's part before its port; the loopback names count as one host.
     """
-    raw = (os.environ if environ is None else environ).get("TF_CONFIG")
-    if not raw:
-        return None
     try:
-        config = json.loads(raw)
-        cluster, task = config.get("cluster", {}), config.get("task", {})
+        parsed = _tf_config(os.environ if environ is None else environ)
+        if parsed is None:
+            return None
+        cluster, task = parsed
         mine = cluster[task["type"]][int(task.get("index", 0))]
         hosts = [address for kind in ("chief", "worker") for address in cluster.get(kind, [])]
     except (ValueError, AttributeError, KeyError, IndexError, TypeError):

@@ -245,14 +245,19 @@ def shared_memory_size() -> int | None:
     return None if stat is None else stat.f_blocks * stat.f_frsize
 
 
-def starting_bytes(processes: int, threads: int, batch_size: int, slot_bytes: int) -> int:
-    """Shared memory ``processes`` decode processes of ``threads`` threads each take as they
-    start: a slot per block their threads fill (``batches.in_flight_plan``) and
-    ``_EXTRA_SLOTS``, each one batch of ``slot_bytes``."""
+def _starting_slots(threads: int, batch_size: int) -> int:
+    """Shared-memory batches a decode process of ``threads`` threads starts with: one per
+    block its threads fill (``batches.in_flight_plan``), and ``_EXTRA_SLOTS``."""
     from .batches import in_flight_plan
 
     _, blocks = in_flight_plan(threads, batch_size)
-    return processes * (blocks + _EXTRA_SLOTS) * slot_bytes
+    return blocks + _EXTRA_SLOTS
+
+
+def starting_bytes(processes: int, threads: int, batch_size: int, slot_bytes: int) -> int:
+    """Shared memory ``processes`` decode processes of ``threads`` threads each take as they
+    start (``_starting_slots`` each, one batch of ``slot_bytes`` a slot)."""
+    return processes * _starting_slots(threads, batch_size) * slot_bytes
 
 
 def batch_bytes(reader: ShardReader) -> int:
@@ -361,15 +366,12 @@ class DecodeProcesses:
         return reader
 
     def _start(self) -> None:
-        from .batches import in_flight_plan
-
         reader = self._reader_now()
         root = str(Path(__file__).resolve().parent.parent)
         boot = (f"import sys; sys.path.insert(0, {root!r}); from reader.processes import worker_main; "
                 "worker_main({fd})")
-        batch_size = reader.batch_options.batch_size
-        _, blocks = in_flight_plan(self.threads, batch_size)
-        self.reserved = starting_bytes(self.count, self.threads, batch_size, self.slot_bytes)
+        slots = _starting_slots(self.threads, reader.batch_options.batch_size)
+        self.reserved = self.count * slots * self.slot_bytes
         _check_shared_memory(self.reserved)
         _LIVE_POOLS.add(self)
         try:
@@ -377,7 +379,7 @@ class DecodeProcesses:
                 proc = _Process(index, [sys.executable, "-c", boot], dict(os.environ))
                 self._procs.append(proc)
                 proc.send(("init", self.threads))
-                for _ in range(blocks + _EXTRA_SLOTS):
+                for _ in range(slots):
                     proc.new_slot(self.slot_bytes)
         except BaseException:
             self.close()  # no half-started set: the next epoch starts a whole one
